@@ -1,0 +1,77 @@
+"""llmstack: a Ray-native lifecycle for language models.
+
+    dataset ──train()──▶ model ──finetune_lora()──▶ adapter/merged ──quantize()──▶ int8/nf4
+                     every output is a registry version (name@vN) with lineage
+                                validate(candidate, baseline) ──▶ deploy()
+
+Heavy dependencies (torch, ray, transformers) load on first use, so ``import llmstack`` is fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from llmstack.config import (
+    AutoscalingConfig,
+    DataConfig,
+    FinetuneConfig,
+    LoRAConfig,
+    ModelConfig,
+    QuantizeConfig,
+    ScalingConfig,
+    ServeConfig,
+    TrainConfig,
+    TrainingConfig,
+    load_config,
+)
+from llmstack.errors import LLMStackError
+
+__version__ = "0.1.0"
+
+# Public names served lazily: name -> module that defines it.
+_LAZY = {
+    "train": "llmstack.train",
+    "finetune_lora": "llmstack.finetune",
+    "quantize": "llmstack.quantize",
+    "validate": "llmstack.validate",
+    "deploy": "llmstack.serve",
+    "Registry": "llmstack.registry",
+    "ArtifactRef": "llmstack.registry",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'llmstack' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+__all__ = [
+    "ArtifactRef",
+    "AutoscalingConfig",
+    "DataConfig",
+    "FinetuneConfig",
+    "LLMStackError",
+    "LoRAConfig",
+    "ModelConfig",
+    "QuantizeConfig",
+    "Registry",
+    "ScalingConfig",
+    "ServeConfig",
+    "TrainConfig",
+    "TrainingConfig",
+    "deploy",
+    "finetune_lora",
+    "load_config",
+    "quantize",
+    "train",
+    "validate",
+]

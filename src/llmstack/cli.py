@@ -1,0 +1,233 @@
+"""The ``llmstack`` command: one verb per public function, ``--config FILE`` plus ``key=value`` overrides.
+
+User mistakes (anything raising :class:`LLMStackError`, bad arguments) print one line on stderr and
+exit non-zero; only genuine bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from llmstack.errors import LLMStackError
+
+EXIT_USER_ERROR = 2
+EXIT_GATE_FAILED = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error instead of usage plus message."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER_ERROR, f"llmstack: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _registry(args: argparse.Namespace) -> Any:
+    from llmstack.registry import Registry
+
+    return Registry(args.registry)
+
+
+def _config(cls: type, args: argparse.Namespace, extra: Sequence[str] = ()) -> Any:
+    from llmstack.config import load_config
+
+    overrides = list(extra) + list(getattr(args, "overrides", []) or [])
+    if getattr(args, "registry", None) and "registry" in cls.__dataclass_fields__:
+        overrides.insert(0, f"registry={args.registry}")
+    return load_config(cls, args.config, overrides)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+# --------------------------------------------------------------------------- verbs
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from llmstack.config import TrainConfig
+    from llmstack.train import train
+
+    result = train(_config(TrainConfig, args))
+    print(f"registered {result.ref}  " + "  ".join(f"{k}={_fmt(v)}" for k, v in result.metrics.items()))
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from llmstack.config import QuantizeConfig
+    from llmstack.quantize import quantize
+
+    extra = [f"method={args.method}"] if args.method else []
+    config = _config(QuantizeConfig, args, extra)
+    result = quantize(args.ref, config=config, registry=_registry(args), name=args.name)
+    print(result.table())
+    print(f"registered {result.ref}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from llmstack.validate import validate
+
+    report = validate(args.candidate, args.baseline, registry=_registry(args))
+    if args.json:
+        print(report.to_json())
+    else:
+        print(report.to_text())
+    return 0 if report.passed else EXIT_GATE_FAILED
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    import time
+
+    from llmstack.config import ServeConfig
+    from llmstack.serve import deploy
+
+    deployment = deploy(_config(ServeConfig, args))
+    print(f"serving {deployment.model} at {deployment.url} (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        deployment.shutdown()
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from llmstack.quickstart import run_quickstart
+
+    run_quickstart(registry=args.registry, workdir=args.workdir)
+    return 0
+
+
+def cmd_registry(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    action = args.registry_action
+    if action == "list":
+        manifests = registry.list(args.name)
+        if not manifests:
+            print(f"no versions in {registry.url}" + (f" named {args.name}" if args.name else ""))
+        for manifest in manifests:
+            aliases = [a for a, v in registry.aliases(manifest.ref.name).items() if v == manifest.ref.version]
+            tags = f" [{', '.join(sorted(aliases))}]" if aliases else ""
+            parents = f" <- {', '.join(manifest.parents)}" if manifest.parents else ""
+            print(f"{str(manifest.ref):32s} {manifest.kind:10s} {manifest.created_at}{tags}{parents}")
+    elif action == "show":
+        manifest = registry.manifest(args.ref)
+        data = manifest.to_dict()
+        data["annotations"] = registry.annotations(manifest.ref)
+        _print_json(data)
+    elif action == "verify":
+        ref = registry.resolve(args.ref)
+        registry.verify(ref)
+        print(f"{ref}: ok, every file matches its manifest")
+    elif action == "alias":
+        registry.set_alias(args.name, args.alias, args.version)
+        print(f"{args.name}@{args.alias} -> {registry.resolve(f'{args.name}@{args.alias}')}")
+    elif action == "promote":
+        entry = registry.promote(args.ref, alias=args.alias, force=args.force, reason=args.reason)
+        print(_format_history_entry(entry))
+    elif action == "history":
+        entries = registry.history(args.name)
+        if not entries:
+            print(f"no promotions recorded for {args.name}")
+        for entry in entries:
+            print(_format_history_entry(entry))
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    entry = registry.rollback(args.name, alias=args.alias, reason=args.reason)
+    print(_format_history_entry(entry))
+    return 0
+
+
+def _format_history_entry(entry: Any) -> str:
+    data = entry if isinstance(entry, dict) else entry.to_dict()
+    keys = ("at", "action", "alias", "from", "to", "reason")
+    return "  ".join(f"{k}={data.get(k)}" for k in keys if data.get(k) is not None)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="llmstack", description="Train, fine-tune, quantize, validate and deploy language models on Ray.")
+    parser.add_argument("--registry", default=None, help="registry URL (default: $LLMSTACK_REGISTRY or ~/.llmstack/registry)")
+    parser.add_argument("--traceback", action="store_true", help="show full tracebacks for errors")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+
+    def verb(name: str, handler: Callable[[argparse.Namespace], int], help_text: str, *,
+             config: bool = False) -> argparse.ArgumentParser:
+        sub = verbs.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        if config:
+            sub.add_argument("--config", default=None, help="YAML config file")
+            sub.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
+        return sub
+
+    verb("train", cmd_train, "pretrain a model on Ray Train (DDP or FSDP)", config=True)
+    sub = verb("quantize", cmd_quantize, "quantize a registered model and register the result", config=True)
+    sub.add_argument("ref", help="model to quantize, e.g. tiny-lm@v2")
+    sub.add_argument("--method", default=None, help="int8 | nf4 | fp4 | smoothquant | w8a8 | dynamic-int8")
+    sub.add_argument("--name", default=None, help="registry name of the result (default: <source>-<method>)")
+    sub = verb("validate", cmd_validate, "compare a candidate with a baseline; exit 1 when the gate fails")
+    sub.add_argument("candidate")
+    sub.add_argument("--baseline", required=True)
+    sub.add_argument("--json", action="store_true", help="print the report as JSON")
+    verb("deploy", cmd_deploy, "serve a model with an OpenAI-compatible API on Ray Serve", config=True)
+    sub = verb("quickstart", cmd_quickstart, "run the whole lifecycle on the built-in corpus")
+    sub.add_argument("--workdir", default=None, help="where runs and plots go (default: ./runs/quickstart)")
+
+    sub = verb("registry", cmd_registry, "inspect and manage the artifact registry")
+    actions = sub.add_subparsers(dest="registry_action", metavar="ACTION", required=True, parser_class=_Parser)
+    act = actions.add_parser("list", help="list complete versions")
+    act.add_argument("name", nargs="?")
+    actions.add_parser("show", help="print a version's manifest").add_argument("ref")
+    actions.add_parser("verify", help="re-hash a version's files against its manifest").add_argument("ref")
+    act = actions.add_parser("alias", help="point NAME@ALIAS at a version")
+    act.add_argument("name")
+    act.add_argument("alias")
+    act.add_argument("version", help="a version like v3 or 3")
+    act = actions.add_parser("promote", help="move an alias to a version that passed validation")
+    act.add_argument("ref")
+    act.add_argument("--alias", default="production")
+    act.add_argument("--force", action="store_true", help="promote without a passing report (recorded)")
+    act.add_argument("--reason", default=None)
+    actions.add_parser("history", help="promotions, forced promotions and rollbacks").add_argument("name")
+
+    sub = verb("rollback", cmd_rollback, "point an alias back to its previous version")
+    sub.add_argument("name")
+    sub.add_argument("--alias", default="production")
+    sub.add_argument("--reason", default=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return EXIT_USER_ERROR
+    try:
+        return args.handler(args)
+    except LLMStackError as exc:
+        if args.traceback:
+            raise
+        message = " ".join(str(exc).split())
+        print(f"llmstack: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("llmstack: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

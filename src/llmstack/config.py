@@ -1,0 +1,476 @@
+"""Typed configuration for every stage, read from YAML or dicts, written back to YAML.
+
+Each stage has a small dataclass whose fields carry a docstring-style comment. Parsing walks
+the type hints, so unknown keys, wrong types and out-of-range values are *all* collected and
+reported together, each with its key path (``training.micro_batch_size: must be >= 1, got 0``).
+
+Example:
+    >>> cfg = load_config(TrainConfig, {"training": {"max_steps": 10}}, ["scaling.num_workers=1"])
+    >>> cfg.scaling.num_workers
+    1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+from llmstack.errors import ConfigError
+
+C = TypeVar("C")
+Problems = list[tuple[str, str]]  # (field name or dotted sub-path, message)
+
+PRESET_NAMES = ("tiny", "small", "base")
+QUANTIZE_METHODS = ("int8", "nf4", "fp4", "smoothquant", "w8a8", "dynamic-int8")
+FINETUNE_METHODS = ("lora", "qlora", "dora", "bitfit", "full")
+
+
+# --------------------------------------------------------------------------- stage configs
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # architecture preset: tiny | small | base (ignored when source is set)
+    source: str | None = None  # registry ref (name@v3), local HF directory or hub id
+    vocab_size: int | None = None  # None: take it from the tokenizer
+    max_seq_len: int | None = None  # None: the preset's context length
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights dtype when loading
+
+    def check(self) -> Problems:
+        problems: Problems = []
+        if self.source is None and self.preset not in PRESET_NAMES:
+            problems.append(("preset", f"unknown preset {self.preset!r}; known: {', '.join(PRESET_NAMES)}"))
+        _at_least(problems, self, "vocab_size", 16)
+        _at_least(problems, self, "max_seq_len", 8)
+        return problems
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin:stdlib"  # builtin:<name>, or a path/fsspec URL (.txt, .jsonl, .parquet, datasets dir)
+    text_field: str = "text"  # column holding the text in jsonl/parquet/datasets sources
+    tokenizer: str | None = None  # registry ref or directory; None: train a BPE tokenizer on the data
+    vocab_size: int = 4096  # size of a freshly trained tokenizer
+    block_size: int = 128  # tokens per packed training block
+    eval_fraction: float = 0.05  # share of blocks held out for evaluation
+    max_documents: int | None = None  # cap on documents read (None: all)
+    seed: int = 0  # seed of the train/eval split
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options (e.g. endpoint_url)
+
+    def check(self) -> Problems:
+        problems: Problems = []
+        _at_least(problems, self, "vocab_size", 64)
+        _at_least(problems, self, "block_size", 8)
+        _at_least(problems, self, "max_documents", 1)
+        if not 0.0 < self.eval_fraction < 0.5:
+            problems.append(("eval_fraction", f"must be in (0, 0.5), got {self.eval_fraction}"))
+        return problems
+
+
+@dataclass
+class TrainingConfig:
+    max_steps: int = 200  # optimizer steps
+    micro_batch_size: int = 8  # blocks per worker per forward pass
+    grad_accum_steps: int = 1  # micro-batches accumulated per optimizer step
+    learning_rate: float = 3e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of the peak
+    warmup_steps: int = 20  # linear warmup steps
+    weight_decay: float = 0.1  # AdamW weight decay (not applied to norms)
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; master weights stay fp32
+    activation_checkpointing: bool = False  # recompute decoder layers in backward
+    eval_every: int = 50  # steps between evaluations
+    eval_batches: int = 8  # micro-batches per evaluation
+    checkpoint_every: int = 100  # steps between checkpoints; 0 disables
+    num_to_keep: int = 2  # checkpoints kept in storage
+    seed: int = 0  # model init, data order, dropout
+
+    def check(self) -> Problems:
+        problems: Problems = []
+        for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_every", "eval_batches", "num_to_keep"):
+            _at_least(problems, self, name, 1)
+        for name in ("warmup_steps", "checkpoint_every"):
+            _at_least(problems, self, name, 0)
+        if not self.learning_rate > 0:
+            problems.append(("learning_rate", f"must be > 0, got {self.learning_rate}"))
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            problems.append(("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}"))
+        if self.weight_decay < 0:
+            problems.append(("weight_decay", f"must be >= 0, got {self.weight_decay}"))
+        if self.grad_clip < 0:
+            problems.append(("grad_clip", f"must be >= 0, got {self.grad_clip}"))
+        return problems
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 2  # Ray Train workers
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # data parallel, or FSDP2 sharding per decoder layer
+    use_gpu: bool = False  # one GPU per worker (nccl); CPU workers use gloo
+    cpus_per_worker: float = 1.0  # CPUs reserved per worker
+    max_failures: int = 0  # worker failures tolerated before the run fails
+    address: str | None = None  # Ray address; None: RAY_ADDRESS, else a bounded local cluster
+
+    def check(self) -> Problems:
+        problems: Problems = []
+        _at_least(problems, self, "num_workers", 1)
+        _at_least(problems, self, "max_failures", -1)
+        if not self.cpus_per_worker > 0:
+            problems.append(("cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}"))
+        return problems
+
+
+@dataclass
+class TrainConfig:
+    name: str = "tiny-lm"  # registry name of the trained model, also the run name
+    registry: str | None = None  # registry URL; None: LLMSTACK_REGISTRY or ~/.llmstack/registry
+    storage_path: str | None = None  # checkpoint storage (path or fsspec URL); None: <registry>/../runs
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+
+
+@dataclass
+class LoRAConfig:
+    method: str = "lora"  # lora | qlora | dora | bitfit | full
+    rank: int = 8  # adapter rank r
+    alpha: float = 16.0  # scaling numerator (scale = alpha / rank)
+    dropout: float = 0.05  # dropout on the adapter input
+    target_modules: list[str] | None = None  # None: every linear layer of the decoder
+    merge: bool = False  # also register a merged full model
+
+    def check(self) -> Problems:
+        problems: Problems = []
+        if self.method not in FINETUNE_METHODS:
+            problems.append(("method", f"unknown method {self.method!r}; known: {', '.join(FINETUNE_METHODS)}"))
+        _at_least(problems, self, "rank", 1)
+        if not self.alpha > 0:
+            problems.append(("alpha", f"must be > 0, got {self.alpha}"))
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(("dropout", f"must be in [0, 1), got {self.dropout}"))
+        return problems
+
+
+@dataclass
+class FinetuneConfig:
+    name: str = "tiny-lm-lora"  # registry name of the adapter
+    base: str | None = None  # registry ref, local HF directory or hub id of the base model
+    registry: str | None = None  # registry URL
+    storage_path: str | None = None  # checkpoint storage
+    data: DataConfig = field(default_factory=lambda: DataConfig(source="builtin:stdlib-qa", block_size=128))
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    training: TrainingConfig = field(
+        default_factory=lambda: TrainingConfig(max_steps=100, learning_rate=1e-3, warmup_steps=10)
+    )
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+
+
+@dataclass
+class QuantizeConfig:
+    method: str = "int8"  # int8 | nf4 | fp4 | smoothquant | w8a8 | dynamic-int8
+    threshold: float = 6.0  # LLM.int8 outlier threshold
+    block_size: int = 64  # 4-bit quantization block size
+    double_quant: bool = True  # 4-bit: quantize the quantization constants too
+    alpha: float = 0.5  # SmoothQuant migration strength
+    search_alpha: bool = False  # SmoothQuant: pick alpha on the calibration set
+    calibration: str | None = None  # calibration data source; None: the built-in corpus
+    calibration_samples: int = 32  # blocks used for calibration
+    evaluate: bool = True  # measure perplexity, size and speed against the source
+
+    def check(self) -> Problems:
+        problems: Problems = []
+        if self.method not in QUANTIZE_METHODS:
+            problems.append(("method", f"unknown method {self.method!r}; known: {', '.join(QUANTIZE_METHODS)}"))
+        if not self.threshold > 0:
+            problems.append(("threshold", f"must be > 0, got {self.threshold}"))
+        if self.block_size not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            problems.append(("block_size", f"must be a power of two in [32, 4096], got {self.block_size}"))
+        if not 0.0 <= self.alpha <= 1.0:
+            problems.append(("alpha", f"must be in [0, 1], got {self.alpha}"))
+        _at_least(problems, self, "calibration_samples", 1)
+        return problems
+
+
+@dataclass
+class AutoscalingConfig:
+    min_replicas: int = 1  # replicas kept when idle
+    max_replicas: int = 1  # upper bound under load
+    target_ongoing_requests: float = 4.0  # per-replica queue depth the autoscaler aims for
+    upscale_delay_s: float = 2.0  # sustained load before adding replicas
+    downscale_delay_s: float = 10.0  # sustained idleness before removing replicas
+
+    def check(self) -> Problems:
+        problems: Problems = []
+        _at_least(problems, self, "min_replicas", 0)
+        _at_least(problems, self, "max_replicas", 1)
+        if self.max_replicas < self.min_replicas:
+            problems.append(("max_replicas", f"must be >= min_replicas ({self.min_replicas}), got {self.max_replicas}"))
+        if not self.target_ongoing_requests > 0:
+            problems.append(("target_ongoing_requests", f"must be > 0, got {self.target_ongoing_requests}"))
+        return problems
+
+
+@dataclass
+class ServeConfig:
+    model: str = "tiny-lm@production"  # registry ref (or local dir) of the served model
+    registry: str | None = None  # registry URL
+    app_name: str = "llmstack"  # Ray Serve application name
+    route_prefix: str = "/"  # HTTP route prefix
+    host: str = "127.0.0.1"  # HTTP host for deploy()
+    port: int = 8000  # HTTP port for deploy()
+    api_key: str | None = None  # bearer key guarding every route but health; None: open
+    adapters: list[str] = field(default_factory=list)  # adapter refs served on the same base
+    max_adapters_per_replica: int = 4  # LRU bound on loaded adapters
+    max_batch_size: int = 8  # @serve.batch max batch size
+    batch_wait_timeout_s: float = 0.01  # @serve.batch wait for a batch to fill
+    max_ongoing_requests: int = 32  # per replica; must allow batches to fill
+    max_queued_requests: int = 64  # beyond this the app sheds load with 503
+    default_max_tokens: int = 64  # when a request gives none
+    max_tokens_limit: int = 512  # largest max_tokens accepted
+    max_n: int = 4  # cap on choices per request
+    max_body_bytes: int = 1_000_000  # larger bodies get 413
+    request_timeout_s: float = 60.0  # generation is cancelled past this
+    num_cpus: float = 1.0  # CPUs per model replica
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+
+    def check(self) -> Problems:
+        problems: Problems = []
+        for name in ("max_batch_size", "max_ongoing_requests", "max_tokens_limit", "max_n", "default_max_tokens",
+                     "max_adapters_per_replica", "max_body_bytes"):
+            _at_least(problems, self, name, 1)
+        _at_least(problems, self, "max_queued_requests", -1)
+        if self.max_ongoing_requests < self.max_batch_size:
+            problems.append(("max_ongoing_requests",
+                             f"must be >= max_batch_size ({self.max_batch_size}) so batches can fill"))
+        if not 0 < self.port < 65536:
+            problems.append(("port", f"must be a TCP port, got {self.port}"))
+        if self.batch_wait_timeout_s < 0:
+            problems.append(("batch_wait_timeout_s", f"must be >= 0, got {self.batch_wait_timeout_s}"))
+        if not self.route_prefix.startswith("/"):
+            problems.append(("route_prefix", f"must start with '/', got {self.route_prefix!r}"))
+        return problems
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def load_config(cls: type[C], source: str | Path | Mapping[str, Any] | C | None = None,
+                overrides: Iterable[str] = ()) -> C:
+    """Build a ``cls`` config from a YAML file, a dict or an instance, plus ``key.path=value`` overrides.
+
+    Raises:
+        ConfigError: listing every problem found, each with its key path.
+    """
+    where = None
+    if source is None:
+        data: Any = {}
+    elif isinstance(source, cls):
+        data = to_dict(source)
+    elif isinstance(source, Mapping):
+        data = dict(source)
+    else:
+        where = str(source)
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"not valid YAML: {exc}".replace("\n", " "), source=where) from None
+    problems: list[str] = []
+    data = apply_overrides(data, overrides, problems)
+    result = _parse(cls, data, "", problems)
+    if problems:
+        raise ConfigError(problems, source=where)
+    return typing.cast(C, result)
+
+
+def apply_overrides(data: Any, overrides: Iterable[str], problems: list[str] | None = None) -> Any:
+    """Return ``data`` with each ``a.b.c=value`` applied; values are parsed as YAML scalars/lists."""
+    collected: list[str] = [] if problems is None else problems
+    result = _deep_copy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            collected.append(f"override {item!r}: expected key.path=value")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = result
+        if not isinstance(node, dict):
+            collected.append(f"{key}: cannot override inside a non-mapping config")
+            continue
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                collected.append(f"{key}: {part} is not a mapping")
+                break
+            node = child
+        else:
+            node[parts[-1]] = value
+    if problems is None and collected:
+        raise ConfigError(collected)
+    return result
+
+
+def to_dict(config: Any) -> Any:
+    """A plain-data (YAML/JSON-safe) copy of a config dataclass."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, Mapping):
+        return {str(k): to_dict(v) for k, v in config.items()}
+    if isinstance(config, (list, tuple)):
+        return [to_dict(v) for v in config]
+    return config
+
+
+def to_yaml(config: Any) -> str:
+    """The config as YAML text that :func:`load_config` reads back to an equal object."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def save_config(config: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_yaml(config), encoding="utf-8")
+    return path
+
+
+def _parse(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
+    if not isinstance(data, Mapping):
+        problems.append(f"{prefix or '<root>'}: expected a mapping, got {type(data).__name__}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in fields:
+            problems.append(f"{_join(prefix, str(key))}: unknown key (known: {', '.join(fields)})")
+    kwargs: dict[str, Any] = {}
+    before = len(problems)
+    for name in fields:
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], _join(prefix, name), problems)
+    if len(problems) > before:
+        return None
+    instance = cls(**kwargs)
+    check = getattr(instance, "check", None)
+    if callable(check):
+        for key, message in check():
+            problems.append(f"{_join(prefix, key)}: {message}")
+    return instance
+
+
+def _coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return _coerce(value, options[0], path, problems)
+        for option in options:
+            trial: list[str] = []
+            result = _coerce(value, option, path, trial)
+            if not trial:
+                return result
+        problems.append(f"{path}: expected {_type_name(hint)}, got {_describe(value)}")
+        return None
+    if origin is Literal:
+        if value not in args:
+            problems.append(f"{path}: must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        return _parse(hint, value, path, problems)
+    if origin in (list, Sequence, tuple):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            problems.append(f"{path}: expected a list, got {_describe(value)}")
+            return None
+        item_hint = args[0] if args else Any
+        items = [_coerce(v, item_hint, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            problems.append(f"{path}: expected a mapping, got {_describe(value)}")
+            return None
+        value_hint = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(v, value_hint, f"{path}.{k}", problems) for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{path}: expected true or false, got {_describe(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{path}: expected an integer, got {_describe(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{path}: expected a number, got {_describe(value)}")
+            return value
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            problems.append(f"{path}: expected a string, got {_describe(value)}")
+        return value
+    return value
+
+
+def _at_least(problems: Problems, config: Any, name: str, minimum: float) -> None:
+    value = getattr(config, name)
+    if value is not None and value < minimum:
+        problems.append((name, f"must be >= {minimum}, got {value}"))
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if value is not None else "null"
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, Mapping):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+__all__ = [
+    "AutoscalingConfig",
+    "DataConfig",
+    "FinetuneConfig",
+    "LoRAConfig",
+    "ModelConfig",
+    "QuantizeConfig",
+    "ScalingConfig",
+    "ServeConfig",
+    "TrainConfig",
+    "TrainingConfig",
+    "apply_overrides",
+    "load_config",
+    "save_config",
+    "to_dict",
+    "to_yaml",
+]
