@@ -132,6 +132,7 @@ class TrainConfig:
     name: str = "tiny-lm"  # registry name of the trained model, also the run name
     registry: str | None = None  # registry URL; None: LLMSTACK_REGISTRY or ~/.llmstack/registry
     storage_path: str | None = None  # checkpoint storage (path or fsspec URL); None: <registry>/../runs
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for storage_path (endpoint_url, key, secret)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -184,9 +185,23 @@ class QuantizeConfig:
     calibration: str | None = None  # calibration data source; None: the built-in corpus
     calibration_samples: int = 32  # blocks used for calibration
     evaluate: bool = True  # measure perplexity, size and speed against the source
+    kernel: Literal["int8", "fake-quant"] = "int8"  # smoothquant/w8a8 matmul: real torch._int_mm, or simulated in float
+    smooth_outputs: bool = True  # SmoothQuant: also smooth v_proj->o_proj and up_proj->down_proj (exact for LLaMA)
+    alpha_grid: list[float] | None = None  # SmoothQuant alphas tried by search_alpha (None: 0.3..0.8 step 0.1)
+    dtype: Literal["float32", "bfloat16"] = "float32"  # source load dtype; non-quantized parts and compute use it
+    eval_data: str | None = None  # held-out perplexity data; None: the source's training corpus, else builtin:stdlib
+    eval_samples: int = 16  # held-out blocks for perplexity
+    seq_len: int = 128  # tokens per calibration / evaluation block
+    speed_prompt_tokens: int = 64  # prompt length for the prefill tokens/s measurement
+    speed_new_tokens: int = 32  # greedy tokens for the decode tokens/s measurement (KV cache, batch 1)
+    speed_repeats: int = 3  # timing repeats (the median is kept)
 
     def check(self) -> Problems:
         problems: Problems = []
+        for name in ("eval_samples", "seq_len", "speed_prompt_tokens", "speed_new_tokens", "speed_repeats"):
+            _at_least(problems, self, name, 1)
+        if self.alpha_grid is not None and (not self.alpha_grid or any(not 0.0 <= a <= 1.0 for a in self.alpha_grid)):
+            problems.append(("alpha_grid", f"must be a non-empty list of values in [0, 1], got {self.alpha_grid}"))
         if self.method not in QUANTIZE_METHODS:
             problems.append(("method", f"unknown method {self.method!r}; known: {', '.join(QUANTIZE_METHODS)}"))
         if not self.threshold > 0:
@@ -420,6 +435,11 @@ def _coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
             problems.append(f"{path}: expected an integer, got {_describe(value)}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string; accept what float() accepts
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"{path}: expected a number, got {_describe(value)}")
             return value

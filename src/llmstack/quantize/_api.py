@@ -1,0 +1,298 @@
+"""``quantize()``: check everything, quantize, evaluate against the source, register a new version."""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmstack.config import QuantizeConfig, load_config, to_dict
+from llmstack.errors import ConfigError, DataError, ResourceError
+from llmstack.quantize._base import Recipe, meta_skeleton
+from llmstack.quantize._dispatch import get_backend
+from llmstack.quantize._io import is_quantized_dir
+from llmstack.quantize._result import QuantizeResult
+
+if TYPE_CHECKING:
+    from llmstack.registry import ArtifactRef, Registry
+
+DEFAULT_DATA = "builtin:stdlib"
+
+
+def quantize(ref: str | ArtifactRef, method: str | None = None, *,
+             config: QuantizeConfig | Mapping[str, Any] | None = None, calibration: Any = None,
+             registry: Registry | None = None, name: str | None = None) -> QuantizeResult:
+    """Quantize a registered model and register the result as a new ``quantized`` version.
+
+    Every check runs before any weights are touched: the method exists, the source is not already
+    quantized, the method's kernel runs on this hardware, the architecture has the layers the
+    method needs, and the calibration set is not empty. Then the float source and the quantized
+    model are evaluated side by side (held-out perplexity, bytes, prefill/decode tokens/s) and the
+    quantized weights are registered as safetensors with the recipe (``quantization.json``).
+
+    Args:
+        ref: registry reference (``name@vN``, ``name@alias``, ``name``) or a local model directory.
+        method: ``int8`` | ``nf4`` | ``fp4`` | ``smoothquant`` | ``w8a8`` | ``dynamic-int8``;
+            overrides ``config.method``.
+        config: a :class:`~llmstack.config.QuantizeConfig` or a dict of its fields.
+        calibration: calibration data for methods that calibrate (``smoothquant``): a data source
+            string, a list of texts, a ``Corpus`` or a LongTensor of token blocks ``[n, T]``.
+            None: ``config.calibration``, else the train split of the source's training corpus
+            (``builtin:stdlib`` when unknown); perplexity is measured on the held-out split.
+        registry: where the source lives and the result goes (None: the default registry).
+        name: registry name of the result (default ``<source name>-<method>``).
+
+    Returns:
+        :class:`QuantizeResult` with the new reference, the metrics and ``table()``.
+
+    Raises:
+        ConfigError: unknown method (the known ones are listed), bad config, already-quantized
+            source, or an architecture without the layers the method needs.
+        ResourceError: the method's kernel cannot run on this hardware (says why).
+        DataError: empty or unusable calibration data.
+        ArtifactNotFoundError, ModelLoadError: the source cannot be found or loaded.
+
+    Example:
+        >>> result = quantize("tiny-lm@v1", "smoothquant", config={"search_alpha": True})  # doctest: +SKIP
+        >>> print(result.table())  # doctest: +SKIP
+    """
+    from tqdm.auto import tqdm
+
+    from llmstack.models.loading import load_model, load_tokenizer, resolve_model_source
+    from llmstack.registry import Registry
+
+    cfg = _resolve_config(config, method)
+    backend = get_backend(cfg.method)
+    registry = registry if registry is not None else Registry()
+    resolved = resolve_model_source(str(ref), registry=registry)
+    source_dir, source_ref = resolved.directory, resolved.ref
+    source = str(source_ref) if source_ref is not None else str(ref)
+    manifest = registry.manifest(source_ref) if source_ref is not None else None
+
+    # ---- checks, all before any work
+    if (manifest is not None and manifest.kind == "quantized") or is_quantized_dir(source_dir):
+        parent = (manifest.parents[0] if manifest is not None and manifest.parents else None)
+        hint = f"; quantize its float parent {parent} instead" if parent else ""
+        raise ConfigError(f"source {source} is already quantized{hint}")
+    if manifest is not None and manifest.kind not in ("model",):
+        raise ConfigError(f"source {source} is a {manifest.kind!r} artifact; quantize() needs a model")
+    problem = backend.hardware_problem(cfg.method, cfg)
+    if problem:
+        raise ResourceError(f"method {cfg.method} cannot run on this machine: {problem}")
+    problems = backend.architecture_problems(meta_skeleton(source_dir), cfg.method)
+    if problems:
+        raise ConfigError([f"method {cfg.method}: {p}" for p in problems], source=source)
+    tokenizer = load_tokenizer(str(source_dir))
+    data = _DataPlan(cfg, manifest, tokenizer, _max_positions(source_dir))
+    calib_blocks = calib_fp = None
+    if calibration is not None or cfg.method in backend.needs_calibration:
+        calib_blocks, calib_fp = data.calibration(calibration)
+    eval_blocks = data.eval_blocks() if cfg.evaluate else None
+    if name is None:
+        name = f"{source_ref.name if source_ref is not None else Path(source_dir).name}-{cfg.method}"
+
+    # ---- work
+    stages = ["load source", "evaluate source", f"quantize ({cfg.method})", "evaluate quantized", "register"]
+    with tqdm(total=len(stages), desc="quantize", unit="stage", leave=False) as bar:
+        def step(i: int) -> None:
+            bar.set_description(f"quantize: {stages[i]}")
+
+        def progress(message: str) -> None:
+            bar.set_postfix_str(message[:60])
+
+        step(0)
+        model, _ = load_model(str(source_dir), dtype="float32", with_tokenizer=False)
+        from llmstack.quantize._int8 import decoder_linear_names
+
+        layer_names = decoder_linear_names(model)
+        vocab = int(model.config.vocab_size)
+        bar.update()
+        step(1)
+        source_metrics: dict[str, float] = {}
+        if cfg.evaluate:
+            baseline = model if cfg.dtype == "float32" else copy.deepcopy(model).to(_torch_dtype(cfg.dtype))
+            source_metrics = _evaluate(baseline, eval_blocks, cfg, vocab, layer_names)
+            del baseline
+        bar.update()
+        step(2)
+        quantized, details = backend.quantize(model, method=cfg.method, source_dir=source_dir, config=cfg,
+                                              calibration=calib_blocks, progress=progress)
+        _cast_float_parameters(quantized, cfg.dtype)
+        bar.update()
+        step(3)
+        metrics: dict[str, float] = {}
+        if cfg.evaluate:
+            from llmstack.quantize._evaluate import with_ratios
+
+            metrics = with_ratios(_evaluate(quantized, eval_blocks, cfg, vocab, layer_names), source_metrics)
+        bar.update()
+        step(4)
+        recipe = Recipe(method=cfg.method, format=("bitsandbytes" if cfg.method in ("int8", "nf4", "fp4")
+                                                   else "llmstack-int8"),
+                        source=source, dtype=cfg.dtype, config=to_dict(cfg), details=details)
+        if cfg.evaluate:
+            recipe.details["evaluation"] = {"eval_data": data.eval_source, "eval_blocks": list(eval_blocks.shape),
+                                            "calibration_blocks": (list(calib_blocks.shape)
+                                                                   if calib_blocks is not None else None)}
+        with tempfile.TemporaryDirectory(prefix="llmstack-quant-") as tmp:
+            out = Path(tmp)
+            backend.save(quantized, out)
+            tokenizer.save_pretrained(str(out))
+            recipe.write(out)
+            metrics["file_bytes"] = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+            new_ref = registry.register(
+                name, out, kind="quantized", parents=[source_ref] if source_ref is not None else [],
+                config=to_dict(cfg), metrics=_finite(metrics), data_fingerprint=calib_fp,
+                extra={"quantization": _jsonable(recipe.to_dict()), "source": source})
+        bar.update()
+    return QuantizeResult(ref=new_ref, source=source, method=cfg.method, metrics=metrics,
+                          recipe=recipe.to_dict(), config=to_dict(cfg))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _resolve_config(config: QuantizeConfig | Mapping[str, Any] | None, method: str | None) -> QuantizeConfig:
+    if config is None:
+        data: dict[str, Any] = {}
+    elif isinstance(config, QuantizeConfig):
+        data = to_dict(config)
+    elif isinstance(config, Mapping):
+        data = dict(config)
+    else:
+        raise ConfigError(f"config: expected a QuantizeConfig or a mapping, got {type(config).__name__}")
+    if method is not None:
+        get_backend(method)  # unknown method: ConfigError listing the known ones
+        data["method"] = method
+    return load_config(QuantizeConfig, data)
+
+
+def _max_positions(directory: Path) -> int | None:
+    try:
+        return int(json.loads((directory / "config.json").read_text())["max_position_embeddings"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+
+
+class _DataPlan:
+    """Where calibration and evaluation blocks come from, resolved before any model work.
+
+    When the source's manifest records its training data (``config.data``), the held-out blocks
+    are exactly that run's eval split (same corpus, block size, eval fraction and seed), so
+    perplexity is measured on text the model never trained on; calibration samples come from the
+    train split, never from the evaluation blocks.
+    """
+
+    def __init__(self, cfg: QuantizeConfig, manifest: Any, tokenizer: Any, max_positions: int | None) -> None:
+        self.cfg, self.tokenizer = cfg, tokenizer
+        trained = (manifest.config or {}).get("data", {}) if manifest is not None else {}
+        trained = trained if isinstance(trained, Mapping) else {}
+        self.trained_source = trained.get("source") if isinstance(trained.get("source"), str) else None
+        self.eval_source = cfg.eval_data or self.trained_source or DEFAULT_DATA
+        same = self.eval_source == self.trained_source and cfg.eval_data is None
+        self.block_size = int(trained.get("block_size", cfg.seq_len)) if same else cfg.seq_len
+        if max_positions:
+            self.block_size = min(self.block_size, max_positions)
+        self.eval_fraction = float(trained.get("eval_fraction", 0.05)) if same else 0.05
+        self.seed = int(trained.get("seed", 0)) if same else 0
+        self.max_documents = trained.get("max_documents") if same else None
+        self._packed: dict[str, Any] = {}
+
+    def _pack(self, source: str) -> Any:
+        if source not in self._packed:
+            from llmstack.data import load_corpus, pack_corpus
+
+            corpus = load_corpus(source, max_documents=self.max_documents if source == self.eval_source else None)
+            if not corpus.documents:
+                raise DataError(f"empty calibration/evaluation set: {source} holds no documents")
+            self._packed[source] = pack_corpus(corpus, self.tokenizer, block_size=self.block_size,
+                                               eval_fraction=self.eval_fraction, seed=self.seed)
+        return self._packed[source]
+
+    def eval_blocks(self) -> Any:
+        return self._pack(self.eval_source).eval[: self.cfg.eval_samples]
+
+    def calibration(self, calibration: Any) -> tuple[Any, str]:
+        """``(LongTensor [n, T], fingerprint)`` of calibration blocks; DataError when empty."""
+        import hashlib
+
+        import torch
+
+        n = self.cfg.calibration_samples
+        if calibration is None or isinstance(calibration, str):
+            source = calibration if isinstance(calibration, str) else (self.cfg.calibration or self.eval_source)
+            if isinstance(calibration, str) and not calibration.strip():
+                raise DataError("empty calibration set: the calibration source is an empty string")
+            packed = self._pack(source)
+            train = packed.train
+            if train.shape[0] == 0:
+                raise DataError(f"empty calibration set: {source} gives no train blocks of {self.block_size} tokens")
+            order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(0))[:n]
+            blocks = train[order.sort().values]
+            return blocks, packed.fingerprint
+        if isinstance(calibration, torch.Tensor):
+            blocks = calibration if calibration.dim() == 2 else calibration.reshape(1, -1)
+            if blocks.numel() == 0:
+                raise DataError(f"empty calibration set: token tensor of shape {tuple(calibration.shape)}")
+            blocks = blocks[:n].long()
+        else:
+            documents = getattr(calibration, "documents", calibration)
+            if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
+                raise DataError(f"calibration: expected a data source string, a list of texts, a Corpus or a "
+                                f"LongTensor of token ids, got {type(calibration).__name__}")
+            texts = [d for d in documents if isinstance(d, str) and d.strip()]
+            if not texts:
+                raise DataError(f"empty calibration set: {len(documents)} document(s), none with text")
+            blocks = self._chunk(texts)[:n]
+        digest = hashlib.sha256(blocks.numpy().tobytes()).hexdigest()
+        return blocks, digest
+
+    def _chunk(self, texts: list[str]) -> Any:
+        import torch
+
+        eos = self.tokenizer.eos_token_id
+        stream: list[int] = []
+        for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            stream.extend(ids + ([eos] if eos is not None else []))
+        if not stream:
+            raise DataError("empty calibration set: the texts tokenize to nothing")
+        size = min(self.block_size, len(stream))
+        n_blocks = len(stream) // size
+        return torch.tensor(stream[: n_blocks * size], dtype=torch.long).view(n_blocks, size)
+
+
+def _evaluate(model: Any, eval_blocks: Any, cfg: QuantizeConfig, vocab: int, layer_names: list[str]) -> dict:
+    from llmstack.quantize._evaluate import evaluate
+
+    return evaluate(model, eval_blocks=eval_blocks, config=cfg, vocab_size=vocab, layer_names=layer_names)
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return getattr(torch, name)
+
+
+def _cast_float_parameters(model: Any, dtype: str) -> None:
+    """Cast float *parameters* (norms, embeddings, lm_head) to ``dtype``; int8 buffers and their
+    float32 scales stay as they are (``model.to(dtype)`` would also round the scales)."""
+    import torch
+
+    target = _torch_dtype(dtype)
+    for param in model.parameters():
+        if param.dtype in (torch.float32, torch.bfloat16, torch.float16) and param.dtype != target:
+            param.data = param.data.to(target)
+    model.config.dtype = dtype
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    import math
+
+    return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in metrics.items()}
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))

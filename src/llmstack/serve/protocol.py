@@ -1,0 +1,264 @@
+"""Request and response models: the OpenAI wire format and the engine's internal types, in one file.
+
+The HTTP layer (``ingress.py``) speaks the OpenAI models below; the engine (``engine.py``) speaks
+:class:`GenerationRequest` / :class:`GenerationResult` / :class:`GenerationChunk`. Errors travel as
+:class:`EngineError`, which maps one-to-one onto the OpenAI nested error shape
+``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# --------------------------------------------------------------------------- errors
+
+
+class EngineError(Exception):
+    """A request the engine refuses or cannot serve, with its HTTP status and OpenAI error fields."""
+
+    def __init__(self, message: str, *, status_code: int = 400, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def to_body(self) -> dict[str, Any]:
+        """The OpenAI nested error object."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def to_info(self) -> ErrorInfo:
+        return ErrorInfo(message=self.message, status_code=self.status_code, type=self.type, param=self.param,
+                         code=self.code, headers=self.headers)
+
+
+class ErrorInfo(BaseModel):
+    """An :class:`EngineError` as plain data, so it crosses Ray process boundaries intact."""
+
+    message: str
+    status_code: int = 400
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    def to_error(self) -> EngineError:
+        return EngineError(self.message, status_code=self.status_code, type=self.type, param=self.param,
+                           code=self.code, headers=self.headers)
+
+
+def not_found(model: str, known: list[str]) -> EngineError:
+    return EngineError(f"The model {model!r} does not exist; served models: {', '.join(known)}",
+                       status_code=404, param="model", code="model_not_found")
+
+
+# --------------------------------------------------------------------------- engine types
+
+
+class SamplingParams(BaseModel):
+    """Per-request decoding settings. ``temperature == 0`` is greedy decoding."""
+
+    max_tokens: int | None = None  # None: the server default, clipped to the context window
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    seed: int | None = None  # per-request RNG: the same seed gives the same sample, batched or alone
+    stop: list[str] = Field(default_factory=list)  # generation ends before the first of these strings
+    n: int = 1  # independent choices for this prompt
+
+    @property
+    def deterministic(self) -> bool:
+        return self.temperature == 0 or self.seed is not None
+
+
+class GenerationRequest(BaseModel):
+    """One prompt (text, token ids or chat messages) and how to continue it."""
+
+    model: str  # served model id: the base model's name or an adapter's name
+    prompt: str | list[int] | None = None
+    messages: list[dict[str, Any]] | None = None  # chat: rendered with the tokenizer's chat template
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    request_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    arrival_time: float = Field(default_factory=time.time)
+
+
+class ChoiceOutput(BaseModel):
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: Literal["stop", "length"] | None
+
+
+class Timing(BaseModel):
+    """Where the time of one request went, measured inside the engine."""
+
+    queue_s: float = 0.0  # arrival to the start of its batch's prefill
+    ttft_s: float | None = None  # arrival to its first generated token
+    total_s: float = 0.0  # arrival to its last token
+    batch_size: int = 1  # sequences decoded together in its batch
+
+
+class GenerationResult(BaseModel):
+    request_id: str
+    model: str
+    choices: list[ChoiceOutput]
+    prompt_tokens: int
+    completion_tokens: int
+    timing: Timing = Field(default_factory=Timing)
+    cached: bool = False  # served from the response cache
+
+
+class ChoiceDelta(BaseModel):
+    index: int
+    text: str
+    token_ids: list[int] = Field(default_factory=list)
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class GenerationChunk(BaseModel):
+    """One streaming step: new text per choice; the last chunk carries usage and timing."""
+
+    request_id: str
+    model: str
+    deltas: list[ChoiceDelta]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finished: bool = False
+    timing: Timing | None = None
+    cached: bool = False
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "llmstack"
+    root: str | None = None  # the registry ref (name@vN) or path it was loaded from
+    parent: str | None = None  # adapters: the served base model
+    max_model_len: int | None = None
+
+
+# --------------------------------------------------------------------------- OpenAI requests
+
+
+class _OpenAIRequest(BaseModel):
+    # Unknown fields (user, logprobs=None, ...) are accepted and ignored, as OpenAI clients send many.
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = Field(default=None, description="Served model id; defaults to the base model.")
+    max_tokens: int | None = Field(default=None, ge=1, description="Tokens to generate (at most the server limit).")
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    n: int = Field(default=1, ge=1)
+    stop: str | list[str] | None = Field(default=None)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+
+    def sampling(self, *, max_tokens: int | None = None) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(max_tokens=self.max_tokens if max_tokens is None else max_tokens,
+                              temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              seed=self.seed, stop=[s for s in stop if s], n=self.n)
+
+
+class CompletionRequest(_OpenAIRequest):
+    """``POST /v1/completions``."""
+
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="Text, a list of texts, token ids, or a list of token-id lists.")
+    echo: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # content parts: keep the text ones
+            return "".join(str(part.get("text", "")) for part in self.content if part.get("type") == "text")
+        return self.content or ""
+
+
+class ChatCompletionRequest(_OpenAIRequest):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+# --------------------------------------------------------------------------- OpenAI responses
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ChatChoiceMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatChoiceMessage
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+__all__ = [
+    "ChatCompletionRequest", "ChatCompletionResponse", "ChatMessage", "ChoiceDelta", "ChoiceOutput",
+    "CompletionRequest", "CompletionResponse", "EngineError", "ErrorInfo", "ErrorResponse", "GenerationChunk",
+    "GenerationRequest", "GenerationResult", "ModelCard", "ModelList", "SamplingParams", "Timing", "Usage",
+]

@@ -1,0 +1,11 @@
+"""Pretraining on Ray Train: ``train(config) -> TrainResult``.
+
+The per-worker loop lives in :mod:`llmstack.train.loop` (shared with fine-tuning); the driver side
+(cluster, fail-fast checks, progress, checkpoints in storage, registration) in
+:mod:`llmstack.train.driver`.
+"""
+
+from llmstack.train.driver import RunOutcome, TrainResult, run_training, train
+from llmstack.train.loop import LoopSpec, causal_lm_loss, run_worker_loop
+
+__all__ = ["LoopSpec", "RunOutcome", "TrainResult", "causal_lm_loss", "run_training", "run_worker_loop", "train"]

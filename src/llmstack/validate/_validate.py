@@ -1,0 +1,431 @@
+"""``validate(candidate, baseline)``: the statistical release gate.
+
+Both models see the same probe prompts and the same held-out blocks. The gate runs five checks:
+
+* ``sanity``: finite logits everywhere, no (more) empty generations than the baseline.
+* ``distribution``: per-position next-token distributions on the probes: mean KL, mean JS, top-1
+  agreement.
+* ``loglik_shift``: two-sample Kolmogorov-Smirnov test on per-token log-likelihoods of held-out text.
+  Tokens within a block are not independent, so the p-value is approximate; the gate therefore
+  also requires an effect size (the KS distance) before it calls a shift a failure.
+* ``perplexity``: held-out perplexity of both, and a paired bootstrap (over blocks) confidence
+  interval of the relative change; fails when the interval's upper end exceeds the tolerance.
+* ``latency``: per-request generation latency, interleaved between the two models so machine load
+  hits both alike; one-sided Mann-Whitney U test plus the p95 ratio.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmstack.errors import ConfigError, LLMStackError
+from llmstack.validate._config import ValidateConfig
+from llmstack.validate._loading import LoadedModel, ModelSpec, load_side
+from llmstack.validate._report import CheckResult, ValidationReport
+from llmstack.validate._stats import distribution_shift, ks_test, latency_test, perplexity_bootstrap
+
+if TYPE_CHECKING:
+    from llmstack.registry import Registry
+
+#: Probe prompts used when none are given: code and prose in the style of the built-in corpus.
+DEFAULT_PROBES: tuple[str, ...] = (
+    "Return the number of",
+    "def __init__(self, ",
+    "Module os.path\n\nCommon operations on",
+    "Raise ValueError if the",
+    "This module provides",
+    "import sys\nimport os\n\ndef main():\n    ",
+    "The default value is",
+    "If the file does not exist,",
+    "class Queue:\n    \"\"\"",
+    "Return True if the string",
+    "Convert a string to",
+    "for line in open(path):\n    ",
+    "The function returns a list of",
+    "See the documentation for",
+    "Parse the arguments and",
+    "Create a new socket using the given",
+    "Return a copy of the",
+    "An exception is raised when",
+    "Question: What does `json.dumps` do?\nAnswer:",
+    "with open(filename, 'rb') as f:\n    data = ",
+    "Return the absolute path of",
+    "This function is deprecated; use",
+    "Iterate over the items of",
+    "Set the current time to",
+)
+DEFAULT_EVAL_DOCUMENTS = 100  # built-in documents packed for held-out data when nothing says otherwise
+
+
+class IncomparableModelsError(LLMStackError, ValueError):
+    """The two models cannot be compared (different tokenizers, vocabularies or model families)."""
+
+
+def validate(candidate: ModelSpec, baseline: ModelSpec, *, probes: list[str] | str | None = None,
+             thresholds: ValidateConfig | dict[str, Any] | str | None = None,
+             registry: Registry | None = None, eval_data: Any = None, store: bool = True,
+             progress: bool | None = None) -> ValidationReport:
+    """Compare ``candidate`` with ``baseline`` on the same probes and held-out data.
+
+    Args:
+        candidate: registry ref (``name@vN``, alias, name), a local directory, or ``(model, tokenizer)``.
+            Adapters load on the base named in their lineage; quantized versions through
+            ``llmstack.quantize.load_quantized``.
+        baseline: same forms; usually the current holder of ``name@production``.
+        probes: prompts for the distribution check and generations (None: :data:`DEFAULT_PROBES`),
+            or a path / source string read with ``llmstack.data.load_corpus``.
+        thresholds: a :class:`ValidateConfig`, a dict of its fields, or a YAML file.
+        registry: where refs resolve and the report is stored (None: the default registry).
+        eval_data: held-out data: None (the eval split of the data config in the candidate's or
+            baseline's manifest, else the built-in corpus), a corpus source string, a
+            ``DataConfig``/dict, a list of texts, or a ``LongTensor [blocks, tokens]``.
+        store: attach the report to the candidate (``annotations['validation']`` and the key
+            ``Registry.promote`` looks for) when both sides are registry versions.
+        progress: show a progress bar (None: when attached to a terminal).
+
+    Returns:
+        A :class:`ValidationReport`; ``report.passed`` is the gate's verdict.
+
+    Raises:
+        IncomparableModelsError: different tokenizers, vocabularies or model families.
+        ConfigError: bad thresholds or an empty probe set.
+        ArtifactNotFoundError / ModelLoadError: a side cannot be found or loaded.
+
+    Example:
+        >>> report = validate("tiny-lm-int8@v1", "tiny-lm@production")  # doctest: +SKIP
+        >>> print(report.to_text())  # doctest: +SKIP
+        >>> Registry().promote("tiny-lm-int8@v1")  # doctest: +SKIP
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from llmstack.config import load_config
+
+    cfg = load_config(ValidateConfig, thresholds)
+    probe_texts = _probe_texts(probes)
+    started = time.perf_counter()
+    steps = ["load", "probes", "held-out", "generations", "latency"]
+    with tqdm(total=len(steps), desc="validate", unit="step",
+              disable=(None if progress is None else not progress)) as bar:
+        cand = load_side(candidate, registry=registry, role="candidate")
+        base = load_side(baseline, registry=registry, role="baseline")
+        _check_comparable(cand, base)
+        bar.update(1)
+        tokenizer = base.tokenizer
+        probe_ids = [ids for ids in (_encode(tokenizer, text) for text in probe_texts) if ids.numel() > 0]
+        if not probe_ids:
+            raise ConfigError("probes: every probe prompt tokenizes to nothing; pass non-empty prompts")
+        with torch.inference_mode():
+            base_probe = _probe_logits(base.model, probe_ids)
+            cand_probe = _probe_logits(cand.model, probe_ids)
+            bar.update(1)
+            blocks, data_info = _eval_blocks(eval_data, tokenizer, cand, base, cfg)
+            base_nll, base_tok, base_eval_finite = _score_blocks(base.model, blocks)
+            cand_nll, cand_tok, cand_eval_finite = _score_blocks(cand.model, blocks)
+            bar.update(1)
+            base_empty = _empty_fraction(base.model, tokenizer, probe_ids, cfg.generation_tokens)
+            cand_empty = _empty_fraction(cand.model, tokenizer, probe_ids, cfg.generation_tokens)
+            bar.update(1)
+            base_lat, cand_lat = _latencies(base.model, cand.model, tokenizer, probe_ids, cfg)
+            bar.update(1)
+
+    checks = [
+        _sanity_check(bool(torch.isfinite(cand_probe).all()) and cand_eval_finite,
+                      bool(torch.isfinite(base_probe).all()) and base_eval_finite, cand_empty, base_empty, cfg),
+        _distribution_check(base_probe, cand_probe, cfg),
+        _loglik_check(base_tok, cand_tok, cfg),
+        _perplexity_check(base_nll, cand_nll, cfg),
+        _latency_check(base_lat, cand_lat, cfg),
+    ]
+    report = ValidationReport(
+        candidate=cand.label, baseline=base.label, checks=checks,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        config=_config_dict(cfg),
+        info={"probes": len(probe_ids), "probe_positions": int(base_probe.shape[0]),
+              "eval_blocks": int(blocks.shape[0]), "eval_block_tokens": int(blocks.shape[1]),
+              **data_info, "seconds": round(time.perf_counter() - started, 2)})
+    if store and cand.ref is not None and base.ref is not None:
+        _store(report, cand, base, registry)
+    return report
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _probe_texts(probes: list[str] | str | tuple[str, ...] | None) -> list[str]:
+    if probes is None:
+        return list(DEFAULT_PROBES)
+    if isinstance(probes, (str, Path)):
+        from llmstack.data import load_corpus
+
+        probes = load_corpus(str(probes)).documents
+    texts = [p for p in probes if isinstance(p, str) and p.strip()]
+    if not texts:
+        raise ConfigError("probes: the probe set is empty; pass at least one non-empty prompt "
+                          "(or None for the built-in probes)")
+    return texts
+
+
+def _encode(tokenizer: Any, text: str) -> Any:
+    return tokenizer(text, return_tensors="pt")["input_ids"][0]  # [T]
+
+
+def _check_comparable(cand: LoadedModel, base: LoadedModel) -> None:
+    """Refuse comparisons whose numbers would mean nothing."""
+    base_type = getattr(getattr(base.model, "config", None), "model_type", None)
+    cand_type = getattr(getattr(cand.model, "config", None), "model_type", None)
+    if base_type and cand_type and base_type != cand_type:
+        raise IncomparableModelsError(
+            f"{cand.label} ({cand_type}) and {base.label} ({base_type}) are different model families; "
+            "validate compares versions of one model (fine-tuned, quantized, retrained)")
+    if base.tokenizer is None or cand.tokenizer is None:
+        raise IncomparableModelsError("both models need a tokenizer to be compared")
+    base_vocab, cand_vocab = base.tokenizer.get_vocab(), cand.tokenizer.get_vocab()
+    if base_vocab != cand_vocab:
+        differing = len(set(base_vocab.items()) ^ set(cand_vocab.items()))
+        raise IncomparableModelsError(
+            f"{cand.label} and {base.label} use different tokenizers (vocabulary {len(cand_vocab)} vs "
+            f"{len(base_vocab)} tokens, {differing} entries differ); their token distributions cannot be "
+            "compared. Validate against a baseline trained with the same tokenizer")
+    base_out = _output_size(base.model)
+    cand_out = _output_size(cand.model)
+    if base_out and cand_out and base_out != cand_out:
+        raise IncomparableModelsError(f"{cand.label} predicts {cand_out} tokens but {base.label} predicts "
+                                      f"{base_out}; the vocabularies differ")
+
+
+def _output_size(model: Any) -> int | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "vocab_size", None)
+
+
+def _eval_blocks(eval_data: Any, tokenizer: Any, cand: LoadedModel, base: LoadedModel,
+                 cfg: ValidateConfig) -> tuple[Any, dict[str, Any]]:
+    """Held-out token blocks ``[n, T]`` shared by both models, and a note on where they came from."""
+    import torch
+
+    context = min(_context(cand.model), _context(base.model))
+    length = min(cfg.eval_block_size, context)
+    if isinstance(eval_data, torch.Tensor):
+        blocks, info = eval_data.long(), {"eval_data": "given tensor"}
+    elif isinstance(eval_data, (list, tuple)):
+        blocks, info = _pack_texts(list(eval_data), tokenizer, length), {"eval_data": f"{len(eval_data)} texts"}
+    else:
+        blocks, info = _packed_eval(eval_data, tokenizer, cand, base, length)
+    if blocks.dim() != 2 or blocks.shape[0] < 2 or blocks.shape[1] < 2:
+        raise ConfigError(f"eval_data: need at least 2 held-out blocks of >= 2 tokens, got shape "
+                          f"{tuple(blocks.shape)}")
+    return blocks[: cfg.max_eval_blocks, :context], info
+
+
+def _context(model: Any) -> int:
+    config = getattr(model, "config", None)
+    return int(getattr(config, "max_position_embeddings", None) or 1024)
+
+
+def _pack_texts(texts: list[str], tokenizer: Any, length: int) -> Any:
+    import torch
+
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+    n = len(stream) // length
+    return torch.tensor(stream[: n * length], dtype=torch.long).view(n, length)
+
+
+def _packed_eval(eval_data: Any, tokenizer: Any, cand: LoadedModel, base: LoadedModel,
+                 length: int) -> tuple[Any, dict[str, Any]]:
+    """The eval split of a data config: the manifest's own (truly held out) or the built-in corpus."""
+    from llmstack.config import DataConfig, load_config
+    from llmstack.data import prepare_training_data
+
+    info: dict[str, Any] = {}
+    if eval_data is None:
+        for side in (cand, base):
+            data = (side.manifest.config.get("data") if side.manifest else None)
+            if isinstance(data, dict) and "source" in data and (data.get("max_documents") or 10**9) <= 5000:
+                fields = {k: v for k, v in data.items() if k in DataConfig.__dataclass_fields__}
+                fields.pop("tokenizer", None)
+                eval_data = fields
+                info["eval_data"] = f"eval split of {side.label}'s training data"
+                break
+        else:
+            eval_data = {"source": "builtin:stdlib", "max_documents": DEFAULT_EVAL_DOCUMENTS, "block_size": length}
+            info["eval_data"] = "builtin:stdlib eval split"
+    elif isinstance(eval_data, str):
+        eval_data = {"source": eval_data, "block_size": length}
+        info["eval_data"] = eval_data["source"]
+    config = load_config(DataConfig, eval_data)
+    info.setdefault("eval_data", config.source)
+    _, packed, corpus = prepare_training_data(config, tokenizer=tokenizer, progress=False)
+    info["eval_fingerprint"] = packed.fingerprint
+    return packed.eval[:, :length], info
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def _device(model: Any) -> Any:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        import torch
+
+        return torch.device("cpu")
+
+
+def _probe_logits(model: Any, probe_ids: list[Any]) -> Any:
+    """Next-token logits at every position of every probe, concatenated: ``[positions, vocab]``."""
+    import torch
+
+    device = _device(model)
+    rows = [model(input_ids=ids.unsqueeze(0).to(device)).logits[0].float().cpu() for ids in probe_ids]
+    return torch.cat(rows, dim=0)
+
+
+def _score_blocks(model: Any, blocks: Any, *, batch_size: int = 8) -> tuple[Any, Any, bool]:
+    """Per-block mean NLL ``[n]``, per-token log-likelihoods ``[n * (T-1)]`` and whether logits were finite."""
+    import torch
+
+    device = _device(model)
+    block_nll, token_ll, finite = [], [], True
+    for start in range(0, blocks.shape[0], batch_size):
+        batch = blocks[start:start + batch_size].to(device)  # [B, T]
+        logits = model(input_ids=batch).logits.float()  # [B, T, V]
+        finite = finite and bool(torch.isfinite(logits).all())
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)  # predict token t+1 from prefix <= t
+        ll = logprobs.gather(-1, batch[:, 1:].unsqueeze(-1)).squeeze(-1).cpu()  # [B, T-1]
+        token_ll.append(ll.reshape(-1))
+        block_nll.append(-ll.mean(dim=1))
+    return torch.cat(block_nll).numpy(), torch.cat(token_ll).numpy(), finite
+
+
+def _generate(model: Any, tokenizer: Any, ids: Any, new_tokens: int, *, exact: bool) -> Any:
+    device = _device(model)
+    inputs = ids.unsqueeze(0).to(device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    kwargs: dict[str, Any] = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,
+                                  attention_mask=inputs.new_ones(inputs.shape))
+    if exact:
+        kwargs["min_new_tokens"] = new_tokens
+    return model.generate(input_ids=inputs, **kwargs)[0, inputs.shape[1]:]
+
+
+def _empty_fraction(model: Any, tokenizer: Any, probe_ids: list[Any], new_tokens: int) -> float:
+    """Share of probes whose greedy continuation is empty or whitespace only."""
+    empty = 0
+    for ids in probe_ids:
+        try:
+            out = _generate(model, tokenizer, ids, new_tokens, exact=False)
+        except RuntimeError:  # e.g. NaN probabilities: as good as no output
+            empty += 1
+            continue
+        if not tokenizer.decode(out, skip_special_tokens=True).strip():
+            empty += 1
+    return empty / len(probe_ids)
+
+
+def _latencies(base_model: Any, cand_model: Any, tokenizer: Any, probe_ids: list[Any],
+               cfg: ValidateConfig) -> tuple[list[float], list[float]]:
+    """Per-request seconds for both models, interleaved (ABBA...) so load drifts hit both alike."""
+    timings: dict[int, list[float]] = {0: [], 1: []}
+    models = (base_model, cand_model)
+
+    def timed(which: int, ids: Any) -> float:
+        begin = time.perf_counter()
+        try:
+            _generate(models[which], tokenizer, ids, cfg.latency_new_tokens, exact=True)
+        except RuntimeError:
+            pass  # a broken model still costs the time it took; sanity reports the breakage
+        return time.perf_counter() - begin
+
+    for i in range(cfg.latency_warmup):
+        for which in (0, 1):
+            timed(which, probe_ids[i % len(probe_ids)])
+    for i in range(cfg.latency_requests):
+        ids = probe_ids[i % len(probe_ids)]
+        for which in ((0, 1) if i % 2 == 0 else (1, 0)):
+            timings[which].append(timed(which, ids))
+    return timings[0], timings[1]
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _sanity_check(cand_finite: bool, base_finite: bool, cand_empty: float, base_empty: float,
+                  cfg: ValidateConfig) -> CheckResult:
+    allowed_empty = max(cfg.max_empty_fraction, base_empty)
+    problems = []
+    if not cand_finite:
+        problems.append("candidate produces NaN/inf logits")
+    if not base_finite:
+        problems.append("baseline produces NaN/inf logits (the comparison is meaningless)")
+    if cand_empty > allowed_empty:
+        problems.append(f"{cand_empty:.0%} of candidate generations are empty")
+    detail = "; ".join(problems) or "finite logits, generations not empty, same tokenizer"
+    return CheckResult("sanity", not problems,
+                       {"candidate_finite": cand_finite, "baseline_finite": base_finite,
+                        "candidate_empty_fraction": cand_empty, "baseline_empty_fraction": base_empty},
+                       {"max_empty_fraction": allowed_empty}, detail)
+
+
+def _distribution_check(base_logits: Any, cand_logits: Any, cfg: ValidateConfig) -> CheckResult:
+    m = distribution_shift(base_logits, cand_logits)
+    ok = (m["mean_kl"] <= cfg.max_mean_kl and m["mean_js"] <= cfg.max_mean_js
+          and m["top1_agreement"] >= cfg.min_top1_agreement)
+    detail = (f"mean KL {m['mean_kl']:.4g} nats, JS {m['mean_js']:.4g}, top-1 agreement "
+              f"{m['top1_agreement']:.1%} over {m['positions']} probe positions")
+    return CheckResult("distribution", ok, m, {"max_mean_kl": cfg.max_mean_kl, "max_mean_js": cfg.max_mean_js,
+                                               "min_top1_agreement": cfg.min_top1_agreement}, detail)
+
+
+def _loglik_check(base_ll: Any, cand_ll: Any, cfg: ValidateConfig) -> CheckResult:
+    m = ks_test(base_ll, cand_ll)
+    shifted = not (m["p_value"] >= cfg.loglik_alpha or m["statistic"] <= cfg.max_ks_statistic)
+    ok = not shifted and m["p_value"] == m["p_value"]  # NaN (non-finite log-likelihoods) fails
+    detail = (f"KS distance {m['statistic']:.4g}, p={m['p_value']:.3g} over {m['n']} held-out tokens"
+              + ("" if ok else " (shifted)"))
+    return CheckResult("loglik_shift", ok, m, {"alpha": cfg.loglik_alpha,
+                                               "max_ks_statistic": cfg.max_ks_statistic}, detail)
+
+
+def _perplexity_check(base_nll: Any, cand_nll: Any, cfg: ValidateConfig) -> CheckResult:
+    m = perplexity_bootstrap(base_nll, cand_nll, samples=cfg.bootstrap_samples, confidence=cfg.confidence,
+                             seed=cfg.seed)
+    ok = m["ci_high"] <= cfg.max_perplexity_increase  # NaN fails
+    detail = (f"perplexity {m['candidate_perplexity']:.4g} vs {m['baseline_perplexity']:.4g} "
+              f"({m['relative_change']:+.2%}, {cfg.confidence:.0%} CI {m['ci_low']:+.2%} .. {m['ci_high']:+.2%})")
+    return CheckResult("perplexity", ok, m, {"max_perplexity_increase": cfg.max_perplexity_increase,
+                                             "confidence": cfg.confidence}, detail)
+
+
+def _latency_check(base_s: list[float], cand_s: list[float], cfg: ValidateConfig) -> CheckResult:
+    m = latency_test(base_s, cand_s)
+    slower = m["p_value"] < cfg.latency_alpha and m["p95_ratio"] > cfg.max_latency_p95_ratio
+    detail = (f"p95 {m['candidate_p95_ms']:.1f} ms vs {m['baseline_p95_ms']:.1f} ms (x{m['p95_ratio']:.2f}), "
+              f"Mann-Whitney p={m['p_value']:.3g} over {m['requests']} requests each")
+    return CheckResult("latency", not slower, m, {"alpha": cfg.latency_alpha,
+                                                  "max_p95_ratio": cfg.max_latency_p95_ratio}, detail)
+
+
+# --------------------------------------------------------------------------- storing
+
+
+def _config_dict(cfg: ValidateConfig) -> dict[str, Any]:
+    from llmstack.config import to_dict
+
+    return to_dict(cfg)
+
+
+def _store(report: ValidationReport, cand: LoadedModel, base: LoadedModel, registry: Registry | None) -> None:
+    """Attach the report to the candidate: as the latest validation and keyed by baseline for promote()."""
+    from llmstack.registry import Registry, validation_key
+
+    registry = registry or Registry()
+    data = report.to_dict()
+    registry.annotate(cand.ref, "validation", data)
+    registry.annotate(cand.ref, validation_key(base.ref), data)
