@@ -172,6 +172,8 @@ class FinetuneConfig:
         default_factory=lambda: TrainingConfig(max_steps=100, learning_rate=1e-3, warmup_steps=10)
     )
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    packing: bool = False  # pack several instruction examples into each data.block_size row
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options of storage_path
 
 
 @dataclass
@@ -221,6 +223,8 @@ class AutoscalingConfig:
     target_ongoing_requests: float = 4.0  # per-replica queue depth the autoscaler aims for
     upscale_delay_s: float = 2.0  # sustained load before adding replicas
     downscale_delay_s: float = 10.0  # sustained idleness before removing replicas
+    look_back_period_s: float = 10.0  # window the queue-depth metric is averaged over
+    metrics_interval_s: float = 1.0  # how often handles and replicas report queue depth
 
     def check(self) -> Problems:
         problems: Problems = []
@@ -230,6 +234,11 @@ class AutoscalingConfig:
             problems.append(("max_replicas", f"must be >= min_replicas ({self.min_replicas}), got {self.max_replicas}"))
         if not self.target_ongoing_requests > 0:
             problems.append(("target_ongoing_requests", f"must be > 0, got {self.target_ongoing_requests}"))
+        for name in ("upscale_delay_s", "downscale_delay_s"):
+            _at_least(problems, self, name, 0)
+        for name in ("look_back_period_s", "metrics_interval_s"):
+            if not getattr(self, name) > 0:
+                problems.append((name, f"must be > 0, got {getattr(self, name)}"))
         return problems
 
 
@@ -237,6 +246,7 @@ class AutoscalingConfig:
 class ServeConfig:
     model: str = "tiny-lm@production"  # registry ref (or local dir) of the served model
     registry: str | None = None  # registry URL
+    model_aliases: list[str] = field(default_factory=list)  # other names accepted for the model (name@production)
     app_name: str = "llmstack"  # Ray Serve application name
     route_prefix: str = "/"  # HTTP route prefix
     host: str = "127.0.0.1"  # HTTP host for deploy()
@@ -248,6 +258,9 @@ class ServeConfig:
     batch_wait_timeout_s: float = 0.01  # @serve.batch wait for a batch to fill
     max_ongoing_requests: int = 32  # per replica; must allow batches to fill
     max_queued_requests: int = 64  # beyond this the app sheds load with 503
+    max_concurrent_batches: int = 1  # batches decoding at once per replica (their steps interleave)
+    retry_after_s: float = 1.0  # Retry-After sent with a shed (503) request
+    response_cache_size: int = 256  # finished deterministic results kept per replica; 0 disables
     default_max_tokens: int = 64  # when a request gives none
     max_tokens_limit: int = 512  # largest max_tokens accepted
     max_n: int = 4  # cap on choices per request
@@ -259,8 +272,14 @@ class ServeConfig:
     def check(self) -> Problems:
         problems: Problems = []
         for name in ("max_batch_size", "max_ongoing_requests", "max_tokens_limit", "max_n", "default_max_tokens",
-                     "max_adapters_per_replica", "max_body_bytes"):
+                     "max_adapters_per_replica", "max_body_bytes", "max_concurrent_batches"):
             _at_least(problems, self, name, 1)
+        for name in ("retry_after_s", "response_cache_size"):
+            _at_least(problems, self, name, 0)
+        if not self.request_timeout_s > 0:
+            problems.append(("request_timeout_s", f"must be > 0, got {self.request_timeout_s}"))
+        if not self.num_cpus >= 0:
+            problems.append(("num_cpus", f"must be >= 0, got {self.num_cpus}"))
         _at_least(problems, self, "max_queued_requests", -1)
         if self.max_ongoing_requests < self.max_batch_size:
             problems.append(("max_ongoing_requests",

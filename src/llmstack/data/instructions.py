@@ -242,7 +242,8 @@ def _tokenize_native(conversations: list[list[dict[str, str]]], tokenizer: Any) 
                    tokenizer.convert_tokens_to_ids([SYSTEM, USER, ASSISTANT, END]), strict=True))
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     contents = [m["content"] for conv in conversations for m in conv]
-    encoded = tokenizer(contents, add_special_tokens=False)["input_ids"] if contents else []
+    # message text is data: a literal "<|assistant|>" inside it must not become a role marker
+    encoded = tokenizer(contents, add_special_tokens=False, split_special_tokens=True)["input_ids"] if contents else []
     pieces = iter(encoded)
     examples: list[tuple[list[int], list[int]]] = []
     for conv in conversations:

@@ -41,7 +41,10 @@ class PackedData:
 
 def tokenize_documents(documents: list[str], tokenizer: Any, *, eos_id: int | None = None,
                        progress: bool | None = None) -> Any:
-    """One int64 numpy stream: each document's tokens followed by ``eos_id`` (batched, with tqdm)."""
+    """One int64 numpy stream: each document's tokens followed by ``eos_id`` (batched, with tqdm).
+
+    Special-token strings inside documents are encoded as plain text, so only the joins are EOS.
+    """
     import numpy as np
     from tqdm.auto import tqdm
 
@@ -53,7 +56,8 @@ def tokenize_documents(documents: list[str], tokenizer: Any, *, eos_id: int | No
     with tqdm(total=len(documents), desc="tokenizing", unit="doc", disable=not show) as bar:
         for start in range(0, len(documents), _BATCH):
             batch = documents[start:start + _BATCH]
-            encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
+            # split_special_tokens: a literal "<|eos|>" in the data is text, not a control token
+            encoded = tokenizer(batch, add_special_tokens=False, split_special_tokens=True)["input_ids"]
             for ids in encoded:
                 pieces.append(np.asarray(ids, dtype=np.int64))
                 pieces.append(np.asarray([eos_id], dtype=np.int64))
@@ -92,7 +96,9 @@ def pack_corpus(corpus: Any, tokenizer: Any, *, block_size: int, eval_fraction: 
         :class:`PackedData` with ``train`` ``[n_train, block_size]`` and ``eval`` ``[n_eval, block_size]``.
 
     Example:
-        >>> packed = pack_corpus(corpus, tokenizer, block_size=128)  # doctest: +SKIP
+        >>> from llmstack.data import load_corpus, train_tokenizer
+        >>> corpus = load_corpus("builtin:stdlib", max_documents=20)
+        >>> packed = pack_corpus(corpus, train_tokenizer(corpus, vocab_size=512), block_size=128)
         >>> packed.train.shape[1]
         128
     """

@@ -121,6 +121,12 @@ def quantize(ref: str | ArtifactRef, method: str | None = None, *,
         quantized, details = backend.quantize(model, method=cfg.method, source_dir=source_dir, config=cfg,
                                               calibration=calib_blocks, progress=progress)
         _cast_float_parameters(quantized, cfg.dtype)
+        # Save before the first inference forward: bitsandbytes 0.50 repacks 4-bit weights for its
+        # fused CPU kernel on that forward, and saving after the repack is lossy (bf16 absmax).
+        tmp = tempfile.TemporaryDirectory(prefix="llmstack-quant-")
+        out = Path(tmp.name)
+        backend.save(quantized, out)
+        tokenizer.save_pretrained(str(out))
         bar.update()
         step(3)
         metrics: dict[str, float] = {}
@@ -137,10 +143,7 @@ def quantize(ref: str | ArtifactRef, method: str | None = None, *,
             recipe.details["evaluation"] = {"eval_data": data.eval_source, "eval_blocks": list(eval_blocks.shape),
                                             "calibration_blocks": (list(calib_blocks.shape)
                                                                    if calib_blocks is not None else None)}
-        with tempfile.TemporaryDirectory(prefix="llmstack-quant-") as tmp:
-            out = Path(tmp)
-            backend.save(quantized, out)
-            tokenizer.save_pretrained(str(out))
+        with tmp:
             recipe.write(out)
             metrics["file_bytes"] = sum(p.stat().st_size for p in out.glob("*.safetensors"))
             new_ref = registry.register(

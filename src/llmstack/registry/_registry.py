@@ -572,7 +572,11 @@ class Registry:
 
         Raises:
             ValidationFailedError: no passing report against the current holder (and not forced).
+            IntegrityError: the candidate's stored files do not match its manifest (even if forced).
             AliasConflictError: the alias moved meanwhile.
+
+        Aliases belong to one name, so versions that compete for ``name@production`` must be
+        registered under that name (e.g. ``quantize(..., name="tiny-lm")``).
         """
         target = self.resolve(ref)
         validate_alias(alias)
@@ -595,6 +599,7 @@ class Registry:
                     f"refusing to promote {target} to {target.name}@{alias}: the alias holds {baseline} and "
                     f"{why}. Run `llmstack validate {target} --baseline {baseline}`, or force the promotion")
         forced = force and not gate_ok
+        self.verify(target)  # never point production at files that do not match their manifest
         return self._move_alias(target.name, alias, target, expected=held,
                                 action="force-promote" if forced else "promote", reason=reason,
                                 report=report, forced=forced)

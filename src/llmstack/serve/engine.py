@@ -133,6 +133,7 @@ class LoadedModel:
     root: str  # name@vN or the directory
     identity: str  # model-version part of cache keys
     adapter_dir: Path | None = None  # set when the served model is itself an adapter on a base
+    source: str | None = None  # what the config named (e.g. name@production), accepted as a model id
 
 
 def load_served_model(source: str, *, registry: Registry | None = None, dtype: str = "float32") -> LoadedModel:
@@ -141,6 +142,12 @@ def load_served_model(source: str, *, registry: Registry | None = None, dtype: s
     Registry refs dispatch on the manifest ``kind``; a local directory with ``adapter_config.json``
     is an adapter whose base comes from ``base_model_name_or_path``.
     """
+    loaded = _load_served_model(source, registry=registry, dtype=dtype)
+    loaded.source = source
+    return loaded
+
+
+def _load_served_model(source: str, *, registry: Registry | None = None, dtype: str = "float32") -> LoadedModel:
     from llmstack.models import load_model, load_tokenizer
     from llmstack.registry import ArtifactRef, Registry
 
@@ -308,7 +315,8 @@ class TransformersEngine:
     """
 
     def __init__(self, loaded: LoadedModel, *, adapters: Iterable[AdapterSpec] = (), default_max_tokens: int = 64,
-                 max_tokens_limit: int = 512, max_n: int = 4, cache_size: int = 256) -> None:
+                 max_tokens_limit: int = 512, max_n: int = 4, cache_size: int = 256,
+                 aliases: Iterable[str] = ()) -> None:
         import torch
 
         self.model = loaded.model
@@ -316,6 +324,7 @@ class TransformersEngine:
         self.model_id = loaded.model_id
         self.root = loaded.root
         self.identity = loaded.identity
+        self.aliases = sorted({a for a in (loaded.root, loaded.source, *aliases) if a and a != loaded.model_id})
         self.default_max_tokens = default_max_tokens
         self.max_tokens_limit = max_tokens_limit
         self.max_n = max_n
@@ -352,7 +361,7 @@ class TransformersEngine:
     # ------------------------------------------------------------------ protocol
 
     async def models(self) -> list[ModelCard]:
-        cards = [ModelCard(id=self.model_id, root=self.root, max_model_len=self.max_model_len)]
+        cards = [ModelCard(id=self.model_id, root=self.root, aliases=self.aliases, max_model_len=self.max_model_len)]
         cards += [ModelCard(id=a.id, root=a.source, parent=self.model_id, max_model_len=self.max_model_len)
                   for a in self.adapters.values()]
         return cards
@@ -419,7 +428,7 @@ class TransformersEngine:
         """The adapter id a request's ``model`` selects (None for the base); 404 when unknown."""
         if model in self.adapters:
             return model
-        if model in (self.model_id, self.root):
+        if model == self.model_id or model in self.aliases:
             return None
         for spec in self.adapters.values():
             if model == spec.source:
@@ -690,13 +699,15 @@ class _Batch:
         return self._outputs()
 
     def _forward(self, ids: Any, mask: Any, positions: Any, *, cache: Any) -> None:
+        import torch
+
         engine = self.engine
         device = engine.device
         kwargs: dict[str, Any] = dict(input_ids=ids.to(device), attention_mask=mask.to(device),
                                       position_ids=positions.to(device), use_cache=True, logits_to_keep=1)
         if cache is not None:
             kwargs["cache" if engine._uses_new_cache_kwarg else "past_key_values"] = cache
-        with engine._select(self.works[0].adapter):
+        with torch.inference_mode(), engine._select(self.works[0].adapter):  # grad mode is per thread
             out = engine.model(**kwargs)
         self.cache = getattr(out, "cache", None) or out.past_key_values
         self.logits = out.logits[:, -1, :].float().cpu()  # [B, V]

@@ -142,6 +142,7 @@ class ModelCard(BaseModel):
     owned_by: str = "llmstack"
     root: str | None = None  # the registry ref (name@vN) or path it was loaded from
     parent: str | None = None  # adapters: the served base model
+    aliases: list[str] = Field(default_factory=list)  # other names that select it (e.g. name@production)
     max_model_len: int | None = None
 
 

@@ -49,6 +49,8 @@ class RunOutcome:
         metrics: the final step's metrics (train loss, eval loss, perplexity, tokens...).
         history: per-step records of the final trajectory (replayed steps replace lost ones).
         recoveries: one entry per worker-group restart: resumed step, last step seen, steps lost.
+        resumed_from_step: the checkpoint step this call started from (a rerun of the same run
+            name), or None for a fresh run.
         wall_time_s: seconds spent in ``trainer.fit()``.
     """
 
@@ -58,6 +60,7 @@ class RunOutcome:
     metrics: dict[str, Any]
     history: list[dict[str, Any]]
     recoveries: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from_step: int | None = None
     wall_time_s: float = 0.0
     temporary: bool = False
 
@@ -79,6 +82,7 @@ class TrainResult:
         checkpoint_path: the final checkpoint in storage.
         tokenizer_ref: the tokenizer version the model was trained with (its lineage parent).
         recoveries: worker-group restarts survived (see :class:`RunOutcome`).
+        resumed_from_step: the checkpoint step a rerun of the same name continued from, else None.
     """
 
     ref: ArtifactRef
@@ -88,6 +92,7 @@ class TrainResult:
     checkpoint_path: str
     tokenizer_ref: ArtifactRef | None = None
     recoveries: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from_step: int | None = None
 
     def __str__(self) -> str:
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.metrics.items())
@@ -205,7 +210,7 @@ def train(config: TrainConfig | dict[str, Any] | str | Path | None = None, *,
         outcome.cleanup()
     return TrainResult(ref=ref, metrics=metrics, history=outcome.history, run_dir=outcome.run_dir,
                        checkpoint_path=outcome.checkpoint_path, tokenizer_ref=tokenizer_ref,
-                       recoveries=outcome.recoveries)
+                       recoveries=outcome.recoveries, resumed_from_step=outcome.resumed_from_step)
 
 
 def build_preset_model(preset: str, *, vocab_size: int, max_seq_len: int | None, seed: int,
@@ -321,6 +326,7 @@ def run_training(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[str
                 print(f"llmstack: could not write {action.__name__} output to {run_path}: {exc}")
         ray.kill(bus, no_restart=True)
     wall = time.perf_counter() - started
+    resumed_from_step = log.initial_resume
     if result.checkpoint is None:
         raise RuntimeError(f"run {run_name} finished without a checkpoint in {storage.url}")
     checkpoint_fs_path = result.checkpoint.path
@@ -334,7 +340,8 @@ def run_training(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[str
     metrics = dict(state.get("metrics") or {})
     return RunOutcome(checkpoint_dir=local, checkpoint_path=storage.url_of(checkpoint_fs_path),
                       run_dir=storage.url_of(run_path), metrics=metrics, history=list(log.history),
-                      recoveries=list(log.recoveries), wall_time_s=wall, temporary=temporary)
+                      recoveries=list(log.recoveries), wall_time_s=wall, temporary=temporary,
+                      resumed_from_step=resumed_from_step)
 
 
 def _ray_scaling(scaling: ScalingConfig) -> Any:
@@ -352,8 +359,8 @@ def _ray_scaling(scaling: ScalingConfig) -> Any:
 def ensure_ray(scaling: ScalingConfig) -> None:
     """Use the initialised Ray; else connect to ``scaling.address``/``RAY_ADDRESS``; else start a local one.
 
-    The local cluster is bounded: this machine's CPUs (at least what the workers need is checked
-    separately) and a 512 MiB object store.
+    The local cluster is bounded: this machine's CPUs (a request for more fails here, before Ray
+    starts) and a 512 MiB object store.
     """
     import ray
 
@@ -371,7 +378,8 @@ def ensure_ray(scaling: ScalingConfig) -> None:
             f"scaling.num_workers={scaling.num_workers} x scaling.cpus_per_worker={scaling.cpus_per_worker} needs "
             f"{needed:g} CPUs but this machine has {cpus}; lower scaling.num_workers or scaling.cpus_per_worker, "
             "or connect to a larger cluster with scaling.address / RAY_ADDRESS")
-    ray.init(num_cpus=cpus, object_store_memory=_LOCAL_OBJECT_STORE_BYTES, include_dashboard=False,
+    # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
+    ray.init(num_cpus=cpus, object_store_memory=_LOCAL_OBJECT_STORE_BYTES, include_dashboard=True,
              runtime_env={"env_vars": env}, log_to_driver=True)
 
 
@@ -406,7 +414,7 @@ def check_training(training: TrainingConfig, scaling: ScalingConfig) -> None:
 def check_batch(training: TrainingConfig, scaling: ScalingConfig, *, num_blocks: int) -> None:
     """The effective batch must fit in the training set at least once."""
     per_step = training.micro_batch_size * training.grad_accum_steps
-    if num_blocks // scaling.num_workers < per_step:
+    if num_blocks < per_step * scaling.num_workers:
         raise ConfigError(
             f"training.micro_batch_size={training.micro_batch_size} x training.grad_accum_steps="
             f"{training.grad_accum_steps} x scaling.num_workers={scaling.num_workers} = "

@@ -255,7 +255,7 @@ def run_worker_loop(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[
         elapsed = time.perf_counter() - started
         record = {"step": step, "epoch": sampler.epoch_of(step - 1), "loss": global_loss_sum / max(step_tokens, 1.0),
                   "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen, "step_time_s": elapsed,
-                  "tokens_per_s": step_tokens / max(elapsed, 1e-9)}
+                  "tokens_per_s": step_tokens / max(elapsed, 1e-9), "time": time.time()}
 
         final = step == training.max_steps
         do_eval = eval_data is not None and (step % training.eval_every == 0 or final)

@@ -52,6 +52,8 @@ class MetricsLog:
         self.run_path = run_path.rstrip("/")
         self.history: list[dict[str, Any]] = self._read_existing()
         self.recoveries: list[dict[str, Any]] = []
+        self.initial_resume: int | None = None  # checkpoint step this call started from (rerun of a run name)
+        self._stepped = False  # a step record arrived in this call
         self._max_step = max((r.get("step", 0) for r in self.history), default=0)
         self._lock = threading.Lock()
         self.bar = tqdm(total=total, desc=desc, unit="step", disable=not show, dynamic_ncols=True)
@@ -76,7 +78,9 @@ class MetricsLog:
             for record in records:
                 if record.get("event") == "resumed":
                     step = int(record["step"])
-                    if self._max_step > step:
+                    if not self._stepped and not self.recoveries and self.initial_resume is None:
+                        self.initial_resume = step
+                    elif self._max_step > step:
                         self.recoveries.append({"resumed_from_step": step, "last_step_seen": self._max_step,
                                                 "steps_lost": self._max_step - step})
                     self.history = [r for r in self.history if r.get("step", 0) <= step]
@@ -85,6 +89,7 @@ class MetricsLog:
                     self.bar.refresh()
                     continue
                 step = int(record["step"])
+                self._stepped = True
                 self.history = [r for r in self.history if r.get("step", 0) < step]
                 self.history.append(record)
                 self._max_step = max(self._max_step, step)

@@ -13,10 +13,13 @@ from typing import Any
 class BlockSampler:
     """Deterministic, disjoint sharding of ``num_blocks`` packed blocks across workers.
 
-    Each epoch draws one permutation of all blocks (same on every worker, seeded by ``seed`` and the
-    epoch); worker ``rank`` owns the contiguous slice ``[rank * per_rank, (rank + 1) * per_rank)`` of
-    it, so no block is seen twice in an epoch across workers. The remainder (fewer than
-    ``world_size`` blocks) is dropped so every worker runs the same number of steps.
+    Each epoch draws one permutation of all blocks (the same on every worker, seeded by ``seed`` and
+    the epoch). Optimizer step ``s`` of the epoch takes the next ``per_step * world_size`` blocks of
+    it as the global batch, and worker ``rank`` reads its ``per_step``-block slice. So no block is
+    seen twice in an epoch across workers, and the global batch of a step does not depend on how
+    it is split: 2 workers x 4 blocks, 1 worker x 8 blocks, or 1 worker x 2 blocks x 4
+    accumulation steps all train on the same blocks. The tail that cannot fill a global batch is
+    left out of that epoch (a new permutation covers it next epoch).
 
     Example:
         >>> s = BlockSampler(10, world_size=2, rank=1, per_step=2, seed=0)
@@ -30,32 +33,32 @@ class BlockSampler:
         self.rank = rank
         self.per_step = per_step
         self.seed = seed
-        self.per_rank = num_blocks // world_size
-        self.steps_per_epoch = self.per_rank // per_step
+        self.global_per_step = per_step * world_size
+        self.steps_per_epoch = num_blocks // self.global_per_step
         if self.steps_per_epoch < 1:
             raise ValueError(f"{num_blocks} blocks cannot fill one step of {per_step} blocks on each of "
                              f"{world_size} workers")
         self._epoch: int | None = None
-        self._shard: Any = None
+        self._permutation: Any = None
 
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
 
-    def shard(self, epoch: int) -> Any:
-        """This worker's block indices for ``epoch`` (a LongTensor of ``per_rank`` indices)."""
+    def permutation(self, epoch: int) -> Any:
+        """The block order of ``epoch`` (a LongTensor of all ``num_blocks`` indices)."""
         import torch
 
         if self._epoch != epoch:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            permutation = torch.randperm(self.num_blocks, generator=generator)
-            self._shard = permutation[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+            self._permutation = torch.randperm(self.num_blocks, generator=generator)
             self._epoch = epoch
-        return self._shard
+        return self._permutation
 
     def step_indices(self, step: int) -> Any:
-        """Block indices of optimizer step ``step`` on this worker: ``per_step`` of them."""
+        """Block indices this worker reads in optimizer step ``step``: ``per_step`` of them."""
         epoch, offset = divmod(step, self.steps_per_epoch)
-        return self.shard(epoch)[offset * self.per_step:(offset + 1) * self.per_step]
+        start = offset * self.global_per_step + self.rank * self.per_step
+        return self.permutation(epoch)[start:start + self.per_step]
 
 
 def eval_indices(num_blocks: int, *, world_size: int, rank: int, max_blocks: int) -> list[int]:

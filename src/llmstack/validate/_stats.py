@@ -20,9 +20,9 @@ def distribution_shift(base_logits: Any, cand_logits: Any) -> dict[str, float]:
     logp = torch.log_softmax(base_logits.double(), dim=-1)  # [N, V]
     logq = torch.log_softmax(cand_logits.double(), dim=-1)
     p, q = logp.exp(), logq.exp()
-    kl = (p * (logp - logq)).sum(-1)  # [N]
+    kl = (p * (logp - logq)).sum(-1).clamp_min(0.0)  # [N]; clamp float round-off below zero
     logm = torch.log((0.5 * (p + q)).clamp_min(1e-300))
-    js = 0.5 * (p * (logp - logm)).sum(-1) + 0.5 * (q * (logq - logm)).sum(-1)
+    js = (0.5 * (p * (logp - logm)).sum(-1) + 0.5 * (q * (logq - logm)).sum(-1)).clamp_min(0.0)
     top1 = (base_logits.argmax(-1) == cand_logits.argmax(-1)).double()
     return {"mean_kl": float(kl.mean()), "max_kl": float(kl.max()), "mean_js": float(js.mean()),
             "top1_agreement": float(top1.mean()), "positions": int(kl.numel())}

@@ -115,7 +115,10 @@ def validate(candidate: ModelSpec, baseline: ModelSpec, *, probes: list[str] | s
         _check_comparable(cand, base)
         bar.update(1)
         tokenizer = base.tokenizer
-        probe_ids = [ids for ids in (_encode(tokenizer, text) for text in probe_texts) if ids.numel() > 0]
+        # Keep each probe's last tokens, leaving room for the generated ones within the context.
+        keep = max(1, min(_context(cand.model), _context(base.model))
+                   - max(cfg.generation_tokens, cfg.latency_new_tokens))
+        probe_ids = [ids[-keep:] for ids in (_encode(tokenizer, text) for text in probe_texts) if ids.numel() > 0]
         if not probe_ids:
             raise ConfigError("probes: every probe prompt tokenizes to nothing; pass non-empty prompts")
         with torch.inference_mode():

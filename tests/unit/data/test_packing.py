@@ -62,3 +62,12 @@ def test_too_little_data_and_bad_arguments(tokenizer) -> None:
         pack_corpus(tiny, tokenizer, block_size=1)
     with pytest.raises(DataError, match=r"eval_fraction must be in \(0, 0.5\)"):
         pack_corpus(tiny, tokenizer, block_size=4, eval_fraction=0.0)
+
+
+def test_special_token_strings_in_documents_stay_text(tokenizer) -> None:
+    corpus = Corpus.from_documents("x", ["an <|eos|> inside", "and <|bos|><|pad|> too"] * 40)
+    packed = pack_corpus(corpus, tokenizer, block_size=16, eval_fraction=0.1)
+    blocks = torch.cat([packed.train, packed.eval])
+    assert not (blocks == tokenizer.bos_token_id).any() and not (blocks == tokenizer.pad_token_id).any()
+    assert (blocks == tokenizer.eos_token_id).sum() <= len(corpus.documents)  # only the joins
+    assert "an <|eos|> inside" in tokenizer.decode(blocks.flatten().tolist())

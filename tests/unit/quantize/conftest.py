@@ -19,6 +19,17 @@ FAST = {"eval_samples": 4, "speed_prompt_tokens": 16, "speed_new_tokens": 4, "sp
 def _train(steps: int = 60) -> tuple[Any, Any]:
     import torch
 
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # see _one_thread; session fixtures run before function-scoped ones
+    try:
+        return _train_steps(steps)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train_steps(steps: int) -> tuple[Any, Any]:
+    import torch
+
     from llmstack.data import load_corpus, pack_corpus, train_tokenizer
     from llmstack.models import build_model
 
@@ -60,3 +71,26 @@ def quant_registry(tmp_path_factory: pytest.TempPathFactory, trained_tiny: tuple
 @pytest.fixture(scope="session")
 def source_dir(quant_registry: Any) -> Path:
     return quant_registry.fetch("tiny@v1")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Any:
+    """One intra-op thread: on a shared 2-core box OpenMP spin-waiting makes 2 threads ~10x slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def held_out(trained_tiny: tuple[Any, Any]) -> Any:
+    """The held-out blocks quantize() evaluates ``tiny@v1`` on: its training run's eval split."""
+    from llmstack.data import load_corpus, pack_corpus
+
+    _, tokenizer = trained_tiny
+    corpus = load_corpus(DATA["source"], max_documents=DATA["max_documents"])
+    packed = pack_corpus(corpus, tokenizer, block_size=DATA["block_size"], eval_fraction=DATA["eval_fraction"],
+                         seed=DATA["seed"])
+    return packed.eval[: FAST["eval_samples"]]

@@ -100,6 +100,9 @@ def test_tampered_missing_and_extra_files_caught_by_verify(any_registry: Registr
     assert "model.safetensors" in str(info.value)
     with pytest.raises(IntegrityError, match="model.safetensors"):
         reg.fetch(ref)  # nothing loads tampered weights
+    with pytest.raises(IntegrityError):
+        reg.promote(ref, force=True)  # nor does a tampered version reach production
+    assert reg.aliases("tiny") == {}
 
 
 def test_interrupted_upload_is_invisible_and_later_register_works(

@@ -1,11 +1,76 @@
-"""Tiny models for the gate tests: trained in-process for a few dozen steps on different text."""
+"""Shared tiny models for the gate tests (trained once per session, one thread, fixed seeds)."""
 
 from __future__ import annotations
 
 import copy
+import sys
 import time
+import types
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Latency and training on a shared 2-core machine: one intra-op thread avoids oversubscription."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def corpus_docs() -> list[str]:
+    from llmstack.data import load_corpus
+
+    return load_corpus("builtin:stdlib", max_documents=120).documents
+
+
+@pytest.fixture(scope="session")
+def tokenizer(corpus_docs: list[str]) -> Any:
+    from llmstack.data import load_corpus, trained_tokenizer
+
+    return trained_tokenizer(load_corpus("builtin:stdlib", max_documents=120), vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def held_out_texts(corpus_docs: list[str]) -> list[str]:
+    """Documents neither model trained on."""
+    return corpus_docs[100:]
+
+
+@pytest.fixture(scope="session")
+def held_out(held_out_texts: list[str], tokenizer: Any) -> Any:
+    """The held-out documents packed once into ``LongTensor [16, 64]`` blocks."""
+    import torch
+
+    stream: list[int] = []
+    for text in held_out_texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return torch.tensor(stream[: 16 * 64]).view(16, 64)
+
+
+@pytest.fixture(scope="session")
+def model_a(tokenizer: Any, corpus_docs: list[str]) -> Any:
+    """The baseline: 30 steps on stdlib docstrings."""
+    return train_tiny(tokenizer, corpus_docs[:100], steps=30, seed=0)
+
+
+@pytest.fixture(scope="session")
+def model_b(tokenizer: Any) -> Any:
+    """Same architecture and tokenizer, 30 steps on different text (stdlib Q&A pairs)."""
+    from llmstack.data import load_corpus
+
+    return train_tiny(tokenizer, load_corpus("builtin:stdlib-qa", max_documents=400).documents, steps=30, seed=1)
+
+
+@pytest.fixture(scope="session")
+def helpers() -> types.ModuleType:
+    """train_tiny, fake_int8, noised, with_nan, slowed (defined below in this conftest)."""
+    return sys.modules[__name__]
 
 def train_tiny(tokenizer: Any, texts: list[str], *, steps: int = 40, seed: int = 0, block: int = 64,
                batch: int = 8, lr: float = 3e-3) -> Any:

@@ -1,0 +1,429 @@
+"""Quantization benchmark: accuracy on a trained tiny model, bytes and speed on the 100M+ `base` preset.
+
+Every method runs in one process against float baselines measured in the same run:
+
+* accuracy: a quickstart-like `tiny` model (builtin:stdlib, BPE 4096) trained in-process for
+  ``--steps`` steps (or ``--source REF`` from a registry), then every method through the public
+  ``llmstack.quantize.quantize()`` into a scratch registry (so save, register and reload are part of
+  it); held-out perplexity on the training run's eval split, vs fp32 and bf16 copies of the source.
+* speed / size: the `base` preset (random init; speed does not depend on the weights), every method
+  through its backend, bytes in memory, prefill tokens/s (one 128-token prompt) and decode tokens/s
+  (greedy, KV cache, batch 1), vs fp32 and bf16 copies measured in the same run. The fp32 baseline
+  is timed again at the end to show drift on this shared machine.
+
+Writes benchmarks/results/quantize.json, benchmarks/results/quantize.png and the ``## quantize``
+section of benchmarks/RESULTS.md.
+
+    python benchmarks/quantize_bench.py            # ~6-9 min on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+HERE = Path(__file__).resolve().parent
+RESULTS_JSON = HERE / "results" / "quantize.json"
+PLOT = HERE / "results" / "quantize.png"
+RESULTS_MD = HERE / "RESULTS.md"
+METHODS = ("int8", "nf4", "fp4", "smoothquant", "w8a8", "dynamic-int8")
+DATA = {"source": "builtin:stdlib", "block_size": 128, "eval_fraction": 0.05, "seed": 0}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- accuracy (tiny)
+
+
+def train_tiny(steps: int) -> tuple[Any, Any]:
+    """A quickstart-like tiny model: BPE-4096 on builtin:stdlib, AdamW with warmup + cosine."""
+    import math
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from llmstack.data import load_corpus, pack_corpus, train_tokenizer
+    from llmstack.models import build_model
+
+    corpus = load_corpus(DATA["source"])
+    tokenizer = train_tokenizer(corpus.documents, vocab_size=4096)
+    packed = pack_corpus(corpus, tokenizer, block_size=DATA["block_size"], eval_fraction=DATA["eval_fraction"],
+                         seed=DATA["seed"])
+    model = build_model("tiny", vocab_size=len(tokenizer), tokenizer=tokenizer, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(0)
+    warmup = max(1, steps // 10)
+    model.train()
+    for step in tqdm(range(steps), desc="train tiny", unit="step"):
+        lr = 3e-3 * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        batch = packed.train[torch.randint(0, packed.train.shape[0], (8,), generator=gen)]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+    log(f"trained tiny for {steps} steps, last train loss {float(loss):.3f}")
+    return model, tokenizer
+
+
+def accuracy(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from llmstack.models import register_model
+    from llmstack.quantize import load_quantized, quantize
+    from llmstack.quantize._evaluate import perplexity
+    from llmstack.registry import Registry
+
+    scratch = tempfile.mkdtemp(prefix="quant-bench-")
+    if args.source:
+        registry = Registry(args.registry) if args.registry else Registry()
+        source = str(registry.resolve(args.source))
+        model, tokenizer = None, None
+    else:
+        registry = Registry(os.path.join(scratch, "registry"))
+        model, tokenizer = train_tiny(args.steps)
+        source = str(register_model(registry, "tiny-lm", model, tokenizer, kind="model",
+                                    config={"data": DATA}, metrics={"train_steps": args.steps}))
+    common = {"eval_samples": args.eval_samples, "calibration_samples": 64, "speed_prompt_tokens": 64,
+              "speed_new_tokens": 16, "speed_repeats": 2}
+    runs: list[tuple[str, str, dict[str, Any]]] = [(m, m, {}) for m in METHODS]
+    runs += [("smoothquant (alpha search)", "smoothquant", {"search_alpha": True}),
+             ("smoothquant (paper scope: qkv, gate/up only)", "smoothquant", {"smooth_outputs": False}),
+             ("smoothquant (fake-quant kernel)", "smoothquant", {"kernel": "fake-quant"}),
+             ("nf4 (no double quant, block 128)", "nf4", {"double_quant": False, "block_size": 128})]
+    rows: dict[str, Any] = {}
+    eval_blocks = None
+    for label, method, extra in runs:
+        t0 = time.perf_counter()
+        result = quantize(source, method, config={**common, **extra}, registry=registry,
+                          name=re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")[:60])
+        reloaded, _ = load_quantized(registry, result.ref)
+        if eval_blocks is None:
+            eval_blocks = _eval_blocks(registry, source, reloaded.config.vocab_size)
+        reload_ppl = perplexity(reloaded, eval_blocks)
+        m = result.metrics
+        rows[label] = {"method": method, "config": extra, "ref": str(result.ref),
+                       "perplexity": m["perplexity"], "source_perplexity": m["source_perplexity"],
+                       "perplexity_ratio": m["perplexity_ratio"], "reloaded_perplexity": reload_ppl,
+                       "quantized_layer_bytes_ratio": m["quantized_layer_bytes_ratio"],
+                       "model_bytes_ratio": m["model_bytes_ratio"], "file_bytes": m["file_bytes"],
+                       "alpha": result.recipe["details"].get("alpha"),
+                       "alpha_search": result.recipe["details"].get("alpha_search"),
+                       "seconds": round(time.perf_counter() - t0, 1)}
+        log(f"accuracy {label}: ppl {m['perplexity']:.3f} / {m['source_perplexity']:.3f} = "
+            f"{m['perplexity_ratio']:.4f} (reloaded {reload_ppl:.3f})")
+    from llmstack.models import load_model
+
+    fp32, _ = load_model(source, registry=registry)
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    baselines = {"fp32": perplexity(fp32, eval_blocks), "bf16": perplexity(bf16, eval_blocks)}
+    for row in rows.values():
+        row["perplexity_ratio_vs_bf16"] = row["perplexity"] / baselines["bf16"]
+    log(f"accuracy baselines: {baselines}")
+    return {"source": source, "eval_blocks": list(eval_blocks.shape), "train_steps": args.steps,
+            "baselines": baselines, "methods": rows}
+
+
+def _eval_blocks(registry: Any, source: str, vocab: int) -> Any:
+    """The held-out blocks quantize() used: the source's training eval split, first eval_samples."""
+    from llmstack.data import load_corpus, pack_corpus
+    from llmstack.models import load_tokenizer
+
+    manifest = registry.manifest(source)
+    data = (manifest.config or {}).get("data", DATA)
+    tokenizer = load_tokenizer(str(registry.fetch(source)))
+    corpus = load_corpus(data.get("source", DATA["source"]), max_documents=data.get("max_documents"))
+    packed = pack_corpus(corpus, tokenizer, block_size=int(data.get("block_size", 128)),
+                         eval_fraction=float(data.get("eval_fraction", 0.05)), seed=int(data.get("seed", 0)))
+    return packed.eval[: ARGS.eval_samples]
+
+
+# ----------------------------------------------------------------------------- speed (base)
+
+
+def speed(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from llmstack.config import QuantizeConfig
+    from llmstack.models import build_model, count_parameters, save_model
+    from llmstack.quantize._dispatch import get_backend
+    from llmstack.quantize._evaluate import model_bytes
+    from llmstack.quantize._int8 import decoder_linear_names
+
+    vocab = 4096
+    source = build_model(args.speed_preset, vocab_size=vocab, seed=0).eval()
+    n_params = count_parameters(source)
+    layers = decoder_linear_names(source)
+    workdir = Path(tempfile.mkdtemp(prefix="quant-bench-base-"))
+    save_model(source, None, workdir)  # bitsandbytes quantizes while loading from disk
+    calib = torch.randint(0, vocab, (8, 128), generator=torch.Generator().manual_seed(1))
+    timing = dict(vocab_size=vocab, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                  repeats=args.repeats)
+
+    # Build every model first, then time them interleaved (see interleaved_speed).
+    models: dict[str, Any] = {"fp32": source, "bf16": copy.deepcopy(source).to(torch.bfloat16)}
+    rows: dict[str, Any] = {label: dict(model_bytes(model, layers)) for label, model in models.items()}
+    variants = [(m, m, {}) for m in METHODS] + [("smoothquant (fake-quant kernel)", "smoothquant",
+                                                 {"kernel": "fake-quant"})]
+    for label, method, extra in variants:
+        cfg = QuantizeConfig(method=method, **extra)
+        backend = get_backend(method)
+        t0 = time.perf_counter()
+        model, _ = backend.quantize(copy.deepcopy(source), method=method, source_dir=workdir, config=cfg,
+                                    calibration=calib, progress=lambda _m: None)
+        rows[label] = {**model_bytes(model, layers), "quantize_seconds": round(time.perf_counter() - t0, 1)}
+        models[label] = model
+        log(f"built {label} in {rows[label]['quantize_seconds']} s")
+    for label, value in interleaved_speed(models, vocab=vocab, prompt_tokens=args.prompt_tokens,
+                                          new_tokens=args.new_tokens, prefill_rounds=args.repeats).items():
+        rows[label].update(value)
+    for label, row in rows.items():
+        for base in ("fp32", "bf16"):
+            for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "model_bytes", "quantized_layer_bytes"):
+                row[f"{key}_vs_{base}"] = row[key] / rows[base][key]
+    return {"preset": args.speed_preset, "parameters": n_params, **timing, "methods": rows}
+
+
+def interleaved_speed(models: dict[str, Any], *, vocab: int, prompt_tokens: int, new_tokens: int,
+                      prefill_rounds: int) -> dict[str, dict[str, Any]]:
+    """Prefill and decode tokens/s of every model, timed interleaved at a fine grain.
+
+    The machine is shared and its load swings by the second, so models are never timed one after
+    the other: each prefill round runs every model once, and decoding advances every model's own
+    KV cache by one token in turn. Medians over those samples give the rates; one warm-up pass per
+    model first (lazy weight repacking, allocator).
+    """
+    import torch
+
+    from llmstack.quantize._evaluate import _cache_kwarg, _output_cache
+
+    prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+    prefill: dict[str, list[float]] = {k: [] for k in models}
+    step: dict[str, list[float]] = {k: [] for k in models}
+    state: dict[str, tuple[Any, Any]] = {}
+    with torch.inference_mode():
+        for label, model in models.items():  # warm-up
+            model(input_ids=prompt, use_cache=False)
+        for round_ in range(prefill_rounds):
+            for label, model in models.items():
+                t0 = time.perf_counter()
+                model(input_ids=prompt, use_cache=False)
+                prefill[label].append(time.perf_counter() - t0)
+            log(f"prefill round {round_ + 1}/{prefill_rounds}")
+        for label, model in models.items():
+            out = model(input_ids=prompt, use_cache=True)
+            state[label] = (_output_cache(out), out.logits[:, -1:].argmax(-1))
+        for i in range(new_tokens + 1):  # step 0 is a warm-up
+            for label, model in models.items():
+                cache, token = state[label]
+                t0 = time.perf_counter()
+                out = model(input_ids=token, use_cache=True, **{_cache_kwarg(model): cache})
+                elapsed = time.perf_counter() - t0
+                state[label] = (_output_cache(out), out.logits[:, -1:].argmax(-1))
+                if i:
+                    step[label].append(elapsed)
+        log(f"decoded {new_tokens} interleaved steps per model")
+    return {label: {"prefill_tokens_per_s": prompt_tokens / statistics.median(prefill[label]),
+                    "decode_tokens_per_s": 1.0 / statistics.median(step[label]),
+                    "prefill_seconds_all": [round(t, 4) for t in prefill[label]],
+                    "decode_step_seconds_all": [round(t, 4) for t in step[label]]}
+            for label in models}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def plot(results: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc = results["accuracy"]["methods"]
+    spd = results["speed"]["methods"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for method in METHODS:
+        a, s = acc[method], spd[method]
+        size = 80 + 400 * s["decode_tokens_per_s_vs_fp32"]
+        ax1.scatter(s["quantized_layer_bytes_vs_fp32"], a["perplexity_ratio"], s=size, alpha=0.6)
+        ax1.annotate(f"{method}\n{s['decode_tokens_per_s_vs_fp32']:.2f}x decode",
+                     (s["quantized_layer_bytes_vs_fp32"], a["perplexity_ratio"]), fontsize=8,
+                     xytext=(6, 6), textcoords="offset points")
+    ax1.axhline(1.0, color="grey", lw=0.8)
+    ax1.set_xlabel("quantized-layer bytes / fp32 (base preset)")
+    ax1.set_ylabel("held-out perplexity / fp32 (trained tiny)")
+    ax1.set_title("accuracy vs size (marker area ~ decode speed)")
+    labels = ["fp32", "bf16", *METHODS]
+    x = range(len(labels))
+    ax2.bar([i - 0.2 for i in x], [spd[k]["prefill_tokens_per_s_vs_fp32"] for k in labels], 0.4, label="prefill")
+    ax2.bar([i + 0.2 for i in x], [spd[k]["decode_tokens_per_s_vs_fp32"] for k in labels], 0.4, label="decode")
+    ax2.axhline(1.0, color="grey", lw=0.8)
+    ax2.set_xticks(list(x), labels, rotation=30, ha="right")
+    ax2.set_ylabel("tokens/s / fp32 (base preset, batch 1)")
+    ax2.set_title("speed vs fp32, same run")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=110)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    acc, spd = results["accuracy"], results["speed"]
+    env = results["environment"]
+    lines = ["## quantize", "",
+             f"Reproduce: `{results['command']}` ({results['seconds']:.0f} s on {env['cpus']} CPU cores, "
+             f"torch {env['torch']}, bitsandbytes {env['bitsandbytes']}, {env['threads']} intra-op thread(s); "
+             f"CPU: {env['cpu']}). Raw numbers: `benchmarks/results/quantize.json`; plot: "
+             "`benchmarks/results/quantize.png`.", "",
+             f"**Accuracy** — trained `tiny` ({acc['train_steps']} steps on builtin:stdlib, BPE 4096), held-out "
+             f"perplexity on {acc['eval_blocks'][0]} blocks of {acc['eval_blocks'][1]} tokens of its training "
+             f"run's eval split; fp32 source {acc['baselines']['fp32']:.3f}, bf16 copy "
+             f"{acc['baselines']['bf16']:.3f}. Each row went through `quantize()` -> registry -> "
+             "`load_quantized()`; the reloaded model's perplexity is shown too.", "",
+             "| method | ppl | ppl / fp32 | ppl / bf16 | reloaded ppl | layer bytes / fp32 | model bytes / fp32 |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for label, r in acc["methods"].items():
+        extra = f" (alpha {r['alpha']:g})" if r.get("alpha") is not None else ""
+        lines.append(f"| {label}{extra} | {r['perplexity']:.3f} | {r['perplexity_ratio']:.4f} | "
+                     f"{r['perplexity_ratio_vs_bf16']:.4f} | {r['reloaded_perplexity']:.3f} | "
+                     f"{r['quantized_layer_bytes_ratio']:.3f} | {r['model_bytes_ratio']:.3f} |")
+    lines += ["", f"**Size and speed** — `{spd['preset']}` preset ({spd['parameters'] / 1e6:.0f}M parameters, random init), "
+              f"batch 1, prefill = one {spd['prompt_tokens']}-token prompt, decode = {spd['new_tokens']} greedy "
+              f"tokens with KV cache; medians of interleaved samples (every model advanced one decode step in turn, {spd['repeats']} prefill rounds), after a warm-up. Bytes are tensors in memory "
+              "(quantized layers = the 7 decoder linears x 16 layers; embeddings and lm_head stay float in every "
+              "method).", "",
+              "| model | layer bytes / fp32 | model bytes / fp32 | prefill tok/s | decode tok/s | prefill / fp32 | "
+              "decode / fp32 | prefill / bf16 | decode / bf16 |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, r in spd["methods"].items():
+        lines.append(f"| {label} | {r['quantized_layer_bytes_vs_fp32']:.3f} | {r['model_bytes_vs_fp32']:.3f} | "
+                     f"{r['prefill_tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.2f} | "
+                     f"{r['prefill_tokens_per_s_vs_fp32']:.2f} | {r['decode_tokens_per_s_vs_fp32']:.2f} | "
+                     f"{r['prefill_tokens_per_s_vs_bf16']:.2f} | {r['decode_tokens_per_s_vs_bf16']:.2f} |")
+    lines += ["", *results["findings"], ""]
+    return "\n".join(lines)
+
+
+def findings(results: dict[str, Any]) -> list[str]:
+    """Plain statements derived from the numbers, checked against the issue's targets."""
+    acc = results["accuracy"]["methods"]
+    spd = results["speed"]["methods"]
+    out = ["Against the issue's targets (measured here):", ""]
+
+    def check(ok: bool) -> str:
+        return "met" if ok else "**not met**"
+
+    out.append(f"- int8 (LLM.int8) perplexity ratio {acc['int8']['perplexity_ratio']:.4f} (target <= 1.01): "
+               f"{check(acc['int8']['perplexity_ratio'] <= 1.01)}.")
+    sq, naive = acc["smoothquant"]["perplexity_ratio"], acc["w8a8"]["perplexity_ratio"]
+    out.append(f"- smoothquant {sq:.4f} (target <= 1.03: {check(sq <= 1.03)}); naive W8A8 at the same settings "
+               f"{naive:.4f}: smoothquant is {'better' if sq < naive else '**not better**'} here "
+               f"({'by' if sq < naive else 'worse by'} {abs(naive - sq):.4f}).")
+    out.append(f"- nf4 {acc['nf4']['perplexity_ratio']:.4f} (target <= 1.12): "
+               f"{check(acc['nf4']['perplexity_ratio'] <= 1.12)}.")
+    out.append(f"- quantized-layer bytes vs fp32: int8 {spd['int8']['quantized_layer_bytes_vs_fp32']:.3f} "
+               f"(target <= 0.30: {check(spd['int8']['quantized_layer_bytes_vs_fp32'] <= 0.30)}), nf4 "
+               f"{spd['nf4']['quantized_layer_bytes_vs_fp32']:.3f} (target <= 0.20: "
+               f"{check(spd['nf4']['quantized_layer_bytes_vs_fp32'] <= 0.20)}); whole model int8 "
+               f"{spd['int8']['model_bytes_vs_fp32']:.3f}, nf4 {spd['nf4']['model_bytes_vs_fp32']:.3f} "
+               "(float embeddings and lm_head dominate what is left).")
+    int8_paths = ("int8", "smoothquant", "w8a8", "dynamic-int8")
+    best = max(int8_paths, key=lambda k: spd[k]["decode_tokens_per_s_vs_fp32"])
+    out.append(f"- fastest int8 path at decode: {best}, {spd[best]['decode_tokens_per_s_vs_fp32']:.2f}x fp32 "
+               f"and {spd[best]['decode_tokens_per_s_vs_bf16']:.2f}x bf16 (target: one int8 path faster than fp32: "
+               f"{check(spd[best]['decode_tokens_per_s_vs_fp32'] > 1.0)}).")
+    slow = [k for k in (*METHODS, "smoothquant (fake-quant kernel)") if spd[k]["decode_tokens_per_s_vs_fp32"] < 1.0]
+    if slow:
+        out.append("- slower than fp32 at decode: " + ", ".join(
+            f"{k} ({spd[k]['decode_tokens_per_s_vs_fp32']:.2f}x)" for k in slow) + ".")
+    steps = sorted(spd["fp32"]["decode_step_seconds_all"])
+    q1, q3 = steps[len(steps) // 4], steps[(3 * len(steps)) // 4]
+    out.append(f"- noise: fp32 decode steps took {q1 * 1e3:.0f}-{q3 * 1e3:.0f} ms (interquartile) on this shared "
+               "machine; every model is timed interleaved with the others, so load swings hit all alike.")
+    return out
+
+
+def write_section(section: str) -> None:
+    text = RESULTS_MD.read_text(encoding="utf-8") if RESULTS_MD.exists() else "# Benchmark results\n"
+    pattern = re.compile(r"^## quantize\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _m: section + "\n", text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    RESULTS_MD.write_text(text, encoding="utf-8")
+
+
+def main() -> int:
+    global ARGS
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=300, help="training steps of the tiny accuracy model")
+    parser.add_argument("--source", default=None, help="registry ref of a trained model instead of training one")
+    parser.add_argument("--registry", default=None, help="registry URL for --source")
+    parser.add_argument("--eval-samples", type=int, default=64, help="held-out blocks for perplexity")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=48, help="interleaved decode steps per model")
+    parser.add_argument("--repeats", type=int, default=7, help="prefill rounds")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (1: stable on a shared 2-core box)")
+    parser.add_argument("--speed-preset", default="base", help="preset for the size/speed part (100M+: base)")
+    parser.add_argument("--skip-accuracy", action="store_true")
+    ARGS = args = parser.parse_args()
+
+    import torch
+
+    from llmstack.quantize.bnb import _import_bnb
+
+    bitsandbytes = _import_bnb()  # quiet import (no warning about the optional `kernels` package)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "command": "python benchmarks/quantize_bench.py " + " ".join(sys.argv[1:]),
+        "environment": {"torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__,
+                        "threads": args.threads, "cpus": os.cpu_count(), "cpu": _cpu_name(),
+                        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                        "python": platform.python_version()}}
+    results["speed"] = speed(args)
+    if not args.skip_accuracy:
+        results["accuracy"] = accuracy(args)
+    results["seconds"] = time.perf_counter() - started
+    RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
+    if "accuracy" in results:
+        results["findings"] = findings(results)
+        plot(results)
+        write_section(markdown(results))
+    RESULTS_JSON.write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
+    log(f"done in {results['seconds']:.0f} s -> {RESULTS_JSON}")
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+ARGS: argparse.Namespace
+
+if __name__ == "__main__":
+    sys.exit(main())

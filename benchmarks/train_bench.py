@@ -1,0 +1,322 @@
+"""Training benchmarks: throughput/MFU, Ray Train overhead, activation checkpointing, FSDP vs DDP memory.
+
+Everything is measured side by side in one run on this machine; nothing here is asserted.
+
+    python benchmarks/train_bench.py            # writes benchmarks/results/train.json (+ train_*.png)
+
+1. Tokens/s and MFU: FLOPs/token = 6N + 12·L·d·T (the attention score/value matmuls), against the
+   fp32 matmul peak of this machine measured in the same process with the same thread count.
+2. Ray Train overhead: steady-state seconds per optimizer step of the same loop, model and data,
+   under Ray Train (1 worker, run_training: process group, metrics actor, reports) vs a plain
+   single-process call of run_worker_loop. Start-up excluded (steps after the first few).
+3. Activation checkpointing: peak memory above the pre-training baseline and step time, on vs off
+   (each config in a fresh subprocess; glibc mmap threshold fixed so freed tensors leave the RSS).
+4. FSDP vs DDP with 2 Ray Train workers: bytes of parameters + gradients + optimizer state held by
+   one worker after a step (local shards under FSDP), and that worker's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def matmul_peak_flops(n: int = 1024, repeats: int = 20) -> float:
+    """Best fp32 matmul FLOP/s over ``repeats`` n x n products, with the current torch thread count."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - started)
+    return 2 * n**3 / best
+
+
+def flops_per_token(model_config: Any, seq_len: int) -> tuple[float, int]:
+    """Training FLOPs per token (fwd + bwd): 6N (non-embedding params) + 12·L·d·T, and N."""
+    d, layers, vocab = model_config.hidden_size, model_config.num_hidden_layers, model_config.vocab_size
+    total = _param_count(model_config)
+    embedding = vocab * d  # input embedding: a lookup, no matmul
+    n = total - embedding
+    return 6 * n + 12 * layers * d * seq_len, total
+
+
+def _param_count(model_config: Any) -> int:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(model_config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _data(vocab: int, blocks: int, block_size: int, seed: int = 0) -> dict[str, Any]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(0, vocab, (blocks, block_size), generator=g)}
+
+
+def _spec(preset: str, vocab: int, seq: int) -> Any:
+    from llmstack.train.driver import build_preset_model
+    from llmstack.train.loop import LoopSpec
+
+    return LoopSpec(model_factory=functools.partial(build_preset_model, preset, vocab_size=vocab, max_seq_len=seq,
+                                                    seed=0))
+
+
+def _steady_interval(history: list[dict[str, Any]], skip: int) -> float:
+    """Median wall-clock seconds between consecutive step records after the first ``skip`` steps."""
+    times = [r["time"] for r in history if "time" in r][skip:]
+    gaps = sorted(b - a for a, b in zip(times, times[1:]))
+    return gaps[len(gaps) // 2]
+
+
+# --------------------------------------------------------------------------- 1 + 2: throughput, Ray overhead
+
+
+def bench_throughput_and_overhead(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from llmstack.config import ScalingConfig, TrainingConfig
+    from llmstack.models import preset_config
+    from llmstack.train.driver import ensure_ray, run_training
+    from llmstack.train.loop import LocalSession, run_worker_loop
+
+    torch.set_num_threads(1)  # same as one Ray worker with cpus_per_worker=1
+    peak = matmul_peak_flops()
+    vocab, seq = 4096, args.seq
+    data = _data(vocab, args.micro * (args.steps + 1), seq)
+    training = TrainingConfig(max_steps=args.steps, micro_batch_size=args.micro, warmup_steps=1,
+                              checkpoint_every=0, eval_every=10_000)
+    fpt, n_params = flops_per_token(preset_config(args.preset, vocab_size=vocab, max_seq_len=seq), seq)
+    tokens_per_step = args.micro * (seq - 1)
+
+    session = LocalSession()
+    run_worker_loop(_spec(args.preset, vocab, seq), data, None, training, session=session)
+    plain = _steady_interval(session.records, args.skip)
+
+    ensure_ray(ScalingConfig(num_workers=1))
+    with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
+        started = time.perf_counter()
+        outcome = run_training(_spec(args.preset, vocab, seq), data, None, training=training,
+                               scaling=ScalingConfig(num_workers=1), run_name="overhead", storage=tmp,
+                               progress=False)
+        ray_wall = time.perf_counter() - started
+        ray_step = _steady_interval(outcome.history, args.skip)
+        outcome.cleanup()
+
+    def throughput(interval: float) -> dict[str, float]:
+        tps = tokens_per_step / interval
+        return {"step_s": interval, "tokens_per_s": tps, "model_flops_per_s": tps * fpt, "mfu": tps * fpt / peak}
+
+    return {
+        "preset": args.preset, "parameters": n_params, "seq_len": seq, "micro_batch": args.micro,
+        "steps": args.steps, "measured_steps": args.steps - args.skip - 1, "threads": 1,
+        "flops_per_token": fpt, "matmul_peak_flops": peak,
+        "plain_torch": throughput(plain), "ray_train": throughput(ray_step),
+        "ray_overhead_ratio": ray_step / plain, "ray_total_wall_s_including_startup": ray_wall,
+    }
+
+
+# --------------------------------------------------------------------------- 3: activation checkpointing
+
+
+_AC_CHILD = r"""
+import json, os, sys, time, torch
+from llmstack.config import TrainingConfig
+from llmstack.train.loop import LocalSession, run_worker_loop, LoopSpec
+from llmstack.train.driver import build_preset_model
+import functools
+torch.set_num_threads(1)
+preset, seq, micro, steps, ac = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+factory = functools.partial(build_preset_model, preset, vocab_size=4096, max_seq_len=seq, seed=0)
+baseline = {}
+def measuring_factory():
+    model = factory()
+    # Params exist now; grads and AdamW moments (3x params) come at the first step, activations on top.
+    baseline["rss"] = status("VmRSS:")
+    baseline["params"] = sum(p.numel() * 4 for p in model.parameters())
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS watermark
+    return model
+g = torch.Generator().manual_seed(0)
+data = {"input_ids": torch.randint(0, 4096, (micro * (steps + 1), seq), generator=g)}
+session = LocalSession()
+run_worker_loop(LoopSpec(model_factory=measuring_factory), data, None,
+                TrainingConfig(max_steps=steps, micro_batch_size=micro, warmup_steps=1, checkpoint_every=0,
+                               eval_every=10_000, activation_checkpointing=ac), session=session)
+times = [r["time"] for r in session.records]
+gaps = sorted(b - a for a, b in zip(times[1:], times[2:]))
+peak = status("VmHWM:")
+print(json.dumps({"peak_above_baseline_bytes": peak - baseline["rss"], "param_bytes": baseline["params"],
+                  "state_bytes": 4 * baseline["params"], "step_s": gaps[len(gaps) // 2]}))
+"""
+
+
+def bench_activation_checkpointing(args: argparse.Namespace) -> dict[str, Any]:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    results = {}
+    for name, flag in (("off", "0"), ("on", "1")):
+        proc = subprocess.run([sys.executable, "-c", _AC_CHILD, args.ac_preset, str(args.ac_seq), str(args.ac_micro),
+                               str(args.ac_steps), flag], capture_output=True, text=True, env=env, timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-2000:])
+        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        # Activations = peak above baseline minus grads + AdamW moments (3x params, same in both).
+        results[name]["activation_bytes_est"] = results[name]["peak_above_baseline_bytes"] - 3 * results[name]["param_bytes"]
+    return {
+        "preset": args.ac_preset, "seq_len": args.ac_seq, "micro_batch": args.ac_micro,
+        "off": results["off"], "on": results["on"],
+        "peak_ratio_on_vs_off": results["on"]["peak_above_baseline_bytes"] / results["off"]["peak_above_baseline_bytes"],
+        "activation_ratio_on_vs_off": results["on"]["activation_bytes_est"] / max(1, results["off"]["activation_bytes_est"]),
+        "step_time_ratio_on_vs_off": results["on"]["step_s"] / results["off"]["step_s"],
+    }
+
+
+# --------------------------------------------------------------------------- 4: FSDP vs DDP memory
+
+
+def _memory_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """One Ray Train worker: wrap, one optimizer step, count the bytes this rank holds."""
+    import torch
+
+    from llmstack.config import TrainingConfig
+    from llmstack.train import parallel
+    from llmstack.train.driver import build_preset_model
+    from llmstack.train.loop import build_optimizer, causal_lm_loss
+
+    torch.set_num_threads(1)
+    rank, _ = parallel.world()
+
+    def local_bytes(tensor: Any) -> int:
+        tensor = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        return tensor.numel() * tensor.element_size()
+
+    model = build_preset_model(config["preset"], vocab_size=4096, max_seq_len=config["seq"], seed=0)
+    model = parallel.wrap_model(model, strategy=config["strategy"], device=torch.device("cpu"))
+    optimizer = build_optimizer(model, TrainingConfig())
+    g = torch.Generator().manual_seed(rank)
+    batch = {"input_ids": torch.randint(0, 4096, (config["micro"], config["seq"]), generator=g)}
+    causal_lm_loss(model, batch).backward()
+    optimizer.step()
+    params = sum(local_bytes(p) for p in model.parameters())
+    grads = sum(local_bytes(p.grad) for p in model.parameters() if p.grad is not None)
+    states = sum(local_bytes(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+    hwm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    return {"rank": rank, "param_bytes": params, "grad_bytes": grads, "optimizer_bytes": states,
+            "param_grad_optimizer_bytes": params + grads + states, "peak_rss_bytes": hwm}
+
+
+def bench_fsdp_vs_ddp(args: argparse.Namespace) -> dict[str, Any]:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="train-bench-mem-") as tmp:
+        for strategy in ("ddp", "fsdp"):
+            trainer = TorchTrainer(
+                _memory_worker,
+                train_loop_config={"strategy": strategy, "preset": args.mem_preset, "seq": 128, "micro": 2},
+                torch_config=TorchConfig(backend="gloo"),
+                scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+                run_config=RunConfig(name=f"mem-{strategy}", storage_path=tmp))
+            results[strategy] = trainer.fit().return_value
+    ddp, fsdp = results["ddp"], results["fsdp"]
+    return {"preset": args.mem_preset, "workers": 2, "ddp": ddp, "fsdp": fsdp,
+            "param_grad_optimizer_ratio_fsdp_vs_ddp": fsdp["param_grad_optimizer_bytes"] / ddp["param_grad_optimizer_bytes"],
+            "peak_rss_ratio_fsdp_vs_ddp": fsdp["peak_rss_bytes"] / ddp["peak_rss_bytes"]}
+
+
+# --------------------------------------------------------------------------- plots and main
+
+
+def plot(results: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11, 3.4), dpi=110)
+    a, b, c = figure.subplots(1, 3)
+    t = results["throughput"]
+    a.bar(["plain torch", "Ray Train"], [t["plain_torch"]["tokens_per_s"], t["ray_train"]["tokens_per_s"]])
+    a.set_title(f"tokens/s ({t['preset']}, 1 worker)\nRay/plain step time {t['ray_overhead_ratio']:.2f}x")
+    ac = results["activation_checkpointing"]
+    mib = 1024 * 1024
+    b.bar(["AC off", "AC on"], [ac["off"]["peak_above_baseline_bytes"] / mib, ac["on"]["peak_above_baseline_bytes"] / mib])
+    b.set_title(f"peak MiB above baseline ({ac['preset']})\nstep time on/off {ac['step_time_ratio_on_vs_off']:.2f}x")
+    m = results["fsdp_vs_ddp"]
+    c.bar(["DDP", "FSDP"], [m["ddp"]["param_grad_optimizer_bytes"] / mib, m["fsdp"]["param_grad_optimizer_bytes"] / mib])
+    c.set_title(f"params+grads+Adam MiB per worker ({m['preset']})\nFSDP/DDP {m['param_grad_optimizer_ratio_fsdp_vs_ddp']:.2f}x")
+    figure.tight_layout()
+    figure.savefig(RESULTS / "train_bench.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="tiny", help="preset for throughput and Ray overhead")
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--micro", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--skip", type=int, default=3, help="warm-up steps left out of the step time")
+    parser.add_argument("--ac-preset", default="small")
+    parser.add_argument("--ac-seq", type=int, default=256)
+    parser.add_argument("--ac-micro", type=int, default=4)
+    parser.add_argument("--ac-steps", type=int, default=4)
+    parser.add_argument("--mem-preset", default="small")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    import ray
+    import torch
+
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "ray": ray.__version__, "load_avg_at_start": os.getloadavg()},
+        "command": "python benchmarks/train_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    for key, bench in (("throughput", bench_throughput_and_overhead),
+                       ("activation_checkpointing", bench_activation_checkpointing),
+                       ("fsdp_vs_ddp", bench_fsdp_vs_ddp)):
+        t0 = time.perf_counter()
+        results[key] = bench(args)
+        print(f"[{key}] {time.perf_counter() - t0:.0f} s: {json.dumps(results[key], default=str)[:400]}", flush=True)
+    results["machine"]["load_avg_at_end"] = os.getloadavg()
+    results["wall_s"] = time.perf_counter() - started
+    (RESULTS / "train.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    plot(results)
+    print(f"wrote {RESULTS / 'train.json'} in {results['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

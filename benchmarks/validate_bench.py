@@ -1,0 +1,148 @@
+"""How sensitive is the release gate, and what does it cost?
+
+Trains one tiny baseline in-process, then validates perturbed copies against it in one run:
+weight noise of growing size, per-channel int8 and int4 fake quantization, and forward passes
+slowed by a fixed sleep. Records each check's numbers and the verdict, plus validate() wall time.
+
+    .venv/bin/python benchmarks/validate_bench.py            # writes benchmarks/results/validate.json + .png
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+
+
+def train_tiny(tokenizer: Any, texts: list[str], *, steps: int = 60, seed: int = 0) -> Any:
+    import torch
+
+    from llmstack.models import build_model
+
+    torch.manual_seed(seed)
+    stream: list[int] = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    n = len(stream) // 64
+    data = torch.tensor(stream[: n * 64]).view(n, 64)
+    model = build_model("tiny", vocab_size=len(tokenizer), max_seq_len=256, seed=seed, tokenizer=tokenizer)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, n, (8,), generator=gen)
+        loss = model(input_ids=data[idx], labels=data[idx]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def fake_quant(model: Any, bits: int) -> Any:
+    import torch
+
+    quant, levels = copy.deepcopy(model), 2 ** (bits - 1) - 1
+    with torch.no_grad():
+        for module in quant.modules():
+            if isinstance(module, torch.nn.Linear):
+                w = module.weight
+                scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-8) / levels
+                w.copy_((w / scale).round().clamp(-levels, levels) * scale)
+    return quant
+
+
+def noised(model: Any, scale: float) -> Any:
+    import torch
+
+    bad, gen = copy.deepcopy(model), torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in bad.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * p.std().clamp_min(1e-3) * scale)
+    return bad
+
+
+def slowed(model: Any, seconds: float) -> Any:
+    slow = copy.deepcopy(model)
+    if seconds > 0:
+        slow.register_forward_hook(lambda *_: time.sleep(seconds))
+    return slow
+
+
+def main() -> None:
+    import torch
+    from tqdm import tqdm
+
+    from llmstack.data import load_corpus, trained_tokenizer
+    from llmstack.validate import ValidateConfig, validate
+
+    torch.set_num_threads(1)
+    corpus = load_corpus("builtin:stdlib", max_documents=140)
+    tokenizer = trained_tokenizer(corpus, vocab_size=512)
+    base = train_tiny(tokenizer, corpus.documents[:120])
+    held_out = corpus.documents[120:]
+    cases: list[tuple[str, str, float, Any]] = [("identical", "identical", 0.0, copy.deepcopy(base))]
+    cases += [("noise", f"noise x{s}", s, noised(base, s)) for s in (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)]
+    cases += [("quant", f"int{b} per-channel", float(b), fake_quant(base, b)) for b in (8, 4)]
+    cases += [("slow", f"+{ms} ms/forward", ms, slowed(base, ms / 1000)) for ms in (1.0, 3.0, 10.0)]
+    rows = []
+    for family, label, level, candidate in tqdm(cases, desc="validate bench"):
+        start = time.perf_counter()
+        report = validate((candidate, tokenizer), (base, tokenizer), eval_data=held_out, progress=False)
+        seconds = time.perf_counter() - start
+        rows.append({"family": family, "case": label, "level": level, "passed": report.passed,
+                     "failed": report.failed_checks, "seconds": round(seconds, 2),
+                     "checks": {c.name: c.metrics for c in report.checks}})
+    data = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
+                        "cpu_threads": torch.get_num_threads()},
+            "thresholds": ValidateConfig().__dict__, "rows": rows}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "validate.json").write_text(json.dumps(data, indent=2, default=str))
+    plot(rows)
+    print(table(rows))
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| candidate | verdict | failed checks | mean KL | top-1 agree | ppl change (95% CI high) | p95 latency ratio | MW p | validate s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        d, p, lat = r["checks"]["distribution"], r["checks"]["perplexity"], r["checks"]["latency"]
+        lines.append(f"| {r['case']} | {'PASS' if r['passed'] else 'FAIL'} | {', '.join(r['failed']) or '-'} | "
+                     f"{d['mean_kl']:.2e} | {d['top1_agreement']:.3f} | {p['relative_change']:+.2%} "
+                     f"({p['ci_high']:+.2%}) | {lat['p95_ratio']:.2f} | {lat['p_value']:.2g} | {r['seconds']} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    noise = [r for r in rows if r["family"] == "noise"]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    xs = [r["level"] for r in noise]
+    ax[0].loglog(xs, [max(r["checks"]["distribution"]["mean_kl"], 1e-12) for r in noise], "o-", label="mean KL")
+    ax[0].axhline(0.05, color="red", ls="--", label="gate: max mean KL")
+    ax[0].set_xlabel("weight noise (x tensor std)")
+    ax[0].set_ylabel("nats")
+    ax[0].legend()
+    ax[0].set_title("distribution shift vs weight noise")
+    slow = [r for r in rows if r["family"] == "slow"]
+    ax[1].plot([r["level"] for r in slow], [r["checks"]["latency"]["p95_ratio"] for r in slow], "o-")
+    ax[1].axhline(1.5, color="red", ls="--", label="gate: max p95 ratio")
+    ax[1].set_xlabel("added sleep per forward (ms)")
+    ax[1].set_ylabel("p95 latency ratio (candidate / baseline)")
+    ax[1].legend()
+    ax[1].set_title("latency check")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "validate.png", dpi=100)
+
+
+if __name__ == "__main__":
+    main()

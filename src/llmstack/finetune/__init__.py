@@ -1,0 +1,34 @@
+"""Parameter-efficient fine-tuning on the shared Ray Train loop: LoRA, QLoRA, DoRA, norm-scale
+tuning (the BitFit analogue for bias-free LLaMA), full fine-tuning, distillation and Ray Tune sweeps.
+
+Every function takes a base reference and a config and returns a new registry version with lineage.
+
+Example:
+    >>> from llmstack.finetune import finetune_lora, load_adapter_model
+    >>> result = finetune_lora("tiny-lm@v1", "builtin:stdlib-qa", {"lora": {"method": "lora"}})  # doctest: +SKIP
+    >>> model, tokenizer = load_adapter_model(Registry(), result.ref)  # doctest: +SKIP
+"""
+
+from llmstack.finetune.adapters import load_adapter_model, merge_adapter, merged_model
+from llmstack.finetune.configs import DistillConfig, SweepConfig
+from llmstack.finetune.distill import DistillLoss, DistillResult, distill
+from llmstack.finetune.lora import FinetuneResult, finetune_lora
+from llmstack.finetune.methods import METHOD_DESCRIPTIONS, check_bitsandbytes
+from llmstack.finetune.sweep import SweepResult, sweep
+
+__all__ = [
+    "METHOD_DESCRIPTIONS",
+    "DistillConfig",
+    "DistillLoss",
+    "DistillResult",
+    "FinetuneResult",
+    "SweepConfig",
+    "SweepResult",
+    "check_bitsandbytes",
+    "distill",
+    "finetune_lora",
+    "load_adapter_model",
+    "merge_adapter",
+    "merged_model",
+    "sweep",
+]

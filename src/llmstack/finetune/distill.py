@@ -1,0 +1,232 @@
+"""``distill()``: train a smaller student on a teacher's temperature-softened distributions.
+
+Loss per response token (Hinton et al., 2015)::
+
+    alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, label)
+
+It runs on the same Ray Train loop as train() and finetune_lora(): :class:`DistillLoss` is the
+loop's ``loss_fn``, loading the frozen teacher once per worker. In eval mode it returns the plain
+hard-label loss, so ``eval_loss`` is the student's held-out answer loss, comparable with a student
+trained without a teacher (``alpha=0``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmstack.config import load_config, to_dict
+from llmstack.errors import ConfigError
+from llmstack.finetune.configs import DistillConfig
+from llmstack.finetune.lora import (check_positions, default_storage, ensure_base_ref, evaluate_in_process,
+                                    load_trainable, open_registry, summarize)
+
+if TYPE_CHECKING:
+    from llmstack.registry import ArtifactRef, Registry
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class DistillResult:
+    """What :func:`distill` returns.
+
+    Attributes:
+        ref: the registered student (kind ``model``; parents: the teacher, and the student's
+            starting model when it was not a fresh preset).
+        teacher: the teacher version.
+        metrics: final ``loss`` (the distillation loss), ``eval_loss`` (hard-label held-out loss),
+            ``eval_loss_before``, ``teacher_eval_loss``, parameter counts, time.
+        history: per-step metric records.
+    """
+
+    ref: ArtifactRef
+    teacher: ArtifactRef
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    run_dir: str = ""
+    checkpoint_path: str = ""
+
+    def __str__(self) -> str:
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.metrics.items())
+        return f"{self.ref} (student of {self.teacher}; {shown})"
+
+
+@dataclass
+class DistillLoss:
+    """The loop's ``loss_fn`` for distillation: summed over response tokens, like ``causal_lm_loss``.
+
+    Picklable: the teacher is loaded lazily on the worker (from the registry) and cached there.
+    """
+
+    registry: Any
+    teacher: str  # concrete teacher ref
+    temperature: float
+    alpha: float
+    _model: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_model"] = None  # never ship a loaded teacher
+        return state
+
+    def teacher_model(self, device: Any) -> Any:
+        if self._model is None:
+            from llmstack.models import load_model
+
+            model, _ = load_model(self.teacher, registry=self.registry, with_tokenizer=False)
+            for param in model.parameters():
+                param.requires_grad_(False)
+            self._model = model.eval().to(device)
+        return self._model
+
+    def __call__(self, model: Any, batch: dict[str, Any]) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        input_ids, mask = batch["input_ids"], batch.get("attention_mask")
+        labels = batch.get("labels", input_ids)[:, 1:]  # [B, T-1]
+        logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+        hard = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+        if not model.training or self.alpha == 0.0:
+            return hard  # eval: the hard-label loss, comparable across students
+        with torch.no_grad():
+            teacher = self.teacher_model(input_ids.device)
+            teacher_logits = teacher(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+        keep = labels != IGNORE_INDEX  # [B, T-1]: response positions only
+        temperature = self.temperature
+        student_logp = F.log_softmax(logits[keep] / temperature, dim=-1)  # [N, V]
+        teacher_logp = F.log_softmax(teacher_logits[keep] / temperature, dim=-1)  # [N, V]
+        soft = (teacher_logp.exp() * (teacher_logp - student_logp)).sum() * temperature ** 2
+        return self.alpha * soft + (1.0 - self.alpha) * hard
+
+
+def build_student(spec: dict[str, Any]) -> Any:
+    """The student on a worker: a seeded fresh preset or a loaded model, fully trainable."""
+    if spec["preset"] is not None:
+        from llmstack.train.driver import build_preset_model
+
+        model = build_preset_model(spec["preset"], vocab_size=spec["vocab_size"], max_seq_len=spec["max_seq_len"],
+                                   seed=spec["seed"], **spec["special"])
+    else:
+        from llmstack.models import load_model
+
+        model, _ = load_model(spec["source"], registry=spec["registry"], with_tokenizer=False)
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return model
+
+
+def distill(teacher: str | None = None, student: str | None = None, data: str | None = None,
+            config: DistillConfig | dict[str, Any] | str | Path | None = None, *,
+            temperature: float | None = None, alpha: float | None = None,
+            registry: Registry | str | None = None, overrides: Iterable[str] = (),
+            progress: bool = True) -> DistillResult:
+    """Distil ``teacher`` into ``student`` on instruction ``data`` and register the student.
+
+    Args:
+        teacher: registry ref, local HF directory or hub id (overrides ``config.teacher``).
+        student: ``preset:<name>`` for a fresh preset sharing the teacher's tokenizer, or a model
+            ref/directory/hub id with the teacher's vocabulary (overrides ``config.student``).
+        data: instruction source (overrides ``config.data.source``).
+        config: a :class:`DistillConfig`, a dict of its fields, or a YAML path.
+        temperature: softening temperature T > 0 (overrides ``config.temperature``).
+        alpha: weight of the soft loss in [0, 1]; 0 trains on hard labels only, the no-teacher baseline.
+        registry: a Registry or URL.
+        overrides: ``key.path=value`` strings applied on top of ``config``.
+        progress: show the progress bar.
+
+    Returns:
+        A :class:`DistillResult`; the student is registered (kind ``model``) with the teacher in its lineage.
+
+    Raises:
+        ConfigError: no teacher, a student whose vocabulary differs from the teacher's, bad T/alpha.
+
+    Example:
+        >>> r = distill("tiny-lm@v1", "preset:tiny", "builtin:stdlib-qa", temperature=2.0, alpha=0.5)  # doctest: +SKIP
+    """
+    from llmstack.finetune.data import instruction_tensors
+    from llmstack.finetune.methods import count_trainable
+    from llmstack.models import PRESETS, load_model, preset_config
+    from llmstack.train import run_training
+    from llmstack.train.checkpoint import model_signature
+    from llmstack.train.loop import LoopSpec
+
+    extra_overrides = [f"temperature={temperature}"] if temperature is not None else []
+    extra_overrides += [f"alpha={alpha}"] if alpha is not None else []
+    cfg = load_config(DistillConfig, config, [*overrides, *extra_overrides])
+    if teacher is not None:
+        cfg.teacher = str(teacher)
+    if student is not None:
+        cfg.student = str(student)
+    if data is not None:
+        cfg.data.source = str(data)
+    if not cfg.teacher:
+        raise ConfigError("teacher: no teacher model given; pass teacher= or set teacher in the config")
+    reg = open_registry(registry, cfg.registry)
+    teacher_ref = ensure_base_ref(cfg.teacher, reg, name=f"{cfg.name}-teacher")
+    teacher_model, tokenizer = load_model(str(teacher_ref), registry=reg)
+    check_positions(teacher_model.config, cfg.data.block_size, f"teacher {teacher_ref}")
+    teacher_vocab = teacher_model.config.vocab_size
+    teacher_params = sum(p.numel() for p in teacher_model.parameters())
+    del teacher_model
+
+    parents = [str(teacher_ref)]
+    if cfg.student.startswith("preset:"):
+        preset = cfg.student.removeprefix("preset:")
+        if preset not in PRESETS:
+            raise ConfigError(f"student: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+        student_spec = {"preset": preset, "vocab_size": teacher_vocab, "max_seq_len": None,
+                        "seed": cfg.training.seed, "special": special}
+        student_config = preset_config(preset, vocab_size=teacher_vocab, **special)
+    else:
+        student_ref = ensure_base_ref(cfg.student, reg, name=f"{cfg.name}-student-init")
+        student_config = load_model(str(student_ref), registry=reg, with_tokenizer=False)[0].config
+        if student_config.vocab_size != teacher_vocab:
+            raise ConfigError(f"student: {student_ref} has a {student_config.vocab_size}-token vocabulary but the "
+                              f"teacher {teacher_ref} has {teacher_vocab}; distillation matches them token by token")
+        student_spec = {"preset": None, "source": str(student_ref), "registry": reg}
+        parents.append(str(student_ref))
+    check_positions(student_config, cfg.data.block_size, f"student {cfg.student}")
+
+    tensors = instruction_tensors(cfg.data.source, tokenizer, max_length=cfg.data.block_size, packing=cfg.packing,
+                                  max_rows=cfg.data.max_documents, storage_options=cfg.data.storage_options or None)
+    factory = functools.partial(build_student, student_spec)
+    loss_fn = DistillLoss(registry=reg, teacher=str(teacher_ref), temperature=cfg.temperature, alpha=cfg.alpha)
+    start = factory()
+    trainable, total = count_trainable(start)
+    del start
+    before = evaluate_in_process(factory, tensors.eval, cfg.training)
+    teacher_eval = evaluate_in_process(functools.partial(build_student, {"preset": None, "source": str(teacher_ref),
+                                                                         "registry": reg}),
+                                       tensors.eval, cfg.training)
+    signature = {**model_signature(student_config), "distill_teacher": str(teacher_ref),
+                 "temperature": cfg.temperature, "alpha": cfg.alpha}
+    spec = LoopSpec(model_factory=factory, loss_fn=loss_fn, signature=signature)
+    outcome = run_training(spec, tensors.train, tensors.eval, training=cfg.training, scaling=cfg.scaling,
+                           run_name=cfg.name, storage=default_storage(reg, cfg.storage_path),
+                           storage_options=cfg.storage_options or None, progress=progress, desc="distill")
+    try:
+        metrics = summarize(outcome, before=before, trainable=trainable, total=total)
+        metrics.update(teacher_eval_loss=teacher_eval, teacher_params=teacher_params,
+                       student_to_teacher_params=total / max(teacher_params, 1))
+        model = factory()
+        model.load_state_dict(load_trainable(outcome.checkpoint_dir))
+        model.eval()
+        from llmstack.models import register_model
+
+        ref = register_model(reg, cfg.name, model, tokenizer, kind="model", parents=parents, config=to_dict(cfg),
+                             metrics=metrics, data_fingerprint=tensors.fingerprint,
+                             extra={"distilled_from": str(teacher_ref), "temperature": cfg.temperature,
+                                    "alpha": cfg.alpha, "student": cfg.student, "run_dir": outcome.run_dir,
+                                    "checkpoint": outcome.checkpoint_path})
+    finally:
+        outcome.cleanup()
+    return DistillResult(ref=ref, teacher=teacher_ref, metrics=metrics, history=outcome.history,
+                         run_dir=outcome.run_dir, checkpoint_path=outcome.checkpoint_path)

@@ -1,0 +1,55 @@
+"""Prometheus metrics of the OpenAI ingress, on a registry of their own (served at ``/metrics``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class ServeMetrics:
+    """Requests, tokens, in-flight requests (queue depth), latency, time to first token, batch sizes."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("llmstack_requests", "HTTP requests by route and status code",
+                                ["route", "model", "status"], registry=r)
+        self.prompt_tokens = Counter("llmstack_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
+        self.completion_tokens = Counter("llmstack_completion_tokens", "Tokens generated", ["model"], registry=r)
+        self.in_flight = Gauge("llmstack_requests_in_flight",
+                               "Requests received and not yet answered (queue depth seen by the ingress)",
+                               ["model"], registry=r)
+        self.latency = Histogram("llmstack_request_latency_seconds", "End-to-end request latency",
+                                 ["route", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("llmstack_time_to_first_token_seconds", "Arrival to first generated token",
+                              ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("llmstack_queue_wait_seconds", "Arrival to the start of the request's batch",
+                                    ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("llmstack_batch_size", "Sequences decoded together with a request",
+                                    ["model"], buckets=BATCH_BUCKETS, registry=r)
+        self.cache_hits = Counter("llmstack_response_cache_hits", "Requests answered from the response cache",
+                                  ["model"], registry=r)
+        self.shed = Counter("llmstack_requests_shed", "Requests refused because the queue was full",
+                            ["model"], registry=r)
+
+    def observe_result(self, model: str, *, prompt_tokens: int, completion_tokens: int, timing: Any,
+                       cached: bool) -> None:
+        self.prompt_tokens.labels(model).inc(prompt_tokens)
+        self.completion_tokens.labels(model).inc(completion_tokens)
+        if cached:
+            self.cache_hits.labels(model).inc()
+        if timing is not None:
+            if timing.ttft_s is not None:
+                self.ttft.labels(model).observe(timing.ttft_s)
+            if not cached:
+                self.queue_wait.labels(model).observe(timing.queue_s)
+                self.batch_size.labels(model).observe(timing.batch_size)
+
+    def render(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

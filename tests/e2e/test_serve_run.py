@@ -1,0 +1,106 @@
+"""`serve run serve_configs/<file>.yaml` for every shipped YAML, as a user runs it (subprocess, own Ray)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((REPO / "serve_configs").glob("*.yaml"))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def quickstart_registry(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """What the quickstart leaves behind: tiny-lm@production and its adapter tiny-lm-lora."""
+    from llmstack.serve._testing import lora_adapter, make_registry
+
+    url = str(tmp_path_factory.mktemp("qs") / "registry")
+    info = make_registry(url, adapters=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        lora_adapter(info["torch_model"], tmp, seed=1)
+        info["registry"].register("tiny-lm-lora", tmp, kind="adapter", parents=[info["model"]])
+    return url
+
+
+def test_every_shipped_config_is_covered() -> None:
+    assert {c.name for c in CONFIGS} >= {"tiny.yaml", "tiny-lora.yaml"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_serve_run(config: Path, quickstart_registry: str, tmp_path: Path) -> None:
+    data = yaml.safe_load(config.read_text())
+    port = _free_port()
+    data["http_options"]["port"] = port  # the only change: a free port instead of 8000
+    for app in data["applications"]:
+        app["args"]["num_cpus"] = 0.5
+    patched = tmp_path / config.name
+    patched.write_text(yaml.safe_dump(data))
+    app = data["applications"][0]
+    base = f"http://127.0.0.1:{port}{app.get('route_prefix', '/').rstrip('/')}"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(LLMSTACK_REGISTRY=quickstart_registry, RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false")
+    serve_bin = Path(sys.executable).parent / "serve"
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([str(serve_bin), "run", "--address", "local", str(patched)], cwd=REPO, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_healthy(base, proc, tmp_path / "serve.log")
+        models = requests.get(base + "/v1/models", timeout=10).json()["data"]
+        ids = [m["id"] for m in models]
+        assert ids[0] == "tiny-lm"
+        for model in ids:
+            r = requests.post(base + "/v1/completions", json={"model": model, "prompt": "def add(a, b):",
+                                                              "max_tokens": 8}, timeout=60)
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] >= 1
+        if "adapters" in app["args"]:
+            assert "tiny-lm-lora" in ids
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: serve run shuts Serve down
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def test_missing_model_tells_to_run_the_quickstart(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["LLMSTACK_REGISTRY"] = str(tmp_path / "empty-registry")
+    code = "from llmstack.serve import build_app; build_app({'model': 'tiny-lm@production'})"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "make quickstart" in result.stderr
+
+
+def _wait_healthy(base: str, proc: Any, log: Path, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"serve run exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(base + "/health", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"not healthy after {timeout}s:\n{log.read_text()[-3000:]}")

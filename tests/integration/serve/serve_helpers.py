@@ -1,0 +1,47 @@
+"""Helpers shared by the serving integration tests (imported by name: this directory is on sys.path)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+API_KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def deploy_app(registry: dict[str, Any], port: int, **overrides: Any) -> Any:
+    """Deploy an llmstack app on the session's Serve instance and wait until its health route answers."""
+    import requests
+
+    import llmstack
+
+    config = {"model": "tiny-lm@production", "registry": registry["url"], "port": port, "num_cpus": 0.5,
+              "max_tokens_limit": 64, "default_max_tokens": 16, **overrides}
+    deployment = llmstack.deploy(config)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if requests.get(deployment.url + "/health", timeout=5).status_code == 200:
+                return deployment
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    deployment.shutdown()
+    raise AssertionError("app did not become healthy")
+
+
+def server_stats(app_name: str) -> dict[str, Any]:
+    from ray import serve
+
+    handle = serve.get_deployment_handle("LLMServer", app_name=app_name)
+    return handle.stats.remote().result()
+
+
+def auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {API_KEY}"}

@@ -1,0 +1,183 @@
+"""train() on a real local Ray cluster: DDP, FSDP, a killed worker, S3 checkpoints, fail-fast input.
+
+Every run uses the tiny preset on a slice of the built-in corpus and 8 optimizer steps or fewer.
+The DDP run is the reference: the single-process accumulation run, the FSDP run (which also loses
+a worker mid-run) and the registered model are all compared against it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.ray
+
+DATA = {"max_documents": 300, "vocab_size": 512, "block_size": 64}
+TRAINING = {"max_steps": 8, "micro_batch_size": 2, "grad_accum_steps": 2, "warmup_steps": 2, "learning_rate": 3e-3,
+            "eval_every": 4, "eval_batches": 2, "checkpoint_every": 4, "seed": 0}
+
+
+def _config(tmp: Path, name: str, **sections) -> dict:
+    config = {"name": name, "registry": str(tmp / "registry"), "storage_path": str(tmp / "runs"),
+              "data": dict(DATA), "training": dict(TRAINING), "scaling": {"num_workers": 2, "strategy": "ddp"}}
+    for key, value in sections.items():
+        config[key] = {**config[key], **value} if isinstance(config.get(key), dict) else value
+    return config
+
+
+def _losses(history: list[dict]) -> list[float]:
+    return [r["loss"] for r in history]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("train")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(ray_cluster, workspace):
+    from llmstack.train import train
+
+    return train(_config(workspace, "tiny-ddp"), progress=False)
+
+
+def test_ddp_trains_registers_and_writes_metrics(ddp_run, workspace):
+    from llmstack.data import prepare_training_data
+    from llmstack.config import DataConfig
+    from llmstack.registry import Registry
+
+    losses = _losses(ddp_run.history)
+    assert [r["step"] for r in ddp_run.history] == list(range(1, 9))
+    assert sum(losses[-2:]) / 2 < losses[0] - 0.5  # clearly falling
+    assert ddp_run.metrics["eval_loss"] < losses[0]
+    assert ddp_run.metrics["perplexity"] == pytest.approx(math.exp(ddp_run.metrics["eval_loss"]))
+    # Lineage: tokenizer parent, data fingerprint, config and final metrics in the manifest.
+    registry = Registry(str(workspace / "registry"))
+    manifest = registry.manifest(ddp_run.ref)
+    assert manifest.kind == "model" and manifest.parents == [str(ddp_run.tokenizer_ref)]
+    assert registry.manifest(ddp_run.tokenizer_ref).kind == "tokenizer"
+    _, packed, _ = prepare_training_data(DataConfig(**DATA))
+    assert manifest.data_fingerprint == packed.fingerprint
+    assert manifest.config["training"]["max_steps"] == 8
+    assert manifest.metrics["eval_loss"] == pytest.approx(ddp_run.metrics["eval_loss"])
+    assert "model.safetensors" in manifest.files
+    # Driver-side files in the run directory.
+    run_dir = Path(ddp_run.run_dir)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9)) and "eval_loss" in rows[3]
+    assert (run_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == ["checkpoint_000004", "checkpoint_000008"]
+
+
+def test_two_workers_with_accumulation_match_one_big_batch(ddp_run):
+    """2 workers x micro 2 x accum 2 on Ray == micro 8 x accum 1 in one plain process."""
+    import functools
+
+    from llmstack.config import DataConfig, TrainingConfig
+    from llmstack.data import prepare_training_data
+    from llmstack.train.driver import build_preset_model
+    from llmstack.train.loop import LocalSession, LoopSpec, run_worker_loop
+
+    tokenizer, packed, _ = prepare_training_data(DataConfig(**DATA))
+    spec = LoopSpec(model_factory=functools.partial(
+        build_preset_model, "tiny", vocab_size=len(tokenizer), max_seq_len=None, seed=0,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    session = LocalSession()
+    settings = {**TRAINING, "micro_batch_size": 8, "grad_accum_steps": 1, "checkpoint_every": 0}
+    run_worker_loop(spec, {"input_ids": packed.train}, None, TrainingConfig(**settings), session=session)
+    assert _losses(session.records) == pytest.approx(_losses(ddp_run.history), rel=2e-5, abs=2e-5)
+
+
+def test_fsdp_survives_a_killed_worker_and_matches_ddp(ray_cluster, workspace, ddp_run, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from llmstack.models import load_model
+    from llmstack.train import train
+
+    flag = workspace / "fault-fired"
+    monkeypatch.setenv("LLMSTACK_FAULT_AT_STEP", "5")
+    monkeypatch.setenv("LLMSTACK_FAULT_FLAG", str(flag))
+    result = train(_config(workspace, "tiny-fsdp", training={"checkpoint_every": 3},
+                           scaling={"strategy": "fsdp", "max_failures": 1}), progress=False)
+    assert flag.exists()  # the worker really died (os._exit after step 5)
+    assert len(result.recoveries) == 1
+    recovery = result.recoveries[0]
+    assert recovery["resumed_from_step"] == 3 and 0 < recovery["steps_lost"] <= 3
+    assert [r["step"] for r in result.history] == list(range(1, 9))
+    # Sharded training, a restart and replayed steps: still the DDP run's curve.
+    assert _losses(result.history) == pytest.approx(_losses(ddp_run.history), rel=1e-4, abs=1e-4)
+    # The FSDP checkpoint is a full safetensors state dict that one process loads.
+    checkpoint = AutoModelForCausalLM.from_pretrained(result.checkpoint_path, use_safetensors=True)
+    registered, _ = load_model(str(result.ref), registry=_registry(workspace))
+    for (name, a), (_, b) in zip(checkpoint.state_dict().items(), registered.state_dict().items()):
+        assert a.shape == b.shape and bool((a == b).all()), name
+
+
+def _registry(workspace: Path):
+    from llmstack.registry import Registry
+
+    return Registry(str(workspace / "registry"))
+
+
+def test_s3_checkpoints_and_rerun_resumes(ray_cluster, workspace, s3_server):
+    import s3fs
+
+    from llmstack.train import train
+
+    storage = f"s3://{s3_server['bucket']}/runs"
+    overrides = {"storage_path": storage, "storage_options": s3_server["storage_options"],
+                 "scaling": {"num_workers": 1}}
+    first = train(_config(workspace, "tiny-s3", training={"max_steps": 2, "checkpoint_every": 2}, **overrides),
+                  progress=False)
+    second = train(_config(workspace, "tiny-s3", training={"max_steps": 4, "checkpoint_every": 2}, **overrides),
+                   progress=False)
+    assert first.resumed_from_step is None and second.resumed_from_step == 2
+    assert second.checkpoint_path == f"{storage}/tiny-s3/checkpoint_000004"
+    assert [r["step"] for r in second.history] == [1, 2, 3, 4]
+    assert second.history[:2] == first.history  # steps 1-2 were not redone
+    fs = s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": s3_server["endpoint_url"]})
+    listing = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_server['bucket']}/runs/tiny-s3")}
+    assert {"checkpoint_000002", "checkpoint_000004", "metrics.jsonl", "loss_curve.png",
+            "model_signature.json"} <= listing
+    files = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_server['bucket']}/runs/tiny-s3/checkpoint_000004")}
+    assert {"model.safetensors", "optimizer.safetensors", "state.json", "config.json"} <= files
+
+
+@pytest.mark.parametrize("case, error, expected", [
+    ("workers", "ResourceError", "scaling.num_workers=64 needs 64 CPUs"),
+    ("positions", "ConfigError", "data.block_size: 512 tokens exceed the model's 256 positions"),
+    ("batch", "ConfigError", "blocks per step, but the training set has only"),
+    ("storage", "ConfigError", "cannot write checkpoints to s3://nowhere/runs"),
+    ("other-model", "ConfigError", "holds checkpoints of a different model"),
+])
+def test_bad_input_fails_before_workers_start(ray_cluster, workspace, ddp_run, case, error, expected):
+    import llmstack.errors
+    from llmstack.train import train
+
+    bad = {
+        "workers": {"scaling": {"num_workers": 64}},
+        "positions": {"data": {"block_size": 512}},
+        "batch": {"training": {"micro_batch_size": 100_000}},
+        "storage": {"storage_path": "s3://nowhere/runs",
+                    "storage_options": {"endpoint_url": f"http://127.0.0.1:{free_port()}", "key": "k", "secret": "s"}},
+        "other-model": {"name": "tiny-ddp", "model": {"preset": "small"}},  # the DDP run's directory
+    }[case]
+    before = sorted(p.name for p in (workspace / "runs").glob("*/checkpoint_0*"))
+    started = time.perf_counter()
+    with pytest.raises(getattr(llmstack.errors, error)) as info:
+        train(_config(workspace, f"bad-{case}", **bad), progress=False)
+    assert expected in str(info.value)
+    assert time.perf_counter() - started < 60
+    assert sorted(p.name for p in (workspace / "runs").glob("*/checkpoint_0*")) == before  # nothing trained
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

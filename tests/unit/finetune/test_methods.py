@@ -1,0 +1,114 @@
+"""Each method on the shared loop (in-process): what trains, what is frozen, and that it learns."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from llmstack.config import FinetuneConfig, LoRAConfig, load_config
+from llmstack.errors import ConfigError, ResourceError
+from llmstack.finetune import finetune_lora
+from llmstack.finetune.methods import (apply_method, check_bitsandbytes, count_trainable, linear_module_names,
+                                       norm_parameter_names, resolve_target_modules)
+
+DECODER_LINEARS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+def _fresh(base):
+    from llmstack.models import load_model
+
+    return load_model(str(base["ref"]), registry=base["registry"])[0]
+
+
+def test_default_targets_are_every_decoder_linear(base) -> None:
+    model = _fresh(base)
+    assert resolve_target_modules(model, None) == DECODER_LINEARS
+    assert "lm_head" in linear_module_names(model, decoder_only=False)  # exists, but not a default target
+    peft_model = apply_method(model, "lora", LoRAConfig(rank=4))
+    wrapped = {n.rsplit(".", 1)[-1] for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    assert wrapped == set(DECODER_LINEARS)
+
+
+def test_unknown_target_modules_list_those_that_exist(base) -> None:
+    with pytest.raises(ConfigError) as info:
+        resolve_target_modules(_fresh(base), ["q_proj", "qkv", "fc1"])
+    message = str(info.value)
+    assert "'qkv', 'fc1' do not exist" in message
+    for name in DECODER_LINEARS + ["lm_head"]:
+        assert name in message
+
+
+@pytest.mark.parametrize("rank", [0, -3])
+def test_rank_must_be_positive(base, rank: int) -> None:
+    with pytest.raises(ConfigError, match=f"lora.rank: must be >= 1, got {rank}"):
+        load_config(FinetuneConfig, {"lora": {"rank": rank}})
+    with pytest.raises(ConfigError, match="lora.rank"):  # refused before any data, model or cluster work
+        finetune_lora(str(base["ref"]), "builtin:stdlib-qa", {"lora": {"rank": rank}}, registry=base["registry"])
+
+
+def test_bitfit_is_norm_scale_tuning(base) -> None:
+    model = apply_method(_fresh(base), "bitfit", LoRAConfig(method="bitfit"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(norm_parameter_names(model))
+    assert len(trainable) == 2 * model.config.num_hidden_layers + 1  # two RMSNorms per layer + the final one
+    assert count_trainable(model)[0] == len(trainable) * model.config.hidden_size
+
+
+def test_full_trains_everything(base) -> None:
+    model = apply_method(_fresh(base), "full", LoRAConfig(method="full"))
+    trainable, total = count_trainable(model)
+    assert trainable == total
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "dora", "full"])
+def test_each_method_lowers_held_out_answer_loss(base, helpers, method: str, tmp_path) -> None:
+    run = helpers.run_local(base, method, tmp_path)
+    assert run["after"] < run["before"] - 0.02, (method, run["before"], run["after"])
+    from llmstack.finetune.lora import load_trainable
+
+    stored = load_trainable(run["checkpoint"])
+    if method == "full":
+        assert len(stored) == len(list(_fresh(base).state_dict()))
+    else:  # adapter checkpoints hold the trainable tensors only
+        assert stored and all("lora_" in name for name in stored)
+
+
+def test_bitfit_changes_only_norm_scales(base, helpers, tmp_path) -> None:
+    run = helpers.run_local(base, "bitfit", tmp_path, steps=3, lr=1e-2)
+    from llmstack.finetune.lora import load_trainable
+
+    stored = load_trainable(run["checkpoint"])
+    original = dict(_fresh(base).named_parameters())
+    assert set(stored) == set(norm_parameter_names(_fresh(base)))
+    assert all(not (stored[name] == original[name].detach()).all() for name in stored)
+
+
+def test_qlora_base_is_nf4(base) -> None:
+    from llmstack.finetune.methods import load_base
+
+    model, _ = load_base(str(base["ref"]), registry=base["registry"], method="qlora")
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "Linear4bit" in kinds
+    quant = model.model.layers[0].self_attn.q_proj.weight.quant_state
+    assert quant.quant_type == "nf4" and quant.nested  # double quantization
+
+
+def test_qlora_without_bitsandbytes_says_why(base, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
+    with pytest.raises(ResourceError, match="qlora needs bitsandbytes.*cannot be imported"):
+        check_bitsandbytes("cpu")
+    with pytest.raises(ResourceError, match="bitsandbytes"):
+        finetune_lora(str(base["ref"]), "builtin:stdlib-qa", {"lora": {"method": "qlora"}}, registry=base["registry"])
+
+
+def test_qlora_on_a_device_bitsandbytes_cannot_use(base) -> None:
+    with pytest.raises(ResourceError, match="cannot run 4-bit NF4 quantization on meta"):
+        check_bitsandbytes("meta")
+
+
+def test_qlora_with_fsdp_is_refused(base) -> None:
+    with pytest.raises(ConfigError, match="qlora cannot shard 4-bit"):
+        finetune_lora(str(base["ref"]), "builtin:stdlib-qa",
+                      {"lora": {"method": "qlora"}, "scaling": {"strategy": "fsdp"}}, registry=base["registry"])

@@ -1,0 +1,142 @@
+"""The HTTP layer in-process (httpx ASGI transport): it only sees the engine protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from llmstack.serve.engine import EngineProtocol
+from llmstack.serve.ingress import make_api
+from llmstack.serve.protocol import (
+    ChoiceDelta,
+    ChoiceOutput,
+    EngineError,
+    GenerationChunk,
+    GenerationRequest,
+    GenerationResult,
+    ModelCard,
+)
+
+
+class SlowEngine:
+    """A protocol implementation that takes ``delay`` seconds and records cancellation."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.cancelled = 0
+        self.requests: list[GenerationRequest] = []
+
+    async def models(self) -> list[ModelCard]:
+        return [ModelCard(id="slow")]
+
+    async def check_health(self) -> None:
+        return None
+
+    async def abort(self, request_id: str) -> bool:
+        return False
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        self.requests.append(request)
+        if request.model != "slow":
+            raise EngineError("no such model", status_code=404, param="model", code="model_not_found")
+        try:
+            await asyncio.sleep(self.delay)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return GenerationResult(request_id=request.request_id, model=request.model, prompt_tokens=1,
+                                completion_tokens=2,
+                                choices=[ChoiceOutput(index=0, text="ok", token_ids=[1, 2], finish_reason="stop")])
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        self.requests.append(request)
+        try:
+            for i in range(3):
+                await asyncio.sleep(self.delay)
+                yield GenerationChunk(request_id=request.request_id, model=request.model, finished=i == 2,
+                                      deltas=[ChoiceDelta(index=0, text=f"t{i}",
+                                                          finish_reason="length" if i == 2 else None)])
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancelled += 1
+            raise
+
+
+def client(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+def test_fake_engine_satisfies_the_protocol() -> None:
+    assert isinstance(SlowEngine(0), EngineProtocol)
+
+
+def test_timeout_returns_504_and_cancels_generation() -> None:
+    engine = SlowEngine(delay=5)
+    app = make_api(engine, {"request_timeout_s": 0.2})
+
+    async def main() -> httpx.Response:
+        async with client(app) as c:
+            return await c.post("/v1/completions", json={"prompt": "x"})
+    r = asyncio.run(main())
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+    assert engine.cancelled == 1
+
+
+def test_streaming_sse_and_default_model() -> None:
+    engine = SlowEngine(delay=0)
+    app = make_api(engine, {})
+
+    async def main() -> list[str]:
+        async with client(app) as c:
+            r = await c.post("/v1/completions", json={"prompt": "x", "stream": True})
+            assert r.status_code == 200
+            return [line for line in r.text.splitlines() if line]
+    lines = asyncio.run(main())
+    assert lines[-1] == "data: [DONE]"
+    texts = [json.loads(line[6:])["choices"][0]["text"] for line in lines[:-1]]
+    assert texts == ["t0", "t1", "t2"]
+    assert engine.requests[0].model == "slow"  # no model given: the first served model
+
+
+def test_errors_use_the_openai_shape() -> None:
+    app = make_api(SlowEngine(delay=0), {"api_key": "k", "max_body_bytes": 100})
+    key = {"Authorization": "Bearer k"}
+
+    async def main() -> list[httpx.Response]:
+        async with client(app) as c:
+            async def chunked() -> AsyncIterator[bytes]:
+                for _ in range(10):
+                    yield b'{"prompt": "' + b"x" * 20
+
+            return [
+                await c.post("/v1/completions", json={"prompt": "x"}),  # no key
+                await c.post("/v1/completions", json={"prompt": "x"}, headers={"Authorization": "Bearer bad"}),
+                await c.get("/health"),  # open
+                await c.post("/v1/completions", content=chunked(), headers=key),  # chunked, too big
+                await c.post("/v1/completions", json={"prompt": "x", "model": "other"}, headers=key),
+                await c.post("/v1/completions", json={"prompt": "x", "n": 0}, headers=key),
+                await c.put("/v1/completions", json={}, headers=key),
+            ]
+    responses = asyncio.run(main())
+    assert [r.status_code for r in responses] == [401, 401, 200, 413, 404, 400, 405]
+    for r in responses:
+        if r.status_code != 200:
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("prompt", ["hello", [1, 2, 3], ["a", "b"], [[1, 2], [3]]])
+def test_prompt_forms_fan_out(prompt: Any) -> None:
+    engine = SlowEngine(delay=0)
+    app = make_api(engine, {})
+
+    async def main() -> httpx.Response:
+        async with client(app) as c:
+            return await c.post("/v1/completions", json={"prompt": prompt, "model": "slow"})
+    r = asyncio.run(main())
+    assert r.status_code == 200
+    expected = len(prompt) if isinstance(prompt, list) and not isinstance(prompt[0], int) else 1
+    assert len(r.json()["choices"]) == expected == len(engine.requests)
