@@ -21,6 +21,12 @@ EXIT_GATE_FAILED = 1
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error instead of usage plus message."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.prog != "llmstack":
+            # --registry is accepted after a verb too; SUPPRESS keeps a value given before it.
+            self.add_argument("--registry", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USER_ERROR, f"llmstack: error: {message} (see `{self.prog} --help`)\n")
 
@@ -56,6 +62,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from llmstack.config import FinetuneConfig
+    from llmstack.finetune import finetune_lora
+
+    extra = [f"base={args.base}"] if args.base else []
+    extra += [f"data.source={args.data}"] if args.data else []
+    result = finetune_lora(config=_config(FinetuneConfig, args, extra))
+    merged = f"  merged {result.merged_ref}" if result.merged_ref else ""
+    print(f"registered {result.ref} ({result.method} on {result.base}){merged}  "
+          + "  ".join(f"{k}={_fmt(v)}" for k, v in result.metrics.items()))
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from llmstack.finetune import DistillConfig, distill
+
+    extra = [f"teacher={args.teacher}"] if args.teacher else []
+    extra += [f"student={args.student}"] if args.student else []
+    result = distill(config=_config(DistillConfig, args, extra))
+    print(f"registered {result.ref}  " + "  ".join(f"{k}={_fmt(v)}" for k, v in result.metrics.items()))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from llmstack.finetune import SweepConfig, sweep
+
+    extra = [f"base={args.base}"] if args.base else []
+    result = sweep(config=_config(SweepConfig, args, extra))
+    print(f"best trial registered as {result.ref}  " + "  ".join(f"{k}={_fmt(v)}" for k, v in result.best.items()))
+    return 0
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from llmstack.config import QuantizeConfig
     from llmstack.quantize import quantize
@@ -86,7 +124,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from llmstack.serve import deploy
 
     deployment = deploy(_config(ServeConfig, args))
-    print(f"serving {deployment.model} at {deployment.url} (Ctrl-C to stop)", flush=True)
+    print(f"serving {deployment.config.model} at {deployment.url} (Ctrl-C to stop)", flush=True)
     try:
         while True:
             time.sleep(3600)
@@ -174,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     verb("train", cmd_train, "pretrain a model on Ray Train (DDP or FSDP)", config=True)
+    sub = verb("finetune", cmd_finetune, "fine-tune a base model: lora | qlora | dora | bitfit | full", config=True)
+    sub.add_argument("--base", default=None, help="base model: registry ref, local HF directory or hub id")
+    sub.add_argument("--data", default=None, help="instruction data (default: builtin:stdlib-qa)")
+    sub = verb("distill", cmd_distill, "distil a teacher into a smaller student", config=True)
+    sub.add_argument("--teacher", default=None)
+    sub.add_argument("--student", default=None, help="preset:<name> or a model reference")
+    sub = verb("sweep", cmd_sweep, "Ray Tune search over learning rate, rank and alpha (ASHA)", config=True)
+    sub.add_argument("--base", default=None)
     sub = verb("quantize", cmd_quantize, "quantize a registered model and register the result", config=True)
     sub.add_argument("ref", help="model to quantize, e.g. tiny-lm@v2")
     sub.add_argument("--method", default=None, help="int8 | nf4 | fp4 | smoothquant | w8a8 | dynamic-int8")
@@ -227,6 +273,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llmstack: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and friends
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

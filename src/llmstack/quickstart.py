@@ -27,6 +27,10 @@ class StageResult:
 class QuickstartContext:
     registry: Any
     workdir: Path
+    run_id: str = field(default_factory=lambda: time.strftime("%Y%m%d-%H%M%S"))
+    pretrain_steps: int = 300
+    finetune_steps: int = 120
+    port: int = 8000
     refs: dict[str, str] = field(default_factory=dict)
     results: list[StageResult] = field(default_factory=list)
 
@@ -45,21 +49,104 @@ def _stage_tokenizer(ctx: QuickstartContext) -> str:
     return f"{len(corpus.documents)} documents (fingerprint {corpus.fingerprint[:12]}), vocab {len(tokenizer)} -> {ref}"
 
 
-def _stage_model(ctx: QuickstartContext) -> str:
-    from llmstack.models import build_model, count_parameters, load_tokenizer, register_model
+def _stage_pretrain(ctx: QuickstartContext) -> str:
+    from llmstack.config import DataConfig, ScalingConfig, TrainConfig, TrainingConfig
+    from llmstack.train import train
 
-    tokenizer = load_tokenizer(ctx.refs["tokenizer"], registry=ctx.registry)
-    model = build_model("tiny", vocab_size=len(tokenizer), tokenizer=tokenizer, seed=0)
-    ref = register_model(ctx.registry, "tiny-lm-init", model, tokenizer, parents=[ctx.refs["tokenizer"]],
-                         config={"preset": "tiny", "seed": 0},
-                         metrics={"parameters": count_parameters(model)})
-    ctx.refs["init"] = str(ref)
-    return f"tiny preset, {count_parameters(model) / 1e6:.2f}M parameters -> {ref}"
+    config = TrainConfig(
+        name="tiny-lm", storage_path=str(ctx.workdir / "checkpoints" / ctx.run_id),
+        data=DataConfig(source="builtin:stdlib", tokenizer=ctx.refs["tokenizer"], block_size=128),
+        training=TrainingConfig(max_steps=ctx.pretrain_steps, micro_batch_size=8, learning_rate=3e-3,
+                                warmup_steps=20, eval_every=50, checkpoint_every=100),
+        scaling=ScalingConfig(num_workers=2, strategy="ddp"))
+    result = train(config, registry=ctx.registry)
+    ctx.refs["pretrained"] = str(result.ref)
+    first = result.history[0]["loss"] if result.history else float("nan")
+    return (f"loss {first:.2f} -> {result.metrics['loss']:.2f}, eval perplexity "
+            f"{result.metrics.get('perplexity', float('nan')):.1f} -> {result.ref} (loss curve in {result.run_dir})")
+
+
+def _stage_finetune(ctx: QuickstartContext) -> str:
+    from llmstack.finetune import finetune_lora
+
+    result = finetune_lora(ctx.refs["pretrained"], "builtin:stdlib-qa", {
+        "name": "tiny-lm-qa", "storage_path": str(ctx.workdir / "checkpoints" / ctx.run_id),
+        "lora": {"method": "lora", "rank": 8, "alpha": 16, "merge": True},
+        "training": {"max_steps": ctx.finetune_steps, "micro_batch_size": 8, "learning_rate": 2e-3,
+                     "warmup_steps": 10, "eval_every": 50, "checkpoint_every": 0},
+        "scaling": {"num_workers": 2}}, registry=ctx.registry)
+    ctx.refs["adapter"] = str(result.ref)
+    ctx.refs["merged"] = str(result.merged_ref)
+    m = result.metrics
+    return (f"held-out answer loss {m['eval_loss_before']:.2f} -> {m['eval_loss']:.2f}, "
+            f"{100 * m['trainable_fraction']:.1f}% of weights trained -> {result.ref}, merged {result.merged_ref}")
+
+
+def _stage_quantize(ctx: QuickstartContext) -> str:
+    from llmstack.quantize import quantize
+
+    result = quantize(ctx.refs["merged"], "int8", registry=ctx.registry)
+    ctx.refs["quantized"] = str(result.ref)
+    tqdm.write(result.table())
+    m = result.metrics
+    return f"LLM.int8: perplexity x{m.get('perplexity_ratio', float('nan')):.3f}, bytes x{m.get('model_bytes_ratio', float('nan')):.2f} -> {result.ref}"
+
+
+def _stage_gate(ctx: QuickstartContext) -> str:
+    from llmstack.validate import validate
+
+    # The fine-tuned model becomes production first; the quantized one must then beat the gate against it.
+    registry = ctx.registry
+    name = ctx.refs["quantized"].split("@")[0]
+    baseline = ctx.refs["merged"]
+    report = validate(ctx.refs["quantized"], baseline, registry=registry)
+    tqdm.write(report.to_text())
+    if not report.passed:
+        return f"gate FAILED ({', '.join(report.failed)}); {ctx.refs['quantized']} not promoted"
+    registry.promote(ctx.refs["quantized"], alias="production", reason="quickstart: int8 passed the gate")
+    ctx.refs["production"] = f"{name}@production"
+    return f"gate passed against {baseline}; {name}@production -> {ctx.refs['quantized']}"
+
+
+def _stage_serve(ctx: QuickstartContext) -> str:
+    import json
+    import urllib.request
+
+    from llmstack.serve import deploy
+
+    served = ctx.refs.get("production", ctx.refs["merged"])
+    with deploy({"model": served, "registry": ctx.registry.url, "port": ctx.port, "app_name": "quickstart"}) as app:
+        latencies = []
+        for question in ("What does json.dumps do?", "What does os.path.join do?"):
+            body = {"model": served, "messages": [{"role": "user", "content": question}], "max_tokens": 24,
+                    "temperature": 0}
+            started = time.perf_counter()
+            request = urllib.request.Request(app.url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=120) as response:
+                answer = json.load(response)["choices"][0]["message"]["content"]
+            latencies.append(time.perf_counter() - started)
+            tqdm.write(f"  Q: {question}\n  A: {answer.strip()!r}  ({latencies[-1] * 1000:.0f} ms)")
+        body = {"model": served, "prompt": "def parse(", "max_tokens": 16, "stream": True, "temperature": 0}
+        request = urllib.request.Request(app.url + "/v1/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        chunks = []
+        with urllib.request.urlopen(request, timeout=120) as response:
+            for line in response:
+                line = line.decode().strip()
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunks.append(json.loads(line[6:])["choices"][0].get("text", ""))
+        tqdm.write(f"  streamed {len(chunks)} chunks: {'def parse(' + ''.join(chunks)!r}")
+    return f"served {served} at {app.url}: 2 chat answers (median {sorted(latencies)[0] * 1000:.0f} ms), 1 stream"
 
 
 STAGES: list[tuple[str, Callable[[QuickstartContext], str]]] = [
     ("corpus + tokenizer", _stage_tokenizer),
-    ("tiny model", _stage_model),
+    ("pretrain (Ray Train)", _stage_pretrain),
+    ("fine-tune (LoRA)", _stage_finetune),
+    ("quantize (int8)", _stage_quantize),
+    ("validate + promote", _stage_gate),
+    ("serve (Ray Serve)", _stage_serve),
 ]
 
 

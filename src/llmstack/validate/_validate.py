@@ -246,27 +246,30 @@ def _packed_eval(eval_data: Any, tokenizer: Any, cand: LoadedModel, base: Loaded
     from llmstack.config import DataConfig, load_config
     from llmstack.data import prepare_training_data
 
-    info: dict[str, Any] = {}
+    builtin = {"source": "builtin:stdlib", "max_documents": DEFAULT_EVAL_DOCUMENTS, "block_size": length}
+    attempts: list[tuple[dict[str, Any], str]] = []
     if eval_data is None:
         for side in (cand, base):
-            data = (side.manifest.config.get("data") if side.manifest else None)
+            data = side.manifest.config.get("data") if side.manifest else None
             if isinstance(data, dict) and "source" in data and (data.get("max_documents") or 10**9) <= 5000:
-                fields = {k: v for k, v in data.items() if k in DataConfig.__dataclass_fields__}
-                fields.pop("tokenizer", None)
-                eval_data = fields
-                info["eval_data"] = f"eval split of {side.label}'s training data"
+                fields = {k: v for k, v in data.items() if k in DataConfig.__dataclass_fields__ and k != "tokenizer"}
+                attempts.append((fields, f"eval split of {side.label}'s training data ({fields['source']})"))
                 break
-        else:
-            eval_data = {"source": "builtin:stdlib", "max_documents": DEFAULT_EVAL_DOCUMENTS, "block_size": length}
-            info["eval_data"] = "builtin:stdlib eval split"
+        attempts.append((builtin, "builtin:stdlib eval split"))
     elif isinstance(eval_data, str):
-        eval_data = {"source": eval_data, "block_size": length}
-        info["eval_data"] = eval_data["source"]
-    config = load_config(DataConfig, eval_data)
-    info.setdefault("eval_data", config.source)
-    _, packed, corpus = prepare_training_data(config, tokenizer=tokenizer, progress=False)
-    info["eval_fingerprint"] = packed.fingerprint
-    return packed.eval[:, :length], info
+        attempts.append(({"source": eval_data, "block_size": length}, f"eval split of {eval_data}"))
+    else:
+        attempts.append((eval_data, "eval split of the given data config"))
+    for i, (data_config, note) in enumerate(attempts):
+        try:
+            config = load_config(DataConfig, data_config)
+            _, packed, _ = prepare_training_data(config, tokenizer=tokenizer, progress=False)
+        except LLMStackError:
+            if i + 1 < len(attempts):
+                continue  # the training data is gone or unreadable here: fall back to the built-in corpus
+            raise
+        return packed.eval[:, :length], {"eval_data": note, "eval_fingerprint": packed.fingerprint}
+    raise AssertionError("unreachable")
 
 
 # --------------------------------------------------------------------------- measurements

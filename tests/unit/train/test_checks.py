@@ -93,9 +93,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_llmstack_train_is_callable_even_after_the_package_import():
+def test_llmstack_train_is_callable_even_after_the_package_import(tmp_path):
     import llmstack
     import llmstack.train  # binds llmstack.train to the package module
 
     with pytest.raises(ConfigError, match="data.block_size: 4096 tokens exceed the model's 256 positions"):
-        llmstack.train({"data": {"block_size": 4096}})
+        llmstack.train({"data": {"block_size": 4096}}, registry=str(tmp_path / "registry"))

@@ -114,3 +114,18 @@ def test_non_model_artifacts_and_missing_versions(reg: Registry, tmp_path: Path,
         validate("tiny-lm@v9", base, registry=reg, progress=False)
     with pytest.raises(ArtifactNotFoundError):
         reg.promote("tiny-lm@v9")
+
+
+def test_held_out_data_comes_from_the_training_config(reg: Registry, model_a: Any, tokenizer: Any,
+                                                      held_out_texts: list[str], tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(held_out_texts))
+    ref = register_model(reg, "tiny-lm", model_a, tokenizer, kind="model",
+                         config={"data": {"source": str(corpus), "block_size": 32, "max_documents": 400,
+                                          "eval_fraction": 0.2}})
+    report = validate(ref, ref, registry=reg, probes=PROBES, thresholds=FAST, progress=False)
+    assert report.info["eval_data"].startswith("eval split of tiny-lm@v1's training data")
+    assert report.info["eval_block_tokens"] == 32 and report.passed
+    corpus.unlink()  # training data no longer reachable: fall back to the built-in corpus
+    fallback = validate(ref, ref, registry=reg, probes=PROBES, thresholds=FAST, progress=False, store=False)
+    assert fallback.info["eval_data"] == "builtin:stdlib eval split"
