@@ -254,11 +254,11 @@ class ServeConfig:
     api_key: str | None = None  # bearer key guarding every route but health; None: open
     adapters: list[str] = field(default_factory=list)  # adapter refs served on the same base
     max_adapters_per_replica: int = 4  # LRU bound on loaded adapters
-    max_batch_size: int = 8  # @serve.batch max batch size
+    max_batch_size: int = 8  # @serve.batch max batch size; also the cap on sequences per decode step
     batch_wait_timeout_s: float = 0.01  # @serve.batch wait for a batch to fill
     max_ongoing_requests: int = 32  # per replica; must allow batches to fill
     max_queued_requests: int = 64  # beyond this the app sheds load with 503
-    max_concurrent_batches: int = 1  # batches decoding at once per replica (their steps interleave)
+    max_concurrent_batches: int = 32  # @serve.batch groups admitted at once; they join one decode loop
     retry_after_s: float = 1.0  # Retry-After sent with a shed (503) request
     response_cache_size: int = 256  # finished deterministic results kept per replica; 0 disables
     default_max_tokens: int = 64  # when a request gives none

@@ -88,7 +88,7 @@ def head_node():
     finally:
         _signal_group(head.pid, signal.SIGTERM)  # --block: the head tears down the processes it started
         try:
-            head.wait(timeout=60)
+            head.wait(timeout=15)
         except subprocess.TimeoutExpired:
             _signal_group(head.pid, signal.SIGKILL)
         log.close()

@@ -86,6 +86,7 @@ def write_adapter(directory: Path, *, method: str, trainable: dict[str, Any], ba
         if result.unexpected_keys:
             raise RuntimeError(f"checkpoint tensors do not fit the adapter: {result.unexpected_keys[:4]}")
         peft_model.save_pretrained(str(directory), safe_serialization=True)
+        (directory / "README.md").unlink(missing_ok=True)  # peft's empty model card
     elif method == "bitfit":
         save_file({k: v.detach().contiguous() for k, v in trainable.items()}, str(directory / NORM_SCALES_FILE))
     else:

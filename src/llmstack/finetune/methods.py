@@ -141,8 +141,10 @@ def nf4_quantization_config() -> Any:
 def dequantize_4bit_linears(model: Any) -> int:
     """Replace every bitsandbytes ``Linear4bit`` by an fp32 ``nn.Linear`` holding its dequantized weight.
 
-    The result computes exactly what the NF4 model computed (same weights, fp32 arithmetic), so a
-    QLoRA adapter merged into it keeps the behaviour it was trained with. Returns the count replaced.
+    The result computes exactly what the NF4 model computes in training (dequantize, then an fp32
+    matmul), so a QLoRA adapter merged into it keeps the behaviour it was trained with. (On CPUs
+    with AVX512-bf16, bitsandbytes' *inference* path repacks the weights for a bf16 kernel; that
+    repacking is undone first.) Returns the count replaced.
     """
     import bitsandbytes.functional as bnbf
     import torch
@@ -152,7 +154,10 @@ def dequantize_4bit_linears(model: Any) -> int:
         for child_name, child in list(parent.named_children()):
             if type(child).__name__ != "Linear4bit":
                 continue
-            weight = bnbf.dequantize_4bit(child.weight.data, child.weight.quant_state).float()
+            data, state = child.weight.data, child.weight.quant_state
+            if getattr(state, "packing_format_for_cpu", False):  # bnb's CPU inference repacking: undo it
+                data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, state)
+            weight = bnbf.dequantize_4bit(data, state).float()
             linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
                                      device=weight.device, dtype=torch.float32)
             with torch.no_grad():

@@ -110,7 +110,7 @@ class BitsAndBytesBackend:
 
         _import_bnb()
         del model  # bitsandbytes quantizes while loading the float checkpoint from disk
-        progress(f"bitsandbytes {method}: loading {source_dir.name} with on-the-fly quantization")
+        progress(f"bitsandbytes {method}: quantizing while loading the float weights")
         qc = self.bnb_config(method, config)
         device = getattr(config, "device", "cpu")
         quantized = AutoModelForCausalLM.from_pretrained(

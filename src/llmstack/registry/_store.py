@@ -29,6 +29,7 @@ import contextlib
 import os
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -216,8 +217,18 @@ class FsspecStore(Store):
             if self.fs.exists(path):
                 raise FileExistsError(path)
             self.fs.pipe_file(path, data)
-        if self.fs.cat_file(path) != data:  # a store that ignored the condition: we lost
-            raise FileExistsError(path)
+        # Read back: a store that ignored the condition (or a racing writer on a server that checks
+        # and stores non-atomically, like moto) shows someone else's bytes, and then we lost.
+        for attempt in range(5):
+            try:
+                stored = self.fs.cat_file(path)
+            except FileNotFoundError:  # mid-replacement on a non-atomic server: look again
+                time.sleep(0.05 * (attempt + 1))
+                continue
+            if stored != data:
+                raise FileExistsError(path)
+            return
+        raise FileExistsError(path)
 
     def update(self, key: str, fn: Callable[[bytes | None], bytes]) -> bytes:
         path = self._path(key)

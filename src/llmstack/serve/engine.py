@@ -266,7 +266,7 @@ class ResponseCache:
 # --------------------------------------------------------------------------- work items
 
 
-@dataclass
+@dataclass(eq=False)
 class Work:
     """One validated request, ready to decode."""
 
@@ -276,14 +276,17 @@ class Work:
     adapter: str | None  # served adapter id; None: the base model
     cache_key: str | None = None
     cancelled: bool = False
-    started: float | None = None
+    started: float | None = None  # its prefill began
+    rows: list[_Row] = field(default_factory=list)
+    reported: bool = False  # its last chunk went out
+    batch_size: int = 0  # most sequences decoded together with it
 
 
-@dataclass
+@dataclass(eq=False)
 class _Row:
     """One sequence (one choice of one request) inside a running batch."""
 
-    work: int  # index into the batch's works
+    work: Work
     choice: int
     params: SamplingParams
     generator: Any  # torch.Generator or None (greedy)
@@ -316,7 +319,7 @@ class TransformersEngine:
 
     def __init__(self, loaded: LoadedModel, *, adapters: Iterable[AdapterSpec] = (), default_max_tokens: int = 64,
                  max_tokens_limit: int = 512, max_n: int = 4, cache_size: int = 256,
-                 aliases: Iterable[str] = ()) -> None:
+                 aliases: Iterable[str] = (), max_batch_rows: int | None = None) -> None:
         import torch
 
         self.model = loaded.model
@@ -328,6 +331,7 @@ class TransformersEngine:
         self.default_max_tokens = default_max_tokens
         self.max_tokens_limit = max_tokens_limit
         self.max_n = max_n
+        self.max_batch_rows = max_batch_rows  # cap on sequences per forward pass (None: no cap)
         self.adapters: dict[str, AdapterSpec] = {a.id: a for a in adapters}
         if self.model_id in self.adapters:
             raise ModelLoadError(f"adapter id {self.model_id!r} collides with the base model's id")
@@ -341,9 +345,10 @@ class TransformersEngine:
         self._pending_unload: set[str] = set()
         self._default_adapter: str | None = None
         self._works: dict[str, Work] = {}
+        self._schedulers: dict[str | None, _Scheduler] = {}
         self._uses_new_cache_kwarg = "cache" in _forward_params(self.model)
         self.stats = {"requests": 0, "cancelled": 0, "generated_tokens": 0, "batches": 0, "max_batch_size": 0,
-                      "adapter_loads": 0, "adapter_unloads": 0}
+                      "adapter_loads": 0, "adapter_unloads": 0, "forward_passes": 0}
         self.model.eval()
         torch.set_grad_enabled(False)
         if loaded.adapter_dir is not None:
@@ -595,42 +600,130 @@ class TransformersEngine:
     # ------------------------------------------------------------------ batched decoding
 
     async def run_batch(self, works: list[Work]) -> AsyncIterator[list[GenerationChunk | type[StopIteration]]]:
-        """Decode ``works`` together; each step yields, per work, a chunk or ``StopIteration`` once done.
+        """Decode ``works`` (one adapter); each step yields, per work, a chunk or ``StopIteration`` once done.
 
-        All works must share one adapter. This is the body of the Serve deployment's ``@serve.batch``
-        generator, and what :meth:`generate` runs for a batch of one.
+        The works join the adapter's running batch at the next step boundary (iteration-level
+        batching): a group admitted by ``@serve.batch`` never waits for an earlier group to finish.
+        This is the body of the Serve deployment's ``@serve.batch`` generator, and what
+        :meth:`generate` runs for a batch of one.
         """
-        loop = asyncio.get_running_loop()
+        adapters = {w.adapter for w in works}
+        if len(adapters) != 1:
+            raise EngineError("one batch serves one model; split requests by model first")
         for work in works:
             self._works[work.request.request_id] = work
             self.stats["requests"] += 1
-        batch = _Batch(self, works)
+        scheduler = self._schedulers.get(works[0].adapter)
+        if scheduler is None:
+            scheduler = self._schedulers[works[0].adapter] = _Scheduler(self, works[0].adapter)
+        group = _Group(works)
+        scheduler.admit(group)
         try:
-            outputs = await loop.run_in_executor(self._executor, batch.prefill)
-            while True:
+            while not all(w.reported for w in works):
+                outputs = await group.queue.get()
+                if isinstance(outputs, BaseException):
+                    raise outputs
                 yield outputs
-                if batch.done:
-                    break
-                outputs = await loop.run_in_executor(self._executor, batch.step)
-            yield [StopIteration] * len(works)
         finally:
             for work in works:
+                if not work.reported:
+                    work.cancelled = True  # the consumer left: drop its rows at the next step
                 self._works.pop(work.request.request_id, None)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-class _Batch:
-    """The state of one running batch: padded tensors, KV cache, and a row per sequence."""
+@dataclass(eq=False)
+class _Group:
+    """Works admitted together (one ``@serve.batch`` call) and the queue their per-step outputs go to."""
 
-    def __init__(self, engine: TransformersEngine, works: list[Work]) -> None:
+    works: list[Work]
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+
+class _Scheduler:
+    """The decode loop of one adapter: new groups are prefilled and merged into the running batch."""
+
+    def __init__(self, engine: TransformersEngine, adapter: str | None) -> None:
+        self.engine = engine
+        self.adapter = adapter
+        self.pending: list[_Group] = []
+        self.groups: list[_Group] = []
+        self.batch: _Batch | None = None
+        self.task: asyncio.Task | None = None
+
+    def admit(self, group: _Group) -> None:
+        self.pending.append(group)
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._drive())
+
+    async def _drive(self) -> None:
+        loop = asyncio.get_running_loop()
+        executor = self.engine._executor
+        try:
+            while self.pending or (self.batch is not None and self.batch.rows):
+                groups = self._admissible()
+                if groups:
+                    fresh = _Batch(self.engine, self.adapter, [w for g in groups for w in g.works])
+                    await loop.run_in_executor(executor, fresh.prefill)
+                    if self.batch is None or not self.batch.rows:
+                        self.batch = fresh
+                    elif fresh.rows:
+                        await loop.run_in_executor(executor, self.batch.merge, fresh)
+                    self.groups += groups
+                else:
+                    await loop.run_in_executor(executor, self.batch.step)  # type: ignore[union-attr]
+                self._publish()
+        except BaseException as exc:  # noqa: BLE001 - every waiting caller gets the error
+            for group in self.groups + self.pending:
+                group.queue.put_nowait(exc)
+            self.groups, self.pending, self.batch = [], [], None
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+
+    def _admissible(self) -> list[_Group]:
+        """Pending groups that fit beside the running rows (max_batch_rows); at least one if idle."""
+        running = len(self.batch.rows) if self.batch is not None else 0
+        if running and not self.batch.mergeable:  # type: ignore[union-attr]
+            return []
+        cap = self.engine.max_batch_rows
+        taken: list[_Group] = []
+        for group in self.pending:
+            size = sum(w.request.sampling.n for w in group.works)
+            if cap is not None and running + size > cap and (running or taken):
+                break
+            taken.append(group)
+            running += size
+        self.pending = self.pending[len(taken):]
+        return taken
+
+    def _publish(self) -> None:
+        """Send each group its works' new text; forget groups whose works have all finished."""
+        now = time.time()
+        live = []
+        for group in self.groups:
+            outputs = [StopIteration if w.reported else _chunk(self.engine, w, now) for w in group.works]
+            group.queue.put_nowait(outputs)
+            if not all(w.reported for w in group.works):
+                live.append(group)
+        self.groups = live
+
+
+class _Batch:
+    """Sequences decoded together: left-padded tensors, a shared KV cache, and a row per sequence.
+
+    Tensor row ``j`` is ``self.rows[j]``. Rows leave when they finish or their work is cancelled;
+    another batch's rows join through :meth:`merge`.
+    """
+
+    def __init__(self, engine: TransformersEngine, adapter: str | None, works: list[Work]) -> None:
         import torch
 
         self.engine = engine
-        self.works = works
+        self.adapter = adapter
         self.rows: list[_Row] = []
-        for i, work in enumerate(works):
+        for work in works:
             params = work.request.sampling
             for choice in range(params.n):
                 generator = None
@@ -638,85 +731,109 @@ class _Batch:
                     generator = torch.Generator()
                     seed = _choice_seed(params.seed, choice) if params.seed is not None else _random_seed()
                     generator.manual_seed(seed)
-                self.rows.append(_Row(i, choice, params, generator, work.max_tokens, len(work.prompt_ids)))
-        self.active: list[int] = []  # row indices, in tensor order
-        self.reported = [False] * len(works)
-        self.done = False
+                work.rows.append(_Row(work, choice, params, generator, work.max_tokens, len(work.prompt_ids)))
+            if not work.cancelled:
+                self.rows += work.rows
         self.cache: Any = None
-        self.mask: torch.Tensor | None = None
-        self.positions: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None  # [B, T]: 1 where a real token sits in the KV cache
+        self.positions: torch.Tensor | None = None  # [B, 1]: position of each row's last token
         self.logits: torch.Tensor | None = None
+
+    @property
+    def mergeable(self) -> bool:
+        return _cache_layers(self.cache) is not None
 
     # Each call runs on the engine thread and ends with sampling, so a token is sent as soon as it exists.
 
-    def prefill(self) -> list[Any]:
+    def prefill(self) -> None:
         import torch
 
         now = time.time()
-        for work in self.works:
-            work.started = now
-        engine = self.engine
+        for row in self.rows:
+            row.work.started = now
+        if not self.rows:
+            return
         self.engine.stats["batches"] += 1
-        self.engine.stats["max_batch_size"] = max(self.engine.stats["max_batch_size"], len(self.rows))
-        live = [r for r, row in enumerate(self.rows) if not self.works[row.work].cancelled]
-        if not live:
-            self.done = True
-            return self._outputs()
-        width = max(self.rows[r].prompt_len for r in live)
-        pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(live), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(live), width), dtype=torch.long)
-        for j, r in enumerate(live):  # left padding: every prompt ends at the last column
-            prompt = self.works[self.rows[r].work].prompt_ids
+        width = max(row.prompt_len for row in self.rows)
+        pad = self.engine.tokenizer.pad_token_id if self.engine.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(self.rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(self.rows), width), dtype=torch.long)
+        for j, row in enumerate(self.rows):  # left padding: every prompt ends at the last column
+            prompt = row.work.prompt_ids
             ids[j, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
             mask[j, width - len(prompt):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]: each row counts from its first real token
-        self.active = live
-        self.mask, self.positions = mask, positions
-        self._forward(ids, mask, positions, cache=None)
+        self.mask = mask
+        self._forward(ids, positions, cache=None)
+        self.positions = positions[:, -1:]
         self._sample()
-        return self._outputs()
 
-    def step(self) -> list[Any]:
+    def step(self) -> None:
         import torch
 
-        keep = [j for j, r in enumerate(self.active)
-                if self.rows[r].finish_reason is None and not self.works[self.rows[r].work].cancelled]
-        if len(keep) < len(self.active):
+        keep = [j for j, row in enumerate(self.rows) if row.finish_reason is None and not row.work.cancelled]
+        if len(keep) < len(self.rows):
+            self.rows = [self.rows[j] for j in keep]
+            if not keep:
+                self.cache = self.mask = self.positions = None
+                return
             index = torch.tensor(keep, dtype=torch.long)
-            if keep:
-                self.cache.batch_select_indices(index.to(self.engine.device))
+            self.cache.batch_select_indices(index.to(self.engine.device))
             self.mask, self.positions = self.mask[index], self.positions[index]
-            self.active = [self.active[j] for j in keep]
-        if not self.active:
-            self.done = True
-            return self._outputs()
-        last = torch.tensor([[self.rows[r].ids[-1]] for r in self.active], dtype=torch.long)  # [B, 1]
-        self.mask = torch.cat([self.mask, torch.ones((len(self.active), 1), dtype=torch.long)], dim=1)
-        self.positions = self.positions[:, -1:] + 1  # [B, 1]
-        self._forward(last, self.mask, self.positions, cache=self.cache)
+        last = torch.tensor([[row.ids[-1]] for row in self.rows], dtype=torch.long)  # [B, 1]
+        self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long)], dim=1)
+        self.positions = self.positions + 1
+        self._forward(last, self.positions, cache=self.cache)
         self._sample()
-        return self._outputs()
 
-    def _forward(self, ids: Any, mask: Any, positions: Any, *, cache: Any) -> None:
+    def merge(self, other: _Batch) -> None:
+        """Append ``other``'s rows: left-pad the shorter KV cache with masked slots, then stack."""
+        import torch
+        import torch.nn.functional as F
+
+        # Drop finished rows first so the merged batch carries no dead weight.
+        keep = [j for j, row in enumerate(self.rows) if row.finish_reason is None and not row.work.cancelled]
+        if len(keep) < len(self.rows):
+            index = torch.tensor(keep, dtype=torch.long)
+            self.rows = [self.rows[j] for j in keep]
+            self.cache.batch_select_indices(index.to(self.engine.device))
+            self.mask, self.positions = self.mask[index], self.positions[index]
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.positions = other.rows, other.cache, other.mask, other.positions
+            return
+        mine, theirs = _cache_layers(self.cache), _cache_layers(other.cache)
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        for a, b in zip(mine, theirs):
+            pad_a, pad_b = width - a.keys.shape[-2], width - b.keys.shape[-2]
+            a.keys = torch.cat([F.pad(a.keys, (0, 0, pad_a, 0)), F.pad(b.keys, (0, 0, pad_b, 0))], dim=0)
+            a.values = torch.cat([F.pad(a.values, (0, 0, pad_a, 0)), F.pad(b.values, (0, 0, pad_b, 0))], dim=0)
+        self.mask = torch.cat([F.pad(self.mask, (width - self.mask.shape[1], 0)),
+                               F.pad(other.mask, (width - other.mask.shape[1], 0))], dim=0)
+        self.positions = torch.cat([self.positions, other.positions], dim=0)
+        self.rows = self.rows + other.rows
+
+    def _forward(self, ids: Any, positions: Any, *, cache: Any) -> None:
         import torch
 
         engine = self.engine
         device = engine.device
-        kwargs: dict[str, Any] = dict(input_ids=ids.to(device), attention_mask=mask.to(device),
+        kwargs: dict[str, Any] = dict(input_ids=ids.to(device), attention_mask=self.mask.to(device),
                                       position_ids=positions.to(device), use_cache=True, logits_to_keep=1)
         if cache is not None:
             kwargs["cache" if engine._uses_new_cache_kwarg else "past_key_values"] = cache
-        with torch.inference_mode(), engine._select(self.works[0].adapter):  # grad mode is per thread
+        with torch.inference_mode(), engine._select(self.adapter):  # grad mode is per thread
             out = engine.model(**kwargs)
         self.cache = getattr(out, "cache", None) or out.past_key_values
         self.logits = out.logits[:, -1, :].float().cpu()  # [B, V]
+        engine.stats["max_batch_size"] = max(engine.stats["max_batch_size"], len(self.rows))
+        engine.stats["forward_passes"] += 1
+        for row in self.rows:
+            row.work.batch_size = max(row.work.batch_size, len(self.rows))
 
     def _sample(self) -> None:
         now = time.time()
         engine = self.engine
-        for j, r in enumerate(self.active):
-            row = self.rows[r]
+        for j, row in enumerate(self.rows):
             token = _sample_token(self.logits[j], row.params, row.generator)
             row.ids.append(token)
             if row.first_token_time is None:
@@ -736,50 +853,50 @@ class _Batch:
                     row.text = row.text[:at]
                     row.finish_reason = "stop"
 
-    def _outputs(self) -> list[Any]:
-        """Per work: a chunk with each choice's new text, or StopIteration once its last chunk went out."""
-        outputs: list[Any] = []
-        now = time.time()
-        for i, work in enumerate(self.works):
-            if self.reported[i]:
-                outputs.append(StopIteration)
-                continue
-            rows = [row for row in self.rows if row.work == i]
-            finished = self.done or work.cancelled or all(row.finish_reason is not None for row in rows)
-            deltas = []
-            for row in rows:
-                final = finished or row.finish_reason is not None
-                end = len(row.text) if final else _safe_end(row)
-                reason_due = row.finish_reason is not None and not row.finish_sent
-                if end > row.emitted or reason_due or len(row.ids) > row.ids_sent:
-                    deltas.append(ChoiceDelta(index=row.choice, text=row.text[row.emitted:end],
-                                              token_ids=row.ids[row.ids_sent:],
-                                              finish_reason=row.finish_reason if reason_due else None))
-                    row.emitted, row.ids_sent = max(row.emitted, end), len(row.ids)
-                    row.finish_sent = row.finish_sent or reason_due
-            chunk = GenerationChunk(request_id=work.request.request_id, model=work.request.model, deltas=deltas)
-            if finished:
-                self.reported[i] = True
-                if work.cancelled:
-                    self.engine.stats["cancelled"] += 1
-                firsts = [row.first_token_time for row in rows if row.first_token_time is not None]
-                arrival = work.request.arrival_time
-                chunk.finished = True
-                chunk.prompt_tokens = len(work.prompt_ids)
-                chunk.completion_tokens = sum(len(row.ids) + int(row.eos) for row in rows)
-                chunk.timing = Timing(queue_s=max(0.0, (work.started or now) - arrival),
-                                      ttft_s=(min(firsts) - arrival) if firsts else None,
-                                      total_s=now - arrival, batch_size=len(self.rows))
-                if work.cache_key is not None and not work.cancelled:
-                    self.engine.cache.put(work.cache_key, GenerationResult(
-                        request_id=work.request.request_id, model=work.request.model,
-                        choices=[ChoiceOutput(index=row.choice, text=row.text, token_ids=list(row.ids),
-                                              finish_reason=row.finish_reason) for row in rows],
-                        prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens))
-            outputs.append(chunk)
-        if all(self.reported):
-            self.done = True
-        return outputs
+
+def _cache_layers(cache: Any) -> list[Any] | None:
+    """The per-layer key/value holders of a dynamic KV cache, or None when merging is not supported."""
+    layers = getattr(cache, "layers", None)
+    if not layers or not all(type(layer).__name__ == "DynamicLayer" for layer in layers):
+        return None
+    return list(layers)
+
+
+def _chunk(engine: TransformersEngine, work: Work, now: float) -> GenerationChunk:
+    """A work's new text since its last chunk (per choice); the final one carries usage and timing."""
+    rows = work.rows
+    finished = work.cancelled or all(row.finish_reason is not None for row in rows)
+    deltas = []
+    for row in rows:
+        final = finished or row.finish_reason is not None
+        end = len(row.text) if final else _safe_end(row)
+        reason_due = row.finish_reason is not None and not row.finish_sent
+        if end > row.emitted or reason_due or len(row.ids) > row.ids_sent:
+            deltas.append(ChoiceDelta(index=row.choice, text=row.text[row.emitted:end],
+                                      token_ids=row.ids[row.ids_sent:],
+                                      finish_reason=row.finish_reason if reason_due else None))
+            row.emitted, row.ids_sent = max(row.emitted, end), len(row.ids)
+            row.finish_sent = row.finish_sent or reason_due
+    chunk = GenerationChunk(request_id=work.request.request_id, model=work.request.model, deltas=deltas)
+    if finished:
+        work.reported = True
+        if work.cancelled:
+            engine.stats["cancelled"] += 1
+        firsts = [row.first_token_time for row in rows if row.first_token_time is not None]
+        arrival = work.request.arrival_time
+        chunk.finished = True
+        chunk.prompt_tokens = len(work.prompt_ids)
+        chunk.completion_tokens = sum(len(row.ids) + int(row.eos) for row in rows)
+        chunk.timing = Timing(queue_s=max(0.0, (work.started or now) - arrival),
+                              ttft_s=(min(firsts) - arrival) if firsts else None,
+                              total_s=now - arrival, batch_size=work.batch_size)
+        if work.cache_key is not None and not work.cancelled:
+            engine.cache.put(work.cache_key, GenerationResult(
+                request_id=work.request.request_id, model=work.request.model,
+                choices=[ChoiceOutput(index=row.choice, text=row.text, token_ids=list(row.ids),
+                                      finish_reason=row.finish_reason) for row in rows],
+                prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens))
+    return chunk
 
 
 def _safe_end(row: _Row) -> int:

@@ -60,7 +60,7 @@ class LLMServer:
         self.engine = TransformersEngine.from_source(
             cfg.model, registry=registry, adapters=cfg.adapters, default_max_tokens=cfg.default_max_tokens,
             max_tokens_limit=cfg.max_tokens_limit, max_n=cfg.max_n, cache_size=cfg.response_cache_size,
-            aliases=cfg.model_aliases)
+            aliases=cfg.model_aliases, max_batch_rows=cfg.max_batch_size)
         engine = self.engine
 
         async def decode(works: list[Any]) -> AsyncIterator[list[Any]]:

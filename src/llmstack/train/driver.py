@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -252,7 +252,8 @@ def final_metrics(outcome: RunOutcome) -> dict[str, Any]:
 def run_training(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[str, Any] | None, *,
                  training: TrainingConfig, scaling: ScalingConfig, run_name: str,
                  storage: Storage | str, storage_options: dict[str, Any] | None = None, fs: Any = None,
-                 progress: bool = True, desc: str | None = None) -> RunOutcome:
+                 progress: bool = True, desc: str | None = None,
+                 on_record: Callable[[dict[str, Any]], None] | None = None) -> RunOutcome:
     """Run :func:`~llmstack.train.loop.run_worker_loop` on Ray Train workers and collect the result.
 
     The shared engine of ``train()`` and ``finetune_lora()``: it fails fast on a batch larger than
@@ -273,6 +274,8 @@ def run_training(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[str
         fs: an fsspec filesystem already probed for ``storage`` (skips the probe).
         progress: show a progress bar.
         desc: progress bar label (default: the run name).
+        on_record: called on the driver (from a background thread) with each per-step record,
+            e.g. to forward metrics to a Ray Tune scheduler.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
@@ -312,7 +315,8 @@ def run_training(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[str
         ),
     )
     run_path = storage.join(run_name)
-    log = MetricsLog(fs, run_path, total=training.max_steps, desc=desc or run_name, show=progress)
+    log = MetricsLog(fs, run_path, total=training.max_steps, desc=desc or run_name, show=progress,
+                     on_record=on_record)
     started = time.perf_counter()
     try:
         with Pump(bus, log):

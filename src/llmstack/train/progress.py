@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+from collections.abc import Callable
 from typing import Any
 
 
@@ -43,12 +44,15 @@ class MetricsLog:
         total: optimizer steps of the run (progress bar length).
         desc: progress bar label.
         show: draw the progress bar.
+        on_record: called with each per-step record as it arrives (e.g. to feed Ray Tune).
     """
 
-    def __init__(self, fs: Any, run_path: str, *, total: int, desc: str = "train", show: bool = True) -> None:
+    def __init__(self, fs: Any, run_path: str, *, total: int, desc: str = "train", show: bool = True,
+                 on_record: Callable[[dict[str, Any]], None] | None = None) -> None:
         from tqdm.auto import tqdm
 
         self.fs = fs
+        self.on_record = on_record
         self.run_path = run_path.rstrip("/")
         self.history: list[dict[str, Any]] = self._read_existing()
         self.recoveries: list[dict[str, Any]] = []
@@ -99,6 +103,11 @@ class MetricsLog:
                     postfix["eval"] = f"{record['eval_loss']:.3f}"
                 self.bar.set_postfix(postfix, refresh=False)
                 self.bar.refresh()
+                if self.on_record is not None:
+                    try:
+                        self.on_record(record)
+                    except Exception as exc:  # a caller's hook must not break the metrics history
+                        self.bar.write(f"llmstack: on_record hook failed: {type(exc).__name__}: {exc}")
 
     def write(self) -> None:
         """Rewrite ``metrics.jsonl`` (small: one line per step)."""

@@ -32,8 +32,10 @@ class ValidateConfig:
     # -- performance: per-request latency, Mann-Whitney U and p95 ratio
     latency_requests: int = 24  # timed requests per model (interleaved between the two)
     latency_new_tokens: int = 8  # tokens generated per timed request
+    latency_repeats: int = 3  # each sample is the median of this many back-to-back runs (filters scheduler noise)
     latency_warmup: int = 2  # untimed requests per model first
     latency_alpha: float = 0.01  # significance level of the one-sided Mann-Whitney U test
+    max_latency_p50_ratio: float = 1.5  # fail if median(candidate)/median(baseline) exceeds this and the test agrees
     max_latency_p95_ratio: float = 1.5  # fail if p95(candidate)/p95(baseline) exceeds this and the test agrees
     # -- sanity
     generation_tokens: int = 16  # tokens generated per probe to look for empty outputs
@@ -52,10 +54,11 @@ class ValidateConfig:
             if not 0.0 < getattr(self, name) < 1.0:
                 problems.append((name, f"must be in (0, 1), got {getattr(self, name)}"))
         for name, low in (("bootstrap_samples", 100), ("max_eval_blocks", 2), ("eval_block_size", 8),
-                          ("latency_requests", 5), ("latency_new_tokens", 1), ("latency_warmup", 0),
+                          ("latency_requests", 5), ("latency_new_tokens", 1), ("latency_repeats", 1), ("latency_warmup", 0),
                           ("generation_tokens", 1)):
             if getattr(self, name) < low:
                 problems.append((name, f"must be >= {low}, got {getattr(self, name)}"))
-        if self.max_latency_p95_ratio < 1.0:
-            problems.append(("max_latency_p95_ratio", f"must be >= 1, got {self.max_latency_p95_ratio}"))
+        for name in ("max_latency_p50_ratio", "max_latency_p95_ratio"):
+            if getattr(self, name) < 1.0:
+                problems.append((name, f"must be >= 1, got {getattr(self, name)}"))
         return problems

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -92,26 +93,57 @@ def test_two_workers_with_accumulation_match_one_big_batch(ddp_run):
     assert _losses(session.records) == pytest.approx(_losses(ddp_run.history), rel=2e-5, abs=2e-5)
 
 
-def test_fsdp_survives_a_killed_worker_and_matches_ddp(ray_cluster, workspace, ddp_run, monkeypatch):
-    from transformers import AutoModelForCausalLM
-
-    from llmstack.models import load_model
+@pytest.fixture(scope="module")
+def fsdp_s3_run(ray_cluster, workspace, s3_server, ddp_run):
+    """FSDP, checkpoints to the S3 server, and worker rank 1 killed (os._exit) after step 5."""
     from llmstack.train import train
 
     flag = workspace / "fault-fired"
-    monkeypatch.setenv("LLMSTACK_FAULT_AT_STEP", "5")
-    monkeypatch.setenv("LLMSTACK_FAULT_FLAG", str(flag))
-    result = train(_config(workspace, "tiny-fsdp", training={"checkpoint_every": 3},
-                           scaling={"strategy": "fsdp", "max_failures": 1}), progress=False)
-    assert flag.exists()  # the worker really died (os._exit after step 5)
+    saved = {k: os.environ.get(k) for k in ("LLMSTACK_FAULT_AT_STEP", "LLMSTACK_FAULT_FLAG")}
+    os.environ.update({"LLMSTACK_FAULT_AT_STEP": "5", "LLMSTACK_FAULT_FLAG": str(flag)})
+    try:
+        result = train(_config(workspace, "tiny-fsdp", **_s3(s3_server), training={"checkpoint_every": 3},
+                               scaling={"strategy": "fsdp", "max_failures": 1}), progress=False)
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    assert flag.exists()  # the worker really died
+    return result
+
+
+def _s3(s3_server) -> dict:
+    return {"storage_path": f"s3://{s3_server['bucket']}/runs", "storage_options": s3_server["storage_options"]}
+
+
+def _s3fs(s3_server):
+    import s3fs
+
+    return s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": s3_server["endpoint_url"]})
+
+
+def test_fsdp_on_s3_survives_a_killed_worker_and_matches_ddp(fsdp_s3_run, ddp_run, workspace, s3_server):
+    from transformers import AutoModelForCausalLM
+
+    from llmstack.models import load_model
+
+    result = fsdp_s3_run
     assert len(result.recoveries) == 1
     recovery = result.recoveries[0]
-    assert recovery["resumed_from_step"] == 3 and 0 < recovery["steps_lost"] <= 3
+    assert recovery["resumed_from_step"] == 3 and 0 < recovery["steps_lost"] <= 3  # <= checkpoint interval
     assert [r["step"] for r in result.history] == list(range(1, 9))
     # Sharded training, a restart and replayed steps: still the DDP run's curve.
     assert _losses(result.history) == pytest.approx(_losses(ddp_run.history), rel=1e-4, abs=1e-4)
-    # The FSDP checkpoint is a full safetensors state dict that one process loads.
-    checkpoint = AutoModelForCausalLM.from_pretrained(result.checkpoint_path, use_safetensors=True)
+    # Checkpoints went to S3; the FSDP one is a full safetensors state dict that one process loads.
+    bucket_run = f"{s3_server['bucket']}/runs/tiny-fsdp"
+    fs = _s3fs(s3_server)
+    assert {"checkpoint_000006", "checkpoint_000008", "metrics.jsonl", "loss_curve.png", "model_signature.json"} <= {
+        p.rsplit("/", 1)[-1] for p in fs.ls(bucket_run)}
+    assert result.checkpoint_path == f"s3://{bucket_run}/checkpoint_000008"
+    local = workspace / "fsdp-final"
+    fs.get(f"{bucket_run}/checkpoint_000008/", str(local), recursive=True)
+    assert {"model.safetensors", "optimizer.safetensors", "rng_rank0.safetensors", "rng_rank1.safetensors",
+            "state.json", "config.json"} <= {p.name for p in local.iterdir()}
+    checkpoint = AutoModelForCausalLM.from_pretrained(str(local), use_safetensors=True)
     registered, _ = load_model(str(result.ref), registry=_registry(workspace))
     for (name, a), (_, b) in zip(checkpoint.state_dict().items(), registered.state_dict().items()):
         assert a.shape == b.shape and bool((a == b).all()), name
@@ -123,28 +155,18 @@ def _registry(workspace: Path):
     return Registry(str(workspace / "registry"))
 
 
-def test_s3_checkpoints_and_rerun_resumes(ray_cluster, workspace, s3_server):
-    import s3fs
-
+def test_same_run_name_resumes_from_latest_checkpoint(fsdp_s3_run, workspace, s3_server):
+    """A rerun of the S3 FSDP run, with 2 more steps and only one worker: full-state checkpoints do not
+    care how many workers wrote them."""
     from llmstack.train import train
 
-    storage = f"s3://{s3_server['bucket']}/runs"
-    overrides = {"storage_path": storage, "storage_options": s3_server["storage_options"],
-                 "scaling": {"num_workers": 1}}
-    first = train(_config(workspace, "tiny-s3", training={"max_steps": 2, "checkpoint_every": 2}, **overrides),
-                  progress=False)
-    second = train(_config(workspace, "tiny-s3", training={"max_steps": 4, "checkpoint_every": 2}, **overrides),
-                   progress=False)
-    assert first.resumed_from_step is None and second.resumed_from_step == 2
-    assert second.checkpoint_path == f"{storage}/tiny-s3/checkpoint_000004"
-    assert [r["step"] for r in second.history] == [1, 2, 3, 4]
-    assert second.history[:2] == first.history  # steps 1-2 were not redone
-    fs = s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": s3_server["endpoint_url"]})
-    listing = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_server['bucket']}/runs/tiny-s3")}
-    assert {"checkpoint_000002", "checkpoint_000004", "metrics.jsonl", "loss_curve.png",
-            "model_signature.json"} <= listing
-    files = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_server['bucket']}/runs/tiny-s3/checkpoint_000004")}
-    assert {"model.safetensors", "optimizer.safetensors", "state.json", "config.json"} <= files
+    result = train(_config(workspace, "tiny-fsdp", **_s3(s3_server), training={"max_steps": 10},
+                           scaling={"strategy": "fsdp", "num_workers": 1}), progress=False)
+    assert fsdp_s3_run.resumed_from_step is None and result.resumed_from_step == 8
+    assert [r["step"] for r in result.history] == list(range(1, 11))
+    assert result.history[:8] == fsdp_s3_run.history  # steps 1-8 were not redone
+    assert result.metrics["tokens"] > fsdp_s3_run.metrics["tokens"]
+    assert result.checkpoint_path.endswith("tiny-fsdp/checkpoint_000010")
 
 
 @pytest.mark.parametrize("case, error, expected", [
@@ -169,7 +191,7 @@ def test_bad_input_fails_before_workers_start(ray_cluster, workspace, ddp_run, c
     before = sorted(p.name for p in (workspace / "runs").glob("*/checkpoint_0*"))
     started = time.perf_counter()
     with pytest.raises(getattr(llmstack.errors, error)) as info:
-        train(_config(workspace, f"bad-{case}", **bad), progress=False)
+        train(_config(workspace, bad.pop("name", f"bad-{case}"), **bad), progress=False)
     assert expected in str(info.value)
     assert time.perf_counter() - started < 60
     assert sorted(p.name for p in (workspace / "runs").glob("*/checkpoint_0*")) == before  # nothing trained

@@ -1,8 +1,9 @@
-"""A tiny registered base model shared by the fine-tuning unit tests (built once per module)."""
+"""A tiny registered base model and in-process training runs shared by the fine-tuning unit tests."""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,9 @@ def make_base(registry: Any, name: str = "base", *, seed: int = 0) -> tuple[Any,
     return register_model(registry, name, model, tokenizer, kind="model"), tokenizer
 
 
-def run_local(base: dict[str, Any], method: str, root: Path, *, steps: int = 6, lr: float = 3e-3,
+def run_local(base: dict[str, Any], method: str, root: Path, *, steps: int = 4, lr: float = 3e-3,
               rank: int = 4) -> dict[str, Any]:
+    """Train ``method`` through the shared loop in this process (no Ray); final checkpoint under ``root``."""
     from llmstack.config import LoRAConfig, TrainingConfig
     from llmstack.finetune.lora import evaluate_in_process
     from llmstack.finetune.methods import ModelFactory
@@ -43,6 +45,7 @@ def run_local(base: dict[str, Any], method: str, root: Path, *, steps: int = 6, 
 
 
 def register(base: dict[str, Any], run: dict[str, Any], name: str) -> Any:
+    """Register a local run's final checkpoint as an adapter, the way finetune_lora() does."""
     from llmstack.config import FinetuneConfig
     from llmstack.finetune.lora import _register_adapter, load_trainable
     from llmstack.finetune.methods import resolve_target_modules
@@ -58,21 +61,51 @@ def register(base: dict[str, Any], run: dict[str, Any], name: str) -> Any:
                              {"method": factory.method})
 
 
-@pytest.fixture
-def helpers() -> Any:
-    from types import SimpleNamespace
+@pytest.fixture(scope="session")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    import torch
 
-    return SimpleNamespace(run_local=run_local, register=register)
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from llmstack.finetune.data import instruction_tensors
     from llmstack.registry import Registry
 
     warnings.filterwarnings("ignore", category=FutureWarning)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is faster than two contended ones
     root = tmp_path_factory.mktemp("ft-unit")
     registry = Registry(str(root / "registry"))
     ref, tokenizer = make_base(registry)
-    data = instruction_tensors(QA, tokenizer, max_length=BLOCK, max_rows=96)
-    return {"registry": registry, "ref": ref, "tokenizer": tokenizer, "data": data, "root": Path(root)}
+    data = instruction_tensors(QA, tokenizer, max_length=BLOCK, max_rows=64)
+    yield {"registry": registry, "ref": ref, "tokenizer": tokenizer, "data": data, "root": Path(root)}
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(name="make_base")
+def make_base_fixture() -> Callable[..., tuple[Any, Any]]:
+    return make_base
+
+
+@pytest.fixture(scope="session")
+def trained(base: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], dict[str, Any]]:
+    """``trained(method)``: the in-process run of ``method`` (each method trained once per session)."""
+    cache: dict[str, dict[str, Any]] = {}
+    root = tmp_path_factory.mktemp("ft-runs")
+
+    def get(method: str) -> dict[str, Any]:
+        if method not in cache:
+            cache[method] = run_local(base, method, root, lr=1e-2 if method == "bitfit" else 3e-3)
+        return cache[method]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def adapters(base: dict[str, Any], trained: Callable[[str], dict[str, Any]]) -> Callable[[str], Any]:
+    """``adapters(method)``: that run registered as adapter ``ad-<method>``."""
+    cache: dict[str, Any] = {}
+
+    def get(method: str) -> Any:
+        if method not in cache:
+            cache[method] = register(base, trained(method), f"ad-{method}")
+        return cache[method]
+
+    return get

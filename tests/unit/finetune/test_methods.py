@@ -62,8 +62,8 @@ def test_full_trains_everything(base) -> None:
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora", "dora", "full"])
-def test_each_method_lowers_held_out_answer_loss(base, helpers, method: str, tmp_path) -> None:
-    run = helpers.run_local(base, method, tmp_path)
+def test_each_method_lowers_held_out_answer_loss(base, trained, method: str) -> None:
+    run = trained(method)
     assert run["after"] < run["before"] - 0.02, (method, run["before"], run["after"])
     from llmstack.finetune.lora import load_trainable
 
@@ -74,8 +74,8 @@ def test_each_method_lowers_held_out_answer_loss(base, helpers, method: str, tmp
         assert stored and all("lora_" in name for name in stored)
 
 
-def test_bitfit_changes_only_norm_scales(base, helpers, tmp_path) -> None:
-    run = helpers.run_local(base, "bitfit", tmp_path, steps=3, lr=1e-2)
+def test_bitfit_changes_only_norm_scales(base, trained) -> None:
+    run = trained("bitfit")
     from llmstack.finetune.lora import load_trainable
 
     stored = load_trainable(run["checkpoint"])

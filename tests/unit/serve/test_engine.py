@@ -156,3 +156,36 @@ def test_response_cache_keys_on_model_and_adapter_identity(engine: Any) -> None:
     params = SamplingParams(temperature=0)
     assert ResponseCache.key("m@v1", None, [1], params, 4) != ResponseCache.key("m@v2", None, [1], params, 4)
     assert ResponseCache.key("m@v1", "a@v1", [1], params, 4) != ResponseCache.key("m@v1", "b@v1", [1], params, 4)
+
+
+def test_requests_join_a_running_batch_and_still_match_alone(engine: Any) -> None:
+    """Iteration-level batching: late arrivals merge into the running batch (KV caches padded and stacked)."""
+    long_req = req("line 12: the value of x is", max_tokens=40, temperature=0)
+    late = [req(p, max_tokens=n, temperature=0) for p, n in (("d", 12), ("The quick brown fox jumps over", 20),
+                                                             ("import os", 5))]
+    alone = [run(engine.generate(r)).choices[0].token_ids for r in [long_req, *late]]
+
+    async def staggered() -> list[Any]:
+        first = asyncio.ensure_future(engine.generate(long_req))
+        while engine.stats["generated_tokens"] < sum(len(a) for a in alone) + 6:
+            await asyncio.sleep(0.001)
+        rest = await asyncio.gather(*(engine.generate(r) for r in late))
+        return [await first, *rest]
+
+    passes_before = engine.stats["forward_passes"]
+    together = [r.choices[0].token_ids for r in run(staggered())]
+    assert together == alone
+    assert engine.stats["max_batch_size"] >= 2  # they shared forward passes with the long request
+    # Fewer forward passes than decoding each on its own (40 + 12 + 20 + 5 steps).
+    assert engine.stats["forward_passes"] - passes_before < 40 + 12 + 20 + 5
+
+
+def test_max_batch_rows_caps_sequences_per_forward(engine: Any) -> None:
+    engine.max_batch_rows = 3
+    requests = [req(p, max_tokens=6, temperature=0) for p in PROMPTS]
+
+    async def concurrently() -> list[Any]:
+        return await asyncio.gather(*(engine.generate(r) for r in requests))
+    results = run(concurrently())
+    assert all(r.completion_tokens >= 1 for r in results)
+    assert engine.stats["max_batch_size"] <= 3

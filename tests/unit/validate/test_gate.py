@@ -74,10 +74,11 @@ def test_model_trained_on_other_data_fails(model_a: Any, model_b: Any, tokenizer
 
 def test_slowed_model_fails_latency_only(model_a: Any, tokenizer: Any, held_out: Any,
                                          helpers: types.ModuleType) -> None:
-    report = _run(helpers.slowed(model_a, seconds=0.01), model_a, tokenizer, held_out)
+    # 100 ms per forward pass: far above the scheduling noise of a loaded 2-core machine.
+    report = _run(helpers.slowed(model_a, seconds=0.1), model_a, tokenizer, held_out)
     assert report.failed_checks == ["latency"], report.to_text()
     latency = report.check("latency").metrics
-    assert latency["p95_ratio"] > 1.5 and latency["p_value"] < 0.01
+    assert max(latency["p50_ratio"], latency["p95_ratio"]) > 1.5 and latency["p_value"] < 0.01
 
 
 def test_different_tokenizer_is_a_clear_error(model_a: Any, tokenizer: Any, held_out: Any,

@@ -1,0 +1,478 @@
+"""Serving benchmark: llmstack's Ray Serve app against the same model called directly with transformers.
+
+Measured in one run, on one machine, against baselines from the same run:
+
+1. throughput at 16 concurrent HTTP clients (dynamic batching) vs sequential batch-1 ``model.generate``;
+2. per-request Serve overhead at low load: HTTP p50 minus the in-process engine p50 for the same request;
+3. p50/p95 latency and time to first token (streamed) across a load sweep, with a PNG;
+4. autoscaling: replicas and queue depth over time under a rising and falling load, with a PNG;
+5. the response cache: repeated identical greedy requests, hit vs miss latency.
+
+Writes benchmarks/results/serve.json, serve_latency.png, serve_autoscaling.png and the ``## serve``
+section of benchmarks/RESULTS.md.
+
+Reproduce: python benchmarks/serve_bench.py            (about 5 minutes on 2 CPU cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+RESULTS_MD = HERE / "RESULTS.md"
+PROMPTS = [f"line {i}: the value of x is {i * 7} and y is" for i in range(64)]
+
+
+def log(msg: str) -> None:
+    print(f"[serve-bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+# --------------------------------------------------------------------------- direct baselines
+
+
+def direct_generate_baseline(model: Any, tokenizer: Any, n: int, max_tokens: int) -> dict[str, float]:
+    """Sequential batch-1 ``model.generate`` (greedy, KV cache): the plain-transformers way to serve."""
+    import torch
+
+    torch.set_num_threads(1)  # a replica gets one CPU; so does the baseline
+    latencies, tokens = [], 0
+    with torch.inference_mode():
+        for i in range(n):
+            enc = tokenizer(PROMPTS[i % len(PROMPTS)], return_tensors="pt", add_special_tokens=False)
+            start = time.perf_counter()
+            out = model.generate(**enc, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            latencies.append(time.perf_counter() - start)
+            tokens += out.shape[1] - enc["input_ids"].shape[1]
+    total = sum(latencies)
+    return {"requests": n, "tokens": tokens, "seconds": total, "tokens_per_s": tokens / total,
+            "p50_s": pct(latencies, 50)}
+
+
+def direct_engine_latency(model: Any, tokenizer: Any, n: int, max_tokens: int) -> dict[str, float]:
+    """The engine in-process (no HTTP, no Ray): the same work a replica does for one request."""
+    from llmstack.serve.engine import LoadedModel, TransformersEngine
+    from llmstack.serve.protocol import GenerationRequest, SamplingParams
+
+    engine = TransformersEngine(LoadedModel(model, tokenizer, "tiny-lm", "tiny-lm@v1", "bench"), cache_size=0)
+    latencies = []
+
+    async def run() -> None:
+        for i in range(n):
+            request = GenerationRequest(model="tiny-lm", prompt=PROMPTS[i % len(PROMPTS)],
+                                        sampling=SamplingParams(max_tokens=max_tokens, temperature=0))
+            start = time.perf_counter()
+            await engine.generate(request)
+            latencies.append(time.perf_counter() - start)
+
+    asyncio.run(run())
+    engine.shutdown()
+    return {"p50_s": pct(latencies, 50), "p95_s": pct(latencies, 95), "requests": n}
+
+
+# --------------------------------------------------------------------------- HTTP load
+
+
+async def _one(client: Any, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    start = time.perf_counter()
+    if not body.get("stream"):
+        r = await client.post(url + "/v1/completions", json=body)
+        end = time.perf_counter()
+        data = r.json()
+        tokens = data.get("usage", {}).get("completion_tokens", 0) if r.status_code == 200 else 0
+        return {"status": r.status_code, "latency": end - start, "ttft": None, "tokens": tokens}
+    ttft, tokens, status = None, 0, 0
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        status = r.status_code
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("choices") and event["choices"][0].get("text") is not None:
+                tokens += 1
+                if ttft is None:
+                    ttft = time.perf_counter() - start
+    return {"status": status, "latency": time.perf_counter() - start, "ttft": ttft, "tokens": tokens}
+
+
+async def closed_loop(url: str, *, clients: int, requests_per_client: int, max_tokens: int, stream: bool = False,
+                      seed_base: int = 0) -> dict[str, Any]:
+    """``clients`` concurrent clients, each sending requests back to back; greedy, no cache hits."""
+    import httpx
+
+    results: list[dict[str, Any]] = []
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        async def worker(w: int) -> None:
+            for k in range(requests_per_client):
+                seed = seed_base + w * 10_000 + k  # greedy ignores it; the response cache keys on it
+                body = {"prompt": PROMPTS[(w * 7 + k) % len(PROMPTS)], "max_tokens": max_tokens,
+                        "temperature": 0, "seed": seed, "stream": stream}
+                results.append(await _one(client, url, body))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(clients)))
+        elapsed = time.perf_counter() - start
+    ok = [r for r in results if r["status"] == 200]
+    tokens = sum(r["tokens"] for r in ok)
+    ttfts = [r["ttft"] for r in ok if r["ttft"] is not None]
+    return {"clients": clients, "requests": len(results), "ok": len(ok), "seconds": elapsed,
+            "tokens": tokens, "tokens_per_s": tokens / elapsed, "requests_per_s": len(ok) / elapsed,
+            "latency_p50_s": pct([r["latency"] for r in ok], 50), "latency_p95_s": pct([r["latency"] for r in ok], 95),
+            "ttft_p50_s": pct(ttfts, 50) if ttfts else None, "ttft_p95_s": pct(ttfts, 95) if ttfts else None}
+
+
+def sequential_latency(url: str, n: int, body: dict[str, Any]) -> list[float]:
+    import requests
+
+    session = requests.Session()
+    latencies = []
+    for i in range(n):
+        start = time.perf_counter()
+        r = session.post(url + "/v1/completions", json={**body, "seed": body.get("seed", 0) + i}, timeout=60)
+        latencies.append(time.perf_counter() - start)
+        assert r.status_code == 200, r.text
+    return latencies
+
+
+# --------------------------------------------------------------------------- autoscaling
+
+
+def autoscaling_run(url: str, app_name: str, profile: list[tuple[float, int]], max_tokens: int) -> list[dict]:
+    """Drive ``profile`` (seconds, clients) and sample replicas and in-flight requests every 0.5 s."""
+    from ray import serve
+
+    timeline: list[dict] = []
+    state = {"clients": 0, "stop": False, "in_flight": 0}
+    lock = threading.Lock()
+
+    async def driver() -> None:
+        import httpx
+
+        async with httpx.AsyncClient(timeout=300) as client:
+            async def worker(w: int) -> None:
+                k = 0
+                while not state["stop"]:
+                    if w >= state["clients"]:
+                        await asyncio.sleep(0.05)
+                        continue
+                    with lock:
+                        state["in_flight"] += 1
+                    try:
+                        await _one(client, url, {"prompt": PROMPTS[(w + k) % len(PROMPTS)], "max_tokens": max_tokens,
+                                                 "temperature": 0, "seed": 10**6 + w * 10_000 + k})
+                    finally:
+                        with lock:
+                            state["in_flight"] -= 1
+                    k += 1
+
+            await asyncio.gather(*(worker(w) for w in range(max(c for _, c in profile))))
+
+    thread = threading.Thread(target=lambda: asyncio.run(driver()), daemon=True)
+    thread.start()
+    start = time.time()
+    for duration, clients in profile:
+        state["clients"] = clients
+        phase_end = time.time() + duration
+        while time.time() < phase_end:
+            status = serve.status().applications[app_name].deployments["LLMServer"]
+            timeline.append({"t": round(time.time() - start, 2), "clients": clients,
+                             "replicas": int(status.replica_states.get("RUNNING", 0)),
+                             "in_flight": state["in_flight"]})
+            time.sleep(0.5)
+    state["stop"] = True
+    thread.join(timeout=120)
+    return timeline
+
+
+# --------------------------------------------------------------------------- report
+
+
+def plot_latency(sweep: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [s["clients"] for s in sweep]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(x, [s["latency_p50_s"] * 1000 for s in sweep], "o-", label="latency p50")
+    ax1.plot(x, [s["latency_p95_s"] * 1000 for s in sweep], "o--", label="latency p95")
+    ax1.plot(x, [s["ttft_p50_s"] * 1000 for s in sweep], "s-", label="TTFT p50")
+    ax1.plot(x, [s["ttft_p95_s"] * 1000 for s in sweep], "s--", label="TTFT p95")
+    ax1.set_xscale("log", base=2)
+    ax1.set_xlabel("concurrent clients")
+    ax1.set_ylabel("ms")
+    ax1.set_title("latency vs load (streamed)")
+    ax1.legend()
+    ax2.plot(x, [s["tokens_per_s"] for s in sweep], "o-")
+    ax2.set_xscale("log", base=2)
+    ax2.set_xlabel("concurrent clients")
+    ax2.set_ylabel("generated tokens / s")
+    ax2.set_title("throughput vs load")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_autoscaling(timeline: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [p["t"] for p in timeline]
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    ax.step(t, [p["clients"] for p in timeline], where="post", label="clients (offered load)", color="grey")
+    ax.plot(t, [p["in_flight"] for p in timeline], label="requests in flight (queue depth)", alpha=0.7)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("requests")
+    ax2 = ax.twinx()
+    ax2.step(t, [p["replicas"] for p in timeline], where="post", color="red", label="running replicas")
+    ax2.set_ylabel("replicas")
+    ax2.set_ylim(0, max(p["replicas"] for p in timeline) + 1)
+    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
+    ax.legend(lines, labels, loc="upper right", fontsize=8)
+    ax.set_title("queue-depth autoscaling under a rising and falling load")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(r: dict[str, Any]) -> str:
+    thr = r["throughput"]
+    over = r["overhead"]
+    auto = r["autoscaling"]
+    cache = r["cache"]
+    lines = [
+        "## serve",
+        "",
+        f"Reproduce: `python benchmarks/serve_bench.py` ({r['wall_s']:.0f} s on {r['machine']}). "
+        "Raw numbers: `benchmarks/results/serve.json`; plots: `benchmarks/results/serve_latency.png`, "
+        "`benchmarks/results/serve_autoscaling.png`.",
+        "",
+        f"Model: `tiny` preset ({r['params'] / 1e6:.1f}M parameters, random init, BPE vocabulary {r['vocab']}), "
+        f"fp32 on CPU; every request generates {r['max_tokens']} tokens greedily from a ~{r['prompt_tokens']}-token "
+        "prompt. The app is the one `deploy()` builds: ingress + one `LLMServer` replica (1 CPU, 1 torch thread) "
+        f"with `max_batch_size={r['app']['max_batch_size']}`, `batch_wait_timeout_s={r['app']['batch_wait_timeout_s']}`. "
+        "Baselines run in the benchmark process with one torch thread. Load comes from an asyncio HTTP client "
+        "on the same 2 cores, so absolute numbers are pessimistic; the ratios are the point.",
+        "",
+        "| measurement | value | baseline (same run) | ratio |",
+        "|---|---:|---:|---:|",
+        f"| throughput, 16 concurrent HTTP clients, batched | {thr['serve_16']['tokens_per_s']:.0f} tok/s | "
+        f"{thr['direct_generate']['tokens_per_s']:.0f} tok/s sequential batch-1 `model.generate` (best of 2) | "
+        f"**{thr['ratio_vs_generate']:.1f}x** (target >= 4x) |",
+        f"| same, vs 1 HTTP client (batch 1 through Serve) | {thr['serve_16']['tokens_per_s']:.0f} tok/s | "
+        f"{thr['serve_1']['tokens_per_s']:.0f} tok/s | {thr['ratio_vs_serve_1']:.1f}x |",
+        f"| Serve overhead per request at low load, p50 | {over['overhead_p50_ms']:.1f} ms "
+        f"(HTTP {over['http_p50_ms']:.1f} ms) | {over['engine_p50_ms']:.1f} ms engine in-process | "
+        f"target <= 10 ms |",
+        f"| response cache, identical greedy request, p50 | {cache['hit_p50_ms']:.1f} ms hit | "
+        f"{cache['miss_p50_ms']:.1f} ms miss | {cache['miss_p50_ms'] / cache['hit_p50_ms']:.1f}x faster |",
+        "",
+        f"Overhead = p50 of {over['requests']} sequential 1-token HTTP requests minus p50 of the same "
+        "requests on the engine in-process (same model, same thread count); it covers the proxy, the "
+        "ingress (auth, validation, metrics), two handle hops and the batch queue.",
+        "",
+        "**Latency and time to first token across load** (streamed requests, closed loop; "
+        "`benchmarks/results/serve_latency.png`):",
+        "",
+        "| clients | tok/s | req/s | latency p50 | latency p95 | TTFT p50 | TTFT p95 |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in r["sweep"]:
+        lines.append(f"| {s['clients']} | {s['tokens_per_s']:.0f} | {s['requests_per_s']:.1f} | "
+                     f"{s['latency_p50_s'] * 1000:.0f} ms | {s['latency_p95_s'] * 1000:.0f} ms | "
+                     f"{s['ttft_p50_s'] * 1000:.0f} ms | {s['ttft_p95_s'] * 1000:.0f} ms |")
+    lines += [
+        "",
+        f"**Autoscaling** (`benchmarks/results/serve_autoscaling.png`): min 1 / max {auto['max_replicas']} replicas, "
+        f"`target_ongoing_requests={auto['target']}`, upscale delay {auto['upscale_delay_s']} s, downscale delay "
+        f"{auto['downscale_delay_s']} s. Load profile (seconds x clients): {auto['profile']}. "
+        f"Replicas went 1 -> {auto['peak_replicas']} after {auto['scale_up_after_s']} s of load and back to "
+        f"{auto['final_replicas']} {auto['scale_down_after_s']} s after the load stopped; "
+        f"peak in-flight requests {auto['peak_in_flight']}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_section(section: str) -> None:
+    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n"
+    pattern = re.compile(r"^## serve\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _m: section + "\n", text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    RESULTS_MD.write_text(text)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--quick", action="store_true", help="fewer requests (smoke run)")
+    args = parser.parse_args()
+    t0 = time.time()
+    scale = 1 if not args.quick else 0.25
+
+    import ray
+    from ray import serve
+
+    import llmstack
+    from llmstack.models import count_parameters
+    from llmstack.serve._testing import make_registry
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="serve-bench-")
+    info = make_registry(str(Path(tmp) / "registry"), adapters=0)
+    model, tokenizer = info["torch_model"], info["tokenizer"]
+    prompt_tokens = round(statistics.mean(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in PROMPTS))
+    mt = args.max_tokens
+
+    log("baseline: sequential batch-1 model.generate")
+    direct = direct_generate_baseline(model, tokenizer, max(4, int(24 * scale)), mt)
+    engine_1tok = direct_engine_latency(model, tokenizer, max(10, int(60 * scale)), 1)
+    log(f"  {direct['tokens_per_s']:.0f} tok/s; engine 1-token p50 {engine_1tok['p50_s'] * 1000:.1f} ms")
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app_cfg = {"max_batch_size": 16, "batch_wait_timeout_s": 0.0, "max_ongoing_requests": 64,
+               "max_queued_requests": -1}
+    dep = llmstack.deploy({"model": "tiny-lm@production", "registry": info["registry"].url, "port": port,
+                           "app_name": "bench", "num_cpus": 1, "max_tokens_limit": 128, **app_cfg})
+    url = dep.url
+    log(f"app at {url}")
+    sequential_latency(url, 5, {"prompt": "warm up", "max_tokens": 4})
+
+    log("Serve overhead at low load")
+    http_1tok = sequential_latency(url, max(10, int(60 * scale)), {"prompt": PROMPTS[3], "max_tokens": 1,
+                                                                    "temperature": 0, "seed": 1})
+    overhead = {"http_p50_ms": pct(http_1tok, 50) * 1000, "engine_p50_ms": engine_1tok["p50_s"] * 1000,
+                "requests": len(http_1tok)}
+    overhead["overhead_p50_ms"] = overhead["http_p50_ms"] - overhead["engine_p50_ms"]
+    log(f"  HTTP p50 {overhead['http_p50_ms']:.1f} ms, overhead {overhead['overhead_p50_ms']:.1f} ms")
+
+    log("response cache: identical greedy requests")
+    miss = sequential_latency(url, max(5, int(20 * scale)), {"prompt": PROMPTS[5], "max_tokens": mt,
+                                                              "temperature": 0, "seed": 5000})
+    same = {"prompt": PROMPTS[5], "max_tokens": mt, "temperature": 0, "seed": 4242}
+    sequential_latency(url, 1, same)
+    import requests as rq
+
+    hits = []
+    for _ in range(max(5, int(20 * scale))):
+        start = time.perf_counter()
+        rq.post(url + "/v1/completions", json=same, timeout=60)
+        hits.append(time.perf_counter() - start)
+    cache = {"miss_p50_ms": pct(miss, 50) * 1000, "hit_p50_ms": pct(hits, 50) * 1000}
+
+    log("throughput: 1 and 16 concurrent clients")
+    serve_1 = asyncio.run(closed_loop(url, clients=1, requests_per_client=max(4, int(16 * scale)), max_tokens=mt,
+                                      seed_base=1))
+    serve_16 = asyncio.run(closed_loop(url, clients=16, requests_per_client=max(2, int(6 * scale)), max_tokens=mt,
+                                       seed_base=2))
+    # The machine is shared and noisy: measure the baseline again and keep its better run (conservative ratio).
+    direct_again = direct_generate_baseline(model, tokenizer, max(4, int(24 * scale)), mt)
+    if direct_again["tokens_per_s"] > direct["tokens_per_s"]:
+        direct = direct_again
+    throughput = {"direct_generate": direct, "serve_1": serve_1, "serve_16": serve_16,
+                  "ratio_vs_generate": serve_16["tokens_per_s"] / direct["tokens_per_s"],
+                  "ratio_vs_serve_1": serve_16["tokens_per_s"] / serve_1["tokens_per_s"]}
+    log(f"  16 clients {serve_16['tokens_per_s']:.0f} tok/s = {throughput['ratio_vs_generate']:.1f}x generate")
+
+    log("latency / TTFT sweep")
+    sweep = []
+    for clients in (1, 2, 4, 8, 16, 32):
+        per_client = max(2, int((16 if clients <= 4 else 4 if clients <= 16 else 2) * scale))
+        point = asyncio.run(closed_loop(url, clients=clients, requests_per_client=per_client, max_tokens=mt,
+                                        stream=True, seed_base=100 * clients))
+        sweep.append(point)
+        log(f"  {clients:>2} clients: p50 {point['latency_p50_s'] * 1000:.0f} ms, "
+            f"TTFT p50 {point['ttft_p50_s'] * 1000:.0f} ms, {point['tokens_per_s']:.0f} tok/s")
+    plot_latency(sweep, RESULTS / "serve_latency.png")
+    dep.shutdown()
+
+    log("autoscaling under a rising and falling load")
+    auto_cfg = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 1,
+                "downscale_delay_s": 4, "look_back_period_s": 2, "metrics_interval_s": 0.5}
+    adep = llmstack.deploy({"model": "tiny-lm@production", "registry": info["registry"].url, "port": port,
+                            "app_name": "bench-auto", "route_prefix": "/auto", "num_cpus": 1,
+                            "max_batch_size": 4, "max_ongoing_requests": 8, "max_queued_requests": -1,
+                            "response_cache_size": 0, "autoscaling": auto_cfg})
+    profile = [(5, 1), (15, 4), (20, 12), (10, 4), (20, 0)] if not args.quick else [(3, 1), (10, 12), (12, 0)]
+    timeline = autoscaling_run(adep.url, "bench-auto", profile, mt)
+    adep.shutdown()
+    plot_autoscaling(timeline, RESULTS / "serve_autoscaling.png")
+    load_start = next((p["t"] for p in timeline if p["clients"] > 1), 0.0)
+    up = next((p["t"] for p in timeline if p["replicas"] > 1), None)
+    load_end = max((p["t"] for p in timeline if p["clients"] > 0), default=0.0)
+    down = next((p["t"] for p in timeline if p["t"] > load_end and p["replicas"] <= 1), None)
+    autoscaling = {"profile": profile, "timeline": timeline, "max_replicas": auto_cfg["max_replicas"],
+                   "target": auto_cfg["target_ongoing_requests"], "upscale_delay_s": auto_cfg["upscale_delay_s"],
+                   "downscale_delay_s": auto_cfg["downscale_delay_s"],
+                   "peak_replicas": max(p["replicas"] for p in timeline),
+                   "final_replicas": timeline[-1]["replicas"],
+                   "scale_up_after_s": round(up - load_start, 1) if up is not None else None,
+                   "scale_down_after_s": round(down - load_end, 1) if down is not None else None,
+                   "peak_in_flight": max(p["in_flight"] for p in timeline)}
+    serve.shutdown()
+    ray.shutdown()
+
+    import torch
+
+    results = {"machine": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+                          f"torch {torch.__version__}, ray {ray.__version__}, python {sys.version.split()[0]}",
+               "params": count_parameters(model), "vocab": len(tokenizer), "max_tokens": mt,
+               "prompt_tokens": prompt_tokens, "app": app_cfg, "throughput": throughput, "overhead": overhead,
+               "cache": cache, "sweep": sweep, "autoscaling": autoscaling, "wall_s": time.time() - t0}
+    if args.quick:  # smoke run: print the section, keep the recorded results
+        print(markdown(results))
+    else:
+        (RESULTS / "serve.json").write_text(json.dumps(results, indent=2))
+        write_section(markdown(results))
+    log(f"done in {results['wall_s']:.0f} s")
+    return 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

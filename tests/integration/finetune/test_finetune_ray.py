@@ -1,0 +1,111 @@
+"""finetune_lora(), distill() and sweep() end to end on real local Ray Train workers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmstack.finetune import distill, finetune_lora, load_adapter_model, sweep
+from llmstack.models import load_model
+
+pytestmark = pytest.mark.ray
+QA = "builtin:stdlib-qa"
+
+
+def _logits(model, tokenizer) -> torch.Tensor:
+    ids = torch.tensor([tokenizer("What does `json.dumps` do?")["input_ids"][:16]])
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_lora_under_fsdp_saves_every_ranks_shard_and_merges(ft_base, small_config) -> None:
+    from safetensors.torch import load_file
+
+    registry = ft_base["registry"]
+    cfg = small_config("lora-fsdp", ft_base["root"], workers=2, strategy="fsdp", merge=True)
+    result = finetune_lora(str(ft_base["ref"]), QA, cfg, registry=registry, progress=False)
+
+    manifest = registry.manifest(result.ref)
+    assert manifest.kind == "adapter" and manifest.parents == [str(ft_base["ref"])]
+    assert result.metrics["eval_loss"] < result.metrics["eval_loss_before"]
+    assert 0 < result.metrics["trainable_fraction"] < 0.1
+    # FSDP2 shards dim 0 of every tensor over the 2 ranks; the checkpoint and the adapter hold full tensors.
+    checkpoint = load_file(str(Path(result.checkpoint_path) / "model.safetensors"))
+    adapter = load_file(str(registry.fetch(result.ref) / "adapter_model.safetensors"))
+    assert len(checkpoint) == len(adapter) == 2 * 7 * 4
+    for name, tensor in adapter.items():
+        rank_dim = 0 if "lora_A" in name else 1
+        assert tensor.shape[rank_dim] == 4, name  # the full rank, not half of it
+    q_a = next(t for n, t in adapter.items() if "layers.0.self_attn.q_proj.lora_A" in n)
+    assert tuple(q_a.shape) == (4, 128)
+
+    merged = registry.manifest(result.merged_ref)
+    assert merged.kind == "model" and merged.parents == [str(result.ref), str(ft_base["ref"])]
+    with_adapter, tokenizer = load_adapter_model(registry, result.ref)
+    merged_model, _ = load_model(str(result.merged_ref), registry=registry)
+    torch.testing.assert_close(_logits(merged_model, tokenizer), _logits(with_adapter, tokenizer),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_qlora_through_ray_train_and_merge(ft_base, small_config) -> None:
+    registry = ft_base["registry"]
+    result = finetune_lora(str(ft_base["ref"]), QA, small_config("qlora", ft_base["root"], method="qlora", merge=True),
+                           registry=registry, progress=False)
+    assert registry.manifest(result.ref).kind == "adapter"
+    assert result.metrics["eval_loss"] < result.metrics["eval_loss_before"]
+    merged = registry.manifest(result.merged_ref)
+    assert merged.extra["merge"].startswith("adapter folded into the dequantized NF4 base")
+    model, _ = load_model(str(result.merged_ref), registry=registry)
+    assert not any(type(m).__name__ == "Linear4bit" for m in model.modules())
+
+
+@pytest.mark.parametrize("method", ["bitfit", "full"])
+def test_bitfit_and_full_register_with_lineage(ft_base, method: str, small_config) -> None:
+    registry = ft_base["registry"]
+    cfg = small_config(method, ft_base["root"], workers=2, method=method)
+    cfg["training"]["learning_rate"] = 1e-2 if method == "bitfit" else 3e-3
+    result = finetune_lora(str(ft_base["ref"]), QA, cfg, registry=registry, progress=False)
+    manifest = registry.manifest(result.ref)
+    assert manifest.parents == [str(ft_base["ref"])]
+    assert result.metrics["eval_loss"] < result.metrics["eval_loss_before"]
+    if method == "full":
+        assert manifest.kind == "model" and result.metrics["trainable_fraction"] == 1.0
+        model, _ = load_model(str(result.ref), registry=registry)
+    else:
+        assert manifest.kind == "adapter" and set(manifest.files) == {"norm_scales.safetensors",
+                                                                       "llmstack_adapter.json"}
+        assert "norm-scale tuning" in manifest.extra["description"]
+        model, _ = load_adapter_model(registry, result.ref)
+    base_model, tokenizer = load_model(str(ft_base["ref"]), registry=registry)
+    assert (_logits(model, tokenizer) - _logits(base_model, tokenizer)).abs().max() > 1e-3
+
+
+def test_distill_registers_the_student_with_its_teacher(ft_base, small_config) -> None:
+    registry = ft_base["registry"]
+    cfg = small_config("student", ft_base["root"])
+    cfg.pop("lora")
+    result = distill(str(ft_base["ref"]), "preset:tiny", QA, cfg, temperature=2.0, alpha=0.5,
+                     registry=registry, progress=False)
+    manifest = registry.manifest(result.ref)
+    assert manifest.kind == "model" and manifest.parents == [str(ft_base["ref"])]
+    assert manifest.extra["distilled_from"] == str(ft_base["ref"])
+    assert manifest.config["temperature"] == 2.0 and manifest.config["alpha"] == 0.5
+    assert result.metrics["eval_loss"] < result.metrics["eval_loss_before"]
+
+
+def test_two_trial_sweep_registers_the_best(ft_base, small_config) -> None:
+    registry = ft_base["registry"]
+    finetune = small_config("unused", ft_base["root"])
+    result = sweep(str(ft_base["ref"]), QA,
+                   {"name": "swept", "search": "grid", "learning_rates": [1e-4, 3e-3], "ranks": [4], "alphas": [8.0],
+                    "finetune": finetune}, registry=registry, progress=False)
+    assert len(result.trials) == 2 and all(t["finished"] for t in result.trials)
+    assert result.best["eval_loss"] == min(t["eval_loss"] for t in result.trials)
+    assert result.best["learning_rate"] == 3e-3  # 30x the learning rate learns more in 4 steps
+    manifest = registry.manifest(result.ref)
+    assert manifest.kind == "adapter" and manifest.parents == [str(ft_base["ref"])]
+    assert len(manifest.extra["sweep"]["trials"]) == 2
+    model, _ = load_adapter_model(registry, result.ref)
+    assert model is not None

@@ -1,0 +1,80 @@
+"""Instruction tensors (response-only labels, packing, bad rows), the distillation loss, configs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llmstack.config import load_config
+from llmstack.errors import ConfigError, DataError
+from llmstack.finetune import DistillConfig, DistillLoss, SweepConfig
+from llmstack.finetune.data import instruction_tensors
+from llmstack.train.loop import causal_lm_loss
+
+
+def test_labels_cover_response_tokens_only(base) -> None:
+    data = base["data"]
+    labels, ids, mask = data.train["labels"], data.train["input_ids"], data.train["attention_mask"]
+    supervised = labels != -100
+    assert supervised.any() and (~supervised).any()
+    assert bool((mask[supervised] == 1).all())  # never on padding
+    assert bool((labels[supervised] == ids[supervised]).all())
+    assert not supervised[:, 0].any()  # the prompt (and bos) is never a target
+    assert data.eval is not None and data.num_eval_rows > 0
+
+
+def test_packing_keeps_every_response_token_in_fewer_rows(base) -> None:
+    packed = instruction_tensors("builtin:stdlib-qa", base["tokenizer"], max_length=128, max_rows=64, packing=True)
+    plain = instruction_tensors("builtin:stdlib-qa", base["tokenizer"], max_length=128, max_rows=64)
+    assert packed.train["input_ids"].shape[0] < plain.train["input_ids"].shape[0]
+    assert int((packed.train["labels"] != -100).sum()) == int((plain.train["labels"] != -100).sum())
+    assert torch.equal(packed.eval["input_ids"], plain.eval["input_ids"])  # eval is never packed
+
+
+def test_rows_without_a_response_name_file_and_line(base, tmp_path) -> None:
+    path = tmp_path / "rows.jsonl"
+    rows = [{"prompt": "What is 1+1?", "response": "2"}, {"prompt": "Name a colour."},
+            {"prompt": "Why?", "response": "Because."}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(DataError, match=r"rows.jsonl:2.*no 'response'"):
+        instruction_tensors(str(path), base["tokenizer"], max_length=64)
+    path.write_text(json.dumps({"prompt": "Hi", "response": "   "}) + "\n")
+    with pytest.raises(DataError, match=r"rows.jsonl:1.*empty 'response'"):
+        instruction_tensors(str(path), base["tokenizer"], max_length=64)
+
+
+def test_distillation_loss(base) -> None:
+    from llmstack.models import build_model, load_model
+
+    batch = {k: v[:4] for k, v in base["data"].train.items()}
+    teacher = DistillLoss(registry=base["registry"], teacher=str(base["ref"]), temperature=2.0, alpha=1.0)
+    same = load_model(str(base["ref"]), registry=base["registry"])[0].train()
+    assert float(teacher(same, batch)) == pytest.approx(0.0, abs=1e-3)  # KL of a model to itself
+    student = build_model("tiny", vocab_size=same.config.vocab_size, max_seq_len=128, seed=7).train()
+    soft = float(teacher(student, batch))
+    assert soft > 1.0
+    hard = float(causal_lm_loss(student, batch))
+    mixed = DistillLoss(registry=base["registry"], teacher=str(base["ref"]), temperature=2.0, alpha=0.25)
+    assert float(mixed(student, batch)) == pytest.approx(0.25 * soft + 0.75 * hard, rel=1e-4)
+    student.eval()  # evaluation reports the hard-label loss, comparable across students
+    assert float(mixed(student, batch)) == pytest.approx(float(causal_lm_loss(student, batch)), rel=1e-5)
+    import pickle
+
+    assert pickle.loads(pickle.dumps(mixed))._model is None  # the teacher never travels to workers
+
+
+def test_distill_and_sweep_configs_report_every_problem() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(DistillConfig, {"temperature": 0, "alpha": 1.5})
+    assert "temperature: must be > 0" in str(info.value) and "alpha: must be in [0, 1]" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config(SweepConfig, {"ranks": [0, 8], "learning_rates": [], "grace_period": 0})
+    text = str(info.value)
+    assert "ranks: every value must be > 0" in text and "learning_rates: must list" in text
+    assert "grace_period: must be >= 1" in text
+    with pytest.raises(ConfigError, match="finetune.lora.rank: must be >= 1"):
+        load_config(SweepConfig, {"finetune": {"lora": {"rank": 0}}})
+    cfg = load_config(SweepConfig, None, ["search=grid", "ranks=[4, 8]", "finetune.training.max_steps=5"])
+    assert cfg.ranks == [4, 8] and cfg.finetune.training.max_steps == 5
