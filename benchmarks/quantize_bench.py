@@ -426,6 +426,9 @@ def findings(results: dict[str, Any]) -> list[str]:
                f"its per-tensor activation scale makes it the most outlier-sensitive int8 method "
                f"({st['dynamic-int8']['perplexity_ratio']:.4f} in the stress test). LLM.int8 pays for its fp16 "
                "casts and outlier split on CPU; the fake-quant kernel is slower than the real int8 one, as expected.")
+    exact = [k for k, r in acc.items() if abs(r["reloaded_perplexity"] - r["perplexity"]) <= 1e-6 * r["perplexity"]]
+    out.append(f"- save/load fidelity: {len(exact)}/{len(acc)} registered versions reload to the same held-out "
+               "perplexity as the in-memory model that was evaluated (safetensors only, no re-quantization at load).")
     steps = sorted(spd["fp32"]["decode_step_seconds_all"])
     q1, q3 = steps[len(steps) // 4], steps[(3 * len(steps)) // 4]
     out.append(f"- noise: fp32 decode steps took {q1 * 1e3:.0f}-{q3 * 1e3:.0f} ms (interquartile) on this shared "

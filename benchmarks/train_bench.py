@@ -282,7 +282,7 @@ def plot(results: dict[str, Any]) -> None:
     b.set_title(f"peak MiB above baseline ({ac['preset']})\nstep time on/off {ac['step_time_ratio_on_vs_off']:.2f}x")
     m = results["fsdp_vs_ddp"]
     c.bar(["DDP", "FSDP"], [m["ddp"]["param_grad_optimizer_bytes"] / mib, m["fsdp"]["param_grad_optimizer_bytes"] / mib])
-    c.set_title(f"params+grads+Adam MiB per worker ({m['preset']})\nFSDP/DDP {m['param_grad_optimizer_ratio_fsdp_vs_ddp']:.2f}x")
+    c.set_title(f"params+grads+Adam MiB/worker\nFSDP/DDP {m['param_grad_optimizer_ratio_fsdp_vs_ddp']:.2f}x")
     figure.tight_layout()
     figure.savefig(RESULTS / "train_bench.png")
 

@@ -85,11 +85,12 @@ def _stage_finetune(ctx: QuickstartContext) -> str:
 def _stage_quantize(ctx: QuickstartContext) -> str:
     from llmstack.quantize import quantize
 
-    result = quantize(ctx.refs["merged"], "int8", registry=ctx.registry)
+    # SmoothQuant W8A8 runs real int8 matmuls on any CPU (LLM.int8 needs AVX-512 here).
+    result = quantize(ctx.refs["merged"], "smoothquant", registry=ctx.registry)
     ctx.refs["quantized"] = str(result.ref)
     tqdm.write(result.table())
     m = result.metrics
-    return f"LLM.int8: perplexity x{m.get('perplexity_ratio', float('nan')):.3f}, bytes x{m.get('model_bytes_ratio', float('nan')):.2f} -> {result.ref}"
+    return f"SmoothQuant W8A8: perplexity x{m.get('perplexity_ratio', float('nan')):.3f}, bytes x{m.get('model_bytes_ratio', float('nan')):.2f} -> {result.ref}"
 
 
 def _stage_gate(ctx: QuickstartContext) -> str:
@@ -103,7 +104,7 @@ def _stage_gate(ctx: QuickstartContext) -> str:
     tqdm.write(report.to_text())
     if not report.passed:
         return f"gate FAILED ({', '.join(report.failed)}); {ctx.refs['quantized']} not promoted"
-    registry.promote(ctx.refs["quantized"], alias="production", reason="quickstart: int8 passed the gate")
+    registry.promote(ctx.refs["quantized"], alias="production", reason="quickstart: W8A8 passed the gate")
     ctx.refs["production"] = f"{name}@production"
     return f"gate passed against {baseline}; {name}@production -> {ctx.refs['quantized']}"
 
@@ -144,7 +145,7 @@ STAGES: list[tuple[str, Callable[[QuickstartContext], str]]] = [
     ("corpus + tokenizer", _stage_tokenizer),
     ("pretrain (Ray Train)", _stage_pretrain),
     ("fine-tune (LoRA)", _stage_finetune),
-    ("quantize (int8)", _stage_quantize),
+    ("quantize (W8A8)", _stage_quantize),
     ("validate + promote", _stage_gate),
     ("serve (Ray Serve)", _stage_serve),
 ]

@@ -144,10 +144,15 @@ def check_base(registry: Registry, manifest: Manifest, info: dict[str, Any], bas
 
 
 def read_adapter_info(directory: Path, where: str) -> dict[str, Any]:
+    """The adapter's ``llmstack_adapter.json``; a plain peft adapter directory reads as lora/dora."""
     path = Path(directory) / ADAPTER_INFO_FILE
-    if not path.is_file():
-        raise ModelLoadError(f"{where} has no {ADAPTER_INFO_FILE}: not an llmstack adapter")
-    return json.loads(path.read_text(encoding="utf-8"))
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    peft_config = Path(directory) / "adapter_config.json"
+    if peft_config.is_file():  # registered by other tools: lineage is all we can check
+        config = json.loads(peft_config.read_text(encoding="utf-8"))
+        return {"method": "dora" if config.get("use_dora") else "lora"}
+    raise ModelLoadError(f"{where} has neither {ADAPTER_INFO_FILE} nor a peft adapter_config.json: not an adapter")
 
 
 # --------------------------------------------------------------------------- loading and merging

@@ -201,8 +201,8 @@ def distill(teacher: str | None = None, student: str | None = None, data: str | 
     loss_fn = DistillLoss(registry=reg, teacher=str(teacher_ref), temperature=cfg.temperature, alpha=cfg.alpha)
     start = factory()
     trainable, total = count_trainable(start)
+    before = evaluate_in_process(factory, tensors.eval, cfg.training, model=start)
     del start
-    before = evaluate_in_process(factory, tensors.eval, cfg.training)
     teacher_eval = evaluate_in_process(functools.partial(build_student, {"preset": None, "source": str(teacher_ref),
                                                                          "registry": reg}),
                                        tensors.eval, cfg.training)

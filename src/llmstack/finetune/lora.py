@@ -107,15 +107,17 @@ def check_positions(base_config: Any, block_size: int, where: str) -> None:
                           f"set data.block_size<={positions}")
 
 
-def evaluate_in_process(factory: Any, eval_data: dict[str, Any] | None, training: Any, loss_fn: Any = None) -> float | None:
-    """Held-out loss of the untrained starting point, computed on the driver with the loop's evaluate."""
+def evaluate_in_process(factory: Any, eval_data: dict[str, Any] | None, training: Any, loss_fn: Any = None, *,
+                        model: Any = None) -> float | None:
+    """Held-out loss of the untrained starting point (``model``, else a fresh ``factory()``), computed
+    on the driver with the loop's own ``evaluate``."""
     if eval_data is None:
         return None
-    from llmstack.train.loop import LoopSpec, causal_lm_loss, evaluate
-
     import torch
 
-    model = factory()
+    from llmstack.train.loop import LoopSpec, causal_lm_loss, evaluate
+
+    model = factory() if model is None else model
     spec = LoopSpec(model_factory=factory, loss_fn=loss_fn or causal_lm_loss)
     return float(evaluate(model, spec, eval_data, training, device=torch.device("cpu")))
 
@@ -224,8 +226,8 @@ def finetune_lora(base: str | None = None, data: str | None = None,
     check_batch(cfg.training, cfg.scaling, num_blocks=len(tensors.train["input_ids"]))
     start_model = factory()
     trainable, total = count_trainable(start_model)
+    before = evaluate_in_process(factory, tensors.eval, cfg.training, model=start_model)
     del start_model
-    before = evaluate_in_process(factory, tensors.eval, cfg.training)
 
     from llmstack.train.loop import LoopSpec
 

@@ -204,8 +204,22 @@ def load_base(source: str, *, registry: Any = None, method: str = "lora", device
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
     except Exception as exc:
         raise ModelLoadError(f"cannot load {source} as an NF4 base: {exc}") from None
+    keep_nf4_layout(model)
     model.eval()
     return model, tokenizer
+
+
+def keep_nf4_layout(model: Any) -> None:
+    """Keep bitsandbytes on its dequantize-then-fp32-matmul path in every mode.
+
+    On CPUs with AVX512-bf16, ``Linear4bit`` repacks its weights on the first eval-mode forward for
+    a bf16 inference kernel (``gemv_4bit``) that has no autograd: training steps after a periodic
+    evaluation would then backpropagate through it incorrectly, and eval losses would be computed
+    in bf16 rather than the fp32 math the adapter is trained (and merged) with.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def peft_lora_config(lora: LoRAConfig, target_modules: list[str], *, method: str) -> Any:

@@ -84,8 +84,9 @@ def run_trial(params: dict[str, Any], *, finetune: dict[str, Any], base: str, re
     outcome = run_training(spec, tensors.train, tensors.eval, training=cfg.training, scaling=cfg.scaling,
                            run_name=f"{run_prefix}-{trial_id}", storage=storage,
                            storage_options=cfg.storage_options or None, progress=False, **kwargs)
-    final = {k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float))}
-    tune.report({**final, "checkpoint_path": outcome.checkpoint_path, "run_dir": outcome.run_dir, "done_run": 1})
+    if not kwargs:  # no per-eval forwarding: report the final result (ASHA then cannot stop early)
+        final = {k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float))}
+        tune.report({**final, "checkpoint_path": outcome.checkpoint_path})
 
 
 def sweep(base: str | None = None, data: str | None = None,
@@ -177,14 +178,17 @@ def sweep(base: str | None = None, data: str | None = None,
     for result in grid:
         metrics = dict(result.metrics or {})
         params = {k: (result.config or {}).get(k) for k in PARAMS}
-        finished = bool(metrics.get("done_run"))
+        # Finished = reached the last step; its report carries the final checkpoint's path.
+        finished = metrics.get("step") == ft.training.max_steps and bool(metrics.get("checkpoint_path"))
         trials.append({**params, "step": metrics.get("step"), "eval_loss": metrics.get("eval_loss"),
                        "loss": metrics.get("loss"), "finished": finished, "stopped_early": not finished and
                        result.error is None, "error": str(result.error).splitlines()[0] if result.error else None,
                        "checkpoint_path": metrics.get("checkpoint_path")})
     done = [t for t in trials if t["finished"] and t.get(cfg.metric) is not None]
     if not done:
-        errors = "; ".join(t["error"] for t in trials if t["error"]) or "every trial was stopped early"
+        errors = "; ".join(t["error"] for t in trials if t["error"]) or (
+            "every trial was stopped early; last reports: " + "; ".join(
+                f"step {t['step']} {cfg.metric}={t.get(cfg.metric)}" for t in trials))
         raise LLMStackError(f"sweep {cfg.name}: no trial finished ({errors})")
     best = min(done, key=lambda t: t[cfg.metric])
     ref = _register_best(reg, cfg, best, base_ref=base_ref, base_config=base_config, targets=targets,

@@ -88,6 +88,11 @@ def load_model(source: str | Path, *, registry: Registry | None = None, dtype: s
 
     resolved = resolve_model_source(str(source), registry=registry)
     directory = resolved.directory
+    if (directory / "quantization.json").is_file():  # written by llmstack.quantize: rebuild from its recipe
+        from llmstack.quantize._io import load_directory
+
+        model, tokenizer = load_directory(directory, source=str(resolved.ref or source))
+        return model, (tokenizer if with_tokenizer else None)
     if not (directory / "config.json").is_file():
         raise ModelLoadError(f"{source} has no config.json: not a model directory ({directory})")
     if not any(directory.glob("*.safetensors")):

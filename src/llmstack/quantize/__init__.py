@@ -3,6 +3,17 @@
 One module per backend behind a small dispatcher (first match wins, heavy imports lazy):
 ``bnb`` (int8, nf4, fp4), ``smoothquant`` (smoothquant, w8a8), ``dynamic`` (dynamic-int8).
 
+Every result is a registry version of kind ``quantized`` whose parent is the float source. Its
+directory holds safetensors only, plus ``quantization.json`` (the recipe) and the tokenizer:
+
+* ``int8`` / ``nf4`` / ``fp4`` are stored in transformers' bitsandbytes serialization (int8 weights +
+  row scales; packed 4-bit + absmax / nested absmax + quant state) and reload bit-exactly;
+* ``smoothquant`` / ``w8a8`` / ``dynamic-int8`` store int8 weights + float32 per-channel scales
+  (smoothing already folded into the weights and norms) and are rebuilt module by module on load.
+
+``quantize()`` also measures held-out perplexity, bytes in memory and prefill/decode tokens/s of
+the source and the result in the same run and records them, with ratios, in the manifest metrics.
+
 Example:
     >>> from llmstack.quantize import quantize, load_quantized
     >>> result = quantize("tiny-lm@v1", "smoothquant")  # doctest: +SKIP

@@ -85,11 +85,12 @@ LLMSTACK_FORMAT = "llmstack-int8"
 
 
 def save_int8_model(model: Any, directory: Path, *, method: str) -> None:
-    """config.json (marked so plain ``from_pretrained`` refuses it) plus model.safetensors.
+    """config.json (with a ``quantization_config`` naming the llmstack method) plus model.safetensors.
 
-    The ``quantization_config`` entry names a method transformers does not know, so loading such a
-    directory without :func:`llmstack.quantize.load_quantized` fails loudly instead of silently
-    initialising the int8 layers at random.
+    Plain ``transformers.from_pretrained`` does NOT understand this format: transformers 5 only warns
+    about the unknown ``quant_method`` and would load the int8 tensors as float weights without their
+    scales. Load these directories with :func:`llmstack.quantize.load_any` / ``load_quantized`` or
+    :func:`llmstack.models.load_model`, which all route on ``quantization.json``.
     """
     from safetensors.torch import save_model
 

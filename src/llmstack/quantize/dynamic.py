@@ -2,7 +2,9 @@
 
 Weights: int8 per output channel (symmetric). Activations: quantized per *tensor*, dynamically, at
 every call, by the kernel itself. It needs no calibration and keeps the same decoder-linear scope
-as the other methods (``lm_head`` stays float). Kept because the benchmark shows its prepacked
+as the other methods (``lm_head`` stays float). One activation scale per call means a sequence's
+output can shift slightly with what else is in its batch (W8A8's per-token scales do not), and it
+is the most outlier-sensitive int8 method in the benchmark. Kept because the benchmark shows its prepacked
 kernels are the fastest int8 path at decode on x86 CPUs (see benchmarks/RESULTS.md).
 """
 

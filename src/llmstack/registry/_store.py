@@ -219,16 +219,17 @@ class FsspecStore(Store):
             self.fs.pipe_file(path, data)
         # Read back: a store that ignored the condition (or a racing writer on a server that checks
         # and stores non-atomically, like moto) shows someone else's bytes, and then we lost.
+        if not self._reads_back(path, data):
+            raise FileExistsError(path)
+
+    def _reads_back(self, path: str, data: bytes) -> bool:
+        """Whether ``path`` now holds exactly ``data``."""
         for attempt in range(5):
             try:
-                stored = self.fs.cat_file(path)
+                return self.fs.cat_file(path) == data
             except FileNotFoundError:  # mid-replacement on a non-atomic server: look again
                 time.sleep(0.05 * (attempt + 1))
-                continue
-            if stored != data:
-                raise FileExistsError(path)
-            return
-        raise FileExistsError(path)
+        return False
 
     def update(self, key: str, fn: Callable[[bytes | None], bytes]) -> bytes:
         path = self._path(key)
@@ -260,6 +261,8 @@ class FsspecStore(Store):
                 if isinstance(exc, FileNotFoundError) or not _is_precondition(exc):
                     raise
                 continue  # somebody wrote first: re-read and re-decide
+            if self.protocol in ("s3", "s3a") and not self._reads_back(path, new):
+                continue  # a non-atomic server let a racing writer overwrite us: re-read and re-decide
             return new
         raise PreconditionFailed(f"{path}: too many concurrent writers")
 

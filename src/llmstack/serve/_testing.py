@@ -18,13 +18,13 @@ DOCS = [
 ] + [f"line {i}: the value of x is {i * 7} and y is {i * 3}." for i in range(60)]
 
 
-def tiny_model(*, seed: int = 0, vocab_size: int = 320, max_seq_len: int = 256) -> tuple[Any, Any]:
-    """A random-init ``tiny`` preset model and a BPE tokenizer (with chat template) trained on a few lines."""
+def tiny_model(*, seed: int = 0, vocab_size: int = 320, max_seq_len: int = 256, preset: str = "tiny") -> tuple[Any, Any]:
+    """A random-init preset model (``tiny`` by default) and a BPE tokenizer (with chat template) trained on a few lines."""
     from llmstack.data import train_tokenizer
     from llmstack.models import build_model
 
     tokenizer = train_tokenizer(DOCS, vocab_size=vocab_size)
-    model = build_model("tiny", vocab_size=len(tokenizer), max_seq_len=max_seq_len, seed=seed, tokenizer=tokenizer)
+    model = build_model(preset, vocab_size=len(tokenizer), max_seq_len=max_seq_len, seed=seed, tokenizer=tokenizer)
     return model.eval(), tokenizer
 
 
@@ -52,7 +52,7 @@ def _clone(model: Any) -> Any:
 
 
 def make_registry(url: str, *, name: str = "tiny-lm", adapters: int = 2, alias: str = "production",
-                  seed: int = 0) -> dict[str, Any]:
+                  seed: int = 0, preset: str = "tiny") -> dict[str, Any]:
     """Register a tiny model (aliased ``name@alias``) and ``adapters`` LoRA adapters (``name-lora-i``).
 
     Returns:
@@ -62,7 +62,7 @@ def make_registry(url: str, *, name: str = "tiny-lm", adapters: int = 2, alias: 
     from llmstack.registry import Registry
 
     registry = Registry(url)
-    model, tokenizer = tiny_model(seed=seed)
+    model, tokenizer = tiny_model(seed=seed, preset=preset)
     ref = register_model(registry, name, model, tokenizer, kind="model", metrics={"note": "random init"})
     registry.set_alias(name, alias, ref)
     refs = []

@@ -131,6 +131,18 @@ class Deployment:
         except Exception:  # already gone
             pass
 
+    def wait(self) -> None:
+        """Block until interrupted (Ctrl-C), then shut down: how a CLI keeps the app in the foreground."""
+        import time
+
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.shutdown()
+
     def __enter__(self) -> Deployment:
         return self
 

@@ -260,21 +260,36 @@ def make_api(engine: Any, config: ServeConfig | dict[str, Any] | None = None) ->
         start = time.perf_counter()
         gauge = metrics.in_flight.labels(model)
         gauge.inc()
+        streaming = False
         try:
             try:
                 response = await asyncio.wait_for(fn(), timeout=cfg.request_timeout_s)
             except asyncio.TimeoutError:
                 raise EngineError(f"generation did not finish within {cfg.request_timeout_s} s and was cancelled",
                                   status_code=504, type="timeout_error", code="timeout") from None
+            streaming = isinstance(response, StreamingResponse)
         except EngineError as exc:
             if exc.code == "overloaded":
                 metrics.shed.labels(model).inc()
             metrics.requests.labels(route, model, str(exc.status_code)).inc()
             return error_response(exc)
         finally:
-            gauge.dec()
+            if not streaming:
+                gauge.dec()
         metrics.requests.labels(route, model, str(response.status_code)).inc()
-        if not isinstance(response, StreamingResponse):
+        if streaming:  # in flight (and timed) until the last event is sent or the client leaves
+            inner = response.body_iterator
+
+            async def tracked() -> AsyncIterator[Any]:
+                try:
+                    async for part in inner:
+                        yield part
+                finally:
+                    gauge.dec()
+                    metrics.latency.labels(route, model).observe(time.perf_counter() - start)
+
+            response.body_iterator = tracked()
+        else:
             metrics.latency.labels(route, model).observe(time.perf_counter() - start)
         return response
 
@@ -509,7 +524,6 @@ async def _stream_response(engine: Any, requests: list[GenerationRequest], model
                                              "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1],
                                                        "total_tokens": usage[0] + usage[1]}}) + "\n\n"
             yield "data: [DONE]\n\n"
-            metrics.latency.labels("stream", model).observe(time.perf_counter() - start)
         finally:  # client disconnected or done: stop every generation still running
             for task in tasks:
                 task.cancel()

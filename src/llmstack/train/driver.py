@@ -196,7 +196,7 @@ def train(config: TrainConfig | dict[str, Any] | str | Path | None = None, *,
         metrics = final_metrics(outcome)
         parents = [str(tokenizer_ref)]
         source_ref = _source_ref(cfg.model.source, registry)
-        if source_ref is not None:
+        if source_ref is not None and str(source_ref) not in parents:
             parents.append(str(source_ref))
         from llmstack.models import register_model
 
@@ -253,7 +253,8 @@ def run_training(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[str
                  training: TrainingConfig, scaling: ScalingConfig, run_name: str,
                  storage: Storage | str, storage_options: dict[str, Any] | None = None, fs: Any = None,
                  progress: bool = True, desc: str | None = None,
-                 on_record: Callable[[dict[str, Any]], None] | None = None) -> RunOutcome:
+                 on_record: Callable[[dict[str, Any]], None] | None = None,
+                 callbacks: list[Any] | None = None) -> RunOutcome:
     """Run :func:`~llmstack.train.loop.run_worker_loop` on Ray Train workers and collect the result.
 
     The shared engine of ``train()`` and ``finetune_lora()``: it fails fast on a batch larger than
@@ -276,6 +277,9 @@ def run_training(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[str
         desc: progress bar label (default: the run name).
         on_record: called on the driver (from a background thread) with each per-step record,
             e.g. to forward metrics to a Ray Tune scheduler.
+        callbacks: ``ray.train.UserCallback`` instances for the Ray Train controller (e.g. Ray Tune's
+            ``TuneReportCallback``); they see the metrics of every ``ray.train.report`` (eval and
+            checkpoint steps).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
@@ -311,7 +315,7 @@ def run_training(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[str
             name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=training.num_to_keep),
             failure_config=FailureConfig(max_failures=scaling.max_failures),
-            worker_runtime_env={"env_vars": env},
+            worker_runtime_env={"env_vars": env}, callbacks=list(callbacks or []),
         ),
     )
     run_path = storage.join(run_name)

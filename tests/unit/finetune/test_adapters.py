@@ -75,14 +75,8 @@ def test_qlora_adapter_merges_through_the_dequantized_nf4_base(base, trained, ad
     model, _ = load_model(str(merged), registry=base["registry"])  # a plain fp32 model
     assert not any(type(m).__name__ == "Linear4bit" for m in model.modules())
     assert next(model.parameters()).dtype == torch.float32
-    # The merged model computes what QLoRA trained with: dequantized NF4 weights, fp32 matmuls
-    # (train mode; dropout is 0). bitsandbytes' CPU *inference* kernel runs in bf16, so eval-mode
-    # outputs of the NF4 model agree only to bf16 precision.
-    fresh, _ = load_adapter_model(base["registry"], adapter)  # before any eval-mode forward repacks it
-    with torch.no_grad():
-        trained_math = _logits(fresh.train(), base)
-    torch.testing.assert_close(_logits(model, base), trained_math, rtol=1e-4, atol=1e-4)
-    assert (_logits(model, base) - reference).abs().max() < 0.05
+    # The merged model computes what QLoRA trained with: dequantized NF4 weights, fp32 matmuls.
+    torch.testing.assert_close(_logits(model, base), reference, rtol=1e-4, atol=1e-4)
     # Folding into the original fp32 weights instead would not reproduce the QLoRA model.
     original = load_model(str(base["ref"]), registry=base["registry"])[0].model.layers[0].self_attn.k_proj.weight
     assert (model.model.layers[0].self_attn.k_proj.weight - original).abs().max() > 1e-4

@@ -112,3 +112,49 @@ def test_qlora_with_fsdp_is_refused(base) -> None:
     with pytest.raises(ConfigError, match="qlora cannot shard 4-bit"):
         finetune_lora(str(base["ref"]), "builtin:stdlib-qa",
                       {"lora": {"method": "qlora"}, "scaling": {"strategy": "fsdp"}}, registry=base["registry"])
+
+
+def test_qlora_still_backpropagates_through_the_nf4_base_after_an_eval_forward(base) -> None:
+    """bitsandbytes' CPU inference repacking (no autograd) must not leak into training steps."""
+    import torch
+
+    from llmstack.finetune.methods import ModelFactory
+
+    factory = ModelFactory(base["registry"], str(base["ref"]), "qlora", LoRAConfig(method="qlora", rank=4, dropout=0.0))
+    batch = {k: v[:2] for k, v in base["data"].train.items()}
+
+    def first_layer_grad(model):
+        from llmstack.train.loop import causal_lm_loss
+
+        model.train()
+        causal_lm_loss(model, batch).backward()
+        return next(p.grad for n, p in model.named_parameters() if "layers.0.self_attn.q_proj.lora_B" in n)
+
+    expected = first_layer_grad(factory())
+    model = factory()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"])  # a periodic evaluation
+    got = first_layer_grad(model)
+    assert expected.abs().sum() > 0
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_full_fine_tune_registers_a_model_with_the_base_as_parent(base, trained) -> None:
+    import torch
+
+    from llmstack.config import FinetuneConfig
+    from llmstack.finetune.lora import _register_full, load_trainable
+    from llmstack.models import load_model
+
+    run = trained("full")
+    ref = _register_full(base["registry"], FinetuneConfig(name="full-ft"), run["factory"],
+                         load_trainable(run["checkpoint"]), base["tokenizer"], base["ref"], {"eval_loss": run["after"]},
+                         base["data"].fingerprint, {"method": "full"})
+    manifest = base["registry"].manifest(ref)
+    assert manifest.kind == "model" and manifest.parents == [str(base["ref"])]
+    model, _ = load_model(str(ref), registry=base["registry"])
+    tuned = load_trainable(run["checkpoint"])
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(model.state_dict()[name], tuned[name])
+    assert not torch.equal(tuned[name], _fresh(base).state_dict()[name])

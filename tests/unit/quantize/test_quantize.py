@@ -90,6 +90,21 @@ def test_load_any_handles_plain_and_quantized(quant_registry: Any) -> None:
     result = quantize("tiny", "dynamic-int8", config={"evaluate": False}, registry=quant_registry, name="tiny-dyn")
     quantized, _ = load_any(str(result.ref), quant_registry)
     assert type(quantized.model.layers[0].self_attn.q_proj).__name__ == "DynamicInt8Linear"
-    # plain transformers refuses our int8 format loudly instead of random-initialising the layers
     config = json.loads((quant_registry.fetch(result.ref) / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "llmstack-dynamic-int8"
+    # the generic model loader routes quantized versions through their recipe too
+    from llmstack.models import load_model
+
+    via_models, _ = load_model(str(result.ref), registry=quant_registry)
+    assert type(via_models.model.layers[0].mlp.down_proj).__name__ == "DynamicInt8Linear"
+
+
+def test_w8a8_rows_do_not_depend_on_the_batch(quant_registry: Any) -> None:
+    """Per-token activation scales: a served sequence decodes the same alone or next to a padded neighbour."""
+    result = quantize("tiny", "w8a8", config={"evaluate": False}, registry=quant_registry, name="tiny-w8a8-batch")
+    model, tokenizer = load_quantized(quant_registry, result.ref)
+    tokenizer.padding_side = "left"
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    batch = model.generate(**tokenizer(["def open(path, mode", "x"], return_tensors="pt", padding=True), **kwargs)
+    alone = model.generate(**tokenizer(["x"], return_tensors="pt"), **kwargs)
+    assert batch[1, -5:].tolist() == alone[0, -5:].tolist()

@@ -59,21 +59,35 @@ def _race(n: int, fn: Callable[[int], Any]) -> list[Any]:
     return results
 
 
-@pytest.fixture(params=["local", "memory"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return str(tmp_path / "registry") if request.param == "local" else f"memory://race-{uuid.uuid4().hex}"
+@pytest.fixture(params=["local", "memory", "s3"])
+def make(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[], Registry]:
+    """A factory of independent Registry objects on one location, as separate programs would have.
 
-
-def test_threads_registering_one_name_get_distinct_complete_versions(url: str, tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    On S3 (moto) the exclusive creates and compare-and-swaps are the server's conditional writes;
+    moto checks and stores non-atomically, so these runs also exercise the read-back that detects it.
+    """
     monkeypatch.setenv("LLMSTACK_CACHE", str(tmp_path / "cache"))
+    if request.param == "local":
+        return lambda: Registry(str(tmp_path / "registry"))
+    if request.param == "memory":
+        url = f"memory://race-{uuid.uuid4().hex}"
+        return lambda: Registry(url)
+    s3 = request.getfixturevalue("s3_server")
+    url = f"s3://{s3['bucket']}/race-{uuid.uuid4().hex}"
+    return lambda: Registry(url, storage_options=s3["storage_options"])
+
+
+def test_threads_registering_one_name_get_distinct_complete_versions(make: Callable[[], Registry],
+                                                                     tmp_path: Path) -> None:
     n = 8
     sources = [_source(tmp_path / f"src{i}", f"w{i}") for i in range(n)]
-    # Separate Registry objects, as separate programs would have.
-    results = _race(n, lambda i: Registry(url).register("tiny", sources[i], kind="model"))
+    results = _race(n, lambda i: make().register("tiny", sources[i], kind="model"))
     assert not [r for r in results if isinstance(r, Exception)], results
     assert sorted(r.version for r in results) == list(range(1, n + 1))
-    _assert_unmixed(Registry(url), {f"w{i}" for i in range(n)})
+    reg = make()
+    for i, ref in enumerate(results):  # each writer got the version holding its own files
+        assert json.loads((reg.fetch(ref) / "config.json").read_text())["writer"] == f"w{i}"
+    _assert_unmixed(reg, {f"w{i}" for i in range(n)})
 
 
 def test_processes_registering_one_name_get_distinct_complete_versions(tmp_path: Path) -> None:
@@ -107,11 +121,11 @@ def test_processes_registering_one_name_get_distinct_complete_versions(tmp_path:
     _assert_unmixed(Registry(url), {f"p{i}-{j}" for i in range(procs) for j in range(per_proc)})
 
 
-def test_racing_alias_swaps_have_one_winner(url: str, tmp_path: Path) -> None:
-    reg = Registry(url)
+def test_racing_alias_swaps_have_one_winner(make: Callable[[], Registry], tmp_path: Path) -> None:
+    reg = make()
     refs = [reg.register("tiny", _source(tmp_path / f"s{i}", f"w{i}"), kind="model") for i in range(6)]
     reg.set_alias("tiny", "production", refs[0])
-    results = _race(5, lambda i: Registry(url).set_alias("tiny", "production", refs[i + 1], expected=1))
+    results = _race(5, lambda i: make().set_alias("tiny", "production", refs[i + 1], expected=1))
     winners = [i for i, r in enumerate(results) if not isinstance(r, Exception)]
     assert len(winners) == 1
     assert all(isinstance(r, AliasConflictError) for i, r in enumerate(results) if i != winners[0])
@@ -120,13 +134,13 @@ def test_racing_alias_swaps_have_one_winner(url: str, tmp_path: Path) -> None:
     assert [(e["from"], e["to"]) for e in history] == [(None, 1), (1, winners[0] + 2)]
 
 
-def test_racing_promotions_one_wins_history_consistent(url: str, tmp_path: Path) -> None:
-    reg = Registry(url)
+def test_racing_promotions_one_wins_history_consistent(make: Callable[[], Registry], tmp_path: Path) -> None:
+    reg = make()
     base, *cands = [reg.register("tiny", _source(tmp_path / f"s{i}", f"w{i}"), kind="model") for i in range(5)]
     reg.promote(base)
     for cand in cands:
         reg.annotate(cand, validation_key(base), {"passed": True, "summary": "ok", "baseline": str(base)})
-    results = _race(len(cands), lambda i: Registry(url).promote(cands[i], reason=f"racer {i}"))
+    results = _race(len(cands), lambda i: make().promote(cands[i], reason=f"racer {i}"))
     won = [r for r in results if isinstance(r, dict)]
     lost = [r for r in results if not isinstance(r, dict)]
     assert len(won) == 1 and len(lost) == len(cands) - 1

@@ -46,3 +46,49 @@ def test_build_app_returns_an_application(small_registry: dict[str, Any]) -> Non
     app = build_app({"model": "tiny-lm", "registry": small_registry["registry"].url,
                      "autoscaling": {"min_replicas": 1, "max_replicas": 3}})
     assert isinstance(app, Application)
+
+
+def test_serves_a_quantized_artifact(small_registry: dict[str, Any]) -> None:
+    """quantize() output (kind "quantized") loads through load_quantized and batches like a float model."""
+    import asyncio
+
+    from llmstack.quantize import quantize
+    from llmstack.serve.engine import TransformersEngine
+    from llmstack.serve.protocol import GenerationRequest, SamplingParams
+
+    registry = small_registry["registry"]
+    result = quantize("tiny-lm@v1", "dynamic-int8", config={"method": "dynamic-int8", "evaluate": False},
+                      registry=registry, name="tiny-lm-int8")
+    ref = str(getattr(result, "ref", None) or "tiny-lm-int8")
+    engine = TransformersEngine.from_source(ref, registry=registry, cache_size=0)
+    assert registry.manifest(engine.root).kind == "quantized"
+    requests = [GenerationRequest(model=engine.model_id, prompt=p, sampling=SamplingParams(max_tokens=n, temperature=0))
+                for p, n in (("line 3:", 6), ("The quick brown fox", 9))]
+    batched = asyncio.run(engine.generate_batch(requests))
+    alone = [asyncio.run(engine.generate(r)) for r in requests]
+    assert [b.choices[0].token_ids for b in batched] == [a.choices[0].token_ids for a in alone]
+    engine.shutdown()
+
+
+def test_adapter_from_an_fsspec_url(small_registry: dict[str, Any], tmp_path: Any) -> None:
+    import asyncio
+
+    import fsspec
+
+    from llmstack.serve.engine import TransformersEngine
+    from llmstack.serve.protocol import GenerationRequest, SamplingParams
+
+    registry = small_registry["registry"]
+    adapter_dir = registry.fetch("tiny-lm-lora-0")
+    fs = fsspec.filesystem("memory")
+    for path in adapter_dir.iterdir():
+        fs.pipe(f"/adapters/lora0/{path.name}", path.read_bytes())
+    engine = TransformersEngine.from_source("tiny-lm@v1", registry=registry, cache_size=0,
+                                            adapters=["remote=memory://adapters/lora0", "tiny-lm-lora-0"])
+
+    def text(model: str) -> list[int]:
+        request = GenerationRequest(model=model, prompt="line 4:", sampling=SamplingParams(max_tokens=6, temperature=0))
+        return asyncio.run(engine.generate(request)).choices[0].token_ids
+
+    assert text("remote") == text("tiny-lm-lora-0") != text("tiny-lm")  # same weights, fetched over fsspec
+    engine.shutdown()

@@ -94,6 +94,9 @@ def test_streaming_sse_and_default_model() -> None:
         async with client(app) as c:
             r = await c.post("/v1/completions", json={"prompt": "x", "stream": True})
             assert r.status_code == 200
+            metrics = (await c.get("/metrics")).text
+            assert 'llmstack_requests_in_flight{model="slow"} 0.0' in metrics  # released once the stream ended
+            assert 'llmstack_request_latency_seconds_count{model="slow",route="completions"} 1.0' in metrics
             return [line for line in r.text.splitlines() if line]
     lines = asyncio.run(main())
     assert lines[-1] == "data: [DONE]"

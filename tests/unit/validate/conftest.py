@@ -135,8 +135,14 @@ def with_nan(model: Any) -> Any:
     return bad
 
 
-def slowed(model: Any, *, seconds: float = 0.01) -> Any:
-    """A copy whose every forward pass sleeps ``seconds`` (a deliberately slow deployment)."""
+def slowed(model: Any, *, factor: float = 2.0) -> Any:
+    """A copy whose every forward pass then sleeps ``factor`` x its own duration: (1 + factor) x slower.
+
+    Relative rather than fixed, so the slowdown stays clear of scheduling noise however busy the
+    machine is (a fixed sleep drowns when every forward pass is stretched by load).
+    """
     slow = copy.deepcopy(model)
-    slow.register_forward_hook(lambda *_: time.sleep(seconds))
+    started: list[float] = []
+    slow.register_forward_pre_hook(lambda *_: started.append(time.perf_counter()))
+    slow.register_forward_hook(lambda *_: time.sleep(factor * (time.perf_counter() - started.pop())))
     return slow
