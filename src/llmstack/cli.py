@@ -107,13 +107,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from llmstack.validate import validate
+    from llmstack.validate import ValidateConfig, validate
 
-    report = validate(args.candidate, args.baseline, registry=_registry(args))
-    if args.json:
-        print(report.to_json())
-    else:
-        print(report.to_text())
+    thresholds = _config(ValidateConfig, args)
+    report = validate(args.candidate, args.baseline, thresholds=thresholds, registry=_registry(args))
+    print(report.to_json() if args.json else report.to_text())
     return 0 if report.passed else EXIT_GATE_FAILED
 
 
@@ -141,52 +139,39 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def cmd_registry(args: argparse.Namespace) -> int:
+    from llmstack.registry import format_history, format_list, format_manifest
+
     registry = _registry(args)
     action = args.registry_action
     if action == "list":
         manifests = registry.list(args.name)
         if not manifests:
             print(f"no versions in {registry.url}" + (f" named {args.name}" if args.name else ""))
-        for manifest in manifests:
-            aliases = [a for a, v in registry.aliases(manifest.ref.name).items() if v == manifest.ref.version]
-            tags = f" [{', '.join(sorted(aliases))}]" if aliases else ""
-            parents = f" <- {', '.join(manifest.parents)}" if manifest.parents else ""
-            print(f"{str(manifest.ref):32s} {manifest.kind:10s} {manifest.created_at}{tags}{parents}")
+        else:
+            print(format_list(manifests, {n: registry.aliases(n) for n in {m.ref.name for m in manifests}}))
     elif action == "show":
-        manifest = registry.manifest(args.ref)
-        data = manifest.to_dict()
-        data["annotations"] = registry.annotations(manifest.ref)
-        _print_json(data)
+        print(format_manifest(registry.show(args.ref)))
     elif action == "verify":
         ref = registry.resolve(args.ref)
         registry.verify(ref)
         print(f"{ref}: ok, every file matches its manifest")
     elif action == "alias":
-        registry.set_alias(args.name, args.alias, args.version)
+        registry.set_alias(args.name, args.alias, args.version, reason=args.reason)
         print(f"{args.name}@{args.alias} -> {registry.resolve(f'{args.name}@{args.alias}')}")
     elif action == "promote":
-        entry = registry.promote(args.ref, alias=args.alias, force=args.force, reason=args.reason)
-        print(_format_history_entry(entry))
+        print(format_history([registry.promote(args.ref, alias=args.alias, force=args.force, reason=args.reason)]))
     elif action == "history":
-        entries = registry.history(args.name)
-        if not entries:
-            print(f"no promotions recorded for {args.name}")
-        for entry in entries:
-            print(_format_history_entry(entry))
+        events = registry.history(args.name)
+        print(format_history(events) if events else f"no alias changes recorded for {args.name}")
     return 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
+    from llmstack.registry import format_history
+
     registry = _registry(args)
-    entry = registry.rollback(args.name, alias=args.alias, reason=args.reason)
-    print(_format_history_entry(entry))
+    print(format_history([registry.rollback(args.name, alias=args.alias, reason=args.reason)]))
     return 0
-
-
-def _format_history_entry(entry: Any) -> str:
-    data = entry if isinstance(entry, dict) else entry.to_dict()
-    keys = ("at", "action", "alias", "from", "to", "reason")
-    return "  ".join(f"{k}={data.get(k)}" for k in keys if data.get(k) is not None)
 
 
 def _fmt(value: Any) -> str:
@@ -228,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("candidate")
     sub.add_argument("--baseline", required=True)
     sub.add_argument("--json", action="store_true", help="print the report as JSON")
+    sub.add_argument("--config", default=None, help="YAML file of thresholds (ValidateConfig)")
+    sub.add_argument("overrides", nargs="*", metavar="key=value", help="threshold overrides")
     verb("deploy", cmd_deploy, "serve a model with an OpenAI-compatible API on Ray Serve", config=True)
     sub = verb("quickstart", cmd_quickstart, "run the whole lifecycle on the built-in corpus")
     sub.add_argument("--workdir", default=None, help="where runs and plots go (default: ./runs/quickstart)")
@@ -242,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     act.add_argument("name")
     act.add_argument("alias")
     act.add_argument("version", help="a version like v3 or 3")
+    act.add_argument("--reason", default=None)
     act = actions.add_parser("promote", help="move an alias to a version that passed validation")
     act.add_argument("ref")
     act.add_argument("--alias", default="production")

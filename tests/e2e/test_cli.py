@@ -66,10 +66,14 @@ def test_registry_commands(tmp_path):
     ref = Registry(str(registry)).register("demo", source, kind="model")
     listed = run("registry", "list", registry=registry, check=True).stdout
     assert str(ref) in listed and "model" in listed
-    assert '"kind": "model"' in run("registry", "show", str(ref), registry=registry, check=True).stdout
+    shown = run("registry", "show", str(ref), registry=registry, check=True).stdout
+    assert f"{ref}  (model)" in shown and "weights.safetensors" in shown
     assert "ok" in run("registry", "verify", str(ref), registry=registry, check=True).stdout
     run("registry", "alias", "demo", "production", "1", registry=registry, check=True)
-    assert "[production]" in run("registry", "list", registry=registry, check=True).stdout
+    listed = run("registry", "list", registry=registry, check=True).stdout
+    assert listed.splitlines()[1].split()[-1] == "production"
+    history = run("registry", "history", "demo", registry=registry, check=True).stdout
+    assert "production" in history and "v1" in history
 
     stored = next(p for p in registry.rglob("weights.safetensors"))
     stored.write_bytes(b"\1" * 64)

@@ -11,7 +11,6 @@ trials in its manifest.
 from __future__ import annotations
 
 import copy
-import inspect
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -45,7 +44,6 @@ class SweepResult:
     base: ArtifactRef
     best: dict[str, Any]
     trials: list[dict[str, Any]] = field(default_factory=list)
-    early_stopping: bool = True
 
     def __str__(self) -> str:
         stopped = sum(1 for t in self.trials if t.get("stopped_early"))
@@ -53,16 +51,11 @@ class SweepResult:
         return f"{self.ref} (best of {len(self.trials)} trials, {stopped} stopped early: {params})"
 
 
-def _supports_callbacks() -> bool:
-    from llmstack.train import run_training
-
-    return "callbacks" in inspect.signature(run_training).parameters
-
-
 def run_trial(params: dict[str, Any], *, finetune: dict[str, Any], base: str, registry: Any,
               targets: list[str] | None, tensors: Any, run_prefix: str, storage: str) -> None:
     """One Tune trial: a Ray Train fine-tuning run with this trial's learning rate, rank and alpha."""
     from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
 
     from llmstack.config import FinetuneConfig
     from llmstack.finetune.methods import ModelFactory
@@ -76,17 +69,10 @@ def run_trial(params: dict[str, Any], *, finetune: dict[str, Any], base: str, re
                            target_modules=targets, seed=cfg.training.seed, use_gpu=cfg.scaling.use_gpu)
     spec = LoopSpec(model_factory=factory, checkpoint_trainable_only=True,
                     signature={"base": base, "rank": cfg.lora.rank, "alpha": cfg.lora.alpha})
-    kwargs: dict[str, Any] = {}
-    if _supports_callbacks():
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        kwargs["callbacks"] = [TuneReportCallback()]
-    outcome = run_training(spec, tensors.train, tensors.eval, training=cfg.training, scaling=cfg.scaling,
-                           run_name=f"{run_prefix}-{trial_id}", storage=storage,
-                           storage_options=cfg.storage_options or None, progress=False, **kwargs)
-    if not kwargs:  # no per-eval forwarding: report the final result (ASHA then cannot stop early)
-        final = {k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float))}
-        tune.report({**final, "checkpoint_path": outcome.checkpoint_path})
+    # Every eval report of the Train run reaches Tune (ASHA's input); the final one carries the checkpoint path.
+    run_training(spec, tensors.train, tensors.eval, training=cfg.training, scaling=cfg.scaling,
+                 run_name=f"{run_prefix}-{trial_id}", storage=storage, storage_options=cfg.storage_options or None,
+                 progress=False, callbacks=[TuneReportCallback()])
 
 
 def sweep(base: str | None = None, data: str | None = None,
@@ -156,7 +142,6 @@ def sweep(base: str | None = None, data: str | None = None,
                  "alpha": tune.choice(list(cfg.alphas))}
     storage = default_storage(reg, ft.storage_path)
     run_prefix = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    early_stopping = _supports_callbacks()
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, finetune=to_dict(ft), base=str(base_ref), registry=reg, targets=targets,
                              tensors=tensors, run_prefix=run_prefix, storage=storage),
@@ -193,7 +178,7 @@ def sweep(base: str | None = None, data: str | None = None,
     best = min(done, key=lambda t: t[cfg.metric])
     ref = _register_best(reg, cfg, best, base_ref=base_ref, base_config=base_config, targets=targets,
                          tensors=tensors, trials=trials, storage_options=ft.storage_options)
-    return SweepResult(ref=ref, base=base_ref, best=best, trials=trials, early_stopping=early_stopping)
+    return SweepResult(ref=ref, base=base_ref, best=best, trials=trials)
 
 
 def _seeded_search(cfg: SweepConfig) -> Any:

@@ -27,3 +27,7 @@ from llmstack.quantize._io import is_quantized_dir, load_any, load_quantized
 from llmstack.quantize._result import QuantizeResult
 
 __all__ = ["QuantizeResult", "is_quantized_dir", "known_methods", "load_any", "load_quantized", "quantize"]
+
+from llmstack._modules import make_callable  # noqa: E402
+
+make_callable(__name__, quantize)

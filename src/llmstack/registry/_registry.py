@@ -16,6 +16,8 @@ it). Each alias file carries its own history, so moving an alias and recording w
 
 from __future__ import annotations
 
+import functools
+import inspect
 import getpass
 import hashlib
 import json
@@ -29,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from llmstack.errors import (AliasConflictError, ArtifactNotFoundError, IntegrityError, RegistryError,
+from llmstack.errors import (AliasConflictError, ArtifactNotFoundError, IntegrityError, LLMStackError, RegistryError,
                              ValidationFailedError)
 from llmstack.registry._manifest import KINDS, Manifest, check_relpath, library_versions, to_jsonable
 from llmstack.registry._refs import ArtifactRef, parse_version, validate_alias, validate_name
@@ -675,3 +677,30 @@ def _user() -> str:
         return getpass.getuser()
     except Exception:
         return "unknown"
+
+
+def _is_storage_error(exc: BaseException) -> bool:
+    """OS-level and object-store client failures (unreachable endpoint, missing bucket, no credentials)."""
+    module = type(exc).__module__ or ""
+    return isinstance(exc, OSError) or module.startswith(("botocore", "aiobotocore", "s3fs", "fsspec", "aiohttp"))
+
+
+def _reporting_storage_errors(method: Any) -> Any:
+    @functools.wraps(method)
+    def wrapper(self: Registry, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except LLMStackError:
+            raise
+        except Exception as exc:
+            if not _is_storage_error(exc):
+                raise
+            detail = " ".join(str(exc).split()) or type(exc).__name__
+            raise RegistryError(f"registry {self.url} could not be read or written: {detail}") from exc
+    return wrapper
+
+
+# Every public operation turns storage failures into one RegistryError that names the registry.
+for _name, _method in list(vars(Registry).items()):
+    if inspect.isfunction(_method) and not _name.startswith("_"):
+        setattr(Registry, _name, _reporting_storage_errors(_method))

@@ -42,6 +42,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from llmstack.config import ServeConfig, load_config, to_dict
@@ -393,6 +395,14 @@ class FaultInjectingLLMServer(_BaseServer):  # type: ignore[misc, valid-type]
         super().__init__(config)
         self.fault = fault
         self.delay_s = delay_s
+
+    async def set_fault(self, fault: str | None, delay_s: float | None = None) -> None:
+        """TEST/FAULT INJECTION ONLY: switch the injected fault (None: behave) without a restart."""
+        if fault is not None and fault not in FAULTS:
+            raise ValueError(f"fault must be one of {FAULTS} or None, got {fault!r}")
+        self.fault = fault
+        if delay_s is not None:
+            self.delay_s = delay_s
 
     async def _before(self) -> None:
         if self.fault == "slow":
@@ -855,7 +865,8 @@ class CanaryRouter:
                 "weights": dict(self.weights), "alias": self.cfg.alias, "versions": versions,
                 "canary": self._canary_status(c) if c else None,
                 "running": bool(c and c.state == "running"), "history": self.history[-10:],
-                "events": list(self.events)[-20:], "serve": self.spec["serve"]}
+                "events": list(self.events)[-20:], "serve": self.spec["serve"],
+                "canary_defaults": {"plan": to_dict(self.cfg.plan), "thresholds": to_dict(self.cfg.thresholds)}}
 
     async def add_version(self, name: str, ref: str | None, app: str, deployment: str,
                           fault: str | None = None) -> dict[str, Any]:
@@ -1219,9 +1230,6 @@ _ERROR_STATUS = {"conflict": 409, "not_found": 404, "config": 400, "refused": 40
 
 
 def _add_admin_routes(app: Any, router: Any) -> None:
-    from fastapi import Request
-    from fastapi.responses import JSONResponse, Response
-
     async def reply(call: Any) -> JSONResponse:
         result = await call
         if isinstance(result, dict) and result.get("ok") is False:
@@ -1482,6 +1490,15 @@ def canary_start(candidate: str, *, app_name: str = "llmstack-canary", plan: dic
         version = resolve_version(VersionSpec(model=candidate), serve_cfg, taken=set(status["versions"]),
                                   role="candidate")
         name = router.lookup.remote(version.ref or version.name).result()
+        steps = (plan or status["canary_defaults"]["plan"]).get("steps", [1])
+        if name is None and version.ref and not force and steps:
+            from llmstack.registry import Registry
+
+            ok, why = gate(Registry(serve_cfg.registry), version.ref, status["alias"])
+            if not ok:  # refuse before deploying anything
+                raise ValidationFailedError(f"refusing to start a canary of {version.ref}: {why}; a clean plan "
+                                            "could not promote it. Validate it first, or pass force=True "
+                                            "(the promotion is then recorded as forced)")
         if name is None:
             side = f"{app_name}--{re.sub(r'[^A-Za-z0-9_.-]+', '-', version.name)}"
             version.app = side

@@ -619,10 +619,13 @@ class TransformersEngine:
         group = _Group(works)
         scheduler.admit(group)
         try:
-            while not all(w.reported for w in works):
+            done = [False] * len(works)
+            while not all(done):
                 outputs = await group.queue.get()
                 if isinstance(outputs, BaseException):
                     raise outputs
+                for i, out in enumerate(outputs):
+                    done[i] = done[i] or out is StopIteration or out.finished
                 yield outputs
         finally:
             for work in works:
@@ -640,62 +643,100 @@ class _Group:
 
     works: list[Work]
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    created: float = field(default_factory=time.monotonic)
+
+
+# Admitting a group costs one prefill forward pass beside the decode steps, so a running batch takes
+# newcomers in bunches: once they are a quarter of its size, or once the oldest has waited this long.
+ADMIT_FRACTION = 0.25
+ADMIT_WAIT_S = 0.03
 
 
 class _Scheduler:
-    """The decode loop of one adapter: new groups are prefilled and merged into the running batch."""
+    """The decode loop of one adapter: new groups are prefilled and merged into the running batch.
+
+    The loop runs on the engine thread in slices of a few steps (one thread hop per slice, not per
+    token); each step's output is handed back to the event loop with ``call_soon_threadsafe``.
+    Slices are short so that other adapters' loops and adapter loads get the thread in between.
+    """
+
+    SLICE_STEPS = 8
+    SLICE_S = 0.05
 
     def __init__(self, engine: TransformersEngine, adapter: str | None) -> None:
         self.engine = engine
         self.adapter = adapter
-        self.pending: list[_Group] = []
-        self.groups: list[_Group] = []
+        self.pending: list[_Group] = []  # appended on the event loop, taken on the engine thread
+        self.lock = threading.Lock()
+        self.groups: list[_Group] = []  # engine thread only
         self.batch: _Batch | None = None
         self.task: asyncio.Task | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def admit(self, group: _Group) -> None:
-        self.pending.append(group)
+        with self.lock:
+            self.pending.append(group)
         if self.task is None or self.task.done():
-            self.task = asyncio.get_running_loop().create_task(self._drive())
+            self.loop = asyncio.get_running_loop()
+            self.task = self.loop.create_task(self._drive())
+
+    def _busy(self) -> bool:
+        with self.lock:
+            return bool(self.pending) or (self.batch is not None and bool(self.batch.rows))
 
     async def _drive(self) -> None:
         loop = asyncio.get_running_loop()
-        executor = self.engine._executor
         try:
-            while self.pending or (self.batch is not None and self.batch.rows):
-                groups = self._admissible()
-                if groups:
-                    fresh = _Batch(self.engine, self.adapter, [w for g in groups for w in g.works])
-                    await loop.run_in_executor(executor, fresh.prefill)
-                    if self.batch is None or not self.batch.rows:
-                        self.batch = fresh
-                    elif fresh.rows:
-                        await loop.run_in_executor(executor, self.batch.merge, fresh)
-                    self.groups += groups
-                else:
-                    await loop.run_in_executor(executor, self.batch.step)  # type: ignore[union-attr]
-                self._publish()
+            while self._busy():
+                await loop.run_in_executor(self.engine._executor, self._run_slice)
         except BaseException as exc:  # noqa: BLE001 - every waiting caller gets the error
-            for group in self.groups + self.pending:
+            with self.lock:
+                waiting, self.pending = self.groups + self.pending, []
+            self.groups, self.batch = [], None
+            for group in waiting:
                 group.queue.put_nowait(exc)
-            self.groups, self.pending, self.batch = [], [], None
             if isinstance(exc, asyncio.CancelledError):
                 raise
+
+    def _run_slice(self) -> None:
+        deadline = time.monotonic() + self.SLICE_S
+        for _ in range(self.SLICE_STEPS):
+            groups = self._admissible()
+            if groups:
+                fresh = _Batch(self.engine, self.adapter, [w for g in groups for w in g.works])
+                fresh.prefill()
+                if self.batch is None or not self.batch.rows:
+                    self.batch = fresh
+                elif fresh.rows:
+                    self.batch.merge(fresh)
+                self.groups += groups
+            elif self.batch is not None and self.batch.rows:
+                self.batch.step()
+            else:
+                return
+            self._publish()
+            if time.monotonic() > deadline:
+                return
 
     def _admissible(self) -> list[_Group]:
         """Pending groups that fit beside the running rows (max_batch_rows); at least one if idle."""
         running = len(self.batch.rows) if self.batch is not None else 0
         if running and not self.batch.mergeable:  # type: ignore[union-attr]
             return []
-        cap = self.engine.max_batch_rows
-        taken: list[_Group] = []
-        for group in self.pending:
-            size = sum(w.request.sampling.n for w in group.works)
-            if cap is not None and running + size > cap and (running or taken):
-                break
-            taken.append(group)
-            running += size
-        self.pending = self.pending[len(taken):]
+        with self.lock:
+            if running and self.pending:
+                waiting = sum(w.request.sampling.n for g in self.pending for w in g.works)
+                if waiting < ADMIT_FRACTION * running and time.monotonic() - self.pending[0].created < ADMIT_WAIT_S:
+                    return []
+            cap = self.engine.max_batch_rows
+            taken: list[_Group] = []
+            for group in self.pending:
+                size = sum(w.request.sampling.n for w in group.works)
+                if cap is not None and running + size > cap and (running or taken):
+                    break
+                taken.append(group)
+                running += size
+            self.pending = self.pending[len(taken):]
         return taken
 
     def _publish(self) -> None:
@@ -704,7 +745,7 @@ class _Scheduler:
         live = []
         for group in self.groups:
             outputs = [StopIteration if w.reported else _chunk(self.engine, w, now) for w in group.works]
-            group.queue.put_nowait(outputs)
+            self.loop.call_soon_threadsafe(group.queue.put_nowait, outputs)  # type: ignore[union-attr]
             if not all(w.reported for w in group.works):
                 live.append(group)
         self.groups = live

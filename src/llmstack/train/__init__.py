@@ -5,22 +5,11 @@ The per-worker loop lives in :mod:`llmstack.train.loop` (shared with fine-tuning
 checkpoints in storage, registration) in :mod:`llmstack.train.driver`.
 """
 
-import sys
-import types
-from typing import Any
-
+from llmstack._modules import make_callable
 from llmstack.train.driver import RunOutcome, TrainResult, run_training, train
 from llmstack.train.loop import LoopSpec, causal_lm_loss, run_worker_loop
 
 
-class _CallableModule(types.ModuleType):
-    """``llmstack.train`` is both this package and the public function: once the package is
-    imported, Python binds ``llmstack.train`` to the module, so the module forwards calls."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> TrainResult:
-        return train(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+make_callable(__name__, train)
 
 __all__ = ["LoopSpec", "RunOutcome", "TrainResult", "causal_lm_loss", "run_training", "run_worker_loop", "train"]

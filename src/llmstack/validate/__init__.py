@@ -12,3 +12,7 @@ from llmstack.validate._validate import DEFAULT_PROBES, IncomparableModelsError,
 
 __all__ = ["DEFAULT_PROBES", "CheckResult", "IncomparableModelsError", "ValidateConfig", "ValidationReport",
            "validate"]
+
+from llmstack._modules import make_callable  # noqa: E402
+
+make_callable(__name__, validate)

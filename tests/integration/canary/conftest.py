@@ -46,15 +46,13 @@ def canary_registry(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def canary_app(ray_cluster: dict, canary_registry: dict[str, Any]) -> Iterator[Any]:
-    """stable tiny-lm@v1, candidate tiny-lm@v2, three test-only broken twins of v2, and tiny-lm@v3."""
+    """stable tiny-lm@v1 (production), candidate tiny-lm@v2, and "broken": tiny-lm@v3 with test-only faults."""
     from llmstack.serve.canary import deploy_canary
 
     dep = deploy_canary({
         "stable": "tiny-lm@production", "candidate": "tiny-lm@v2", "registry": canary_registry["url"],
-        "versions": [{"name": "broken-raise", "model": "tiny-lm@v2", "fault": "raise"},
-                     {"name": "broken-garbage", "model": "tiny-lm@v2", "fault": "garbage"},
-                     {"name": "broken-slow", "model": "tiny-lm@v2", "fault": "slow", "fault_delay_s": 2.0},
-                     {"model": "tiny-lm@v3"}],
+        # TEST-ONLY fault injection: one broken twin whose fault the tests switch (raise / garbage / slow).
+        "versions": [{"name": "broken", "model": "tiny-lm@v3", "fault": "raise", "fault_delay_s": 2.0}],
         "app_name": "canary-it", "route_prefix": "/canary-it", "port": _free_port(), "host": "127.0.0.1",
         "num_cpus": 0.25, "max_batch_size": 8, "batch_wait_timeout_s": 0.005, "max_ongoing_requests": 32,
         "max_queued_requests": -1, "response_cache_size": 0, "default_max_tokens": 8, "max_tokens_limit": 64,
@@ -62,5 +60,22 @@ def canary_app(ray_cluster: dict, canary_registry: dict[str, Any]) -> Iterator[A
     from canary_helpers import wait_healthy
 
     wait_healthy(dep.url)
+    _warm_up(dep.app_name, ["LLMServer-tiny-lm-v1", "LLMServer-tiny-lm-v2", "LLMServer-broken"])
     yield dep
     dep.shutdown()
+
+
+def _warm_up(app_name: str, deployments: list[str]) -> None:
+    """One generation per version (the first forward pass of a replica is slow), faults off meanwhile."""
+    from ray import serve
+
+    from llmstack.serve.protocol import GenerationRequest, SamplingParams
+
+    broken = serve.get_deployment_handle("LLMServer-broken", app_name=app_name)
+    broken.set_fault.remote(None).result()
+    for name in deployments:
+        handle = serve.get_deployment_handle(name, app_name=app_name)
+        for _ in range(2):
+            handle.generate.remote(GenerationRequest(model="tiny-lm", prompt="line 1:",
+                                                     sampling=SamplingParams(max_tokens=8))).result()
+    broken.set_fault.remote("raise").result()

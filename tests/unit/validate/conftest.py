@@ -11,9 +11,12 @@ from typing import Any
 
 import pytest
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _one_torch_thread() -> Iterator[None]:
-    """Latency and training on a shared 2-core machine: one intra-op thread avoids oversubscription."""
+    """Latency and training on a shared 2-core machine: one intra-op thread avoids oversubscription.
+
+    Module-scoped so the setting never leaks into other areas' tests in the same session.
+    """
     import torch
 
     before = torch.get_num_threads()
