@@ -9,8 +9,8 @@ and nothing else shares it), each method in its own fresh subprocess:
 * data: ``builtin:stdlib-qa`` prompt/response pairs (loss on response tokens only), its held-out
   split for eval;
 * per method: trainable-parameter fraction; peak resident memory while training (sampled every
-  2 ms from /proc, above the process's post-import baseline; freed load-time buffers trimmed
-  first) and the analytic weights + grads + AdamW-state bytes; tokens/s (median step, first step
+  2 ms from /proc, above the process's post-import baseline; allocations >= 64 KiB are mmaps that
+  go back to the OS when freed, so RSS follows live tensors) and the analytic weights + grads + AdamW-state bytes; tokens/s (median step, first step
   excluded); held-out answer-loss improvement after ``--steps`` steps, as a share of full FT's;
 * distillation: a ``tiny`` student trained on the fully fine-tuned model's softened outputs
   (T=2, alpha=0.5) vs the same student, same steps and seed, with hard labels only (alpha=0).
@@ -39,6 +39,10 @@ from typing import Any
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Measured subprocesses inherit these: every allocation >= 64 KiB is its own mmap, returned to the OS
+# when freed, so resident memory tracks live tensors instead of glibc's retained heap.
+os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", "65536")
 
 HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results" / "finetune.json"
@@ -350,7 +354,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"own fresh process; LoRA-family rank {s['rank']}, alpha {s['alpha']}, all 7 decoder linears; "
         f"learning rates {', '.join(f'{k} {v:g}' for k, v in s['learning_rates'].items())}. Peak memory = peak "
         "resident set while training above the process's baseline after imports and data (model, grads, AdamW "
-        "state, activations); tensor bytes = weights as stored + fp32 grads + 2 AdamW moments of trainables.", "",
+        "state, activations; glibc told to mmap every allocation >= 64 KiB so freed memory leaves RSS); tensor bytes = weights as stored + fp32 grads + 2 AdamW moments of trainables.", "",
         "| method | trainable | trainable share | peak train RSS (MiB) | memory / full | tensor bytes / full "
         "| tokens/s | speed / full | eval loss before -> after | improvement / full |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",

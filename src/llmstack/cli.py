@@ -169,8 +169,32 @@ def cmd_registry(args: argparse.Namespace) -> int:
 def cmd_rollback(args: argparse.Namespace) -> int:
     from llmstack.registry import format_history
 
+    if args.app:  # a running app: routing switches back at once, then the registry alias follows
+        from llmstack.serve.canary import rollback_app
+
+        _print_json(rollback_app(app_name=args.app, reason=args.reason))
+        return 0
+    if not args.name:
+        raise LLMStackError("rollback needs a registry NAME, or --app APP for a running canary app")
     registry = _registry(args)
     print(format_history([registry.rollback(args.name, alias=args.alias, reason=args.reason)]))
+    return 0
+
+
+def cmd_canary(args: argparse.Namespace) -> int:
+    from llmstack.serve import canary
+
+    action = args.canary_action
+    if action == "status":
+        print(canary.format_status(canary.canary_status(app_name=args.app)))
+        return 0
+    if action == "start":
+        result = canary.canary_start(args.candidate, app_name=args.app, force=args.force)
+    elif action == "promote":
+        result = canary.canary_promote(app_name=args.app, force=args.force, reason=args.reason)
+    else:
+        result = canary.canary_abort(app_name=args.app, reason=args.reason)
+    _print_json(result)
     return 0
 
 
@@ -237,10 +261,24 @@ def build_parser() -> argparse.ArgumentParser:
     act.add_argument("--reason", default=None)
     actions.add_parser("history", help="promotions, forced promotions and rollbacks").add_argument("name")
 
-    sub = verb("rollback", cmd_rollback, "point an alias back to its previous version")
-    sub.add_argument("name")
+    sub = verb("rollback", cmd_rollback, "point an alias (or a running app's routing) back to the previous version")
+    sub.add_argument("name", nargs="?", help="registry name whose alias moves back")
+    sub.add_argument("--app", default=None, help="roll back a running canary app's routing (no restarts)")
     sub.add_argument("--alias", default="production")
     sub.add_argument("--reason", default=None)
+    sub = verb("canary", cmd_canary, "progressive rollout on a running canary app (serve_configs/canary.yaml)")
+    actions = sub.add_subparsers(dest="canary_action", metavar="ACTION", required=True, parser_class=_Parser)
+    start = actions.add_parser("start", help="start the rollout plan for a candidate")
+    start.add_argument("candidate", help="registry ref, or a version the app already serves")
+    actions.add_parser("status", help="weights, live KPIs and the plan in progress")
+    promote = actions.add_parser("promote", help="send all traffic to the candidate and move the alias")
+    abort = actions.add_parser("abort", help="drop the candidate to 0%% now")
+    for act in (start, actions.choices["status"], promote, abort):
+        act.add_argument("--app", default="llmstack-canary", help="Serve application name")
+    for act in (start, promote):
+        act.add_argument("--force", action="store_true", help="override a failed validation (recorded)")
+    for act in (promote, abort):
+        act.add_argument("--reason", default=None)
     return parser
 
 

@@ -6,6 +6,7 @@ lineage of what was built. Later stages are added as the library grows.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -146,7 +147,7 @@ def _stage_serve(ctx: QuickstartContext) -> str:
                 if line.startswith("data: ") and line != "data: [DONE]":
                     chunks.append(json.loads(line[6:])["choices"][0].get("text", ""))
         tqdm.write(f"  streamed {len(chunks)} chunks: {'def parse(' + ''.join(chunks)!r}")
-    return f"served {served} at {app.url}: 2 chat answers (median {sorted(latencies)[0] * 1000:.0f} ms), 1 stream"
+    return f"served {served} at {app.url}: 2 chat answers (median {statistics.median(latencies) * 1000:.0f} ms), 1 stream"
 
 
 STAGES: list[tuple[str, Callable[[QuickstartContext], str]]] = [

@@ -22,7 +22,8 @@ of the app: ``GET /canary``, ``POST /canary/{start,promote,abort,rollback,weight
 
 Example:
     >>> dep = deploy_canary({"stable": "tiny-lm@v1", "candidate": "tiny-lm@v2", "port": 8123})  # doctest: +SKIP
-    >>> canary_start("tiny-lm@v2", app_name=dep.app_name, plan={"steps": [5, 25, 50, 100], "hold_s": 30})  # doctest: +SKIP
+    >>> plan = {"steps": [5, 25, 50, 100], "hold_s": 30}
+    >>> canary_start("tiny-lm@v2", app_name=dep.app_name, plan=plan)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class VersionSpec:
 
     model: str  # registry ref (name, name@vN, name@alias) or local model directory
     name: str = ""  # version name used in weights and status; default: the resolved ref, e.g. tiny-lm@v2
-    fault: str | None = None  # TEST/FAULT INJECTION ONLY: "raise" | "garbage" | "slow" — a deliberately broken version
+    fault: str | None = None  # TEST/FAULT INJECTION ONLY: "raise" | "garbage" | "slow" (a deliberately broken version)
     fault_delay_s: float = 2.0  # TEST/FAULT INJECTION ONLY: extra seconds per request for fault "slow"
 
     def check(self) -> list[tuple[str, str]]:
@@ -219,7 +220,8 @@ def check_weights(weights: dict[str, float], *, known: list[str] | None) -> list
             problems.append(f"weights.{name}: must be >= 0, got {value}")
     total = sum(weights.values())
     if abs(total - 100.0) > 1e-6:
-        problems.append(f"weights: must sum to 100, got {total:g} ({', '.join(f'{k}={v:g}' for k, v in weights.items())})")
+        split = ", ".join(f"{k}={v:g}" for k, v in weights.items())
+        problems.append(f"weights: must sum to 100, got {total:g} ({split})")
     return problems
 
 
@@ -559,9 +561,11 @@ class CanaryRouter:
         name = self.pick(key)
         version = self.versions[name]
         self._count_routed(name)
-        if self._shadow_on(name):
-            self._mirror(request)
-        return name, await self._call(version, request)
+        reference = self._mirror(request) if self._shadow_on(name) else None
+        result = await self._call(version, request)
+        if reference is not None and not reference.done():
+            reference.set_result(result)  # the stable answer the mirrored one is compared with
+        return name, result
 
     async def _call(self, version: _Version, request: GenerationRequest, *, shadow: bool = False) -> Any:
         token = version.kpi.begin()
@@ -594,7 +598,7 @@ class CanaryRouter:
         version = self.versions[name]
         self._count_routed(name)
         if self._shadow_on(name):
-            self._mirror(request)
+            self._mirror(request).set_result(None)  # streamed answers are not compared, only measured
         yield {"version": name}
         token = version.kpi.begin()
         start = time.monotonic()
@@ -642,34 +646,33 @@ class CanaryRouter:
                 and c.plan.shadow_share > 0 and random.random() < c.plan.shadow_share
                 and len(self._shadow_tasks) < 64)
 
-    def _mirror(self, request: GenerationRequest) -> None:
-        """Send a copy to the candidate in the background; its answer is compared, never returned."""
+    def _mirror(self, request: GenerationRequest) -> asyncio.Future:
+        """Send a copy to the candidate in the background; its answer is measured and compared, never returned.
+
+        Returns the future the caller resolves with the stable version's answer.
+        """
         c = self.canary
         assert c is not None
+        loop = asyncio.get_running_loop()
+        reference: asyncio.Future = loop.create_future()
         copy = request.model_copy(update={"request_id": request.request_id + "-shadow"})
 
         async def run() -> None:
-            stable_task = asyncio.ensure_future(self._shadow_reference(request))
             result = await self._call(self.versions[c.candidate], copy, shadow=True)
-            reference = await stable_task
-            if (isinstance(result, GenerationResult) and reference is not None and request.sampling.deterministic):
+            try:
+                stable = await asyncio.wait_for(asyncio.shield(reference), timeout=120)
+            except asyncio.TimeoutError:
+                return
+            # Only deterministic requests (greedy or seeded) can be expected to agree.
+            if request.sampling.deterministic and isinstance(result, GenerationResult) \
+                    and isinstance(stable, GenerationResult):
                 c.shadow_compared += 1
-                c.shadow_agreed += int([x.text for x in result.choices] == reference)
+                c.shadow_agreed += int([x.text for x in result.choices] == [x.text for x in stable.choices])
 
-        task = asyncio.get_running_loop().create_task(run())
+        task = loop.create_task(run())
         self._shadow_tasks.add(task)
         task.add_done_callback(self._shadow_tasks.discard)
-
-    async def _shadow_reference(self, request: GenerationRequest) -> list[str] | None:
-        # Deterministic requests are answered again by the stable version's response cache: cheap to compare.
-        if not request.sampling.deterministic:
-            return None
-        try:
-            version = self.versions[self.canary.stable] if self.canary else self.versions[self.stable]
-            result = await version.client.generate(await self._normalize(request, version))
-            return [x.text for x in result.choices]
-        except Exception:
-            return None
+        return reference
 
     # ------------------------------------------------------------------ the controller
 
@@ -865,7 +868,7 @@ class CanaryRouter:
                 "weights": dict(self.weights), "alias": self.cfg.alias, "versions": versions,
                 "canary": self._canary_status(c) if c else None,
                 "running": bool(c and c.state == "running"), "history": self.history[-10:],
-                "events": list(self.events)[-20:], "serve": self.spec["serve"],
+                "events": list(self.events)[-20:], "serve": {**self.spec["serve"], "api_key": None},
                 "canary_defaults": {"plan": to_dict(self.cfg.plan), "thresholds": to_dict(self.cfg.thresholds)}}
 
     async def add_version(self, name: str, ref: str | None, app: str, deployment: str,
