@@ -36,8 +36,9 @@ def ray_cluster() -> Iterator[dict]:
     import ray
 
     if not ray.is_initialized():
+        # The dashboard stays on: Ray Train's placement-group cleaner relies on it.
         ray.init(num_cpus=RAY_TEST_CPUS, object_store_memory=RAY_TEST_OBJECT_STORE,
-                 include_dashboard=False, log_to_driver=False,
+                 include_dashboard=True, dashboard_port=free_port(), log_to_driver=False,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
                                            "OMP_NUM_THREADS": "1"}})
     yield {"address": ray.get_runtime_context().gcs_address, "num_cpus": RAY_TEST_CPUS}
@@ -48,6 +49,25 @@ def ray_cluster() -> Iterator[dict]:
     except Exception:
         pass
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_leaked_placement_groups() -> Iterator[None]:
+    """After each module, release placement groups its finished runs left behind (with a warning),
+    so one leak cannot starve every later Ray test of CPUs."""
+    yield
+    import sys
+    import warnings
+
+    if "ray" not in sys.modules or not sys.modules["ray"].is_initialized():
+        return
+    from ray.util import placement_group_table, remove_placement_group
+    from ray.util.placement_group import PlacementGroup
+
+    for pg_id, info in placement_group_table().items():
+        if info["state"] in ("CREATED", "PENDING", "RESCHEDULING"):
+            warnings.warn(f"removing leaked placement group {pg_id} {info['bundles']}", stacklevel=1)
+            remove_placement_group(PlacementGroup(__import__("ray").PlacementGroupID.from_hex(pg_id)))
 
 
 @pytest.fixture(scope="session")
