@@ -318,7 +318,8 @@ def _read_parquet(fs: Any, path: str, name: str, *, text_field: str) -> list[str
     return _text_column(values, name, text_field)
 
 
-def _read_datasets_dir(source: str, *, text_field: str, storage_options: dict[str, Any]) -> list[str]:
+def load_saved_dataset(source: str, *, storage_options: dict[str, Any] | None = None) -> Any:
+    """A ``datasets.save_to_disk`` directory as one ``Dataset`` (the ``train`` split of a DatasetDict)."""
     import datasets
 
     try:
@@ -329,6 +330,11 @@ def _read_datasets_dir(source: str, *, text_field: str, storage_options: dict[st
         if "train" not in loaded:
             raise DataError(f"{source}: a DatasetDict without a 'train' split (splits: {', '.join(loaded)})")
         loaded = loaded["train"]
+    return loaded
+
+
+def _read_datasets_dir(source: str, *, text_field: str, storage_options: dict[str, Any]) -> list[str]:
+    loaded = load_saved_dataset(source, storage_options=storage_options)
     if text_field not in loaded.column_names:
         raise DataError(f"{source}: no column {text_field!r} (columns: {', '.join(loaded.column_names)}); "
                         "set data.text_field to the column holding the text")

@@ -76,20 +76,12 @@ def load_instructions(source: str, *, split: str | None = None, max_rows: int | 
 
 def _iter_rows(source: str, storage_options: dict[str, Any]) -> Iterator[tuple[str, Any]]:
     """``(location, raw row)`` pairs; location is ``file:line`` (jsonl) or ``file: row i``."""
-    from llmstack.data.corpus import (_display, _kind, _read_bytes, decode_utf8, iter_jsonl, resolve_files)
+    from llmstack.data.corpus import (_display, _kind, _read_bytes, decode_utf8, iter_jsonl, load_saved_dataset,
+                                      resolve_files)
 
     fs, paths, is_dataset = resolve_files(source, storage_options)
     if is_dataset:
-        import datasets
-
-        try:
-            loaded = datasets.load_from_disk(source, storage_options=storage_options or None)
-        except Exception as exc:
-            raise DataError(f"{source}: cannot load the saved dataset ({type(exc).__name__}: {exc})") from None
-        if isinstance(loaded, datasets.DatasetDict):
-            if "train" not in loaded:
-                raise DataError(f"{source}: a DatasetDict without a 'train' split (splits: {', '.join(loaded)})")
-            loaded = loaded["train"]
+        loaded = load_saved_dataset(source, storage_options=storage_options)
         for index, row in enumerate(loaded):
             yield f"{source}: row {index}", row
         return
