@@ -339,7 +339,9 @@ class TransformersEngine:
         self.max_model_len = int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.device = next(self.model.parameters()).device
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmstack-engine")
+        # Grad mode is per thread: switch it off in the one thread that runs the model, never in the caller's.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmstack-engine",
+                                            initializer=torch.set_grad_enabled, initargs=(False,))
         self._loaded_adapters: dict[str, str] = {}  # served id -> peft adapter name
         self._adapter_users: dict[str, int] = {}
         self._pending_unload: set[str] = set()
@@ -350,7 +352,6 @@ class TransformersEngine:
         self.stats = {"requests": 0, "cancelled": 0, "generated_tokens": 0, "batches": 0, "max_batch_size": 0,
                       "adapter_loads": 0, "adapter_unloads": 0, "forward_passes": 0}
         self.model.eval()
-        torch.set_grad_enabled(False)
         if loaded.adapter_dir is not None:
             self._default_adapter = self._attach_adapter(loaded.adapter_dir, "default")
 

@@ -189,3 +189,10 @@ def test_max_batch_rows_caps_sequences_per_forward(engine: Any) -> None:
     results = run(concurrently())
     assert all(r.completion_tokens >= 1 for r in results)
     assert engine.stats["max_batch_size"] <= 3
+
+
+def test_engine_leaves_the_callers_grad_mode_alone(engine: Any) -> None:
+    import torch
+
+    run(engine.generate(req("def f(x):", max_tokens=2, temperature=0)))
+    assert torch.is_grad_enabled(), "building or running an engine must not switch autograd off for the caller"
