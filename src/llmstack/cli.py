@@ -217,8 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         if config:
             sub.add_argument("--config", default=None, help="YAML config file")
-            sub.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
+            with_overrides.append(sub)
         return sub
+
+    with_overrides: list[argparse.ArgumentParser] = []
 
     verb("train", cmd_train, "pretrain a model on Ray Train (DDP or FSDP)", config=True)
     sub = verb("finetune", cmd_finetune, "fine-tune a base model: lora | qlora | dora | bitfit | full", config=True)
@@ -266,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--app", default=None, help="roll back a running canary app's routing (no restarts)")
     sub.add_argument("--alias", default="production")
     sub.add_argument("--reason", default=None)
+    for sub in with_overrides:  # after each verb's own positionals, so `quantize REF k=v` parses
+        sub.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
+
     sub = verb("canary", cmd_canary, "progressive rollout on a running canary app (serve_configs/canary.yaml)")
     actions = sub.add_subparsers(dest="canary_action", metavar="ACTION", required=True, parser_class=_Parser)
     start = actions.add_parser("start", help="start the rollout plan for a candidate")
@@ -284,7 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops filling positionals at the first option, so `quantize REF --method M k=v` leaves
+    # k=v over: such leftovers are config overrides; anything else is an error.
+    if extra:
+        if isinstance(getattr(args, "overrides", None), list) and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides.extend(extra)
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "handler", None):
         parser.print_help()
         return EXIT_USER_ERROR
