@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import dataclasses
 import hashlib
@@ -1150,23 +1151,11 @@ class CanaryEngineClient(ServeEngineClient):
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         slot = _SLOT.get() or {}
         responses = self.handle.options(stream=True).stream.remote(request, slot.get("key"))
-        finished = False
-        try:
-            async for item in responses:
-                if isinstance(item, dict):
-                    slot["version"] = item.get("version")
-                    continue
-                if isinstance(item, ErrorInfo):
-                    raise item.to_error()
-                yield item
-            finished = True
-        except (EngineError, GeneratorExit, asyncio.CancelledError):
-            raise
-        except Exception as exc:
-            raise self._translate(exc) from None
-        finally:
-            if not finished:
-                responses.cancel()
+        # The router sends {"version": ...} first: which version answers this stream.
+        relay = self._relay(responses, on_marker=lambda marker: slot.__setitem__("version", marker.get("version")))
+        async with contextlib.aclosing(relay) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def check_health(self) -> None:
         await self.handle.backend_health.remote()

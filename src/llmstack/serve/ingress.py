@@ -14,6 +14,7 @@ events), ``GET /v1/models``, ``GET /health`` and ``GET /metrics``. Every error h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import time
@@ -112,10 +113,20 @@ class ServeEngineClient:
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         target = await self._target(request, stream=True)
-        responses = target.stream.remote(request)
+        async with contextlib.aclosing(self._relay(target.stream.remote(request))) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def _relay(self, responses: Any, *,
+                     on_marker: Callable[[dict], None] | None = None) -> AsyncIterator[GenerationChunk]:
+        """Chunks of a streaming Serve response: errors re-raised as EngineError, the call cancelled
+        downstream when the consumer stops early. Dict items are markers for ``on_marker``."""
         finished = False
         try:
             async for item in responses:
+                if on_marker is not None and isinstance(item, dict):
+                    on_marker(item)
+                    continue
                 if isinstance(item, ErrorInfo):
                     raise item.to_error()
                 yield item
