@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -100,16 +101,30 @@ def test_ray_job_submit_llmstack_train(head_node, tmp_path):
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
     registry = tmp_path / "registry"
-    command = [str(BIN / "ray"), "job", "submit", "--address", head_node, "--",
+    submission_id = f"job-lm-{uuid.uuid4().hex[:8]}"
+    ray = [str(BIN / "ray"), "job"]
+    # --no-wait, then poll: the log tail is a websocket proxied head -> agent, which a busy machine can drop
+    # (close code 1006) while the job itself runs on; status and logs are plain HTTP requests.
+    command = [*ray, "submit", "--address", head_node, "--submission-id", submission_id, "--no-wait", "--",
                str(BIN / "llmstack"), "--registry", str(registry), "train", "--config", str(config),
                f"storage_path={tmp_path / 'runs'}", "training.max_steps=3"]
     for _ in range(20):  # the job agent can lag the dashboard on a busy machine; nothing ran yet then
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=480, env=_env())
-        output = proc.stdout + proc.stderr
-        if "No available agent to submit job" not in output:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=120, env=_env())
+        if "No available agent to submit job" not in proc.stdout + proc.stderr:
             break
         time.sleep(3)
-    assert proc.returncode == 0, output[-3000:]
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(head_node)
+    deadline = time.monotonic() + 480
+    while (status := client.get_job_status(submission_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                                    JobStatus.STOPPED}:
+        assert time.monotonic() < deadline, f"job still {status} after 480 s"
+        time.sleep(2)
+    output = subprocess.run([*ray, "logs", "--address", head_node, submission_id], capture_output=True, text=True,
+                            timeout=60, env=_env()).stdout
+    assert status == JobStatus.SUCCEEDED, output[-3000:]
     assert "registered job-lm@v1" in output
     from llmstack.registry import Registry
 
