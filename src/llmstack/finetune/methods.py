@@ -205,8 +205,25 @@ def load_base(source: str, *, registry: Any = None, method: str = "lora", device
     except Exception as exc:
         raise ModelLoadError(f"cannot load {source} as an NF4 base: {exc}") from None
     keep_nf4_layout(model)
+    release_file_mapping(model)
     model.eval()
     return model, tokenizer
+
+
+def release_file_mapping(model: Any) -> None:
+    """Copy the tensors that still view the loaded safetensors mmap into the process's own memory.
+
+    The unquantized tensors (embeddings, norms, head) are slices of one mapping of the whole file, so
+    they keep every page read while quantizing -- the fp32 weights the NF4 base replaced -- resident
+    in this process. Once they own their memory the mapping and those pages are let go.
+    """
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if type(param).__name__ != "Params4bit":
+                param.data = param.data.clone()
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None:
+                module._buffers[name] = buffer.clone()
 
 
 def keep_nf4_layout(model: Any) -> None:
