@@ -520,11 +520,18 @@ def markdown(results: dict[str, Any]) -> str:
         "fine-tuning's held-out improvement each method makes in the same steps at its own learning rate. On "
         "CPU, QLoRA's 4-bit matmuls dequantize every step, so it trades speed for memory; tokens/s ratios move "
         "with machine load (methods run one after another).",
+        "- Learning rates at the top of the grid (a higher rate might do better still): "
+        + (", ".join(name for name, r in m.items() if _at_grid_top(r)) or "none") + ".",
         f"- QLoRA's tensors are {qlora['tensor_bytes_vs_full']:.2f}x full FT's (NF4 weights are "
         f"{qlora['tensor_bytes']['weights'] / lora['tensor_bytes']['weights']:.2f}x LoRA's); the rest of every "
         "peak is activations and allocator slack, which the 4-bit base does not shrink.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _at_grid_top(r: dict[str, Any]) -> bool:
+    rates = [float(k) for k in r.get("lr_sweep", {})]
+    return bool(rates) and r["learning_rate"] >= max(rates) * (1 - 1e-9)
 
 
 def write_section(section: str) -> None:

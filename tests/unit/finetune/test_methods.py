@@ -94,6 +94,27 @@ def test_qlora_base_is_nf4(base) -> None:
     assert quant.quant_type == "nf4" and quant.nested  # double quantization
 
 
+def test_qlora_base_lets_go_of_the_fp32_weights_file(base) -> None:
+    """Nothing of the loaded NF4 base may still view the fp32 safetensors mmap (it kept ~4x the NF4
+    bytes resident: every page read while quantizing)."""
+    import gc
+    from pathlib import Path
+
+    from llmstack.finetune.methods import load_base
+    from llmstack.models import resolve_model_source
+
+    weights = str(Path(resolve_model_source(str(base["ref"]), registry=base["registry"]).directory).resolve())
+
+    def mapped() -> bool:
+        gc.collect()
+        return weights in Path("/proc/self/maps").read_text()
+
+    model, _ = load_base(str(base["ref"]), registry=base["registry"], method="qlora")
+    assert not mapped()
+    fp32, _ = load_base(str(base["ref"]), registry=base["registry"], method="lora")
+    assert mapped()  # the check can see a mapping: the fp32 base keeps viewing its file
+    del fp32, model
+
 def test_qlora_without_bitsandbytes_says_why(base, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
