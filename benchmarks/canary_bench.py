@@ -23,14 +23,14 @@ import argparse
 import json
 import os
 import platform
-import re
-import socket
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from _common import free_port, pct, write_section  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -49,17 +49,8 @@ def log(msg: str) -> None:
     print(f"[canary-bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
 def registry_with_versions(url: str) -> dict[str, Any]:
@@ -100,14 +91,6 @@ def wait_state(app: str, timeout: float) -> dict[str, Any]:
     raise RuntimeError(f"canary still running after {timeout} s: {st['canary']}")
 
 
-def write_section(section: str) -> None:
-    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n"
-    pattern = re.compile(r"^## canary\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _m: section + "\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    RESULTS_MD.write_text(text)
 
 
 def plot_timeline(samples: list[Any], marks: dict[str, float], path: Path) -> bool:
@@ -339,7 +322,7 @@ def main() -> int:
               ""]
     if plotted:
         lines += ["![requests by answering version](results/canary_timeline.png)", ""]
-    write_section("\n".join(lines))
+    write_section("canary", "\n".join(lines))
     log(f"done in {results['wall_s']:.0f} s")
     return 0
 

@@ -29,8 +29,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -38,6 +36,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from _common import cpu_name, write_section  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -411,7 +411,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "command": "python benchmarks/finetune_bench.py " + " ".join(sys.argv[1:]),
         "seconds": time.perf_counter() - started,
-        "machine": {"cpus": os.cpu_count(), "processor": _cpu_name(), "torch": torch.__version__,
+        "machine": {"cpus": os.cpu_count(), "processor": cpu_name(), "torch": torch.__version__,
                     "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__, "threads": args.threads},
         "setup": {"base_params": base_params, "layers": args.layers, "vocab": len(tokenizer), "block": args.block,
                   "micro_batch": args.micro, "steps": args.steps, "rank": args.rank, "alpha": 2 * args.rank,
@@ -421,14 +421,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # ----------------------------------------------------------------------------- output
@@ -534,14 +526,6 @@ def _at_grid_top(r: dict[str, Any]) -> bool:
     return bool(rates) and r["learning_rate"] >= max(rates) * (1 - 1e-9)
 
 
-def write_section(section: str) -> None:
-    text = RESULTS_MD.read_text(encoding="utf-8") if RESULTS_MD.is_file() else "# Benchmark results\n"
-    pattern = re.compile(r"^## finetune\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _m: section + "\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS_MD.write_text(text, encoding="utf-8")
 
 
 def main() -> int:
@@ -571,7 +555,7 @@ def main() -> int:
         RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
         RESULTS_JSON.write_text(json.dumps(results, indent=1))
     plot(results)
-    write_section(markdown(results))
+    write_section("finetune", markdown(results))
     log(f"wrote {RESULTS_JSON}, {PLOT} and the finetune section of {RESULTS_MD}")
     return 0
 

@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import cpu_name, write_section  # noqa: E402
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -436,14 +438,6 @@ def findings(results: dict[str, Any]) -> list[str]:
     return out
 
 
-def write_section(section: str) -> None:
-    text = RESULTS_MD.read_text(encoding="utf-8") if RESULTS_MD.exists() else "# Benchmark results\n"
-    pattern = re.compile(r"^## quantize\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _m: section + "\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    RESULTS_MD.write_text(text, encoding="utf-8")
 
 
 def main() -> int:
@@ -468,7 +462,7 @@ def main() -> int:
         results["command"] = results["command"].strip()
         results["findings"] = findings(results)
         plot(results)
-        write_section(markdown(results))
+        write_section("quantize", markdown(results))
         return 0
 
     import torch
@@ -481,7 +475,7 @@ def main() -> int:
     results: dict[str, Any] = {
         "command": " ".join(["python benchmarks/quantize_bench.py", *sys.argv[1:]]),
         "environment": {"torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__,
-                        "threads": args.threads, "cpus": os.cpu_count(), "cpu": _cpu_name(),
+                        "threads": args.threads, "cpus": os.cpu_count(), "cpu": cpu_name(),
                         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                         "python": platform.python_version()}}
     results["speed"] = speed(args)
@@ -492,20 +486,12 @@ def main() -> int:
     if "accuracy" in results:
         results["findings"] = findings(results)
         plot(results)
-        write_section(markdown(results))
+        write_section("quantize", markdown(results))
     RESULTS_JSON.write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
     log(f"done in {results['seconds']:.0f} s -> {RESULTS_JSON}")
     return 0
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 ARGS: argparse.Namespace

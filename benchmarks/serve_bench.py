@@ -21,7 +21,6 @@ import asyncio
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -29,6 +28,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from _common import free_port, pct, write_section  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -44,12 +45,6 @@ def log(msg: str) -> None:
     print(f"[serve-bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[k]
 
 
 # --------------------------------------------------------------------------- direct baselines
@@ -419,14 +414,6 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_section(section: str) -> None:
-    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n"
-    pattern = re.compile(r"^## serve\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _m: section + "\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    RESULTS_MD.write_text(text)
 
 
 # --------------------------------------------------------------------------- main
@@ -464,7 +451,7 @@ def main() -> int:
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app_cfg = {"max_batch_size": 16, "batch_wait_timeout_s": 0.0, "max_ongoing_requests": 64,
                "max_queued_requests": -1}
@@ -576,17 +563,9 @@ def main() -> int:
         print(markdown(results))
     else:
         (RESULTS / "serve.json").write_text(json.dumps(results, indent=2))
-        write_section(markdown(results))
+        write_section("serve", markdown(results))
     log(f"done in {results['wall_s']:.0f} s")
     return 0
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 if __name__ == "__main__":
