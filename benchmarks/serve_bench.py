@@ -404,7 +404,7 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         f"**Autoscaling** (`benchmarks/results/serve_autoscaling.png`): min 1 / max {auto['max_replicas']} replicas, "
         f"`target_ongoing_requests={auto['target']}`, upscale delay {auto['upscale_delay_s']} s, downscale delay "
-        f"{auto['downscale_delay_s']} s. Load profile (seconds x clients): {auto['profile']}. "
+        f"{auto['downscale_delay_s']} s. Load profile (seconds x clients): {', '.join(f'{s:g} s x {c}' for s, c in auto['profile'])}. "
         f"Replicas went 1 -> {auto['peak_replicas']} after {auto['scale_up_after_s']} s of load and back to "
         f"{auto['final_replicas']} {auto['scale_down_after_s']} s after the load stopped; "
         f"peak in-flight requests {auto['peak_in_flight']}.",
