@@ -1123,15 +1123,7 @@ _SLOT: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("l
 class CanaryEngineClient(ServeEngineClient):
     """The engine protocol over the router's handle; passes the session key, notes which version answered."""
 
-    def __init__(self, handle: Any, *, retry_after_s: float = 1.0) -> None:
-        super().__init__(handle, retry_after_s=retry_after_s)
-        self._cards_at = 0.0
-
-    async def models(self) -> list[ModelCard]:
-        if self._cards is None or time.monotonic() - self._cards_at > 5.0:  # the stable version may change
-            self._cards = await self.handle.models.remote()
-            self._cards_at = time.monotonic()
-        return self._cards
+    CARDS_TTL_S = 5.0  # the stable version may change
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         slot = _SLOT.get() or {}

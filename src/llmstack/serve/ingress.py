@@ -72,15 +72,38 @@ class ServeEngineClient:
     hold the adapter and batches them apart from the base model.
     """
 
+    CARDS_TTL_S: float | None = None  # how long the model list is reused (None: for the replica's life)
+
     def __init__(self, handle: Any, *, retry_after_s: float = 1.0) -> None:
         self.handle = handle
         self.retry_after_s = retry_after_s
         self._cards: list[ModelCard] | None = None
+        self._cards_at = 0.0
+        self._cards_lock = asyncio.Lock()
 
     async def models(self) -> list[ModelCard]:
+        """The served models, fetched by one request at a time (a burst on a fresh replica sends one call,
+        not one per request) and with backend errors translated like generation's (503 + Retry-After)."""
+        if self._cards_fresh():
+            return self._cards  # type: ignore[return-value]
+        async with self._cards_lock:
+            if not self._cards_fresh():
+                self._cards = await self._call(self.handle.models)
+                self._cards_at = time.monotonic()
+        return self._cards  # type: ignore[return-value]
+
+    def _cards_fresh(self) -> bool:
         if self._cards is None:
-            self._cards = await self.handle.models.remote()
-        return self._cards
+            return False
+        return self.CARDS_TTL_S is None or time.monotonic() - self._cards_at <= self.CARDS_TTL_S
+
+    async def _call(self, method: Any, *args: Any) -> Any:
+        try:
+            return await method.remote(*args)
+        except (EngineError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            raise self._translate(exc) from None
 
     async def route(self, model: str) -> str | None:
         """The multiplexed model id for ``model`` (None for the base); 404 for a model nobody serves."""
@@ -140,10 +163,10 @@ class ServeEngineClient:
                 responses.cancel()
 
     async def abort(self, request_id: str) -> bool:
-        return await self.handle.abort.remote(request_id)
+        return await self._call(self.handle.abort, request_id)
 
     async def check_health(self) -> None:
-        await self.handle.check_health.remote()
+        await self._call(self.handle.check_health)
 
     def _translate(self, exc: BaseException) -> EngineError:
         from ray.serve.exceptions import BackPressureError

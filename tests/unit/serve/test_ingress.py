@@ -143,3 +143,59 @@ def test_prompt_forms_fan_out(prompt: Any) -> None:
     assert r.status_code == 200
     expected = len(prompt) if isinstance(prompt, list) and not isinstance(prompt[0], int) else 1
     assert len(r.json()["choices"]) == expected == len(engine.requests)
+
+
+class _SheddingHandle:
+    """A stand-in DeploymentHandle whose model deployment sheds every call but the first ``admit``."""
+
+    def __init__(self, admit: int) -> None:
+        self.admit = admit
+        self.calls = 0
+        handle = self
+
+        class _Method:
+            def __init__(self, result: Any) -> None:
+                self.result = result
+
+            def remote(self, *args: Any) -> Any:
+                async def answer() -> Any:
+                    from ray.serve.exceptions import BackPressureError
+
+                    handle.calls += 1
+                    await asyncio.sleep(0.05)  # every burst request arrives while the first is in flight
+                    if handle.calls > handle.admit:
+                        raise BackPressureError(num_queued_requests=1, max_queued_requests=1)
+                    return self.result
+
+                return answer()
+
+        self.models = _Method([ModelCard(id="tiny")])
+        self.check_health = _Method(None)
+
+
+def test_a_burst_on_a_fresh_ingress_fetches_the_model_list_once() -> None:
+    from llmstack.serve.ingress import ServeEngineClient
+
+    async def run() -> None:
+        handle = _SheddingHandle(admit=1)
+        engine = ServeEngineClient(handle, retry_after_s=2)
+        cards = await asyncio.gather(*(engine.models() for _ in range(16)))
+        assert handle.calls == 1 and all(c[0].id == "tiny" for c in cards)
+
+    asyncio.run(run())
+
+
+def test_backend_shedding_outside_generation_keeps_the_openai_shape() -> None:
+    """The model list (fetched on a replica's first request) and health go through the same error mapping."""
+    from llmstack.serve.ingress import ServeEngineClient
+
+    async def run() -> None:
+        engine = ServeEngineClient(_SheddingHandle(admit=0), retry_after_s=2)
+        async with client(make_api(engine, {"model": "tiny", "registry": "memory://x"})) as http:
+            response = await http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+            assert response.status_code == 503 and response.headers["Retry-After"] == "2"
+            error = response.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["code"] == "overloaded"
+            assert (await http.get("/health")).status_code == 503
+
+    asyncio.run(run())
