@@ -176,14 +176,17 @@ async def closed_loop(url: str, *, clients: int, requests_per_client: int, max_t
             "ttft_p50_s": pct(ttfts, 50) if ttfts else None, "ttft_p95_s": pct(ttfts, 95) if ttfts else None}
 
 
-def sequential_latency(url: str, n: int, body: dict[str, Any]) -> list[float]:
+def sequential_latency(url: str, n: int, body: dict[str, Any], *, vary_seed: bool = True) -> list[float]:
+    """Latencies of ``n`` requests sent one after another on one keep-alive connection (a new seed each
+    unless ``vary_seed`` is False: the response cache keys on it)."""
     import requests
 
     session = requests.Session()
     latencies = []
     for i in range(n):
         start = time.perf_counter()
-        r = session.post(url + "/v1/completions", json={**body, "seed": body.get("seed", 0) + i}, timeout=60)
+        seed = body.get("seed", 0) + (i if vary_seed else 0)
+        r = session.post(url + "/v1/completions", json={**body, "seed": seed}, timeout=60)
         latencies.append(time.perf_counter() - start)
         assert r.status_code == 200, r.text
     return latencies
@@ -327,6 +330,22 @@ def plot_autoscaling(timeline: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _haproxy_text(ha: dict[str, Any]) -> list[str]:
+    hover, hthr = ha["overhead"], ha["throughput"]
+    return [
+        "**Behind Serve's HAProxy ingress.** The rows marked HAProxy come from the same app, same model and "
+        "same requests in a second, fresh Ray cluster started with `RAY_SERVE_ENABLE_HA_PROXY=1` (Ray's "
+        "C load balancer forwards HTTP straight to the ingress replica instead of through Serve's Python "
+        "proxy actor; llmstack needs no change, the variable only has to be in the environment of whatever "
+        "starts Ray -- `ray start`, or the script that calls `deploy()`). There: `GET /v1/models` "
+        f"{hover['models_p50_ms']:.1f} ms, a cache hit through every hop {hover['cache_hit_p50_ms']:.1f} ms, "
+        f"`GET /health` {hover['health_p50_ms']:.1f} ms; per-round 16-client ratios vs `generate`: "
+        + ", ".join(f"{x['ratio_vs_generate']:.1f}x" for x in hthr["rounds"]) + ". HAProxy binds the HTTP "
+        "port on all interfaces.",
+        "",
+    ]
+
+
 def markdown(r: dict[str, Any]) -> str:
     thr = r["throughput"]
     over = r["overhead"]
@@ -361,6 +380,19 @@ def markdown(r: dict[str, Any]) -> str:
         f"target <= 10 ms |",
         f"| response cache, identical greedy request, p50 | {cache['hit_p50_ms']:.1f} ms hit | "
         f"{cache['miss_p50_ms']:.1f} ms miss | {cache['miss_p50_ms'] / cache['hit_p50_ms']:.1f}x faster |",
+    ]
+    ha = r.get("haproxy")
+    if ha:
+        hthr, hover = ha["throughput"], ha["overhead"]
+        lines += [
+            f"| **behind Serve's HAProxy ingress**: throughput, 16 concurrent HTTP clients | "
+            f"{hthr['median']['serve_16_tokens_per_s']:.0f} tok/s | {hthr['median']['direct_tokens_per_s']:.0f} tok/s "
+            f"sequential batch-1 `model.generate` | **{hthr['ratio_vs_generate']:.1f}x** (target >= 4x) |",
+            f"| **behind HAProxy**: Serve overhead per request at low load, p50 | {hover['overhead_p50_ms']:.1f} ms "
+            f"(HTTP {hover['http_p50_ms']:.1f} ms) | {hover['engine_p50_ms']:.1f} ms engine in-process | "
+            "target <= 10 ms |",
+        ]
+    lines += [
         "",
         f"Throughput figures are medians over {len(thr['rounds'])} interleaved rounds (baseline, then 16 clients, "
         "then 1 client), each ratio taken within its round; per-round ratios vs `generate`: "
@@ -390,6 +422,7 @@ def markdown(r: dict[str, Any]) -> str:
            "answers `/v1/models` in under 1 ms in-process)."
            if "models_p50_ms" in over else " not measured in this run."),
         "",
+        *(_haproxy_text(r["haproxy"]) if r.get("haproxy") else []),
         "**Latency and time to first token across load** (streamed requests, closed loop; "
         "`benchmarks/results/serve_latency.png`):",
         "",
@@ -418,10 +451,104 @@ def markdown(r: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- main
 
 
+def measure_overhead(url: str, engine_1tok: dict[str, float], scale: float, mt: int) -> tuple[dict, dict]:
+    """Per-request overhead at low load (and where it goes), and the response cache's hit vs miss."""
+    import requests as rq
+
+    log("Serve overhead at low load")
+    http_1tok = sequential_latency(url, max(10, int(60 * scale)), {"prompt": PROMPTS[3], "max_tokens": 1,
+                                                                    "temperature": 0, "seed": 1})
+    session = rq.Session()
+    health = []
+    for _ in range(len(http_1tok)):
+        start = time.perf_counter()
+        session.get(url + "/health", timeout=30)
+        health.append(time.perf_counter() - start)
+    overhead = {"http_p50_ms": pct(http_1tok, 50) * 1000, "engine_p50_ms": engine_1tok["p50_s"] * 1000,
+                "requests": len(http_1tok), "health_p50_ms": pct(health, 50) * 1000}
+    overhead["overhead_p50_ms"] = overhead["http_p50_ms"] - overhead["engine_p50_ms"]
+    log(f"  HTTP p50 {overhead['http_p50_ms']:.1f} ms, overhead {overhead['overhead_p50_ms']:.1f} ms")
+
+    log("response cache: identical greedy requests")
+    miss = sequential_latency(url, max(5, int(20 * scale)), {"prompt": PROMPTS[5], "max_tokens": mt,
+                                                              "temperature": 0, "seed": 5000})
+    same = {"prompt": PROMPTS[5], "max_tokens": mt, "temperature": 0, "seed": 4242}
+    sequential_latency(url, 1, same)
+    hits = sequential_latency(url, max(5, int(20 * scale)), {**same, "seed": 4242}, vary_seed=False)
+    cache = {"miss_p50_ms": pct(miss, 50) * 1000, "hit_p50_ms": pct(hits, 50) * 1000}
+    overhead.update(hop_breakdown(url, same, max(10, int(60 * scale))))
+    log(f"  hops: proxy->ingress {overhead['models_p50_ms']:.1f} ms, cache hit end to end "
+        f"{overhead['cache_hit_p50_ms']:.1f} ms, driver handle -> model replica {overhead['handle_hit_p50_ms']:.1f} ms")
+    return overhead, cache
+
+
+def measure_throughput(url: str, model: Any, tokenizer: Any, mt: int, rounds_n: int) -> dict[str, Any]:
+    """16 and 1 concurrent clients against sequential batch-1 ``generate``, in interleaved rounds."""
+    from ray import serve
+
+    log("throughput: 1 and 16 concurrent clients, interleaved with the baseline")
+    # The machine is shared and noisy: alternate baseline and Serve in short rounds and take the median
+    # of the per-round ratios, so both sides of each ratio saw the same background load.
+    rounds = []
+    for k in range(rounds_n):
+        base = direct_generate_baseline(model, tokenizer, 8, mt)
+        s16 = asyncio.run(closed_loop(url, clients=16, requests_per_client=2, max_tokens=mt, seed_base=2 + 10**5 * k))
+        s1 = asyncio.run(closed_loop(url, clients=1, requests_per_client=6, max_tokens=mt, seed_base=3 + 10**5 * k))
+        rounds.append({"direct_tokens_per_s": base["tokens_per_s"], "serve_16_tokens_per_s": s16["tokens_per_s"],
+                       "serve_1_tokens_per_s": s1["tokens_per_s"],
+                       "ratio_vs_generate": s16["tokens_per_s"] / base["tokens_per_s"],
+                       "ratio_vs_serve_1": s16["tokens_per_s"] / s1["tokens_per_s"]})
+        log(f"  round {k}: generate {base['tokens_per_s']:.0f}, serve x1 {s1['tokens_per_s']:.0f}, "
+            f"serve x16 {s16['tokens_per_s']:.0f} tok/s")
+    med = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+    server = serve.get_deployment_handle("LLMServer", app_name="bench").stats.remote().result()
+    log(f"  replica: {server['generated_tokens']} tokens in {server['forward_passes']} forward passes "
+        f"({server['batches']} admissions), largest decode batch {server['max_batch_size']}")
+    log(f"  median: 16 clients = {med['ratio_vs_generate']:.1f}x generate, {med['ratio_vs_serve_1']:.1f}x one client")
+    return {"rounds": rounds, "median": med, "replica_stats": server, "ratio_vs_generate": med["ratio_vs_generate"],
+            "ratio_vs_serve_1": med["ratio_vs_serve_1"]}
+
+
+def start_app(info: dict[str, Any], app_cfg: dict[str, Any]) -> Any:
+    import ray
+    from ray import serve
+
+    import llmstack
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    dep = llmstack.deploy({"model": "tiny-lm@production", "registry": info["registry"].url, "port": port,
+                           "app_name": "bench", "num_cpus": 1, "max_tokens_limit": 128, **app_cfg})
+    log(f"app at {dep.url}")
+    sequential_latency(dep.url, 5, {"prompt": "warm up", "max_tokens": 4})
+    return dep
+
+
+def haproxy_part(args: argparse.Namespace) -> dict[str, Any]:
+    """Overhead and throughput again, in a fresh Ray cluster whose Serve runs the HAProxy ingress.
+
+    ``RAY_SERVE_ENABLE_HA_PROXY=1`` must be in the environment before Ray starts, so this runs as a
+    subprocess of the benchmark.
+    """
+    import json as _json
+    import subprocess
+
+    out = Path(tempfile.mkdtemp(prefix="serve-bench-haproxy-")) / "part.json"
+    command = [sys.executable, str(Path(__file__).resolve()), "--ingress-part", str(out),
+               "--max-tokens", str(args.max_tokens)] + (["--quick"] if args.quick else [])
+    log("the same app behind Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1), in a fresh Ray cluster")
+    subprocess.run(command, check=True, env={**os.environ, "RAY_SERVE_ENABLE_HA_PROXY": "1"})
+    return _json.loads(out.read_text())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="fewer requests (smoke run)")
+    parser.add_argument("--ingress-part", metavar="OUT", help=argparse.SUPPRESS)  # see haproxy_part()
+    parser.add_argument("--skip-haproxy", action="store_true", help="do not repeat the run behind HAProxy")
     parser.add_argument("--render-only", action="store_true",
                         help="re-render the serve section of RESULTS.md from benchmarks/results/serve.json")
     args = parser.parse_args()
@@ -449,74 +576,26 @@ def main() -> int:
     direct_generate_baseline(model, tokenizer, 2, mt)  # warm-up
     engine_1tok = direct_engine_latency(model, tokenizer, max(10, int(60 * scale)), 1)
     log(f"  engine 1-token p50 {engine_1tok['p50_s'] * 1000:.1f} ms")
-    in_process = engine_batching(model, tokenizer, mt, 3 if not args.quick else 1)
-    log(f"  engine in-process: 16 batched {in_process['batch_16_tokens_per_s']:.0f} tok/s = "
-        f"{in_process['ratio']:.1f}x one at a time")
+    in_process = None
+    if not args.ingress_part:
+        in_process = engine_batching(model, tokenizer, mt, 3 if not args.quick else 1)
+        log(f"  engine in-process: 16 batched {in_process['batch_16_tokens_per_s']:.0f} tok/s = "
+            f"{in_process['ratio']:.1f}x one at a time")
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     app_cfg = {"max_batch_size": 16, "batch_wait_timeout_s": 0.0, "max_ongoing_requests": 64,
                "max_queued_requests": -1}
-    dep = llmstack.deploy({"model": "tiny-lm@production", "registry": info["registry"].url, "port": port,
-                           "app_name": "bench", "num_cpus": 1, "max_tokens_limit": 128, **app_cfg})
-    url = dep.url
-    log(f"app at {url}")
-    sequential_latency(url, 5, {"prompt": "warm up", "max_tokens": 4})
+    dep = start_app(info, app_cfg)
+    url, port = dep.url, int(dep.url.rsplit(":", 1)[1].split("/")[0])
 
-    log("Serve overhead at low load")
-    http_1tok = sequential_latency(url, max(10, int(60 * scale)), {"prompt": PROMPTS[3], "max_tokens": 1,
-                                                                    "temperature": 0, "seed": 1})
-    import requests as rq
-
-    session = rq.Session()
-    health = []
-    for _ in range(len(http_1tok)):
-        start = time.perf_counter()
-        session.get(url + "/health", timeout=30)
-        health.append(time.perf_counter() - start)
-    overhead = {"http_p50_ms": pct(http_1tok, 50) * 1000, "engine_p50_ms": engine_1tok["p50_s"] * 1000,
-                "requests": len(http_1tok), "health_p50_ms": pct(health, 50) * 1000}
-    overhead["overhead_p50_ms"] = overhead["http_p50_ms"] - overhead["engine_p50_ms"]
-    log(f"  HTTP p50 {overhead['http_p50_ms']:.1f} ms, overhead {overhead['overhead_p50_ms']:.1f} ms")
-
-    log("response cache: identical greedy requests")
-    miss = sequential_latency(url, max(5, int(20 * scale)), {"prompt": PROMPTS[5], "max_tokens": mt,
-                                                              "temperature": 0, "seed": 5000})
-    same = {"prompt": PROMPTS[5], "max_tokens": mt, "temperature": 0, "seed": 4242}
-    sequential_latency(url, 1, same)
-    hits = []
-    for _ in range(max(5, int(20 * scale))):
-        start = time.perf_counter()
-        rq.post(url + "/v1/completions", json=same, timeout=60)
-        hits.append(time.perf_counter() - start)
-    cache = {"miss_p50_ms": pct(miss, 50) * 1000, "hit_p50_ms": pct(hits, 50) * 1000}
-    overhead.update(hop_breakdown(url, same, max(10, int(60 * scale))))
-    log(f"  hops: proxy->ingress {overhead['models_p50_ms']:.1f} ms, cache hit end to end "
-        f"{overhead['cache_hit_p50_ms']:.1f} ms, driver handle -> model replica {overhead['handle_hit_p50_ms']:.1f} ms")
-
-    log("throughput: 1 and 16 concurrent clients, interleaved with the baseline")
-    # The machine is shared and noisy: alternate baseline and Serve in short rounds and take the median
-    # of the per-round ratios, so both sides of each ratio saw the same background load.
-    rounds = []
-    for k in range(5 if not args.quick else 2):
-        base = direct_generate_baseline(model, tokenizer, 8, mt)
-        s16 = asyncio.run(closed_loop(url, clients=16, requests_per_client=2, max_tokens=mt, seed_base=2 + 10**5 * k))
-        s1 = asyncio.run(closed_loop(url, clients=1, requests_per_client=6, max_tokens=mt, seed_base=3 + 10**5 * k))
-        rounds.append({"direct_tokens_per_s": base["tokens_per_s"], "serve_16_tokens_per_s": s16["tokens_per_s"],
-                       "serve_1_tokens_per_s": s1["tokens_per_s"],
-                       "ratio_vs_generate": s16["tokens_per_s"] / base["tokens_per_s"],
-                       "ratio_vs_serve_1": s16["tokens_per_s"] / s1["tokens_per_s"]})
-        log(f"  round {k}: generate {base['tokens_per_s']:.0f}, serve x1 {s1['tokens_per_s']:.0f}, "
-            f"serve x16 {s16['tokens_per_s']:.0f} tok/s")
-    med = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
-    server = serve.get_deployment_handle("LLMServer", app_name="bench").stats.remote().result()
-    log(f"  replica: {server['generated_tokens']} tokens in {server['forward_passes']} forward passes "
-        f"({server['batches']} admissions), largest decode batch {server['max_batch_size']}")
-    throughput = {"rounds": rounds, "median": med, "in_process": in_process, "replica_stats": server, "ratio_vs_generate": med["ratio_vs_generate"],
-                  "ratio_vs_serve_1": med["ratio_vs_serve_1"]}
-    log(f"  median: 16 clients = {med['ratio_vs_generate']:.1f}x generate, {med['ratio_vs_serve_1']:.1f}x one client")
+    overhead, cache = measure_overhead(url, engine_1tok, scale, mt)
+    throughput = measure_throughput(url, model, tokenizer, mt, 5 if not args.quick else 2)
+    throughput["in_process"] = in_process
+    if args.ingress_part:
+        Path(args.ingress_part).write_text(json.dumps({"overhead": overhead, "cache": cache,
+                                                       "throughput": throughput}))
+        serve.shutdown()
+        ray.shutdown()
+        return 0
 
     log("latency / TTFT sweep")
     sweep = []
@@ -555,6 +634,7 @@ def main() -> int:
                    "peak_in_flight": max(p["in_flight"] for p in timeline)}
     serve.shutdown()
     ray.shutdown()
+    haproxy = None if args.skip_haproxy else haproxy_part(args)
 
     import torch
 
@@ -562,7 +642,8 @@ def main() -> int:
                           f"torch {torch.__version__}, ray {ray.__version__}, python {sys.version.split()[0]}",
                "params": count_parameters(model), "vocab": len(tokenizer), "max_tokens": mt,
                "prompt_tokens": prompt_tokens, "app": app_cfg, "throughput": throughput, "overhead": overhead,
-               "cache": cache, "sweep": sweep, "autoscaling": autoscaling, "wall_s": time.time() - t0}
+               "cache": cache, "sweep": sweep, "autoscaling": autoscaling, "haproxy": haproxy,
+               "wall_s": time.time() - t0}
     if args.quick:  # smoke run: print the section, keep the recorded results
         print(markdown(results))
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +45,9 @@ def test_every_shipped_config_is_covered() -> None:
     assert {c.name for c in CONFIGS} >= {"tiny.yaml", "tiny-lora.yaml"}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
-def test_serve_run(config: Path, quickstart_registry: str, tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _serve_run(config: Path, registry: str, tmp_path: Path, **env_extra: str) -> Iterator[tuple[str, dict]]:
+    """``serve run`` on ``config`` (free port, half a CPU per replica) until healthy; Ctrl-C at the end."""
     data = yaml.safe_load(config.read_text())
     port = _free_port()
     data["http_options"]["port"] = port  # the only change: a free port instead of 8000
@@ -56,13 +58,28 @@ def test_serve_run(config: Path, quickstart_registry: str, tmp_path: Path) -> No
     app = data["applications"][0]
     base = f"http://127.0.0.1:{port}{app.get('route_prefix', '/').rstrip('/')}"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(LLMSTACK_REGISTRY=quickstart_registry, RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false")
+    env.update(LLMSTACK_REGISTRY=registry, RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false", **env_extra)
     serve_bin = Path(sys.executable).parent / "serve"
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen([str(serve_bin), "run", "--address", "local", str(patched)], cwd=REPO, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_healthy(base, proc, tmp_path / "serve.log")
+        yield base, app
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: serve run shuts Serve down
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_serve_run(config: Path, quickstart_registry: str, tmp_path: Path) -> None:
+    with _serve_run(config, quickstart_registry, tmp_path) as (base, app):
         models = requests.get(base + "/v1/models", timeout=10).json()["data"]
         ids = [m["id"] for m in models]
         assert ids[0] == "tiny-lm"
@@ -73,14 +90,27 @@ def test_serve_run(config: Path, quickstart_registry: str, tmp_path: Path) -> No
             assert r.json()["usage"]["completion_tokens"] >= 1
         if "adapters" in app["args"]:
             assert "tiny-lm-lora" in ids
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: serve run shuts Serve down
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+
+
+@pytest.mark.slow
+def test_serve_run_behind_haproxy(quickstart_registry: str, tmp_path: Path) -> None:
+    """Serve's HAProxy ingress (the low-overhead setting RESULTS.md measures) in front of the same app:
+    completions, a streamed chat, the OpenAI error shape and auth-free health all pass through it."""
+    with _serve_run(REPO / "serve_configs" / "tiny.yaml", quickstart_registry, tmp_path,
+                    RAY_SERVE_ENABLE_HA_PROXY="1") as (base, _app):
+        r = requests.post(base + "/v1/completions", json={"prompt": "def add(a, b):", "max_tokens": 8}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
+        with requests.post(base + "/v1/chat/completions", stream=True, timeout=60,
+                           json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6,
+                                 "stream": True}) as stream:
+            assert stream.status_code == 200
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            events = [line for line in stream.iter_lines(decode_unicode=True) if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and len(events) >= 3
+        bad = requests.post(base + "/v1/completions", json={"prompt": "x", "max_tokens": 0}, timeout=30)
+        assert bad.status_code == 400 and set(bad.json()["error"]) == {"message", "type", "param", "code"}
+        log = (tmp_path / "serve.log").read_text(errors="replace")
+        assert "replacing Serve proxy with HAProxy" in log, log[-2000:]  # really HAProxy, not the Python proxy
 
 
 def test_missing_model_tells_to_run_the_quickstart(tmp_path: Path) -> None:
