@@ -6,10 +6,15 @@ import it as ``_common``.
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import socket
 from pathlib import Path
+
+# Offline and quiet for every benchmark (and the processes it starts), unless the caller says otherwise.
+for _key, _value in (("TOKENIZERS_PARALLELISM", "false"), ("HF_HUB_OFFLINE", "1"), ("RAY_USAGE_STATS_ENABLED", "0")):
+    os.environ.setdefault(_key, _value)
 
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 

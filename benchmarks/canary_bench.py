@@ -32,13 +32,9 @@ from typing import Any
 
 from _common import free_port, pct, write_section  # noqa: E402
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
-RESULTS_MD = HERE / "RESULTS.md"
 sys.path.insert(0, str(HERE.parent / "tests" / "integration" / "canary"))
 from canary_helpers import Load, wait_healthy  # noqa: E402  (the tests' load generator)
 
@@ -47,10 +43,6 @@ V1, V2 = "tiny-lm@v1", "tiny-lm@v2"
 
 def log(msg: str) -> None:
     print(f"[canary-bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-
-
 
 
 def registry_with_versions(url: str) -> dict[str, Any]:
@@ -89,8 +81,6 @@ def wait_state(app: str, timeout: float) -> dict[str, Any]:
             return st
         time.sleep(0.1)
     raise RuntimeError(f"canary still running after {timeout} s: {st['canary']}")
-
-
 
 
 def plot_timeline(samples: list[Any], marks: dict[str, float], path: Path) -> bool:

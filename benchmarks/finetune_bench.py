@@ -37,10 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import cpu_name, write_section  # noqa: E402
+from _common import RESULTS_MD, cpu_name, write_section  # noqa: E402
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Measured subprocesses inherit these: every allocation >= 64 KiB is its own mmap, returned to the OS
 # when freed, so resident memory tracks live tensors instead of glibc's retained heap.
 os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
@@ -49,7 +47,6 @@ os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", "65536")
 HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results" / "finetune.json"
 PLOT = HERE / "results" / "finetune.png"
-RESULTS_MD = HERE / "RESULTS.md"
 METHODS = ("full", "lora", "qlora", "dora", "bitfit")
 LEARNING_RATES = {"full": 3e-4, "lora": 2e-3, "qlora": 2e-3, "dora": 2e-3, "bitfit": 1e-2}
 LR_GRID = (1.0, 1 / 3, 3.0)  # each method's quality is taken at its best rate of default x these
@@ -421,8 +418,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-
-
 # ----------------------------------------------------------------------------- output
 
 
@@ -524,8 +519,6 @@ def markdown(results: dict[str, Any]) -> str:
 def _at_grid_top(r: dict[str, Any]) -> bool:
     rates = [float(k) for k in r.get("lr_sweep", {})]
     return bool(rates) and r["learning_rate"] >= max(rates) * (1 - 1e-9)
-
-
 
 
 def main() -> int:

@@ -34,13 +34,10 @@ from typing import Any
 
 from _common import cpu_name, write_section  # noqa: E402
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results" / "quantize.json"
 PLOT = HERE / "results" / "quantize.png"
-RESULTS_MD = HERE / "RESULTS.md"
 METHODS = ("int8", "nf4", "fp4", "smoothquant", "w8a8", "dynamic-int8")
 DATA = {"source": "builtin:stdlib", "block_size": 128, "eval_fraction": 0.05, "seed": 0}
 
@@ -438,8 +435,6 @@ def findings(results: dict[str, Any]) -> list[str]:
     return out
 
 
-
-
 def main() -> int:
     global ARGS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -490,8 +485,6 @@ def main() -> int:
     RESULTS_JSON.write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
     log(f"done in {results['seconds']:.0f} s -> {RESULTS_JSON}")
     return 0
-
-
 
 
 ARGS: argparse.Namespace

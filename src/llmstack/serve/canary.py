@@ -1127,14 +1127,7 @@ class CanaryEngineClient(ServeEngineClient):
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         slot = _SLOT.get() or {}
-        response = self.handle.generate.remote(request, slot.get("key"))
-        try:
-            version, result = await response
-        except asyncio.CancelledError:
-            response.cancel()
-            raise
-        except Exception as exc:
-            raise self._translate(exc) from None
+        version, result = await self._call(self.handle.generate, request, slot.get("key"))
         slot["version"] = version
         if isinstance(result, ErrorInfo):
             raise result.to_error()

@@ -98,9 +98,15 @@ class ServeEngineClient:
         return self.CARDS_TTL_S is None or time.monotonic() - self._cards_at <= self.CARDS_TTL_S
 
     async def _call(self, method: Any, *args: Any) -> Any:
+        """``await method.remote(*args)``: backend errors translated (503 + Retry-After for shedding), and
+        the call cancelled downstream when the caller is (client gone or timed out)."""
+        response = method.remote(*args)
         try:
-            return await method.remote(*args)
-        except (EngineError, asyncio.CancelledError):
+            return await response
+        except asyncio.CancelledError:
+            response.cancel()
+            raise
+        except EngineError:
             raise
         except Exception as exc:
             raise self._translate(exc) from None
@@ -121,15 +127,7 @@ class ServeEngineClient:
         return self.handle.options(**options) if options else self.handle
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        target = await self._target(request)
-        response = target.generate.remote(request)
-        try:
-            result = await response
-        except asyncio.CancelledError:
-            response.cancel()  # client gone or timed out: stop the generation downstream
-            raise
-        except Exception as exc:
-            raise self._translate(exc) from None
+        result = await self._call((await self._target(request)).generate, request)
         if isinstance(result, ErrorInfo):
             raise result.to_error()
         return result

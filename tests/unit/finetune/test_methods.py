@@ -115,6 +115,7 @@ def test_qlora_base_lets_go_of_the_fp32_weights_file(base) -> None:
     assert mapped()  # the check can see a mapping: the fp32 base keeps viewing its file
     del fp32, model
 
+
 def test_qlora_without_bitsandbytes_says_why(base, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
