@@ -37,6 +37,10 @@ HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE.parent / "tests" / "integration" / "canary"))
 from canary_helpers import Load, wait_healthy  # noqa: E402  (the tests' load generator)
+import faults  # noqa: E402  (the tests' fault injection, pickled by value for the Ray workers)
+import ray.cloudpickle  # noqa: E402
+
+ray.cloudpickle.register_pickle_by_value(faults)
 
 V1, V2 = "tiny-lm@v1", "tiny-lm@v2"
 
@@ -142,8 +146,9 @@ def main() -> int:
     log("deploying the plain app (baseline) and the canary app")
     plain = llmstack.deploy({**common, "model": V1, "app_name": "bench-plain", "route_prefix": "/plain"})
     canary = deploy_canary({**common, "stable": "tiny-lm@production", "candidate": V2,
-                            "versions": [{"name": "broken", "model": info["v3"], "fault": "raise",
-                                          "fault_delay_s": 2.0}],
+                            "versions": [{"name": "broken", "model": info["v3"],
+                                          "deployment": "faults:FaultInjectingLLMServer",
+                                          "deployment_args": {"fault": "raise", "delay_s": 2.0}}],
                             "app_name": "bench-canary", "route_prefix": "/canary", "thresholds": {"window_s": 30}})
     wait_healthy(plain.url)
     wait_healthy(canary.url)

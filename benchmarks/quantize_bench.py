@@ -249,7 +249,7 @@ def interleaved_speed(models: dict[str, Any], *, vocab: int, prompt_tokens: int,
     """
     import torch
 
-    from llmstack.quantize._evaluate import _cache_kwarg, _output_cache
+    from llmstack.models.kv_cache import cache_kwarg, output_cache
 
     prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
     prefill: dict[str, list[float]] = {k: [] for k in models}
@@ -266,14 +266,14 @@ def interleaved_speed(models: dict[str, Any], *, vocab: int, prompt_tokens: int,
             log(f"prefill round {round_ + 1}/{prefill_rounds}")
         for label, model in models.items():
             out = model(input_ids=prompt, use_cache=True)
-            state[label] = (_output_cache(out), out.logits[:, -1:].argmax(-1))
+            state[label] = (output_cache(out), out.logits[:, -1:].argmax(-1))
         for i in range(new_tokens + 1):  # step 0 is a warm-up
             for label, model in models.items():
                 cache, token = state[label]
                 t0 = time.perf_counter()
-                out = model(input_ids=token, use_cache=True, **{_cache_kwarg(model): cache})
+                out = model(input_ids=token, use_cache=True, **{cache_kwarg(model): cache})
                 elapsed = time.perf_counter() - t0
-                state[label] = (_output_cache(out), out.logits[:, -1:].argmax(-1))
+                state[label] = (output_cache(out), out.logits[:, -1:].argmax(-1))
                 if i:
                     step[label].append(elapsed)
         log(f"decoded {new_tokens} interleaved steps per model")

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
@@ -266,7 +267,8 @@ class ServeConfig:
     max_n: int = 4  # cap on choices per request
     max_body_bytes: int = 1_000_000  # larger bodies get 413
     request_timeout_s: float = 60.0  # generation is cancelled past this
-    num_cpus: float = 1.0  # CPUs per model replica
+    num_cpus: float = 1.0  # CPUs Ray reserves per model replica (placement); see num_threads for compute
+    num_threads: int | None = None  # torch threads per replica; None: the node's cores shared by max_replicas
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
 
     def check(self) -> Problems:
@@ -280,6 +282,9 @@ class ServeConfig:
             problems.append(("request_timeout_s", f"must be > 0, got {self.request_timeout_s}"))
         if not self.num_cpus >= 0:
             problems.append(("num_cpus", f"must be >= 0, got {self.num_cpus}"))
+        cores = os.cpu_count() or 1
+        if self.num_threads is not None and not 1 <= self.num_threads <= cores:
+            problems.append(("num_threads", f"must be in [1, {cores}] (this machine's cores), got {self.num_threads}"))
         _at_least(problems, self, "max_queued_requests", -1)
         if self.max_ongoing_requests < self.max_batch_size:
             problems.append(("max_ongoing_requests",
@@ -291,6 +296,12 @@ class ServeConfig:
         if not self.route_prefix.startswith("/"):
             problems.append(("route_prefix", f"must start with '/', got {self.route_prefix!r}"))
         return problems
+
+    def compute_threads(self) -> int:
+        """Torch threads of one replica: ``num_threads``, else this node's cores split between the replicas."""
+        if self.num_threads is not None:
+            return self.num_threads
+        return max(1, (os.cpu_count() or 1) // max(1, self.autoscaling.max_replicas))
 
 
 # --------------------------------------------------------------------------- parsing

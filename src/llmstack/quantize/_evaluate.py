@@ -63,7 +63,9 @@ def speed(model: Any, *, vocab_size: int, prompt_tokens: int, new_tokens: int, r
     """
     import torch
 
-    cache_kw = _cache_kwarg(model)
+    from llmstack.models.kv_cache import cache_kwarg, output_cache
+
+    cache_kw = cache_kwarg(model)
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab_size, (1, prompt_tokens), generator=gen)
     prefill_times, decode_times = [], []
@@ -73,12 +75,12 @@ def speed(model: Any, *, vocab_size: int, prompt_tokens: int, new_tokens: int, r
             t0 = time.perf_counter()
             out = model(input_ids=prompt, use_cache=True)
             t1 = time.perf_counter()
-            cache = _output_cache(out)
+            cache = output_cache(out)
             token = out.logits[:, -1:].argmax(-1)
             t2 = time.perf_counter()
             for _ in range(new_tokens):
                 out = model(input_ids=token, use_cache=True, **{cache_kw: cache})
-                cache = _output_cache(out)
+                cache = output_cache(out)
                 token = out.logits[:, -1:].argmax(-1)
             t3 = time.perf_counter()
             if i >= first:  # the first pass is the warm-up
@@ -86,19 +88,6 @@ def speed(model: Any, *, vocab_size: int, prompt_tokens: int, new_tokens: int, r
                 decode_times.append(t3 - t2)
     return {"prefill_tokens_per_s": prompt_tokens / statistics.median(prefill_times),
             "decode_tokens_per_s": new_tokens / statistics.median(decode_times)}
-
-
-def _output_cache(out: Any) -> Any:
-    """The KV cache of a forward output (``cache`` on new transformers, ``past_key_values`` before)."""
-    return out["cache"] if "cache" in out.keys() else out.past_key_values
-
-
-def _cache_kwarg(model: Any) -> str:
-    """``cache`` on transformers >= 5.2x (``past_key_values`` is deprecated there), else ``past_key_values``."""
-    import inspect
-
-    params = inspect.signature(type(model).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def evaluate(model: Any, *, eval_blocks: Any, config: Any, vocab_size: int,

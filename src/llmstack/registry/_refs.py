@@ -102,6 +102,21 @@ class ArtifactRef:
         return name, selector
 
     @staticmethod
+    def concrete(text: str | ArtifactRef) -> ArtifactRef:
+        """Parse a pinned ``name@vN`` (no alias resolution: that needs a registry).
+
+        Raises:
+            RegistryError: ``text`` is not of the form ``name@vN``.
+        """
+        if isinstance(text, ArtifactRef):
+            return text
+        name, selector = ArtifactRef.parse(text)
+        version = parse_version(selector) if selector else None
+        if version is None:
+            raise RegistryError(f"{text!r} is not a concrete reference; expected name@vN")
+        return ArtifactRef(name, version)
+
+    @staticmethod
     def looks_like(text: str) -> bool:
         """Whether ``text`` is syntactically a registry reference (``name``, ``name@vN``, ``name@alias``)."""
         try:

@@ -63,11 +63,7 @@ def validation_key(baseline: ArtifactRef | str) -> str:
 
 
 def _concrete(text: str) -> ArtifactRef:
-    name, selector = ArtifactRef.parse(text)
-    version = parse_version(selector) if selector else None
-    if version is None:
-        raise RegistryError(f"{text!r} is not a concrete reference; expected name@vN")
-    return ArtifactRef(name, version)
+    return ArtifactRef.concrete(text)
 
 
 def hash_file(path: Path, *, memo: bool = False) -> str:
@@ -585,26 +581,43 @@ class Registry:
         held = self.aliases(target.name).get(alias)
         if held == target.version:
             raise RegistryError(f"{target} already holds {target.name}@{alias}; nothing to promote")
-        report = None
-        gate_ok = held is None
-        if held is not None:
-            baseline = ArtifactRef(target.name, held)
-            data = self.annotations(target).get(validation_key(baseline))
-            if data is not None:
-                report = {"passed": bool(data.get("passed")), "baseline": str(baseline),
-                          "summary": data.get("summary"), "failed_checks": data.get("failed_checks", [])}
-                gate_ok = report["passed"]
-            if not gate_ok and not force:
-                why = ("its validation against it failed: " + ", ".join(report["failed_checks"] or ["?"])
-                       if report else "there is no validation report against it")
-                raise ValidationFailedError(
-                    f"refusing to promote {target} to {target.name}@{alias}: the alias holds {baseline} and "
-                    f"{why}. Run `llmstack validate {target} --baseline {baseline}`, or force the promotion")
+        gate_ok, why, report = self._gate(target, alias, held)
+        if not gate_ok and not force:
+            baseline = ArtifactRef(target.name, held)  # type: ignore[arg-type]
+            raise ValidationFailedError(
+                f"refusing to promote {target} to {target.name}@{alias}: the alias holds {baseline} and "
+                f"{why}. Run `llmstack validate {target} --baseline {baseline}`, or force the promotion")
         forced = force and not gate_ok
         self.verify(target)  # never point production at files that do not match their manifest
         return self._move_alias(target.name, alias, target, expected=held,
                                 action="force-promote" if forced else "promote", reason=reason,
                                 report=report, forced=forced)
+
+    def check_gate(self, ref: str | ArtifactRef, alias: str = "production") -> tuple[bool, str]:
+        """Would :meth:`promote` of ``ref`` to ``alias`` pass its validation gate? ``(ok, why not)``.
+
+        The one gate: promotion, the canary's start and its automatic promotion all ask it.
+        """
+        target = self.resolve(ref)
+        held = self.aliases(target.name).get(alias)
+        if held == target.version:
+            return True, ""
+        ok, why, _ = self._gate(target, alias, held)
+        return ok, why
+
+    def _gate(self, target: ArtifactRef, alias: str, held: int | None) -> tuple[bool, str, dict[str, Any] | None]:
+        """``(passed, why not, the report summary)`` of ``target`` against the alias's holder ``held``."""
+        if held is None:
+            return True, "", None
+        baseline = ArtifactRef(target.name, held)
+        data = self.annotations(target).get(validation_key(baseline))
+        if data is None:
+            return False, f"there is no validation report against it ({baseline}, the holder of {target.name}@{alias})", None
+        report = {"passed": bool(data.get("passed")), "baseline": str(baseline),
+                  "summary": data.get("summary"), "failed_checks": data.get("failed_checks", [])}
+        if not report["passed"]:
+            return False, "its validation against it failed: " + ", ".join(report["failed_checks"] or ["?"]), report
+        return True, "", report
 
     def rollback(self, name: str, alias: str = "production", *, reason: str | None = None) -> dict[str, Any]:
         """Point ``alias`` back at the version it held before the current one.

@@ -1,7 +1,8 @@
 """Serving: an OpenAI-compatible Ray Serve app with dynamic batching, autoscaling and multi-LoRA.
 
-Layers, each importable on its own: ``engine`` (no HTTP, no Ray), ``protocol`` (request/response
-models), ``server`` (the model deployment), ``ingress`` (the HTTP layer), ``app`` (assembly).
+Rooms, each importable on its own: ``engine/`` (inference, no HTTP, no Ray), ``protocol`` (request and
+response models), ``http/`` (the OpenAI FastAPI app), ``deployments/`` (the Serve deployments and the
+app builder), ``canary/`` (progressive releases behind a router).
 
 Example:
     >>> import llmstack
@@ -16,17 +17,17 @@ from typing import Any
 
 # Public names, loaded on first use so that `import llmstack` stays fast (no ray/torch/fastapi here).
 _LAZY = {
-    "build_app": "llmstack.serve.app",
-    "deploy": "llmstack.serve.app",
-    "Deployment": "llmstack.serve.app",
-    "resolve_config": "llmstack.serve.app",
+    "build_app": "llmstack.serve.deployments.builder",
+    "deploy": "llmstack.serve.deployments.builder",
+    "Deployment": "llmstack.serve.deployments.builder",
+    "resolve_config": "llmstack.serve.deployments.builder",
     "EngineProtocol": "llmstack.serve.engine",
     "TransformersEngine": "llmstack.serve.engine",
     "load_served_model": "llmstack.serve.engine",
-    "make_api": "llmstack.serve.ingress",
-    "ServeEngineClient": "llmstack.serve.ingress",
-    "OpenAIIngress": "llmstack.serve.ingress",
-    "LLMServer": "llmstack.serve.server",
+    "make_api": "llmstack.serve.http",
+    "ServeEngineClient": "llmstack.serve.deployments.client",
+    "OpenAIIngress": "llmstack.serve.deployments.ingress",
+    "LLMServer": "llmstack.serve.deployments.server",
     "EngineError": "llmstack.serve.protocol",
     "GenerationRequest": "llmstack.serve.protocol",
     "GenerationResult": "llmstack.serve.protocol",

@@ -1,9 +1,9 @@
 """Request and response models: the OpenAI wire format and the engine's internal types, in one file.
 
-The HTTP layer (``ingress.py``) speaks the OpenAI models below; the engine (``engine.py``) speaks
-:class:`GenerationRequest` / :class:`GenerationResult` / :class:`GenerationChunk`. Errors travel as
-:class:`EngineError`, which maps one-to-one onto the OpenAI nested error shape
-``{"error": {"message", "type", "param", "code"}}``.
+The HTTP layer (``http/``) speaks the OpenAI models below; the engine (``engine/``) speaks
+:class:`GenerationRequest` / :class:`GenerationResult` / :class:`GenerationChunk`. Errors are
+:class:`~llmstack.errors.RequestError` (any ``LLMStackError``), which maps one-to-one onto the OpenAI
+nested error shape ``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
@@ -14,49 +14,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# --------------------------------------------------------------------------- errors
+from llmstack.errors import RequestError
 
-
-class EngineError(Exception):
-    """A request the engine refuses or cannot serve, with its HTTP status and OpenAI error fields."""
-
-    def __init__(self, message: str, *, status_code: int = 400, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status_code = status_code
-        self.type = type
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
-
-    def to_body(self) -> dict[str, Any]:
-        """The OpenAI nested error object."""
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def to_info(self) -> ErrorInfo:
-        return ErrorInfo(message=self.message, status_code=self.status_code, type=self.type, param=self.param,
-                         code=self.code, headers=self.headers)
-
-
-class ErrorInfo(BaseModel):
-    """An :class:`EngineError` as plain data, so it crosses Ray process boundaries intact."""
-
-    message: str
-    status_code: int = 400
-    type: str = "invalid_request_error"
-    param: str | None = None
-    code: str | None = None
-    headers: dict[str, str] = Field(default_factory=dict)
-
-    def to_error(self) -> EngineError:
-        return EngineError(self.message, status_code=self.status_code, type=self.type, param=self.param,
-                           code=self.code, headers=self.headers)
-
-
-def not_found(model: str, known: list[str]) -> EngineError:
-    return EngineError(f"The model {model!r} does not exist; served models: {', '.join(known)}",
-                       status_code=404, param="model", code="model_not_found")
+# Errors: the one family of llmstack.errors. A refused request is a RequestError (kept importable here as
+# EngineError); it carries its HTTP status and OpenAI fields and pickles intact across Ray handles.
+EngineError = RequestError
 
 
 # --------------------------------------------------------------------------- engine types
@@ -260,6 +222,6 @@ class ErrorResponse(BaseModel):
 
 __all__ = [
     "ChatCompletionRequest", "ChatCompletionResponse", "ChatMessage", "ChoiceDelta", "ChoiceOutput",
-    "CompletionRequest", "CompletionResponse", "EngineError", "ErrorInfo", "ErrorResponse", "GenerationChunk",
+    "CompletionRequest", "CompletionResponse", "EngineError", "ErrorResponse", "GenerationChunk",
     "GenerationRequest", "GenerationResult", "ModelCard", "ModelList", "SamplingParams", "Timing", "Usage",
 ]

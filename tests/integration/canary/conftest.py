@@ -12,7 +12,16 @@ from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # canary_helpers, shared by the test modules here
+sys.path.insert(0, str(Path(__file__).parent))  # canary_helpers and faults, shared by the test modules here
+
+import faults  # noqa: E402  (TEST-ONLY fault injection; pickled by value: Ray workers cannot import tests/)
+import ray.cloudpickle  # noqa: E402
+
+ray.cloudpickle.register_pickle_by_value(faults)
+
+# The "broken" version: tiny-lm@v3 on a deployment that misbehaves on purpose (its fault is switched by tests).
+BROKEN = {"name": "broken", "model": "tiny-lm@v3", "deployment": "faults:FaultInjectingLLMServer",
+          "deployment_args": {"fault": "raise", "delay_s": 2.0}}
 
 
 def _free_port() -> int:
@@ -52,7 +61,7 @@ def canary_app(ray_cluster: dict, canary_registry: dict[str, Any]) -> Iterator[A
     dep = deploy_canary({
         "stable": "tiny-lm@production", "candidate": "tiny-lm@v2", "registry": canary_registry["url"],
         # TEST-ONLY fault injection: one broken twin whose fault the tests switch (raise / garbage / slow).
-        "versions": [{"name": "broken", "model": "tiny-lm@v3", "fault": "raise", "fault_delay_s": 2.0}],
+        "versions": [BROKEN],
         "app_name": "canary-it", "route_prefix": "/canary-it", "port": _free_port(), "host": "127.0.0.1",
         "num_cpus": 0.25, "max_batch_size": 8, "batch_wait_timeout_s": 0.005, "max_ongoing_requests": 32,
         "max_queued_requests": -1, "response_cache_size": 0, "default_max_tokens": 8, "max_tokens_limit": 64,

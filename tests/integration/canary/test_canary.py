@@ -56,9 +56,9 @@ def test_config_bad_inputs(canary_registry: dict) -> None:
                             "weights": {"stable": 90, "candidate": 5}})
     with pytest.raises(ConfigError) as err:  # every problem at once, each named by its key
         load_canary_config({"plan": {"steps": [50, 25]}, "thresholds": {"window_s": 0},
-                            "versions": [{"model": "x", "fault": "explode"}], "bogus": 1})
+                            "versions": [{"model": "x", "deployment": "not an import path"}], "bogus": 1})
     text = str(err.value)
-    for part in ("plan.steps", "thresholds.window_s", "versions[0].fault", "bogus: unknown key"):
+    for part in ("plan.steps", "thresholds.window_s", "versions[0].deployment", "bogus: unknown key"):
         assert part in text, text
     with pytest.raises(ConfigError, match="weights.tiny-lm@v9: unknown version"):
         resolve_canary({"stable": V1, "registry": canary_registry["url"], "weights": {"tiny-lm@v9": 100}})

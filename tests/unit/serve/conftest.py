@@ -24,10 +24,11 @@ def adapter_dirs(tiny: tuple[Any, Any], tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture
 def engine(tiny: tuple[Any, Any], adapter_dirs: list[Any]) -> Any:
-    from llmstack.serve.engine import AdapterSpec, LoadedModel, TransformersEngine, _dir_identity
+    from llmstack.serve.engine import AdapterSpec, LoadedModel, TransformersEngine
+    from llmstack.serve.engine.loading import dir_identity
 
     model, tokenizer = tiny
-    adapters = [AdapterSpec(f"lora-{i}", str(d), _dir_identity(d)) for i, d in enumerate(adapter_dirs)]
+    adapters = [AdapterSpec(f"lora-{i}", str(d), dir_identity(d)) for i, d in enumerate(adapter_dirs)]
     # A fresh copy of the model per test: adapters wrap the model in place.
     import copy
 

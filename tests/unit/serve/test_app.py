@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from llmstack.errors import ArtifactNotFoundError, ConfigError
-from llmstack.serve.app import build_app, resolve_config
+from llmstack.serve.deployments.builder import build_app, resolve_config
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,9 @@ from typing import Any
 
 import pytest
 
-from llmstack.serve.engine import ResponseCache, _Row, _safe_end
+from llmstack.serve.engine import ResponseCache
+from llmstack.serve.engine.output import safe_end
+from llmstack.serve.engine.work import Row
 from llmstack.serve.protocol import EngineError, GenerationRequest, SamplingParams
 
 PROMPTS = ["d", "The quick brown fox jumps over the lazy", "line 12: the value of x is", "import os", "y",
@@ -64,13 +66,13 @@ def test_stop_strings_truncate_and_stream_equals_whole(engine: Any) -> None:
 
 
 def test_safe_end_holds_back_partial_characters_and_stop_prefixes() -> None:
-    row = _Row(work=0, choice=0, params=SamplingParams(stop=["END"]), generator=None, max_tokens=9, prompt_len=1)
+    row = Row(work=0, choice=0, params=SamplingParams(stop=["END"]), generator=None, max_tokens=9, prompt_len=1)
     row.text = "abc EN"
-    assert _safe_end(row) == 4
+    assert safe_end(row) == 4
     row.text = "abc \ufffd"
-    assert _safe_end(row) == 4
+    assert safe_end(row) == 4
     row.text = "abc"
-    assert _safe_end(row) == 3
+    assert safe_end(row) == 3
 
 
 def test_closing_a_stream_cancels_the_generation(engine: Any) -> None:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from llmstack.serve.engine import EngineProtocol
-from llmstack.serve.ingress import make_api
+from llmstack.serve.http import make_api
 from llmstack.serve.protocol import (
     ChoiceDelta,
     ChoiceOutput,
@@ -174,7 +174,7 @@ class _SheddingHandle:
 
 
 def test_a_burst_on_a_fresh_ingress_fetches_the_model_list_once() -> None:
-    from llmstack.serve.ingress import ServeEngineClient
+    from llmstack.serve.deployments.client import ServeEngineClient
 
     async def run() -> None:
         handle = _SheddingHandle(admit=1)
@@ -187,7 +187,7 @@ def test_a_burst_on_a_fresh_ingress_fetches_the_model_list_once() -> None:
 
 def test_backend_shedding_outside_generation_keeps_the_openai_shape() -> None:
     """The model list (fetched on a replica's first request) and health go through the same error mapping."""
-    from llmstack.serve.ingress import ServeEngineClient
+    from llmstack.serve.deployments.client import ServeEngineClient
 
     async def run() -> None:
         engine = ServeEngineClient(_SheddingHandle(admit=0), retry_after_s=2)

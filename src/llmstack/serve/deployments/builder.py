@@ -1,0 +1,355 @@
+"""Assemble the Serve application: ``build_app`` (the YAML ``import_path``) and ``deploy`` (the Python entry).
+
+Topology::
+
+    HTTP ─▶ OpenAIIngress (FastAPI: auth, validation, SSE, metrics)
+               │  engine protocol over a DeploymentHandle
+               ▼
+            LLMServer ×N (autoscaled on queue depth; @serve.batch; @serve.multiplexed adapters)
+
+A router for canary releases slots in between: anything with the ``LLMServer`` methods can be the
+ingress's backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from llmstack.config import ServeConfig, load_config, to_dict
+from llmstack.errors import ArtifactNotFoundError, ConfigError, ModelLoadError, ResourceError
+
+QUICKSTART_HINT = "run the quickstart first (`make quickstart`) to train and register it"
+DEPLOY_TIMEOUT_S = 300.0  # replicas not healthy by then: deploy() fails, naming what is pending
+
+
+def resolve_config(args: ServeConfig | dict[str, Any] | str | None) -> ServeConfig:
+    """Validate the config and pin registry aliases to versions, so every replica loads the same weights.
+
+    Raises:
+        ConfigError: a bad field (all problems listed).
+        ArtifactNotFoundError: the model or an adapter is not in the registry (with a quickstart hint).
+    """
+    from llmstack.registry import ArtifactRef, Registry
+
+    cfg = load_config(ServeConfig, args)
+    registry = Registry(cfg.registry) if cfg.registry else Registry()
+    cfg = dataclasses.replace(cfg, registry=registry.url)
+    source = cfg.model
+    if not os.path.isdir(os.path.expanduser(source)):
+        if not ArtifactRef.looks_like(source):
+            raise ConfigError(f"model: {source!r} is neither a registry reference (name, name@vN, name@alias) "
+                              "nor a local model directory")
+        try:
+            ref = registry.resolve(source)
+        except ArtifactNotFoundError:
+            raise ArtifactNotFoundError(
+                f"model {source!r} is not in the registry at {registry.url}; {QUICKSTART_HINT}, "
+                "or point `model` (and `registry` / LLMSTACK_REGISTRY) at a registered model") from None
+        if str(ref) != source:
+            cfg = dataclasses.replace(cfg, model=str(ref), model_aliases=[*cfg.model_aliases, source])
+    pinned = []
+    for entry in cfg.adapters:
+        served_id, sep, target = entry.partition("=")
+        if not sep:
+            served_id, target = "", entry
+        if "://" in target or os.path.isdir(os.path.expanduser(target)) or not ArtifactRef.looks_like(target):
+            pinned.append(entry)
+            continue
+        try:
+            ref = registry.resolve(target)
+        except ArtifactNotFoundError:
+            raise ArtifactNotFoundError(f"adapter {target!r} is not in the registry at {registry.url}") from None
+        # Keep the served id the adapter's name even though the source is now pinned.
+        pinned.append(f"{served_id or ref.name}={ref}")
+    return dataclasses.replace(cfg, adapters=pinned)
+
+
+def build_app(args: dict[str, Any] | None = None) -> Any:
+    """The Serve ``Application`` for a :class:`~llmstack.config.ServeConfig` given as a dict.
+
+    This is the ``import_path`` target of ``serve_configs/*.yaml`` (``llmstack.serve:build_app``)
+    and what :func:`deploy` runs.
+
+    Example:
+        >>> app = build_app({"model": "tiny-lm@production"})  # doctest: +SKIP
+        >>> serve.run(app)  # doctest: +SKIP
+    """
+    from llmstack.serve.deployments.ingress import OpenAIIngress
+    from llmstack.serve.deployments.server import LLMServer
+
+    cfg = resolve_config(args or {})
+    config = to_dict(cfg)
+    server = LLMServer.options(**server_options(cfg)).bind(config)
+    return OpenAIIngress.options(**INGRESS_OPTIONS).bind(server, config)
+
+
+# The ingress and router are light: they must never be what keeps an app from being placed.
+INGRESS_CPUS = 0.1
+INGRESS_OPTIONS: dict[str, Any] = {
+    "max_ongoing_requests": 100_000,  # the model deployment sheds load, in the OpenAI error shape
+    "ray_actor_options": {"num_cpus": INGRESS_CPUS},
+}
+
+
+def server_options(cfg: ServeConfig, *, name: str | None = None, replicas: int | None = None) -> dict[str, Any]:
+    """The ``LLMServer.options`` of every model deployment (plain apps and each canary version alike).
+
+    ``replicas`` fixes the replica count instead of autoscaling (canary versions other than the stable one).
+    """
+    options: dict[str, Any] = {
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "max_queued_requests": cfg.max_queued_requests,
+        "backpressure_config": {"status_code": 503, "retry_after_s": cfg.retry_after_s},
+        "ray_actor_options": {"num_cpus": cfg.num_cpus},
+        "health_check_period_s": HEALTH_CHECK_PERIOD_S,
+        "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
+        "graceful_shutdown_timeout_s": 5,
+    }
+    if name is not None:
+        options["name"] = name
+    if replicas is not None:
+        options["num_replicas"] = replicas
+    else:
+        options["autoscaling_config"] = autoscaling_options(cfg.autoscaling)
+    return options
+
+
+HEALTH_CHECK_PERIOD_S = 2.0  # a dead replica is noticed within seconds, not Serve's default 10 s
+HEALTH_CHECK_TIMEOUT_S = 10.0
+
+
+def autoscaling_options(auto: Any) -> dict[str, Any]:
+    """Serve's ``autoscaling_config`` for an :class:`~llmstack.config.AutoscalingConfig`."""
+    return {
+        "min_replicas": auto.min_replicas,
+        "initial_replicas": max(auto.min_replicas, 1),
+        "max_replicas": auto.max_replicas,
+        "target_ongoing_requests": auto.target_ongoing_requests,
+        "upscale_delay_s": auto.upscale_delay_s,
+        "downscale_delay_s": auto.downscale_delay_s,
+        "look_back_period_s": auto.look_back_period_s,
+        "metrics_interval_s": auto.metrics_interval_s,
+    }
+
+
+@dataclasses.dataclass
+class Deployment:
+    """A running llmstack Serve application: its base URL, config and a way to stop it.
+
+    Use as a context manager to shut it down on exit.
+    """
+
+    config: ServeConfig
+    url: str  # base URL, e.g. http://127.0.0.1:8000 (OpenAI clients use url + "/v1")
+    app_name: str
+    handle: Any = dataclasses.field(repr=False, default=None)
+
+    @property
+    def openai_base_url(self) -> str:
+        return self.url.rstrip("/") + "/v1"
+
+    def shutdown(self) -> None:
+        """Delete the application (its replicas stop); Serve and Ray keep running."""
+        from ray import serve
+
+        try:
+            serve.delete(self.app_name)
+        except Exception:  # already gone
+            pass
+
+    def wait(self) -> None:
+        """Block until interrupted (Ctrl-C), then shut down: how a CLI keeps the app in the foreground."""
+        import time
+
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.shutdown()
+
+    def __enter__(self) -> Deployment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def deploy(config: ServeConfig | dict[str, Any] | str | None = None, *, replace: bool = False,
+           timeout_s: float = DEPLOY_TIMEOUT_S, **overrides: Any) -> Deployment:
+    """Run the llmstack OpenAI-compatible app on Ray Serve and return once it is healthy.
+
+    Args:
+        config: a :class:`~llmstack.config.ServeConfig`, a dict, or a YAML path.
+        replace: replace a running app of the same name (otherwise that is an error).
+        timeout_s: how long to wait for the replicas to become healthy before failing.
+        **overrides: fields to replace, e.g. ``port=8123`` or ``api_key="secret"``.
+
+    Returns:
+        A :class:`Deployment` with ``.url`` and ``.shutdown()`` (also a context manager).
+
+    Raises:
+        ResourceError: the replicas cannot be placed on the cluster, or the port is taken by another server.
+        ConfigError: an app of that name runs already (and ``replace`` is not set).
+        ModelLoadError: a replica failed to start (the replica's own error message is included).
+
+    Example:
+        >>> with llmstack.deploy({"model": "tiny-lm@production", "port": 8123}) as dep:  # doctest: +SKIP
+        ...     requests.post(dep.url + "/v1/completions", json={"prompt": "def "}).json()
+    """
+    cfg = load_config(ServeConfig, config)
+    if overrides:
+        cfg = load_config(ServeConfig, {**to_dict(cfg), **overrides})
+    cfg = resolve_config(cfg)  # pinned once: the app and the returned config name the same versions
+    url = run_app(build_app(to_dict(cfg)), cfg, replace=replace, timeout_s=timeout_s,
+                  needs=[(cfg.num_cpus, max(cfg.autoscaling.min_replicas, 1)), (INGRESS_CPUS, 1)])
+    return Deployment(config=cfg, url=url, app_name=cfg.app_name)
+
+
+
+def run_app(app: Any, cfg: ServeConfig, *, replace: bool = False, timeout_s: float = DEPLOY_TIMEOUT_S,
+            needs: list[tuple[float, int]] = (), what: str = "application") -> str:  # type: ignore[assignment]
+    """Start ``app`` as ``cfg.app_name`` on the connected (or a new local) Ray cluster; returns its base URL.
+
+    Fails fast instead of waiting forever: replicas that cannot be placed (``needs``: CPUs per replica
+    and replica counts), an HTTP port held by another process or Ray cluster, an app of the same name
+    (unless ``replace``), and a replica that fails to start (its own error in the message).
+    """
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    existing = _running_apps()
+    if cfg.app_name in existing and not replace:
+        raise ConfigError(f"app_name: an application named {cfg.app_name!r} is already running on this cluster; "
+                          "shut it down, pick another app_name, or pass replace=True")
+    check_placement(needs, freed=cfg.app_name if cfg.app_name in existing else None)
+    http = _serve_http()
+    if http is None:  # Serve starts here: the port must be ours to take
+        check_port_free(cfg.host, cfg.port)
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        http = _serve_http() or (cfg.host, cfg.port)
+    serve.run_many([serve.RunTarget(app, name=cfg.app_name, route_prefix=cfg.route_prefix)],
+                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    wait_running(cfg.app_name, timeout_s=timeout_s, what=what)
+    host, port = http
+    host = "127.0.0.1" if host in ("0.0.0.0", "", None) else host
+    prefix = "" if cfg.route_prefix == "/" else cfg.route_prefix.rstrip("/")
+    return f"http://{host}:{port}{prefix}"
+
+
+def _running_apps() -> list[str]:
+    from ray import serve
+
+    try:
+        return list(serve.status().applications)
+    except Exception:  # Serve not started on this cluster
+        return []
+
+
+def _serve_http() -> tuple[str, int] | None:
+    """Host and port of the Serve already running on this cluster (None: not started)."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        http = _get_global_client(raise_if_no_controller_running=True).http_config
+        return http.host, http.port
+    except Exception:
+        return None
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise ResourceError when another process (or another Ray cluster's Serve) already listens on the port."""
+    import socket
+
+    probe_host = "127.0.0.1" if host in ("0.0.0.0", "", None) else host
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        if sock.connect_ex((probe_host, port)) == 0:
+            raise ResourceError(f"port {port} on {probe_host} is already in use by another server (another "
+                                "deploy() or Ray cluster?); stop it or choose another `port`")
+
+
+def check_placement(needs: list[tuple[float, int]], *, freed: str | None = None) -> None:
+    """Raise ResourceError naming what was asked and what the cluster has when replicas cannot be placed.
+
+    ``needs`` holds (CPUs per replica, replicas). Each replica must fit on one node, and all of them in
+    the CPUs left free (plus what the app being replaced, ``freed``, holds now).
+    """
+    import ray
+
+    asked = sum(cpus * count for cpus, count in needs)
+    if not asked:
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    largest = max((n.get("Resources", {}).get("CPU", 0.0) for n in nodes), default=0.0)
+    biggest = max(cpus for cpus, _ in needs)
+    available = ray.available_resources().get("CPU", 0.0) + (_app_cpus(freed) if freed else 0.0)
+    total = ray.cluster_resources().get("CPU", 0.0)
+    plan = " + ".join(f"{count} x {cpus:g}" for cpus, count in needs if count)
+    if biggest > largest + 1e-9:
+        raise ResourceError(f"cannot place the app: a replica asks for {biggest:g} CPUs but the largest node "
+                            f"has {largest:g} (cluster: {total:g} CPUs); lower num_cpus (compute threads are "
+                            "set by num_threads, independently)")
+    if asked > available + 1e-9:
+        raise ResourceError(f"cannot place the app: it asks for {asked:g} CPUs ({plan}) but the cluster has "
+                            f"{available:g} of {total:g} free; lower num_cpus or min_replicas, or stop other apps")
+
+
+def _app_cpus(app_name: str) -> float:
+    """CPUs held by the live replicas of ``app_name`` (what replacing it frees)."""
+    try:
+        from ray.util.state import list_actors
+
+        actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000)
+    except Exception:
+        return 0.0
+    prefix = f"SERVE_REPLICA::{app_name}#"
+    return sum(float((a.required_resources or {}).get("CPU", 0.0)) for a in actors
+               if str(getattr(a, "name", "") or "").startswith(prefix))
+
+
+def wait_running(app_name: str, *, timeout_s: float, what: str = "application") -> None:
+    """Wait until ``app_name`` is RUNNING; raise with the replica's own error when it fails to deploy."""
+    import time
+
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = serve.status().applications.get(app_name)
+        status = str(getattr(state, "status", "")) if state is not None else ""
+        if status.endswith("RUNNING"):
+            return
+        if status.endswith("DEPLOY_FAILED") or status.endswith("UNHEALTHY"):
+            raise ModelLoadError(f"the Serve {what} {app_name!r} failed to start: {_failure_message(state)}")
+        if time.monotonic() > deadline:
+            raise ResourceError(f"the Serve {what} {app_name!r} did not become healthy within {timeout_s:.0f} s: "
+                                f"{_failure_message(state) or 'replicas still starting'}")
+        time.sleep(0.25)
+
+
+def _failure_message(state: Any) -> str:
+    """The most specific message Serve holds for a failing app: its deployments' messages (the replica's error)."""
+    if state is None:
+        return ""
+    parts = []
+    for name, dep in (getattr(state, "deployments", None) or {}).items():
+        message = (getattr(dep, "message", "") or "").strip()
+        if message:
+            parts.append(f"{name}: {_last_error_line(message)}")
+    return "; ".join(parts) or (getattr(state, "message", "") or "").strip()
+
+
+def _last_error_line(message: str) -> str:
+    """The user-facing line of a Serve failure message (the exception line at the end of a traceback)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Error" in line or "Exception" in line:
+            return line[:500]
+    return (lines[-1] if lines else message)[:500]

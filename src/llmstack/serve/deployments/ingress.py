@@ -1,0 +1,25 @@
+"""The HTTP ingress deployment: the OpenAI app of :func:`~llmstack.serve.http.make_api` over a backend handle."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from ray import serve
+
+from llmstack.config import ServeConfig, load_config
+from llmstack.serve.deployments.client import ServeEngineClient
+from llmstack.serve.http.app import make_api
+
+
+@serve.deployment(name="OpenAIIngress")
+@serve.ingress()
+class OpenAIIngress:
+    """HTTP ingress deployment: the OpenAI API in front of a model (or router) deployment handle."""
+
+    def __init__(self, backend: Any, config: dict[str, Any]) -> None:
+        self.config = load_config(ServeConfig, config)
+        self.engine = ServeEngineClient(backend, retry_after_s=self.config.retry_after_s)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return make_api(self.engine, self.config)

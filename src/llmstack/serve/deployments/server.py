@@ -1,0 +1,154 @@
+"""The model deployment: one engine per replica, ``@serve.batch`` for batching, ``@serve.multiplexed`` for adapters.
+
+``LLMServer`` exposes the engine protocol to other deployments through its handle. Refusals and
+failures are raised as llmstack errors (``RequestError`` and friends), which pickle with their
+status code and OpenAI fields, so the caller re-raises exactly what the engine said.
+
+Batching: ``@serve.batch`` collects up to ``max_batch_size`` requests (waiting at most
+``batch_wait_timeout_s``) and hands them to the engine's ``run_batch``, an async generator that
+yields one list per decode step. Serve splits a batch by multiplexed model id first, so every batch
+decodes with one adapter. ``max_ongoing_requests`` must be at least ``max_batch_size`` or batches
+could never fill.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+
+from llmstack.config import ServeConfig, load_config
+from llmstack.errors import LLMStackError, RequestError
+from llmstack.serve.engine.output import assemble
+from llmstack.serve.protocol import GenerationChunk, GenerationRequest, GenerationResult, ModelCard
+
+logger = logging.getLogger("ray.serve")
+
+DEFAULT_ENGINE = "llmstack.serve.engine.transformers:TransformersEngine"
+
+
+def engine_class(spec: type | str | None) -> type:
+    """The engine class a replica runs: a class, an import path ``module:Class``, or None for the default."""
+    if spec is None or isinstance(spec, type):
+        spec = spec or DEFAULT_ENGINE
+        if isinstance(spec, type):
+            return spec
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise RequestError(f"engine {spec!r} cannot be imported: {exc}", status_code=500,
+                           type="server_error", code="engine_unavailable") from None
+
+
+class _AdapterLease:
+    """What ``@serve.multiplexed`` caches per adapter; its ``__del__`` (called on LRU eviction) unloads it."""
+
+    def __init__(self, engine: Any, adapter: str) -> None:
+        self.engine = engine
+        self.adapter = adapter
+        self._released = False
+
+    def __del__(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        try:  # run on the engine thread, after any forward pass in flight
+            self.engine.executor.submit(self.engine.unload_adapter, self.adapter).result(timeout=60)
+        except Exception:  # interpreter shutdown or engine already closed
+            pass
+
+
+@serve.deployment(name="LLMServer")
+class LLMServer:
+    """A replica serving one base model (and its adapters) through the engine protocol.
+
+    Args:
+        config: a :class:`~llmstack.config.ServeConfig` as a dict (already resolved to pinned refs).
+        engine: the engine class (or ``module:Class``) to run; default the transformers engine.
+    """
+
+    def __init__(self, config: dict[str, Any], engine: type | str | None = None) -> None:
+        cfg = load_config(ServeConfig, config)
+        self.config = cfg
+        self.engine = engine_class(engine).from_config(cfg)
+        engine_ = self.engine
+
+        async def decode(works: list[Any]) -> AsyncIterator[list[Any]]:
+            async for outputs in engine_.run_batch(works):
+                yield outputs
+
+        # Built per instance so the sizes come from the config rather than the class definition.
+        self._batched = serve.batch(max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_timeout_s,
+                                    max_concurrent_batches=cfg.max_concurrent_batches)(decode)
+
+        async def load_adapter(model_id: str) -> _AdapterLease:
+            await engine_.acquire_adapter(model_id)
+            engine_.release_adapter(model_id)
+            return _AdapterLease(engine_, model_id)
+
+        self._adapter = serve.multiplexed(max_num_models_per_replica=cfg.max_adapters_per_replica)(load_adapter)
+
+    # ------------------------------------------------------------------ engine protocol over a handle
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        work = self._prepare(request)
+        chunks = [chunk async for chunk in self._chunks(work)]
+        return assemble(chunks, work)
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        async for chunk in self._chunks(self._prepare(request)):
+            yield chunk
+
+    def _prepare(self, request: GenerationRequest) -> Any:
+        try:
+            return self.engine.prepare(request)
+        except LLMStackError:
+            raise
+        except Exception as exc:
+            raise _failure(exc) from None
+
+    async def _before_decode(self, work: Any) -> None:
+        routed = serve.get_multiplexed_model_id() or None
+        if routed != work.adapter:
+            raise RequestError(f"request for {work.request.model!r} was routed with multiplexed_model_id={routed!r}; "
+                               f"call the handle with .options(multiplexed_model_id={work.adapter or ''!r})")
+        if work.adapter is not None:
+            await self._adapter(work.adapter)  # LRU-bounded load through @serve.multiplexed
+
+    async def _chunks(self, work: Any) -> AsyncIterator[GenerationChunk]:
+        try:
+            async for chunk in self.engine.run(work, decode=self._batched, before_decode=self._before_decode):
+                yield chunk
+        except LLMStackError:
+            raise
+        except Exception as exc:  # a bug or a broken model: report it, keep the replica up
+            raise _failure(exc) from None
+
+    async def abort(self, request_id: str) -> bool:
+        return await self.engine.abort(request_id)
+
+    async def models(self) -> list[ModelCard]:
+        return await self.engine.models()
+
+    async def check_health(self) -> None:
+        """Serve calls this periodically; raising marks the replica unhealthy and replaces it."""
+        await self.engine.check_health()
+
+    async def stats(self) -> dict[str, Any]:
+        """Counters for tests and benchmarks: requests, cancellations, tokens, adapters, cache."""
+        return {**self.engine.stats, "loaded_adapters": self.engine.loaded_adapters(),
+                "cache_hits": self.engine.cache.hits, "cache_misses": self.engine.cache.misses}
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+def _failure(exc: Exception) -> RequestError:
+    logger.exception("generation failed")
+    return RequestError(f"generation failed: {type(exc).__name__}", status_code=500, type="server_error")

@@ -1,0 +1,93 @@
+"""From decoded rows to what callers see: streamed chunks, the final result, a cached result replayed."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from llmstack.serve.protocol import ChoiceDelta, ChoiceOutput, GenerationChunk, GenerationResult, Timing
+from llmstack.serve.engine.work import Row, Work
+
+if TYPE_CHECKING:
+    from llmstack.serve.engine.transformers import TransformersEngine
+
+
+def chunk_of(engine: TransformersEngine, work: Work, now: float) -> GenerationChunk:
+    """A work's new text since its last chunk (per choice); the final one carries usage and timing."""
+    rows = work.rows
+    finished = work.cancelled or all(row.finish_reason is not None for row in rows)
+    deltas = []
+    for row in rows:
+        final = finished or row.finish_reason is not None
+        end = len(row.text) if final else safe_end(row)
+        reason_due = row.finish_reason is not None and not row.finish_sent
+        if end > row.emitted or reason_due or len(row.ids) > row.ids_sent:
+            deltas.append(ChoiceDelta(index=row.choice, text=row.text[row.emitted:end],
+                                      token_ids=row.ids[row.ids_sent:],
+                                      finish_reason=row.finish_reason if reason_due else None))
+            row.emitted, row.ids_sent = max(row.emitted, end), len(row.ids)
+            row.finish_sent = row.finish_sent or reason_due
+    chunk = GenerationChunk(request_id=work.request.request_id, model=work.request.model, deltas=deltas)
+    if finished:
+        work.reported = True
+        if work.cancelled:
+            engine.stats["cancelled"] += 1
+        firsts = [row.first_token_time for row in rows if row.first_token_time is not None]
+        arrival = work.request.arrival_time
+        chunk.finished = True
+        chunk.prompt_tokens = len(work.prompt_ids)
+        chunk.completion_tokens = sum(len(row.ids) + int(row.eos) for row in rows)
+        chunk.timing = Timing(queue_s=max(0.0, (work.started or now) - arrival),
+                              ttft_s=(min(firsts) - arrival) if firsts else None,
+                              total_s=now - arrival, batch_size=work.batch_size)
+        if work.cache_key is not None and not work.cancelled:
+            engine.cache.put(work.cache_key, GenerationResult(
+                request_id=work.request.request_id, model=work.request.model,
+                choices=[ChoiceOutput(index=row.choice, text=row.text, token_ids=list(row.ids),
+                                      finish_reason=row.finish_reason) for row in rows],
+                prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens))
+    return chunk
+
+
+def safe_end(row: Row) -> int:
+    """How much of ``row.text`` may be sent: hold back a partial UTF-8 character and a possible stop prefix."""
+    text = row.text
+    end = len(text)
+    while end > row.emitted and text[end - 1] == "\ufffd":
+        end -= 1
+    hold = 0
+    for stop in row.params.stop:
+        for k in range(min(len(stop) - 1, end), 0, -1):
+            if text[end - k:end] == stop[:k]:
+                hold = max(hold, k)
+                break
+    return max(end - hold, row.emitted)
+
+
+def assemble(chunks: list[GenerationChunk], work: Work) -> GenerationResult:
+    """Fold a request's streamed chunks into its final result."""
+    n = work.request.sampling.n
+    texts = [""] * n
+    ids: list[list[int]] = [[] for _ in range(n)]
+    reasons: list[Any] = [None] * n
+    for chunk in chunks:
+        for delta in chunk.deltas:
+            texts[delta.index] += delta.text
+            ids[delta.index] += delta.token_ids
+            reasons[delta.index] = delta.finish_reason or reasons[delta.index]
+    last = chunks[-1] if chunks else None
+    return GenerationResult(
+        request_id=work.request.request_id, model=work.request.model,
+        choices=[ChoiceOutput(index=i, text=texts[i], token_ids=ids[i], finish_reason=reasons[i]) for i in range(n)],
+        prompt_tokens=last.prompt_tokens if last else len(work.prompt_ids),
+        completion_tokens=last.completion_tokens if last else 0,
+        timing=(last.timing if last and last.timing else Timing()), cached=bool(last and last.cached))
+
+
+def replay(result: GenerationResult) -> list[GenerationChunk]:
+    """A cached result as the one chunk a stream would end with."""
+    return [GenerationChunk(request_id=result.request_id, model=result.model,
+                            deltas=[ChoiceDelta(index=c.index, text=c.text, token_ids=c.token_ids,
+                                                finish_reason=c.finish_reason) for c in result.choices],
+                            prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                            finished=True, timing=result.timing, cached=True)]
+

@@ -1,0 +1,131 @@
+"""Iteration-level batching: one decode loop per adapter; new groups are prefilled and merged at step boundaries."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from llmstack.serve.engine.batch import Batch
+from llmstack.serve.engine.output import chunk_of
+from llmstack.serve.engine.work import Work
+
+if TYPE_CHECKING:
+    from llmstack.serve.engine.transformers import TransformersEngine
+
+
+@dataclass(eq=False)
+class Group:
+    """Works admitted together (one ``@serve.batch`` call) and the queue their per-step outputs go to."""
+
+    works: list[Work]
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    created: float = field(default_factory=time.monotonic)
+
+
+# Admitting a group costs one prefill forward pass beside the decode steps, so a running batch takes
+# newcomers in bunches: once they are a quarter of its size, or once the oldest has waited this long.
+ADMIT_FRACTION = 0.25
+ADMIT_WAIT_S = 0.03
+
+
+class Scheduler:
+    """The decode loop of one adapter: new groups are prefilled and merged into the running batch.
+
+    The loop runs on the engine thread in slices of a few steps (one thread hop per slice, not per
+    token); each step's output is handed back to the event loop with ``call_soon_threadsafe``.
+    Slices are short so that other adapters' loops and adapter loads get the thread in between.
+    """
+
+    SLICE_STEPS = 8
+    SLICE_S = 0.05
+
+    def __init__(self, engine: TransformersEngine, adapter: str | None) -> None:
+        self.engine = engine
+        self.adapter = adapter
+        self.pending: list[Group] = []  # appended on the event loop, taken on the engine thread
+        self.lock = threading.Lock()
+        self.groups: list[Group] = []  # engine thread only
+        self.batch: Batch | None = None
+        self.task: asyncio.Task | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def admit(self, group: Group) -> None:
+        with self.lock:
+            self.pending.append(group)
+        if self.task is None or self.task.done():
+            self.loop = asyncio.get_running_loop()
+            self.task = self.loop.create_task(self._drive())
+
+    def _busy(self) -> bool:
+        with self.lock:
+            return bool(self.pending) or (self.batch is not None and bool(self.batch.rows))
+
+    async def _drive(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._busy():
+                await loop.run_in_executor(self.engine.executor, self._run_slice)
+        except BaseException as exc:  # noqa: BLE001 - every waiting caller gets the error
+            with self.lock:
+                waiting, self.pending = self.groups + self.pending, []
+            self.groups, self.batch = [], None
+            for group in waiting:
+                group.queue.put_nowait(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+
+    def _run_slice(self) -> None:
+        deadline = time.monotonic() + self.SLICE_S
+        for _ in range(self.SLICE_STEPS):
+            groups = self._admissible()
+            if groups:
+                fresh = Batch(self.engine, self.adapter, [w for g in groups for w in g.works])
+                fresh.prefill()
+                if self.batch is None or not self.batch.rows:
+                    self.batch = fresh
+                elif fresh.rows:
+                    self.batch.merge(fresh)
+                self.groups += groups
+            elif self.batch is not None and self.batch.rows:
+                self.batch.step()
+            else:
+                return
+            self._publish()
+            if time.monotonic() > deadline:
+                return
+
+    def _admissible(self) -> list[Group]:
+        """Pending groups that fit beside the running rows (max_batch_rows); at least one if idle."""
+        running = len(self.batch.rows) if self.batch is not None else 0
+        if running and not self.batch.mergeable:  # type: ignore[union-attr]
+            return []
+        with self.lock:
+            if running and self.pending:
+                waiting = sum(w.request.sampling.n for g in self.pending for w in g.works)
+                if waiting < ADMIT_FRACTION * running and time.monotonic() - self.pending[0].created < ADMIT_WAIT_S:
+                    return []
+            cap = self.engine.max_batch_rows
+            taken: list[Group] = []
+            for group in self.pending:
+                size = sum(w.request.sampling.n for w in group.works)
+                if cap is not None and running + size > cap and (running or taken):
+                    break
+                taken.append(group)
+                running += size
+            self.pending = self.pending[len(taken):]
+        return taken
+
+    def _publish(self) -> None:
+        """Send each group its works' new text; forget groups whose works have all finished."""
+        now = time.time()
+        live = []
+        for group in self.groups:
+            outputs = [StopIteration if w.reported else chunk_of(self.engine, w, now) for w in group.works]
+            self.loop.call_soon_threadsafe(group.queue.put_nowait, outputs)  # type: ignore[union-attr]
+            if not all(w.reported for w in group.works):
+                live.append(group)
+        self.groups = live
+

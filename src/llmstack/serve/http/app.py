@@ -1,0 +1,231 @@
+"""The OpenAI-compatible HTTP app. It knows only the engine protocol, never the model.
+
+:func:`make_api` builds the FastAPI app around any :class:`~llmstack.serve.engine.EngineProtocol`:
+a local :class:`~llmstack.serve.engine.TransformersEngine` (tests, notebooks) or the
+:class:`~llmstack.serve.deployments.client.ServeEngineClient` of a Serve deployment handle.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both stream with server-sent
+events), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health`` and ``GET /metrics``. Every
+error has the OpenAI shape ``{"error": {"message", "type", "param", "code"}}``; bad input is a 4xx,
+never a 5xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llmstack.config import ServeConfig, load_config
+from llmstack.errors import LLMStackError, RequestError, model_not_found
+from llmstack.serve.http.errors import error_response, validation_error
+from llmstack.serve.http.guard import RequestGuard
+from llmstack.serve.http.metrics import ServeMetrics
+from llmstack.serve.http.sse import chat_chunk, completion_chunk, stream_response
+from llmstack.serve.protocol import (
+    ChatChoice,
+    ChatChoiceMessage,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    GenerationRequest,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+
+MAX_PROMPTS = 32  # prompts in one /v1/completions request
+
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 503, 504)
+}
+
+
+def make_api(engine: Any, config: ServeConfig | dict[str, Any] | None = None) -> FastAPI:
+    """Build the OpenAI-compatible FastAPI app around ``engine`` (anything implementing the engine protocol).
+
+    Example:
+        >>> app = make_api(TransformersEngine.from_source("tiny-lm@production"))  # doctest: +SKIP
+    """
+    cfg = config if isinstance(config, ServeConfig) else load_config(ServeConfig, config or {})
+    metrics = ServeMetrics()
+    app = FastAPI(title="llmstack OpenAI-compatible API", version="1", docs_url="/docs", redoc_url=None)
+    app.add_middleware(RequestGuard, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes)
+    app.state.metrics = metrics
+    app.state.engine = engine
+
+    @app.exception_handler(LLMStackError)
+    async def _llmstack_error(_: Request, exc: LLMStackError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(RequestError(str(exc.detail), status_code=exc.status_code, type=kind))
+
+    @app.exception_handler(Exception)
+    async def _bug(_: Request, exc: Exception) -> JSONResponse:  # never a bare 500 page
+        return error_response(exc)
+
+    async def default_model() -> str:
+        return (await engine.models())[0].id
+
+    async def call(route: str, model: str, fn: Callable[[], Awaitable[Response]]) -> Response:
+        """Count, time and error-map one request; enforce the request timeout."""
+        start = time.perf_counter()
+        gauge = metrics.in_flight.labels(model)
+        gauge.inc()
+        streaming = False
+        try:
+            try:
+                response = await asyncio.wait_for(fn(), timeout=cfg.request_timeout_s)
+            except asyncio.TimeoutError:
+                raise RequestError(f"generation did not finish within {cfg.request_timeout_s} s and was cancelled",
+                                  status_code=504, type="timeout_error", code="timeout") from None
+            streaming = isinstance(response, StreamingResponse)
+        except LLMStackError as exc:
+            if exc.code == "overloaded":
+                metrics.shed.labels(model).inc()
+            metrics.requests.labels(route, model, str(exc.status_code)).inc()
+            return error_response(exc)
+        finally:
+            if not streaming:
+                gauge.dec()
+        metrics.requests.labels(route, model, str(response.status_code)).inc()
+        if streaming:  # in flight (and timed) until the last event is sent or the client leaves
+            inner = response.body_iterator
+
+            async def tracked() -> AsyncIterator[Any]:
+                try:
+                    async for part in inner:
+                        yield part
+                finally:
+                    gauge.dec()
+                    metrics.latency.labels(route, model).observe(time.perf_counter() - start)
+
+            response.body_iterator = tracked()
+        else:
+            metrics.latency.labels(route, model).observe(time.perf_counter() - start)
+        return response
+
+    @app.get("/health", summary="Liveness of the API and its model backend")
+    async def health() -> JSONResponse:
+        try:
+            await asyncio.wait_for(engine.check_health(), timeout=10)
+        except Exception as exc:
+            return error_response(RequestError(f"unhealthy: {exc}", status_code=503, type="service_unavailable"))
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def prometheus() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/models", response_model=ModelList, responses=_ERROR_RESPONSES)
+    async def list_models() -> ModelList:
+        return ModelList(data=await engine.models())
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_ERROR_RESPONSES)
+    async def retrieve_model(model_id: str) -> ModelCard:
+        cards = await engine.models()
+        for card in cards:
+            if model_id in (card.id, card.root, *card.aliases):
+                return card
+        raise model_not_found(model_id, [c.id for c in cards])
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERROR_RESPONSES)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        model = body.model or await default_model()
+        prompts = _prompts(body.prompt)
+        requests = [GenerationRequest(model=model, prompt=p, sampling=body.sampling()) for p in prompts]
+        if body.stream:
+            return await call("completions", model,
+                              lambda: stream_response(engine, requests, model, completion_chunk(body, prompts),
+                                                       cfg, metrics, body.stream_options))
+        return await call("completions", model, lambda: _complete(engine, requests, model, body, prompts, metrics))
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERROR_RESPONSES)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        model = body.model or await default_model()
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        requests = [GenerationRequest(model=model, messages=messages, sampling=body.sampling())]
+        if body.stream:
+            return await call("chat", model, lambda: stream_response(engine, requests, model, chat_chunk(),
+                                                                      cfg, metrics, body.stream_options))
+        return await call("chat", model, lambda: _chat(engine, requests[0], model, metrics))
+
+    return app
+
+
+def _prompts(prompt: Any) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        prompts: list[Any] = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        prompts = [list(prompt)]
+    else:
+        prompts = list(prompt)
+    if not prompts:
+        raise RequestError("prompt must not be empty", param="prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise RequestError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", param="prompt")
+    return prompts
+
+
+
+async def _complete(engine: Any, requests: list[GenerationRequest], model: str, body: CompletionRequest,
+                    prompts: list[Any], metrics: ServeMetrics) -> JSONResponse:
+    results = await _gather([engine.generate(r) for r in requests])
+    n = body.n
+    choices = []
+    for i, (result, prompt) in enumerate(zip(results, prompts)):
+        metrics.observe_result(model, prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                               timing=result.timing, cached=result.cached)
+        for choice in result.choices:
+            text = (prompt + choice.text) if body.echo and isinstance(prompt, str) else choice.text
+            choices.append(CompletionChoice(index=i * n + choice.index, text=text, finish_reason=choice.finish_reason))
+    prompt_tokens = sum(r.prompt_tokens for r in results)
+    completion_tokens = sum(r.completion_tokens for r in results)
+    response = CompletionResponse(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model,
+                                  choices=choices, usage=Usage(prompt_tokens=prompt_tokens,
+                                                               completion_tokens=completion_tokens,
+                                                               total_tokens=prompt_tokens + completion_tokens))
+    return JSONResponse(response.model_dump())
+
+
+async def _chat(engine: Any, request: GenerationRequest, model: str, metrics: ServeMetrics) -> JSONResponse:
+    result = await engine.generate(request)
+    metrics.observe_result(model, prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                           timing=result.timing, cached=result.cached)
+    response = ChatCompletionResponse(
+        id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model,
+        choices=[ChatChoice(index=c.index, message=ChatChoiceMessage(content=c.text), finish_reason=c.finish_reason)
+                 for c in result.choices],
+        usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                    total_tokens=result.prompt_tokens + result.completion_tokens))
+    return JSONResponse(response.model_dump())
+
+
+async def _gather(coros: list[Awaitable[Any]]) -> list[Any]:
+    """Like asyncio.gather, but the first error cancels the rest."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+

@@ -1,0 +1,153 @@
+"""Streaming responses: server-sent events of OpenAI chunks, started only once each stream's first chunk exists."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi.responses import StreamingResponse
+
+from llmstack.config import ServeConfig
+from llmstack.errors import RequestError
+from llmstack.serve.http.errors import as_request_error
+from llmstack.serve.http.metrics import ServeMetrics
+from llmstack.serve.protocol import CompletionRequest, GenerationChunk, GenerationRequest
+
+ChunkRenderer = Callable[[str, int, GenerationChunk, int, bool], list[dict[str, Any]]]
+CHAT_OBJECT, COMPLETION_OBJECT = "chat.completion.chunk", "text_completion"
+
+
+def completion_chunk(body: CompletionRequest, prompts: list[Any]) -> ChunkRenderer:
+    def render(rid: str, created: int, chunk: GenerationChunk, offset: int, first: bool) -> list[dict[str, Any]]:
+        events = []
+        for delta in chunk.deltas:
+            text = delta.text
+            if first and body.echo and isinstance(prompts[offset // body.n], str):
+                text = prompts[offset // body.n] + text
+            events.append({"id": rid, "object": COMPLETION_OBJECT, "created": created, "model": chunk.model,
+                           "choices": [{"index": offset + delta.index, "text": text, "logprobs": None,
+                                        "finish_reason": delta.finish_reason}]})
+        return events
+    return render
+
+
+def chat_chunk() -> ChunkRenderer:
+    def render(rid: str, created: int, chunk: GenerationChunk, offset: int, first: bool) -> list[dict[str, Any]]:
+        events = []
+        for delta in chunk.deltas:
+            content: dict[str, Any] = {"content": delta.text}
+            if first:
+                content["role"] = "assistant"
+            events.append({"id": rid, "object": CHAT_OBJECT, "created": created, "model": chunk.model,
+                           "choices": [{"index": offset + delta.index, "delta": content,
+                                        "finish_reason": delta.finish_reason}]})
+        return events
+    return render
+
+
+async def stream_response(engine: Any, requests: list[GenerationRequest], model: str, render: ChunkRenderer,
+                          cfg: ServeConfig, metrics: ServeMetrics,
+                          stream_options: dict[str, Any] | None) -> StreamingResponse:
+    """Start the streams, wait for each one's first chunk (so errors still get a status code), then SSE."""
+    start = time.perf_counter()
+    deadline = time.monotonic() + cfg.request_timeout_s
+    streams = [engine.stream(r) for r in requests]
+    firsts: list[GenerationChunk | None] = []
+    try:
+        for stream in streams:
+            firsts.append(await _next(stream, deadline))
+    except BaseException:
+        for stream in streams:
+            await stream.aclose()
+        raise
+    chat = render.__qualname__.startswith("chat_chunk")
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    created = int(time.time())
+    n = requests[0].sampling.n
+    include_usage = bool((stream_options or {}).get("include_usage"))
+
+    async def events() -> AsyncIterator[str]:
+        usage = [0, 0]
+        queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+        async def pump(index: int, stream: AsyncIterator[GenerationChunk], first: GenerationChunk | None) -> None:
+            try:
+                if first is not None:
+                    await queue.put((index, first))
+                    while True:
+                        chunk = await _next(stream, deadline)
+                        if chunk is None:
+                            break
+                        await queue.put((index, chunk))
+            except BaseException as exc:  # noqa: BLE001 - forwarded to the SSE writer
+                await queue.put((index, exc))
+            finally:
+                await queue.put((index, None))
+
+        tasks = [asyncio.ensure_future(pump(i, s, f)) for i, (s, f) in enumerate(zip(streams, firsts))]
+        seen_first: set[int] = set()
+        open_streams = len(tasks)
+        ttft_recorded = False
+        try:
+            while open_streams:
+                index, item = await queue.get()
+                if item is None:
+                    open_streams -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    error = as_request_error(item)
+                    if isinstance(item, asyncio.TimeoutError):
+                        error = RequestError("generation timed out and was cancelled", status_code=504,
+                                             type="timeout_error", code="timeout")
+                    yield f"data: {json.dumps(error.to_openai())}\n\n"
+                    return
+                if not ttft_recorded and any(d.text for d in item.deltas):
+                    metrics.ttft.labels(model).observe(time.perf_counter() - start)
+                    ttft_recorded = True
+                first = index not in seen_first
+                seen_first.add(index)
+                for event in render(rid, created, item, index * n, first):
+                    yield f"data: {json.dumps(event)}\n\n"
+                if item.finished:
+                    usage[0] += item.prompt_tokens
+                    usage[1] += item.completion_tokens
+                    metrics.prompt_tokens.labels(model).inc(item.prompt_tokens)
+                    metrics.completion_tokens.labels(model).inc(item.completion_tokens)
+                    if item.cached:
+                        metrics.cache_hits.labels(model).inc()
+                    if item.timing is not None and not item.cached:
+                        metrics.queue_wait.labels(model).observe(item.timing.queue_s)
+                        metrics.batch_size.labels(model).observe(item.timing.batch_size)
+            if include_usage:
+                yield "data: " + json.dumps({"id": rid, "object": CHAT_OBJECT if chat else COMPLETION_OBJECT,
+                                             "created": created,
+                                             "model": model, "choices": [],
+                                             "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1],
+                                                       "total_tokens": usage[0] + usage[1]}}) + "\n\n"
+            yield "data: [DONE]\n\n"
+        finally:  # client disconnected or done: stop every generation still running
+            for task in tasks:
+                task.cancel()
+            for stream in streams:
+                try:
+                    await stream.aclose()
+                except BaseException:  # noqa: BLE001
+                    pass
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _next(stream: AsyncIterator[GenerationChunk], deadline: float) -> GenerationChunk | None:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise asyncio.TimeoutError
+    try:
+        return await asyncio.wait_for(stream.__anext__(), timeout=remaining)
+    except StopAsyncIteration:
+        return None
+
