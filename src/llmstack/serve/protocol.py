@@ -34,6 +34,10 @@ class SamplingParams(BaseModel):
     seed: int | None = None  # per-request RNG: the same seed gives the same sample, batched or alone
     stop: list[str] = Field(default_factory=list)  # generation ends before the first of these strings
     n: int = 1  # independent choices for this prompt
+    presence_penalty: float = 0.0  # subtracted from the logit of every token generated at least once
+    frequency_penalty: float = 0.0  # subtracted once per earlier occurrence in the generated tokens
+    logit_bias: dict[int, float] = Field(default_factory=dict)  # token id -> added to its logit
+    logprobs: int | None = None  # None: no logprobs; k: each token's logprob and the k most likely alternatives
 
     @property
     def deterministic(self) -> bool:
@@ -51,11 +55,21 @@ class GenerationRequest(BaseModel):
     arrival_time: float = Field(default_factory=time.time)
 
 
+class TokenLogprob(BaseModel):
+    """A generated token's log-probability (after logit_bias and penalties), and its top alternatives."""
+
+    token: str
+    token_id: int
+    logprob: float
+    top: list[TokenLogprob] = Field(default_factory=list)
+
+
 class ChoiceOutput(BaseModel):
     index: int
     text: str
     token_ids: list[int]
     finish_reason: Literal["stop", "length"] | None
+    logprobs: list[TokenLogprob] | None = None
 
 
 class Timing(BaseModel):
@@ -82,6 +96,7 @@ class ChoiceDelta(BaseModel):
     text: str
     token_ids: list[int] = Field(default_factory=list)
     finish_reason: Literal["stop", "length"] | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 class GenerationChunk(BaseModel):
@@ -111,8 +126,12 @@ class ModelCard(BaseModel):
 # --------------------------------------------------------------------------- OpenAI requests
 
 
+# Fields clients send that change nothing about the answer: accepted. Any other field this server does not
+# implement is refused with a 400 naming it, never dropped with a 200.
+IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier"})
+
+
 class _OpenAIRequest(BaseModel):
-    # Unknown fields (user, logprobs=None, ...) are accepted and ignored, as OpenAI clients send many.
     model_config = ConfigDict(extra="allow")
 
     model: str | None = Field(default=None, description="Served model id; defaults to the base model.")
@@ -123,14 +142,48 @@ class _OpenAIRequest(BaseModel):
     n: int = Field(default=1, ge=1)
     stop: str | list[str] | None = Field(default=None)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(default=None, description="Token id (as a string) -> bias in [-100, 100].")
+    response_format: dict[str, Any] | None = Field(default=None, description='Only {"type": "text"} is served.')
     stream: bool = False
     stream_options: dict[str, Any] | None = None
 
-    def sampling(self, *, max_tokens: int | None = None) -> SamplingParams:
+    def sampling(self, *, max_tokens: int | None = None, logprobs: int | None = None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(max_tokens=self.max_tokens if max_tokens is None else max_tokens,
                               temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              seed=self.seed, stop=[s for s in stop if s], n=self.n)
+                              seed=self.seed, stop=[s for s in stop if s], n=self.n,
+                              presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                              logit_bias=self._logit_bias(), logprobs=logprobs)
+
+    def _logit_bias(self) -> dict[int, float]:
+        bias: dict[int, float] = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not str(key).isdigit():
+                raise RequestError(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias")
+            if not -100 <= value <= 100:
+                raise RequestError(f"logit_bias values must be in [-100, 100], got {value} for {key}",
+                                   param="logit_bias")
+            bias[int(key)] = float(value)
+        return bias
+
+    def refuse_unsupported(self) -> None:
+        """Raise a 400 naming the first parameter this server cannot honour."""
+        problems = self._unsupported()
+        if (self.response_format or {}).get("type", "text") != "text":
+            problems.append(("response_format", f"response_format type {self.response_format.get('type')!r} is not "
+                                                "supported (only 'text')"))
+        for name in sorted(set(self.model_extra or {}) - IGNORED_FIELDS):
+            if name not in {p for p, _ in problems}:
+                problems.append((name, f"unsupported parameter {name!r}"))
+        if problems:
+            param, message = problems[0]
+            raise RequestError(message + "; see GET /docs for what this server implements", param=param,
+                               code="unsupported_parameter")
+
+    def _unsupported(self) -> list[tuple[str, str]]:
+        return []
 
 
 class CompletionRequest(_OpenAIRequest):
@@ -139,6 +192,17 @@ class CompletionRequest(_OpenAIRequest):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="Text, a list of texts, token ids, or a list of token-id lists.")
     echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=5, description="Logprobs of each token and the top-k.")
+    suffix: str | None = None
+    best_of: int | None = Field(default=None, ge=1)
+
+    def _unsupported(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.suffix:
+            problems.append(("suffix", "suffix (insertion) is not supported"))
+        if self.best_of is not None and self.best_of != self.n:
+            problems.append(("best_of", f"best_of other than n is not supported (n={self.n}, best_of={self.best_of})"))
+        return problems
 
 
 class ChatMessage(BaseModel):
@@ -157,6 +221,24 @@ class ChatCompletionRequest(_OpenAIRequest):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="Replaces max_tokens for chat.")
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+    def _unsupported(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.tools:
+            problems.append(("tools", "tool calling is not supported by this server"))
+        if self.tool_choice not in (None, "none"):
+            problems.append(("tool_choice", "tool calling is not supported by this server"))
+        if self.top_logprobs is not None and not self.logprobs:
+            problems.append(("top_logprobs", "top_logprobs needs logprobs: true"))
+        return problems
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
 # --------------------------------------------------------------------------- OpenAI responses
@@ -171,7 +253,7 @@ class Usage(BaseModel):
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: str | None
 
 
@@ -193,6 +275,7 @@ class ChatChoice(BaseModel):
     index: int
     message: ChatChoiceMessage
     finish_reason: str | None
+    logprobs: dict[str, Any] | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -223,5 +306,6 @@ class ErrorResponse(BaseModel):
 __all__ = [
     "ChatCompletionRequest", "ChatCompletionResponse", "ChatMessage", "ChoiceDelta", "ChoiceOutput",
     "CompletionRequest", "CompletionResponse", "EngineError", "ErrorResponse", "GenerationChunk",
-    "GenerationRequest", "GenerationResult", "ModelCard", "ModelList", "SamplingParams", "Timing", "Usage",
+    "GenerationRequest", "GenerationResult", "ModelCard", "ModelList", "SamplingParams", "Timing", "TokenLogprob",
+    "Usage",
 ]

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from llmstack.config import ServeConfig, load_config
-from llmstack.errors import RequestError
+from llmstack.errors import LLMStackError, RequestError
 from llmstack.serve.canary.config import INGRESS, VERSION_HEADER
 from llmstack.serve.deployments.client import ServeEngineClient
 from llmstack.serve.http import error_response, make_api
@@ -29,7 +29,11 @@ class CanaryEngineClient(ServeEngineClient):
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         slot = _SLOT.get() or {}
-        version, result = await self._call(self.handle.generate, request, slot.get("key"))
+        try:
+            version, result = await self._call(self.handle.generate, request, slot.get("key"))
+        except LLMStackError as exc:
+            slot["version"] = getattr(exc, "version", None)  # the router names the version that failed
+            raise
         slot["version"] = version
         return result
 

@@ -14,6 +14,7 @@ import json
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,9 +128,11 @@ class CanaryRouter:
         reference = self._mirror(request) if self._shadow_on(name) else None
         try:
             result = await self._call(version, request)
-        except BaseException:
+        except BaseException as exc:
             if reference is not None and not reference.done():
                 reference.set_result(None)
+            if isinstance(exc, LLMStackError):
+                exc.version = name  # type: ignore[attr-defined]  # who answered: the ingress's response header
             raise
         if reference is not None and not reference.done():
             reference.set_result(result)  # the stable answer the mirrored one is compared with

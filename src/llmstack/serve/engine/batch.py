@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from llmstack.serve.engine.sampling import choice_seed, random_seed, sample_token
+from llmstack.serve.engine.sampling import adjust_logits, choice_seed, random_seed, sample_token, token_logprobs
 from llmstack.serve.engine.work import Row, Work
 
 if TYPE_CHECKING:
@@ -134,13 +134,18 @@ class Batch:
         now = time.time()
         engine = self.engine
         for j, row in enumerate(self.rows):
-            token = sample_token(self.logits[j], row.params, row.generator)
+            logits = adjust_logits(self.logits[j], row.params, row.ids)
+            token = sample_token(logits, row.params, row.generator)
             row.ids.append(token)
+            if row.params.logprobs is not None:
+                row.logprobs.append(token_logprobs(logits, token, row.params.logprobs))
             if row.first_token_time is None:
                 row.first_token_time = now
             engine.stats["generated_tokens"] += 1
             if token in engine.eos_ids:
                 row.ids.pop()
+                if row.params.logprobs is not None:
+                    row.logprobs.pop()
                 row.finish_reason = "stop"
                 row.eos = True
             elif len(row.ids) >= row.max_tokens or row.prompt_len + len(row.ids) >= engine.max_model_len:

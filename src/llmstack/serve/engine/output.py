@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from llmstack.serve.protocol import ChoiceDelta, ChoiceOutput, GenerationChunk, GenerationResult, Timing
+from llmstack.serve.protocol import ChoiceDelta, ChoiceOutput, GenerationChunk, GenerationResult, Timing, TokenLogprob
 from llmstack.serve.engine.work import Row, Work
 
 if TYPE_CHECKING:
@@ -23,7 +23,8 @@ def chunk_of(engine: TransformersEngine, work: Work, now: float) -> GenerationCh
         if end > row.emitted or reason_due or len(row.ids) > row.ids_sent:
             deltas.append(ChoiceDelta(index=row.choice, text=row.text[row.emitted:end],
                                       token_ids=row.ids[row.ids_sent:],
-                                      finish_reason=row.finish_reason if reason_due else None))
+                                      finish_reason=row.finish_reason if reason_due else None,
+                                      logprobs=logprobs_of(engine.tokenizer, row, row.ids_sent)))
             row.emitted, row.ids_sent = max(row.emitted, end), len(row.ids)
             row.finish_sent = row.finish_sent or reason_due
     chunk = GenerationChunk(request_id=work.request.request_id, model=work.request.model, deltas=deltas)
@@ -43,9 +44,23 @@ def chunk_of(engine: TransformersEngine, work: Work, now: float) -> GenerationCh
             engine.cache.put(work.cache_key, GenerationResult(
                 request_id=work.request.request_id, model=work.request.model,
                 choices=[ChoiceOutput(index=row.choice, text=row.text, token_ids=list(row.ids),
-                                      finish_reason=row.finish_reason) for row in rows],
+                                      finish_reason=row.finish_reason, logprobs=logprobs_of(engine.tokenizer, row, 0))
+                         for row in rows],
                 prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens))
     return chunk
+
+
+def logprobs_of(tokenizer: Any, row: Row, start: int) -> list[TokenLogprob] | None:
+    """The row's token logprobs from token ``start`` on (None when the request asked for none)."""
+    if row.params.logprobs is None:
+        return None
+
+    def piece(token_id: int) -> str:
+        return tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    return [TokenLogprob(token=piece(token_id), token_id=token_id, logprob=logprob,
+                         top=[TokenLogprob(token=piece(i), token_id=i, logprob=lp) for i, lp in best])
+            for token_id, (logprob, best) in zip(row.ids[start:], row.logprobs[start:])]
 
 
 def safe_end(row: Row) -> int:
@@ -69,15 +84,19 @@ def assemble(chunks: list[GenerationChunk], work: Work) -> GenerationResult:
     texts = [""] * n
     ids: list[list[int]] = [[] for _ in range(n)]
     reasons: list[Any] = [None] * n
+    logprobs: list[list[TokenLogprob] | None] = [None] * n
     for chunk in chunks:
         for delta in chunk.deltas:
             texts[delta.index] += delta.text
             ids[delta.index] += delta.token_ids
             reasons[delta.index] = delta.finish_reason or reasons[delta.index]
+            if delta.logprobs is not None:
+                logprobs[delta.index] = (logprobs[delta.index] or []) + delta.logprobs
     last = chunks[-1] if chunks else None
     return GenerationResult(
         request_id=work.request.request_id, model=work.request.model,
-        choices=[ChoiceOutput(index=i, text=texts[i], token_ids=ids[i], finish_reason=reasons[i]) for i in range(n)],
+        choices=[ChoiceOutput(index=i, text=texts[i], token_ids=ids[i], finish_reason=reasons[i], logprobs=logprobs[i])
+                 for i in range(n)],
         prompt_tokens=last.prompt_tokens if last else len(work.prompt_ids),
         completion_tokens=last.completion_tokens if last else 0,
         timing=(last.timing if last and last.timing else Timing()), cached=bool(last and last.cached))
@@ -87,7 +106,8 @@ def replay(result: GenerationResult) -> list[GenerationChunk]:
     """A cached result as the one chunk a stream would end with."""
     return [GenerationChunk(request_id=result.request_id, model=result.model,
                             deltas=[ChoiceDelta(index=c.index, text=c.text, token_ids=c.token_ids,
-                                                finish_reason=c.finish_reason) for c in result.choices],
+                                                finish_reason=c.finish_reason, logprobs=c.logprobs)
+                                    for c in result.choices],
                             prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
                             finished=True, timing=result.timing, cached=True)]
 

@@ -37,3 +37,34 @@ def sample_token(logits: Any, params: SamplingParams, generator: Any) -> int:
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
 
+
+
+def adjust_logits(logits: Any, params: SamplingParams, generated: list[int]) -> Any:
+    """``logits`` [V] with the request's logit_bias added and its presence/frequency penalties subtracted.
+
+    Penalties count the tokens generated so far (not the prompt), as OpenAI and vLLM do.
+    """
+    import torch
+
+    if not (params.logit_bias or (generated and (params.presence_penalty or params.frequency_penalty))):
+        return logits
+    logits = logits.clone()
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
+        logits[ids] += torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype)
+    if generated and (params.presence_penalty or params.frequency_penalty):
+        counts = torch.bincount(torch.tensor(generated, dtype=torch.long), minlength=logits.numel())[:logits.numel()]
+        logits -= params.frequency_penalty * counts.to(logits.dtype) + params.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def token_logprobs(logits: Any, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The chosen token's log-probability under ``logits`` and the ``top`` most likely tokens with theirs."""
+    import torch
+
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    best: list[tuple[int, float]] = []
+    if top:
+        values, ids = torch.topk(logprobs, min(top, logprobs.numel()))
+        best = [(int(i), float(v)) for i, v in zip(ids, values)]
+    return float(logprobs[token]), best

@@ -213,6 +213,7 @@ class TransformersEngine:
             raise RequestError(f"top_p must be in (0, 1], got {params.top_p}", param="top_p")
         if len(params.stop) > 4:
             raise RequestError(f"at most 4 stop sequences, got {len(params.stop)}", param="stop")
+        self._check_sampling(params)
         prompt_ids = self._tokenize(request)
         if not prompt_ids:
             raise RequestError("the prompt is empty", param="prompt" if request.messages is None else "messages")
@@ -240,6 +241,8 @@ class TransformersEngine:
 
     def _tokenize(self, request: GenerationRequest) -> list[int]:
         if request.messages is not None:
+            for i, message in enumerate(request.messages):
+                _check_text(message.get("content"), f"messages[{i}].content")
             if not getattr(self.tokenizer, "chat_template", None):
                 raise RequestError(f"model {request.model!r} has no chat template; use /v1/completions",
                                   param="messages")
@@ -255,7 +258,14 @@ class TransformersEngine:
             if bad:
                 raise RequestError(f"token ids must be in [0, {vocab}), got {bad[:5]}", param="prompt")
             return list(request.prompt)
+        _check_text(request.prompt, "prompt")
         return list(self.tokenizer(request.prompt or "", add_special_tokens=False)["input_ids"])
+
+    def _check_sampling(self, params: Any) -> None:
+        vocab = self.model.config.vocab_size
+        bad = [t for t in params.logit_bias if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"logit_bias token ids must be in [0, {vocab}), got {bad[:5]}", param="logit_bias")
 
     # ------------------------------------------------------------------ cache
 
@@ -347,6 +357,16 @@ class TransformersEngine:
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _check_text(text: Any, param: str) -> None:
+    """Text must be valid Unicode (a lone surrogate such as "\\ud800" is not): a 400 naming the field."""
+    if isinstance(text, str):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise RequestError(f"{param} is not valid Unicode text ({exc.reason} at position {exc.start})",
+                               param=param, code="invalid_text") from None
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -42,4 +42,5 @@ class Row:
     ids_sent: int = 0
     eos: bool = False  # ended on an end-of-sequence token (counted, not shown)
     first_token_time: float | None = None
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)  # per id, when asked
 

@@ -27,6 +27,7 @@ from llmstack.config import ServeConfig, load_config
 from llmstack.errors import LLMStackError, RequestError, model_not_found
 from llmstack.serve.http.errors import error_response, validation_error
 from llmstack.serve.http.guard import RequestGuard
+from llmstack.serve.http.logprobs import chat_logprobs, completion_logprobs
 from llmstack.serve.http.metrics import ServeMetrics
 from llmstack.serve.http.sse import chat_chunk, completion_chunk, stream_response
 from llmstack.serve.protocol import (
@@ -149,9 +150,11 @@ def make_api(engine: Any, config: ServeConfig | dict[str, Any] | None = None) ->
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERROR_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Response:
+        body.refuse_unsupported()
         model = body.model or await default_model()
         prompts = _prompts(body.prompt)
-        requests = [GenerationRequest(model=model, prompt=p, sampling=body.sampling()) for p in prompts]
+        sampling = body.sampling(logprobs=body.logprobs)
+        requests = [GenerationRequest(model=model, prompt=p, sampling=sampling) for p in prompts]
         if body.stream:
             return await call("completions", model,
                               lambda: stream_response(engine, requests, model, completion_chunk(body, prompts),
@@ -160,9 +163,12 @@ def make_api(engine: Any, config: ServeConfig | dict[str, Any] | None = None) ->
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERROR_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        body.refuse_unsupported()
         model = body.model or await default_model()
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        requests = [GenerationRequest(model=model, messages=messages, sampling=body.sampling())]
+        sampling = body.sampling(max_tokens=body.token_limit(),
+                                 logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+        requests = [GenerationRequest(model=model, messages=messages, sampling=sampling)]
         if body.stream:
             return await call("chat", model, lambda: stream_response(engine, requests, model, chat_chunk(),
                                                                       cfg, metrics, body.stream_options))
@@ -195,8 +201,10 @@ async def _complete(engine: Any, requests: list[GenerationRequest], model: str, 
         metrics.observe_result(model, prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
                                timing=result.timing, cached=result.cached)
         for choice in result.choices:
-            text = (prompt + choice.text) if body.echo and isinstance(prompt, str) else choice.text
-            choices.append(CompletionChoice(index=i * n + choice.index, text=text, finish_reason=choice.finish_reason))
+            echoed = prompt if body.echo and isinstance(prompt, str) else ""
+            choices.append(CompletionChoice(index=i * n + choice.index, text=echoed + choice.text,
+                                            finish_reason=choice.finish_reason,
+                                            logprobs=completion_logprobs(choice.logprobs, text_offset=len(echoed))))
     prompt_tokens = sum(r.prompt_tokens for r in results)
     completion_tokens = sum(r.completion_tokens for r in results)
     response = CompletionResponse(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model,
@@ -212,8 +220,8 @@ async def _chat(engine: Any, request: GenerationRequest, model: str, metrics: Se
                            timing=result.timing, cached=result.cached)
     response = ChatCompletionResponse(
         id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model,
-        choices=[ChatChoice(index=c.index, message=ChatChoiceMessage(content=c.text), finish_reason=c.finish_reason)
-                 for c in result.choices],
+        choices=[ChatChoice(index=c.index, message=ChatChoiceMessage(content=c.text), finish_reason=c.finish_reason,
+                            logprobs=chat_logprobs(c.logprobs)) for c in result.choices],
         usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
                     total_tokens=result.prompt_tokens + result.completion_tokens))
     return JSONResponse(response.model_dump())

@@ -14,6 +14,7 @@ from fastapi.responses import StreamingResponse
 from llmstack.config import ServeConfig
 from llmstack.errors import RequestError
 from llmstack.serve.http.errors import as_request_error
+from llmstack.serve.http.logprobs import chat_logprobs, completion_logprobs
 from llmstack.serve.http.metrics import ServeMetrics
 from llmstack.serve.protocol import CompletionRequest, GenerationChunk, GenerationRequest
 
@@ -29,7 +30,8 @@ def completion_chunk(body: CompletionRequest, prompts: list[Any]) -> ChunkRender
             if first and body.echo and isinstance(prompts[offset // body.n], str):
                 text = prompts[offset // body.n] + text
             events.append({"id": rid, "object": COMPLETION_OBJECT, "created": created, "model": chunk.model,
-                           "choices": [{"index": offset + delta.index, "text": text, "logprobs": None,
+                           "choices": [{"index": offset + delta.index, "text": text,
+                                        "logprobs": completion_logprobs(delta.logprobs),
                                         "finish_reason": delta.finish_reason}]})
         return events
     return render
@@ -44,6 +46,7 @@ def chat_chunk() -> ChunkRenderer:
                 content["role"] = "assistant"
             events.append({"id": rid, "object": CHAT_OBJECT, "created": created, "model": chunk.model,
                            "choices": [{"index": offset + delta.index, "delta": content,
+                                        "logprobs": chat_logprobs(delta.logprobs),
                                         "finish_reason": delta.finish_reason}]})
         return events
     return render
