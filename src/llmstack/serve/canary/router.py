@@ -57,7 +57,7 @@ class CanaryRouter:
         cfg = load_config(CanaryConfig, spec["canary"])
         self.cfg = cfg
         self.registry = Registry(self.serve_cfg.registry)
-        self.app_name = self.serve_cfg.app_name
+        self.app_name = _own_app_name(self.serve_cfg.app_name)
         self.versions: dict[str, _Version] = {}
         for v in spec["versions"]:
             self.versions[v["name"]] = _Version(
@@ -338,7 +338,7 @@ class CanaryRouter:
                                                           len(v.kpi.in_flight)),
                               "totals": dict(v.kpi.totals)}
         c = self.canary
-        serve_cfg = self.spec["serve"]
+        serve_cfg = {**self.spec["serve"], "app_name": self.app_name, **_http_address()}
         return {"app": self.app_name, "stable": self.stable, "previous": self.previous,
                 "weights": dict(self.weights), "alias": self.cfg.alias, "versions": versions,
                 "canary": self._canary_status(c) if c else None,
@@ -484,6 +484,25 @@ class CanaryRouter:
 
     async def metrics_text(self) -> str:
         return self._metrics.render(self)
+
+
+def _own_app_name(configured: str) -> str:
+    """The Serve application this replica belongs to (``serve run`` names it in the YAML, not in the args)."""
+    try:
+        return serve.get_replica_context().app_name
+    except Exception:  # constructed outside a replica (unit tests)
+        return configured
+
+
+def _http_address() -> dict[str, Any]:
+    """Host and port Serve's HTTP proxy really listens on (the config's may be overridden by http_options)."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        http = _get_global_client().http_config
+        return {"host": http.host, "port": http.port}
+    except Exception:
+        return {}
 
 
 def refusal(ref: str, why: str) -> str:
