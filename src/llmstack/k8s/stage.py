@@ -127,14 +127,19 @@ def job_entrypoint(stage: Stage) -> str:
     return " ".join(shlex.quote(word) for word in words)
 
 
-def _flatten(data: Mapping[str, Any], defaults: Any, prefix: str) -> Iterable[tuple[str, Any]]:
+def _flatten(data: Mapping[str, Any], defaults: Mapping[str, Any] | None, prefix: str) -> Iterable[tuple[str, Any]]:
+    """Leaves of ``data`` that differ from ``defaults``; a section that differs at all is given whole.
+
+    A section in a config replaces its default as a whole (FinetuneConfig's ``training`` defaults are not
+    TrainingConfig's), so a lone ``training.max_steps=...`` would not reproduce the other fields.
+    """
     for key, value in data.items():
-        default = defaults.get(key) if isinstance(defaults, Mapping) else None
-        path = f"{prefix}{key}"
+        if defaults is not None and value == defaults.get(key):
+            continue
         if isinstance(value, Mapping) and value:
-            yield from _flatten(value, default, path + ".")
-        elif value != default:
-            yield path, value
+            yield from _flatten(value, None, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def _scalar(value: Any) -> str:
