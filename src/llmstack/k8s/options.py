@@ -142,8 +142,8 @@ class K8sOptions:
             if not ENV_NAME.match(env_name):
                 problems.append((f"env.{env_name}", "not a valid environment variable name"))
             elif looks_secret(env_name):
-                problems.append((f"env.{env_name}", "an inline secret is refused; "
-                                                     f"use k8s.env_secrets.{env_name}=SECRET/KEY"))
+                problems.append((f"env.{env_name}", "an inline secret is refused; name a Secret instead: "
+                                                     f"k8s.env_secrets.{env_name}=NAME/KEY"))
             elif not isinstance(value, str):
                 problems.append((f"env.{env_name}", f"expected a string, got {type(value).__name__}"))
         for env_name, ref in self.env_secrets.items():

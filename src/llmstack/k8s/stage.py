@@ -106,7 +106,8 @@ def _service_stage(kind: str, data: Any, overrides: list[str], where: str | None
     else:
         config = load_config(ServeConfig, dict(flat))
     if config.api_key is not None:
-        path = "applications[0].args.api_key" if from_file and "api_key" in _file_args(data) else "api_key"
+        in_file = from_file and _file_args(data).get("api_key") is not None
+        path = "applications[0].args.api_key" if in_file else "api_key"
         problems.append(f"{path}: an inline API key cannot go into a manifest; put it in a Secret and pass "
                         "k8s.api_key_secret=NAME/KEY (the app reads it from the pod's environment)")
     problems.extend(_service_storage_problems(config, canary))
