@@ -103,8 +103,7 @@ def _ray_job(stage: Stage, opts: K8sOptions, problems: list[str]) -> dict[str, A
         "ttlSecondsAfterFinished": opts.job.ttl_seconds_after_finished,
         "backoffLimit": opts.job.backoff_limit,
         "submissionMode": "K8sJobMode",
-        "rayClusterSpec": _cluster_spec(opts, cluster.head_group(opts, env),
-                                        cluster.worker_group(opts, shape, env)),
+        "rayClusterSpec": _cluster_spec(cluster.head_group(opts, env), cluster.worker_group(opts, shape, env)),
     }
     if opts.job.active_deadline_s is not None:
         spec["activeDeadlineSeconds"] = opts.job.active_deadline_s
@@ -137,7 +136,7 @@ def _ray_service(stage: Stage, opts: K8sOptions, problems: list[str]) -> dict[st
         "applications": [{"name": cfg.app_name, "route_prefix": cfg.route_prefix, "import_path": import_path,
                           "args": stage.app_args}],
     }
-    cluster_spec = _cluster_spec(opts, cluster.head_group(opts, env, extra_ports=(serve_port,)), workers)
+    cluster_spec = _cluster_spec(cluster.head_group(opts, env, extra_ports=(serve_port,)), workers)
     if shape.max_replicas > shape.min_replicas:
         cluster_spec["enableInTreeAutoscaling"] = True  # pods follow the Serve autoscaler's replicas
     spec: dict[str, Any] = {
@@ -170,7 +169,7 @@ def _changed(prefix: str, options: Any, defaults: Any) -> list[str]:
             if getattr(options, f.name) != getattr(defaults, f.name)]
 
 
-def _cluster_spec(opts: K8sOptions, head: dict[str, Any], worker: dict[str, Any]) -> dict[str, Any]:
+def _cluster_spec(head: dict[str, Any], worker: dict[str, Any]) -> dict[str, Any]:
     return {"rayVersion": _ray_version(), "headGroupSpec": head, "workerGroupSpecs": [worker]}
 
 

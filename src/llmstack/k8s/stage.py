@@ -73,11 +73,9 @@ def _job_stage(kind: str, data: Any, overrides: list[str], where: str | None, pr
     cls = TrainConfig if kind == "train" else FinetuneConfig
     data = apply_overrides(data, overrides)
     if isinstance(data, Mapping):
-        misplaced = [k for k in data if k in _only_fields(ServeConfig, cls)]
-        if misplaced:
-            problems.append(f"{', '.join(misplaced)}: serving options; a RayJob ({kind}) cannot express them "
-                            "(render the Serve app with `llmstack k8s render serve`)")
-            data = {k: v for k, v in data.items() if k not in misplaced}
+        data = _drop_misplaced(data, _only_fields(ServeConfig, cls), problems,
+                               f"serving options; a RayJob ({kind}) cannot express them "
+                               "(render the Serve app with `llmstack k8s render serve`)")
     config = load_config(cls, data)
     problems.extend(_inline_credentials(to_dict(config)))
     problems.extend(_job_storage_problems(config))
@@ -93,11 +91,9 @@ def _service_stage(kind: str, data: Any, overrides: list[str], where: str | None
     if not isinstance(flat, Mapping):
         raise ConfigError(f"<root>: expected a mapping, got {type(flat).__name__}")
     job_only = _only_fields(TrainConfig, ServeConfig) | _only_fields(FinetuneConfig, ServeConfig)
-    misplaced = [k for k in flat if k in job_only]
-    if misplaced:
-        problems.append(f"{', '.join(misplaced)}: RayJob (train/finetune) options; a RayService ({kind}) runs a "
-                        "Serve app and cannot express them (render that config with `llmstack k8s render train`)")
-        flat = {k: v for k, v in flat.items() if k not in misplaced}
+    flat = _drop_misplaced(flat, job_only, problems,
+                           f"RayJob (train/finetune) options; a RayService ({kind}) runs a Serve app and "
+                           "cannot express them (render that config with `llmstack k8s render train`)")
     canary = None
     if kind == "canary":
         from llmstack.serve.canary import load_canary_config
@@ -203,6 +199,14 @@ def _inline_credentials(data: Any, prefix: str = "") -> list[str]:
         else:
             problems.extend(_inline_credentials(value, path + "."))
     return problems
+
+
+def _drop_misplaced(data: Mapping[str, Any], keys: set[str], problems: list[str], why: str) -> dict[str, Any]:
+    """``data`` without ``keys``; those present become one problem naming them all."""
+    misplaced = [key for key in data if key in keys]
+    if misplaced:
+        problems.append(f"{', '.join(misplaced)}: {why}")
+    return {k: v for k, v in data.items() if k not in misplaced}
 
 
 def _only_fields(cls: type, other: type) -> set[str]:
