@@ -19,7 +19,8 @@ from llmstack.k8s.options import JobOptions, K8sOptions, ServiceOptions, load_k8
 from llmstack.k8s.stage import JOB_KINDS, KINDS, Stage, job_entrypoint, load_stage
 
 API_VERSION = "ray.io/v1"
-RUNTIME_ENV_VARS = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1"}
+# The job's runtime env; Train V2 runs its controller without a CPU, so a num-cpus 0 head is enough.
+RUNTIME_ENV_VARS = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1", "RAY_TRAIN_V2_ENABLED": "1"}
 
 
 def render_manifest(kind: str, config: str | Path | Mapping[str, Any] | Any, *, image: str | None = None,

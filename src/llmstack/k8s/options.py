@@ -24,6 +24,8 @@ from llmstack.errors import ConfigError
 OVERRIDE_PREFIX = "k8s."
 QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")  # a Kubernetes memory quantity
 DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,45}[a-z0-9])?$")  # KubeRay keeps RayJob/RayService names <= 47
+NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")  # a Secret's name
 IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SECRET_WORDS = ("secret", "password", "token", "credential", "api_key", "apikey", "private_key", "account_key")
@@ -130,22 +132,20 @@ class K8sOptions:
                                       "(an image with llmstack installed)"))
         elif not IMAGE.match(self.image):
             problems.append(("image", f"not a container image reference: {self.image!r}"))
-        for name in ("namespace", "name"):
-            value = getattr(self, name)
-            if value is not None and not DNS_LABEL.match(value):
-                problems.append((name, f"must be a lowercase DNS label of at most 47 characters, got {value!r}"))
+        if not NAMESPACE.match(self.namespace):
+            problems.append(("namespace", f"must be a lowercase DNS label, got {self.namespace!r}"))
+        if self.name is not None and not DNS_LABEL.match(self.name):
+            problems.append(("name", f"must be a lowercase DNS label of at most 47 characters, got {self.name!r}"))
         if self.api_key_secret is not None and _secret_ref_problem(self.api_key_secret):
             problems.append(("api_key_secret", _secret_ref_problem(self.api_key_secret)))
         if self.storage_secret is not None and not DNS_SUBDOMAIN.match(self.storage_secret):
             problems.append(("storage_secret", f"must name a Secret (a DNS name), got {self.storage_secret!r}"))
-        for env_name, value in self.env.items():
+        for env_name in self.env:
             if not ENV_NAME.match(env_name):
                 problems.append((f"env.{env_name}", "not a valid environment variable name"))
             elif looks_secret(env_name):
                 problems.append((f"env.{env_name}", "an inline secret is refused; name a Secret instead: "
                                                      f"k8s.env_secrets.{env_name}=NAME/KEY"))
-            elif not isinstance(value, str):
-                problems.append((f"env.{env_name}", f"expected a string, got {type(value).__name__}"))
         for env_name, ref in self.env_secrets.items():
             if not ENV_NAME.match(env_name):
                 problems.append((f"env_secrets.{env_name}", "not a valid environment variable name"))
@@ -153,8 +153,6 @@ class K8sOptions:
                 problems.append((f"env_secrets.{env_name}", _secret_ref_problem(ref)))
         return problems
 
-
-DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 
 def split_secret_ref(ref: str) -> tuple[str, str]:
