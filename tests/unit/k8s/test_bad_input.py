@@ -74,6 +74,8 @@ def test_paths_the_pods_cannot_see_are_refused(render, config_path):
     assert sorted(p.split(":")[0] for p in problems) == ["base", "data.source", "storage_path"]
     (problem,) = _problems(render, "serve", config_path("tiny.yaml"), "registry=null")
     assert problem.startswith("registry: the pods load the model from the registry")
+    problems = _problems(render, "canary", config_path("canary.yaml"), "candidate=/models/tiny", "adapters=[~/lora]")
+    assert sorted(p.split(":")[0] for p in problems) == ["adapters[0]", "candidate"]
 
 
 def test_every_problem_is_reported_at_once(config_path):
