@@ -198,6 +198,20 @@ def cmd_canary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_k8s(args: argparse.Namespace) -> int:
+    from llmstack.k8s import manifest_yaml, render_manifest, write_manifest
+
+    overrides = ([f"registry={args.registry}"] if getattr(args, "registry", None) else []) + list(args.overrides)
+    manifest = render_manifest(args.kind, args.config, image=args.image, namespace=args.namespace,
+                               overrides=overrides, options=args.k8s_config)
+    if args.output:
+        path = write_manifest(manifest, args.output)
+        print(f"wrote {manifest['kind']} {manifest['metadata']['name']} to {path} (kubectl apply -f {path})")
+    else:
+        print(manifest_yaml(manifest), end="")
+    return 0
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -284,6 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
         act.add_argument("--force", action="store_true", help="override a failed validation (recorded)")
     for act in (promote, abort):
         act.add_argument("--reason", default=None)
+
+    sub = verb("k8s", cmd_k8s, "KubeRay manifests from the same configs: a RayJob (train, finetune) or a RayService")
+    actions = sub.add_subparsers(dest="k8s_action", metavar="ACTION", required=True, parser_class=_Parser)
+    render = actions.add_parser("render", help="print the manifest of a config (or write it with -o)")
+    render.add_argument("kind", choices=("train", "finetune", "serve", "canary"))
+    render.add_argument("--config", default=None, help="the stage's YAML config (serve, canary: a serve_configs file)")
+    render.add_argument("--image", default=None, help="container image with llmstack installed (required)")
+    render.add_argument("--namespace", default=None, help="metadata.namespace (default: default)")
+    render.add_argument("--k8s-config", default=None, help="YAML of manifest options (pod sizes, GPUs, Secrets)")
+    render.add_argument("-o", "--output", default=None, help="write the manifest here instead of stdout")
+    render.add_argument("overrides", nargs="*", metavar="key.path=value", help="config and k8s.* overrides")
     return parser
 
 

@@ -330,6 +330,7 @@ def load_config(cls: type[C], source: str | Path | Mapping[str, Any] | C | None 
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise ConfigError(f"not valid YAML: {exc}".replace("\n", " "), source=where) from None
+        data = serve_app_args(data, source=where) if cls is ServeConfig else data  # a `serve run` file
     problems: list[str] = []
     data = apply_overrides(data, overrides, problems)
     result = _parse(cls, data, "", problems)
@@ -507,6 +508,73 @@ def _deep_copy(data: Any) -> Any:
     return data
 
 
+SERVE_APP_BUILDER = "llmstack.serve:build_app"  # import_path of a plain llmstack app in a `serve run` file
+
+
+def serve_app_args(data: Any, *, source: str | None = None, import_path: str = SERVE_APP_BUILDER) -> Any:
+    """The flat builder args of a ``serve run`` file's one application; other data comes back unchanged.
+
+    A Serve config file (it has ``applications:``) becomes the application's ``args`` plus its ``name``
+    (as ``app_name``), ``route_prefix`` and ``http_options.host`` / ``port``, so one file serves both
+    ``serve run`` and ``llmstack deploy --config``. Anything the builder args cannot carry is refused.
+
+    Args:
+        data: the parsed YAML of a config file.
+        source: the file name, for error messages.
+        import_path: the builder the application must name (the canary builder for canary files).
+
+    Raises:
+        ConfigError: more than one application, another ``import_path``, or Serve options (per-deployment
+            overrides, runtime_env, other http_options) that would be dropped; every problem at once.
+
+    Example:
+        >>> serve_app_args({"http_options": {"port": 8001}, "applications": [
+        ...     {"name": "app", "import_path": "llmstack.serve:build_app", "args": {"model": "m@v1"}}]})
+        {'model': 'm@v1', 'app_name': 'app', 'port': 8001}
+    """
+    if not isinstance(data, Mapping) or "applications" not in data:
+        return data
+    problems: list[str] = []
+    for key in data:
+        if key not in ("applications", "http_options", "proxy_location"):
+            problems.append(f"{key}: not carried into the app's args (a serve file here takes applications, "
+                            "http_options.host/port and proxy_location)")
+    apps = data["applications"]
+    if not isinstance(apps, list) or len(apps) != 1 or not isinstance(apps[0], Mapping):
+        names = [a.get("name", "?") for a in apps if isinstance(a, Mapping)] if isinstance(apps, list) else []
+        problems.append(f"applications: expected exactly one application, got "
+                        f"{len(apps) if isinstance(apps, list) else _describe(apps)}"
+                        + (f" ({', '.join(map(str, names))})" if names else ""))
+        raise ConfigError(problems, source=source)
+    app = apps[0]
+    flat: dict[str, Any] = {}
+    if app.get("import_path") != import_path:
+        problems.append(f"applications[0].import_path: expected {import_path}, got {app.get('import_path')!r}")
+    args = app.get("args") or {}
+    if not isinstance(args, Mapping):
+        problems.append(f"applications[0].args: expected a mapping, got {_describe(args)}")
+    else:
+        flat.update(args)
+    for key, target in (("name", "app_name"), ("route_prefix", "route_prefix")):
+        if key in app:
+            flat[target] = app[key]
+    for key in app:
+        if key not in ("name", "route_prefix", "import_path", "args"):
+            problems.append(f"applications[0].{key}: not carried into the app's args; set it in args instead")
+    http = data.get("http_options") or {}
+    if not isinstance(http, Mapping):
+        problems.append(f"http_options: expected a mapping, got {_describe(http)}")
+        http = {}
+    for key in http:
+        if key in ("host", "port"):
+            flat[key] = http[key]
+        else:
+            problems.append(f"http_options.{key}: not carried into the app's args (host and port are)")
+    if problems:
+        raise ConfigError(problems, source=source)
+    return flat
+
+
 __all__ = [
     "AutoscalingConfig",
     "DataConfig",
@@ -521,6 +589,7 @@ __all__ = [
     "apply_overrides",
     "load_config",
     "save_config",
+    "serve_app_args",
     "to_dict",
     "to_yaml",
 ]
