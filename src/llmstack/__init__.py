@@ -9,9 +9,6 @@ Heavy dependencies (torch, ray, transformers) load on first use, so ``import llm
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from llmstack.config import (
     AutoscalingConfig,
     DataConfig,
@@ -25,6 +22,7 @@ from llmstack.config import (
     TrainingConfig,
     load_config,
 )
+from llmstack._modules import lazy_exports
 from llmstack.errors import LLMStackError
 
 __version__ = "0.1.0"
@@ -41,17 +39,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'llmstack' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = [

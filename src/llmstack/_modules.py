@@ -22,3 +22,25 @@ def make_callable(module_name: str, function: Callable[..., Any]) -> None:
             return function(*args, **kwargs)
 
     sys.modules[module_name].__class__ = CallableModule
+
+
+def lazy_exports(package: str, names: dict[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """``__getattr__`` and ``__dir__`` for a package whose public names load on first use.
+
+    ``names`` maps each public name to the module that defines it, so importing the package stays fast.
+    """
+
+    def __getattr__(name: str) -> Any:
+        module = names.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        import importlib
+
+        value = getattr(importlib.import_module(module), name)
+        setattr(sys.modules[package], name, value)
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(getattr(sys.modules[package], "__all__", names))
+
+    return __getattr__, __dir__

@@ -192,6 +192,8 @@ class RolloutController:
                 ttfts = [o.ttft for o in cand if o.ttft is not None]
                 tslow = [x for x in ttfts if x > tlimit]
                 if len(tslow) >= th.min_slow and (percentile(ttfts, 0.95) or 0.0) > tlimit:
+                    if self.first_bad_at is None:
+                        self.first_bad_at = now - max(tslow) + tlimit
                     reason = f"time to first token: {len(tslow)} of {len(ttfts)} over {tlimit:.2f} s"
         if reason is not None:
             self.breach_at = now

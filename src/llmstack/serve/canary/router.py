@@ -339,13 +339,14 @@ class CanaryRouter:
                               "totals": dict(v.kpi.totals)}
         c = self.canary
         serve_cfg = {**self.spec["serve"], "app_name": self.app_name, **_http_address()}
+        api_key_set = serve_cfg.get("api_key") is not None
         return {"app": self.app_name, "stable": self.stable, "previous": self.previous,
                 "weights": dict(self.weights), "alias": self.cfg.alias, "versions": versions,
                 "canary": self._canary_status(c) if c else None,
                 "running": bool(c and c.running), "history": self.history[-10:],
                 "events": list(self.events)[-20:],
                 # the API key itself is never shown: only whether one guards the app
-                "serve": {**serve_cfg, "api_key": None, "api_key_set": serve_cfg.get("api_key") is not None},
+                "serve": {**serve_cfg, "api_key": None}, "api_key_set": api_key_set,
                 "canary_defaults": {"plan": to_dict(self.cfg.plan), "thresholds": to_dict(self.cfg.thresholds)}}
 
     async def add_version(self, name: str, ref: str | None, app: str, deployment: str) -> dict[str, Any]:
