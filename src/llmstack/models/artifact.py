@@ -333,6 +333,8 @@ def load_artifact(source: str | os.PathLike[str] | ArtifactRef | Artifact, *, re
 
 def load_weights(artifact: Artifact, *, dtype: str = "float32", device: str = "cpu") -> Any:
     """The model of ``artifact`` (no tokenizer); adapters come attached to their base as ``"default"``."""
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(sorted(_DTYPES))}")
     if artifact.kind == "adapter":
         from llmstack.models.adapters import attach_adapter
 
@@ -359,9 +361,7 @@ def _from_pretrained(artifact: Artifact, dtype: str) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = getattr(torch, _DTYPES.get(dtype, dtype), None)
-    if not isinstance(torch_dtype, torch.dtype):
-        raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(sorted(_DTYPES))}")
+    torch_dtype = getattr(torch, _DTYPES[dtype])
     try:
         return AutoModelForCausalLM.from_pretrained(str(artifact.directory), dtype=torch_dtype, use_safetensors=True)
     except Exception as exc:
