@@ -67,13 +67,17 @@ def check_adapter_base(adapter: Artifact, base: Artifact) -> None:
 
     Two registry versions must be the same ``name@vN``; otherwise (a directory on either side) the
     weight files must hash the same. A QLoRA adapter needs its NF4 base, never the float model. An
-    adapter that records no base (a bare peft directory) cannot be checked and is accepted.
+    adapter that records no base (a bare peft directory) cannot be checked and is accepted. ``base``
+    may itself be an adapter loaded as a model: other adapters attached to it run on its base, so
+    they are checked against that.
 
     Raises:
         ModelLoadError: naming the adapter, the base it was trained on and the base it was offered.
     """
     if adapter.kind != "adapter":
         raise ModelLoadError(f"{adapter.label} is a {adapter.kind}, not an adapter")
+    if base.kind == "adapter" and base.base is not None:
+        base = base.base
     trained = adapter.base
     if trained is None or trained.identity == base.identity:
         return

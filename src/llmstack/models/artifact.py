@@ -128,8 +128,8 @@ def describe_artifact(source: str | os.PathLike[str] | ArtifactRef | Artifact, *
         else:
             return _describe_registered(ref, registry, source)
     if "/" in source and not source.startswith(("/", ".", "~")):
-        return _describe_directory(_fetch_hub(source), source=source, registry=registry,
-                                   identity=f"hub:{source}")
+        snapshot = _fetch_hub(source)
+        return _describe_directory(snapshot, source=source, registry=registry, identity=f"hub:{source}@{snapshot.name}")
     raise ModelLoadError(
         f"model source {source!r} is neither a registry artifact, a local directory, an fsspec URL nor a hub "
         "id (org/name); run `llmstack registry list` to see what is registered")
@@ -146,8 +146,7 @@ def _describe_registered(ref: ArtifactRef, registry: Registry, source: str) -> A
         base = describe_artifact(manifest.parents[0], registry=registry)
         return _adapter_artifact(directory, ref=ref, base=base, identity=identity, source=source)
     if manifest.kind in ("model", "quantized", "tokenizer"):
-        kind, method = _classify(directory, str(ref))
-        if manifest.kind == "quantized" or kind == "quantized":
+        if manifest.kind == "quantized" or _classify(directory, str(ref))[0] == "quantized":
             return Artifact("quantized", _quantized_method(directory, str(ref)), directory, ref, None, identity,
                             source)
         return Artifact(manifest.kind, None, directory, ref, None, identity, source)
@@ -270,7 +269,9 @@ def directory_identity(directory: Path) -> str:
 
 
 def _fetch_url_directory(url: str, storage_options: dict[str, Any]) -> Path:
-    """Copy a remote directory (any fsspec URL) into a fresh local folder; exactly its files, nothing else."""
+    """Copy a remote directory (any fsspec URL) into the local cache, keyed by its content: exactly its files."""
+    import shutil
+
     import fsspec
 
     try:
@@ -282,13 +283,23 @@ def _fetch_url_directory(url: str, storage_options: dict[str, Any]) -> Path:
         raise ModelLoadError(f"{url} holds no files")
     cache = Path(os.environ.get("LLMSTACK_CACHE") or Path("~/.cache/llmstack").expanduser()) / "urls"
     cache.mkdir(parents=True, exist_ok=True)
-    target = Path(tempfile.mkdtemp(prefix=hashlib.sha256(url.encode()).hexdigest()[:16] + "-", dir=cache))
-    prefix = root.rstrip("/") + "/"
-    for remote in remote_files:
-        dest = target.joinpath(*remote[len(prefix):].split("/"))
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fs.get(remote, str(dest))
-    return target
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=cache))
+    try:
+        prefix = root.rstrip("/") + "/"
+        for remote in remote_files:
+            dest = staging.joinpath(*remote[len(prefix):].split("/"))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fs.get(remote, str(dest))
+        target = cache / directory_identity(staging).removeprefix("dir:")
+        if not target.is_dir():
+            try:
+                os.rename(staging, target)
+            except OSError:  # another process stored the same content first
+                if not target.is_dir():
+                    raise
+        return target
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _fetch_hub(repo_id: str) -> Path:

@@ -1,12 +1,12 @@
 """Artifacts of every kind, each built by the code path that really produces it, on the tiny preset.
 
-Adapters are trained in-process by the fine-tuning tests' own helpers (tests/unit/finetune/conftest.py,
-loaded by path: the test folders are not packages), then registered the way ``finetune_lora()`` does.
+Adapters are trained in-process by the fine-tuning tests' own helpers (the ``finetune_helpers`` fixture of
+tests/unit/conftest.py), then registered the way ``finetune_lora()`` does.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,20 +15,9 @@ from typing import Any
 import pytest
 
 
-def finetune_helpers() -> Any:
-    """tests/unit/finetune/conftest.py as a module (make_base, run_local, register, QA, BLOCK)."""
-    name = "llmstack_tests_finetune_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "finetune" / "conftest.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 @pytest.fixture(scope="session")
-def ft() -> Any:
-    return finetune_helpers()
+def ft(finetune_helpers: Any) -> Any:
+    return finetune_helpers
 
 
 @pytest.fixture(scope="session")
@@ -42,12 +31,18 @@ def world(tmp_path_factory: pytest.TempPathFactory, ft: Any) -> Iterator[dict[st
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models on a shared 2-core box
     root = tmp_path_factory.mktemp("models-unit")
+    cache = os.environ.get("LLMSTACK_CACHE")
+    os.environ["LLMSTACK_CACHE"] = str(root / "cache")  # URL copies and registry downloads stay in the test's folder
     registry = Registry(str(root / "registry"))
     ref, tokenizer = ft.make_base(registry)
     registry.set_alias(ref.name, "production", ref)
     data = instruction_tensors(ft.QA, tokenizer, max_length=ft.BLOCK, max_rows=32)
     yield {"registry": registry, "ref": ref, "tokenizer": tokenizer, "data": data, "root": Path(root)}
     torch.set_num_threads(threads)
+    if cache is None:
+        os.environ.pop("LLMSTACK_CACHE", None)
+    else:
+        os.environ["LLMSTACK_CACHE"] = cache
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,8 @@ def test_adapter_on_another_registry_base_is_refused_naming_both(world: dict[str
     other, _ = ft.make_base(registry, "other-base", seed=1)
     adapter = describe_artifact(adapter_refs("lora"), registry=registry)
     check_adapter_base(adapter, describe_artifact(world["ref"], registry=registry))  # its own base: fine
+    served_adapter = describe_artifact(adapter_refs("bitfit"), registry=registry)
+    check_adapter_base(adapter, served_adapter)  # beside another adapter of the same base: it runs on that base
     with pytest.raises(ModelLoadError, match=rf"ad-lora@v1 was trained on base@v1 \(its lineage\), not {other}"):
         check_adapter_base(adapter, describe_artifact(other, registry=registry))
 

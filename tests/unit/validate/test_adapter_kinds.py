@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,25 +14,14 @@ FAST = {"latency_requests": 5, "latency_repeats": 1, "generation_tokens": 4, "bo
         "max_eval_blocks": 8}
 
 
-def _finetune_helpers() -> Any:
-    """tests/unit/finetune/conftest.py as a module (the test folders are not packages)."""
-    name = "llmstack_tests_finetune_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "finetune" / "conftest.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 @pytest.fixture(scope="module")
-def tuned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def tuned(tmp_path_factory: pytest.TempPathFactory, finetune_helpers: Any) -> Iterator[dict[str, Any]]:
     """A base, and a BitFit and a QLoRA adapter fine-tuned on it by the real loop (3 steps each)."""
     from llmstack.finetune.data import instruction_tensors
     from llmstack.finetune.lora import load_trainable
     from llmstack.registry import Registry
 
-    ft = _finetune_helpers()
+    ft = finetune_helpers
     root = tmp_path_factory.mktemp("validate-adapters")
     registry = Registry(str(root / "registry"))
     ref, tokenizer = ft.make_base(registry)
