@@ -257,14 +257,17 @@ def _recorded_base(directory: Path, where: str, registry: Registry | None) -> Ar
                          f"{'; '.join(problems)}")
 
 
-def directory_identity(directory: Path) -> str:
-    """``dir:<sha256>`` over the relative paths and sha256 of every file (each file hashed once per process)."""
+def directory_identity(directory: Path, *, content: bool = False) -> str:
+    """``dir:<sha256>`` over every file's relative path and size and modification time (and the folder's own
+    path), so it changes when a file does; ``content``: over relative paths and file sha256 instead."""
     from llmstack.registry._registry import hash_file
 
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(b"" if content else str(directory.resolve()).encode())
     for path in sorted(directory.rglob("*")):
         if path.is_file():
-            digest.update(f"{path.relative_to(directory).as_posix()}:{hash_file(path, memo=True)}\n".encode())
+            stat = path.stat()
+            what = hash_file(path, memo=True) if content else f"{stat.st_size}:{stat.st_mtime_ns}"
+            digest.update(f"{path.relative_to(directory).as_posix()}:{what}\n".encode())
     return "dir:" + digest.hexdigest()[:32]
 
 
@@ -290,7 +293,7 @@ def _fetch_url_directory(url: str, storage_options: dict[str, Any]) -> Path:
             dest = staging.joinpath(*remote[len(prefix):].split("/"))
             dest.parent.mkdir(parents=True, exist_ok=True)
             fs.get(remote, str(dest))
-        target = cache / directory_identity(staging).removeprefix("dir:")
+        target = cache / directory_identity(staging, content=True).removeprefix("dir:")
         if not target.is_dir():
             try:
                 os.rename(staging, target)

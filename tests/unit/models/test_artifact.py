@@ -24,13 +24,15 @@ def test_registry_alias_is_resolved_once_and_pinned(world: dict[str, Any]) -> No
     assert describe_artifact(ref, registry=registry) == describe_artifact(str(ref), registry=registry)
 
 
-def test_local_directory_identity_is_its_content(world: dict[str, Any], tmp_path: Path) -> None:
+def test_local_directory_identity_follows_its_files(world: dict[str, Any], tmp_path: Path) -> None:
     copy = shutil.copytree(world["registry"].fetch(world["ref"]), tmp_path / "copy")
     first = describe_artifact(str(copy))
     assert (first.kind, first.ref, first.name) == ("model", None, "copy")
     assert first.identity.startswith("dir:") and describe_artifact(copy).identity == first.identity
     (copy / "generation_config.json").write_text('{"do_sample": false}')
     assert describe_artifact(str(copy)).identity != first.identity
+    other = shutil.copytree(copy, tmp_path / "other")
+    assert describe_artifact(str(other)).identity != describe_artifact(str(copy)).identity
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "bitfit", "qlora"])
@@ -149,6 +151,10 @@ def test_fsspec_url_of_an_adapter_directory(world: dict[str, Any], adapter_refs:
     artifact = describe_artifact("memory://adapters/lora", registry=registry)
     assert (artifact.kind, artifact.method, artifact.source) == ("adapter", "lora", "memory://adapters/lora")
     assert artifact.name == "lora" and artifact.base.ref == world["ref"]
+    again = describe_artifact("memory://adapters/lora", registry=registry)
+    assert again.directory == artifact.directory and again.identity == artifact.identity  # one copy per content
+    remote = sorted(Path(p).name for p in fs.ls("/adapters/lora", detail=False))
+    assert sorted(p.name for p in artifact.directory.iterdir()) == remote  # exactly the remote files
     torch.testing.assert_close(helpers.logits(load_artifact(artifact).model, world),
                                helpers.logits(load_artifact("ad-lora@v1", registry=registry).model, world))
 
