@@ -30,14 +30,16 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def quickstart_registry(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """What the quickstart leaves behind: tiny-lm@production and its adapter tiny-lm-lora."""
+    """What the quickstart leaves behind: tiny-lm@production, and tiny-lm-lora on the base it was trained on."""
+    from llmstack.models import register_model
     from llmstack.serve._testing import lora_adapter, make_registry
 
     url = str(tmp_path_factory.mktemp("qs") / "registry")
     info = make_registry(url, adapters=0)
+    base = register_model(info["registry"], "tiny-lm-base", info["torch_model"], info["tokenizer"], kind="model")
     with tempfile.TemporaryDirectory() as tmp:
         lora_adapter(info["torch_model"], tmp, seed=1)
-        info["registry"].register("tiny-lm-lora", tmp, kind="adapter", parents=[info["model"]])
+        info["registry"].register("tiny-lm-lora", tmp, kind="adapter", parents=[str(base)])
     return url
 
 
@@ -82,7 +84,7 @@ def test_serve_run(config: Path, quickstart_registry: str, tmp_path: Path) -> No
     with _serve_run(config, quickstart_registry, tmp_path) as (base, app):
         models = requests.get(base + "/v1/models", timeout=10).json()["data"]
         ids = [m["id"] for m in models]
-        assert ids[0] == "tiny-lm"
+        assert ids[0] == app["args"]["model"].partition("@")[0]  # tiny-lm, or tiny-lm-base under its adapter
         for model in ids:
             r = requests.post(base + "/v1/completions", json={"model": model, "prompt": "def add(a, b):",
                                                               "max_tokens": 8}, timeout=60)

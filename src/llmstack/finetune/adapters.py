@@ -13,35 +13,21 @@ is refused: the base must be that registry version, or a directory whose weight 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmstack.errors import ConfigError, ModelLoadError
-from llmstack.finetune.methods import (METHOD_DESCRIPTIONS, NF4_SETTINGS, PEFT_METHODS, apply_method,
-                                       dequantize_4bit_linears, load_base)
+from llmstack.finetune.methods import METHOD_DESCRIPTIONS, NF4_SETTINGS, PEFT_METHODS, apply_method, load_base
+from llmstack.models.adapters import (ADAPTER_INFO_FILE, NORM_SCALES_FILE, read_adapter_info,  # noqa: F401
+                                      weight_hashes)
 
 if TYPE_CHECKING:
+    from llmstack.models.artifact import Artifact
     from llmstack.registry import ArtifactRef, Manifest, Registry
-
-ADAPTER_INFO_FILE = "llmstack_adapter.json"
-NORM_SCALES_FILE = "norm_scales.safetensors"
 
 
 # --------------------------------------------------------------------------- base identity
-
-
-def weight_hashes(directory: Path) -> dict[str, str]:
-    """sha256 of each ``*.safetensors`` file of a model directory (what identifies its weights)."""
-    hashes = {}
-    for path in sorted(Path(directory).glob("*.safetensors")):
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        hashes[path.name] = digest.hexdigest()
-    return hashes
 
 
 def base_weight_hashes(registry: Registry, ref: ArtifactRef | str) -> dict[str, str]:
@@ -106,53 +92,33 @@ def adapter_manifest(registry: Registry, adapter: ArtifactRef | str) -> Manifest
     manifest = registry.manifest(adapter)
     if manifest.kind != "adapter":
         raise ModelLoadError(f"{manifest.ref} is a {manifest.kind}, not an adapter; load it with "
-                             "llmstack.models.load_model instead")
+                             "llmstack.models.load_artifact instead")
     if not manifest.parents:
         raise ModelLoadError(f"adapter {manifest.ref} records no base model in its lineage; it cannot be applied")
     return manifest
 
 
-def check_base(registry: Registry, manifest: Manifest, info: dict[str, Any], base: str | None) -> str:
-    """Return the model source to load under the adapter, refusing a base it was not trained on.
+def describe_adapter(registry: Registry, adapter_ref: ArtifactRef | str, *, base: str | None = None) -> Artifact:
+    """The adapter version, pinned to the base it is to run on: its own, or ``base`` once checked.
 
-    ``base`` None means the adapter's own base (its lineage parent). A registry ref must resolve to
-    exactly that version; a local directory must hold weight files with the recorded sha256.
+    ``base`` None means the adapter's own base (its lineage parent). A registry ref must be exactly
+    that version; a local directory must hold weight files with the same sha256
+    (:func:`llmstack.models.check_adapter_base`). A QLoRA adapter runs on the NF4 form of either.
 
     Raises:
-        ModelLoadError: ``base`` is not the model the adapter was trained on.
+        ModelLoadError: not an adapter, no lineage, or ``base`` is not the model it was trained on.
     """
-    trained_on = manifest.parents[0]
+    from llmstack.models.adapters import check_adapter_base
+    from llmstack.models.artifact import describe_artifact, nf4_base_of, rebased
+
+    adapter = describe_artifact(adapter_manifest(registry, adapter_ref).ref, registry=registry)
     if base is None:
-        return trained_on
-    from llmstack.models import resolve_model_source
-
-    resolved = resolve_model_source(str(base), registry=registry)
-    if resolved.ref is not None:
-        if str(resolved.ref) != trained_on:
-            raise ModelLoadError(
-                f"adapter {manifest.ref} was trained on {trained_on} (its lineage), not {resolved.ref}; "
-                f"refusing to apply it to a different base. Load it on {trained_on}, or fine-tune a new "
-                f"adapter on {resolved.ref}")
-        return trained_on
-    recorded = info.get("base_weights_sha256") or {}
-    found = weight_hashes(resolved.directory)
-    if not recorded or found != recorded:
-        raise ModelLoadError(
-            f"adapter {manifest.ref} was trained on {trained_on} (its lineage), and the weights in {base} are "
-            f"not that model's (sha256 differs); refusing to apply it to a different base")
-    return str(resolved.directory)
-
-
-def read_adapter_info(directory: Path, where: str) -> dict[str, Any]:
-    """The adapter's ``llmstack_adapter.json``; a plain peft adapter directory reads as lora/dora."""
-    path = Path(directory) / ADAPTER_INFO_FILE
-    if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
-    peft_config = Path(directory) / "adapter_config.json"
-    if peft_config.is_file():  # registered by other tools: lineage is all we can check
-        config = json.loads(peft_config.read_text(encoding="utf-8"))
-        return {"method": "dora" if config.get("use_dora") else "lora"}
-    raise ModelLoadError(f"{where} has neither {ADAPTER_INFO_FILE} nor a peft adapter_config.json: not an adapter")
+        return adapter
+    offered = describe_artifact(base, registry=registry)
+    if adapter.method == "qlora" and offered.kind == "model":
+        offered = nf4_base_of(offered, adapter=adapter.label)
+    check_adapter_base(adapter, offered)
+    return rebased(adapter, offered)
 
 
 # --------------------------------------------------------------------------- loading and merging
@@ -163,7 +129,7 @@ def load_adapter_model(registry: Registry, adapter_ref: ArtifactRef | str, *, ba
     """Load ``(model, tokenizer)``: the adapter's base with the adapter applied, ready for inference.
 
     The base is the adapter's lineage parent unless ``base`` is given, and then it must be that
-    same model (see :func:`check_base`). QLoRA adapters run on an NF4 base as trained
+    same model (see :func:`describe_adapter`). QLoRA adapters run on an NF4 base as trained
     (``dequantize=True``: on the dequantized fp32 copy instead, which needs bitsandbytes only to
     dequantize). BitFit adapters overwrite the base's norm scales.
 
@@ -182,36 +148,24 @@ def load_adapter_model(registry: Registry, adapter_ref: ArtifactRef | str, *, ba
     Example:
         >>> model, tokenizer = load_adapter_model(Registry(), "tiny-lm-lora@v1")  # doctest: +SKIP
     """
-    manifest = adapter_manifest(registry, adapter_ref)
-    directory = registry.fetch(manifest.ref)
-    info = read_adapter_info(directory, str(manifest.ref))
-    source = check_base(registry, manifest, info, base)
-    method = info["method"]
-    model, tokenizer = load_base(source, registry=registry, method="qlora" if method == "qlora" else "lora")
-    if method == "qlora" and dequantize:
-        dequantize_4bit_linears(model)
-    return _apply_adapter(model, directory, method, str(manifest.ref)), tokenizer
+    from llmstack.models.artifact import load_artifact
+
+    adapter = describe_adapter(registry, adapter_ref, base=base)
+    if adapter.method == "qlora" and dequantize:
+        return _on_dequantized_base(adapter)
+    loaded = load_artifact(adapter)
+    return loaded.model, loaded.tokenizer
 
 
-def _apply_adapter(model: Any, directory: Path, method: str, where: str) -> Any:
-    if method in PEFT_METHODS:
-        from peft import PeftModel
+def _on_dequantized_base(adapter: Artifact) -> tuple[Any, Any]:
+    """The QLoRA adapter attached (as ``"default"``) to its NF4 base dequantized to fp32 linears."""
+    from llmstack.models.adapters import attach_adapter
+    from llmstack.models.artifact import load_artifact_tokenizer, load_weights
+    from llmstack.models.nf4 import dequantize_4bit_linears
 
-        try:
-            model = PeftModel.from_pretrained(model, str(directory), is_trainable=False)
-        except Exception as exc:
-            raise ModelLoadError(f"cannot apply adapter {where}: {exc}") from None
-    elif method == "bitfit":
-        from safetensors.torch import load_file
-
-        scales = load_file(str(Path(directory) / NORM_SCALES_FILE))
-        result = model.load_state_dict(scales, strict=False)
-        if result.unexpected_keys:
-            raise ModelLoadError(f"adapter {where} holds norm scales the base lacks: {result.unexpected_keys[:4]}")
-    else:
-        raise ModelLoadError(f"adapter {where} has unknown method {method!r}")
-    model.eval()
-    return model
+    model = load_weights(adapter.base)
+    dequantize_4bit_linears(model)
+    return attach_adapter(model, adapter, "default"), load_artifact_tokenizer(adapter)
 
 
 def merged_model(registry: Registry, adapter_ref: ArtifactRef | str, *, base: str | None = None) -> tuple[Any, Any, Manifest]:
@@ -220,21 +174,20 @@ def merged_model(registry: Registry, adapter_ref: ArtifactRef | str, *, base: st
     QLoRA adapters are merged into the *dequantized* NF4 base (the weights they were trained
     against), in fp32, so the merged model reproduces the QLoRA model's outputs.
     """
-    manifest = adapter_manifest(registry, adapter_ref)
-    directory = registry.fetch(manifest.ref)
-    info = read_adapter_info(directory, str(manifest.ref))
-    source = check_base(registry, manifest, info, base)
-    method = info["method"]
-    model, tokenizer = load_base(source, registry=registry, method="qlora" if method == "qlora" else "lora")
-    if method == "qlora":
-        dequantize_4bit_linears(model)
-    model = _apply_adapter(model, directory, method, str(manifest.ref))
-    if method in PEFT_METHODS:
-        model = model.merge_and_unload(safe_merge=True)
+    from llmstack.models.adapters import fold_default_adapter
+    from llmstack.models.artifact import load_artifact
+
+    adapter = describe_adapter(registry, adapter_ref, base=base)
+    if adapter.method == "qlora":
+        model, tokenizer = _on_dequantized_base(adapter)
+    else:
+        loaded = load_artifact(adapter)
+        model, tokenizer = loaded.model, loaded.tokenizer
+    model = fold_default_adapter(model)
     for param in model.parameters():
         param.requires_grad_(False)
     model.eval()
-    return model, tokenizer, manifest
+    return model, tokenizer, registry.manifest(adapter.ref)
 
 
 def merge_adapter(registry: Registry, adapter_ref: ArtifactRef | str, *, name: str | None = None,

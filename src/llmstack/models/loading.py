@@ -1,7 +1,7 @@
-"""Load a causal LM and its tokenizer from a registry ref, a local HF directory or a hub id.
+"""Saving and registering models, and the pair-returning loaders kept for existing callers.
 
-All three sources end up as a local directory handed to ``transformers``; weights are read as
-safetensors only (``use_safetensors=True``), so nothing is unpickled.
+What a source is and how it loads is decided in :mod:`llmstack.models.artifact`; ``load_model``,
+``load_tokenizer`` and ``resolve_model_source`` are thin wrappers over it.
 """
 
 from __future__ import annotations
@@ -12,13 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmstack.errors import ArtifactNotFoundError, ModelLoadError, RegistryError
+from llmstack.errors import RegistryError
+from llmstack.models.artifact import Artifact, describe_artifact, load_artifact, load_artifact_tokenizer
 
 if TYPE_CHECKING:
     from llmstack.registry import ArtifactRef, Registry
-
-_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-           "float16": "float16", "fp16": "float16"}
 
 
 @dataclass
@@ -31,85 +29,30 @@ class ResolvedSource:
 
 
 def resolve_model_source(source: str, *, registry: Registry | None = None) -> ResolvedSource:
-    """Turn ``source`` into a local directory: registry ref first, then a directory, then a hub id."""
-    from llmstack.registry import ArtifactRef, Registry
-
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return ResolvedSource(directory=path)
-    if ArtifactRef.looks_like(source):
-        registry = registry or Registry()
-        try:
-            ref = registry.resolve(source)
-        except ArtifactNotFoundError:
-            if "@" in source:
-                raise
-        else:
-            return ResolvedSource(directory=registry.fetch(ref), ref=ref)
-    if "/" in source and not source.startswith(("/", ".", "~")):
-        return ResolvedSource(directory=_fetch_hub(source), hub_id=source)
-    raise ModelLoadError(
-        f"model source {source!r} is neither a registry artifact, a local directory nor a hub id "
-        "(org/name); run `llmstack registry list` to see what is registered")
+    """Turn ``source`` into a local directory: see :func:`llmstack.models.describe_artifact`."""
+    artifact = describe_artifact(str(source), registry=registry)
+    hub_id = artifact.source if artifact.identity.startswith("hub:") else None
+    return ResolvedSource(directory=artifact.directory, ref=artifact.ref, hub_id=hub_id)
 
 
-def _fetch_hub(repo_id: str) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
-    except Exception as exc:  # offline, unknown repo, gated repo: all the same to the user
-        raise ModelLoadError(
-            f"cannot fetch hub model {repo_id!r} ({type(exc).__name__}); this machine may be offline. "
-            "Download it elsewhere (huggingface-cli download) and pass the local directory instead, "
-            "e.g. model.source=/path/to/model") from None
+def load_tokenizer(source: str | Path | ArtifactRef | Artifact, *, registry: Registry | None = None) -> Any:
+    """A ``transformers`` fast tokenizer from a registry ref, a directory or a hub id (an adapter's: its base's)."""
+    return load_artifact_tokenizer(describe_artifact(_as_source(source), registry=registry))
 
 
-def load_tokenizer(source: str | Path, *, registry: Registry | None = None) -> Any:
-    """A ``transformers`` fast tokenizer from a registry ref, a directory or a hub id."""
-    from transformers import AutoTokenizer
-
-    directory = resolve_model_source(str(source), registry=registry).directory
-    try:
-        return AutoTokenizer.from_pretrained(str(directory))
-    except Exception as exc:
-        raise ModelLoadError(f"cannot load a tokenizer from {source} ({exc})") from None
-
-
-def load_model(source: str | Path, *, registry: Registry | None = None, dtype: str = "float32",
-               with_tokenizer: bool = True) -> tuple[Any, Any]:
-    """Load ``(model, tokenizer)`` for inference or further training.
+def load_model(source: str | Path | ArtifactRef | Artifact, *, registry: Registry | None = None,
+               dtype: str = "float32", with_tokenizer: bool = True) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` for inference or further training: :func:`load_artifact` as a pair.
 
     Example:
         >>> model, tokenizer = load_model("tiny-lm@production")  # doctest: +SKIP
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    loaded = load_artifact(_as_source(source), registry=registry, dtype=dtype, with_tokenizer=with_tokenizer)
+    return loaded.model, loaded.tokenizer
 
-    resolved = resolve_model_source(str(source), registry=registry)
-    directory = resolved.directory
-    if (directory / "quantization.json").is_file():  # written by llmstack.quantize: rebuild from its recipe
-        from llmstack.quantize._io import load_directory
 
-        model, tokenizer = load_directory(directory, source=str(resolved.ref or source))
-        return model, (tokenizer if with_tokenizer else None)
-    if not (directory / "config.json").is_file():
-        raise ModelLoadError(f"{source} has no config.json: not a model directory ({directory})")
-    if not any(directory.glob("*.safetensors")):
-        raise ModelLoadError(f"{source} holds no .safetensors weights; llmstack loads safetensors only")
-    torch_dtype = getattr(torch, _DTYPES.get(dtype, dtype))
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch_dtype, use_safetensors=True)
-    except Exception as exc:
-        raise ModelLoadError(f"cannot load model from {source}: {exc}") from None
-    tokenizer = None
-    if with_tokenizer:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        except Exception as exc:
-            raise ModelLoadError(f"{source} has no usable tokenizer ({exc})") from None
-    model.eval()
-    return model, tokenizer
+def _as_source(source: str | Path | ArtifactRef | Artifact) -> str | ArtifactRef | Artifact:
+    return str(source) if isinstance(source, Path) else source
 
 
 def save_model(model: Any, tokenizer: Any, directory: str | Path) -> Path:

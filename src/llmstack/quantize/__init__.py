@@ -23,10 +23,11 @@ Example:
 
 from llmstack.quantize._api import quantize
 from llmstack.quantize._dispatch import known_methods
-from llmstack.quantize._io import is_quantized_dir, load_any, load_quantized
+from llmstack.quantize._io import is_quantized_dir, load_any, load_quantized, rebuild_quantized
 from llmstack.quantize._result import QuantizeResult
 
-__all__ = ["QuantizeResult", "is_quantized_dir", "known_methods", "load_any", "load_quantized", "quantize"]
+__all__ = ["QuantizeResult", "is_quantized_dir", "known_methods", "load_any", "load_quantized", "quantize",
+           "rebuild_quantized"]
 
 from llmstack._modules import make_callable  # noqa: E402
 

@@ -61,31 +61,32 @@ def quantize(ref: str | ArtifactRef, method: str | None = None, *,
     """
     from tqdm.auto import tqdm
 
-    from llmstack.models.loading import load_model, load_tokenizer, resolve_model_source
+    from llmstack.models.artifact import describe_artifact
+    from llmstack.models.loading import load_model, load_tokenizer
     from llmstack.registry import Registry
 
     cfg = _resolve_config(config, method)
     backend = get_backend(cfg.method)
     registry = registry if registry is not None else Registry()
-    resolved = resolve_model_source(str(ref), registry=registry)
-    source_dir, source_ref = resolved.directory, resolved.ref
+    artifact = describe_artifact(ref, registry=registry)  # resolved once: every step below uses this version
+    source_dir, source_ref = artifact.directory, artifact.ref
     source = str(source_ref) if source_ref is not None else str(ref)
     manifest = registry.manifest(source_ref) if source_ref is not None else None
 
     # ---- checks, all before any work
-    if (manifest is not None and manifest.kind == "quantized") or is_quantized_dir(source_dir):
+    if artifact.kind == "quantized" or is_quantized_dir(source_dir):
         parent = (manifest.parents[0] if manifest is not None and manifest.parents else None)
         hint = f"; quantize its float parent {parent} instead" if parent else ""
         raise ConfigError(f"source {source} is already quantized{hint}")
-    if manifest is not None and manifest.kind not in ("model",):
-        raise ConfigError(f"source {source} is a {manifest.kind!r} artifact; quantize() needs a model")
+    if artifact.kind != "model":
+        raise ConfigError(f"source {source} is a {artifact.kind!r} artifact; quantize() needs a model")
     problem = backend.hardware_problem(cfg.method, cfg)
     if problem:
         raise ResourceError(f"method {cfg.method} cannot run on this machine: {problem}")
     problems = backend.architecture_problems(meta_skeleton(source_dir), cfg.method)
     if problems:
         raise ConfigError([f"method {cfg.method}: {p}" for p in problems], source=source)
-    tokenizer = load_tokenizer(str(source_dir))
+    tokenizer = load_tokenizer(artifact)
     data = _DataPlan(cfg, manifest, tokenizer, _max_positions(source_dir))
     calib_blocks = calib_fp = None
     if calibration is not None or cfg.method in backend.needs_calibration:
@@ -104,7 +105,7 @@ def quantize(ref: str | ArtifactRef, method: str | None = None, *,
             bar.set_postfix_str(message[:60])
 
         step(0)
-        model, _ = load_model(str(source_dir), dtype="float32", with_tokenizer=False)
+        model, _ = load_model(artifact, dtype="float32", with_tokenizer=False)
         from llmstack.quantize._int8 import decoder_linear_names
 
         layer_names = decoder_linear_names(model)

@@ -1,7 +1,13 @@
-"""Loading quantized versions (and, transparently, plain float models) for validate and serve."""
+"""Loading quantized versions: the backend rebuild that :mod:`llmstack.models` calls, and two public wrappers.
+
+``llmstack.models.load_artifact`` decides what a source is and calls :func:`rebuild_quantized` for a
+directory with a ``quantization.json``; this module imports nothing of ``llmstack.models`` at import
+time, so the two packages do not import each other in a cycle.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,8 +20,6 @@ if TYPE_CHECKING:
 
 def is_quantized_dir(directory: str | Path) -> bool:
     """True when ``directory`` holds a model quantized by llmstack or by a transformers quantizer."""
-    import json
-
     directory = Path(directory)
     if read_recipe(directory) is not None:
         return True
@@ -28,14 +32,16 @@ def is_quantized_dir(directory: str | Path) -> bool:
     return False
 
 
-def load_directory(directory: str | Path, *, source: str | None = None) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` from a quantized model directory written by :func:`quantize`."""
-    from transformers import AutoTokenizer
+def rebuild_quantized(directory: str | Path, *, where: str | None = None) -> Any:
+    """The quantized model saved in ``directory`` by :func:`quantize`, rebuilt by its backend (eval mode).
 
+    Raises:
+        ModelLoadError: no recipe, no safetensors weights, or the backend cannot rebuild it.
+    """
     from llmstack.quantize._dispatch import get_backend
 
     directory = Path(directory)
-    shown = source or str(directory)
+    shown = where or str(directory)
     recipe = read_recipe(directory)
     if recipe is None:
         raise ModelLoadError(f"{shown} is not a quantized model: it has no quantization.json")
@@ -47,12 +53,8 @@ def load_directory(directory: str | Path, *, source: str | None = None) -> tuple
     except Exception as exc:
         raise ModelLoadError(f"cannot rebuild the {recipe['method']} model of {shown}: {type(exc).__name__}: {exc}") \
             from exc
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    except Exception as exc:
-        raise ModelLoadError(f"{shown} has no usable tokenizer ({exc})") from None
     model.eval()
-    return model, tokenizer
+    return model
 
 
 def load_quantized(registry: Registry | None, ref: str | ArtifactRef) -> tuple[Any, Any]:
@@ -71,27 +73,29 @@ def load_quantized(registry: Registry | None, ref: str | ArtifactRef) -> tuple[A
         >>> ids = tokenizer("def ", return_tensors="pt").input_ids
         >>> model.generate(ids, max_new_tokens=8)  # doctest: +SKIP
     """
+    from llmstack.models.artifact import describe_artifact, load_artifact
     from llmstack.registry import Registry
 
     registry = registry or Registry()
-    resolved = registry.resolve(ref)
-    return load_directory(registry.fetch(resolved), source=str(resolved))
+    artifact = describe_artifact(registry.resolve(ref), registry=registry)
+    if artifact.kind != "quantized":
+        raise ModelLoadError(f"{artifact.label} is a {artifact.kind}, not a quantized model; load it with "
+                             "llmstack.models.load_artifact")
+    loaded = load_artifact(artifact)
+    return loaded.model, loaded.tokenizer
 
 
 def load_any(source: str | ArtifactRef, registry: Registry | None = None, *,
              dtype: str = "float32") -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` whether ``source`` is quantized or a plain float model.
 
-    ``source`` is a registry reference, a local directory or a hub id, as for
-    :func:`llmstack.models.load_model`; quantized versions are rebuilt from their recipe (``dtype``
-    then comes from the recipe), everything else goes to ``load_model(source, dtype=dtype)``.
+    The same as ``llmstack.models.load_artifact(source, registry=registry, dtype=dtype)``: quantized
+    versions are rebuilt from their recipe (``dtype`` then comes from the recipe).
 
     Example:
         >>> model, tokenizer = load_any("tiny-lm@production")  # doctest: +SKIP
     """
-    from llmstack.models.loading import load_model, resolve_model_source
+    from llmstack.models.artifact import load_artifact
 
-    resolved = resolve_model_source(str(source), registry=registry)
-    if read_recipe(resolved.directory) is not None:
-        return load_directory(resolved.directory, source=str(resolved.ref or source))
-    return load_model(str(resolved.directory), dtype=dtype)
+    loaded = load_artifact(source, registry=registry, dtype=dtype)
+    return loaded.model, loaded.tokenizer

@@ -380,7 +380,8 @@ class Registry:
         download into ``$LLMSTACK_CACHE`` (default ``~/.cache/llmstack``) once and reuse it.
 
         Raises:
-            IntegrityError: a file is missing or does not match its sha256.
+            IntegrityError: a file is missing or does not match its sha256, or the version holds a file
+                its manifest does not list.
         """
         manifest = self.manifest(ref)
         prefix = f"{manifest.ref.name}/objects/{manifest.upload_id}"
@@ -420,6 +421,8 @@ class Registry:
 
     @staticmethod
     def _check_local(directory: Path, manifest: Manifest) -> None:
+        """Every listed file present and unmodified, and nothing else: loaders read whole directories
+        (a stray ``tokenizer.json`` would be picked up), so a version must hold exactly its manifest."""
         bad = []
         for rel, info in manifest.files.items():
             path = directory.joinpath(*rel.split("/"))
@@ -427,6 +430,10 @@ class Registry:
                 bad.append(f"{rel} (missing)")
             elif path.stat().st_size != info["size"] or hash_file(path, memo=True) != info["sha256"]:
                 bad.append(f"{rel} (modified)")
+        for path in sorted(directory.rglob("*")):
+            rel = path.relative_to(directory).as_posix()
+            if (path.is_file() or path.is_symlink()) and rel not in manifest.files:
+                bad.append(f"{rel} (not in the manifest)")
         if bad:
             raise IntegrityError(f"{manifest.ref} does not match its manifest: {', '.join(bad)}; "
                                  f"run `llmstack registry verify {manifest.ref}`")

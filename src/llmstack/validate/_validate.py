@@ -77,9 +77,10 @@ def validate(candidate: ModelSpec, baseline: ModelSpec, *, probes: list[str] | s
     """Compare ``candidate`` with ``baseline`` on the same probes and held-out data.
 
     Args:
-        candidate: registry ref (``name@vN``, alias, name), a local directory, or ``(model, tokenizer)``.
-            Adapters load on the base named in their lineage; quantized versions through
-            ``llmstack.quantize.load_quantized``.
+        candidate: registry ref (``name@vN``, alias, name), a local directory, an
+            ``llmstack.models.Artifact`` or ``(model, tokenizer)``. Everything but a pair loads through
+            ``llmstack.models.load_artifact``: adapters (LoRA, DoRA, BitFit, QLoRA) on the base they were
+            trained on (QLoRA's NF4 base), quantized versions rebuilt by ``llmstack.quantize``.
         baseline: same forms; usually the current holder of ``name@production``.
         probes: prompts for the distribution check and generations (None: :data:`DEFAULT_PROBES`),
             or a path / source string read with ``llmstack.data.load_corpus``.

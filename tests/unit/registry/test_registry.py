@@ -264,3 +264,27 @@ def test_default_location_and_pickling(tmp_path: Path, monkeypatch: pytest.Monke
     reg.register("tiny", make_source(tmp_path / "a"), kind="model")
     clone = pickle.loads(pickle.dumps(reg))
     assert clone.url == reg.url and clone.resolve("tiny") == ArtifactRef("tiny", 1)
+
+
+def test_fetch_refuses_a_version_holding_files_outside_its_manifest(any_registry: Registry, tmp_path: Path) -> None:
+    """A file dropped into a version's folder is flagged by verify and never reaches a loader (issue #12)."""
+    reg = any_registry
+    ref = reg.register("tiny", make_source(tmp_path / "a"), kind="model")
+    prefix = f"tiny/objects/{reg.manifest(ref).upload_id}"
+    reg._store.write(f"{prefix}/extra/tokenizer.json", b"{}")
+    if reg._store.local_path(prefix) is not None:  # the stored folder itself is handed out: refused
+        with pytest.raises(IntegrityError, match=r"extra/tokenizer.json \(not in the manifest\)"):
+            reg.fetch(ref)
+    else:  # a download copies the manifest's files only
+        assert not (reg.fetch(ref) / "extra").exists()
+    reg._store.delete_tree(f"{prefix}/extra")
+    assert (reg.fetch(ref) / "model.safetensors").is_file()
+
+
+def test_remote_fetch_cache_with_a_stray_file_is_fetched_again(tmp_path: Path) -> None:
+    reg = Registry(f"memory://reg-{uuid.uuid4().hex}")
+    ref = reg.register("tiny", make_source(tmp_path / "a"), kind="model")
+    first = reg.fetch(ref)
+    (first / "tokenizer.json").write_text("{}")  # dropped into the cache copy
+    again = reg.fetch(ref)
+    assert again == first and not (again / "tokenizer.json").exists()

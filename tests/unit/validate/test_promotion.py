@@ -80,18 +80,19 @@ def test_quantized_versions_load_through_the_quantize_hook(reg: Registry, model_
     base = register_model(reg, "tiny-lm", model_a, tokenizer, kind="model")
     (tmp_path / "q").mkdir()
     (tmp_path / "q" / "quantization.json").write_text('{"method": "fake"}')
+    tokenizer.save_pretrained(str(tmp_path / "q"))
     qref = reg.register("tiny-lm-int8", tmp_path / "q", kind="quantized", parents=[str(base)])
     calls = []
 
-    def fake_load_quantized(registry: Registry, ref: Any) -> tuple[Any, Any]:
-        calls.append((registry, str(ref)))
-        return helpers.fake_int8(model_a), tokenizer
+    def fake_rebuild_quantized(directory: Path, *, where: str) -> Any:
+        calls.append((Path(directory), where))
+        return helpers.fake_int8(model_a)
 
     monkeypatch.setitem(sys.modules, "llmstack.quantize",
-                        types.SimpleNamespace(load_quantized=fake_load_quantized))
+                        types.SimpleNamespace(rebuild_quantized=fake_rebuild_quantized))
     report = validate(qref, base, registry=reg, probes=PROBES, eval_data=held_out, thresholds=FAST,
                       progress=False)
-    assert calls == [(reg, "tiny-lm-int8@v1")]
+    assert calls == [(reg.fetch(qref), "tiny-lm-int8@v1")]
     assert report.check("distribution").passed and report.check("perplexity").passed
 
     monkeypatch.setitem(sys.modules, "llmstack.quantize", None)  # the quantize package is unavailable
