@@ -59,10 +59,27 @@ def _inject_outliers(model: Any, channels: list[int], factor: float) -> None:
                     lin.weight[:, channels] /= factor
 
 
+# Injected outlier strength. The tiny model is barely trained (loss ~5 nats), so its loss hardly
+# reacts to input noise: at 60x naive W8A8 moved the loss by ~0.002 nats, below the run-to-run noise
+# of the int8 rounding, and the sign flipped between machines. At 1000x naive W8A8 loses >= 0.25 nats
+# on every model variant probed (training seeds 0-1, 40-80 documents), while smoothing, which undoes
+# this injection exactly, stays within 0.001 nats.
+OUTLIER_FACTOR = 1000.0
+OUTLIER_CHANNELS = [3, 70]
+
+
+def _kl_from_float(reference: Any, candidate: Any, blocks: Any) -> float:
+    """Mean per-token KL(reference || candidate) of the next-token distributions on ``blocks``."""
+    with torch.inference_mode():
+        ref = reference(input_ids=blocks, use_cache=False).logits.float().log_softmax(-1)
+        cand = candidate(input_ids=blocks, use_cache=False).logits.float().log_softmax(-1)
+    return float((ref.exp() * (ref - cand)).sum(-1).mean())
+
+
 def test_smoothquant_beats_naive_w8a8_when_activations_have_outliers(trained_tiny: tuple[Any, Any],
                                                                      calib: Any) -> None:
     base = copy.deepcopy(trained_tiny[0])
-    _inject_outliers(base, channels=[3, 70], factor=60.0)
+    _inject_outliers(base, channels=OUTLIER_CHANNELS, factor=OUTLIER_FACTOR)
     fp_loss = calibration_loss(base, calib)
     naive = copy.deepcopy(base)
     quantize_linears(naive)
@@ -71,7 +88,14 @@ def test_smoothquant_beats_naive_w8a8_when_activations_have_outliers(trained_tin
     quantize_linears(smooth)
     naive_gap = calibration_loss(naive, calib) - fp_loss
     smooth_gap = calibration_loss(smooth, calib) - fp_loss
-    assert smooth_gap < 0.5 * naive_gap, (smooth_gap, naive_gap)
+    # naive W8A8 measurably degrades: per-token scales are set by the outlier channels
+    assert naive_gap > 0.1, f"naive W8A8 lost only {naive_gap:.4f} nats at {OUTLIER_FACTOR:g}x outliers"
+    # smoothing migrates the outliers into the weights and keeps the float model's loss
+    assert abs(smooth_gap) < 0.02, (smooth_gap, naive_gap)
+    assert smooth_gap < 0.1 * naive_gap, (smooth_gap, naive_gap)
+    # and the smoothed model's predictions stay far closer to the float model's
+    naive_kl, smooth_kl = _kl_from_float(base, naive, calib), _kl_from_float(base, smooth, calib)
+    assert smooth_kl < 0.01 * naive_kl, (smooth_kl, naive_kl)
 
 
 def test_layout_check_names_what_is_missing() -> None:
