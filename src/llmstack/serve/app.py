@@ -75,23 +75,14 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
         >>> app = build_app({"model": "tiny-lm@production"})  # doctest: +SKIP
         >>> serve.run(app)  # doctest: +SKIP
     """
+    from llmstack.autoscale import serve_autoscaling_config
     from llmstack.serve.ingress import OpenAIIngress
     from llmstack.serve.server import LLMServer
 
     cfg = resolve_config(args or {})
     config = to_dict(cfg)
-    auto = cfg.autoscaling
     server = LLMServer.options(
-        autoscaling_config={
-            "min_replicas": auto.min_replicas,
-            "initial_replicas": max(auto.min_replicas, 1),
-            "max_replicas": auto.max_replicas,
-            "target_ongoing_requests": auto.target_ongoing_requests,
-            "upscale_delay_s": auto.upscale_delay_s,
-            "downscale_delay_s": auto.downscale_delay_s,
-            "look_back_period_s": auto.look_back_period_s,
-            "metrics_interval_s": auto.metrics_interval_s,
-        },
+        autoscaling_config=serve_autoscaling_config(cfg.autoscaling),
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
         backpressure_config={"status_code": 503, "retry_after_s": cfg.retry_after_s},
