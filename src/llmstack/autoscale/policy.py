@@ -38,7 +38,7 @@ from typing import Any
 from llmstack.autoscale.forecast import HoltWinters
 from llmstack.config import AutoscalingConfig, load_config, to_dict
 
-logger = logging.getLogger("llmstack.autoscale")
+logger = logging.getLogger("ray.serve.llmstack_autoscale")  # shows in Serve's controller log
 
 POLICY_IMPORT_PATH = "llmstack.autoscale.policy:PredictivePolicy"
 MODE_PREDICTIVE = "predictive"
@@ -48,7 +48,7 @@ MAX_DECISIONS_KEPT = 50_000
 
 @dataclasses.dataclass(frozen=True)
 class LoadCounters:
-    """Cumulative load counters at ``time``: requests arrived, and their prompt+output tokens."""
+    """Cumulative load counters at ``time``: requests arrived, and the prompt+output tokens counted so far."""
 
     time: float
     requests: float
@@ -117,6 +117,7 @@ class PredictivePolicy:
         self.token_rate = HoltWinters(season=season)
         self.decisions: deque[Decision] = deque(maxlen=MAX_DECISIONS_KEPT)  # the ticks that changed the target
         self.fallback_ticks = 0
+        self.log_decisions = True  # one log line per change of target (the simulator turns it off)
         self._last_counters: LoadCounters | None = None
         self._last_bin_demand = 0.0
         self._low_since: float | None = None
@@ -137,6 +138,10 @@ class PredictivePolicy:
         decision = self._decide(ctx, now, target)
         if decision.replicas != target:
             self.decisions.append(decision)
+            if self.log_decisions:
+                logger.info("autoscale %s: %d -> %d replicas (mode %s, forecast %.2f, now %.2f, backlog %.2f)",
+                            getattr(ctx, "deployment_name", "?"), target, decision.replicas, decision.mode,
+                            decision.forecast_replicas, decision.current_replicas, decision.backlog_replicas)
             self._last_scale_time = now
             if decision.replicas > target:
                 self._last_up_time = now
@@ -164,7 +169,10 @@ class PredictivePolicy:
         if elapsed + 1e-9 < self.config.forecast_bin_s:
             return
         requests_per_s = max(0.0, counters.requests - last.requests) / elapsed
-        tokens_per_s = max(0.0, counters.tokens - last.tokens) / elapsed
+        # Servers count tokens when a request completes: while requests queue, arrivals times the tokens
+        # per request seen so far is the earlier signal.
+        per_request = counters.tokens / counters.requests if counters.requests > 0 else 0.0
+        tokens_per_s = max(max(0.0, counters.tokens - last.tokens) / elapsed, requests_per_s * per_request)
         self.request_rate.update(requests_per_s)
         self.token_rate.update(tokens_per_s)
         self._last_bin_demand = self._demand(requests_per_s, tokens_per_s)

@@ -99,18 +99,21 @@ def replay(trace: Trace, url: str, *, model: str | None = None, speedup: float =
                         metrics=metrics)
 
 
-def serve_replica_probe(app_name: str, deployment: str = "LLMServer") -> Callable[[], int | None]:
-    """A probe that reads the running replicas of ``app_name``'s ``deployment`` from Serve's status.
-
-    Needs a connection to the Ray cluster (``ray.init(address=...)``) in this process.
+def serve_replica_probe(app_name: str, deployment: str = "LLMServer", *,
+                        include_starting: bool = False) -> Callable[[], int | None]:
+    """A probe that reads the running (or, with ``include_starting``, also starting) replicas of
+    ``app_name``'s ``deployment`` from Serve's status. Needs ``ray.init`` in this process.
     """
+    states = ("RUNNING", "STARTING") if include_starting else ("RUNNING",)
+
     def probe() -> int | None:
         from ray import serve
 
         app = serve.status().applications.get(app_name)
         if app is None or deployment not in app.deployments:
             return None
-        return int(app.deployments[deployment].replica_states.get("RUNNING", 0))
+        counts = app.deployments[deployment].replica_states
+        return int(sum(counts.get(state, 0) for state in states))
 
     return probe
 
