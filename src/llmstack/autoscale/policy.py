@@ -53,6 +53,7 @@ class LoadCounters:
     time: float
     requests: float
     tokens: float
+    completed: float | None = None  # requests whose tokens are in ``tokens`` (None: all of them)
 
 
 @dataclasses.dataclass
@@ -171,8 +172,10 @@ class PredictivePolicy:
         requests_per_s = max(0.0, counters.requests - last.requests) / elapsed
         # Servers count tokens when a request completes: while requests queue, arrivals times the tokens
         # per request seen so far is the earlier signal.
-        per_request = counters.tokens / counters.requests if counters.requests > 0 else 0.0
-        tokens_per_s = max(max(0.0, counters.tokens - last.tokens) / elapsed, requests_per_s * per_request)
+        # (also smoother than differencing tokens counted in bunches as requests finish together).
+        done = counters.requests if counters.completed is None else counters.completed
+        per_request = counters.tokens / done if done > 0 else 0.0
+        tokens_per_s = requests_per_s * per_request
         self.request_rate.update(requests_per_s)
         self.token_rate.update(tokens_per_s)
         self._last_bin_demand = self._demand(requests_per_s, tokens_per_s)
@@ -230,8 +233,8 @@ def _clamp(value: int, low: int, high: int) -> int:
 class _MetricsScraper:
     """Polls the app's ``/metrics`` on a daemon thread; :meth:`latest` never blocks on the network.
 
-    Arrivals are completed requests (``llmstack_requests_total``) plus those in flight; tokens are the
-    prompt and completion token counters (counted when a request completes).
+    Arrivals are finished requests (the latency histogram's count, observed when a response or stream
+    ends) plus those in flight; tokens are the prompt and completion token counters of finished requests.
     """
 
     def __init__(self, base_url: str, interval_s: float, timeout_s: float = 2.0) -> None:
@@ -266,13 +269,13 @@ class _MetricsScraper:
 
 
 def parse_prometheus_counters(text: str, now: float) -> LoadCounters:
-    """Sum llmstack's request, in-flight and token series from Prometheus text into :class:`LoadCounters`.
+    """Sum llmstack's finished-request, in-flight and token series from Prometheus text into :class:`LoadCounters`.
 
     Example:
-        >>> parse_prometheus_counters('llmstack_requests_total{route="c"} 3.0\\nllmstack_requests_in_flight 2', 0.0)
-        LoadCounters(time=0.0, requests=5.0, tokens=0.0)
+        >>> parse_prometheus_counters('llmstack_request_latency_seconds_count{route="c"} 3.0\\nllmstack_requests_in_flight 2', 0.0)
+        LoadCounters(time=0.0, requests=5.0, tokens=0.0, completed=3.0)
     """
-    sums = {"llmstack_requests_total": 0.0, "llmstack_requests_in_flight": 0.0,
+    sums = {"llmstack_request_latency_seconds_count": 0.0, "llmstack_requests_in_flight": 0.0,
             "llmstack_prompt_tokens_total": 0.0, "llmstack_completion_tokens_total": 0.0}
     for line in text.splitlines():
         if not line or line.startswith("#"):
@@ -283,5 +286,7 @@ def parse_prometheus_counters(text: str, now: float) -> LoadCounters:
                 sums[name] += float(line.rsplit(" ", 1)[1])
             except (IndexError, ValueError):
                 continue
-    return LoadCounters(time=now, requests=sums["llmstack_requests_total"] + sums["llmstack_requests_in_flight"],
-                        tokens=sums["llmstack_prompt_tokens_total"] + sums["llmstack_completion_tokens_total"])
+    finished = sums["llmstack_request_latency_seconds_count"]
+    return LoadCounters(time=now, requests=finished + sums["llmstack_requests_in_flight"],
+                        tokens=sums["llmstack_prompt_tokens_total"] + sums["llmstack_completion_tokens_total"],
+                        completed=finished)

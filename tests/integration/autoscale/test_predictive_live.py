@@ -76,12 +76,12 @@ def test_predictive_policy_scales_a_live_app_before_the_queue_builds(predictive_
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     result = replay(trace, predictive_app.url, ttft_slo_s=2.0, max_duration_s=45.0, request_timeout_s=20.0,
-                    replica_probe=serve_replica_probe("autoscale"), progress=False)
+                    replica_probe=provisioned, progress=False)
     stop.set()
     watcher.join(timeout=2)
     assert result.metrics["ok"] >= 0.95 * len(trace), result.metrics["statuses"]
     assert scaled, f"no scale-up; replicas seen: {result.replicas}"
-    assert max(n for _, n in result.replicas) == 2
+    assert result.replicas[-1][1] == 2  # and held it to the end of the ramp (no flapping back)
     # The queue at the decision: requests in flight then (from the client's own records).
     decided = scaled[0]
     in_flight = sum(1 for r in result.records if r["sent_s"] is not None and r["latency_s"] is not None

@@ -142,9 +142,10 @@ def test_serve_delay_rule_matches_rays_own() -> None:
 
 
 def test_prometheus_counters_sum_every_label_set() -> None:
-    text = ("# HELP x\nllmstack_requests_total{route=\"a\",status=\"200\"} 4.0\n"
-            "llmstack_requests_total{route=\"b\",status=\"503\"} 1.0\n"
+    text = ("# HELP x\nllmstack_request_latency_seconds_count{route=\"a\",model=\"m\"} 4.0\n"
+            "llmstack_request_latency_seconds_count{route=\"b\",model=\"m\"} 1.0\n"
+            "llmstack_request_latency_seconds_sum{route=\"b\",model=\"m\"} 9.0\n"
             "llmstack_requests_in_flight{model=\"m\"} 2.0\nllmstack_prompt_tokens_total{model=\"m\"} 100.0\n"
             "llmstack_completion_tokens_total{model=\"m\"} 20.0\nllmstack_requests_created 9.0\n")
     counters = parse_prometheus_counters(text, 5.0)
-    assert (counters.requests, counters.tokens, counters.time) == (7.0, 120.0, 5.0)
+    assert (counters.requests, counters.tokens, counters.completed, counters.time) == (7.0, 120.0, 5.0, 5.0)
