@@ -10,10 +10,19 @@ from typing import Any
 
 import pytest
 
-from llmstack.autoscale import replay, serve_replica_probe, synthetic_trace
+from llmstack.autoscale import Trace, replay, serve_replica_probe, synthetic_trace
 
 pytestmark = pytest.mark.ray
 TARGET_ONGOING = 4.0
+
+
+def _evenly_spaced(segments: list[tuple[float, float]], *, context_tokens: int, generated_tokens: int) -> Trace:
+    """Arrivals at exactly ``rate`` per second in each ``(duration_s, rate)`` segment (no Poisson clusters)."""
+    arrivals, start = [], 0.0
+    for duration, rate in segments:
+        arrivals += [start + (i + 0.5) / rate for i in range(int(duration * rate))]
+        start += duration
+    return Trace(arrivals, [context_tokens] * len(arrivals), [generated_tokens] * len(arrivals))
 
 
 def _serve_port() -> int:
@@ -53,7 +62,7 @@ def predictive_app(ray_cluster: dict, tmp_path_factory: pytest.TempPathFactory) 
 def test_predictive_policy_scales_a_live_app_before_the_queue_builds(predictive_app: Any) -> None:
     # 8 s quiet, then a ramp to ~8 requests/s of ~100-token prompts: ~860 tokens/s, above one replica's
     # configured 600 tokens/s, while each request takes well under a second (a shallow queue).
-    trace = synthetic_trace([(8, 1.0), (5, 4.0), (12, 8.0)], context_tokens=96, generated_tokens=12, seed=7)
+    trace = _evenly_spaced([(8, 1.0), (5, 4.0), (12, 8.0)], context_tokens=96, generated_tokens=12)
     # Warm the fresh replica up first (its first requests are slow), so the queue it builds then is not
     # mistaken for the ramp; the policy sees this traffic as its history.
     warm_up = replay(synthetic_trace([(6, 1.5)], context_tokens=96, generated_tokens=12, seed=8),
