@@ -212,6 +212,60 @@ def cmd_k8s(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    from llmstack.autoscale import read_trace
+    from llmstack.autoscale.plots import plot_runs, replay_series, simulation_series
+    from llmstack.config import AutoscalingConfig
+
+    defaults = [] if args.config else ["max_replicas=8"]
+    if args.policy in ("reactive", "predictive"):
+        defaults.append(f"policy={args.policy}")
+    auto = _config(AutoscalingConfig, args, defaults)
+    trace = read_trace(args.trace).window(start_s=args.start, duration_s=args.duration,
+                                          max_requests=args.max_requests)
+    out = Path(args.out)
+    if args.simulate:
+        from llmstack.autoscale.simulator import ReplicaModel, simulate
+
+        model = None
+        if args.replica_model:
+            model = ReplicaModel(**json.loads(Path(args.replica_model).read_text(encoding="utf-8")))
+        if args.context_window:
+            trace = trace.clipped(context_window=args.context_window)
+        result = simulate(trace.compressed(args.speedup), auto, policy=args.policy or auto.policy,
+                          replica_model=model, static_replicas=args.static_replicas, progress=True)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"simulate-{result.policy}.json").write_text(
+            json.dumps({"metrics": result.metrics, "timeline": result.timeline}, indent=1), encoding="utf-8")
+        plot_runs([simulation_series(result)], out / f"simulate-{result.policy}.png", ttft_slo_s=auto.ttft_slo_s,
+                  title=f"{Path(args.trace).name}: simulated, {result.policy}")
+        _print_json(result.metrics)
+        return 0
+    if not args.url:
+        raise LLMStackError("replay needs --url URL of a running app, or --simulate")
+    from llmstack.autoscale import replay, serve_replica_probe
+
+    probe = None
+    if args.app:
+        import os
+
+        import ray
+
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
+        probe = serve_replica_probe(args.app)
+    result = replay(trace, args.url, model=args.model, speedup=args.speedup, ttft_slo_s=auto.ttft_slo_s,
+                    max_requests=args.max_requests, max_duration_s=args.max_duration,
+                    request_timeout_s=args.request_timeout, api_key=args.api_key, replica_probe=probe)
+    result.to_json(out / "replay.json")
+    plot_runs([replay_series(result, "replay")], out / "replay.png", ttft_slo_s=auto.ttft_slo_s,
+              title=f"{Path(args.trace).name} replayed at {args.url} (x{args.speedup:g})")
+    _print_json(dataclasses.asdict(result)["metrics"])
+    return 0
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -282,6 +336,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--app", default=None, help="roll back a running canary app's routing (no restarts)")
     sub.add_argument("--alias", default="production")
     sub.add_argument("--reason", default=None)
+    sub = verb("replay", cmd_replay, "replay a request trace against an app (--url) or in the simulator "
+               "(--simulate); AutoscalingConfig fields as key=value", config=True)
+    sub.add_argument("trace", help="CSV of TIMESTAMP,ContextTokens,GeneratedTokens")
+    sub.add_argument("--url", default=None, help="base URL of a running app")
+    sub.add_argument("--simulate", action="store_true", help="run the policy in the simulator instead")
+    sub.add_argument("--policy", choices=("static", "reactive", "predictive"), default=None,
+                     help="default: the config's policy")
+    sub.add_argument("--speedup", type=float, default=1.0, help="divide inter-arrival times by this")
+    sub.add_argument("--start", type=float, default=0.0, help="window start (s into the trace)")
+    sub.add_argument("--duration", type=float, default=None, help="window length (s); default: to the end")
+    sub.add_argument("--max-requests", type=int, default=None, help="cap on requests sent or simulated")
+    sub.add_argument("--max-duration", type=float, default=600.0, help="replay wall-clock bound (s)")
+    sub.add_argument("--request-timeout", type=float, default=60.0, help="per-request bound (s)")
+    sub.add_argument("--model", default=None, help="served model id (default: the first listed)")
+    sub.add_argument("--api-key", default=None)
+    sub.add_argument("--app", default=None, help="Serve app name: record its replica count (needs Ray)")
+    sub.add_argument("--static-replicas", type=int, default=None, help="static fleet size (default max_replicas)")
+    sub.add_argument("--replica-model", default=None, help="JSON file of ReplicaModel fields (simulator)")
+    sub.add_argument("--context-window", type=int, default=None, help="simulator: clip prompts to this window")
+    sub.add_argument("--out", default="runs/replay", help="where the JSON and PNG go")
     for sub in with_overrides:  # after each verb's own positionals, so `quantize REF k=v` parses
         sub.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
 

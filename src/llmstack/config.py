@@ -222,10 +222,23 @@ class AutoscalingConfig:
     min_replicas: int = 1  # replicas kept when idle
     max_replicas: int = 1  # upper bound under load
     target_ongoing_requests: float = 4.0  # per-replica queue depth the autoscaler aims for
-    upscale_delay_s: float = 2.0  # sustained load before adding replicas
-    downscale_delay_s: float = 10.0  # sustained idleness before removing replicas
+    upscale_delay_s: float = 2.0  # sustained load before adding replicas (reactive)
+    downscale_delay_s: float = 10.0  # sustained idleness before removing replicas (reactive)
     look_back_period_s: float = 10.0  # window the queue-depth metric is averaged over
     metrics_interval_s: float = 1.0  # how often handles and replicas report queue depth
+    policy: Literal["reactive", "predictive"] = "reactive"  # Serve's queue-depth policy, or llmstack's forecast
+    ttft_slo_s: float = 1.0  # predictive: the time-to-first-token objective the capacity is measured at
+    capacity_tokens_per_s: float = 10_000.0  # predictive: prompt+output tokens/s one replica sustains within the SLO
+    capacity_requests_per_s: float | None = None  # predictive: requests/s one replica sustains (None: tokens only)
+    headroom: float = 0.2  # predictive: spare capacity on top of the forecast (0.2 = 20%)
+    forecast_bin_s: float = 2.0  # predictive: the rate series' step (counters are differenced this often)
+    forecast_horizon_s: float = 10.0  # predictive: how far ahead to provision (cover a replica's start-up)
+    season_s: float | None = None  # predictive: seasonal period; used once two periods of history exist
+    upscale_cooldown_s: float = 0.0  # predictive: least time between two scale-ups
+    downscale_stable_s: float = 20.0  # predictive: how long the lower demand must hold before scaling down
+    downscale_cooldown_s: float = 30.0  # predictive: least time from any scale event to a scale-down
+    hysteresis: float = 0.15  # predictive: a scale-down needs demand below (replicas - 1) * (1 - hysteresis)
+    metrics_url: str | None = None  # predictive: the app's base URL; its /metrics gives arrival and token counters
 
     def check(self) -> Problems:
         problems: Problems = []
@@ -235,11 +248,30 @@ class AutoscalingConfig:
             problems.append(("max_replicas", f"must be >= min_replicas ({self.min_replicas}), got {self.max_replicas}"))
         if not self.target_ongoing_requests > 0:
             problems.append(("target_ongoing_requests", f"must be > 0, got {self.target_ongoing_requests}"))
-        for name in ("upscale_delay_s", "downscale_delay_s"):
+        for name in ("upscale_delay_s", "downscale_delay_s", "headroom", "upscale_cooldown_s",
+                     "downscale_stable_s", "downscale_cooldown_s"):
             _at_least(problems, self, name, 0)
-        for name in ("look_back_period_s", "metrics_interval_s"):
+        for name in ("look_back_period_s", "metrics_interval_s", "ttft_slo_s", "capacity_tokens_per_s",
+                     "forecast_bin_s", "forecast_horizon_s"):
             if not getattr(self, name) > 0:
                 problems.append((name, f"must be > 0, got {getattr(self, name)}"))
+        for name in ("capacity_requests_per_s", "season_s"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                problems.append((name, f"must be > 0 or null, got {value}"))
+        if not 0 <= self.hysteresis < 1:
+            problems.append(("hysteresis", f"must be in [0, 1), got {self.hysteresis}"))
+        if self.policy == "predictive":
+            if self.max_replicas <= self.min_replicas:
+                problems.append(("max_replicas", f"policy predictive cannot scale between min_replicas "
+                                 f"({self.min_replicas}) and max_replicas ({self.max_replicas}); "
+                                 "make max_replicas larger or use policy: reactive"))
+            if self.forecast_horizon_s < self.forecast_bin_s:
+                problems.append(("forecast_horizon_s", f"must be >= forecast_bin_s ({self.forecast_bin_s}), "
+                                 f"got {self.forecast_horizon_s}"))
+            if self.season_s is not None and self.season_s < 2 * self.forecast_bin_s:
+                problems.append(("season_s", f"must span at least two forecast bins "
+                                 f"({2 * self.forecast_bin_s} s), got {self.season_s}"))
         return problems
 
 

@@ -112,7 +112,7 @@ def server_options(cfg: ServeConfig, *, name: str | None = None, replicas: int |
     if replicas is not None:
         options["num_replicas"] = replicas
     else:
-        options["autoscaling_config"] = autoscaling_options(cfg.autoscaling)
+        options["autoscaling_config"] = autoscaling_options(cfg)
     return options
 
 
@@ -120,18 +120,20 @@ HEALTH_CHECK_PERIOD_S = 2.0  # a dead replica is noticed within seconds, not Ser
 HEALTH_CHECK_TIMEOUT_S = 10.0
 
 
-def autoscaling_options(auto: Any) -> dict[str, Any]:
-    """Serve's ``autoscaling_config`` for an :class:`~llmstack.config.AutoscalingConfig`."""
-    return {
-        "min_replicas": auto.min_replicas,
-        "initial_replicas": max(auto.min_replicas, 1),
-        "max_replicas": auto.max_replicas,
-        "target_ongoing_requests": auto.target_ongoing_requests,
-        "upscale_delay_s": auto.upscale_delay_s,
-        "downscale_delay_s": auto.downscale_delay_s,
-        "look_back_period_s": auto.look_back_period_s,
-        "metrics_interval_s": auto.metrics_interval_s,
-    }
+def autoscaling_options(cfg: ServeConfig) -> dict[str, Any]:
+    """Serve's ``autoscaling_config``: reactive (queue depth) or predictive (``llmstack.autoscale``).
+
+    The predictive policy reads the app's own /metrics; when no ``metrics_url`` is given it is the
+    address this config serves on.
+    """
+    from llmstack.autoscale import serve_autoscaling_config
+
+    auto = cfg.autoscaling
+    if auto.policy == "predictive" and not auto.metrics_url:
+        prefix = "" if cfg.route_prefix == "/" else cfg.route_prefix.rstrip("/")
+        host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
+        auto = dataclasses.replace(auto, metrics_url=f"http://{host}:{cfg.port}{prefix}")
+    return serve_autoscaling_config(auto)
 
 
 @dataclasses.dataclass

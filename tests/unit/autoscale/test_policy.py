@@ -1,0 +1,151 @@
+"""The predictive policy driven through the simulator: ramps, bursts, idle periods, flapping input."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from llmstack.autoscale.policy import MODE_FALLBACK, LoadCounters, PredictivePolicy, parse_prometheus_counters
+from llmstack.autoscale.simulator import ReplicaModel, ServeDelays, SimContext, simulate
+from llmstack.autoscale.trace import Trace, synthetic_trace
+from llmstack.config import AutoscalingConfig
+
+# ~20 requests/s of 200-token prompts per replica; a replica starts in 3 s.
+MODEL = ReplicaModel(prefill_tokens_per_s=4000.0, decode_step_s=0.002, decode_step_per_seq_s=0.0003,
+                     startup_s=3.0, prefill_overhead_s=0.002, request_overhead_s=0.01)
+COMMON = dict(min_replicas=1, max_replicas=6, target_ongoing_requests=4, ttft_slo_s=1.0,
+              upscale_delay_s=2.0, downscale_delay_s=10.0, look_back_period_s=10.0)
+PREDICTIVE = AutoscalingConfig(**COMMON, policy="predictive", capacity_tokens_per_s=3000.0, headroom=0.2,
+                               forecast_bin_s=1.0, forecast_horizon_s=5.0, downscale_stable_s=15.0,
+                               downscale_cooldown_s=10.0)
+REACTIVE = AutoscalingConfig(**COMMON)
+
+
+def _first_scale_up(result) -> float:
+    timeline = result.timeline
+    return next(t for t, n in zip(timeline["time"], timeline["target"]) if n > 1)
+
+
+def _with_tail(trace: Trace, at: float) -> Trace:
+    """Append one request at ``at`` so the simulation runs (idle) until then."""
+    return Trace([*trace.arrival_s, at], [*trace.context_tokens, 200], [*trace.generated_tokens, 16])
+
+
+def test_ramp_is_met_ahead_of_the_queue() -> None:
+    segments = [(30, 2.0)] + [(8, r) for r in (6, 10, 14, 18, 22, 26, 30, 34)] + [(30, 34.0)]
+    trace = synthetic_trace(segments, context_tokens=200, generated_tokens=16, seed=1)
+    predictive = simulate(trace, PREDICTIVE, policy="predictive", replica_model=MODEL)
+    reactive = simulate(trace, REACTIVE, policy="reactive", replica_model=MODEL)
+    assert predictive.metrics["predicted_ramps"] >= 1
+    assert _first_scale_up(predictive) < _first_scale_up(reactive)
+    # In the second before its first scale-up the queue had not built: one replica held fewer requests
+    # than target_ongoing_requests (while the reactive run later sat far above it).
+    index = predictive.timeline["time"].index(_first_scale_up(predictive)) - 1
+    assert predictive.timeline["ongoing"][index] < PREDICTIVE.target_ongoing_requests
+    assert max(reactive.timeline["ongoing"]) > 3 * PREDICTIVE.target_ongoing_requests
+    assert predictive.metrics["slo_misses"] < reactive.metrics["slo_misses"]
+
+
+def test_burst_is_absorbed_better_than_reactive_and_held_through_the_stable_window() -> None:
+    trace = synthetic_trace([(40, 2.0), (10, 45.0), (60, 2.0)], context_tokens=200, generated_tokens=16, seed=2)
+    predictive = simulate(trace, PREDICTIVE, policy="predictive", replica_model=MODEL)
+    reactive = simulate(trace, REACTIVE, policy="reactive", replica_model=MODEL)
+    assert predictive.metrics["slo_attainment"] > reactive.metrics["slo_attainment"]
+    timeline = predictive.timeline
+    peak = max(timeline["target"])
+    assert peak >= 3
+    # No scale-down before the lower load has held for downscale_stable_s after the burst (ends at ~50 s).
+    before = [n for t, n in zip(timeline["time"], timeline["target"]) if 50 <= t <= 50 + PREDICTIVE.downscale_stable_s]
+    assert min(before) == peak
+
+
+def test_idle_period_returns_to_min_replicas_only_after_the_stable_drop() -> None:
+    busy = synthetic_trace([(30, 30.0)], context_tokens=200, generated_tokens=16, seed=3)
+    result = simulate(_with_tail(busy, 150.0), PREDICTIVE, policy="predictive", replica_model=MODEL)
+    timeline = result.timeline
+    assert max(timeline["target"]) >= 2
+    last_busy = busy.arrival_s[-1]
+    early = [n for t, n in zip(timeline["time"], timeline["target"]) if last_busy < t < last_busy + 10]
+    assert min(early) >= 2
+    assert timeline["target"][-1] == PREDICTIVE.min_replicas
+    assert result.metrics["idle_replica_seconds"] < result.metrics["replica_seconds"]
+
+
+def test_flapping_input_does_not_flap_the_replicas() -> None:
+    segments = [(4, 22.0) if i % 2 == 0 else (4, 4.0) for i in range(40)]
+    trace = synthetic_trace(segments, context_tokens=200, generated_tokens=16, seed=4)
+    nervous = AutoscalingConfig(**{**COMMON, "upscale_delay_s": 0.0, "downscale_delay_s": 0.0,
+                                   "look_back_period_s": 2.0})
+    predictive = simulate(trace, PREDICTIVE, policy="predictive", replica_model=MODEL)
+    reactive = simulate(trace, nervous, policy="reactive", replica_model=MODEL)
+    assert predictive.metrics["scale_events"] <= 4
+    assert reactive.metrics["scale_events"] > 2 * predictive.metrics["scale_events"]
+
+
+def test_no_history_falls_back_to_the_queue_rule_and_says_so() -> None:
+    policy = PredictivePolicy(**{**COMMON, "policy": "predictive"})
+    ctx = SimContext(deployment_name="d", current_num_replicas=1, target_num_replicas=1, total_num_requests=9.0,
+                     total_queued_requests=0.0, capacity_adjusted_min_replicas=1, capacity_adjusted_max_replicas=6,
+                     policy_state={}, current_time=100.0, config=None, load_counters=None)
+    replicas, state = policy(ctx)
+    assert replicas == math.ceil(9.0 / COMMON["target_ongoing_requests"])
+    assert state["mode"] == MODE_FALLBACK and state["fallback_ticks"] == 1
+    trace = synthetic_trace([(20, 3.0)], context_tokens=200, generated_tokens=16, seed=5)
+    metrics = simulate(trace, PREDICTIVE, policy="predictive", replica_model=MODEL).metrics
+    assert metrics["forecast_fallback"] is True and metrics["fallback_ticks"] >= 1
+
+
+def test_forecast_mode_after_history() -> None:
+    policy = PredictivePolicy(**PREDICTIVE.__dict__)
+    state: dict = {}
+    for second in range(6):
+        ctx = SimContext(deployment_name="d", current_num_replicas=1, target_num_replicas=1, total_num_requests=1.0,
+                         total_queued_requests=0.0, capacity_adjusted_min_replicas=1,
+                         capacity_adjusted_max_replicas=6, policy_state={}, current_time=float(second), config=None,
+                         load_counters=LoadCounters(float(second), 10.0 * second, 3000.0 * second))
+        replicas, state = policy(ctx)
+    assert state["mode"] == "predictive"
+    assert replicas == math.ceil(3000.0 * 1.2 / 3000.0)  # demand 1.2 replicas, no trend
+
+
+def test_simulation_is_deterministic_and_static_never_scales() -> None:
+    trace = synthetic_trace([(30, 5.0), (10, 20.0)], context_tokens=200, generated_tokens=16, seed=6)
+    a = simulate(trace, PREDICTIVE, policy="predictive", replica_model=MODEL).metrics
+    b = simulate(trace, PREDICTIVE, policy="predictive", replica_model=MODEL).metrics
+    assert a == b
+    static = simulate(trace, REACTIVE, policy="static", static_replicas=3, replica_model=MODEL).metrics
+    assert static["scale_events"] == 0
+    assert static["replica_seconds"] == pytest.approx(3 * static["duration_s"], abs=0.01)
+
+
+def test_serve_delay_rule_matches_rays_own() -> None:
+    from ray.serve._private.constants import (SERVE_AUTOSCALING_DECISION_COUNTERS_KEY,
+                                              SERVE_AUTOSCALING_DECISION_TIMESTAMP_KEY)
+    from ray.serve.autoscaling_policy import _apply_delay_logic
+    from ray.serve.config import AutoscalingConfig as RayConfig
+
+    config = RayConfig(min_replicas=0, max_replicas=10, upscale_delay_s=2.0, downscale_delay_s=5.0,
+                       downscale_to_zero_delay_s=8.0)
+    ours = ServeDelays(2.0, 5.0, 8.0)
+    rng = random.Random(0)
+    state: dict = {}
+    target_ray = target_ours = 3
+    for tick in range(3000):
+        now = tick * 0.1
+        desired = max(0, min(10, target_ray + rng.choice([-2, -1, 0, 0, 0, 1, 2])))
+        target_ray, state = _apply_delay_logic(desired, target_ray, config, state, _now=now)
+        target_ours = ours.apply(desired, target_ours, now)
+        assert target_ray == target_ours, tick
+    assert SERVE_AUTOSCALING_DECISION_COUNTERS_KEY in state and SERVE_AUTOSCALING_DECISION_TIMESTAMP_KEY in state
+
+
+def test_prometheus_counters_sum_every_label_set() -> None:
+    text = ("# HELP x\nllmstack_request_latency_seconds_count{route=\"a\",model=\"m\"} 4.0\n"
+            "llmstack_request_latency_seconds_count{route=\"b\",model=\"m\"} 1.0\n"
+            "llmstack_request_latency_seconds_sum{route=\"b\",model=\"m\"} 9.0\n"
+            "llmstack_requests_in_flight{model=\"m\"} 2.0\nllmstack_prompt_tokens_total{model=\"m\"} 100.0\n"
+            "llmstack_completion_tokens_total{model=\"m\"} 20.0\nllmstack_requests_created 9.0\n")
+    counters = parse_prometheus_counters(text, 5.0)
+    assert (counters.requests, counters.tokens, counters.completed, counters.time) == (7.0, 120.0, 5.0, 5.0)
