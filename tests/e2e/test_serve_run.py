@@ -49,12 +49,10 @@ def test_every_shipped_config_is_covered() -> None:
 
 @contextlib.contextmanager
 def _serve_run(config: Path, registry: str, tmp_path: Path, **env_extra: str) -> Iterator[tuple[str, dict]]:
-    """``serve run`` on ``config`` (free port, half a CPU per replica) until healthy; Ctrl-C at the end."""
+    """``serve run`` on ``config`` exactly as shipped but for a free port, until healthy; Ctrl-C at the end."""
     data = yaml.safe_load(config.read_text())
     port = _free_port()
     data["http_options"]["port"] = port  # the only change: a free port instead of 8000
-    for app in data["applications"]:
-        app["args"]["num_cpus"] = 0.5
     patched = tmp_path / config.name
     patched.write_text(yaml.safe_dump(data))
     app = data["applications"][0]

@@ -11,7 +11,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from llmstack.errors import ModelLoadError, RequestError
+from llmstack.errors import LLMStackError, RequestError
+from llmstack.models.adapters import adapter_context, attach_adapter, detach_adapter
 from llmstack.serve.engine.loading import AdapterSpec
 
 
@@ -29,7 +30,14 @@ class AdapterSlots:
 
     def attach_default(self, directory: Path) -> None:
         """The served model is itself an adapter on its base: active whenever no other adapter is asked for."""
-        self._default = self._attach(directory, "default")
+        from llmstack.models import describe_artifact
+
+        self.model = attach_adapter(self.model, describe_artifact(directory), "default")
+        self._default = "default"
+
+    def note_default(self) -> None:
+        """The loaded model already carries its adapter as ``"default"`` (``load_artifact`` of an adapter)."""
+        self._default = "default"
 
     def loaded(self) -> list[str]:
         return list(self._loaded)
@@ -52,9 +60,10 @@ class AdapterSlots:
         if adapter in self._loaded:
             return
         spec = self.specs[adapter]
+        name = f"a{len(self._loaded)}_{self.stats['adapter_loads']}"
         try:
-            name = self._attach(spec.directory(), f"a{len(self._loaded)}_{self.stats['adapter_loads']}")
-        except RequestError:
+            self.model = attach_adapter(self.model, spec.describe(), name)
+        except LLMStackError:
             raise
         except Exception as exc:
             raise RequestError(f"cannot load adapter {adapter!r}: {type(exc).__name__}: {exc}", status_code=500,
@@ -70,35 +79,12 @@ class AdapterSlots:
             self._pending_unload.add(adapter)
             return
         self._pending_unload.discard(adapter)
-        name = self._loaded.pop(adapter)
-        remaining = [n for n in self.model.peft_config if n != name]
-        if remaining:
-            if getattr(self.model, "active_adapter", None) == name:
-                self.model.set_adapter(remaining[0])
-            self.model.delete_adapter(name)
+        self.model = detach_adapter(self.model, self._loaded.pop(adapter))
         self.stats["adapter_unloads"] += 1
 
     def select(self, adapter: str | None) -> Any:
         """Activate ``adapter`` (None: the served model) and return the context to run the forward pass in."""
-        from peft import PeftModel
-
-        if not isinstance(self.model, PeftModel):
-            return contextlib.nullcontext()
-        name = self._loaded.get(adapter) if adapter else self._default
-        if name is None:
-            return self.model.disable_adapter()
-        if self.model.active_adapter != name:
-            self.model.set_adapter(name)
-        return contextlib.nullcontext()
-
-    def _attach(self, directory: Path, name: str) -> str:
-        from peft import PeftModel
-
-        if not (directory / "adapter_config.json").is_file():
-            raise ModelLoadError(f"{directory.name} holds no adapter_config.json: not a peft adapter")
-        if isinstance(self.model, PeftModel):
-            self.model.load_adapter(str(directory), adapter_name=name)
-        else:
-            self.model = PeftModel.from_pretrained(self.model, str(directory), adapter_name=name)
-        self.model.eval()
-        return name
+        if adapter is None:
+            # The served model: an adapter-as-model computes with its "default" adapter outside any context.
+            return contextlib.nullcontext() if self._default else adapter_context(self.model, None)
+        return adapter_context(self.model, self._loaded[adapter])

@@ -83,6 +83,8 @@ class TransformersEngine:
         self._cache_kwarg = cache_kwarg(loaded.model)
         if loaded.adapter_dir is not None:
             self._adapters.attach_default(loaded.adapter_dir)
+        elif loaded.artifact is not None and loaded.artifact.kind == "adapter":
+            self._adapters.note_default()
 
     @property
     def model(self) -> Any:
@@ -95,7 +97,7 @@ class TransformersEngine:
                     **limits: Any) -> TransformersEngine:
         """Load ``source`` (registry ref or directory) and the ``adapters`` entries, then build the engine."""
         loaded = load_served_model(source, registry=registry, dtype=dtype)
-        specs = resolve_adapters(adapters, registry=registry, storage_options=storage_options)
+        specs = resolve_adapters(adapters, registry=registry, base=loaded.artifact, storage_options=storage_options)
         return cls(loaded, adapters=specs, **limits)
 
     @classmethod
