@@ -6,7 +6,7 @@ import pytest
 
 from llmstack.autoscale.trace import Trace, TraceError, read_trace, synthetic_trace
 
-SHIPPED = Path("/work/shared/traces/azure_llm_2023_code.csv")
+SHIPPED = Path(__file__).resolve().parents[3].parent / "shared" / "traces" / "azure_llm_2023_code.csv"
 
 
 def _write(tmp_path: Path, text: str) -> Path:
