@@ -35,7 +35,7 @@ from _common import cpu_name, free_port, write_section  # noqa: E402
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
-TRACE = Path("/work/shared/traces/azure_llm_2023_code.csv")
+TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "azure_llm_2023_code.csv"
 TRACE_CREDIT = ("Azure LLM inference trace 2023 (code), CC-BY 4.0: Patel et al., \"Splitwise: Efficient generative "
                 "LLM inference using phase splitting\", ISCA 2024")
 SLO_S = 1.5

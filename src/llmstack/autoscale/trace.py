@@ -4,7 +4,7 @@ A :class:`Trace` holds arrival offsets (seconds from the first request) and toke
 so the simulator and the replay client share one validated, windowed, clipped view of the file.
 
 Example:
-    >>> trace = read_trace("/work/shared/traces/azure_llm_2023_code.csv")  # doctest: +SKIP
+    >>> trace = read_trace("../shared/traces/azure_llm_2023_code.csv")  # doctest: +SKIP
     >>> part = trace.window(start_s=600, duration_s=600).compressed(10.0)  # doctest: +SKIP
     >>> len(part), round(part.duration_s)  # doctest: +SKIP
 """
