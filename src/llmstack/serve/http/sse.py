@@ -22,34 +22,29 @@ ChunkRenderer = Callable[[str, int, GenerationChunk, int, bool], list[dict[str, 
 CHAT_OBJECT, COMPLETION_OBJECT = "chat.completion.chunk", "text_completion"
 
 
-def completion_chunk(body: CompletionRequest, prompts: list[Any]) -> ChunkRenderer:
+def _renderer(obj: str, choice: Callable[[Any, int, bool], dict[str, Any]]) -> ChunkRenderer:
+    """A chunk renderer: one SSE event per delta, ``choice(delta, offset, first)`` giving its choice fields."""
     def render(rid: str, created: int, chunk: GenerationChunk, offset: int, first: bool) -> list[dict[str, Any]]:
-        events = []
-        for delta in chunk.deltas:
-            text = delta.text
-            if first and body.echo and isinstance(prompts[offset // body.n], str):
-                text = prompts[offset // body.n] + text
-            events.append({"id": rid, "object": COMPLETION_OBJECT, "created": created, "model": chunk.model,
-                           "choices": [{"index": offset + delta.index, "text": text,
-                                        "logprobs": completion_logprobs(delta.logprobs),
-                                        "finish_reason": delta.finish_reason}]})
-        return events
+        return [{"id": rid, "object": obj, "created": created, "model": chunk.model,
+                 "choices": [{"index": offset + delta.index, **choice(delta, offset, first),
+                              "finish_reason": delta.finish_reason}]} for delta in chunk.deltas]
+    render.object = obj  # type: ignore[attr-defined]  # which stream this is (ids and the usage chunk)
     return render
+
+
+def completion_chunk(body: CompletionRequest, prompts: list[Any]) -> ChunkRenderer:
+    def choice(delta: Any, offset: int, first: bool) -> dict[str, Any]:
+        prompt = prompts[offset // body.n]
+        echoed = prompt if first and body.echo and isinstance(prompt, str) else ""
+        return {"text": echoed + delta.text, "logprobs": completion_logprobs(delta.logprobs)}
+    return _renderer(COMPLETION_OBJECT, choice)
 
 
 def chat_chunk() -> ChunkRenderer:
-    def render(rid: str, created: int, chunk: GenerationChunk, offset: int, first: bool) -> list[dict[str, Any]]:
-        events = []
-        for delta in chunk.deltas:
-            content: dict[str, Any] = {"content": delta.text}
-            if first:
-                content["role"] = "assistant"
-            events.append({"id": rid, "object": CHAT_OBJECT, "created": created, "model": chunk.model,
-                           "choices": [{"index": offset + delta.index, "delta": content,
-                                        "logprobs": chat_logprobs(delta.logprobs),
-                                        "finish_reason": delta.finish_reason}]})
-        return events
-    return render
+    def choice(delta: Any, offset: int, first: bool) -> dict[str, Any]:
+        content: dict[str, Any] = {"content": delta.text, **({"role": "assistant"} if first else {})}
+        return {"delta": content, "logprobs": chat_logprobs(delta.logprobs)}
+    return _renderer(CHAT_OBJECT, choice)
 
 
 async def stream_response(engine: Any, requests: list[GenerationRequest], model: str, render: ChunkRenderer,
@@ -67,7 +62,7 @@ async def stream_response(engine: Any, requests: list[GenerationRequest], model:
         for stream in streams:
             await stream.aclose()
         raise
-    chat = render.__qualname__.startswith("chat_chunk")
+    chat = getattr(render, "object", None) == CHAT_OBJECT
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     n = requests[0].sampling.n
