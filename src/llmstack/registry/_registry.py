@@ -1,5 +1,9 @@
 """The artifact registry: immutable versions, manifests written last, atomic aliases, promotion history.
 
+One module on purpose (~700 lines): every public method of :class:`Registry` relies on the same
+storage invariants (upload ids, exclusive manifest creation, compare-and-swap aliases), which read
+best next to each other; refs, manifests, formatting and the store live in their own modules.
+
 Storage layout below the registry root (a local directory, ``memory://...`` or ``s3://bucket/prefix``)::
 
     <name>/objects/<upload_id>/<files...>   payload, written first under a fresh upload id

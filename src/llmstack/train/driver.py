@@ -7,6 +7,9 @@ Two layers:
   loss plot). ``finetune_lora()`` calls it with its own spec and data.
 * :func:`train` is pretraining: prepare data once on the driver, build a preset model spec, call
   :func:`run_training`, register the final model with its lineage.
+
+Kept as one module (~520 lines): the fail-fast checks, the trainer assembly and the registration
+share the run's resolved state, in the order a run goes through them.
 """
 
 from __future__ import annotations
