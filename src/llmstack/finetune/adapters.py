@@ -18,9 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmstack.errors import ConfigError, ModelLoadError
-from llmstack.finetune.methods import METHOD_DESCRIPTIONS, NF4_SETTINGS, PEFT_METHODS, apply_method, load_base
-from llmstack.models.adapters import (ADAPTER_INFO_FILE, NORM_SCALES_FILE, read_adapter_info,  # noqa: F401
-                                      weight_hashes)
+from llmstack.finetune.methods import METHOD_DESCRIPTIONS, PEFT_METHODS, apply_method, load_base
+from llmstack.models.adapters import ADAPTER_INFO_FILE, NORM_SCALES_FILE, weight_hashes
+from llmstack.models.nf4 import NF4_SETTINGS
+
+__all__ = ["ADAPTER_INFO_FILE", "NORM_SCALES_FILE", "adapter_manifest", "base_weight_hashes", "describe_adapter",
+           "load_adapter_model", "merge_adapter", "merged_model", "model_signature_of", "weight_hashes",
+           "write_adapter"]
 
 if TYPE_CHECKING:
     from llmstack.models.artifact import Artifact
@@ -168,7 +172,8 @@ def _on_dequantized_base(adapter: Artifact) -> tuple[Any, Any]:
     return attach_adapter(model, adapter, "default"), load_artifact_tokenizer(adapter)
 
 
-def merged_model(registry: Registry, adapter_ref: ArtifactRef | str, *, base: str | None = None) -> tuple[Any, Any, Manifest]:
+def merged_model(registry: Registry, adapter_ref: ArtifactRef | str, *,
+                 base: str | None = None) -> tuple[Any, Any, Manifest]:
     """``(model, tokenizer, adapter manifest)``: a plain fp32 model with the adapter folded in.
 
     QLoRA adapters are merged into the *dequantized* NF4 base (the weights they were trained

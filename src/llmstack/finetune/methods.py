@@ -18,8 +18,11 @@ from typing import Any
 
 from llmstack.config import FINETUNE_METHODS, LoRAConfig
 from llmstack.errors import ConfigError
-from llmstack.models.nf4 import (NF4_SETTINGS, check_bitsandbytes, dequantize_4bit_linears,  # noqa: F401 (re-exported)
-                                 keep_nf4_layout, load_nf4_model, nf4_quantization_config, release_file_mapping)
+from llmstack.models.nf4 import check_bitsandbytes
+
+__all__ = ["ADAPTER_METHODS", "METHOD_DESCRIPTIONS", "PEFT_METHODS", "ModelFactory", "apply_method",
+           "check_bitsandbytes", "count_trainable", "linear_module_names", "load_base", "norm_parameter_names",
+           "peft_lora_config", "resolve_target_modules"]
 
 PEFT_METHODS = ("lora", "qlora", "dora")  # saved as peft adapters
 ADAPTER_METHODS = ("lora", "qlora", "dora", "bitfit")  # registered as kind "adapter"
