@@ -86,12 +86,12 @@ def test_curl_that_posts_a_body_says_it_is_json(where: str, command: str) -> Non
 
 @pytest.fixture(scope="module")
 def ingress_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The OpenAI ingress (llmstack.serve.ingress.make_api) around a tiny ``tiny-lm@production``, on uvicorn."""
+    """The OpenAI ingress (llmstack.serve.http.make_api) around a tiny ``tiny-lm@production``, on uvicorn."""
     import uvicorn
 
     from llmstack.serve._testing import make_registry
     from llmstack.serve.engine import TransformersEngine
-    from llmstack.serve.ingress import make_api
+    from llmstack.serve.http import make_api
 
     info = make_registry(str(tmp_path_factory.mktemp("curl") / "registry"), adapters=0)
     engine = TransformersEngine.from_source("tiny-lm@production", registry=info["registry"])

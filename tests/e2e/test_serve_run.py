@@ -82,7 +82,7 @@ def test_serve_run(config: Path, quickstart_registry: str, tmp_path: Path) -> No
     with _serve_run(config, quickstart_registry, tmp_path) as (base, app):
         models = requests.get(base + "/v1/models", timeout=10).json()["data"]
         ids = [m["id"] for m in models]
-        assert ids[0] == app["args"]["model"].partition("@")[0]  # tiny-lm, or tiny-lm-base under its adapter
+        assert ids[0] == app["args"].get("model", app["args"].get("stable", "")).partition("@")[0]  # tiny-lm, or tiny-lm-base under its adapter
         for model in ids:
             r = requests.post(base + "/v1/completions", json={"model": model, "prompt": "def add(a, b):",
                                                               "max_tokens": 8}, timeout=60)

@@ -38,6 +38,8 @@ class SamplingParams(BaseModel):
     frequency_penalty: float = 0.0  # subtracted once per earlier occurrence in the generated tokens
     logit_bias: dict[int, float] = Field(default_factory=dict)  # token id -> added to its logit
     logprobs: int | None = None  # None: no logprobs; k: each token's logprob and the k most likely alternatives
+    min_tokens: int = 0  # end-of-sequence is not sampled before this many tokens
+    ignore_eos: bool = False  # never end on end-of-sequence (load tests: exactly max_tokens tokens)
 
     @property
     def deterministic(self) -> bool:
@@ -146,6 +148,8 @@ class _OpenAIRequest(BaseModel):
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = Field(default=None, description="Token id (as a string) -> bias in [-100, 100].")
     response_format: dict[str, Any] | None = Field(default=None, description='Only {"type": "text"} is served.')
+    min_tokens: int = Field(default=0, ge=0, description="No end-of-sequence before this many tokens (vLLM's).")
+    ignore_eos: bool = Field(default=False, description="Generate max_tokens tokens regardless of EOS (vLLM's).")
     stream: bool = False
     stream_options: dict[str, Any] | None = None
 
@@ -155,7 +159,8 @@ class _OpenAIRequest(BaseModel):
                               temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                               seed=self.seed, stop=[s for s in stop if s], n=self.n,
                               presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-                              logit_bias=self._logit_bias(), logprobs=logprobs)
+                              logit_bias=self._logit_bias(), logprobs=logprobs, min_tokens=self.min_tokens,
+                              ignore_eos=self.ignore_eos)
 
     def _logit_bias(self) -> dict[int, float]:
         bias: dict[int, float] = {}

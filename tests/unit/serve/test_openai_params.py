@@ -156,3 +156,12 @@ def test_models_retrieve_and_completion_usage_chunk(api: Any) -> None:
                                       "stream_options": {"include_usage": True}})
     events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
     assert events[-1]["usage"] and {e["object"] for e in events} == {"text_completion"}
+
+
+def test_ignore_eos_and_min_tokens_give_exactly_the_tokens_asked(api: Any, tiny: tuple[Any, Any]) -> None:
+    eos = tiny[1].eos_token_id
+    body = {"prompt": "def add(a, b):", "max_tokens": 12, "temperature": 0, "logit_bias": {str(eos): 100}}
+    assert post(api, "/v1/completions", body).json()["usage"]["completion_tokens"] == 1  # EOS forced first
+    for extra in ({"ignore_eos": True}, {"min_tokens": 12}):
+        r = post(api, "/v1/completions", {**body, **extra})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 12, r.text

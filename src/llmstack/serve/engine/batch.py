@@ -135,6 +135,9 @@ class Batch:
         engine = self.engine
         for j, row in enumerate(self.rows):
             logits = adjust_logits(self.logits[j], row.params, row.ids)
+            if row.params.ignore_eos or len(row.ids) < row.params.min_tokens:
+                logits = logits.clone()
+                logits[list(engine.eos_ids)] = float("-inf")
             token = sample_token(logits, row.params, row.generator)
             row.ids.append(token)
             if row.params.logprobs is not None:
