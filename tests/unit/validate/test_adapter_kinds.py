@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,25 +13,9 @@ FAST = {"latency_requests": 5, "latency_repeats": 1, "generation_tokens": 4, "bo
         "max_eval_blocks": 8}
 
 
-@pytest.fixture(scope="module")
-def tuned(tmp_path_factory: pytest.TempPathFactory, finetune_helpers: Any) -> Iterator[dict[str, Any]]:
-    """A base, and a BitFit and a QLoRA adapter fine-tuned on it by the real loop (3 steps each)."""
-    from llmstack.finetune.data import instruction_tensors
-    from llmstack.finetune.lora import load_trainable
-    from llmstack.registry import Registry
-
-    ft = finetune_helpers
-    root = tmp_path_factory.mktemp("validate-adapters")
-    registry = Registry(str(root / "registry"))
-    ref, tokenizer = ft.make_base(registry)
-    world = {"registry": registry, "ref": ref, "tokenizer": tokenizer,
-             "data": instruction_tensors(ft.QA, tokenizer, max_length=ft.BLOCK, max_rows=32)}
-    for method in ("bitfit", "qlora"):
-        run = ft.run_local(world, method, root / "runs", steps=3, lr=1e-2 if method == "bitfit" else 3e-3)
-        trained = run["factory"]()
-        trained.load_state_dict(load_trainable(run["checkpoint"]), strict=False)
-        world[method] = {"ref": ft.register(world, run, f"ad-{method}"), "model": trained.eval()}
-    yield world
+@pytest.fixture
+def tuned(tuned_adapters: dict[str, Any]) -> dict[str, Any]:
+    return tuned_adapters  # tests/unit/conftest.py: a base, and a BitFit and a QLoRA adapter trained on it
 
 
 @pytest.mark.parametrize("method", ["bitfit", "qlora"])
