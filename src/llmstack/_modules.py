@@ -44,3 +44,18 @@ def lazy_exports(package: str, names: dict[str, str]) -> tuple[Callable[[str], A
         return sorted(getattr(sys.modules[package], "__all__", names))
 
     return __getattr__, __dir__
+
+
+def import_object(path: str) -> Any:
+    """The object an import path ``module:name`` names.
+
+    Raises:
+        ImportError: the module cannot be imported or has no such name (the message says which).
+    """
+    import importlib
+
+    module, _, name = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except AttributeError:
+        raise ImportError(f"module {module!r} has no attribute {name!r}") from None

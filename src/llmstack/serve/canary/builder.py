@@ -7,6 +7,7 @@ from typing import Any
 
 from ray import serve
 
+from llmstack._modules import import_object
 from llmstack.config import ServeConfig, load_config, to_dict
 from llmstack.errors import ConfigError
 from llmstack.serve.canary.config import CanaryConfig, ResolvedVersion, load_canary_config, resolve_canary
@@ -59,12 +60,9 @@ def version_deployment(version: ResolvedVersion, *, replicas: int | None = 1, na
 
 
 def _import(path: str) -> type:
-    import importlib
-
-    module, _, name = path.partition(":")
     try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
+        return import_object(path)
+    except ImportError as exc:
         raise ConfigError(f"deployment: cannot import {path!r} ({exc})") from None
 
 

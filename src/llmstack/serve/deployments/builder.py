@@ -76,10 +76,14 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
         >>> app = build_app({"model": "tiny-lm@production"})  # doctest: +SKIP
         >>> serve.run(app)  # doctest: +SKIP
     """
+    return app_for(resolve_config(args or {}))
+
+
+def app_for(cfg: ServeConfig) -> Any:
+    """The Serve ``Application`` of an already resolved config (every ref pinned once, by the caller)."""
     from llmstack.serve.deployments.ingress import OpenAIIngress
     from llmstack.serve.deployments.server import LLMServer
 
-    cfg = resolve_config(args or {})
     config = to_dict(cfg)
     server = LLMServer.options(**server_options(cfg)).bind(config)
     return OpenAIIngress.options(**INGRESS_OPTIONS).bind(server, config)
@@ -206,7 +210,7 @@ def deploy(config: ServeConfig | dict[str, Any] | str | None = None, *, replace:
     if overrides:
         cfg = load_config(ServeConfig, {**to_dict(cfg), **overrides})
     cfg = resolve_config(cfg)  # pinned once: the app and the returned config name the same versions
-    url = run_app(build_app(to_dict(cfg)), cfg, replace=replace, timeout_s=timeout_s,
+    url = run_app(app_for(cfg), cfg, replace=replace, timeout_s=timeout_s,
                   needs=[(cfg.num_cpus, max(cfg.autoscaling.min_replicas, 1)), (INGRESS_CPUS, 1)])
     return Deployment(config=cfg, url=url, app_name=cfg.app_name)
 

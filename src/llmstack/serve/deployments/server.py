@@ -13,13 +13,13 @@ could never fill.
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
 
+from llmstack._modules import import_object
 from llmstack.config import ServeConfig, load_config
 from llmstack.errors import LLMStackError, RequestError
 from llmstack.serve.engine.output import assemble
@@ -32,14 +32,11 @@ DEFAULT_ENGINE = "llmstack.serve.engine.transformers:TransformersEngine"
 
 def engine_class(spec: type | str | None) -> type:
     """The engine class a replica runs: a class, an import path ``module:Class``, or None for the default."""
-    if spec is None or isinstance(spec, type):
-        spec = spec or DEFAULT_ENGINE
-        if isinstance(spec, type):
-            return spec
-    module, _, name = spec.partition(":")
+    if isinstance(spec, type):
+        return spec
     try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
+        return import_object(spec or DEFAULT_ENGINE)
+    except ImportError as exc:
         raise RequestError(f"engine {spec!r} cannot be imported: {exc}", status_code=500,
                            type="server_error", code="engine_unavailable") from None
 
