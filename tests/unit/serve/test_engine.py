@@ -198,3 +198,26 @@ def test_engine_leaves_the_callers_grad_mode_alone(engine: Any) -> None:
 
     run(engine.generate(req("def f(x):", max_tokens=2, temperature=0)))
     assert torch.is_grad_enabled(), "building or running an engine must not switch autograd off for the caller"
+
+
+def test_an_event_loop_closed_mid_slice_leaves_the_next_request_untouched(engine: Any) -> None:
+    """Each asyncio.run (a notebook cell, a test) is a new loop; the old loop's half-run slice must not leak."""
+    import time
+
+    request = req("import os", max_tokens=20, temperature=0)
+    expected = run(engine.generate(request)).choices[0].token_ids
+    forward = engine.forward
+
+    def slow_forward(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.02)  # a slice is still running on the engine thread when the loop goes away
+        return forward(*args, **kwargs)
+
+    async def abandon() -> None:
+        asyncio.ensure_future(engine.generate(req("line 12: the value of x is", max_tokens=30, temperature=0)))
+        await asyncio.sleep(0.1)  # leaving cancels the request and the scheduler's drive task mid-decode
+
+    engine.forward = slow_forward
+    run(abandon())
+    engine.forward = forward
+    for _ in range(3):
+        assert run(engine.generate(request)).choices[0].token_ids == expected

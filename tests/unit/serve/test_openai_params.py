@@ -128,6 +128,7 @@ def test_chat_logprobs_streamed_and_not(api: Any) -> None:
     assert all(len(t["top_logprobs"]) == 1 and t["bytes"] == list(t["token"].encode()) for t in content)
     s = post(api, "/v1/chat/completions", {**body, "stream": True})
     events = [json.loads(line[6:]) for line in s.text.splitlines() if line.startswith("data: {")]
+    assert not [e for e in events if "error" in e], s.text
     streamed = [t for e in events for c in e["choices"] if c.get("logprobs") for t in c["logprobs"]["content"]]
     assert [t["token"] for t in streamed] == [t["token"] for t in content]
 

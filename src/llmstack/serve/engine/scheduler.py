@@ -22,7 +22,15 @@ class Group:
 
     works: list[Work]
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
     created: float = field(default_factory=time.monotonic)
+
+    def send(self, item: object) -> None:
+        """Hand ``item`` to the group's consumer from any thread (dropped if its event loop has closed)."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
 
 
 # Admitting a group costs one prefill forward pass beside the decode steps, so a running batch takes
@@ -50,14 +58,13 @@ class Scheduler:
         self.groups: list[Group] = []  # engine thread only
         self.batch: Batch | None = None
         self.task: asyncio.Task | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
+        self.epoch = 0  # bumped when a drive task fails: its slice still running stops taking new work
 
     def admit(self, group: Group) -> None:
         with self.lock:
             self.pending.append(group)
         if self.task is None or self.task.done():
-            self.loop = asyncio.get_running_loop()
-            self.task = self.loop.create_task(self._drive())
+            self.task = asyncio.get_running_loop().create_task(self._drive())
 
     def _busy(self) -> bool:
         with self.lock:
@@ -65,22 +72,35 @@ class Scheduler:
 
     async def _drive(self) -> None:
         loop = asyncio.get_running_loop()
+        epoch = self.epoch
         try:
             while self._busy():
-                await loop.run_in_executor(self.engine.executor, self._run_slice)
+                await loop.run_in_executor(self.engine.executor, self._run_slice, epoch)
         except BaseException as exc:  # noqa: BLE001 - every waiting caller gets the error
             with self.lock:
-                waiting, self.pending = self.groups + self.pending, []
-            self.groups, self.batch = [], None
-            for group in waiting:
-                group.queue.put_nowait(exc)
+                self.epoch += 1
+                pending, self.pending = self.pending, []
+            # A cancelled await leaves its slice running on the engine thread: the batch is dropped
+            # there, after that slice, so a later loop's first slice never meets its half-done state.
+            try:
+                self.engine.executor.submit(self._fail, exc, pending)
+            except RuntimeError:  # the executor is shut down: no slice can be running
+                self._fail(exc, pending)
             if isinstance(exc, asyncio.CancelledError):
                 raise
 
-    def _run_slice(self) -> None:
+    def _fail(self, exc: BaseException, pending: list[Group]) -> None:
+        waiting = self.groups + pending
+        self.groups, self.batch = [], None
+        for group in waiting:
+            group.send(exc)
+
+    def _run_slice(self, epoch: int) -> None:
         deadline = time.monotonic() + self.SLICE_S
         for _ in range(self.SLICE_STEPS):
-            groups = self._admissible()
+            if self.epoch != epoch:  # its drive task failed or was cancelled: leave the batch to _fail
+                return
+            groups = self._admissible(epoch)
             if groups:
                 fresh = Batch(self.engine, self.adapter, [w for g in groups for w in g.works])
                 fresh.prefill()
@@ -97,12 +117,14 @@ class Scheduler:
             if time.monotonic() > deadline:
                 return
 
-    def _admissible(self) -> list[Group]:
+    def _admissible(self, epoch: int) -> list[Group]:
         """Pending groups that fit beside the running rows (max_batch_rows); at least one if idle."""
         running = len(self.batch.rows) if self.batch is not None else 0
         if running and not self.batch.mergeable:  # type: ignore[union-attr]
             return []
         with self.lock:
+            if self.epoch != epoch:  # groups pending now belong to the next drive task
+                return []
             if running and self.pending:
                 waiting = sum(w.request.sampling.n for g in self.pending for w in g.works)
                 if waiting < ADMIT_FRACTION * running and time.monotonic() - self.pending[0].created < ADMIT_WAIT_S:
@@ -124,7 +146,7 @@ class Scheduler:
         live = []
         for group in self.groups:
             outputs = [StopIteration if w.reported else chunk_of(self.engine, w, now) for w in group.works]
-            self.loop.call_soon_threadsafe(group.queue.put_nowait, outputs)  # type: ignore[union-attr]
+            group.send(outputs)
             if not all(w.reported for w in group.works):
                 live.append(group)
         self.groups = live
