@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from llmstack._console import VERBOSE_ENV, announce_ray_logs, ray_init_options, set_verbose, verbose
 from llmstack.errors import LLMStackError
 
 EXIT_USER_ERROR = 2
@@ -134,7 +135,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from llmstack.quickstart import run_quickstart
 
-    run_quickstart(registry=args.registry, workdir=args.workdir)
+    run_quickstart(registry=args.registry, workdir=args.workdir, method=args.method)
     return 0
 
 
@@ -254,7 +255,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
         import ray
 
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", **ray_init_options())
+        announce_ray_logs()
         probe = serve_replica_probe(args.app)
     result = replay(trace, args.url, model=args.model, speedup=args.speedup, ttft_slo_s=auto.ttft_slo_s,
                     max_requests=args.max_requests, max_duration_s=args.max_duration,
@@ -283,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
              config: bool = False) -> argparse.ArgumentParser:
         sub = verbs.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(handler=handler)
+        sub.add_argument("--verbose", action="store_true",
+                         help=f"print Ray's, Serve's and the libraries' logs and warnings here (or {VERBOSE_ENV}=1)")
         if config:
             sub.add_argument("--config", default=None, help="YAML config file")
             with_overrides.append(sub)
@@ -312,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     verb("deploy", cmd_deploy, "serve a model with an OpenAI-compatible API on Ray Serve", config=True)
     sub = verb("quickstart", cmd_quickstart, "run the whole lifecycle on the built-in corpus")
     sub.add_argument("--workdir", default=None, help="where runs and plots go (default: ./runs/quickstart)")
+    sub.add_argument("--method", default="dynamic-int8",
+                     help="quantization method of stage 4 (default dynamic-int8; smoothquant, int8, nf4, ...)")
 
     sub = verb("registry", cmd_registry, "inspect and manage the artifact registry")
     actions = sub.add_subparsers(dest="registry_action", metavar="ACTION", required=True, parser_class=_Parser)
@@ -399,6 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return EXIT_USER_ERROR
+    set_verbose(getattr(args, "verbose", False) or verbose())
     try:
         return args.handler(args)
     except LLMStackError as exc:
