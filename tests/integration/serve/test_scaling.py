@@ -89,6 +89,7 @@ def test_two_model_replicas_get_two_ingress_replicas_and_survive_losing_one(serv
                                                                            serve_port: int) -> None:
     """min_replicas >= 2 asks for redundancy: the ingress gets it too, so killing one ingress replica
     leaves the other answering instead of a ~10 s restart with nothing in front of the model."""
+    import ray
     from ray import serve
     from ray.util.state import list_actors
 
@@ -98,7 +99,7 @@ def test_two_model_replicas_get_two_ingress_replicas_and_survive_losing_one(serv
         ingress = serve.status().applications["pair"].deployments["OpenAIIngress"]
         assert ingress.replica_states.get("RUNNING") == 2
         victim = list_actors(filters=[("class_name", "=", "ServeReplica:pair:OpenAIIngress"),
-                                      ("state", "=", "ALIVE")])[0]
+                                      ("state", "=", "ALIVE")], address=ray.get_runtime_context().gcs_address)[0]
         os.kill(victim.pid, signal.SIGKILL)  # a crash, not a graceful stop
         body = {"prompt": "def add(a, b):", "max_tokens": 4, "temperature": 0}
         codes = []
