@@ -45,10 +45,12 @@ class MetricsLog:
         desc: progress bar label.
         show: draw the progress bar.
         on_record: called with each per-step record as it arrives (e.g. to feed Ray Tune).
+        resuming: whether the run directory held a checkpoint before this call (a rerun of the run name),
+            so its first resume is not a recovery; None: guess from whether step records came first.
     """
 
     def __init__(self, fs: Any, run_path: str, *, total: int, desc: str = "train", show: bool = True,
-                 on_record: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_record: Callable[[dict[str, Any]], None] | None = None, resuming: bool | None = None) -> None:
         from tqdm.auto import tqdm
 
         self.fs = fs
@@ -57,6 +59,7 @@ class MetricsLog:
         self.history: list[dict[str, Any]] = self._read_existing()
         self.recoveries: list[dict[str, Any]] = []
         self.initial_resume: int | None = None  # checkpoint step this call started from (rerun of a run name)
+        self.resuming = resuming
         self._stepped = False  # a step record arrived in this call
         self._max_step = max((r.get("step", 0) for r in self.history), default=0)
         self._lock = threading.Lock()
@@ -82,11 +85,14 @@ class MetricsLog:
             for record in records:
                 if record.get("event") == "resumed":
                     step = int(record["step"])
-                    if not self._stepped and not self.recoveries and self.initial_resume is None:
+                    first = not self._stepped and not self.recoveries and self.initial_resume is None
+                    if first and self.resuming is not False:
                         self.initial_resume = step
-                    elif self._max_step > step:
+                    elif self.resuming is not None or self._max_step > step:
+                        # A worker-group restart. Its last steps' records may never have arrived (rank 0
+                        # is torn down with the group), so the steps lost can be undercounted, never the restart.
                         self.recoveries.append({"resumed_from_step": step, "last_step_seen": self._max_step,
-                                                "steps_lost": self._max_step - step})
+                                                "steps_lost": max(0, self._max_step - step)})
                     self.history = [r for r in self.history if r.get("step", 0) <= step]
                     self._max_step = step
                     self.bar.n = step
