@@ -323,9 +323,8 @@ def run_training(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[str
         ),
     )
     run_path = storage.join(run_name)
-    resuming = bool(fs.glob(f"{run_path.rstrip('/')}/checkpoint_*"))  # Ray Train restores a rerun from these
     log = MetricsLog(fs, run_path, total=training.max_steps, desc=desc or run_name, show=progress,
-                     on_record=on_record, resuming=resuming)
+                     on_record=on_record)
     started = time.perf_counter()
     try:
         with Pump(bus, log):
