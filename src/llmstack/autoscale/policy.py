@@ -114,8 +114,10 @@ class PredictivePolicy:
         self.config: AutoscalingConfig = load_config(AutoscalingConfig, config)
         c = self.config
         season = round(c.season_s / c.forecast_bin_s) if c.season_s else 0
-        self.request_rate = HoltWinters(season=season)
-        self.token_rate = HoltWinters(season=season)
+        smoothing = {"alpha": c.forecast_alpha, "beta": c.forecast_beta, "phi": c.forecast_phi, "season": season}
+        self.request_rate = HoltWinters(**smoothing)
+        self.token_rate = HoltWinters(**smoothing)
+        self._history: deque[tuple[float, float]] = deque()  # (time, bin demand) over reserve_window_s
         self.decisions: deque[Decision] = deque(maxlen=MAX_DECISIONS_KEPT)  # the ticks that changed the target
         self.fallback_ticks = 0
         self.log_decisions = True  # one log line per change of target (the simulator turns it off)
@@ -180,6 +182,17 @@ class PredictivePolicy:
         self.token_rate.update(tokens_per_s)
         self._last_bin_demand = self._demand(requests_per_s, tokens_per_s)
         self._last_counters = counters
+        if self.config.reserve_window_s > 0:
+            self._history.append((counters.time, self._last_bin_demand))
+            while self._history and self._history[0][0] <= counters.time - self.config.reserve_window_s:
+                self._history.popleft()
+
+    def _reserve(self) -> float:
+        """The ``reserve_quantile`` of the per-bin demand over the last ``reserve_window_s`` (0 when off)."""
+        if not self._history:
+            return 0.0
+        ordered = sorted(d for _, d in self._history)
+        return ordered[min(len(ordered) - 1, int(self.config.reserve_quantile * len(ordered)))]
 
     def _demand(self, requests_per_s: float, tokens_per_s: float) -> float:
         """Replicas needed for a load, with headroom."""
@@ -203,8 +216,12 @@ class PredictivePolicy:
         forecast = max(self._demand(self.request_rate.forecast(h), self.token_rate.forecast(h))
                        for h in range(1, steps + 1))
         current = self._last_bin_demand
-        backlog = max(0.0, ongoing - running * c.target_ongoing_requests) / c.target_ongoing_requests
-        wanted = max(forecast, current) + backlog
+        if c.backlog_source == "queued":
+            backlog = float(getattr(ctx, "total_queued_requests", 0.0) or 0.0) / c.target_ongoing_requests
+        else:
+            backlog = max(0.0, ongoing - running * c.target_ongoing_requests) / c.target_ongoing_requests
+        reserve = self._reserve()
+        wanted = max(forecast, current, reserve) + backlog
         desired = _clamp(math.ceil(wanted - 1e-9), low, high)
         replicas = target
         ramp = False
@@ -212,7 +229,7 @@ class PredictivePolicy:
             self._low_since = None
             if now - self._last_up_time >= c.upscale_cooldown_s:
                 replicas = desired
-                ramp = math.ceil(current + backlog - 1e-9) <= target < desired
+                ramp = math.ceil(max(current, reserve) + backlog - 1e-9) <= target < desired
         elif desired < target and wanted <= (target - 1) * (1 - c.hysteresis):
             if self._low_since is None:
                 self._low_since, self._low_peak = now, wanted
