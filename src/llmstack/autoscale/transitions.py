@@ -85,7 +85,7 @@ def score_transitions(ramps: Sequence[float], predictions: Sequence[float], *, m
         "precision": round(len(useful) / len(predictions), 4) if predictions else None,
         "recall": round(matched / len(ramps), 4) if ramps else None,
         "ahead": sum(lead > 0 for lead in leads),  # matched ramps whose first prediction came before the ramp
-        "lead_s_median": leads[len(leads) // 2] if leads else None,
+        "lead_s_median": round(leads[len(leads) // 2], 2) if leads else None,
         "lead_s_mean": round(sum(leads) / len(leads), 2) if leads else None,
         "max_lead_s": max_lead_s,
         "late_s": late_s,
