@@ -240,3 +240,23 @@ def test_queued_backlog_counts_only_requests_waiting_at_handles() -> None:
         _, state = policy(ctx(20.0, 8.0))
         assert state["mode"] == "predictive"
         assert state["backlog_replicas"] == pytest.approx(expected), source
+
+
+def test_scale_ups_match_known_gradual_ramps_better_than_reactive() -> None:
+    from llmstack.autoscale.transitions import detect_ramps, scale_up_times, score_transitions
+
+    climb = [(2, 2.0 + 2.0 * i) for i in range(16)]  # 2 -> 32 requests/s over 32 s
+    segments = [(30, 2.0)] + climb + [(30, 34.0), (60, 2.0)] + climb + [(30, 34.0), (30, 2.0)]
+    trace = synthetic_trace(segments, context_tokens=200, generated_tokens=16, seed=11)
+    predictive = simulate(trace, PREDICTIVE, policy="predictive", replica_model=MODEL)
+    reactive = simulate(trace, REACTIVE, policy="reactive", replica_model=MODEL)
+    ramps = detect_ramps(predictive.timeline["tokens"], capacity_tokens_per_s=PREDICTIVE.capacity_tokens_per_s,
+                         smooth_s=3, rise_s=10, floor=1)
+    assert ramps == detect_ramps(reactive.timeline["tokens"], capacity_tokens_per_s=PREDICTIVE.capacity_tokens_per_s,
+                                 smooth_s=3, rise_s=10, floor=1)  # the same load
+    assert any(40 <= r <= 50 for r in ramps) and any(160 <= r <= 170 for r in ramps)  # both climbs
+    window = {"max_lead_s": PREDICTIVE.forecast_horizon_s, "late_s": 1.0}
+    ours = score_transitions(ramps, scale_up_times(predictive.timeline), **window)
+    theirs = score_transitions(ramps, scale_up_times(reactive.timeline), **window)
+    assert ours["recall"] > theirs["recall"] and ours["precision"] > theirs["precision"]
+    assert ours["ahead"] >= 2
