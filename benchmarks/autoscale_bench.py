@@ -509,7 +509,8 @@ def markdown(results: dict[str, Any]) -> str:
         "abruptly after idle gaps of 30-200 s. Raw numbers: `benchmarks/results/autoscale.json`.",
         "",
         "Targets: " + "; ".join(
-            f"{label}: " + (("met in the " + " and ".join(any_met[flag]) + " study") if any_met[flag] else "**not met**")
+            f"{label}: " + (("met in the " + " and ".join(any_met[flag])
+                             + (" studies" if len(any_met[flag]) > 1 else " study")) if any_met[flag] else "**not met**")
             for flag, label in (("idle_met", ">= 60% fewer idle replica-seconds than static at >= 99% SLO"),
                                 ("reactive_met", "fewer SLO misses than reactive at no more replica-seconds"),
                                 ("util_met", "utilisation >= 75%"))) + ".",
@@ -523,8 +524,9 @@ def markdown(results: dict[str, Any]) -> str:
          f"sequence); this run's own calibration, with the shared machine at load average "
          f"{(cal.get('load_average') or ['?'])[0]}, measured prefill "
          f"{cal['this_run_engine_calibration']['prefill_tokens_per_s']:.0f} tokens/s with a "
-         f"{cal['this_run_engine_calibration']['prefill_overhead_s'] * 1e3:.0f} ms per-pass overhead (contention, "
-         "recorded in the JSON, not used). Measured in this run: ")
+         f"{cal['this_run_engine_calibration']['prefill_overhead_s'] * 1e3:.0f} ms per-pass overhead (recorded in "
+         "the JSON, not used: on this shared machine a calibration moves with the other sessions' load, and the "
+         "reused one keeps the tiny study comparable with the previous run's). Measured in this run: ")
         + "the per-replica capacity at the SLO (the simulator, "
         "Poisson arrivals of the trace's token mix, 99% of TTFTs within the SLO); every figure in the tables "
         "(the simulator on the recorded arrivals and token counts).",
