@@ -238,6 +238,8 @@ class _Simulation:
         self.arrived_tokens = 0.0
         self.samples: deque[tuple[float, float]] = deque()
         self.counters: LoadCounters | None = None
+        self.completed = 0
+        self.completed_tokens = 0.0
         self.scale_events = 0
         self.rejected = 0
         self.policy_state: dict[str, Any] = {}
@@ -399,6 +401,8 @@ class _Simulation:
             if request.remaining <= 0:
                 request.finish = now
                 done += 1
+                self.completed += 1
+                self.completed_tokens += request.context + request.output
             else:
                 still.append(request)
         replica.active = still
@@ -446,7 +450,10 @@ class _Simulation:
         self.samples.append((now, float(self._ongoing())))
         while self.samples and self.samples[0][0] < now - self.auto.look_back_period_s:
             self.samples.popleft()
-        self.counters = LoadCounters(time=now, requests=float(self.arrived), tokens=self.arrived_tokens)
+        # What the live policy reads from /metrics: arrivals (finished + in flight), and the tokens of the
+        # finished requests only (a request's output length is not known before it finishes).
+        self.counters = LoadCounters(time=now, requests=float(self.arrived), tokens=self.completed_tokens,
+                                     completed=float(self.completed))
 
     def _tick(self, now: float) -> None:
         if self.policy is None:
