@@ -11,9 +11,14 @@ Each tick the policy:
    ``forecast_bin_s`` into a request-rate and a token-rate series;
 2. forecasts both with Holt-Winters (damped trend; seasonal once two ``season_s`` periods exist) over
    ``forecast_horizon_s`` and converts the peak into replicas through the measured per-replica capacity
-   (``capacity_tokens_per_s`` at the TTFT SLO) plus ``headroom``;
-3. adds the backlog (ongoing requests beyond ``target_ongoing_requests`` per replica);
-4. scales up at once (after ``upscale_cooldown_s``), ahead of a predicted ramp; scales down only after the
+   (``capacity_tokens_per_s`` at the TTFT SLO) plus ``headroom`` (smoothing: ``forecast_alpha``,
+   ``forecast_beta``, ``forecast_phi``);
+3. keeps at least the reserve (the ``reserve_quantile`` of the per-bin demand over the last
+   ``reserve_window_s``; off by default): for traffic whose bursts start from idle faster than a replica
+   starts, which no forecast of the rate sees coming;
+4. adds the backlog (``backlog_source: ongoing``: ongoing requests beyond ``target_ongoing_requests`` per
+   replica; ``queued``: only the requests waiting at handles, the ones a new replica can take);
+5. scales up at once (after ``upscale_cooldown_s``), ahead of a predicted ramp; scales down only after the
    lower demand held for ``downscale_stable_s``, sat below ``(replicas - 1) * (1 - hysteresis)``, and
    ``downscale_cooldown_s`` passed since the last scale event.
 
@@ -150,7 +155,8 @@ class PredictivePolicy:
                 self._last_up_time = now
         self._last_target = decision.replicas
         state = {"mode": decision.mode, "forecast_replicas": round(decision.forecast_replicas, 3),
-                 "backlog_replicas": round(decision.backlog_replicas, 3), "fallback_ticks": self.fallback_ticks}
+                 "backlog_replicas": round(decision.backlog_replicas, 3), "fallback_ticks": self.fallback_ticks,
+                 "reserve_replicas": round(self._reserve(), 3)}
         return decision.replicas, state
 
     # ------------------------------------------------------------------ internals
