@@ -297,7 +297,8 @@ def study(name: str, hour: Any, model: Any, capacity: float, max_replicas: int) 
             "predictive": sim(hour, dataclasses.replace(best_auto, forecast_horizon_s=horizon), "predictive",
                               other).metrics}
     # Transitions: ramps in the trace at the policy's own capacity, floor and start-up time scale.
-    ramp_args = {"capacity_tokens_per_s": capacity, "smooth_s": RAMP_SMOOTH_S, "rise_s": max(5, round(model.startup_s * 2)),
+    ramp_args = {"capacity_tokens_per_s": capacity, "smooth_s": RAMP_SMOOTH_S,
+                 "rise_s": max(5, round(model.startup_s * 2)),
                  "min_rise": 1, "floor": best_auto.min_replicas}
     ramps = detect_ramps(best.timeline["tokens"], **ramp_args)
     window = {"max_lead_s": best_auto.forecast_horizon_s, "late_s": 1.0}
@@ -425,7 +426,8 @@ def _study_markdown(name: str, st: dict[str, Any], heading: str) -> list[str]:
         f"tokens/s of the trace's mix (`capacity_tokens_per_s` of every policy); 1-{st['max_replicas']} replicas "
         f"(`autoscale_hour_{name}.png`, `autoscale_frontier_{name}.png`).",
         "",
-        "| policy | replica-s | idle replica-s | utilisation (busy) | capacity utilisation | SLO attainment | SLO misses "
+        "| policy | replica-s | idle replica-s | utilisation (busy) | capacity utilisation | SLO attainment "
+        "| SLO misses "
         "| scale events | peak |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -446,12 +448,14 @@ def _study_markdown(name: str, st: dict[str, Any], heading: str) -> list[str]:
     matched = st["matched"]
     if matched["predictive"]:
         mm = matched["metrics"]
-        lines.append(f"- predictive vs reactive, fewer SLO misses at no more replica-seconds: {_yes(t['reactive_met'])}: "
+        lines.append("- predictive vs reactive, fewer SLO misses at no more replica-seconds: "
+                     f"{_yes(t['reactive_met'])}: "
                      f"predictive `{matched['predictive']}` uses {mm['replica_seconds']:.0f} replica-s (reactive "
                      f"{reactive['replica_seconds']:.0f}) and misses {mm['slo_misses']} SLOs "
-                     f"({mm['slo_attainment']:.2%}) vs reactive's {reactive['slo_misses']} ({reactive['slo_attainment']:.2%}).")
+                     f"({mm['slo_attainment']:.2%}) vs reactive's {reactive['slo_misses']} "
+                     f"({reactive['slo_attainment']:.2%}).")
     else:
-        lines.append(f"- predictive vs reactive, fewer SLO misses at no more replica-seconds: **not met**: no predictive "
+        lines.append("- predictive vs reactive, fewer SLO misses at no more replica-seconds: **not met**: no predictive "
                      f"sweep point was as cheap as reactive ({reactive['replica_seconds']:.0f} replica-s).")
     lines.append(f"- utilisation >= 75%: {_yes(t['util_met'])}: predictive {predictive['utilization']:.1%}, reactive "
                  f"{reactive['utilization']:.1%}, static {static['utilization']:.1%}; even the clairvoyant reference "
@@ -568,9 +572,7 @@ def markdown(results: dict[str, Any]) -> str:
               "with foresight the same capacity model meets the SLO with far fewer idle replica-seconds, yet its "
               "utilisation stays far below 75%, because a fleet sized for the SLO is idle between a burst's "
               "requests and through the start-up of its replicas. Utilisation >= 75% at >= 99% SLO is reached by "
-              "no run here, the clairvoyant reference included, and is out of reach on this trace with this "
-              "replica model for any policy that cannot see the future better than it does. The predictive policy's best "
-              "points come from its history terms (the hold through gaps, the reserve quantile) more than from "
+              "no run here, the clairvoyant reference included. The predictive policy's best points come from its history terms (the hold through gaps, the reserve quantile) more than from "
               "the forecast seeing ramps ahead: its forecast-driven scale-ups find few of the afterwards-found "
               "ramps (recall " + " and ".join(f"{st['transitions']['predictive']['recall']} {k}" for k, st in
                                               studies.items())
@@ -670,7 +672,8 @@ def main() -> int:
         import ray
         from ray import serve
 
-        ray.init(num_cpus=LIVE_MAX_REPLICAS + 1, object_store_memory=300_000_000, include_dashboard=False,
+        # address="local": a cluster of its own, never one another session started on this machine.
+        ray.init(address="local", num_cpus=LIVE_MAX_REPLICAS + 1, object_store_memory=300_000_000, include_dashboard=False,
                  log_to_driver=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false",
                                                                 "OMP_NUM_THREADS": "1"}})
         port = free_port()
