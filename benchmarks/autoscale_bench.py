@@ -348,12 +348,14 @@ def plot_frontier(name: str, static_runs: dict, reactive_runs: dict, predictive_
 
     fig, ax = plt.subplots(figsize=(8, 5))
     xs = [r.metrics["replica_seconds"] / 3600 for r in static_runs.values()]
-    ax.plot(xs, [r.metrics["slo_attainment"] for r in static_runs.values()], "o-", label="static N=1..%d" % len(xs))
-    for label, runs, marker in (("reactive (target_ongoing sweep, Ray defaults, min 0)", reactive_runs, "s"),
-                                ("predictive (config sweep)", {k: v[1] for k, v in predictive_runs.items()}, "^"),
-                                ("clairvoyant reference", clairvoyant_runs, "*")):
+    ax.plot(xs, [r.metrics["slo_attainment"] for r in static_runs.values()], "o-", color="tab:blue",
+            label="static N=1..%d" % len(xs))
+    for label, runs, marker, color in (
+            ("reactive (target_ongoing sweep, Ray defaults, min 0)", reactive_runs, "s", "tab:orange"),
+            ("predictive (config sweep)", {k: v[1] for k, v in predictive_runs.items()}, "^", "tab:green"),
+            ("clairvoyant reference", clairvoyant_runs, "*", "tab:red")):
         ax.scatter([r.metrics["replica_seconds"] / 3600 for r in runs.values()],
-                   [r.metrics["slo_attainment"] for r in runs.values()], marker=marker, s=50, label=label)
+                   [r.metrics["slo_attainment"] for r in runs.values()], marker=marker, s=50, label=label, color=color)
     ax.axhline(0.99, color="red", linestyle="--", linewidth=1, label="99% SLO attainment")
     ax.set_xlabel("replica-hours for the trace hour")
     ax.set_ylabel(f"SLO attainment (TTFT <= {SLO_S:g} s)")
