@@ -231,9 +231,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.simulate:
         from llmstack.autoscale.simulator import ReplicaModel, simulate
 
+        from llmstack.autoscale.simulator import DEFAULT_REPLICA_MODEL
+
         model = None
         if args.replica_model:
             model = ReplicaModel(**json.loads(Path(args.replica_model).read_text(encoding="utf-8")))
+        if args.capacity_scale is not None or args.startup_s is not None:
+            model = (model or DEFAULT_REPLICA_MODEL).scaled(args.capacity_scale or 1.0, startup_s=args.startup_s)
         if args.context_window:
             trace = trace.clipped(context_window=args.context_window)
         result = simulate(trace.compressed(args.speedup), auto, policy=args.policy or auto.policy,
@@ -361,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--static-replicas", type=int, default=None, help="static fleet size (default max_replicas)")
     sub.add_argument("--replica-model", default=None, help="JSON file of ReplicaModel fields (simulator)")
     sub.add_argument("--context-window", type=int, default=None, help="simulator: clip prompts to this window")
+    sub.add_argument("--capacity-scale", type=float, default=None,
+                     help="simulator: the replica's prefill/decode rates x this (0.25: a replica 4x slower, e.g. a "
+                          "larger model); pair with capacity_tokens_per_s measured for that replica")
+    sub.add_argument("--startup-s", type=float, default=None, help="simulator: the replica's start-up time (s)")
     sub.add_argument("--out", default="runs/replay", help="where the JSON and PNG go")
     for sub in with_overrides:  # after each verb's own positionals, so `quantize REF k=v` parses
         sub.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
