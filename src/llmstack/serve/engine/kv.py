@@ -20,7 +20,7 @@ class GrowingLayer(DynamicLayer):
     def __init__(self) -> None:
         self._k: Any = None  # [B, H, capacity, D]
         self._v: Any = None
-        self._len = 0
+        self._len = self._vlen = 0  # tokens held (values tracked apart: the two are assigned one at a time)
         super().__init__()
 
     # Assigning ``keys``/``values`` (batch selection, merging) adopts the tensor as a full buffer.
@@ -35,11 +35,12 @@ class GrowingLayer(DynamicLayer):
 
     @property  # type: ignore[override]
     def values(self) -> Any:
-        return None if self._v is None else self._v[:, :, :self._len]
+        return None if self._v is None else self._v[:, :, :self._vlen]
 
     @values.setter
     def values(self, tensor: Any) -> None:
         self._v = tensor
+        self._vlen = 0 if tensor is None or tensor.dim() < 4 else tensor.shape[-2]
 
     def lazy_initialization(self, key_states: Any, value_states: Any) -> None:
         self.device = key_states.device
@@ -67,7 +68,7 @@ class GrowingLayer(DynamicLayer):
             self._k, self._v = k, v
         self._k[:, :, start:start + new] = key_states
         self._v[:, :, start:start + new] = value_states
-        self._len = start + new
+        self._len = self._vlen = start + new
         return self.keys, self.values
 
 
