@@ -82,7 +82,7 @@ class Batch:
             engine.stats["prefix_queries"] += 1
             engine.stats["prefix_hits"] += bool(hits[id(work)])
             engine.stats["prefix_hit_tokens"] += work.prefix_cached_tokens
-        cached = [work_cached(row.work) for row in self.rows]
+        cached = [row.work.prefix_cached_tokens or 0 for row in self.rows]
         rest = [row.prompt_len - c for row, c in zip(self.rows, cached)]
         width_c, width_r = max(cached), max(rest)
         pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
@@ -227,10 +227,6 @@ class Batch:
                     row.text = row.text[:at]
                     row.finish_reason = "stop"
             row.searched = len(row.settled)
-
-
-def work_cached(work: Work) -> int:
-    return work.prefix_cached_tokens or 0
 
 
 def cache_layers(cache: Any) -> list[Any] | None:
