@@ -70,7 +70,8 @@ def extend_text(tokenizer: Any, row: Row) -> None:
     Incremental detokenization: ``ids[prefix_at:read_at]`` (already settled) are decoded again only as
     context, so that a tokenizer that treats a leading piece specially decodes the new ids as it would
     inside the whole text; the new text is what decoding them adds. A decode ending in U+FFFD (a
-    character split over tokens) stays unsettled and is decoded again with the next id.
+    character split over tokens) stays unsettled and is decoded again with the next id (so a long run of
+    undecodable bytes makes the window grow until a clean character ends it).
     """
 
     def decode(ids: list[int]) -> str:

@@ -298,16 +298,18 @@ class TransformersEngine:
 
         return new_cache(self._config)
 
-    def prefix_namespace(self, adapter: str | None) -> str:
+    def prefix_namespace(self, adapter: str | None, load_name: str | None = None) -> str:
         """What prefix-cache keys share with the weights they were computed under: model version, tokenizer,
         and the adapter's identity (its content) and load (a reload under the same name starts afresh)."""
-        part = "-" if adapter is None else f"{self.adapters[adapter].identity}#{self._adapters.load_name(adapter)}"
-        return f"{self.identity}|{self._tokenizer_identity}|{part}"
+        if adapter is None:
+            return f"{self.identity}|{self._tokenizer_identity}|-"
+        load_name = load_name or self._adapters.load_name(adapter)
+        return f"{self.identity}|{self._tokenizer_identity}|{self.adapters[adapter].identity}#{load_name}"
 
     def _forget_adapter(self, adapter: str, load_name: str) -> None:
+        """An adapter's weights were dropped: so are its prefix blocks (no later key could reach them)."""
         if self.prefix_cache is not None:
-            self.prefix_cache.drop(f"{self.identity}|{self._tokenizer_identity}|"
-                                   f"{self.adapters[adapter].identity}#{load_name}")
+            self.prefix_cache.drop(self.prefix_namespace(adapter, load_name))
 
     # ------------------------------------------------------------------ adapters
 

@@ -200,7 +200,7 @@ async def _complete(engine: Any, requests: list[GenerationRequest], model: str, 
     for i, (result, prompt) in enumerate(zip(results, prompts)):
         metrics.observe_result(model, prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
                                timing=result.timing, cached=result.cached,
-                           prefix_cached_tokens=result.prefix_cached_tokens)
+                               prefix_cached_tokens=result.prefix_cached_tokens)
         for choice in result.choices:
             echoed = prompt if body.echo and isinstance(prompt, str) else ""
             choices.append(CompletionChoice(index=i * n + choice.index, text=echoed + choice.text,
