@@ -297,7 +297,7 @@ class ServeConfig:
     max_concurrent_batches: int = 32  # @serve.batch groups admitted at once; they join one decode loop
     retry_after_s: float = 1.0  # Retry-After sent with a shed (503) request
     response_cache_size: int = 256  # finished deterministic results kept per replica; 0 disables
-    prefix_cache_mb: float = 64.0  # per replica: KV states of shared prompt prefixes, reused across requests; 0 disables
+    prefix_cache_mb: float = 64.0  # per replica: KV states of shared prompt prefixes (LRU); 0 disables
     default_max_tokens: int = 64  # when a request gives none
     max_tokens_limit: int = 512  # largest max_tokens accepted
     max_n: int = 4  # cap on choices per request

@@ -64,14 +64,19 @@ def logprobs_of(tokenizer: Any, row: Row, start: int) -> list[TokenLogprob] | No
             for token_id, (logprob, best) in zip(row.ids[start:], row.logprobs[start:])]
 
 
+MAX_UNSETTLED_IDS = 16  # a UTF-8 character spans at most 4 bytes, hence at most 4 ids
+CONTEXT_IDS = 4  # settled ids decoded again in front of the new ones
+
+
 def extend_text(tokenizer: Any, row: Row) -> None:
     """Bring ``row.text`` up to date with ``row.ids``, decoding only the ids since the last settled point.
 
-    Incremental detokenization: ``ids[prefix_at:read_at]`` (already settled) are decoded again only as
+    Incremental detokenization: ``ids[prefix_at:read_at]`` (a few settled ids) are decoded again only as
     context, so that a tokenizer that treats a leading piece specially decodes the new ids as it would
     inside the whole text; the new text is what decoding them adds. A decode ending in U+FFFD (a
-    character split over tokens) stays unsettled and is decoded again with the next id (so a long run of
-    undecodable bytes makes the window grow until a clean character ends it).
+    character split over tokens) stays unsettled and is decoded again with the next id; after
+    ``MAX_UNSETTLED_IDS`` such ids (a run of undecodable bytes, not a split character) it settles as it is,
+    so the window, and the cost of a step, stays bounded.
     """
 
     def decode(ids: list[int]) -> str:
@@ -84,8 +89,9 @@ def extend_text(tokenizer: Any, row: Row) -> None:
         window = decode(row.ids)
     new = window[len(context):]
     row.text = row.settled + new
-    if new and not new.endswith("\ufffd"):
-        row.settled, row.prefix_at, row.read_at = row.text, row.read_at, len(row.ids)
+    # An id that adds nothing (a skipped special token) settles too.
+    if not new.endswith("\ufffd") or len(row.ids) - row.read_at > MAX_UNSETTLED_IDS:
+        row.settled, row.prefix_at, row.read_at = row.text, max(row.read_at, len(row.ids) - CONTEXT_IDS), len(row.ids)
 
 
 def safe_end(row: Row) -> int:
