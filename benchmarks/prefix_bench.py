@@ -180,7 +180,7 @@ def markdown(r: dict[str, Any]) -> str:
     worst = min(d["cpu_ratio"] for d in r["decode"] if d["kv_cache"].startswith("in-place"))
     share = r["attention_share"]
     lines += ["", f"Target: tokens/s at 512 within 15% of tokens/s at 32 (ratio >= 0.85): worst in-place CPU ratio "
-                  f"{worst:.2f}, {'met' if worst >= 0.85 else 'NOT met'}. Both rows of the table detokenize "
+                  f"{worst:.2f}, {'met' if worst >= 0.85 else 'NOT met'}. Both KV caches in the table detokenize "
                   "incrementally; the stock cache also copies every layer's whole KV cache at each step. "
                   "What still grows with length is attention itself, which reads every cached token at each "
                   f"step: profiled at 8 rows, it is {100 * share['at_32']:.0f}% of a decode step's CPU time "
