@@ -40,7 +40,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 from _common import cpu_name, free_port, pct, write_section
 
@@ -53,7 +52,6 @@ RECOVERY_WINDOW_S = 2.0  # "back at baseline": a window this long with no failur
 RECOVERY_SHARE = 0.6  # ... at least this share of the pre-fault success rate (other tenants make it noisy)
 BIN_S = 0.5  # timeline bin
 # Tried against the shipped INGRESS_OPTIONS (1 replica, Serve's 10 s default health check period).
-PROPOSED_INGRESS_OPTIONS: dict[str, Any] = {"num_replicas": 2, "health_check_period_s": 2.0}
 
 
 def log(msg: str) -> None:
@@ -240,6 +238,13 @@ def controller_timeline(killed: str, replacement: str) -> dict[str, float]:
                 found["replacement_start_s"] = float(started.group(1))
                 found["replacement_constructor_s"] = float(started.group(2))
     return found
+
+
+def _replacement(row: dict[str, Any]) -> str:
+    if row.get("replacement_start_s") is None:
+        return "no replacement replica's start was found in the controller log"
+    return (f"the replacement replica took {row['replacement_start_s']:.1f} s to start "
+            f"({row['replacement_constructor_s']:.1f} s of it in its constructor)")
 
 
 def kill_replica(deployment: str) -> dict[str, Any]:
@@ -550,8 +555,7 @@ def report(results: dict[str, Any], command: str, plotted: bool) -> str:
         row = rows.get(name)
         if row and row.get("controller_noticed_crash_s") is not None:
             notes.append(f"{row['label']}: the controller noticed the crash {row['controller_noticed_crash_s']:.1f} s "
-                         f"after the kill; the replacement replica took {row.get('replacement_start_s', 0):.1f} s "
-                         f"to start ({row.get('replacement_constructor_s', 0):.1f} s of it in its constructor); "
+                         f"after the kill; {_replacement(row)}; "
                          f"first ok {_s(row['first_success_s'])}; failures by code: "
                          + (", ".join(f"`{k}` {v}" for k, v in row["failed_by_code"].items()) or "none") + ".")
     stream = rows.get("stream_disconnect")
@@ -562,7 +566,7 @@ def report(results: dict[str, Any], command: str, plotted: bool) -> str:
     over = rows.get("overload")
     if over:
         kinds = over["by_kind"].get("overload", {})
-        notes.append(f"Overload: {over['overload_clients']} extra clients for {over['fault_lasted_s']:.0f} s: "
+        notes.append(f"Overload: {over['overload_clients']} extra clients for {over['fault_lasted_s']:.1f} s: "
                      f"{kinds.get('sent', 0)} of their requests sent, {kinds.get('failed', 0)} refused "
                      "(" + ", ".join(f"`{k}` {v}" for k, v in over["failed_by_code"].items()) + "); "
                      f"steady clients' failures {over['by_kind'].get('steady', {}).get('failed', 0)}; "
@@ -610,6 +614,7 @@ def main() -> int:
     from ray import serve
 
     import llmstack
+    from llmstack.config import AutoscalingConfig, ServeConfig
     from llmstack.serve._testing import make_registry
     from llmstack.serve.deployments import builder
     from llmstack.serve.deployments.builder import HEALTH_CHECK_PERIOD_S
@@ -635,12 +640,12 @@ def main() -> int:
         "config": common, "scenarios": {}}
     rows: dict[str, dict[str, Any]] = results["scenarios"]
 
-    def deploy(replicas: int, ingress_options: dict[str, Any] | None = None) -> tuple[str, dict[str, str]]:
-        log(f"deploying {APP} with {replicas} model replica(s), ingress options {ingress_options or 'as shipped'}")
+    def deploy(replicas: int) -> tuple[str, dict[str, str]]:
+        cfg = ServeConfig(autoscaling=AutoscalingConfig(min_replicas=replicas, max_replicas=replicas))
+        log(f"deploying {APP} with {replicas} model replica(s) and {builder.ingress_replicas(cfg)} ingress replica(s)")
         # build_app reads INGRESS_OPTIONS in this process: patching it tries a proposed change without editing src.
-        with mock.patch.dict(builder.INGRESS_OPTIONS, ingress_options or {}):
-            app = llmstack.deploy({**common, "autoscaling": {"min_replicas": replicas, "max_replicas": replicas}},
-                                  replace=True)
+        app = llmstack.deploy({**common, "autoscaling": {"min_replicas": replicas, "max_replicas": replicas}},
+                              replace=True)
         answers = record_answers(app.url)
         warm = Load(app.url, answers, threads=args.threads).start()  # warm: batches of every size the load makes
         time.sleep(1.5 if args.quick else 3.0)
@@ -684,13 +689,12 @@ def main() -> int:
     run(Scenario("overload", f"overload: {10 * args.threads} clients (10x) for {overload_s:g} s", overload,
                  extra_load=lambda: Load(url, answers, threads=overload_clients, kind="overload")), url, answers)
     if (not only and not args.quick) or only & {"model_kill_2", "ingress_kill_2"}:
-        url, answers2 = deploy(2, PROPOSED_INGRESS_OPTIONS)
-        results["proposed_ingress_options"] = PROPOSED_INGRESS_OPTIONS
+        url, answers2 = deploy(2)
         if answers2 != answers:
             results["answers_differ_between_deployments"] = True
         run(Scenario("model_kill_2", "model replica killed (min_replicas 2)", lambda: kill_replica("LLMServer"),
                      watch="LLMServer"), url, answers2)
-        run(Scenario("ingress_kill_2", "ingress replica killed (proposed: 2 ingress replicas, 2 s health check)",
+        run(Scenario("ingress_kill_2", "ingress replica killed (min_replicas 2: 2 ingress replicas)",
                      lambda: kill_replica("OpenAIIngress"), watch="OpenAIIngress"), url, answers2)
     serve.delete(APP)
 

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from llmstack._console import VERBOSE_ENV, announce_ray_logs, ray_init_options, set_verbose, verbose
 from llmstack.errors import LLMStackError
 
 EXIT_USER_ERROR = 2
@@ -134,7 +135,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from llmstack.quickstart import run_quickstart
 
-    run_quickstart(registry=args.registry, workdir=args.workdir)
+    run_quickstart(registry=args.registry, workdir=args.workdir, method=args.method)
     return 0
 
 
@@ -230,9 +231,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.simulate:
         from llmstack.autoscale.simulator import ReplicaModel, simulate
 
+        from llmstack.autoscale.simulator import DEFAULT_REPLICA_MODEL
+
         model = None
         if args.replica_model:
             model = ReplicaModel(**json.loads(Path(args.replica_model).read_text(encoding="utf-8")))
+        if args.capacity_scale is not None or args.startup_s is not None:
+            model = (model or DEFAULT_REPLICA_MODEL).scaled(args.capacity_scale or 1.0, startup_s=args.startup_s)
         if args.context_window:
             trace = trace.clipped(context_window=args.context_window)
         result = simulate(trace.compressed(args.speedup), auto, policy=args.policy or auto.policy,
@@ -254,7 +259,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
         import ray
 
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", **ray_init_options())
+        announce_ray_logs()
         probe = serve_replica_probe(args.app)
     result = replay(trace, args.url, model=args.model, speedup=args.speedup, ttft_slo_s=auto.ttft_slo_s,
                     max_requests=args.max_requests, max_duration_s=args.max_duration,
@@ -283,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
              config: bool = False) -> argparse.ArgumentParser:
         sub = verbs.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(handler=handler)
+        sub.add_argument("--verbose", action="store_true",
+                         help=f"print Ray's, Serve's and the libraries' logs and warnings here (or {VERBOSE_ENV}=1)")
         if config:
             sub.add_argument("--config", default=None, help="YAML config file")
             with_overrides.append(sub)
@@ -312,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     verb("deploy", cmd_deploy, "serve a model with an OpenAI-compatible API on Ray Serve", config=True)
     sub = verb("quickstart", cmd_quickstart, "run the whole lifecycle on the built-in corpus")
     sub.add_argument("--workdir", default=None, help="where runs and plots go (default: ./runs/quickstart)")
+    sub.add_argument("--method", default="dynamic-int8",
+                     help="quantization method of stage 4 (default dynamic-int8; smoothquant, int8, nf4, ...)")
 
     sub = verb("registry", cmd_registry, "inspect and manage the artifact registry")
     actions = sub.add_subparsers(dest="registry_action", metavar="ACTION", required=True, parser_class=_Parser)
@@ -355,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--static-replicas", type=int, default=None, help="static fleet size (default max_replicas)")
     sub.add_argument("--replica-model", default=None, help="JSON file of ReplicaModel fields (simulator)")
     sub.add_argument("--context-window", type=int, default=None, help="simulator: clip prompts to this window")
+    sub.add_argument("--capacity-scale", type=float, default=None,
+                     help="simulator: the replica's prefill/decode rates x this (0.25: a replica 4x slower, e.g. a "
+                          "larger model); pair with capacity_tokens_per_s measured for that replica")
+    sub.add_argument("--startup-s", type=float, default=None, help="simulator: the replica's start-up time (s)")
     sub.add_argument("--out", default="runs/replay", help="where the JSON and PNG go")
     for sub in with_overrides:  # after each verb's own positionals, so `quantize REF k=v` parses
         sub.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
@@ -399,6 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return EXIT_USER_ERROR
+    set_verbose(getattr(args, "verbose", False) or verbose())
     try:
         return args.handler(args)
     except LLMStackError as exc:

@@ -241,6 +241,13 @@ class AutoscalingConfig:
     downscale_stable_s: float = 20.0  # predictive: how long the lower demand must hold before scaling down
     downscale_cooldown_s: float = 30.0  # predictive: least time from any scale event to a scale-down
     hysteresis: float = 0.15  # predictive: a scale-down needs demand below (replicas - 1) * (1 - hysteresis)
+    forecast_alpha: float = 0.5  # predictive: Holt-Winters level smoothing
+    forecast_beta: float = 0.3  # predictive: Holt-Winters trend smoothing
+    forecast_phi: float = 0.9  # predictive: trend damping (1: undamped; lower: a burst's first slope fades sooner)
+    backlog_source: Literal["ongoing", "queued"] = "ongoing"  # predictive: queue term from all ongoing requests
+    # beyond target_ongoing_requests per replica, or only from those queued at handles (the ones a new replica can take)
+    reserve_window_s: float = 0.0  # predictive: keep the reserve_quantile of the demand of this much history (0: off)
+    reserve_quantile: float = 0.9  # predictive: that quantile (of per-bin demand, idle bins included)
     metrics_url: str | None = None  # predictive: the app's base URL; its /metrics gives arrival and token counters
 
     def check(self) -> Problems:
@@ -264,6 +271,10 @@ class AutoscalingConfig:
                 problems.append((name, f"must be > 0 or null, got {value}"))
         if not 0 <= self.hysteresis < 1:
             problems.append(("hysteresis", f"must be in [0, 1), got {self.hysteresis}"))
+        for name in ("forecast_alpha", "forecast_beta", "forecast_phi", "reserve_quantile"):
+            if not 0 < getattr(self, name) <= 1:
+                problems.append((name, f"must be in (0, 1], got {getattr(self, name)}"))
+        _at_least(problems, self, "reserve_window_s", 0)
         if self.policy == "predictive":
             if self.max_replicas <= self.min_replicas:
                 problems.append(("max_replicas", f"policy predictive cannot scale between min_replicas "

@@ -15,6 +15,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from llmstack.errors import ConfigError
+
 
 SERVED_NAME = "tiny-lm"  # what serve_configs/tiny.yaml serves: tiny-lm@production
 
@@ -35,6 +37,7 @@ class QuickstartContext:
     pretrain_steps: int = 300
     finetune_steps: int = 120
     port: int = 8000
+    method: str = "dynamic-int8"  # stage 4's quantization method
     refs: dict[str, str] = field(default_factory=dict)
     results: list[StageResult] = field(default_factory=list)
 
@@ -92,11 +95,11 @@ def _stage_quantize(ctx: QuickstartContext) -> str:
 
     # Dynamic int8 (int8 weights, per-call activation scales) keeps decode latency closest to fp32 on a
     # model this small, where SmoothQuant's per-token quantization costs more than its int8 matmuls save.
-    result = quantize(ctx.refs["merged"], "dynamic-int8", registry=ctx.registry, name=SERVED_NAME)
+    result = quantize(ctx.refs["merged"], ctx.method, registry=ctx.registry, name=SERVED_NAME)
     ctx.refs["quantized"] = str(result.ref)
     tqdm.write(result.table())
     m = result.metrics
-    return (f"dynamic int8: perplexity x{m['perplexity_ratio']:.3f}, bytes x{m['model_bytes_ratio']:.2f}, "
+    return (f"{ctx.method}: perplexity x{m['perplexity_ratio']:.3f}, bytes x{m['model_bytes_ratio']:.2f}, "
             f"decode x{m['decode_tokens_per_s_ratio']:.2f} -> {result.ref}")
 
 
@@ -113,8 +116,10 @@ def _stage_gate(ctx: QuickstartContext) -> str:
     report = validate(ctx.refs["quantized"], production, registry=registry)
     tqdm.write(report.to_text())
     if not report.passed:
-        return f"gate FAILED ({', '.join(report.failed_checks)}); {production} stays {ctx.refs['merged']}"
-    registry.promote(ctx.refs["quantized"], alias="production", reason="quickstart: int8 passed the gate")
+        # The gate doing its job: a candidate slower or less faithful than production is not released.
+        return (f"gate refused {ctx.refs['quantized']} ({', '.join(report.failed_checks)}); "
+                f"{production} stays the fp32 {ctx.refs['merged']}")
+    registry.promote(ctx.refs["quantized"], alias="production", reason=f"quickstart: {ctx.method} passed the gate")
     ctx.refs["production"] = production
     return f"gate passed against {ctx.refs['merged']}; {production} -> {ctx.refs['quantized']}"
 
@@ -161,7 +166,8 @@ STAGES: list[tuple[str, Callable[[QuickstartContext], str]]] = [
 ]
 
 
-def run_quickstart(*, registry: str | None = None, workdir: str | Path | None = None) -> QuickstartContext:
+def run_quickstart(*, registry: str | None = None, workdir: str | Path | None = None,
+                   method: str = "dynamic-int8") -> QuickstartContext:
     """Run every stage in order, printing progress and a closing summary.
 
     Example:
@@ -169,7 +175,13 @@ def run_quickstart(*, registry: str | None = None, workdir: str | Path | None = 
     """
     from llmstack.registry import Registry
 
-    ctx = QuickstartContext(registry=Registry(registry), workdir=Path(workdir or "runs/quickstart").resolve())
+    from llmstack.quantize import known_methods
+
+    if method not in known_methods():  # before any stage runs, not after minutes of training
+        raise ConfigError(f"method: unknown quantization method {method!r}; "
+                          f"choose one of {', '.join(known_methods())}")
+    ctx = QuickstartContext(registry=Registry(registry), workdir=Path(workdir or "runs/quickstart").resolve(),
+                            method=method)
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     bar = tqdm(STAGES, desc="quickstart", unit="stage")
     for name, stage in bar:

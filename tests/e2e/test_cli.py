@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 LLMSTACK = str(Path(sys.executable).with_name("llmstack"))
 
@@ -41,6 +40,12 @@ def test_help_and_module_entry_point():
 def test_unknown_verb_and_missing_args_are_one_line():
     assert_one_line_error(run("bogus"), "invalid choice")
     assert_one_line_error(run("registry"), "required")
+
+
+def test_quickstart_refuses_an_unknown_method_before_any_stage(tmp_path):
+    proc = run("quickstart", "--method", "int3", "--workdir", str(tmp_path / "qs"), registry=tmp_path / "reg")
+    assert_one_line_error(proc, "method: unknown quantization method 'int3'", "dynamic-int8", "smoothquant")
+    assert not (tmp_path / "reg").exists()  # nothing was built
 
 
 def test_config_errors_list_every_problem(tmp_path):

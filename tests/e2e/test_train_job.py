@@ -95,13 +95,6 @@ def _clean_env(home: Path) -> dict[str, str]:
     return env
 
 
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
-
-
 @contextlib.contextmanager
 def _head_node(start_line: str, env: dict[str, str]) -> Iterator[str]:
     """The README's ``ray start --head`` line on free ports with ``--block`` (so this test owns its
@@ -193,6 +186,9 @@ def test_readme_ray_job_submit_llmstack_train(auth_mode: str, tmp_path: Path) ->
                                 text=True, timeout=60, env=env)
         assert status == "SUCCEEDED", (output.stdout + output.stderr)[-3000:]
         assert "registered job-lm@v1" in output.stdout, (output.stdout + output.stderr)[-3000:]
+        # Quiet by default: the workers' and the controller's logs stay in Ray's files, whose folder is named.
+        assert "Ray and Serve logs go to" in output.stdout, output.stdout[-3000:]
+        assert not re.search(r"^\((RayTrainWorker|TrainController)\b", output.stdout, re.M), output.stdout[-3000:]
     if auth_mode == "token":
         assert (home / ".ray" / "auth_token").read_text() == token  # --generate kept the existing token
     from llmstack.registry import Registry

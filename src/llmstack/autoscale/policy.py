@@ -11,9 +11,14 @@ Each tick the policy:
    ``forecast_bin_s`` into a request-rate and a token-rate series;
 2. forecasts both with Holt-Winters (damped trend; seasonal once two ``season_s`` periods exist) over
    ``forecast_horizon_s`` and converts the peak into replicas through the measured per-replica capacity
-   (``capacity_tokens_per_s`` at the TTFT SLO) plus ``headroom``;
-3. adds the backlog (ongoing requests beyond ``target_ongoing_requests`` per replica);
-4. scales up at once (after ``upscale_cooldown_s``), ahead of a predicted ramp; scales down only after the
+   (``capacity_tokens_per_s`` at the TTFT SLO) plus ``headroom`` (smoothing: ``forecast_alpha``,
+   ``forecast_beta``, ``forecast_phi``);
+3. keeps at least the reserve (the ``reserve_quantile`` of the per-bin demand over the last
+   ``reserve_window_s``; off by default): for traffic whose bursts start from idle faster than a replica
+   starts, which no forecast of the rate sees coming;
+4. adds the backlog (``backlog_source: ongoing``: ongoing requests beyond ``target_ongoing_requests`` per
+   replica; ``queued``: only the requests waiting at handles, the ones a new replica can take);
+5. scales up at once (after ``upscale_cooldown_s``), ahead of a predicted ramp; scales down only after the
    lower demand held for ``downscale_stable_s``, sat below ``(replicas - 1) * (1 - hysteresis)``, and
    ``downscale_cooldown_s`` passed since the last scale event.
 
@@ -114,8 +119,10 @@ class PredictivePolicy:
         self.config: AutoscalingConfig = load_config(AutoscalingConfig, config)
         c = self.config
         season = round(c.season_s / c.forecast_bin_s) if c.season_s else 0
-        self.request_rate = HoltWinters(season=season)
-        self.token_rate = HoltWinters(season=season)
+        smoothing = {"alpha": c.forecast_alpha, "beta": c.forecast_beta, "phi": c.forecast_phi, "season": season}
+        self.request_rate = HoltWinters(**smoothing)
+        self.token_rate = HoltWinters(**smoothing)
+        self._history: deque[tuple[float, float]] = deque()  # (time, bin demand) over reserve_window_s
         self.decisions: deque[Decision] = deque(maxlen=MAX_DECISIONS_KEPT)  # the ticks that changed the target
         self.fallback_ticks = 0
         self.log_decisions = True  # one log line per change of target (the simulator turns it off)
@@ -148,7 +155,8 @@ class PredictivePolicy:
                 self._last_up_time = now
         self._last_target = decision.replicas
         state = {"mode": decision.mode, "forecast_replicas": round(decision.forecast_replicas, 3),
-                 "backlog_replicas": round(decision.backlog_replicas, 3), "fallback_ticks": self.fallback_ticks}
+                 "backlog_replicas": round(decision.backlog_replicas, 3), "fallback_ticks": self.fallback_ticks,
+                 "reserve_replicas": round(self._reserve(), 3)}
         return decision.replicas, state
 
     # ------------------------------------------------------------------ internals
@@ -180,6 +188,17 @@ class PredictivePolicy:
         self.token_rate.update(tokens_per_s)
         self._last_bin_demand = self._demand(requests_per_s, tokens_per_s)
         self._last_counters = counters
+        if self.config.reserve_window_s > 0:
+            self._history.append((counters.time, self._last_bin_demand))
+            while self._history and self._history[0][0] <= counters.time - self.config.reserve_window_s:
+                self._history.popleft()
+
+    def _reserve(self) -> float:
+        """The ``reserve_quantile`` of the per-bin demand over the last ``reserve_window_s`` (0 when off)."""
+        if not self._history:
+            return 0.0
+        ordered = sorted(d for _, d in self._history)
+        return ordered[min(len(ordered) - 1, int(self.config.reserve_quantile * len(ordered)))]
 
     def _demand(self, requests_per_s: float, tokens_per_s: float) -> float:
         """Replicas needed for a load, with headroom."""
@@ -203,8 +222,12 @@ class PredictivePolicy:
         forecast = max(self._demand(self.request_rate.forecast(h), self.token_rate.forecast(h))
                        for h in range(1, steps + 1))
         current = self._last_bin_demand
-        backlog = max(0.0, ongoing - running * c.target_ongoing_requests) / c.target_ongoing_requests
-        wanted = max(forecast, current) + backlog
+        if c.backlog_source == "queued":
+            backlog = float(getattr(ctx, "total_queued_requests", 0.0) or 0.0) / c.target_ongoing_requests
+        else:
+            backlog = max(0.0, ongoing - running * c.target_ongoing_requests) / c.target_ongoing_requests
+        reserve = self._reserve()
+        wanted = max(forecast, current, reserve) + backlog
         desired = _clamp(math.ceil(wanted - 1e-9), low, high)
         replicas = target
         ramp = False
@@ -212,7 +235,7 @@ class PredictivePolicy:
             self._low_since = None
             if now - self._last_up_time >= c.upscale_cooldown_s:
                 replicas = desired
-                ramp = math.ceil(current + backlog - 1e-9) <= target < desired
+                ramp = math.ceil(max(current, reserve) + backlog - 1e-9) <= target < desired
         elif desired < target and wanted <= (target - 1) * (1 - c.hysteresis):
             if self._low_since is None:
                 self._low_since, self._low_peak = now, wanted

@@ -60,6 +60,26 @@ class ReplicaModel:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def scaled(self, capacity_scale: float, *, startup_s: float | None = None) -> ReplicaModel:
+        """This replica with its compute rates times ``capacity_scale`` (start-up: ``startup_s`` or unchanged).
+
+        ``capacity_scale`` 0.25 is a replica four times slower: a quarter of the prefill tokens/s and four
+        times the decode step and per-pass overheads (a larger model, or the same model on a smaller
+        accelerator). Batch size, queue limits and the per-request HTTP overhead stay as they are.
+
+        Example:
+            >>> DEFAULT_REPLICA_MODEL.scaled(0.5).prefill_tokens_per_s
+            5000.0
+        """
+        if not capacity_scale > 0:
+            raise ConfigError(f"capacity_scale: must be > 0, got {capacity_scale}")
+        s = capacity_scale
+        return dataclasses.replace(self, prefill_tokens_per_s=self.prefill_tokens_per_s * s,
+                                   decode_step_s=self.decode_step_s / s,
+                                   decode_step_per_seq_s=self.decode_step_per_seq_s / s,
+                                   prefill_overhead_s=self.prefill_overhead_s / s,
+                                   startup_s=self.startup_s if startup_s is None else startup_s)
+
 
 @dataclasses.dataclass
 class _Request:
@@ -162,7 +182,7 @@ class SimulationResult:
     decisions: list[Any] = dataclasses.field(default_factory=list, repr=False)
 
 
-def simulate(trace: Trace, auto: AutoscalingConfig, *, policy: PolicyName = "predictive",
+def simulate(trace: Trace, auto: AutoscalingConfig, *, policy: PolicyName | Callable[[Any], Any] = "predictive",
              replica_model: ReplicaModel | None = None, static_replicas: int | None = None,
              control_interval_s: float = CONTROL_INTERVAL_S, drain_s: float = 120.0,
              progress: bool = False) -> SimulationResult:
@@ -172,7 +192,10 @@ def simulate(trace: Trace, auto: AutoscalingConfig, *, policy: PolicyName = "pre
         trace: the requests (arrival offsets and token counts).
         auto: the autoscaling config (bounds, delays, SLO, predictive parameters).
         policy: ``static`` (``static_replicas``, default ``max_replicas``), ``reactive`` (Ray's default
-            queue-depth policy) or ``predictive`` (:class:`PredictivePolicy`).
+            queue-depth policy), ``predictive`` (:class:`PredictivePolicy`), or any callable with Serve's
+            policy signature ``f(ctx) -> (replicas, state)`` (named by its ``name`` attribute, else
+            ``custom``; Serve's delays of ``auto`` apply to it as to ``reactive``), e.g. a reference policy
+            that knows the trace's future.
         replica_model: replica costs; the default is a small CPU replica.
         drain_s: how long after the last arrival unfinished requests may run.
 
@@ -183,10 +206,14 @@ def simulate(trace: Trace, auto: AutoscalingConfig, *, policy: PolicyName = "pre
     Example:
         >>> simulate(trace, AutoscalingConfig(max_replicas=4, policy="predictive"))  # doctest: +SKIP
     """
-    if policy not in POLICIES:
+    custom = None
+    if callable(policy):
+        custom, policy = policy, str(getattr(policy, "name", "custom"))
+    elif policy not in POLICIES:
         raise ConfigError(f"policy: unknown policy {policy!r}; known: {', '.join(POLICIES)}")
     model = replica_model or DEFAULT_REPLICA_MODEL
-    return _Simulation(trace, auto, policy, model, static_replicas, control_interval_s, drain_s, progress).run()
+    return _Simulation(trace, auto, policy, model, static_replicas, control_interval_s, drain_s, progress,
+                       custom).run()
 
 
 DEFAULT_REPLICA_MODEL = ReplicaModel(prefill_tokens_per_s=10_000.0, decode_step_s=0.0015,
@@ -196,7 +223,8 @@ DEFAULT_REPLICA_MODEL = ReplicaModel(prefill_tokens_per_s=10_000.0, decode_step_
 
 class _Simulation:
     def __init__(self, trace: Trace, auto: AutoscalingConfig, policy: str, model: ReplicaModel,
-                 static_replicas: int | None, control_interval_s: float, drain_s: float, progress: bool) -> None:
+                 static_replicas: int | None, control_interval_s: float, drain_s: float, progress: bool,
+                 custom: Callable[[Any], Any] | None = None) -> None:
         self.trace, self.auto, self.policy_name, self.model = trace, auto, policy, model
         self.control_interval_s, self.drain_s, self.progress = control_interval_s, drain_s, progress
         self.serve_config = serve_autoscaling_config(auto)
@@ -210,6 +238,8 @@ class _Simulation:
         self.arrived_tokens = 0.0
         self.samples: deque[tuple[float, float]] = deque()
         self.counters: LoadCounters | None = None
+        self.completed = 0
+        self.completed_tokens = 0.0
         self.scale_events = 0
         self.rejected = 0
         self.policy_state: dict[str, Any] = {}
@@ -225,7 +255,7 @@ class _Simulation:
         else:
             self.low, self.high = auto.min_replicas, auto.max_replicas
             self.target = self.serve_config["initial_replicas"]
-            self.policy = self._make_policy()
+            self.policy = custom or self._make_policy()
         self.delays = ServeDelays(self.serve_config["upscale_delay_s"], self.serve_config["downscale_delay_s"])
         self.ray_config = self._ray_config()
 
@@ -371,6 +401,8 @@ class _Simulation:
             if request.remaining <= 0:
                 request.finish = now
                 done += 1
+                self.completed += 1
+                self.completed_tokens += request.context + request.output
             else:
                 still.append(request)
         replica.active = still
@@ -418,7 +450,10 @@ class _Simulation:
         self.samples.append((now, float(self._ongoing())))
         while self.samples and self.samples[0][0] < now - self.auto.look_back_period_s:
             self.samples.popleft()
-        self.counters = LoadCounters(time=now, requests=float(self.arrived), tokens=self.arrived_tokens)
+        # What the live policy reads from /metrics: arrivals (finished + in flight), and the tokens of the
+        # finished requests only (a request's output length is not known before it finishes).
+        self.counters = LoadCounters(time=now, requests=float(self.arrived), tokens=self.completed_tokens,
+                                     completed=float(self.completed))
 
     def _tick(self, now: float) -> None:
         if self.policy is None:
@@ -469,8 +504,12 @@ class _Simulation:
                 ttfts.append(ttft)
                 met += ttft <= slo
             records.append({"arrival_s": r.arrival, "ttft_s": ttft, "latency_s": latency, "status": status})
+        # Replica time runs from the scale-up decision (start-up included: the accelerator is held) to the
+        # replica's stop (drain included); busy time is the time a forward pass (prefill or decode step) ran.
         replica_seconds = sum((r.stopped if r.stopped is not None else end) - r.created for r in self.replicas)
         busy = sum(r.busy_time for r in self.replicas)
+        served = sum(r.context + r.output for r in self.requests if r.finish is not None and r.status == 200)
+        capacity = self.auto.capacity_tokens_per_s
         ttfts.sort()
         decisions = getattr(self.policy, "decisions", [])
         metrics = {
@@ -480,6 +519,9 @@ class _Simulation:
             "replica_seconds": round(replica_seconds, 3),
             "idle_replica_seconds": round(replica_seconds - busy, 3),
             "utilization": round(busy / replica_seconds, 4) if replica_seconds else 0.0,
+            # the share of the fleet's capacity at the SLO (config's capacity_tokens_per_s) the served load used
+            "capacity_utilization": round(served / (capacity * replica_seconds), 4) if replica_seconds else 0.0,
+            "tokens_served": served,
             "slo_attainment": round(met / len(self.requests), 5) if self.requests else 1.0,
             "slo_misses": len(self.requests) - met,
             "ttft_slo_s": slo,

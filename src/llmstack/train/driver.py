@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmstack._console import announce_ray_logs, ray_init_options
 from llmstack.config import ScalingConfig, TrainConfig, TrainingConfig, load_config, to_dict
 from llmstack.errors import ConfigError, ResourceError
 from llmstack.train.checkpoint import SIGNATURE_FILE, model_signature, signature_differences
@@ -380,7 +381,8 @@ def ensure_ray(scaling: ScalingConfig) -> None:
     address = scaling.address or os.environ.get("RAY_ADDRESS")
     env = {"TOKENIZERS_PARALLELISM": "false"}
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+        ray.init(address=address, runtime_env={"env_vars": env}, **ray_init_options())
+        announce_ray_logs()
         return
     cpus = os.cpu_count() or 1
     needed = scaling.num_workers * scaling.cpus_per_worker
@@ -391,7 +393,8 @@ def ensure_ray(scaling: ScalingConfig) -> None:
             "or connect to a larger cluster with scaling.address / RAY_ADDRESS")
     # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
     ray.init(num_cpus=cpus, object_store_memory=_LOCAL_OBJECT_STORE_BYTES, include_dashboard=True,
-             runtime_env={"env_vars": env}, log_to_driver=True)
+             runtime_env={"env_vars": env}, **ray_init_options())
+    announce_ray_logs()
 
 
 def check_cluster(scaling: ScalingConfig) -> None:

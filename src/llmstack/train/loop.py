@@ -105,11 +105,13 @@ class Session:
 
 
 class LocalSession(Session):
-    """A plain-process session: keeps records in memory, checkpoints under ``checkpoint_root``."""
+    """A plain-process session: per-step records and events (``started``) in memory, checkpoints under
+    ``checkpoint_root``."""
 
     def __init__(self, checkpoint_root: str | Path | None = None) -> None:
         self.checkpoint_root = Path(checkpoint_root) if checkpoint_root else None
         self.records: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []
         self.reports: list[dict[str, Any]] = []
 
     @contextlib.contextmanager
@@ -120,7 +122,7 @@ class LocalSession(Session):
         yield found[-1] if found else None
 
     def log(self, record: dict[str, Any]) -> None:
-        self.records.append(dict(record))
+        (self.events if "event" in record else self.records).append(dict(record))
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, name: str | None) -> None:
         import shutil
@@ -213,8 +215,8 @@ def run_worker_loop(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[
         if restored["rng"] is not None:
             ckpt.set_rng_state(restored["rng"])
         state = restored["state"]
-        if rank == 0:
-            session.log({"event": "resumed", "step": state["step"]})
+    if rank == 0:  # every start, restored or not: the driver counts restarts from these
+        session.log({"event": "started", "step": state["step"]})
 
     # 2. Data: this worker's disjoint shard, recomputed from (step, rank), so resuming needs no state.
     micro = training.micro_batch_size

@@ -1,9 +1,10 @@
 """Metrics on the driver: a progress bar, ``metrics.jsonl`` and a loss-curve PNG in the run directory.
 
 Rank 0 pushes one record per step to a small metrics actor (fire and forget); a driver thread
-drains it while ``trainer.fit()`` blocks. When a worker group restarts from a checkpoint, the loop
-sends a ``{"event": "resumed", "step": s}`` record: the history is cut back to step ``s`` (the
-replayed steps replace the lost ones) and the loss is recorded in :attr:`MetricsLog.recoveries`.
+drains it while ``trainer.fit()`` blocks. Each time a worker group starts, rank 0
+sends ``{"event": "started", "step": s}`` (``s``: the checkpoint step it restored, 0 for none). Every
+start after the first is a restart: the history is cut back to step ``s`` (the replayed steps replace
+the lost ones) and the restart is recorded in :attr:`MetricsLog.recoveries`.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class MetricsLog:
         self.history: list[dict[str, Any]] = self._read_existing()
         self.recoveries: list[dict[str, Any]] = []
         self.initial_resume: int | None = None  # checkpoint step this call started from (rerun of a run name)
-        self._stepped = False  # a step record arrived in this call
+        self._starts = 0  # worker-group starts seen: the first one, then one per restart
         self._max_step = max((r.get("step", 0) for r in self.history), default=0)
         self._lock = threading.Lock()
         self.bar = tqdm(total=total, desc=desc, unit="step", disable=not show, dynamic_ncols=True)
@@ -80,20 +81,22 @@ class MetricsLog:
     def consume(self, records: list[dict[str, Any]]) -> None:
         with self._lock:
             for record in records:
-                if record.get("event") == "resumed":
+                if record.get("event") == "started":
                     step = int(record["step"])
-                    if not self._stepped and not self.recoveries and self.initial_resume is None:
-                        self.initial_resume = step
-                    elif self._max_step > step:
+                    self._starts += 1
+                    if self._starts == 1:
+                        self.initial_resume = step or None
+                    else:
+                        # A restart, from a checkpoint or from scratch. The lost steps' records may never have
+                        # arrived (rank 0 is torn down with the group): steps lost can be undercounted, never the restart.
                         self.recoveries.append({"resumed_from_step": step, "last_step_seen": self._max_step,
-                                                "steps_lost": self._max_step - step})
+                                                "steps_lost": max(0, self._max_step - step)})
                     self.history = [r for r in self.history if r.get("step", 0) <= step]
                     self._max_step = step
                     self.bar.n = step
                     self.bar.refresh()
                     continue
                 step = int(record["step"])
-                self._stepped = True
                 self.history = [r for r in self.history if r.get("step", 0) < step]
                 self.history.append(record)
                 self._max_step = max(self._max_step, step)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import socket
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any

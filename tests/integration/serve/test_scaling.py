@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -80,4 +82,35 @@ def test_scales_up_under_load_then_down(serve_registry: dict, serve_port: int) -
         assert codes and set(codes) == {200}
     finally:
         stop.set()
+        app.shutdown()
+
+
+def test_two_model_replicas_get_two_ingress_replicas_and_survive_losing_one(serve_registry: dict,
+                                                                           serve_port: int) -> None:
+    """min_replicas >= 2 asks for redundancy: the ingress gets it too, so killing one ingress replica
+    leaves the other answering instead of a ~10 s restart with nothing in front of the model."""
+    import ray
+    from ray import serve
+    from ray.util.state import list_actors
+
+    app = deploy_app(serve_registry, serve_port, app_name="pair", route_prefix="/pair", response_cache_size=0,
+                     autoscaling={"min_replicas": 2, "max_replicas": 2})
+    try:
+        ingress = serve.status().applications["pair"].deployments["OpenAIIngress"]
+        assert ingress.replica_states.get("RUNNING") == 2
+        victim = list_actors(filters=[("class_name", "=", "ServeReplica:pair:OpenAIIngress"),
+                                      ("state", "=", "ALIVE")], address=ray.get_runtime_context().gcs_address)[0]
+        os.kill(victim.pid, signal.SIGKILL)  # a crash, not a graceful stop
+        body = {"prompt": "def add(a, b):", "max_tokens": 4, "temperature": 0}
+        codes = []
+        for _ in range(40):  # while the killed replica is noticed and replaced, the other one answers
+            try:
+                codes.append(requests.post(app.url + "/v1/completions", json=body, timeout=30).status_code)
+            except requests.RequestException:
+                codes.append(0)
+            if codes[-5:] == [200] * 5:
+                break
+        assert codes[-5:] == [200] * 5, codes
+        assert codes.count(200) >= len(codes) - 3, codes  # at most the requests already sent to the dead one
+    finally:
         app.shutdown()

@@ -85,3 +85,16 @@ def unused_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_cli_simulate_capacity_scale_slows_the_replica(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [f"{i * 0.5:.2f},1000,8" for i in range(60)]
+    trace = str(_csv(tmp_path, rows))
+    runs = {}
+    for scale in ("1", "0.25"):
+        code = main(["replay", trace, "--simulate", "--policy", "static", "--static-replicas", "2",
+                     "--capacity-scale", scale, "--startup-s", "3", "--out", str(tmp_path / scale)])
+        assert code == 0
+        runs[scale] = json.loads(capsys.readouterr().out)
+    assert runs["0.25"]["utilization"] > 2 * runs["1"]["utilization"]
+    assert "capacity_utilization" in runs["1"]

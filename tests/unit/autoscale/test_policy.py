@@ -149,3 +149,114 @@ def test_prometheus_counters_sum_every_label_set() -> None:
             "llmstack_completion_tokens_total{model=\"m\"} 20.0\nllmstack_requests_created 9.0\n")
     counters = parse_prometheus_counters(text, 5.0)
     assert (counters.requests, counters.tokens, counters.completed, counters.time) == (7.0, 120.0, 5.0, 5.0)
+
+
+def test_utilisation_is_busy_time_over_replica_time_by_hand() -> None:
+    # One request on one static replica: a prefill pass, then output - 1 decode steps at batch 1.
+    model = ReplicaModel(prefill_tokens_per_s=1000.0, decode_step_s=0.01, decode_step_per_seq_s=0.0, startup_s=1.0,
+                         prefill_overhead_s=0.05)
+    trace = Trace([0.0, 10.0], [500, 500], [11, 11])
+    auto = AutoscalingConfig(max_replicas=2, capacity_tokens_per_s=100.0)
+    m = simulate(trace, auto, policy="static", static_replicas=2, replica_model=model).metrics
+    busy_per_request = 0.05 + 500 / 1000.0 + 10 * 0.01  # 0.65 s
+    end = 10.0 + busy_per_request
+    assert m["duration_s"] == pytest.approx(end)
+    assert m["replica_seconds"] == pytest.approx(2 * end)
+    assert m["idle_replica_seconds"] == pytest.approx(2 * end - 2 * busy_per_request)
+    assert m["utilization"] == pytest.approx(2 * busy_per_request / (2 * end), abs=1e-4)
+    assert m["tokens_served"] == 2 * 511
+    assert m["capacity_utilization"] == pytest.approx(2 * 511 / (100.0 * 2 * end), abs=1e-4)
+
+
+def test_scaled_replica_is_slower_by_the_scale_and_keeps_its_limits() -> None:
+    slow = MODEL.scaled(0.25, startup_s=9.0)
+    assert slow.prefill_tokens_per_s == pytest.approx(1000.0)
+    assert slow.decode_step_s == pytest.approx(0.008) and slow.prefill_overhead_s == pytest.approx(0.008)
+    assert (slow.startup_s, slow.max_batch_size, slow.request_overhead_s) == (9.0, MODEL.max_batch_size, 0.01)
+    assert MODEL.scaled(1.0) == MODEL
+    from llmstack.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="capacity_scale"):
+        MODEL.scaled(0.0)
+    # The same trace keeps a slower fleet busier.
+    trace = synthetic_trace([(30, 5.0)], context_tokens=200, generated_tokens=16, seed=7)
+    fast = simulate(trace, REACTIVE, policy="static", static_replicas=2, replica_model=MODEL).metrics
+    slower = simulate(trace, REACTIVE, policy="static", static_replicas=2, replica_model=MODEL.scaled(0.5)).metrics
+    assert slower["utilization"] > 1.5 * fast["utilization"]
+
+
+def test_a_custom_policy_callable_runs_under_serves_delays() -> None:
+    calls = []
+
+    def always_three(ctx):
+        calls.append(ctx.current_time)
+        return 3, {}
+
+    always_three.name = "three"
+    trace = synthetic_trace([(20, 2.0)], context_tokens=200, generated_tokens=16, seed=8)
+    result = simulate(trace, REACTIVE, policy=always_three, replica_model=MODEL)
+    assert result.policy == "three" and result.metrics["policy"] == "three"
+    assert calls and result.metrics["peak_replicas"] == 3
+    first = next(t for t, n in zip(result.timeline["time"], result.timeline["target"]) if n == 3)
+    assert first >= REACTIVE.upscale_delay_s  # Serve's upscale delay applies to it
+
+
+def test_reserve_keeps_the_recent_demand_quantile_through_a_gap() -> None:
+    # Bursts of ~4 replicas of demand every 60 s with idle gaps: the reserve holds capacity through the gaps.
+    segments = []
+    for _ in range(4):
+        segments += [(10, 60.0), (50, 0.0)]
+    trace = synthetic_trace(segments, context_tokens=200, generated_tokens=16, seed=9)
+    base = AutoscalingConfig(**{**PREDICTIVE.__dict__, "downscale_stable_s": 5.0, "downscale_cooldown_s": 5.0})
+    reserve = AutoscalingConfig(**{**base.__dict__, "reserve_window_s": 120.0, "reserve_quantile": 0.9})
+    plain = simulate(trace, base, policy="predictive", replica_model=MODEL)
+    held = simulate(trace, reserve, policy="predictive", replica_model=MODEL)
+
+    def gap_min(result, start: float, stop: float) -> int:
+        return min(n for t, n in zip(result.timeline["time"], result.timeline["target"]) if start <= t <= stop)
+
+    # In the third gap (130-180 s) the plain policy went back to min_replicas, the reserve kept more.
+    assert gap_min(plain, 150, 175) == base.min_replicas
+    assert gap_min(held, 150, 175) >= 2
+    assert held.metrics["slo_misses"] <= plain.metrics["slo_misses"]
+    assert held.metrics["replica_seconds"] > plain.metrics["replica_seconds"]
+
+
+def test_queued_backlog_counts_only_requests_waiting_at_handles() -> None:
+    def ctx(total: float, queued: float) -> SimContext:
+        return SimContext(deployment_name="d", current_num_replicas=1, target_num_replicas=1, total_num_requests=total,
+                          total_queued_requests=queued, capacity_adjusted_min_replicas=1,
+                          capacity_adjusted_max_replicas=6, policy_state={}, current_time=3.0, config=None,
+                          load_counters=LoadCounters(3.0, 3.0, 300.0))
+
+    for source, expected in (("ongoing", (20.0 - 4.0) / 4.0), ("queued", 8.0 / 4.0)):
+        policy = PredictivePolicy(**{**PREDICTIVE.__dict__, "backlog_source": source})
+        for second in range(3):  # two bins of (near-idle) history
+            policy(SimContext(deployment_name="d", current_num_replicas=1, target_num_replicas=1,
+                              total_num_requests=0.0, total_queued_requests=0.0, capacity_adjusted_min_replicas=1,
+                              capacity_adjusted_max_replicas=6, policy_state={}, current_time=float(second),
+                              config=None, load_counters=LoadCounters(float(second), float(second),
+                                                                      100.0 * second)))
+        _, state = policy(ctx(20.0, 8.0))
+        assert state["mode"] == "predictive"
+        assert state["backlog_replicas"] == pytest.approx(expected), source
+
+
+def test_scale_ups_match_known_gradual_ramps_better_than_reactive() -> None:
+    from llmstack.autoscale.transitions import detect_ramps, scale_up_times, score_transitions
+
+    climb = [(2, 2.0 + 2.0 * i) for i in range(16)]  # 2 -> 32 requests/s over 32 s
+    segments = [(30, 2.0)] + climb + [(30, 34.0), (60, 2.0)] + climb + [(30, 34.0), (30, 2.0)]
+    trace = synthetic_trace(segments, context_tokens=200, generated_tokens=16, seed=11)
+    predictive = simulate(trace, PREDICTIVE, policy="predictive", replica_model=MODEL)
+    reactive = simulate(trace, REACTIVE, policy="reactive", replica_model=MODEL)
+    ramps = detect_ramps(predictive.timeline["tokens"], capacity_tokens_per_s=PREDICTIVE.capacity_tokens_per_s,
+                         smooth_s=3, rise_s=10, floor=1)
+    assert ramps == detect_ramps(reactive.timeline["tokens"], capacity_tokens_per_s=PREDICTIVE.capacity_tokens_per_s,
+                                 smooth_s=3, rise_s=10, floor=1)  # the same load
+    assert any(40 <= r <= 50 for r in ramps) and any(160 <= r <= 170 for r in ramps)  # both climbs
+    window = {"max_lead_s": PREDICTIVE.forecast_horizon_s, "late_s": 1.0}
+    ours = score_transitions(ramps, scale_up_times(predictive.timeline), **window)
+    theirs = score_transitions(ramps, scale_up_times(reactive.timeline), **window)
+    assert ours["recall"] > theirs["recall"] and ours["precision"] > theirs["precision"]
+    assert ours["ahead"] >= 2

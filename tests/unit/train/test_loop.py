@@ -83,7 +83,7 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
         _run(first, max_steps=6, checkpoint_every=3)
     second = LocalSession(tmp_path / "ckpts")
     final, _ = _run(second, max_steps=6, checkpoint_every=3)
-    assert second.records[0] == {"event": "resumed", "step": 3}
+    assert second.events == [{"event": "started", "step": 3}]
     # Same data order, optimizer moments, LR schedule and RNG: the curves continue exactly.
     assert _losses(first) + _losses(second) == pytest.approx(_losses(straight), rel=1e-6)
     assert final["step"] == 6

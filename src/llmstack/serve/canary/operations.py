@@ -10,6 +10,7 @@ from typing import Any
 
 from ray import serve
 
+from llmstack._console import announce_ray_logs, ray_init_options
 from llmstack.config import ServeConfig, load_config
 from llmstack.errors import ConfigError, LLMStackError, ValidationFailedError
 from llmstack.serve.canary.builder import version_deployment
@@ -23,7 +24,8 @@ def _router(app_name: str, address: str | None) -> Any:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto", **ray_init_options())
+        announce_ray_logs()
     try:
         status = serve.status()
     except Exception as exc:

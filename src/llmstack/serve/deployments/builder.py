@@ -17,6 +17,7 @@ import dataclasses
 import os
 from typing import Any
 
+from llmstack._console import announce_ray_logs, quiet_libraries, ray_init_options, verbose
 from llmstack.config import ServeConfig, load_config, to_dict
 from llmstack.errors import ArtifactNotFoundError, ConfigError, ModelLoadError, ResourceError
 
@@ -86,7 +87,7 @@ def app_for(cfg: ServeConfig) -> Any:
 
     config = to_dict(cfg)
     server = LLMServer.options(**server_options(cfg)).bind(config)
-    return OpenAIIngress.options(**INGRESS_OPTIONS).bind(server, config)
+    return OpenAIIngress.options(**ingress_options(cfg)).bind(server, config)
 
 
 # The ingress and router are light: they must never be what keeps an app from being placed.
@@ -98,6 +99,15 @@ INGRESS_OPTIONS: dict[str, Any] = {
     "health_check_period_s": HEALTH_CHECK_PERIOD_S,  # chaos bench: a killed ingress was noticed only after 7.8 s
     "ray_actor_options": {"num_cpus": INGRESS_CPUS},
 }
+
+
+def ingress_replicas(cfg: ServeConfig) -> int:
+    """Two ingress replicas when the model runs at least two: a killed one costs ~1 s, not a ~10 s restart."""
+    return 2 if cfg.autoscaling.min_replicas >= 2 else 1
+
+
+def ingress_options(cfg: ServeConfig) -> dict[str, Any]:
+    return {**INGRESS_OPTIONS, "num_replicas": ingress_replicas(cfg)}
 
 
 def server_options(cfg: ServeConfig, *, name: str | None = None, replicas: int | None = None) -> dict[str, Any]:
@@ -211,7 +221,7 @@ def deploy(config: ServeConfig | dict[str, Any] | str | None = None, *, replace:
         cfg = load_config(ServeConfig, {**to_dict(cfg), **overrides})
     cfg = resolve_config(cfg)  # pinned once: the app and the returned config name the same versions
     url = run_app(app_for(cfg), cfg, replace=replace, timeout_s=timeout_s,
-                  needs=[(cfg.num_cpus, max(cfg.autoscaling.min_replicas, 1)), (INGRESS_CPUS, 1)])
+                  needs=[(cfg.num_cpus, max(cfg.autoscaling.min_replicas, 1)), (INGRESS_CPUS, ingress_replicas(cfg))])
     return Deployment(config=cfg, url=url, app_name=cfg.app_name)
 
 
@@ -228,8 +238,11 @@ def run_app(app: Any, cfg: ServeConfig, *, replace: bool = False, timeout_s: flo
     from ray import serve
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False,
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, **ray_init_options(),
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+        announce_ray_logs()
+    if not verbose():  # importing Serve set its logger back to INFO
+        quiet_libraries()
     existing = _running_apps()
     if cfg.app_name in existing and not replace:
         raise ConfigError(f"app_name: an application named {cfg.app_name!r} is already running on this cluster; "

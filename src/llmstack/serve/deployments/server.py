@@ -14,6 +14,7 @@ could never fill.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -137,8 +138,10 @@ class LLMServer:
 
     async def stats(self) -> dict[str, Any]:
         """Counters for tests and benchmarks: requests, cancellations, tokens, adapters, cache."""
+        linears = Counter(type(m).__name__ for m in self.engine.model.modules() if "Linear" in type(m).__name__)
         return {**self.engine.stats, "loaded_adapters": self.engine.loaded_adapters(),
-                "cache_hits": self.engine.cache.hits, "cache_misses": self.engine.cache.misses}
+                "cache_hits": self.engine.cache.hits, "cache_misses": self.engine.cache.misses,
+                "linear_modules": dict(linears)}  # which kernels the replica really runs (int8, 4-bit, float)
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)
