@@ -2,7 +2,7 @@
 
 transformers' ``DynamicLayer`` concatenates each step's keys onto the whole cache (a full copy per
 step, so decoding slows as sequences grow). :class:`GrowingLayer` keeps the same interface but writes
-into preallocated capacity and doubles it when full: appending is amortised O(1) per token.
+into preallocated capacity and grows it by half when full: appending is amortised O(1) per token.
 """
 
 from __future__ import annotations
@@ -15,7 +15,10 @@ MIN_CAPACITY = 64  # tokens a fresh buffer holds
 
 
 class GrowingLayer(DynamicLayer):
-    """A ``DynamicLayer`` whose ``keys``/``values`` are views of buffers with spare capacity along the sequence."""
+    """A ``DynamicLayer`` whose ``keys``/``values`` are views of buffers with spare capacity along the sequence.
+
+    Assigning ``keys``/``values`` (batch selection, merging) adopts the tensor as a full buffer.
+    """
 
     def __init__(self) -> None:
         self._k: Any = None  # [B, H, capacity, D]
@@ -23,7 +26,6 @@ class GrowingLayer(DynamicLayer):
         self._len = self._vlen = 0  # tokens held (values tracked apart: the two are assigned one at a time)
         super().__init__()
 
-    # Assigning ``keys``/``values`` (batch selection, merging) adopts the tensor as a full buffer.
     @property  # type: ignore[override]
     def keys(self) -> Any:
         return None if self._k is None else self._k[:, :, :self._len]
@@ -58,7 +60,7 @@ class GrowingLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         start, new = self._len, key_states.shape[-2]
         if self._k is None or start + new > self._k.shape[-2]:
-            capacity = max(MIN_CAPACITY, 2 * (start + new))
+            capacity = max(MIN_CAPACITY, (start + new) * 3 // 2)  # 1.5x: amortised O(1), a third spare at most
             b, h, _, d = key_states.shape
             k = torch.empty((b, h, capacity, d), dtype=key_states.dtype, device=key_states.device)
             v = torch.empty((b, h, capacity, value_states.shape[-1]), dtype=value_states.dtype,
