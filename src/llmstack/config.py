@@ -308,6 +308,7 @@ class ServeConfig:
     max_concurrent_batches: int = 32  # @serve.batch groups admitted at once; they join one decode loop
     retry_after_s: float = 1.0  # Retry-After sent with a shed (503) request
     response_cache_size: int = 256  # finished deterministic results kept per replica; 0 disables
+    prefix_cache_mb: float = 64.0  # per replica: KV states of shared prompt prefixes (LRU); 0 disables
     default_max_tokens: int = 64  # when a request gives none
     max_tokens_limit: int = 512  # largest max_tokens accepted
     max_n: int = 4  # cap on choices per request
@@ -322,7 +323,7 @@ class ServeConfig:
         for name in ("max_batch_size", "max_ongoing_requests", "max_tokens_limit", "max_n", "default_max_tokens",
                      "max_adapters_per_replica", "max_body_bytes", "max_concurrent_batches"):
             _at_least(problems, self, name, 1)
-        for name in ("retry_after_s", "response_cache_size"):
+        for name in ("retry_after_s", "response_cache_size", "prefix_cache_mb"):
             _at_least(problems, self, name, 0)
         if not self.request_timeout_s > 0:
             problems.append(("request_timeout_s", f"must be > 0, got {self.request_timeout_s}"))

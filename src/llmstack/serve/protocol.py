@@ -91,6 +91,7 @@ class GenerationResult(BaseModel):
     completion_tokens: int
     timing: Timing = Field(default_factory=Timing)
     cached: bool = False  # served from the response cache
+    prefix_cached_tokens: int | None = None  # prompt tokens reused from the prefix cache (None: cache off)
 
 
 class ChoiceDelta(BaseModel):
@@ -112,6 +113,7 @@ class GenerationChunk(BaseModel):
     finished: bool = False
     timing: Timing | None = None
     cached: bool = False
+    prefix_cached_tokens: int | None = None  # on the last chunk: prompt tokens reused from the prefix cache
 
 
 class ModelCard(BaseModel):

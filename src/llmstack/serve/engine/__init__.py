@@ -2,8 +2,10 @@
 
 Rooms: ``protocol`` (what the HTTP layer may ask of any engine), ``transformers`` (the embedded
 engine), ``loading`` (what it serves), ``adapters`` (which adapters are loaded and active),
-``scheduler`` and ``batch`` (iteration-level batched decoding), ``sampling``, ``output`` (chunks and
-results), ``cache`` (the response cache), ``work`` (a request ready to decode).
+``scheduler`` and ``batch`` (iteration-level batched decoding), ``kv`` (the decode KV cache, grown in
+place), ``prefix_cache`` (KV states of prompt blocks reused across requests), ``sampling``, ``output``
+(chunks, results, incremental detokenization), ``cache`` (the response cache), ``work`` (a request
+ready to decode).
 """
 
 from __future__ import annotations

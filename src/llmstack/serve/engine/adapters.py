@@ -7,7 +7,7 @@ request that uses them is still decoding: the unload waits for the last user.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,10 @@ from llmstack.serve.engine.loading import AdapterSpec
 class AdapterSlots:
     """Adapter bookkeeping for one engine. ``model`` is the base, wrapped by peft once an adapter is attached."""
 
-    def __init__(self, model: Any, specs: Iterable[AdapterSpec], *, stats: dict[str, int]) -> None:
+    def __init__(self, model: Any, specs: Iterable[AdapterSpec], *, stats: dict[str, int],
+                 on_unload: Callable[[str, str], None] | None = None) -> None:
         self.model = model
+        self.on_unload = on_unload  # called with (served id, load name) once an adapter's weights are dropped
         self.specs: dict[str, AdapterSpec] = {a.id: a for a in specs}
         self.stats = stats
         self._loaded: dict[str, str] = {}  # served id -> name inside the peft model
@@ -41,6 +43,10 @@ class AdapterSlots:
 
     def loaded(self) -> list[str]:
         return list(self._loaded)
+
+    def load_name(self, adapter: str) -> str:
+        """The name of this load of ``adapter`` inside the peft model: a reload gets a new one."""
+        return self._loaded[adapter]
 
     def is_loaded(self, adapter: str) -> bool:
         return adapter in self._loaded
@@ -79,8 +85,11 @@ class AdapterSlots:
             self._pending_unload.add(adapter)
             return
         self._pending_unload.discard(adapter)
-        self.model = detach_adapter(self.model, self._loaded.pop(adapter))
+        name = self._loaded.pop(adapter)
+        self.model = detach_adapter(self.model, name)
         self.stats["adapter_unloads"] += 1
+        if self.on_unload is not None:
+            self.on_unload(adapter, name)
 
     def select(self, adapter: str | None) -> Any:
         """Activate ``adapter`` (None: the served model) and return the context to run the forward pass in."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from llmstack.serve.engine.output import extend_text
 from llmstack.serve.engine.sampling import adjust_logits, choice_seed, random_seed, sample_token, token_logprobs
 from llmstack.serve.engine.work import Row, Work
 
@@ -50,6 +51,12 @@ class Batch:
     # Each call runs on the engine thread and ends with sampling, so a token is sent as soon as it exists.
 
     def prefill(self) -> None:
+        """One forward pass over the prompts, on top of the KV states of their longest cached block prefixes.
+
+        Row ``j`` lays out as ``[pad | cached c_j | pad | rest r_j]`` along the sequence: both parts are
+        left-padded to the widest, padding is masked and positions count real tokens only, so each row
+        computes what it would alone. The prompts' new full blocks then go into the prefix cache.
+        """
         import torch
 
         now = time.time()
@@ -57,20 +64,80 @@ class Batch:
             row.work.started = now
         if not self.rows:
             return
-        self.engine.stats["batches"] += 1
-        width = max(row.prompt_len for row in self.rows)
-        pad = self.engine.tokenizer.pad_token_id if self.engine.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(self.rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(self.rows), width), dtype=torch.long)
-        for j, row in enumerate(self.rows):  # left padding: every prompt ends at the last column
+        engine = self.engine
+        engine.stats["batches"] += 1
+        cache = engine.new_cache()
+        store = engine.prefix_cache if cache is not None else None
+        namespace = engine.prefix_namespace(self.adapter) if store is not None else ""
+        hits: dict[int, list[Any]] = {}  # per work: its cached blocks' KV, looked up once for all its choices
+        keys: dict[int, list[bytes]] = {}
+        for row in self.rows:
+            work = row.work
+            if store is None or id(work) in hits:
+                continue
+            keys[id(work)] = store.block_keys(namespace, work.prompt_ids)
+            usable = (len(work.prompt_ids) - 1) // store.block  # at least one token left to compute logits from
+            hits[id(work)] = store.lookup(keys[id(work)][:usable])
+            work.prefix_cached_tokens = len(hits[id(work)]) * store.block
+            engine.stats["prefix_queries"] += 1
+            engine.stats["prefix_hits"] += bool(hits[id(work)])
+            engine.stats["prefix_hit_tokens"] += work.prefix_cached_tokens
+        cached = [row.work.prefix_cached_tokens or 0 for row in self.rows]
+        rest = [row.prompt_len - c for row, c in zip(self.rows, cached)]
+        width_c, width_r = max(cached), max(rest)
+        pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(self.rows), width_r), pad, dtype=torch.long)
+        mask = torch.zeros((len(self.rows), width_c + width_r), dtype=torch.long)
+        for j, row in enumerate(self.rows):
             prompt = row.work.prompt_ids
-            ids[j, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-            mask[j, width - len(prompt):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]: each row counts from its first real token
+            ids[j, width_r - rest[j]:] = torch.tensor(prompt[cached[j]:], dtype=torch.long)
+            mask[j, width_c - cached[j]:width_c] = 1
+            mask[j, width_c + width_r - rest[j]:] = 1
+        if width_c:
+            cache = self._cached_prefix(cache, [hits.get(id(row.work), []) for row in self.rows], width_c)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, width_c:]  # [B, width_r]: counting real tokens only
         self.mask = mask
-        self._forward(ids, positions, cache=None)
+        self._forward(ids, positions, cache=cache)
         self.positions = positions[:, -1:]
+        if store is not None:
+            self._store_blocks(store, namespace, keys, cached, rest, width_c + width_r)
         self._sample()
+
+    def _cached_prefix(self, cache: Any, blocks: list[list[Any]], width: int) -> Any:
+        """``cache`` filled, per layer, with each row's cached blocks right-aligned in ``width`` columns."""
+        import torch
+
+        sample = next(b for b in blocks if b)[0]  # one block's per-layer (keys, values)
+        for i, (layer, (k0, v0)) in enumerate(zip(cache.layers, sample)):
+            keys = k0.new_zeros((len(blocks), k0.shape[0], width, k0.shape[-1]))  # [B, H, width, D]
+            values = v0.new_zeros((len(blocks), v0.shape[0], width, v0.shape[-1]))
+            for j, row_blocks in enumerate(blocks):
+                if row_blocks:
+                    n = len(row_blocks) * k0.shape[-2]
+                    keys[j, :, width - n:] = torch.cat([blk[i][0] for blk in row_blocks], dim=-2)
+                    values[j, :, width - n:] = torch.cat([blk[i][1] for blk in row_blocks], dim=-2)
+            layer.fill(keys, values)
+        return cache
+
+    def _store_blocks(self, store: Any, namespace: str, keys: dict[int, list[bytes]], cached: list[int],
+                      rest: list[int], width: int) -> None:
+        """Copy each prompt's full blocks past its cached part out of the batch's KV cache into ``store``."""
+        layers = cache_layers(self.cache)
+        done: set[int] = set()
+        for j, row in enumerate(self.rows):
+            work = row.work
+            if id(work) in done:
+                continue
+            done.add(id(work))
+            start = width - rest[j] - cached[j]  # prompt token t >= cached[j] sits in column start + t
+            for b in range(cached[j] // store.block, len(keys[id(work)])):
+                key = keys[id(work)][b]
+                if key in store:
+                    continue
+                lo = start + b * store.block
+                store.insert(key, namespace, [(layer.keys[j, :, lo:lo + store.block].clone(),
+                                               layer.values[j, :, lo:lo + store.block].clone())
+                                              for layer in layers])
 
     def step(self) -> None:
         import torch
@@ -153,19 +220,19 @@ class Batch:
                 row.eos = True
             elif len(row.ids) >= row.max_tokens or row.prompt_len + len(row.ids) >= engine.max_model_len:
                 row.finish_reason = "length"
-            row.text = engine.tokenizer.decode(row.ids, skip_special_tokens=True,
-                                               clean_up_tokenization_spaces=False)
-            for stop in row.params.stop:
-                at = row.text.find(stop)
+            extend_text(engine.tokenizer, row)
+            for stop in row.params.stop:  # only text not searched before can hold a new match
+                at = row.text.find(stop, max(0, row.searched - len(stop) + 1))
                 if at >= 0:
                     row.text = row.text[:at]
                     row.finish_reason = "stop"
+            row.searched = len(row.settled)
 
 
 def cache_layers(cache: Any) -> list[Any] | None:
     """The per-layer key/value holders of a dynamic KV cache, or None when merging is not supported."""
     layers = getattr(cache, "layers", None)
-    if not layers or not all(type(layer).__name__ == "DynamicLayer" for layer in layers):
+    if not layers or not all(type(layer).__name__ in ("DynamicLayer", "GrowingLayer") for layer in layers):
         return None
     return list(layers)
 

@@ -36,6 +36,7 @@ def chunk_of(engine: TransformersEngine, work: Work, now: float) -> GenerationCh
         arrival = work.request.arrival_time
         chunk.finished = True
         chunk.prompt_tokens = len(work.prompt_ids)
+        chunk.prefix_cached_tokens = work.prefix_cached_tokens
         chunk.completion_tokens = sum(len(row.ids) + int(row.eos) for row in rows)
         chunk.timing = Timing(queue_s=max(0.0, (work.started or now) - arrival),
                               ttft_s=(min(firsts) - arrival) if firsts else None,
@@ -61,6 +62,36 @@ def logprobs_of(tokenizer: Any, row: Row, start: int) -> list[TokenLogprob] | No
     return [TokenLogprob(token=piece(token_id), token_id=token_id, logprob=logprob,
                          top=[TokenLogprob(token=piece(i), token_id=i, logprob=lp) for i, lp in best])
             for token_id, (logprob, best) in zip(row.ids[start:], row.logprobs[start:])]
+
+
+MAX_UNSETTLED_IDS = 16  # a UTF-8 character spans at most 4 bytes, hence at most 4 ids
+CONTEXT_IDS = 4  # settled ids decoded again in front of the new ones
+
+
+def extend_text(tokenizer: Any, row: Row) -> None:
+    """Bring ``row.text`` up to date with ``row.ids``, decoding only the ids since the last settled point.
+
+    Incremental detokenization: ``ids[prefix_at:read_at]`` (a few settled ids) are decoded again only as
+    context, so that a tokenizer that treats a leading piece specially decodes the new ids as it would
+    inside the whole text; the new text is what decoding them adds. A decode ending in U+FFFD (a
+    character split over tokens) stays unsettled and is decoded again with the next id; after
+    ``MAX_UNSETTLED_IDS`` such ids (a run of undecodable bytes, not a split character) it settles as it is,
+    so the window, and the cost of a step, stays bounded.
+    """
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    context = decode(row.ids[row.prefix_at:row.read_at]) if row.read_at > row.prefix_at else ""
+    window = decode(row.ids[row.prefix_at:])
+    if not window.startswith(context):  # the tokenizer merged across the boundary: decode everything once
+        row.settled, row.prefix_at, row.read_at, context = "", 0, 0, ""
+        window = decode(row.ids)
+    new = window[len(context):]
+    row.text = row.settled + new
+    # An id that adds nothing (a skipped special token) settles too.
+    if not new.endswith("\ufffd") or len(row.ids) - row.read_at > MAX_UNSETTLED_IDS:
+        row.settled, row.prefix_at, row.read_at = row.text, max(row.read_at, len(row.ids) - CONTEXT_IDS), len(row.ids)
 
 
 def safe_end(row: Row) -> int:
@@ -99,7 +130,8 @@ def assemble(chunks: list[GenerationChunk], work: Work) -> GenerationResult:
                  for i in range(n)],
         prompt_tokens=last.prompt_tokens if last else len(work.prompt_ids),
         completion_tokens=last.completion_tokens if last else 0,
-        timing=(last.timing if last and last.timing else Timing()), cached=bool(last and last.cached))
+        timing=(last.timing if last and last.timing else Timing()), cached=bool(last and last.cached),
+        prefix_cached_tokens=last.prefix_cached_tokens if last else None)
 
 
 def replay(result: GenerationResult) -> list[GenerationChunk]:

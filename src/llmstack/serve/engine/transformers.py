@@ -24,6 +24,7 @@ from llmstack.serve.engine.adapters import AdapterSlots
 from llmstack.serve.engine.cache import ResponseCache
 from llmstack.serve.engine.loading import AdapterSpec, LoadedModel, load_served_model, resolve_adapters
 from llmstack.serve.engine.output import assemble, replay
+from llmstack.serve.engine.prefix_cache import PrefixCache
 from llmstack.serve.engine.scheduler import Group, Scheduler
 from llmstack.serve.engine.work import Work
 from llmstack.serve.protocol import GenerationChunk, GenerationRequest, GenerationResult, ModelCard, Timing
@@ -46,14 +47,17 @@ class TransformersEngine:
         max_tokens_limit: largest ``max_tokens`` accepted.
         max_n: cap on choices per request.
         cache_size: entries of the response cache (0 disables it).
+        prefix_cache_mb: memory for the prefix cache's KV blocks (0 disables it).
     """
 
     def __init__(self, loaded: LoadedModel, *, adapters: Iterable[AdapterSpec] = (), default_max_tokens: int = 64,
                  max_tokens_limit: int = 512, max_n: int = 4, cache_size: int = 256,
-                 aliases: Iterable[str] = (), max_batch_rows: int | None = None) -> None:
+                 aliases: Iterable[str] = (), max_batch_rows: int | None = None,
+                 prefix_cache_mb: float = 0) -> None:
         import torch
 
         from llmstack.models.kv_cache import cache_kwarg
+        from llmstack.serve.engine.kv import new_cache
 
         self.tokenizer = loaded.tokenizer
         self.model_id = loaded.model_id
@@ -65,12 +69,17 @@ class TransformersEngine:
         self.max_n = max_n
         self.max_batch_rows = max_batch_rows  # cap on sequences per forward pass (None: no cap)
         self.stats = {"requests": 0, "cancelled": 0, "generated_tokens": 0, "batches": 0, "max_batch_size": 0,
-                      "adapter_loads": 0, "adapter_unloads": 0, "forward_passes": 0}
-        self._adapters = AdapterSlots(loaded.model, adapters, stats=self.stats)
+                      "adapter_loads": 0, "adapter_unloads": 0, "forward_passes": 0,
+                      "prefix_queries": 0, "prefix_hits": 0, "prefix_hit_tokens": 0}
+        self._adapters = AdapterSlots(loaded.model, adapters, stats=self.stats, on_unload=self._forget_adapter)
         self.adapters = self._adapters.specs
         if self.model_id in self.adapters:
             raise ModelLoadError(f"adapter id {self.model_id!r} collides with the base model's id")
         self.cache = ResponseCache(cache_size)
+        self._config = loaded.model.config
+        growing = new_cache(self._config) is not None  # else the model's own cache: no prefix reuse, no merging
+        self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 and growing else None
+        self._tokenizer_identity = tokenizer_identity(self.tokenizer)
         loaded.model.eval()
         self.max_model_len = int(getattr(loaded.model.config, "max_position_embeddings", 0) or 2048)
         self.eos_ids = _eos_ids(loaded.model, self.tokenizer)
@@ -111,7 +120,8 @@ class TransformersEngine:
         return cls.from_source(
             cfg.model, registry=Registry(cfg.registry) if cfg.registry else Registry(), adapters=cfg.adapters,
             default_max_tokens=cfg.default_max_tokens, max_tokens_limit=cfg.max_tokens_limit, max_n=cfg.max_n,
-            cache_size=cfg.response_cache_size, aliases=cfg.model_aliases, max_batch_rows=cfg.max_batch_size)
+            cache_size=cfg.response_cache_size, aliases=cfg.model_aliases, max_batch_rows=cfg.max_batch_size,
+            prefix_cache_mb=cfg.prefix_cache_mb)
 
     # ------------------------------------------------------------------ protocol
 
@@ -282,6 +292,25 @@ class TransformersEngine:
         return hit.model_copy(update={"request_id": work.request.request_id, "cached": True, "model": work.request.model,
                                       "timing": Timing(queue_s=0.0, ttft_s=elapsed, total_s=elapsed, batch_size=1)})
 
+    def new_cache(self) -> Any:
+        """An empty KV cache for a prefill (None: let the model build its own)."""
+        from llmstack.serve.engine.kv import new_cache
+
+        return new_cache(self._config)
+
+    def prefix_namespace(self, adapter: str | None, load_name: str | None = None) -> str:
+        """What prefix-cache keys share with the weights they were computed under: model version, tokenizer,
+        and the adapter's identity (its content) and load (a reload under the same name starts afresh)."""
+        if adapter is None:
+            return f"{self.identity}|{self._tokenizer_identity}|-"
+        load_name = load_name or self._adapters.load_name(adapter)
+        return f"{self.identity}|{self._tokenizer_identity}|{self.adapters[adapter].identity}#{load_name}"
+
+    def _forget_adapter(self, adapter: str, load_name: str) -> None:
+        """An adapter's weights were dropped: so are its prefix blocks (no later key could reach them)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.drop(self.prefix_namespace(adapter, load_name))
+
     # ------------------------------------------------------------------ adapters
 
     async def acquire_adapter(self, adapter: str | None) -> None:
@@ -369,6 +398,18 @@ def _check_text(text: Any, param: str) -> None:
         except UnicodeEncodeError as exc:
             raise RequestError(f"{param} is not valid Unicode text ({exc.reason} at position {exc.start})",
                                param=param, code="invalid_text") from None
+
+
+def tokenizer_identity(tokenizer: Any) -> str:
+    """A digest of the tokenizer's vocabulary and rules (its class and size where it cannot serialise)."""
+    import hashlib
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    try:
+        text = backend.to_str() if backend is not None else f"{type(tokenizer).__name__}:{len(tokenizer)}"
+    except Exception:  # noqa: BLE001
+        text = f"{type(tokenizer).__name__}:{len(tokenizer)}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -22,6 +22,7 @@ class Work:
     rows: list[Row] = field(default_factory=list)
     reported: bool = False  # its last chunk went out
     batch_size: int = 0  # most sequences decoded together with it
+    prefix_cached_tokens: int | None = None  # prompt tokens whose KV came from the prefix cache (None: not asked)
 
 
 @dataclass(eq=False)
@@ -35,7 +36,11 @@ class Row:
     max_tokens: int
     prompt_len: int
     ids: list[int] = field(default_factory=list)
-    text: str = ""
+    text: str = ""  # decoded ids: ``settled`` plus the decode of the ids from ``read_at`` on
+    settled: str = ""  # text of ids[:read_at]; never changes once decoded
+    prefix_at: int = 0  # incremental detokenization: ids[prefix_at:read_at] decode as context for the new ids
+    read_at: int = 0
+    searched: int = 0  # characters of text already searched for stop strings (and settled)
     emitted: int = 0  # characters of text already sent
     finish_reason: str | None = None
     finish_sent: bool = False

@@ -199,7 +199,8 @@ async def _complete(engine: Any, requests: list[GenerationRequest], model: str, 
     choices = []
     for i, (result, prompt) in enumerate(zip(results, prompts)):
         metrics.observe_result(model, prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                               timing=result.timing, cached=result.cached)
+                               timing=result.timing, cached=result.cached,
+                               prefix_cached_tokens=result.prefix_cached_tokens)
         for choice in result.choices:
             echoed = prompt if body.echo and isinstance(prompt, str) else ""
             choices.append(CompletionChoice(index=i * n + choice.index, text=echoed + choice.text,
@@ -217,7 +218,8 @@ async def _complete(engine: Any, requests: list[GenerationRequest], model: str, 
 async def _chat(engine: Any, request: GenerationRequest, model: str, metrics: ServeMetrics) -> JSONResponse:
     result = await engine.generate(request)
     metrics.observe_result(model, prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                           timing=result.timing, cached=result.cached)
+                           timing=result.timing, cached=result.cached,
+                           prefix_cached_tokens=result.prefix_cached_tokens)
     response = ChatCompletionResponse(
         id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model,
         choices=[ChatChoice(index=c.index, message=ChatChoiceMessage(content=c.text), finish_reason=c.finish_reason,

@@ -33,11 +33,19 @@ class ServeMetrics:
                                     ["model"], buckets=BATCH_BUCKETS, registry=r)
         self.cache_hits = Counter("llmstack_response_cache_hits", "Requests answered from the response cache",
                                   ["model"], registry=r)
+        self.prefix_queries = Counter("llmstack_prefix_cache_queries",
+                                      "Prompts looked up in the prefix cache", ["model"], registry=r)
+        self.prefix_hits = Counter("llmstack_prefix_cache_hits",
+                                   "Prompts that reused at least one cached prefix block", ["model"], registry=r)
+        self.prefix_hit_tokens = Counter("llmstack_prefix_cache_hit_tokens",
+                                         "Prompt tokens whose KV states came from the prefix cache", ["model"],
+                                         registry=r)
         self.shed = Counter("llmstack_requests_shed", "Requests refused because the queue was full",
                             ["model"], registry=r)
 
     def observe_result(self, model: str, *, prompt_tokens: int, completion_tokens: int, timing: Any,
-                       cached: bool) -> None:
+                       cached: bool, prefix_cached_tokens: int | None = None) -> None:
+        self.observe_prefix(model, prefix_cached_tokens)
         self.prompt_tokens.labels(model).inc(prompt_tokens)
         self.completion_tokens.labels(model).inc(completion_tokens)
         if cached:
@@ -48,6 +56,15 @@ class ServeMetrics:
             if not cached:
                 self.queue_wait.labels(model).observe(timing.queue_s)
                 self.batch_size.labels(model).observe(timing.batch_size)
+
+    def observe_prefix(self, model: str, cached_tokens: int | None) -> None:
+        """One prompt's prefix-cache lookup (None: the cache was not asked, e.g. a response-cache hit)."""
+        if cached_tokens is None:
+            return
+        self.prefix_queries.labels(model).inc()
+        if cached_tokens:
+            self.prefix_hits.labels(model).inc()
+            self.prefix_hit_tokens.labels(model).inc(cached_tokens)
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

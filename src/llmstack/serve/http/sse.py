@@ -117,6 +117,7 @@ async def stream_response(engine: Any, requests: list[GenerationRequest], model:
                     metrics.completion_tokens.labels(model).inc(item.completion_tokens)
                     if item.cached:
                         metrics.cache_hits.labels(model).inc()
+                    metrics.observe_prefix(model, item.prefix_cached_tokens)
                     if item.timing is not None and not item.cached:
                         metrics.queue_wait.labels(model).observe(item.timing.queue_s)
                         metrics.batch_size.labels(model).observe(item.timing.batch_size)
