@@ -25,6 +25,7 @@ POLICIES = ("cost", "latency", "round_robin")
 INGRESS = "RegionIngress"
 REGION_HEADER = "x-llmstack-region"  # response header: the region that answered
 COST_HEADER = "x-llmstack-cost-usd"  # response header: the measured cost of a non-streamed answer
+RETRIED_HEADER = "x-llmstack-retried"  # response header: "1" when the answer came from a second region
 _NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?")
 
 

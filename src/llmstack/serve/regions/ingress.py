@@ -33,7 +33,7 @@ from llmstack.serve.deployments.client import ServeEngineClient
 from llmstack.serve.http import error_response, make_api
 from llmstack.serve.http.metrics import append_metrics
 from llmstack.serve.protocol import GenerationChunk, GenerationRequest, GenerationResult, ModelCard
-from llmstack.serve.regions.config import COST_HEADER, INGRESS, REGION_HEADER
+from llmstack.serve.regions.config import COST_HEADER, INGRESS, REGION_HEADER, RETRIED_HEADER
 from llmstack.serve.regions.cost import RegionMetrics, dollars, replica_seconds
 from llmstack.serve.regions.policy import RegionRouter
 
@@ -110,11 +110,10 @@ class RegionEngineClient:
     # ------------------------------------------------------------------ engine protocol
 
     async def models(self) -> list[ModelCard]:
+        """The model list of the first healthy region that answers (every region serves the same model)."""
         last: Exception | None = None
-        tried: set[str] = set()
-        for _ in range(len(self.clients)):
-            name = self.router.choose(exclude=tried).region
-            tried.add(name)
+        order = sorted(self.clients, key=lambda n: not self.router.regions[n].healthy)
+        for name in order:
             try:
                 return await asyncio.wait_for(self.clients[name].models(), timeout=self.cfg.attempt_timeout_s)
             except (LLMStackError, asyncio.TimeoutError) as exc:
@@ -283,10 +282,18 @@ class RegionEngineClient:
                                type="service_unavailable", code="no_region")
 
     def status(self) -> dict[str, Any]:
+        """The router's status, its clock readings also as wall-clock times (``*_wall`` / ``at``)."""
         status = self.router.status()
+        offset = time.time() - self.router.clock()
         for name, region in status["regions"].items():
             region["deployment"] = self.spec["regions"][name]["deployment"]
             region["resource"] = self.spec["regions"][name]["resource"]
+            state = self.router.regions[name]
+            for key, value in (("ejected_at", state.ejected_at), ("readmitted_at", state.readmitted_at),
+                               ("last_routed_at", state.last_routed_at)):
+                region[key + "_wall"] = None if value is None else value + offset
+        for event in status["events"]:
+            event["at"] = event["t"] + offset
         return status
 
 
@@ -311,6 +318,8 @@ class _RegionHeaders:
         async def send_with_region(message: dict) -> None:
             if message["type"] == "http.response.start" and slot.get("region"):
                 extra = [(REGION_HEADER.encode(), str(slot["region"]).encode())]
+                if slot.get("retried"):
+                    extra.append((RETRIED_HEADER.encode(), b"1"))
                 if "cost" in slot:
                     extra.append((COST_HEADER.encode(), f"{slot['cost']:.9f}".encode()))
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
@@ -331,18 +340,24 @@ def region_api(engine: RegionEngineClient, config: ServeConfig) -> Any:
     async def regions_status() -> JSONResponse:
         return JSONResponse(json.loads(json.dumps({"ok": True, **engine.status()}, default=str)))
 
-    @app.post("/regions/weights", summary="Manual traffic override {weights: {region: share}}; {} clears it")
-    async def regions_weights(request: Request) -> JSONResponse:
+    @app.post("/regions/routing", summary="Change routing now: {policy?, slo_p95_s?, weights?} "
+              "(weights {} clears the manual override)")
+    async def regions_routing(request: Request) -> JSONResponse:
         try:
             body = json.loads(await request.body() or b"{}")
         except ValueError:
             return error_response(RequestError("request body is not valid JSON", code="invalid_json"))
-        weights = body.get("weights") if isinstance(body, dict) else None
-        if not isinstance(weights, dict):
+        if not isinstance(body, dict) or set(body) - {"policy", "slo_p95_s", "weights"}:
+            return error_response(RequestError("expected a JSON object with policy, slo_p95_s and/or weights",
+                                               param="body"))
+        weights = body.get("weights")
+        if weights is not None and not isinstance(weights, dict):
             return error_response(RequestError("weights: a mapping of region to share is required",
                                                param="weights"))
         try:
-            engine.router.set_weights(weights)
+            engine.router.set_routing(policy=body.get("policy"), slo_p95_s=body.get("slo_p95_s"))
+            if weights is not None:
+                engine.router.set_weights(weights)
         except (LLMStackError, TypeError, ValueError) as exc:
             return error_response(exc if isinstance(exc, LLMStackError) else RequestError(str(exc)))
         return JSONResponse(json.loads(json.dumps({"ok": True, **engine.status()}, default=str)))

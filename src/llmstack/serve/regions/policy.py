@@ -50,6 +50,7 @@ class RegionState:
     ejected_at: float | None = None
     readmitted_at: float | None = None
     last_routed_at: float | None = None
+    seen_up: bool = False  # a probe passed or a request succeeded at least once
     totals: dict[str, int] = field(default_factory=lambda: {"routed": 0, "ok": 0, "failed": 0, "ejections": 0})
 
 
@@ -186,6 +187,7 @@ class RegionRouter:
         state.in_flight = max(0, state.in_flight - 1)
         state.samples.append((self.clock(), latency_s))
         state.totals["ok"] += 1
+        state.seen_up = True
         if state.healthy:
             state.failures = 0
 
@@ -216,11 +218,17 @@ class RegionRouter:
     # ------------------------------------------------------------------ active probes
 
     def probed(self, name: str, ok: bool, *, reason: str = "probe") -> None:
-        """One active probe's result: failures count toward ejection; passes toward re-admission."""
+        """One active probe's result: failures count toward ejection; passes toward re-admission.
+
+        Probes fail while a region's replicas are still starting: until its first passing probe or
+        answered request, a region's failed probes are not held against it (its failed requests are).
+        """
         state = self.regions[name]
         if not ok:
-            self._failure(state, hard=False, reason=reason)
+            if state.seen_up:
+                self._failure(state, hard=False, reason=reason)
             return
+        state.seen_up = True
         if state.healthy:
             state.failures = 0
             return
@@ -254,6 +262,29 @@ class RegionRouter:
         self.weights = weights
         self._event("weights", None, weights=dict(weights))
         return dict(weights)
+
+    def set_routing(self, *, policy: str | None = None, slo_p95_s: float | None = None) -> None:
+        """Change the policy or the SLO at run time (the next request uses them).
+
+        Raises:
+            ConfigError: an unknown policy or an SLO <= 0.
+        """
+        import dataclasses
+
+        from llmstack.errors import ConfigError
+        from llmstack.serve.regions.config import POLICIES
+
+        problems = []
+        if policy is not None and policy not in POLICIES:
+            problems.append(f"policy: must be one of {', '.join(POLICIES)}, got {policy!r}")
+        if slo_p95_s is not None and not (isinstance(slo_p95_s, (int, float)) and slo_p95_s > 0):
+            problems.append(f"slo_p95_s: must be > 0, got {slo_p95_s!r}")
+        if problems:
+            raise ConfigError(problems)
+        changes = {k: v for k, v in (("policy", policy), ("slo_p95_s", slo_p95_s)) if v is not None}
+        if changes:
+            self.cfg = dataclasses.replace(self.cfg, **changes)
+            self._event("routing", None, **changes)
 
     def _event(self, kind: str, region: str | None, **data: Any) -> None:
         self.events.append({"t": self.clock(), "event": kind, **({"region": region} if region else {}), **data})

@@ -141,6 +141,7 @@ def test_cost_and_tokens_are_counted_per_region() -> None:
 
 def test_probes_eject_and_readmit() -> None:
     client, fakes = make(readmit_after_probes=2)
+    run(client.probe_all())  # both up once
     fakes["a"].fail = UNAVAILABLE
 
     async def rounds(n: int) -> None:

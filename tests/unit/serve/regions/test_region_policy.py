@@ -171,3 +171,14 @@ def test_released_gives_no_health_evidence() -> None:
     r.begin("us-east")
     r.released("us-east")
     assert r.regions["us-east"].failures == 0 and r.regions["us-east"].in_flight == 0
+
+
+def test_failed_probes_of_a_region_still_starting_do_not_eject_it() -> None:
+    r, _ = router("cost")
+    for _ in range(5):
+        r.probed("us-east", False)
+    assert r.regions["us-east"].healthy
+    r.probed("us-east", True)
+    r.probed("us-east", False)
+    r.probed("us-east", False)
+    assert not r.regions["us-east"].healthy
