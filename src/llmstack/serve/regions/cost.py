@@ -126,3 +126,31 @@ def format_cost(report: dict[str, Any]) -> str:
         lines.append(f"{name:<16}{r['requests']:>10.0f}{r['tokens']:>10.0f}{fmt(r['cost_usd'], '.6f'):>14}"
                      f"{fmt(r['tokens_per_dollar'], '.0f'):>14}{fmt(r['usd_per_1k_tokens'], '.6f'):>14}")
     return "\n".join(lines)
+
+
+def app_cost(url: str, *, api_key: str | None = None, timeout_s: float = 10.0) -> dict[str, Any]:
+    """The :func:`cost_report` of a running multi-region app, read from its ``/metrics``.
+
+    Raises:
+        LLMStackError: the app cannot be reached, or it has no region metrics (not a multi-region app).
+
+    Example:
+        >>> print(format_cost(app_cost("http://127.0.0.1:8000")))  # doctest: +SKIP
+    """
+    import urllib.error
+    import urllib.request
+
+    from llmstack.errors import LLMStackError
+
+    request = urllib.request.Request(url.rstrip("/") + "/metrics",
+                                     headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 - a user-given app URL
+            text = response.read().decode("utf-8", "replace")
+    except (urllib.error.URLError, OSError) as exc:
+        raise LLMStackError(f"cannot read {url.rstrip('/')}/metrics: {getattr(exc, 'reason', exc)}") from None
+    report = cost_report(text)
+    if not report["regions"]:
+        raise LLMStackError(f"{url} has no per-region cost metrics: is it a multi-region app "
+                            "(serve_configs/multi-region.yaml)?")
+    return report

@@ -40,3 +40,39 @@ def test_metrics_render_and_report_round_trip() -> None:
 def test_report_of_an_app_without_region_metrics() -> None:
     report = cost_report("llmstack_requests_total{route=\"chat\",model=\"m\",status=\"200\"} 3\n")
     assert report["regions"] == {} and report["total"]["usd_per_1k_tokens"] is None
+
+
+def test_cost_cli_reads_a_running_apps_metrics(capsys: pytest.CaptureFixture[str]) -> None:
+    import http.server
+    import json
+    import threading
+
+    from llmstack.cli import main
+
+    metrics = RegionMetrics()
+    metrics.answered("us-east", "tiny-lm", "", seconds=3.6, cost=dollars(3.6, 2.0), prompt_tokens=10,
+                     completion_tokens=990)
+    body = metrics.render(RegionRouter({"us-east": {"price_per_replica_hour": 2.0}}, {})).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200 if self.path == "/metrics" else 404)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert main(["cost", "--url", url, "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["regions"]["us-east"]["usd_per_1k_tokens"] == pytest.approx(0.002)
+        assert main(["cost", "--url", url]) == 0
+        assert "us-east" in capsys.readouterr().out
+    finally:
+        server.shutdown()
+    assert main(["cost", "--url", "http://127.0.0.1:1"]) == 2
+    assert "cannot read" in capsys.readouterr().err
