@@ -20,6 +20,7 @@ import contextvars
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -35,12 +36,16 @@ from llmstack.serve.http.metrics import append_metrics
 from llmstack.serve.protocol import GenerationChunk, GenerationRequest, GenerationResult, ModelCard
 from llmstack.serve.regions.config import COST_HEADER, INGRESS, REGION_HEADER, RETRIED_HEADER
 from llmstack.serve.regions.cost import RegionMetrics, dollars, replica_seconds
-from llmstack.serve.regions.policy import RegionRouter
+from llmstack.serve.regions.policy import RegionRouter, nearest_rank
 
 logger = logging.getLogger("ray.serve")
 
 _SLOT: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("llmstack_region_slot", default=None)
 HARD_CODES = ("backend_unavailable",)  # the region's backend is gone (dead actor, no replica): eject at once
+
+
+class _Evicted(Exception):
+    """The attempt's region was ejected while it waited: cancelled so another region can take it now."""
 
 
 class _Attempt(Exception):
@@ -70,6 +75,8 @@ class RegionEngineClient:
         self.cfg = self.router.cfg
         self.clients = {name: ServeEngineClient(h, retry_after_s=serve_cfg.retry_after_s) for name, h in handles.items()}
         self.metrics = RegionMetrics()
+        self.overheads: deque[float] = deque(maxlen=2000)  # recent router overheads (s), for status percentiles
+        self._waiting: dict[str, set[asyncio.Task]] = {name: set() for name in handles}  # attempts with no output yet
         self._probe_task: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ probes
@@ -105,6 +112,8 @@ class RegionEngineClient:
             self.router.probed(name, ok)
             if was != self.router.regions[name].healthy:
                 logger.warning("region %s %s", name, "re-admitted" if ok else "ejected by probes")
+                if not ok:
+                    self._evict(name)
         return dict(zip(names, results))
 
     # ------------------------------------------------------------------ engine protocol
@@ -141,7 +150,9 @@ class RegionEngineClient:
             outside += time.perf_counter() - began
             self._answered(name, result.model, request, result.timing, result.cached,
                            result.prompt_tokens, result.completion_tokens)
-            self.metrics.overhead.observe(max(0.0, time.perf_counter() - entered - outside))
+            overhead = max(0.0, time.perf_counter() - entered - outside)
+            self.metrics.overhead.observe(overhead)
+            self.overheads.append(overhead)
             return result
 
     async def _generate_on(self, name: str, request: GenerationRequest) -> GenerationResult:
@@ -152,7 +163,7 @@ class RegionEngineClient:
         try:
             if state.latency_s:
                 await asyncio.sleep(state.latency_s)  # the stand-in for the network distance to the region
-            result = await asyncio.wait_for(client.generate(request), timeout=self.cfg.attempt_timeout_s)
+            result = await self._bounded(name, client.generate(request))
         except BaseException as exc:
             raise self._attempt_failed(name, exc) from None
         latency = time.perf_counter() - start
@@ -191,7 +202,7 @@ class RegionEngineClient:
                 await asyncio.sleep(state.latency_s)
             async with contextlib.aclosing(self.clients[name].stream(request)) as source:
                 try:
-                    first = await asyncio.wait_for(source.__anext__(), timeout=self.cfg.attempt_timeout_s)
+                    first = await self._bounded(name, source.__anext__())
                 except StopAsyncIteration:
                     first = None
                 last = first
@@ -220,14 +231,46 @@ class RegionEngineClient:
             ended = True
             raise self._attempt_failed(name, exc) from None
 
+    async def _bounded(self, name: str, awaitable: Any) -> Any:
+        """The region's answer (or first chunk) within ``attempt_timeout_s``; given up at once (``_Evicted``) if
+        the region is ejected meanwhile, so the request moves to another region instead of waiting out the timeout."""
+        task = asyncio.ensure_future(awaitable)
+        waiting = self._waiting.setdefault(name, set())
+        waiting.add(task)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self.cfg.attempt_timeout_s)
+        except asyncio.CancelledError:  # the caller gave up
+            task.cancel()
+            raise
+        finally:
+            waiting.discard(task)
+        if not done:
+            task.cancel()
+            raise asyncio.TimeoutError
+        if task.cancelled():
+            raise _Evicted(name)
+        return task.result()
+
+    def _evict(self, name: str) -> None:
+        """Cancel the attempts still waiting on an ejected region (they are retried elsewhere)."""
+        for task in list(self._waiting.get(name, ())):
+            task.cancel()
+
     def _attempt_failed(self, name: str, exc: BaseException) -> BaseException:
         """Book a failed attempt on the region and say whether another region may retry it."""
         if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):  # the caller gave up: no evidence
             self.router.released(name)
             self.metrics.requests.labels(name, "cancelled").inc()
             return exc
+        if isinstance(exc, _Evicted):  # the region was ejected while this waited: no further evidence
+            self.router.released(name)
+            self.metrics.requests.labels(name, "evicted").inc()
+            error = RequestError(f"region {name} was ejected while the request waited", status_code=503,
+                                 type="service_unavailable", code="region_ejected",
+                                 headers={"Retry-After": "1"})
+            return _Attempt(error, retryable=True)
         if isinstance(exc, asyncio.TimeoutError):
-            self.router.failed(name, reason="timeout")
+            self._failed(name, reason="timeout")
             self.metrics.requests.labels(name, "failed").inc()
             error = RequestError(f"region {name} did not answer within {self.cfg.attempt_timeout_s:g} s",
                                  status_code=504, type="timeout_error", code="region_timeout")
@@ -242,9 +285,16 @@ class RegionEngineClient:
             self.router.released(name)
             self.metrics.requests.labels(name, "shed").inc()
             return _Attempt(error, retryable=True)
-        self.router.failed(name, hard=error.code in HARD_CODES, reason=error.code or error.type)
+        self._failed(name, hard=error.code in HARD_CODES, reason=error.code or error.type)
         self.metrics.requests.labels(name, "failed").inc()
         return _Attempt(error, retryable=True)
+
+    def _failed(self, name: str, *, hard: bool = False, reason: str) -> None:
+        was = self.router.regions[name].healthy
+        self.router.failed(name, hard=hard, reason=reason)
+        if was and not self.router.regions[name].healthy:
+            logger.warning("region %s ejected (%s)", name, reason)
+            self._evict(name)
 
     def _another(self, tried: list[str]) -> bool:
         return any(n not in tried for n in self.router.regions)
@@ -294,6 +344,9 @@ class RegionEngineClient:
                 region[key + "_wall"] = None if value is None else value + offset
         for event in status["events"]:
             event["at"] = event["t"] + offset
+        recent = list(self.overheads)
+        status["router_overhead_s"] = {"n": len(recent), "p50": nearest_rank(recent, 50),
+                                       "p95": nearest_rank(recent, 95)}
         return status
 
 

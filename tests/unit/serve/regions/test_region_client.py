@@ -168,3 +168,21 @@ def test_health_fails_only_when_every_region_is_ejected() -> None:
     client.router.failed("b", hard=True)
     with pytest.raises(RequestError, match="every region is ejected"):
         run(health())
+
+
+def test_attempts_waiting_on_a_region_move_at_once_when_it_is_ejected() -> None:
+    client, fakes = make(weights={"a": 1}, attempt_timeout_s=30)
+    fakes["a"].hang = True
+
+    async def scenario() -> tuple[str, float]:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        pending = asyncio.ensure_future(client.generate(request()))
+        await asyncio.sleep(0.05)
+        client._failed("a", hard=True, reason="backend_unavailable")  # another request saw the region die
+        result = await pending
+        return result.choices[0].text, loop.time() - start
+
+    text, took = run(scenario())
+    assert text == "b" and took < 2  # not the 30 s attempt timeout
+    assert client.router.regions["a"].in_flight == 0
