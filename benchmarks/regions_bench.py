@@ -126,7 +126,7 @@ def failover(rc: Any, url: str, model: str) -> dict[str, Any]:
         "kill_to_ejection_s": (eu_kill["ejected_at_wall"] or float("nan")) - t_kill,
         "failed_requests": sum(1 for s in samples if s["status"] != 200),
         "failed_attempts_retried": sum(1 for s in samples if s["retried"]),
-        "eu_west_failed_attempts": eu_kill["totals"]["failed"],
+        "eu_west_failed_attempts": eu_kill["totals"]["failed"], "eu_west_moved_attempts": eu_kill["totals"]["moved"],
         "requests": len(samples), "requests_during_fault": len(fault),
         "availability": sum(1 for s in samples if s["status"] == 200) / len(samples) if samples else None,
         "readmission_s": None if readmitted is None else readmitted - t_add,
@@ -215,8 +215,9 @@ def report(r: dict[str, Any], plotted: bool) -> str:
               f"| kill to the router's last dispatch to eu-west | {fo['kill_to_last_dispatch_s']:.2f} s |",
               f"| kill to eu-west ejected | {fo['kill_to_ejection_s']:.2f} s |",
               f"| requests failed (as clients saw them) | {fo['failed_requests']} of {fo['requests']} |",
-              f"| attempts failed on eu-west, answered by another region after one retry | "
-              f"{fo['failed_attempts_retried']} (router counted {fo['eu_west_failed_attempts']} failed attempts) |",
+              f"| requests answered by another region after one retry | {fo['failed_attempts_retried']} (router: "
+              f"{fo['eu_west_failed_attempts']} attempts failed on eu-west, {fo['eu_west_moved_attempts']} waiting on it "
+              "moved when it was ejected) |",
               f"| availability over the whole run | {fo['availability']:.2%} |",
               f"| new node to eu-west re-admitted | {_s(fo['readmission_s'])} |",
               f"| new node to eu-west's first answer | {_s(fo['first_eu_west_answer_s'])} |",

@@ -263,7 +263,7 @@ class RegionEngineClient:
             self.metrics.requests.labels(name, "cancelled").inc()
             return exc
         if isinstance(exc, _Evicted):  # the region was ejected while this waited: no further evidence
-            self.router.released(name)
+            self.router.released(name, moved=True)
             self.metrics.requests.labels(name, "evicted").inc()
             error = RequestError(f"region {name} was ejected while the request waited", status_code=503,
                                  type="service_unavailable", code="region_ejected",

@@ -51,7 +51,8 @@ class RegionState:
     readmitted_at: float | None = None
     last_routed_at: float | None = None
     seen_up: bool = False  # a probe passed or a request succeeded at least once
-    totals: dict[str, int] = field(default_factory=lambda: {"routed": 0, "ok": 0, "failed": 0, "ejections": 0})
+    totals: dict[str, int] = field(default_factory=lambda: {"routed": 0, "ok": 0, "failed": 0, "moved": 0,
+                                                                 "ejections": 0})
 
 
 def nearest_rank(values: Iterable[float], q: float) -> float | None:
@@ -198,10 +199,13 @@ class RegionRouter:
         state.totals["failed"] += 1
         self._failure(state, hard=hard, reason=reason)
 
-    def released(self, name: str) -> None:
-        """A request ended without evidence either way (the client left, or a 4xx: the caller's mistake)."""
+    def released(self, name: str, *, moved: bool = False) -> None:
+        """A request ended without evidence either way (the client left, a 4xx: the caller's mistake, or
+        ``moved``: it was waiting on the region when the region was ejected, and goes elsewhere)."""
         state = self.regions[name]
         state.in_flight = max(0, state.in_flight - 1)
+        if moved:
+            state.totals["moved"] += 1
 
     def _failure(self, state: RegionState, *, hard: bool, reason: str) -> None:
         if not state.healthy:

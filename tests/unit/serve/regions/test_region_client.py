@@ -185,4 +185,4 @@ def test_attempts_waiting_on_a_region_move_at_once_when_it_is_ejected() -> None:
 
     text, took = run(scenario())
     assert text == "b" and took < 2  # not the 30 s attempt timeout
-    assert client.router.regions["a"].in_flight == 0
+    assert client.router.regions["a"].in_flight == 0 and client.router.regions["a"].totals["moved"] == 1
