@@ -125,6 +125,8 @@ def failover(rc: Any, url: str, model: str) -> dict[str, Any]:
         "kill_to_last_dispatch_s": eu_kill["last_routed_at_wall"] - t_kill,
         "kill_to_ejection_s": (eu_kill["ejected_at_wall"] or float("nan")) - t_kill,
         "failed_requests": sum(1 for s in samples if s["status"] != 200),
+        # a stream cut after its output began on the killed region (the rule forbids retrying it)
+        "failed_started_streams": sum(1 for s in samples if s["status"] == 599),
         "failed_attempts_retried": sum(1 for s in samples if s["retried"]),
         "eu_west_failed_attempts": eu_kill["totals"]["failed"], "eu_west_moved_attempts": eu_kill["totals"]["moved"],
         "requests": len(samples), "requests_during_fault": len(fault),
@@ -214,7 +216,9 @@ def report(r: dict[str, Any], plotted: bool) -> str:
               "| figure | value |", "|---|---|",
               f"| kill to the router's last dispatch to eu-west | {fo['kill_to_last_dispatch_s']:.2f} s |",
               f"| kill to eu-west ejected | {fo['kill_to_ejection_s']:.2f} s |",
-              f"| requests failed (as clients saw them) | {fo['failed_requests']} of {fo['requests']} |",
+              f"| requests failed (as clients saw them) | {fo['failed_requests']} of {fo['requests']} "
+              f"({fo['failed_started_streams']} of them streams cut after their output began on eu-west: never "
+              "retried, by the rule) |",
               f"| requests answered by another region after one retry | {fo['failed_attempts_retried']} (router: "
               f"{fo['eu_west_failed_attempts']} attempts failed on eu-west, {fo['eu_west_moved_attempts']} waiting on it "
               "moved when it was ejected) |",

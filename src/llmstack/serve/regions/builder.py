@@ -18,7 +18,8 @@ from typing import Any
 
 from llmstack.config import ServeConfig, load_config, to_dict
 from llmstack.errors import ResourceError
-from llmstack.serve.deployments.builder import INGRESS_CPUS, INGRESS_OPTIONS, resolve_config, run_app, server_options
+from llmstack.serve.deployments.builder import (INGRESS_CPUS, INGRESS_OPTIONS, Deployment, resolve_config, run_app,
+                                                server_options)
 from llmstack.serve.regions.config import RegionsConfig, load_regions_config, spec_of
 
 REGION_RESOURCE_SHARE = 0.001  # what one replica asks of its region's marker resource (any node holds 1)
@@ -119,30 +120,10 @@ def check_region_nodes(spec: dict[str, Any]) -> None:
 
 
 @dataclasses.dataclass
-class RegionsDeployment:
-    """A running multi-region app: base URL, app name, the resolved spec; ``shutdown()`` deletes it."""
+class RegionsDeployment(Deployment):
+    """A running multi-region app (a :class:`~llmstack.serve.Deployment`) with its resolved per-region spec."""
 
-    url: str
-    app_name: str
-    spec: dict[str, Any]
-
-    @property
-    def openai_base_url(self) -> str:
-        return self.url.rstrip("/") + "/v1"
-
-    def shutdown(self) -> None:
-        from ray import serve
-
-        try:
-            serve.delete(self.app_name)
-        except Exception:
-            pass
-
-    def __enter__(self) -> RegionsDeployment:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
+    spec: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def deploy_regions(config: dict[str, Any] | str | None = None, *, replace: bool = False,
@@ -177,7 +158,7 @@ def deploy_regions(config: dict[str, Any] | str | None = None, *, replace: bool 
     needs = [(serve_cfg.num_cpus, replicas), (INGRESS_CPUS, int(spec["routing"].get("router_replicas", 1)))]
     url = run_app(app_of(spec), serve_cfg, replace=replace, timeout_s=timeout_s, needs=needs,
                   what="multi-region application")
-    return RegionsDeployment(url=url, app_name=serve_cfg.app_name, spec=spec)
+    return RegionsDeployment(config=serve_cfg, url=url, app_name=serve_cfg.app_name, spec=spec)
 
 
 def _own(cfg: RegionsConfig) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from llmstack.config import ServeConfig, load_config, to_dict
+from llmstack.config import ServeConfig, load_beside_serve, to_dict
 from llmstack.errors import ConfigError
 
 POLICIES = ("cost", "latency", "round_robin")
@@ -132,16 +132,7 @@ def load_regions_config(args: dict[str, Any] | str | None) -> tuple[RegionsConfi
         args = serve_app_args(args, source=where, import_path=REGIONS_APP_BUILDER)
     data = dict(args or {})
     own = {k: data.pop(k) for k in ("regions", "routing") if k in data}
-    problems: list[str] = []
-    cfg = serve_cfg = None
-    try:
-        cfg = load_config(RegionsConfig, own)
-    except ConfigError as exc:
-        problems += exc.problems
-    try:
-        serve_cfg = load_config(ServeConfig, data)
-    except ConfigError as exc:
-        problems += exc.problems
+    cfg, serve_cfg, problems = load_beside_serve(RegionsConfig, own, data)
     if problems:
         raise ConfigError(problems, source=where)
     return cfg, serve_cfg  # type: ignore[return-value]
