@@ -48,6 +48,8 @@ def result() -> dict[str, Any]:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
         data = json.loads(out.read_text()) if out.is_file() else {"ok": False, "error": "no result"}
+        keep = Path(tempfile.gettempdir()) / "llmstack-regions-last-result.json"  # for a look after a failure
+        keep.write_text(json.dumps(data, default=str))
         if not data.get("ok"):
             pytest.fail(f"driver failed: {data.get('error')}\n{data.get('traceback', '')}\n{log[-4000:]}")
         return data
@@ -103,12 +105,13 @@ def test_failover_on_a_killed_region_retries_once_and_loses_nothing(result: dict
     assert eu["healthy"] is False
     assert eu["ejected_at_wall"] - kill < 10
     late = [s for s in samples if s["sent"] > eu["ejected_at_wall"] + 0.5]
-    assert late and all(s["region"] != "eu-west" for s in late)  # no traffic once ejected
+    assert late and all(s["region"] != "eu-west" for s in late), [s for s in late if s["region"] == "eu-west"]
     retried = [s for s in samples if s["retried"]]
     # every attempt that failed on eu-west, or waited on it when it was ejected, came back as one retried
-    # answer from another region
+    # answer from another region, but for the started stream (a failed attempt too, not retried)
     assert all(s["region"] != "eu-west" for s in retried)
-    assert retried and len(retried) == eu["totals"]["failed"] + eu["totals"]["moved"]
+    assert retried and len(retried) + len(lost) == eu["totals"]["failed"] + eu["totals"]["moved"], \
+        (retried, lost, eu["totals"])
 
 
 def test_a_new_node_in_the_region_is_readmitted_and_takes_traffic(result: dict[str, Any]) -> None:
