@@ -155,13 +155,13 @@ def test_multi_region_file_fails_fast_naming_regions_without_nodes(quickstart_re
 
 
 @contextlib.contextmanager
-def _marked_cluster(tmp_path: Path, resources: dict[str, float]) -> Iterator[str]:
+def _marked_cluster(tmp_path: Path, resources: dict[str, float], **env_extra: str) -> Iterator[str]:
     """A local Ray cluster of our own whose one node holds ``resources``; owned by a holder process, so ending
     that process (and nothing else) stops it."""
     holder = ("import json, sys, ray; ray.init(num_cpus=2, object_store_memory=150 * 2**20, include_dashboard=False, "
               f"resources={resources!r}); print(ray.get_runtime_context().gcs_address, flush=True); sys.stdin.read()")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_TMPDIR=str(tmp_path), RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
+    env.update(RAY_TMPDIR=str(tmp_path), RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", **env_extra)
     proc = subprocess.Popen([sys.executable, "-c", holder], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
@@ -181,7 +181,9 @@ def _marked_cluster(tmp_path: Path, resources: dict[str, float]) -> Iterator[str
 def test_serve_run_multi_region_on_marked_nodes(quickstart_registry: str, tmp_path: Path) -> None:
     """The shipped multi-region file on one 2-CPU node holding both regions' markers (as its comments say)."""
     short = Path(tempfile.mkdtemp(prefix="lsm-"))  # Ray's socket paths must stay short
-    with _marked_cluster(short, {"region:us-east": 1, "region:eu-west": 1}) as address, \
+    # `serve run` builds the app on the cluster: the registry is found through the cluster's environment
+    with _marked_cluster(short, {"region:us-east": 1, "region:eu-west": 1},
+                         LLMSTACK_REGISTRY=quickstart_registry, TOKENIZERS_PARALLELISM="false") as address, \
             _serve_run(REGION_FILE, quickstart_registry, tmp_path, address=address, RAY_TMPDIR=str(short),
                        RAY_AUTH_MODE="token") \
             as (base, _app):
