@@ -135,10 +135,7 @@ class RegionEngineClient:
         outside = 0.0  # time in the backend call and the network offset: not the router's own
         tried: list[str] = []
         while True:
-            choice = self.router.choose(exclude=tried)
-            name = choice.region
-            self._note_choice(choice, tried)
-            tried.append(name)
+            name = self._next_region(tried)
             began = time.perf_counter()
             try:
                 result = await self._generate_on(name, request)
@@ -176,10 +173,7 @@ class RegionEngineClient:
         self.start_probes()
         tried: list[str] = []
         while True:
-            choice = self.router.choose(exclude=tried)
-            name = choice.region
-            self._note_choice(choice, tried)
-            tried.append(name)
+            name = self._next_region(tried)
             started = False
             try:
                 async with contextlib.aclosing(self._stream_on(name, request)) as chunks:
@@ -299,6 +293,13 @@ class RegionEngineClient:
     def _another(self, tried: list[str]) -> bool:
         return any(n not in tried for n in self.router.regions)
 
+    def _next_region(self, tried: list[str]) -> str:
+        """The region of the next attempt (not one in ``tried``, which it joins), booked in metrics and headers."""
+        choice = self.router.choose(exclude=tried)
+        self._note_choice(choice, tried)
+        tried.append(choice.region)
+        return choice.region
+
     def _note_choice(self, choice: Any, tried: list[str]) -> None:
         if tried:
             self.metrics.retries.labels(tried[-1], choice.region).inc()
@@ -386,7 +387,7 @@ class _RegionHeaders:
 
 
 def region_api(engine: RegionEngineClient, config: ServeConfig) -> Any:
-    """The OpenAI app over ``engine`` plus ``GET /regions``, ``POST /regions/weights`` and the router's metrics."""
+    """The OpenAI app over ``engine`` plus ``GET /regions``, ``POST /regions/routing`` and the router's metrics."""
     app = make_api(engine, config)
 
     @app.get("/regions", summary="Regions: health, p95, in flight, prices, the policy and recent events")
