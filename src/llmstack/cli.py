@@ -199,6 +199,17 @@ def cmd_canary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cost(args: argparse.Namespace) -> int:
+    from llmstack.serve.regions.cost import app_cost, format_cost
+
+    report = app_cost(args.url, api_key=args.api_key)
+    if args.json:
+        _print_json(report)
+    else:
+        print(format_cost(report))
+    return 0
+
+
 def cmd_k8s(args: argparse.Namespace) -> int:
     from llmstack.k8s import manifest_yaml, render_manifest, write_manifest
 
@@ -386,6 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
         act.add_argument("--force", action="store_true", help="override a failed validation (recorded)")
     for act in (promote, abort):
         act.add_argument("--reason", default=None)
+
+    sub = verb("cost", cmd_cost, "cost of a running multi-region app by region: tokens per dollar, $ per 1k tokens")
+    sub.add_argument("--url", default="http://127.0.0.1:8000", help="the app's base URL (it serves /metrics)")
+    sub.add_argument("--api-key", default=None, help="the app's bearer key, if it has one")
+    sub.add_argument("--json", action="store_true", help="print the report as JSON")
 
     sub = verb("k8s", cmd_k8s, "KubeRay manifests from the same configs: a RayJob (train, finetune) or a RayService")
     actions = sub.add_subparsers(dest="k8s_action", metavar="ACTION", required=True, parser_class=_Parser)

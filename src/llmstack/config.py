@@ -555,6 +555,25 @@ def _deep_copy(data: Any) -> Any:
     return data
 
 
+def load_beside_serve(cls: type[C], own: Mapping[str, Any], served: Mapping[str, Any]) -> tuple[C | None,
+                                                                                            ServeConfig | None,
+                                                                                            list[str]]:
+    """Parse an app's own section (``cls``, e.g. canary or regions fields) and the ServeConfig fields beside it.
+
+    Returns both configs (None where that part failed) and every problem of either, so a caller can add its
+    own cross-checks and report all of them at once.
+    """
+    problems: list[str] = []
+    parsed: list[Any] = []
+    for kind, data in ((cls, own), (ServeConfig, served)):
+        try:
+            parsed.append(load_config(kind, dict(data)))
+        except ConfigError as exc:
+            problems += exc.problems
+            parsed.append(None)
+    return parsed[0], parsed[1], problems
+
+
 SERVE_APP_BUILDER = "llmstack.serve:build_app"  # import_path of a plain llmstack app in a `serve run` file
 
 

@@ -20,6 +20,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "serve_configs").glob("*.yaml"))
+# multi-region.yaml needs nodes marked with its regions' resources: its own tests below
+REGION_FILE = REPO / "serve_configs" / "multi-region.yaml"
+PLAIN_CONFIGS = [c for c in CONFIGS if c != REGION_FILE]
 
 
 def _free_port() -> int:
@@ -44,11 +47,13 @@ def quickstart_registry(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def test_every_shipped_config_is_covered() -> None:
-    assert {c.name for c in CONFIGS} >= {"tiny.yaml", "tiny-lora.yaml"}
+    assert {c.name for c in PLAIN_CONFIGS} >= {"tiny.yaml", "tiny-lora.yaml"}
+    assert REGION_FILE in CONFIGS
 
 
 @contextlib.contextmanager
-def _serve_run(config: Path, registry: str, tmp_path: Path, **env_extra: str) -> Iterator[tuple[str, dict]]:
+def _serve_run(config: Path, registry: str, tmp_path: Path, *, address: str = "local",
+               **env_extra: str) -> Iterator[tuple[str, dict]]:
     """``serve run`` on ``config`` exactly as shipped but for a free port, until healthy; Ctrl-C at the end."""
     data = yaml.safe_load(config.read_text())
     port = _free_port()
@@ -61,13 +66,14 @@ def _serve_run(config: Path, registry: str, tmp_path: Path, **env_extra: str) ->
     env.update(LLMSTACK_REGISTRY=registry, RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false", **env_extra)
     serve_bin = Path(sys.executable).parent / "serve"
     log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen([str(serve_bin), "run", "--address", "local", str(patched)], cwd=REPO, env=env,
+    proc = subprocess.Popen([str(serve_bin), "run", "--address", address, str(patched)], cwd=REPO, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_healthy(base, proc, tmp_path / "serve.log")
         yield base, app
     finally:
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: serve run shuts Serve down
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: serve run shuts Serve down
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -77,7 +83,7 @@ def _serve_run(config: Path, registry: str, tmp_path: Path, **env_extra: str) ->
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+@pytest.mark.parametrize("config", PLAIN_CONFIGS, ids=[c.name for c in PLAIN_CONFIGS])
 def test_serve_run(config: Path, quickstart_registry: str, tmp_path: Path) -> None:
     with _serve_run(config, quickstart_registry, tmp_path) as (base, app):
         models = requests.get(base + "/v1/models", timeout=10).json()["data"]
@@ -113,6 +119,89 @@ def test_serve_run_behind_haproxy(quickstart_registry: str, tmp_path: Path) -> N
         assert "replacing Serve proxy with HAProxy" in log, log[-2000:]  # really HAProxy, not the Python proxy
 
 
+@pytest.mark.slow
+def test_multi_region_file_fails_fast_naming_regions_without_nodes(quickstart_registry: str, tmp_path: Path) -> None:
+    """On a plain local cluster (no node marked region:us-east / region:eu-west) the app fails to deploy at
+    once, naming the regions (``serve run`` itself keeps running and prints the builder's error)."""
+    data = yaml.safe_load(REGION_FILE.read_text())
+    data["http_options"]["port"] = _free_port()
+    patched = tmp_path / REGION_FILE.name
+    patched.write_text(yaml.safe_dump(data))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(LLMSTACK_REGISTRY=quickstart_registry, RAY_USAGE_STATS_ENABLED="0",
+               RAY_TMPDIR=tempfile.mkdtemp(prefix="lsm-"))  # short: Ray's socket paths live under it
+    serve_bin = Path(sys.executable).parent / "serve"
+    log_path = tmp_path / "serve.log"
+    expected = "cannot place the multi-region app: no live Ray node for region(s) "
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([str(serve_bin), "run", "--address", "local", str(patched)], cwd=REPO, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 120
+            while time.time() < deadline and expected not in log_path.read_text(errors="replace"):
+                time.sleep(0.5)
+            text = log_path.read_text(errors="replace")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert expected in text, text[-3000:]
+    named = text[text.index(expected):].split("\n", 1)[0]
+    assert "region:us-east" in named and "region:eu-west" in named, named
+
+
+@contextlib.contextmanager
+def _marked_cluster(tmp_path: Path, resources: dict[str, float], **env_extra: str) -> Iterator[str]:
+    """A local Ray cluster of our own whose one node holds ``resources``; owned by a holder process, so ending
+    that process (and nothing else) stops it."""
+    holder = ("import json, sys, ray; ray.init(num_cpus=2, object_store_memory=150 * 2**20, include_dashboard=False, "
+              f"resources={resources!r}); print(ray.get_runtime_context().gcs_address, flush=True); sys.stdin.read()")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=str(tmp_path), RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", **env_extra)
+    proc = subprocess.Popen([sys.executable, "-c", holder], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        address = proc.stdout.readline().strip()  # type: ignore[union-attr]
+        assert address, "the holder's Ray cluster did not start"
+        yield address
+    finally:
+        proc.stdin.close()  # type: ignore[union-attr]
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_serve_run_multi_region_on_marked_nodes(quickstart_registry: str, tmp_path: Path) -> None:
+    """The shipped multi-region file on one 2-CPU node holding both regions' markers (as its comments say)."""
+    short = Path(tempfile.mkdtemp(prefix="lsm-"))  # Ray's socket paths must stay short
+    # `serve run` builds the app on the cluster: the registry is found through the cluster's environment
+    with _marked_cluster(short, {"region:us-east": 1, "region:eu-west": 1},
+                         LLMSTACK_REGISTRY=quickstart_registry, TOKENIZERS_PARALLELISM="false") as address, \
+            _serve_run(REGION_FILE, quickstart_registry, tmp_path, address=address, RAY_TMPDIR=str(short),
+                       RAY_AUTH_MODE="token") \
+            as (base, _app):
+        seen = set()
+        for _ in range(8):
+            r = requests.post(base + "/v1/completions", json={"prompt": "def add(a, b):", "max_tokens": 8},
+                              timeout=60)
+            assert r.status_code == 200, r.text
+            seen.add(r.headers["x-llmstack-region"])
+            assert float(r.headers["x-llmstack-cost-usd"]) > 0
+        assert seen <= {"us-east", "eu-west"} and seen
+        status = requests.get(base + "/regions", timeout=10).json()
+        assert set(status["regions"]) == {"us-east", "eu-west"} and status["policy"] == "cost"
+        cli = subprocess.run([sys.executable, "-m", "llmstack", "cost", "--url", base], capture_output=True,
+                             text=True, timeout=60)
+        assert cli.returncode == 0 and "TOTAL" in cli.stdout, cli.stderr
+
+
 def test_missing_model_tells_to_run_the_quickstart(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["LLMSTACK_REGISTRY"] = str(tmp_path / "empty-registry")
@@ -122,7 +211,7 @@ def test_missing_model_tells_to_run_the_quickstart(tmp_path: Path) -> None:
     assert "make quickstart" in result.stderr
 
 
-def _wait_healthy(base: str, proc: Any, log: Path, timeout: float = 180) -> None:
+def _wait_healthy(base: str, proc: Any, log: Path, timeout: float = 150) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:

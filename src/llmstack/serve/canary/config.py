@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmstack.config import ServeConfig, load_config, to_dict
+from llmstack.config import ServeConfig, load_beside_serve, to_dict
 from llmstack.errors import ArtifactNotFoundError, ConfigError, LLMStackError
 
 ROUTER = "CanaryRouter"
@@ -153,16 +153,7 @@ def load_canary_config(args: CanaryConfig | dict[str, Any] | str | None) -> tupl
             raise ConfigError(f"config file not found: {args}") from None
     data = dict(args or {})
     canary_data, serve_data = _split_args(data)
-    problems: list[str] = []
-    cfg = serve_cfg = None
-    try:
-        cfg = load_config(CanaryConfig, canary_data)
-    except ConfigError as exc:
-        problems += exc.problems
-    try:
-        serve_cfg = load_config(ServeConfig, serve_data)
-    except ConfigError as exc:
-        problems += exc.problems
+    cfg, serve_cfg, problems = load_beside_serve(CanaryConfig, canary_data, serve_data)
     if cfg is not None:
         problems += check_weights(cfg.weights, known=None)
     if problems:

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from ray import serve
 
 from llmstack.config import ServeConfig, load_config
@@ -17,6 +17,7 @@ from llmstack.errors import LLMStackError, RequestError
 from llmstack.serve.canary.config import INGRESS, VERSION_HEADER
 from llmstack.serve.deployments.client import ServeEngineClient
 from llmstack.serve.http import error_response, make_api
+from llmstack.serve.http.metrics import append_metrics
 from llmstack.serve.protocol import GenerationChunk, GenerationRequest, GenerationResult
 
 _SLOT: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("llmstack_canary_slot", default=None)
@@ -166,18 +167,10 @@ def _add_admin_routes(app: Any, router: Any) -> None:
         return await reply(router.set_weights.remote(weights))
 
     # /metrics: the ingress's own metrics followed by the router's per-version KPIs (one scrape target).
-    ingress_metrics = app.state.metrics
+    async def router_metrics() -> str:
+        return await router.metrics_text.remote()
 
-    async def metrics_route() -> Response:
-        body, content_type = ingress_metrics.render()
-        extra = await router.metrics_text.remote()
-        return Response(body + extra.encode(), media_type=content_type)
-
-    from fastapi.routing import APIRoute
-
-    app.router.routes[:] = [r for r in app.router.routes if not (isinstance(r, APIRoute) and r.path == "/metrics")]
-    app.add_api_route("/metrics", metrics_route, methods=["GET"], summary="Prometheus metrics (with canary KPIs)",
-                      response_class=Response)
+    append_metrics(app, router_metrics, summary="Prometheus metrics (with canary KPIs)")
 
 
 @serve.deployment(name=INGRESS)

@@ -70,3 +70,21 @@ class ServeMetrics:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def append_metrics(app: Any, extra: Any, *, summary: str = "Prometheus metrics") -> None:
+    """Serve ``/metrics`` as the app's own metrics followed by ``await extra()`` (text), one scrape target.
+
+    Routers in front of the model (canary, regions) keep metrics of their own; this replaces the plain route.
+    """
+    from fastapi.responses import Response
+    from fastapi.routing import APIRoute
+
+    own = app.state.metrics
+
+    async def metrics_route() -> Response:
+        body, content_type = own.render()
+        return Response(body + (await extra()).encode(), media_type=content_type)
+
+    app.router.routes[:] = [r for r in app.router.routes if not (isinstance(r, APIRoute) and r.path == "/metrics")]
+    app.add_api_route("/metrics", metrics_route, methods=["GET"], summary=summary, response_class=Response)

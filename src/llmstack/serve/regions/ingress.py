@@ -1,0 +1,445 @@
+"""The global router: an OpenAI ingress whose engine picks a region per request, retries once, and keeps costs.
+
+:class:`RegionEngineClient` is the engine protocol over one ``LLMServer`` deployment per region. Each
+request goes where :class:`~llmstack.serve.regions.policy.RegionRouter` says; its outcome (latency, failure,
+timeout) feeds the router's health, and a probe task checks every region's replicas every
+``probe_interval_s``. The HTTP app is the shared one (:func:`~llmstack.serve.http.make_api`) with
+``/regions`` status and weight routes, the router's metrics appended to ``/metrics`` and the answering
+region (and a non-streamed answer's cost) as response headers.
+
+Retry rule: a request that failed on a region before any output reached the client (a non-streamed
+request, or a stream whose first chunk had not come) is retried once on another region; never twice,
+never after output began, never for the caller's own mistakes (4xx).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from llmstack.config import ServeConfig, load_config
+from llmstack.errors import LLMStackError, RequestError
+from llmstack.serve.deployments.client import ServeEngineClient
+from llmstack.serve.http import error_response, make_api
+from llmstack.serve.http.metrics import append_metrics
+from llmstack.serve.protocol import GenerationChunk, GenerationRequest, GenerationResult, ModelCard
+from llmstack.serve.regions.config import COST_HEADER, INGRESS, REGION_HEADER, RETRIED_HEADER
+from llmstack.serve.regions.cost import RegionMetrics, dollars, replica_seconds
+from llmstack.serve.regions.policy import RegionRouter, nearest_rank
+
+logger = logging.getLogger("ray.serve")
+
+_SLOT: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("llmstack_region_slot", default=None)
+HARD_CODES = ("backend_unavailable",)  # the region's backend is gone (dead actor, no replica): eject at once
+
+
+class _Evicted(Exception):
+    """The attempt's region was ejected while it waited: cancelled so another region can take it now."""
+
+
+class _Attempt(Exception):
+    """One region's attempt failed: ``error`` is what the caller gets; ``retryable`` whether another region may try."""
+
+    def __init__(self, error: LLMStackError, *, retryable: bool) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.retryable = retryable
+
+
+class RegionEngineClient:
+    """The engine protocol over one model deployment per region, routed by a :class:`RegionRouter`.
+
+    Args:
+        handles: region name -> ``DeploymentHandle`` of its ``LLMServer`` deployment.
+        spec: :func:`~llmstack.serve.regions.config.spec_of` data (serve config, routing, regions).
+        clock: the router's clock (tests).
+    """
+
+    def __init__(self, handles: dict[str, Any], spec: dict[str, Any], *, clock: Any = None) -> None:
+        self.spec = spec
+        serve_cfg = load_config(ServeConfig, spec["serve"])
+        regions = {name: {**r, "capacity": r["replicas"] * serve_cfg.max_ongoing_requests}
+                   for name, r in spec["regions"].items()}
+        self.router = RegionRouter(regions, spec["routing"], clock=clock)
+        self.cfg = self.router.cfg
+        self.clients = {name: ServeEngineClient(h, retry_after_s=serve_cfg.retry_after_s) for name, h in handles.items()}
+        self.metrics = RegionMetrics()
+        self.overheads: deque[float] = deque(maxlen=2000)  # recent router overheads (s), for status percentiles
+        self._waiting: dict[str, set[asyncio.Task]] = {name: set() for name in handles}  # attempts with no output yet
+        self._probe_task: asyncio.Task | None = None
+
+    # ------------------------------------------------------------------ probes
+
+    def start_probes(self) -> None:
+        if self._probe_task is None or self._probe_task.done():
+            self._probe_task = asyncio.get_running_loop().create_task(self._probe_loop())
+
+    async def _probe_loop(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                await self.probe_all()
+            except Exception:  # never let the loop die
+                logger.exception("region probe round failed")
+            await asyncio.sleep(max(0.05, self.cfg.probe_interval_s - (time.monotonic() - started)))
+
+    async def probe_all(self) -> dict[str, bool]:
+        """Probe every region once (its replicas' health check, bounded by ``probe_timeout_s``)."""
+        async def one(name: str) -> bool:
+            try:
+                await asyncio.wait_for(self.clients[name].check_health(), timeout=self.cfg.probe_timeout_s)
+                return True
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                return False
+
+        names = list(self.clients)
+        results = await asyncio.gather(*(one(n) for n in names))
+        for name, ok in zip(names, results):
+            was = self.router.regions[name].healthy
+            self.router.probed(name, ok)
+            if was != self.router.regions[name].healthy:
+                logger.warning("region %s %s", name, "re-admitted" if ok else "ejected by probes")
+                if not ok:
+                    self._evict(name)
+        return dict(zip(names, results))
+
+    # ------------------------------------------------------------------ engine protocol
+
+    async def models(self) -> list[ModelCard]:
+        """The model list of the first healthy region that answers (every region serves the same model)."""
+        last: Exception | None = None
+        order = sorted(self.clients, key=lambda n: not self.router.regions[n].healthy)
+        for name in order:
+            try:
+                return await asyncio.wait_for(self.clients[name].models(), timeout=self.cfg.attempt_timeout_s)
+            except (LLMStackError, asyncio.TimeoutError) as exc:
+                last = exc
+        raise _unavailable(last)
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        self.start_probes()
+        entered = time.perf_counter()
+        outside = 0.0  # time in the backend call and the network offset: not the router's own
+        tried: list[str] = []
+        while True:
+            name = self._next_region(tried)
+            began = time.perf_counter()
+            try:
+                result = await self._generate_on(name, request)
+            except _Attempt as failure:
+                outside += time.perf_counter() - began
+                if failure.retryable and len(tried) == 1 and self._another(tried):
+                    continue
+                raise failure.error from None
+            outside += time.perf_counter() - began
+            self._answered(name, result.model, request, result.timing, result.cached,
+                           result.prompt_tokens, result.completion_tokens)
+            overhead = max(0.0, time.perf_counter() - entered - outside)
+            self.metrics.overhead.observe(overhead)
+            self.overheads.append(overhead)
+            return result
+
+    async def _generate_on(self, name: str, request: GenerationRequest) -> GenerationResult:
+        state = self.router.regions[name]
+        client = self.clients[name]
+        self.router.begin(name)
+        start = time.perf_counter()
+        try:
+            if state.latency_s:
+                await asyncio.sleep(state.latency_s)  # the stand-in for the network distance to the region
+            result = await self._bounded(name, client.generate(request))
+        except BaseException as exc:
+            raise self._attempt_failed(name, exc) from None
+        latency = time.perf_counter() - start
+        self.router.succeeded(name, latency)
+        self.metrics.requests.labels(name, "ok").inc()
+        self.metrics.latency.labels(name).observe(latency)
+        return result
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        self.start_probes()
+        tried: list[str] = []
+        while True:
+            name = self._next_region(tried)
+            started = False
+            try:
+                async with contextlib.aclosing(self._stream_on(name, request)) as chunks:
+                    async for chunk in chunks:
+                        started = True
+                        yield chunk
+                return
+            except _Attempt as failure:
+                if failure.retryable and not started and len(tried) == 1 and self._another(tried):
+                    continue
+                raise failure.error from None
+
+    async def _stream_on(self, name: str, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        state = self.router.regions[name]
+        self.router.begin(name)
+        start = time.perf_counter()
+        ended = False
+        try:
+            if state.latency_s:
+                await asyncio.sleep(state.latency_s)
+            async with contextlib.aclosing(self.clients[name].stream(request)) as source:
+                try:
+                    first = await self._bounded(name, source.__anext__())
+                except StopAsyncIteration:
+                    first = None
+                last = first
+                if first is not None:
+                    yield first
+                    async for chunk in source:
+                        last = chunk
+                        yield chunk
+            latency = time.perf_counter() - start
+            ended = True
+            self.router.succeeded(name, latency)
+            self.metrics.requests.labels(name, "ok").inc()
+            self.metrics.latency.labels(name).observe(latency)
+            if last is not None:
+                self._answered(name, last.model, request, last.timing, last.cached, last.prompt_tokens,
+                               last.completion_tokens)
+        except GeneratorExit:  # the client left mid-stream: no evidence about the region
+            if not ended:
+                ended = True
+                self.router.released(name)
+                self.metrics.requests.labels(name, "cancelled").inc()
+            raise
+        except BaseException as exc:
+            if ended:
+                raise
+            ended = True
+            raise self._attempt_failed(name, exc) from None
+
+    async def _bounded(self, name: str, awaitable: Any) -> Any:
+        """The region's answer (or first chunk) within ``attempt_timeout_s``; given up at once (``_Evicted``) if
+        the region is ejected meanwhile, so the request moves to another region instead of waiting out the timeout."""
+        task = asyncio.ensure_future(awaitable)
+        waiting = self._waiting.setdefault(name, set())
+        waiting.add(task)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self.cfg.attempt_timeout_s)
+        except asyncio.CancelledError:  # the caller gave up
+            task.cancel()
+            raise
+        finally:
+            waiting.discard(task)
+        if not done:
+            task.cancel()
+            raise asyncio.TimeoutError
+        if task.cancelled():
+            raise _Evicted(name)
+        return task.result()
+
+    def _evict(self, name: str) -> None:
+        """Cancel the attempts still waiting on an ejected region (they are retried elsewhere)."""
+        for task in list(self._waiting.get(name, ())):
+            task.cancel()
+
+    def _attempt_failed(self, name: str, exc: BaseException) -> BaseException:
+        """Book a failed attempt on the region and say whether another region may retry it."""
+        if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):  # the caller gave up: no evidence
+            self.router.released(name)
+            self.metrics.requests.labels(name, "cancelled").inc()
+            return exc
+        if isinstance(exc, _Evicted):  # the region was ejected while this waited: no further evidence
+            self.router.released(name, moved=True)
+            self.metrics.requests.labels(name, "evicted").inc()
+            error = RequestError(f"region {name} was ejected while the request waited", status_code=503,
+                                 type="service_unavailable", code="region_ejected",
+                                 headers={"Retry-After": "1"})
+            return _Attempt(error, retryable=True)
+        if isinstance(exc, asyncio.TimeoutError):
+            self._failed(name, reason="timeout")
+            self.metrics.requests.labels(name, "failed").inc()
+            error = RequestError(f"region {name} did not answer within {self.cfg.attempt_timeout_s:g} s",
+                                 status_code=504, type="timeout_error", code="region_timeout")
+            return _Attempt(error, retryable=True)
+        error = exc if isinstance(exc, LLMStackError) else RequestError(
+            f"region {name} failed: {type(exc).__name__}", status_code=500, type="server_error")
+        if error.status_code < 500:  # the caller's mistake: the same on every region
+            self.router.released(name)
+            self.metrics.requests.labels(name, "client_error").inc()
+            return _Attempt(error, retryable=False)
+        if error.code == "overloaded":  # full, not broken: try elsewhere, no health penalty
+            self.router.released(name)
+            self.metrics.requests.labels(name, "shed").inc()
+            return _Attempt(error, retryable=True)
+        self._failed(name, hard=error.code in HARD_CODES, reason=error.code or error.type)
+        self.metrics.requests.labels(name, "failed").inc()
+        return _Attempt(error, retryable=True)
+
+    def _failed(self, name: str, *, hard: bool = False, reason: str) -> None:
+        was = self.router.regions[name].healthy
+        self.router.failed(name, hard=hard, reason=reason)
+        if was and not self.router.regions[name].healthy:
+            logger.warning("region %s ejected (%s)", name, reason)
+            self._evict(name)
+
+    def _another(self, tried: list[str]) -> bool:
+        return any(n not in tried for n in self.router.regions)
+
+    def _next_region(self, tried: list[str]) -> str:
+        """The region of the next attempt (not one in ``tried``, which it joins), booked in metrics and headers."""
+        choice = self.router.choose(exclude=tried)
+        self._note_choice(choice, tried)
+        tried.append(choice.region)
+        return choice.region
+
+    def _note_choice(self, choice: Any, tried: list[str]) -> None:
+        if tried:
+            self.metrics.retries.labels(tried[-1], choice.region).inc()
+        if not choice.slo_met:
+            self.metrics.slo_missed.labels(choice.region).inc()
+        slot = _SLOT.get()
+        if slot is not None:
+            slot["region"] = choice.region
+            slot["retried"] = bool(tried)
+
+    def _answered(self, name: str, model: str, request: GenerationRequest, timing: Any, cached: bool,
+                  prompt_tokens: int, completion_tokens: int) -> None:
+        seconds = replica_seconds(timing, cached=cached)
+        cost = dollars(seconds, self.router.regions[name].price)
+        adapter = request.model if request.model != model else ""
+        self.metrics.answered(name, model, adapter, seconds=seconds, cost=cost, prompt_tokens=prompt_tokens,
+                              completion_tokens=completion_tokens)
+        slot = _SLOT.get()
+        if slot is not None:
+            slot["cost"] = slot.get("cost", 0.0) + cost
+
+    async def abort(self, request_id: str) -> bool:
+        results = await asyncio.gather(*(c.abort(request_id) for c in self.clients.values()), return_exceptions=True)
+        return any(r is True for r in results)
+
+    async def check_health(self) -> None:
+        """The app is up while at least one region takes traffic."""
+        self.start_probes()
+        if not any(s.healthy for s in self.router.regions.values()):
+            raise RequestError("every region is ejected (failing requests or probes)", status_code=503,
+                               type="service_unavailable", code="no_region")
+
+    def status(self) -> dict[str, Any]:
+        """The router's status, its clock readings also as wall-clock times (``*_wall`` / ``at``)."""
+        status = self.router.status()
+        offset = time.time() - self.router.clock()
+        for name, region in status["regions"].items():
+            region["deployment"] = self.spec["regions"][name]["deployment"]
+            region["resource"] = self.spec["regions"][name]["resource"]
+            state = self.router.regions[name]
+            for key, value in (("ejected_at", state.ejected_at), ("readmitted_at", state.readmitted_at),
+                               ("last_routed_at", state.last_routed_at)):
+                region[key + "_wall"] = None if value is None else value + offset
+        for event in status["events"]:
+            event["at"] = event["t"] + offset
+        recent = list(self.overheads)
+        status["router_overhead_s"] = {"n": len(recent), "p50": nearest_rank(recent, 50),
+                                       "p95": nearest_rank(recent, 95)}
+        return status
+
+
+def _unavailable(exc: BaseException | None) -> LLMStackError:
+    if isinstance(exc, LLMStackError):
+        return exc
+    return RequestError("no region answered", status_code=503, type="service_unavailable", code="no_region")
+
+
+class _RegionHeaders:
+    """ASGI middleware: the answering region (and a non-streamed answer's cost) as response headers."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        slot: dict[str, Any] = {}
+
+        async def send_with_region(message: dict) -> None:
+            if message["type"] == "http.response.start" and slot.get("region"):
+                extra = [(REGION_HEADER.encode(), str(slot["region"]).encode())]
+                if slot.get("retried"):
+                    extra.append((RETRIED_HEADER.encode(), b"1"))
+                if "cost" in slot:
+                    extra.append((COST_HEADER.encode(), f"{slot['cost']:.9f}".encode()))
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        token = _SLOT.set(slot)
+        try:
+            await self.app(scope, receive, send_with_region)
+        finally:
+            _SLOT.reset(token)
+
+
+def region_api(engine: RegionEngineClient, config: ServeConfig) -> Any:
+    """The OpenAI app over ``engine`` plus ``GET /regions``, ``POST /regions/routing`` and the router's metrics."""
+    app = make_api(engine, config)
+
+    @app.get("/regions", summary="Regions: health, p95, in flight, prices, the policy and recent events")
+    async def regions_status() -> JSONResponse:
+        return JSONResponse(json.loads(json.dumps({"ok": True, **engine.status()}, default=str)))
+
+    @app.post("/regions/routing", summary="Change routing now: {policy?, slo_p95_s?, weights?} "
+              "(weights {} clears the manual override)")
+    async def regions_routing(request: Request) -> JSONResponse:
+        try:
+            body = json.loads(await request.body() or b"{}")
+        except ValueError:
+            return error_response(RequestError("request body is not valid JSON", code="invalid_json"))
+        if not isinstance(body, dict) or set(body) - {"policy", "slo_p95_s", "weights"}:
+            return error_response(RequestError("expected a JSON object with policy, slo_p95_s and/or weights",
+                                               param="body"))
+        weights = body.get("weights")
+        if weights is not None and not isinstance(weights, dict):
+            return error_response(RequestError("weights: a mapping of region to share is required",
+                                               param="weights"))
+        try:
+            engine.router.set_routing(policy=body.get("policy"), slo_p95_s=body.get("slo_p95_s"))
+            if weights is not None:
+                engine.router.set_weights(weights)
+        except (LLMStackError, TypeError, ValueError) as exc:
+            return error_response(exc if isinstance(exc, LLMStackError) else RequestError(str(exc)))
+        return JSONResponse(json.loads(json.dumps({"ok": True, **engine.status()}, default=str)))
+
+    async def router_metrics() -> str:
+        return engine.metrics.render(engine.router)
+
+    append_metrics(app, router_metrics, summary="Prometheus metrics (with per-region cost, tokens and health)")
+    app.add_middleware(_RegionHeaders)
+    app.router.on_startup.append(engine.start_probes)
+    return app
+
+
+@serve.deployment(name=INGRESS)
+@serve.ingress()
+class RegionIngress:
+    """HTTP ingress of a multi-region app: the OpenAI API, routing each request to a region."""
+
+    def __init__(self, handles: dict[str, Any], spec: dict[str, Any]) -> None:
+        self.config = load_config(ServeConfig, spec["serve"])
+        self.engine = RegionEngineClient(handles, spec)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return region_api(self.engine, self.config)
+
+    async def probe_now(self) -> dict[str, bool]:
+        """One probe round now (tests and benchmarks)."""
+        return await self.engine.probe_all()
+
+    async def status(self) -> dict[str, Any]:
+        return self.engine.status()

@@ -1,0 +1,177 @@
+"""Driver of the multi-region integration test: one real multi-node cluster, every check, results as JSON.
+
+Run by test_regions_cluster.py in a subprocess of its own (the test session's Ray cluster lives in the
+test process; a second cluster needs another process):
+
+    RAY_TMPDIR=/tmp/x PYTHONPATH=src python tests/integration/regions/regions_driver.py --out result.json
+
+Head (1 CPU: router, Serve controller, proxy) + one node per region (1 CPU, ``region:<name>``); each region
+runs one tiny-model replica of 1 CPU, so no replica fits anywhere but its region's node.
+Phases: deploy with a region that has no node (must fail, naming it), deploy, placement, routing per policy
+(cost, latency, round_robin, manual weights, an SLO no region meets), failover on killed eu-west nodes
+under load with the retry rule, re-admission when a new eu-west node joins, cost counters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from region_cluster import (Load, RegionCluster, get_json, log, node_resources, post_json,  # noqa: E402
+                            replica_nodes, wait_for)
+
+REGIONS = {
+    "us-east": {"price_per_replica_hour": 3.0, "latency_ms": 0},
+    "eu-west": {"price_per_replica_hour": 1.5, "latency_ms": 30},
+    "ap-south": {"price_per_replica_hour": 0.8, "latency_ms": 700},
+}
+ROUTING = {"policy": "cost", "slo_p95_s": 0.6, "min_samples": 3, "window_s": 120, "eject_after_failures": 2,
+           "readmit_after_probes": 2, "probe_interval_s": 0.5, "probe_timeout_s": 1.5, "attempt_timeout_s": 8}
+APP = "regions-it"
+
+
+def serve_args(registry: str, port: int, regions: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"model": "tiny-lm@production", "registry": registry, "app_name": APP, "port": port,
+            "host": "127.0.0.1", "regions": regions or REGIONS, "routing": ROUTING, "num_cpus": 1.0,
+            "num_threads": 1, "max_batch_size": 4, "max_ongoing_requests": 8, "max_queued_requests": -1,
+            "response_cache_size": 0, "default_max_tokens": 8, "max_tokens_limit": 32, "batch_wait_timeout_s": 0.005}
+
+
+def sequential(url: str, model: str, n: int) -> list[str | None]:
+    import requests
+
+    load = Load(url, model)
+    session = requests.Session()
+    regions = []
+    for i in range(n):
+        s = load.one(session, i, False)
+        assert s.status == 200, f"request failed: {s.status}"
+        regions.append(s.region)
+    return regions
+
+
+def run(out: dict[str, Any], workdir: Path) -> None:
+    from llmstack.errors import ResourceError
+    from llmstack.serve._testing import make_registry
+    from llmstack.serve.regions import cost_report, deploy_regions
+
+    registry = str(workdir / "registry")
+    make_registry(registry, adapters=0)
+    t0 = time.time()
+    rc = RegionCluster(list(REGIONS), temp_dir=os.environ["RAY_TMPDIR"]).start()
+    out["cluster_start_s"] = time.time() - t0
+    try:
+        # --- a region with no nodes fails the deploy fast, by name
+        t = time.time()
+        try:
+            deploy_regions(serve_args(registry, rc.http_port, {**REGIONS, "sa-east": {"price_per_replica_hour": 1}}))
+            out["missing_region_error"] = None
+        except ResourceError as exc:
+            out["missing_region_error"] = str(exc)
+        out["missing_region_error_s"] = time.time() - t
+
+        t = time.time()
+        dep = deploy_regions(serve_args(registry, rc.http_port))
+        url = dep.url
+        out["deploy_s"] = time.time() - t
+        model = get_json(url, "/v1/models")["data"][0]["id"]
+        log(f"deployed in {out['deploy_s']:.1f} s at {url}; model {model}")
+
+        # --- placement: every region's replicas on nodes holding its marker, and only there
+        resources = node_resources()
+        out["placement"] = {dep_name: [sorted(k for k in resources.get(n, {}) if k.startswith("region:"))
+                                       for n in nodes] for dep_name, nodes in replica_nodes(APP).items()}
+
+        # --- cost: explores ap-south (700 ms offset, misses the 0.6 s SLO), then settles on eu-west
+        out["cost_regions"] = sequential(url, model, 18)
+        out["status_after_cost"] = get_json(url, "/regions")
+        # --- latency: explores, then the lowest p95
+        post_json(url, "/regions/routing", {"policy": "latency"})
+        out["latency_regions"] = sequential(url, model, 12)
+        # --- round robin
+        post_json(url, "/regions/routing", {"policy": "round_robin"})
+        out["round_robin_regions"] = sequential(url, model, 12)
+        # --- manual weights override the policy; an unknown region is refused
+        out["bad_weights"] = post_json(url, "/regions/routing", {"weights": {"mars": 1}})
+        post_json(url, "/regions/routing", {"weights": {"us-east": 1}})
+        out["weights_regions"] = sequential(url, model, 8)
+        post_json(url, "/regions/routing", {"weights": {}})
+        # --- an SLO no region meets: served anyway, flagged in status and metrics
+        post_json(url, "/regions/routing", {"policy": "cost", "slo_p95_s": 0.0001})
+        out["unmet_regions"] = sequential(url, model, 4)
+        out["unmet_status"] = get_json(url, "/regions")["slo_unmet"]
+        out["unmet_metric"] = [line for line in __import__("requests").get(url + "/metrics", timeout=10).text
+                               .splitlines() if line.startswith("llmstack_region_slo_unmet ")]
+        post_json(url, "/regions/routing", {"policy": "round_robin", "slo_p95_s": ROUTING["slo_p95_s"]})
+
+        # --- failover: kill eu-west's node under load (round robin spreads load over every region)
+        with Load(url, model, threads=3, stream_threads=1) as load:
+            time.sleep(5)
+            t_kill = rc.kill("eu-west")
+            log("eu-west killed")
+            time.sleep(12)
+        after_kill = get_json(url, "/regions")
+        out["kill_at"] = t_kill
+        out["failover_samples"] = [s.__dict__ for s in load.samples]
+        out["status_after_kill"] = after_kill
+
+        # --- re-admission: a new eu-west node; Serve restarts the replica there; probes re-admit it
+        t_add = time.time()
+        rc.add("eu-west")
+        log("eu-west node added")
+        with Load(url, model, threads=2) as load:
+            waited = wait_for(lambda: get_json(url, "/regions")["regions"]["eu-west"]["healthy"], timeout=150)
+            out["readmit_wait_s"] = waited
+            time.sleep(4)
+        out["add_at"] = t_add
+        out["readmit_samples"] = [s.__dict__ for s in load.samples]
+        out["status_final"] = get_json(url, "/regions")
+        out["placement_final"] = {d: [sorted(k for k in node_resources().get(n, {}) if k.startswith("region:"))
+                                      for n in nodes] for d, nodes in replica_nodes(APP).items()}
+
+        # --- cost counters
+        metrics = __import__("requests").get(url + "/metrics", timeout=10).text
+        out["cost_report"] = cost_report(metrics)
+        out["replica_seconds"] = {}
+        for line in metrics.splitlines():
+            if line.startswith("llmstack_region_replica_seconds_total{"):
+                region = line.split('region="')[1].split('"')[0]
+                out["replica_seconds"][region] = out["replica_seconds"].get(region, 0.0) + float(line.split()[-1])
+        out["prices"] = {k: v["price_per_replica_hour"] for k, v in REGIONS.items()}
+        dep.shutdown()
+    finally:
+        t = time.time()
+        rc.shutdown()
+        out["shutdown_s"] = time.time() - t
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    out: dict[str, Any] = {"ok": False}
+    start = time.time()
+    try:
+        with tempfile.TemporaryDirectory(prefix="llmstack-regions-") as tmp:
+            run(out, Path(tmp))
+        out["ok"] = True
+    except BaseException as exc:  # reported, not raised: the test shows it
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        out["traceback"] = traceback.format_exc()
+    out["wall_s"] = time.time() - start
+    Path(args.out).write_text(json.dumps(out, default=str, indent=1))
+    log(f"done in {out['wall_s']:.0f} s (ok={out['ok']})")
+    return 0 if out["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
