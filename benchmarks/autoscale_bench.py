@@ -408,7 +408,7 @@ def _live_attempt(attempt: dict[str, Any]) -> str:
             "timeouts, status 0, and sheds, 503): the compressed window overloads this machine whatever the policy, "
             "so that run ranks nothing on the SLO (by replica-seconds it orders the policies "
             + " < ".join(sorted(live, key=lambda k: live[k]["metrics"]["replica_seconds"]))
-            + f", as the simulator of that window does: "
+            + ", as the simulator of that window does: "
             + " < ".join(sorted(attempt["window_sim"], key=lambda k: attempt["window_sim"][k]["replica_seconds"]))
             + "), and its start-up, inflated by the other sessions' load, is not used above.")
 
