@@ -56,6 +56,8 @@ class RunOutcome:
         resumed_from_step: the checkpoint step this call started from (a rerun of the same run
             name), or None for a fresh run.
         wall_time_s: seconds spent in ``trainer.fit()``.
+        cost: what the run used: ``worker_hours`` (wall time x workers), ``cpu_hours``, ``gpu_hours``
+            and, with ``scaling.price_per_worker_hour``, ``cost_usd``.
     """
 
     checkpoint_dir: Path
@@ -67,6 +69,7 @@ class RunOutcome:
     resumed_from_step: int | None = None
     wall_time_s: float = 0.0
     temporary: bool = False
+    cost: dict[str, float] = field(default_factory=dict)
 
     def cleanup(self) -> None:
         """Remove the local copy of a remote checkpoint."""
@@ -247,7 +250,19 @@ def final_metrics(outcome: RunOutcome) -> dict[str, Any]:
     metrics = {k: outcome.metrics[k] for k in keep if k in outcome.metrics}
     metrics["train_time_s"] = round(outcome.wall_time_s, 2)
     metrics["recoveries"] = len(outcome.recoveries)
+    metrics.update(outcome.cost)  # worker/CPU/GPU hours and cost_usd: in the manifest, so in the lineage
     return metrics
+
+
+def run_cost(wall_time_s: float, scaling: ScalingConfig) -> dict[str, float]:
+    """Resources a run held for ``wall_time_s`` (restarts included), priced when the config gives a price."""
+    worker_hours = wall_time_s / 3600.0 * scaling.num_workers
+    cost = {"worker_hours": round(worker_hours, 6), "cpu_hours": round(worker_hours * scaling.cpus_per_worker, 6)}
+    if scaling.use_gpu:
+        cost["gpu_hours"] = round(worker_hours, 6)
+    if scaling.price_per_worker_hour is not None:
+        cost["cost_usd"] = round(worker_hours * scaling.price_per_worker_hour, 6)
+    return cost
 
 
 # --------------------------------------------------------------------------- run_training()
@@ -353,7 +368,7 @@ def run_training(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[str
     return RunOutcome(checkpoint_dir=local, checkpoint_path=storage.url_of(checkpoint_fs_path),
                       run_dir=storage.url_of(run_path), metrics=metrics, history=list(log.history),
                       recoveries=list(log.recoveries), wall_time_s=wall, temporary=temporary,
-                      resumed_from_step=resumed_from_step)
+                      resumed_from_step=resumed_from_step, cost=run_cost(wall, scaling))
 
 
 def _ray_scaling(scaling: ScalingConfig) -> Any:
@@ -524,4 +539,4 @@ def register_tokenizer(registry: Registry, name: str, tokenizer: Any, *, corpus:
 
 
 __all__ = ["RunOutcome", "TrainResult", "check_batch", "check_cluster", "check_signature", "check_training",
-           "default_storage_path", "ensure_ray", "final_metrics", "run_training", "train"]
+           "default_storage_path", "ensure_ray", "final_metrics", "run_cost", "run_training", "train"]

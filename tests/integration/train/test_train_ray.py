@@ -43,7 +43,7 @@ def workspace(tmp_path_factory) -> Path:
 def ddp_run(ray_cluster, workspace):
     from llmstack.train import train
 
-    return train(_config(workspace, "tiny-ddp"), progress=False)
+    return train(_config(workspace, "tiny-ddp", scaling={"price_per_worker_hour": 2.5}), progress=False)
 
 
 def test_ddp_trains_registers_and_writes_metrics(ddp_run, workspace):
@@ -65,6 +65,10 @@ def test_ddp_trains_registers_and_writes_metrics(ddp_run, workspace):
     assert manifest.data_fingerprint == packed.fingerprint
     assert manifest.config["training"]["max_steps"] == 8
     assert manifest.metrics["eval_loss"] == pytest.approx(ddp_run.metrics["eval_loss"])
+    # Cost: wall clock x 2 workers (1 CPU each) x the configured price, in the result and the lineage.
+    hours = manifest.metrics["train_time_s"] / 3600 * 2
+    assert manifest.metrics["worker_hours"] == pytest.approx(hours, rel=0.02) == manifest.metrics["cpu_hours"]
+    assert manifest.metrics["cost_usd"] == pytest.approx(2.5 * hours, rel=0.02) == ddp_run.metrics["cost_usd"]
     assert "model.safetensors" in manifest.files
     # Driver-side files in the run directory.
     run_dir = Path(ddp_run.run_dir)

@@ -99,3 +99,18 @@ def test_llmstack_train_is_callable_even_after_the_package_import(tmp_path):
 
     with pytest.raises(ConfigError, match="data.block_size: 4096 tokens exceed the model's 256 positions"):
         llmstack.train({"data": {"block_size": 4096}}, registry=str(tmp_path / "registry"))
+
+
+def test_run_cost_prices_worker_hours_only_when_a_price_is_given():
+    from llmstack.train.driver import run_cost
+
+    assert run_cost(1800, ScalingConfig(num_workers=4, cpus_per_worker=2)) == {"worker_hours": 2.0, "cpu_hours": 4.0}
+    priced = run_cost(1800, ScalingConfig(num_workers=4, use_gpu=True, price_per_worker_hour=3.0))
+    assert priced == {"worker_hours": 2.0, "cpu_hours": 2.0, "gpu_hours": 2.0, "cost_usd": 6.0}
+
+
+def test_a_non_positive_price_is_a_config_error():
+    from llmstack.config import TrainConfig, load_config
+
+    with pytest.raises(ConfigError, match="scaling.price_per_worker_hour: must be > 0"):
+        load_config(TrainConfig, {"scaling": {"price_per_worker_hour": 0}})
