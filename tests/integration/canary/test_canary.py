@@ -165,10 +165,13 @@ def test_healthy_plan_promotes_then_manual_rollback_under_load(canary_app: Any, 
 
     registry = canary_registry["registry"]
     with Load(canary_app.url, threads=4) as load:
+        # A healthy candidate beside 4 load threads on 2 shared cores: only a slowdown of 2 s past stable's
+        # p95 x 2 counts here (the slow-fault test above checks the default 0.5 s margin catches a real one).
         canary_start(V2, app_name=canary_app.app_name,
-                     plan={"steps": [5, 25, 50, 100], "hold_s": 1.0, "min_requests": 2})
+                     plan={"steps": [5, 25, 50, 100], "hold_s": 1.0, "min_requests": 2},
+                     thresholds={"window_s": 30, "latency_floor_s": 2.0})
         st = wait_for(canary_app, lambda s: s["canary"]["state"] != "running", timeout=60)
-        assert st["canary"]["state"] == "promoted", st["canary"]
+        assert st["canary"]["state"] == "promoted", {k: v for k, v in st["canary"].items() if k != "candidate"}
         time.sleep(1.0)
         assert registry.aliases("tiny-lm")["production"] == 2
         assert st["stable"] == V2 and st["previous"] == V1 and st["weights"] == {V2: 100.0}
