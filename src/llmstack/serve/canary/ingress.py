@@ -18,6 +18,7 @@ from llmstack.serve.canary.config import INGRESS, VERSION_HEADER
 from llmstack.serve.deployments.client import ServeEngineClient
 from llmstack.serve.http import error_response, make_api
 from llmstack.serve.http.metrics import append_metrics
+from llmstack.serve.http.middleware import run_with_slot
 from llmstack.serve.protocol import GenerationChunk, GenerationRequest, GenerationResult
 
 _SLOT: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("llmstack_canary_slot", default=None)
@@ -95,17 +96,11 @@ class _SessionKey:
 
             downstream = replay
 
-        async def send_with_version(message: dict) -> None:
-            if message["type"] == "http.response.start" and slot.get("version"):
-                message = {**message, "headers": [*message.get("headers", []),
-                                                  (VERSION_HEADER.encode(), str(slot["version"]).encode())]}
-            await send(message)
+        await run_with_slot(self.app, scope, downstream, send, _SLOT, slot, _version_header)
 
-        token = _SLOT.set(slot)
-        try:
-            await self.app(scope, downstream, send_with_version)
-        finally:
-            _SLOT.reset(token)
+
+def _version_header(slot: dict[str, Any]) -> list[tuple[bytes, bytes]]:
+    return [(VERSION_HEADER.encode(), str(slot["version"]).encode())] if slot.get("version") else []
 
 
 def _add_admin_routes(app: Any, router: Any) -> None:

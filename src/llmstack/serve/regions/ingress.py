@@ -33,6 +33,7 @@ from llmstack.errors import LLMStackError, RequestError
 from llmstack.serve.deployments.client import ServeEngineClient
 from llmstack.serve.http import error_response, make_api
 from llmstack.serve.http.metrics import append_metrics
+from llmstack.serve.http.middleware import run_with_slot
 from llmstack.serve.protocol import GenerationChunk, GenerationRequest, GenerationResult, ModelCard
 from llmstack.serve.regions.config import COST_HEADER, INGRESS, REGION_HEADER, RETRIED_HEADER
 from llmstack.serve.regions.cost import RegionMetrics, dollars, replica_seconds
@@ -367,23 +368,18 @@ class _RegionHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        slot: dict[str, Any] = {}
+        await run_with_slot(self.app, scope, receive, send, _SLOT, {}, _region_headers)
 
-        async def send_with_region(message: dict) -> None:
-            if message["type"] == "http.response.start" and slot.get("region"):
-                extra = [(REGION_HEADER.encode(), str(slot["region"]).encode())]
-                if slot.get("retried"):
-                    extra.append((RETRIED_HEADER.encode(), b"1"))
-                if "cost" in slot:
-                    extra.append((COST_HEADER.encode(), f"{slot['cost']:.9f}".encode()))
-                message = {**message, "headers": [*message.get("headers", []), *extra]}
-            await send(message)
 
-        token = _SLOT.set(slot)
-        try:
-            await self.app(scope, receive, send_with_region)
-        finally:
-            _SLOT.reset(token)
+def _region_headers(slot: dict[str, Any]) -> list[tuple[bytes, bytes]]:
+    if not slot.get("region"):
+        return []
+    extra = [(REGION_HEADER.encode(), str(slot["region"]).encode())]
+    if slot.get("retried"):
+        extra.append((RETRIED_HEADER.encode(), b"1"))
+    if "cost" in slot:
+        extra.append((COST_HEADER.encode(), f"{slot['cost']:.9f}".encode()))
+    return extra
 
 
 def region_api(engine: RegionEngineClient, config: ServeConfig) -> Any:
