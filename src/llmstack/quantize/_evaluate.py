@@ -14,8 +14,8 @@ from typing import Any
 from llmstack.quantize._int8 import decoder_linear_names
 
 
-def perplexity(model: Any, blocks: Any, *, batch_size: int = 8) -> float:
-    """exp(mean next-token NLL) over ``blocks`` [n, T] (every position but the first is predicted)."""
+def mean_nll(model: Any, blocks: Any, *, batch_size: int = 8) -> float:
+    """Mean next-token negative log-likelihood (nats) over ``blocks`` [n, T]; every position but the first is predicted."""
     import torch
 
     total, count = 0.0, 0
@@ -26,7 +26,12 @@ def perplexity(model: Any, blocks: Any, *, batch_size: int = 8) -> float:
             total += float(torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
             count += ids[:, 1:].numel()
-    return math.exp(total / max(count, 1))
+    return total / max(count, 1)
+
+
+def perplexity(model: Any, blocks: Any, *, batch_size: int = 8) -> float:
+    """exp(mean next-token NLL) over ``blocks`` [n, T]."""
+    return math.exp(mean_nll(model, blocks, batch_size=batch_size))
 
 
 def model_bytes(model: Any, layer_names: list[str] | None = None) -> dict[str, int]:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from llmstack.quantize._base import LLMSTACK_FORMAT, load_int8_model, save_int8_model
+from llmstack.quantize._evaluate import mean_nll
 
 DEFAULT_ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -179,18 +180,7 @@ def quantize_linears(model: Any, *, kernel: str = "int8") -> list[str]:
 
 def calibration_loss(model: Any, blocks: Any, *, batch_size: int = 8) -> float:
     """Mean next-token cross-entropy (nats) on ``blocks``."""
-    import torch
-
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, blocks.shape[0], batch_size):
-            ids = blocks[start:start + batch_size]
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                     ids[:, 1:].reshape(-1), reduction="sum")
-            total += float(loss)
-            count += ids[:, 1:].numel()
-    return total / max(count, 1)
+    return mean_nll(model, blocks, batch_size=batch_size)
 
 
 # ------------------------------------------------------------------------------ backend

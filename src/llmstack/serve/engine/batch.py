@@ -10,8 +10,6 @@ from llmstack.serve.engine.sampling import adjust_logits, choice_seed, random_se
 from llmstack.serve.engine.work import Row, Work
 
 if TYPE_CHECKING:
-    import torch
-
     from llmstack.serve.engine.transformers import TransformersEngine
 
 
