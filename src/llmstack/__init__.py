@@ -27,15 +27,14 @@ from llmstack.errors import LLMStackError
 
 __version__ = "0.1.0"
 
-# Public names served lazily: name -> module that defines it.
+# Public names served lazily: defining module -> its names.
 _LAZY = {
-    "train": "llmstack.train",
-    "finetune_lora": "llmstack.finetune",
-    "quantize": "llmstack.quantize",
-    "validate": "llmstack.validate",
-    "deploy": "llmstack.serve",
-    "Registry": "llmstack.registry",
-    "ArtifactRef": "llmstack.registry",
+    "llmstack.train": ("train",),
+    "llmstack.finetune": ("finetune_lora",),
+    "llmstack.quantize": ("quantize",),
+    "llmstack.validate": ("validate",),
+    "llmstack.serve": ("deploy",),
+    "llmstack.registry": ("Registry", "ArtifactRef"),
 }
 
 

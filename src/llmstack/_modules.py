@@ -24,11 +24,13 @@ def make_callable(module_name: str, function: Callable[..., Any]) -> None:
     sys.modules[module_name].__class__ = CallableModule
 
 
-def lazy_exports(package: str, names: dict[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+def lazy_exports(package: str, modules: dict[str, tuple[str, ...]]) -> tuple[Callable[[str], Any],
+                                                                          Callable[[], list[str]]]:
     """``__getattr__`` and ``__dir__`` for a package whose public names load on first use.
 
-    ``names`` maps each public name to the module that defines it, so importing the package stays fast.
+    ``modules`` maps each defining module to the public names it provides, so importing the package stays fast.
     """
+    names = {name: module for module, provided in modules.items() for name in provided}
 
     def __getattr__(name: str) -> Any:
         module = names.get(name)

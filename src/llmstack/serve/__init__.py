@@ -16,24 +16,16 @@ from llmstack._modules import lazy_exports
 
 # Public names, loaded on first use so that `import llmstack` stays fast (no ray/torch/fastapi here).
 _LAZY = {
-    "build_app": "llmstack.serve.deployments.builder",
-    "deploy": "llmstack.serve.deployments.builder",
-    "Deployment": "llmstack.serve.deployments.builder",
-    "resolve_config": "llmstack.serve.deployments.builder",
-    "EngineProtocol": "llmstack.serve.engine",
-    "TransformersEngine": "llmstack.serve.engine",
-    "load_served_model": "llmstack.serve.engine",
-    "make_api": "llmstack.serve.http",
-    "ServeEngineClient": "llmstack.serve.deployments.client",
-    "OpenAIIngress": "llmstack.serve.deployments.ingress",
-    "LLMServer": "llmstack.serve.deployments.server",
-    "EngineError": "llmstack.serve.protocol",
-    "GenerationRequest": "llmstack.serve.protocol",
-    "GenerationResult": "llmstack.serve.protocol",
-    "SamplingParams": "llmstack.serve.protocol",
+    "llmstack.serve.deployments.builder": ("build_app", "deploy", "Deployment", "resolve_config"),
+    "llmstack.serve.engine": ("EngineProtocol", "TransformersEngine", "load_served_model"),
+    "llmstack.serve.http": ("make_api",),
+    "llmstack.serve.deployments.client": ("ServeEngineClient",),
+    "llmstack.serve.deployments.ingress": ("OpenAIIngress",),
+    "llmstack.serve.deployments.server": ("LLMServer",),
+    "llmstack.serve.protocol": ("EngineError", "GenerationRequest", "GenerationResult", "SamplingParams"),
 }
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
-__all__ = sorted(_LAZY)
+__all__ = sorted(name for names in _LAZY.values() for name in names)

@@ -17,20 +17,12 @@ from __future__ import annotations
 from llmstack._modules import lazy_exports
 
 _LAZY = {
-    "RegionSpec": "llmstack.serve.regions.config",
-    "RegionsConfig": "llmstack.serve.regions.config",
-    "RoutingConfig": "llmstack.serve.regions.config",
-    "load_regions_config": "llmstack.serve.regions.config",
-    "RegionRouter": "llmstack.serve.regions.policy",
-    "cost_report": "llmstack.serve.regions.cost",
-    "format_cost": "llmstack.serve.regions.cost",
-    "build_regions_app": "llmstack.serve.regions.builder",
-    "check_region_nodes": "llmstack.serve.regions.builder",
-    "deploy_regions": "llmstack.serve.regions.builder",
-    "resolve_regions": "llmstack.serve.regions.builder",
-    "RegionsDeployment": "llmstack.serve.regions.builder",
+    "llmstack.serve.regions.config": ("RegionSpec", "RegionsConfig", "RoutingConfig", "load_regions_config"),
+    "llmstack.serve.regions.policy": ("RegionRouter",),
+    "llmstack.serve.regions.cost": ("cost_report", "format_cost"),
+    "llmstack.serve.regions.builder": ("build_regions_app", "check_region_nodes", "deploy_regions", "resolve_regions", "RegionsDeployment"),
 }
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
-__all__ = sorted(_LAZY)
+__all__ = sorted(name for names in _LAZY.values() for name in names)
