@@ -251,10 +251,25 @@ class ChatCompletionRequest(_OpenAIRequest):
 # --------------------------------------------------------------------------- OpenAI responses
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None  # None when the prefix cache is off
+
+    @classmethod
+    def of(cls, results: list[Any]) -> Usage:
+        """Summed usage of results or final chunks (``prompt_tokens``, ``completion_tokens``, ``prefix_cached_tokens``)."""
+        prompt = sum(r.prompt_tokens for r in results)
+        completion = sum(r.completion_tokens for r in results)
+        cached = [r.prefix_cached_tokens for r in results if r.prefix_cached_tokens is not None]
+        details = PromptTokensDetails(cached_tokens=sum(cached)) if cached else None
+        return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                   prompt_tokens_details=details)
 
 
 class CompletionChoice(BaseModel):

@@ -34,7 +34,9 @@ def test_batched_greedy_equals_alone(main_app: Any) -> None:
     for a, b, n in zip(alone, batched, MAX_TOKENS):
         assert b["choices"][0]["text"] == a["choices"][0]["text"]
         assert b["choices"][0]["finish_reason"] == a["choices"][0]["finish_reason"]
-        assert b["usage"] == a["usage"] and b["usage"]["completion_tokens"] <= n
+        counts = ("prompt_tokens", "completion_tokens", "total_tokens")  # cached_tokens differ: a's blocks are warm
+        assert [b["usage"][k] for k in counts] == [a["usage"][k] for k in counts]
+        assert b["usage"]["completion_tokens"] <= n
     assert after["max_batch_size"] >= 3  # they really were decoded together
     assert after["batches"] - before["batches"] < len(bodies)
 

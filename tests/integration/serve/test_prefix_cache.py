@@ -18,22 +18,27 @@ pytestmark = pytest.mark.ray
 MODELS = ["tiny-lm", "tiny-lm-lora-0", "tiny-lm-lora-1", "local-lora"]
 
 
-def complete(app: Any, body: dict, *, stream: bool = False) -> str:
-    r = requests.post(app.url + "/v1/completions", json={**body, "stream": stream}, headers=auth(), timeout=120,
+def complete(app: Any, body: dict, *, stream: bool = False) -> tuple[str, dict]:
+    """The text and the usage of one completion (a stream asks for its usage chunk)."""
+    extra = {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
+    r = requests.post(app.url + "/v1/completions", json={**body, **extra}, headers=auth(), timeout=120,
                       stream=stream)
     assert r.status_code == 200, r.text
     if not stream:
-        return r.json()["choices"][0]["text"]
+        return r.json()["choices"][0]["text"], r.json()["usage"]
     events = [json.loads(line[6:]) for line in r.iter_lines(decode_unicode=True)
               if line and line.startswith("data: ") and line != "data: [DONE]"]
-    return "".join(e["choices"][0]["text"] for e in events if e["choices"])
+    return "".join(e["choices"][0]["text"] for e in events if e["choices"]), events[-1]["usage"]
 
 
 def hit_tokens_of(app: Any, body: dict, **kwargs: Any) -> tuple[str, int]:
-    """The text of one request and how many prompt tokens it took from the prefix cache (one replica)."""
+    """The text of one request and how many prompt tokens it took from the prefix cache (one replica); the
+    response's ``usage.prompt_tokens_details.cached_tokens`` must say the same."""
     before = server_stats("main")["prefix_hit_tokens"]
-    text = complete(app, body, **kwargs)
-    return text, server_stats("main")["prefix_hit_tokens"] - before
+    text, usage = complete(app, body, **kwargs)
+    hit = server_stats("main")["prefix_hit_tokens"] - before
+    assert usage["prompt_tokens_details"] == {"cached_tokens": hit}, usage
+    return text, hit
 
 
 def test_prefix_reuse_equals_uncached_and_stays_per_adapter(main_app: Any) -> None:

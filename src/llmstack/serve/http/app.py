@@ -206,12 +206,8 @@ async def _complete(engine: Any, requests: list[GenerationRequest], model: str, 
             choices.append(CompletionChoice(index=i * n + choice.index, text=echoed + choice.text,
                                             finish_reason=choice.finish_reason,
                                             logprobs=completion_logprobs(choice.logprobs, text_offset=len(echoed))))
-    prompt_tokens = sum(r.prompt_tokens for r in results)
-    completion_tokens = sum(r.completion_tokens for r in results)
     response = CompletionResponse(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model,
-                                  choices=choices, usage=Usage(prompt_tokens=prompt_tokens,
-                                                               completion_tokens=completion_tokens,
-                                                               total_tokens=prompt_tokens + completion_tokens))
+                                  choices=choices, usage=Usage.of(results))
     return JSONResponse(response.model_dump())
 
 
@@ -224,8 +220,7 @@ async def _chat(engine: Any, request: GenerationRequest, model: str, metrics: Se
         id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model,
         choices=[ChatChoice(index=c.index, message=ChatChoiceMessage(content=c.text), finish_reason=c.finish_reason,
                             logprobs=chat_logprobs(c.logprobs)) for c in result.choices],
-        usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                    total_tokens=result.prompt_tokens + result.completion_tokens))
+        usage=Usage.of([result]))
     return JSONResponse(response.model_dump())
 
 

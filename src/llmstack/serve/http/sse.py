@@ -16,7 +16,7 @@ from llmstack.errors import RequestError
 from llmstack.serve.http.errors import as_request_error
 from llmstack.serve.http.logprobs import chat_logprobs, completion_logprobs
 from llmstack.serve.http.metrics import ServeMetrics
-from llmstack.serve.protocol import CompletionRequest, GenerationChunk, GenerationRequest
+from llmstack.serve.protocol import CompletionRequest, GenerationChunk, GenerationRequest, Usage
 
 ChunkRenderer = Callable[[str, int, GenerationChunk, int, bool], list[dict[str, Any]]]
 CHAT_OBJECT, COMPLETION_OBJECT = "chat.completion.chunk", "text_completion"
@@ -69,7 +69,7 @@ async def stream_response(engine: Any, requests: list[GenerationRequest], model:
     include_usage = bool((stream_options or {}).get("include_usage"))
 
     async def events() -> AsyncIterator[str]:
-        usage = [0, 0]
+        finals: list[GenerationChunk] = []  # each stream's last chunk: the usage chunk sums them
         queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
 
         async def pump(index: int, stream: AsyncIterator[GenerationChunk], first: GenerationChunk | None) -> None:
@@ -111,8 +111,7 @@ async def stream_response(engine: Any, requests: list[GenerationRequest], model:
                 for event in render(rid, created, item, index * n, first):
                     yield f"data: {json.dumps(event)}\n\n"
                 if item.finished:
-                    usage[0] += item.prompt_tokens
-                    usage[1] += item.completion_tokens
+                    finals.append(item)
                     metrics.prompt_tokens.labels(model).inc(item.prompt_tokens)
                     metrics.completion_tokens.labels(model).inc(item.completion_tokens)
                     if item.cached:
@@ -125,8 +124,7 @@ async def stream_response(engine: Any, requests: list[GenerationRequest], model:
                 yield "data: " + json.dumps({"id": rid, "object": CHAT_OBJECT if chat else COMPLETION_OBJECT,
                                              "created": created,
                                              "model": model, "choices": [],
-                                             "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1],
-                                                       "total_tokens": usage[0] + usage[1]}}) + "\n\n"
+                                             "usage": Usage.of(finals).model_dump()}) + "\n\n"
             yield "data: [DONE]\n\n"
         finally:  # client disconnected or done: stop every generation still running
             for task in tasks:
