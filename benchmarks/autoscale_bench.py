@@ -5,7 +5,8 @@ Measured in one run, against baselines from the same run:
 1. calibration: the tiny model's engine in-process (prefill tokens/s, decode step at batch 1 and 8), the
    HTTP overhead per request and the replica start-up time on the live app, and from those the per-replica
    capacity (tokens/s with 99% of TTFTs within the SLO) in the simulator;
-2. live: a 10-minute window of the Azure code trace, compressed x8 and clipped to the model's window,
+2. live: a 10-minute window of the Azure code trace, compressed x4 and thinned to one request in 4 (its own
+   request rate and bursts in a quarter of the time), clipped to the model's window,
    replayed over HTTP against a real Serve app (1-3 replicas) under each of the three policies;
 3. the simulator on the same window with the calibrated replica: does its ranking hold live?
 4. the simulator on the whole hour (recorded arrivals and token counts), twice: with the tiny replica as
@@ -21,6 +22,8 @@ autoscale_live.png and the ``## autoscale`` section of benchmarks/RESULTS.md.
 
 Reproduce: python benchmarks/autoscale_bench.py          (about 8 minutes on 2 CPU cores)
            python benchmarks/autoscale_bench.py --skip-live   (simulator only, about 4 minutes)
+           python benchmarks/autoscale_bench.py --live-only   (the live part and its simulator window, added to the
+                                                              last run's autoscale.json, about 10 minutes)
 """
 
 from __future__ import annotations
@@ -46,7 +49,9 @@ SLO_S = 1.5
 HOUR_MAX_REPLICAS = 12
 SCALED_MAX_REPLICAS = 16
 LIVE_MAX_REPLICAS = 3
-LIVE_WINDOW_START_S, LIVE_WINDOW_S, LIVE_SPEEDUP = 2100.0, 600.0, 8.0
+# The live window runs LIVE_SPEEDUP times faster with one request in LIVE_THIN kept: the trace's own request rate
+# and burst shape in a quarter of the time, a load this 2-core machine can carry (x8 without thinning overloaded it).
+LIVE_WINDOW_START_S, LIVE_WINDOW_S, LIVE_SPEEDUP, LIVE_THIN = 2100.0, 600.0, 4.0, 4
 LIVE_OUTPUT_CAP = 64
 
 
@@ -382,7 +387,7 @@ def plot_live(live: dict[str, Any]) -> None:
                                 ttft=([p[0] for p in points], [p[1] for p in points])))
     plot_runs(series, RESULTS / "autoscale_live.png", ttft_slo_s=SLO_S,
               title=f"Live Serve app: trace window {LIVE_WINDOW_START_S:.0f}-{LIVE_WINDOW_START_S + LIVE_WINDOW_S:.0f} s "
-                    f"x{LIVE_SPEEDUP:g}, tiny model")
+                    f"1 in {LIVE_THIN} x{LIVE_SPEEDUP:g}, tiny model")
 
 
 # --------------------------------------------------------------------------- report
@@ -400,7 +405,8 @@ def _live_attempt(attempt: dict[str, Any]) -> str:
                      f"within the SLO (statuses {v['metrics']['statuses']})" for k, v in live.items())
     starts = cal.get("startup_samples_s") or []
     return (f"A shortened live run was tried (trace {LIVE_WINDOW_START_S:.0f}-{LIVE_WINDOW_START_S + window:.0f} s, "
-            f"x{LIVE_SPEEDUP:g}, 1-{LIVE_MAX_REPLICAS} replicas; `benchmarks/results/autoscale_live_attempt.json`, "
+            f"x{attempt.get('live_speedup', 8.0):g}, 1-{LIVE_MAX_REPLICAS} replicas; "
+            "`benchmarks/results/autoscale_live_attempt.json`, "
             "`autoscale_live_attempt.png`), "
             f"with the shared machine at load average {(cal.get('load_average') or ['?'])[0]}: {runs}. Replicas took "
             f"{min(starts, default=0):.0f}-{max(starts, default=0):.0f} s to start (median "
@@ -521,13 +527,16 @@ def markdown(results: dict[str, Any]) -> str:
     cal = results["calibration"]
     model = cal["replica_model"]
     live = results.get("live")
-    measured_startup = bool(cal.get("startup_samples_s"))
+    live_added = "live_replica_model" in cal  # --live-only: the hour studies kept their earlier replica model
+    measured_startup = bool(cal.get("startup_samples_s")) and not live_added
     met = {k: _targets(v) for k, v in studies.items()}
     any_met = {flag: [k for k in studies if met[k][flag]] for flag in ("idle_met", "reactive_met", "util_met")}
-    reproduce = ("python benchmarks/autoscale_bench.py" + (" --skip-live" if results.get("skip_live") else "")
+    reproduce = ("python benchmarks/autoscale_bench.py" + (" --skip-live" if results.get("skip_live") or live_added
+                                                           else "")
                  + (f" --live-window {results['live_window_s']:g}" if not results.get("skip_live")
                     and results.get("live_window_s", LIVE_WINDOW_S) != 600.0 else "")
-                 + (f" --replica-model {cal['replica_model_file']}" if cal.get("replica_model_file") else ""))
+                 + (f" --replica-model {cal['replica_model_file']}" if cal.get("replica_model_file") else "")
+                 + ("`, then `python benchmarks/autoscale_bench.py --live-only" if live_added else ""))
     lines = [
         "## autoscale",
         "",
@@ -565,7 +574,12 @@ def markdown(results: dict[str, Any]) -> str:
          f"- assumed: the replica start-up ({model['startup_s']:g} s) and the HTTP overhead "
          f"({model['request_overhead_s'] * 1e3:.0f} ms): `--skip-live` did not run the live part that measures them "
          "(replicas were seen to start in 12-16 s on this shared machine in an earlier live run; the start-up "
-         "sensitivity lines show what that changes)."),
+         "sensitivity lines show what that changes)."
+         + (f" The live part below, run afterwards (`--live-only`, load average "
+            f"{(cal.get('live_load_average') or ['?'])[0]}), measured a median start-up of "
+            f"{cal['live_replica_model']['startup_s']:g} s and "
+            f"{cal['live_replica_model']['request_overhead_s'] * 1e3:.0f} ms of HTTP overhead; only its window "
+            "simulation uses them." if live_added else "")),
         f"- assumed: the scaled replica. The tiny replica sustains {tiny['capacity_tokens_per_s']:.0f} tokens/s at the "
         f"SLO, so the trace's mean load needs {sc['mean_load_tokens_per_s'] / tiny['capacity_tokens_per_s']:.2f} of one "
         "replica and, with min_replicas 1, no policy can use much of its fleet: the tiny study measures a fleet "
@@ -619,7 +633,8 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             f"### Live vs simulator (trace window {LIVE_WINDOW_START_S:.0f}-"
             f"{LIVE_WINDOW_START_S + results.get('live_window_s', LIVE_WINDOW_S):.0f} s, "
-            f"{live['static']['metrics']['requests']} requests, compressed x{LIVE_SPEEDUP:g}, prompts clipped to the tiny "
+            f"{live['static']['metrics']['requests']} requests: one in {results.get('live_thin', 1)} kept and the time "
+            f"compressed x{LIVE_SPEEDUP:g}, prompts clipped to the tiny "
             f"model's window and outputs to {LIVE_OUTPUT_CAP} tokens; a real Serve app with 1-{LIVE_MAX_REPLICAS} "
             "replicas; `autoscale_live.png`)",
             "",
@@ -653,11 +668,88 @@ def markdown(results: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- main
 
 
+def run_live(info: dict[str, Any], engine_model: Any, window: Any) -> tuple[dict[str, Any], float, float]:
+    """The three policies on a real Serve app; returns the runs, the median replica start-up and the HTTP overhead."""
+    import ray
+    from ray import serve
+
+    import llmstack
+    from llmstack.autoscale.calibration import replica_capacity
+
+    # address="local": a cluster of its own, never one another session started on this machine.
+    ray.init(address="local", num_cpus=LIVE_MAX_REPLICAS + 1, object_store_memory=300_000_000, include_dashboard=False,
+             log_to_driver=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false",
+                                                            "OMP_NUM_THREADS": "1"}})
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # Capacity for the live predictive policy comes from a provisional model (start-up guessed 5 s);
+    # the simulator comparison uses the start-up measured here.
+    capacity_window = replica_capacity(engine_model, ttft_slo_s=SLO_S, context_tokens=window.context_tokens,
+                                       generated_tokens=window.generated_tokens)
+    live_configs = {
+        "static": reactive_config(LIVE_MAX_REPLICAS, min_replicas=LIVE_MAX_REPLICAS),
+        "reactive": reactive_config(LIVE_MAX_REPLICAS),
+        "predictive": predictive_config(LIVE_MAX_REPLICAS, capacity_window, 5.0, downscale_stable_s=20.0,
+                                        downscale_cooldown_s=10.0),
+    }
+    probe_app = llmstack.deploy({"model": info["model"], "registry": info["registry"].url, "app_name": "probe",
+                                 "route_prefix": "/probe", "port": port, "response_cache_size": 0})
+    overhead_s = max(0.0, http_overhead(probe_app.url) - engine_model.prefill_overhead_s
+                     - 8 / engine_model.prefill_tokens_per_s)
+    probe_app.shutdown()
+    live_runs = live_part(info, port, window, live_configs)
+    starts = sorted(s for run in live_runs.values() for s in run["startup_s"])
+    serve.shutdown()
+    ray.shutdown()
+    plot_live(live_runs)
+    return live_runs, (starts[len(starts) // 2] if starts else 5.0), overhead_s
+
+
+def window_simulation(results: dict[str, Any], window: Any, model: Any) -> dict[str, Any]:
+    """The simulator on the live window (same compression) with each live run's config."""
+    from llmstack.config import AutoscalingConfig, load_config
+
+    compressed = window.compressed(LIVE_SPEEDUP)
+    out = {}
+    for name, run in results["live"].items():
+        auto = load_config(AutoscalingConfig, {**run["config"], "metrics_url": None})
+        policy = "static" if name == "static" else auto.policy
+        out[name] = sim(compressed, auto, policy, model, LIVE_MAX_REPLICAS if name == "static" else None).metrics
+    return out
+
+
+def add_live(info: dict[str, Any], engine_model: Any, window: Any, began: float) -> int:
+    """``--live-only``: the live part and its simulator window, added to the last run's autoscale.json."""
+    from llmstack.autoscale.simulator import ReplicaModel
+
+    path = RESULTS / "autoscale.json"
+    results = json.loads(path.read_text(encoding="utf-8"))
+    live_runs, startup_s, overhead_s = run_live(info, engine_model, window)
+    results["live"], results["skip_live"], results["live_window_s"] = live_runs, False, LIVE_WINDOW_S
+    results["live_thin"], results["live_speedup"] = LIVE_THIN, LIVE_SPEEDUP
+    cal = results["calibration"]
+    # The hour studies keep their replica model; the window is simulated with the start-up and overhead measured live.
+    model = dataclasses.replace(ReplicaModel(**cal["replica_model"]), startup_s=round(startup_s, 2),
+                                request_overhead_s=round(overhead_s, 4))
+    cal["live_replica_model"] = model.to_dict()
+    cal["live_load_average"] = _load_average()
+    cal["startup_samples_s"] = sorted(s for run in live_runs.values() for s in run["startup_s"])
+    results["window_sim"] = window_simulation(results, window, model)
+    results["live_wall_s"] = round(time.perf_counter() - began, 1)
+    path.write_text(json.dumps(results, indent=1, default=str))
+    write_section("autoscale", markdown(results))
+    log(f"live part done in {results['live_wall_s']:.0f} s")
+    return 0
+
+
 def main() -> int:
     global LIVE_WINDOW_S
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--skip-live", action="store_true", help="simulator only (calibration without Serve)")
     parser.add_argument("--render-only", action="store_true", help="re-render RESULTS.md from autoscale.json")
+    parser.add_argument("--live-only", action="store_true",
+                        help="run the live part (and the simulator on its window) and add it to the last run's "
+                             "autoscale.json; the hour studies stay as they were")
     parser.add_argument("--replica-model", default=None,
                         help="JSON of ReplicaModel fields to use instead of this run's engine calibration (which is "
                              "still run and recorded); e.g. results/autoscale_replica_model.json, a quiet run's")
@@ -696,47 +788,17 @@ def main() -> int:
 
         engine_model = ReplicaModel(**json.loads(Path(args.replica_model).read_text(encoding="utf-8")))
         log(f"using {args.replica_model} instead of this run's calibration {this_run_model}")
-    window = hour.window(start_s=LIVE_WINDOW_START_S, duration_s=LIVE_WINDOW_S).clipped(
+    window = hour.window(start_s=LIVE_WINDOW_START_S, duration_s=LIVE_WINDOW_S).thinned(LIVE_THIN).clipped(
         context_window=window_len, max_output_tokens=LIVE_OUTPUT_CAP)
     results: dict[str, Any] = {"machine": f"{cpu_name()}, 2 shared cores", "trace": str(TRACE),
                                "trace_credit": TRACE_CREDIT, "slo_s": SLO_S}
+    if args.live_only:
+        return add_live(info, engine_model, window, began)
     startup_s, overhead_s = 5.0, 0.02
     live_runs: dict[str, Any] = {}
     if not args.skip_live:
-        import ray
-        from ray import serve
-
-        # address="local": a cluster of its own, never one another session started on this machine.
-        ray.init(address="local", num_cpus=LIVE_MAX_REPLICAS + 1, object_store_memory=300_000_000, include_dashboard=False,
-                 log_to_driver=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false",
-                                                                "OMP_NUM_THREADS": "1"}})
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        # Capacity for the live predictive policy comes from a provisional model (start-up guessed 5 s);
-        # the simulator comparison below uses the start-up measured here.
-        capacity_window = replica_capacity(engine_model, ttft_slo_s=SLO_S, context_tokens=window.context_tokens,
-                                           generated_tokens=window.generated_tokens)
-        live_configs = {
-            "static": reactive_config(LIVE_MAX_REPLICAS, min_replicas=LIVE_MAX_REPLICAS),
-            "reactive": reactive_config(LIVE_MAX_REPLICAS),
-            "predictive": predictive_config(LIVE_MAX_REPLICAS, capacity_window, 5.0, downscale_stable_s=20.0,
-                                            downscale_cooldown_s=10.0),
-        }
-        import llmstack
-
-        probe_app = llmstack.deploy({"model": info["model"], "registry": info["registry"].url, "app_name": "probe",
-                                     "route_prefix": "/probe", "port": port, "response_cache_size": 0})
-        overhead_s = max(0.0, http_overhead(probe_app.url) - engine_model.prefill_overhead_s
-                         - 8 / engine_model.prefill_tokens_per_s)
-        probe_app.shutdown()
-        live_runs = live_part(info, port, window, live_configs)
-        starts = [s for run in live_runs.values() for s in run["startup_s"]]
-        if starts:
-            startup_s = sorted(starts)[len(starts) // 2]
-        serve.shutdown()
-        ray.shutdown()
+        live_runs, startup_s, overhead_s = run_live(info, engine_model, window)
         results["live"] = live_runs
-        plot_live(live_runs)
     model = dataclasses.replace(engine_model, startup_s=round(startup_s, 2), request_overhead_s=round(overhead_s, 4))
     log(f"replica model: {model}")
     capacity_hour = replica_capacity(model, ttft_slo_s=SLO_S, context_tokens=hour.context_tokens,
@@ -750,17 +812,10 @@ def main() -> int:
                                   s for run in live_runs.values() for s in run["startup_s"])}
     log(f"capacity: hour mix {capacity_hour:.0f} tokens/s, live mix {capacity_window:.0f} tokens/s")
     if live_runs:
-        compressed = window.compressed(LIVE_SPEEDUP)
-        results["window_sim"] = {}
-        for name, run in live_runs.items():
-            from llmstack.config import AutoscalingConfig, load_config
-
-            auto = load_config(AutoscalingConfig, {**run["config"], "metrics_url": None})
-            policy = "static" if name == "static" else auto.policy
-            results["window_sim"][name] = sim(compressed, auto, policy, model,
-                                              LIVE_MAX_REPLICAS if name == "static" else None).metrics
+        results["window_sim"] = window_simulation(results, window, model)
     results["skip_live"] = bool(args.skip_live)
     results["live_window_s"] = LIVE_WINDOW_S
+    results["live_thin"], results["live_speedup"] = LIVE_THIN, LIVE_SPEEDUP
     results["studies"] = {"tiny": study("tiny", hour, model, capacity_hour, HOUR_MAX_REPLICAS)}
     longest = max(hour.context_tokens)
     scale = args.capacity_scale or round(longest / (0.5 * SLO_S * model.prefill_tokens_per_s), 2)

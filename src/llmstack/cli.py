@@ -237,7 +237,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         defaults.append(f"policy={args.policy}")
     auto = _config(AutoscalingConfig, args, defaults)
     trace = read_trace(args.trace).window(start_s=args.start, duration_s=args.duration,
-                                          max_requests=args.max_requests)
+                                          max_requests=args.max_requests).thinned(args.thin)
     out = Path(args.out)
     if args.simulate:
         from llmstack.autoscale.simulator import ReplicaModel, simulate
@@ -368,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--start", type=float, default=0.0, help="window start (s into the trace)")
     sub.add_argument("--duration", type=float, default=None, help="window length (s); default: to the end")
     sub.add_argument("--max-requests", type=int, default=None, help="cap on requests sent or simulated")
+    sub.add_argument("--thin", type=int, default=1, metavar="K",
+                     help="keep one request in K (the load's shape at 1/K of its rate; with --speedup K the trace's "
+                          "own rate in 1/K of the time)")
     sub.add_argument("--max-duration", type=float, default=600.0, help="replay wall-clock bound (s)")
     sub.add_argument("--request-timeout", type=float, default=60.0, help="per-request bound (s)")
     sub.add_argument("--model", default=None, help="served model id (default: the first listed)")

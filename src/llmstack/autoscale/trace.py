@@ -67,6 +67,19 @@ class Trace:
             raise TraceError(f"speedup must be > 0, got {speedup}")
         return dataclasses.replace(self, arrival_s=[t / speedup for t in self.arrival_s])
 
+    def thinned(self, keep_one_in: int) -> Trace:
+        """Every ``keep_one_in``-th request (the first kept): the same bursts and gaps at 1/k of the rate.
+
+        With :meth:`compressed` by the same factor the request rate stays the trace's own while the time runs k
+        times faster: a window that fits a small machine without the overload a plain speed-up brings.
+        """
+        if not (isinstance(keep_one_in, int) and keep_one_in >= 1):
+            raise TraceError(f"keep_one_in must be an integer >= 1, got {keep_one_in!r}")
+        keep = range(0, len(self), keep_one_in)
+        return dataclasses.replace(self, arrival_s=[self.arrival_s[i] for i in keep],
+                                   context_tokens=[self.context_tokens[i] for i in keep],
+                                   generated_tokens=[self.generated_tokens[i] for i in keep])
+
     def clipped(self, *, context_window: int, max_output_tokens: int | None = None) -> Trace:
         """Fit every request into a model window: output first (up to ``max_output_tokens``), then the prompt.
 

@@ -62,6 +62,8 @@ def test_cli_simulate_prints_the_metrics_json(tmp_path: Path, capsys: pytest.Cap
     for key in ("replica_seconds", "idle_replica_seconds", "utilization", "slo_attainment", "scale_events"):
         assert key in metrics
     assert metrics["requests"] == 240 and metrics["policy"] == "predictive"
+    code = main(["replay", str(_csv(tmp_path, rows)), "--simulate", "--thin", "4", "--out", str(tmp_path / "t")])
+    assert code == 0 and json.loads(capsys.readouterr().out)["requests"] == 60
     assert (tmp_path / "out" / "simulate-predictive.png").stat().st_size > 10_000
 
 
@@ -69,6 +71,7 @@ def test_cli_simulate_prints_the_metrics_json(tmp_path: Path, capsys: pytest.Cap
     (["1.0,10,-2"], ["--simulate"], "row 1: GeneratedTokens must be >= 0"),
     (["1.0,10,2"], [], "replay needs --url"),
     (["1.0,10,2"], ["--simulate", "min_replicas=3", "max_replicas=2"], "max_replicas: must be >= min_replicas"),
+    (["1.0,10,2"], ["--simulate", "--thin", "0"], "keep_one_in must be an integer >= 1"),
 ])
 def test_cli_bad_input_is_one_line_and_non_zero(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                 rows: list[str], args: list[str], fragment: str) -> None:

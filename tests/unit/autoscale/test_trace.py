@@ -63,6 +63,19 @@ def test_window_compress_and_clip_report_what_changed() -> None:
         trace.window(start_s=100.0)
 
 
+def test_thinned_keeps_every_kth_request_and_with_the_same_speedup_the_rate() -> None:
+    trace = Trace([float(i) for i in range(10)], list(range(100, 110)), list(range(10)))
+    thin = trace.thinned(3)
+    assert thin.arrival_s == [0.0, 3.0, 6.0, 9.0] and thin.context_tokens == [100, 103, 106, 109]
+    fitted = thin.compressed(3.0)
+    assert fitted.duration_s == pytest.approx(trace.duration_s / 3)
+    assert len(fitted) / fitted.duration_s == pytest.approx(len(thin) / thin.duration_s * 3)
+    assert trace.thinned(1) == trace
+    for bad in (0, -2, 1.5):
+        with pytest.raises(TraceError, match="keep_one_in must be an integer >= 1"):
+            trace.thinned(bad)  # type: ignore[arg-type]
+
+
 def test_synthetic_trace_follows_its_segments() -> None:
     trace = synthetic_trace([(60, 1.0), (30, 10.0), (60, 0.0), (30, 2.0)], seed=3)
     in_burst = sum(60 <= t < 90 for t in trace.arrival_s)
