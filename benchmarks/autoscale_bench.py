@@ -393,8 +393,14 @@ def plot_live(live: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- report
 
 
-def _ranking(metrics: dict[str, dict[str, Any]], key: str, reverse: bool) -> list[str]:
-    return sorted(metrics, key=lambda k: metrics[k][key], reverse=reverse)
+def _ranking(metrics: dict[str, dict[str, Any]], key: str, reverse: bool, *, tie: float) -> str:
+    """Policies ordered by ``key`` ('<' or '>' between them), '=' where they differ by less than ``tie``."""
+    order = sorted(metrics, key=lambda k: metrics[k][key], reverse=reverse)
+    text = order[0]
+    for before, name in zip(order, order[1:]):
+        same = abs(metrics[name][key] - metrics[before][key]) < tie
+        text += (" = " if same else (" > " if reverse else " < ")) + name
+    return text
 
 
 def _live_attempt(attempt: dict[str, Any]) -> str:
@@ -578,8 +584,10 @@ def markdown(results: dict[str, Any]) -> str:
          + (f" The live part below, run afterwards (`--live-only`, load average "
             f"{(cal.get('live_load_average') or ['?'])[0]}), measured a median start-up of "
             f"{cal['live_replica_model']['startup_s']:g} s and "
-            f"{cal['live_replica_model']['request_overhead_s'] * 1e3:.0f} ms of HTTP overhead; only its window "
-            "simulation uses them." if live_added else "")),
+            f"{cal['live_replica_model']['request_overhead_s'] * 1e3:.0f} ms of HTTP overhead, and calibrated the "
+            f"engine again (prefill {cal['live_replica_model']['prefill_tokens_per_s']:.0f} tokens/s, decode step "
+            f"{cal['live_replica_model']['decode_step_s'] * 1e3:.2f} ms); only its window simulation uses them."
+            if live_added else "")),
         f"- assumed: the scaled replica. The tiny replica sustains {tiny['capacity_tokens_per_s']:.0f} tokens/s at the "
         f"SLO, so the trace's mean load needs {sc['mean_load_tokens_per_s'] / tiny['capacity_tokens_per_s']:.2f} of one "
         "replica and, with min_replicas 1, no policy can use much of its fleet: the tiny study measures a fleet "
@@ -646,13 +654,14 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {key} | {lm['replica_seconds']:.0f} | {lm['slo_attainment']:.2%} | {lm['ttft_p99_s']} s | "
                          f"{sm['replica_seconds']:.0f} | {sm['slo_attainment']:.2%} |")
         live_m = {k: v["metrics"] for k, v in live.items()}
-        rank = {"live": (_ranking(live_m, "replica_seconds", False), _ranking(live_m, "slo_attainment", True)),
-                "sim": (_ranking(sim_window, "replica_seconds", False), _ranking(sim_window, "slo_attainment", True))}
+        # Ties: replica-seconds within 2% of the static fleet's, SLO attainment within half a point.
+        tie_s = 0.02 * live_m["static"]["replica_seconds"]
+        rank = {where: (_ranking(m, "replica_seconds", False, tie=tie_s), _ranking(m, "slo_attainment", True, tie=0.005))
+                for where, m in (("live", live_m), ("sim", sim_window))}
         lines += [
             "",
-            f"Ranking by replica-seconds (fewest first): live {' < '.join(rank['live'][0])}, simulator "
-            f"{' < '.join(rank['sim'][0])}; by SLO attainment (best first): live {' > '.join(rank['live'][1])}, "
-            f"simulator {' > '.join(rank['sim'][1])}. "
+            f"Ranking by replica-seconds (fewest first): live {rank['live'][0]}, simulator {rank['sim'][0]}; by SLO "
+            f"attainment (best first): live {rank['live'][1]}, simulator {rank['sim'][1]}. "
             + ("The simulator's ranking holds on both." if rank["live"] == rank["sim"] else
                "The rankings differ where shown."),
         ]
@@ -720,17 +729,15 @@ def window_simulation(results: dict[str, Any], window: Any, model: Any) -> dict[
 
 def add_live(info: dict[str, Any], engine_model: Any, window: Any, began: float) -> int:
     """``--live-only``: the live part and its simulator window, added to the last run's autoscale.json."""
-    from llmstack.autoscale.simulator import ReplicaModel
-
     path = RESULTS / "autoscale.json"
     results = json.loads(path.read_text(encoding="utf-8"))
     live_runs, startup_s, overhead_s = run_live(info, engine_model, window)
     results["live"], results["skip_live"], results["live_window_s"] = live_runs, False, LIVE_WINDOW_S
     results["live_thin"], results["live_speedup"] = LIVE_THIN, LIVE_SPEEDUP
     cal = results["calibration"]
-    # The hour studies keep their replica model; the window is simulated with the start-up and overhead measured live.
-    model = dataclasses.replace(ReplicaModel(**cal["replica_model"]), startup_s=round(startup_s, 2),
-                                request_overhead_s=round(overhead_s, 4))
+    # The hour studies keep their replica model; the window is simulated with this run's engine calibration and the
+    # start-up and overhead measured live, i.e. the machine as the live runs found it.
+    model = dataclasses.replace(engine_model, startup_s=round(startup_s, 2), request_overhead_s=round(overhead_s, 4))
     cal["live_replica_model"] = model.to_dict()
     cal["live_load_average"] = _load_average()
     cal["startup_samples_s"] = sorted(s for run in live_runs.values() for s in run["startup_s"])
