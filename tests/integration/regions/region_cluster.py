@@ -2,7 +2,7 @@
 
 Used by the multi-region driver (run as a subprocess by the integration test) and by
 benchmarks/regions_bench.py. Each region is one or more Ray nodes holding ``region:<name>``; killing a
-region removes its nodes without a graceful shutdown, as a lost zone would.
+region SIGKILLs its nodes' raylets (then reaps the rest), as a lost zone would.
 
 Run only in a process of its own: it starts a cluster (``ray.cluster_utils.Cluster``) and connects to it,
 and must set ``RAY_TMPDIR`` before Ray is imported so nothing it writes lands in other clusters' /tmp/ray.
@@ -73,9 +73,17 @@ class RegionCluster:
         return node
 
     def kill(self, region: str) -> float:
-        """Remove the region's nodes at once (no graceful shutdown); returns the wall time of the kill."""
+        """SIGKILL the raylet of each of the region's nodes (a lost zone: no goodbye to the GCS), then reap the
+        node's other processes; returns the wall time of the first SIGKILL."""
+        import signal
+
+        from ray._private import ray_constants
+
+        nodes = self.nodes.pop(region, [])
         at = time.time()
-        for node in self.nodes.pop(region, []):
+        for node in nodes:
+            os.kill(node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid, signal.SIGKILL)
+        for node in nodes:  # the raylet is already dead: this SIGKILLs what is left (log monitor, ...)
             self.cluster.remove_node(node, allow_graceful=False)
         return at
 
@@ -204,3 +212,12 @@ def wait_for(predicate: Any, timeout: float, period: float = 0.25) -> float | No
             pass
         time.sleep(period)
     return None
+
+
+def replica_views(url: str, want: int, timeout: float) -> dict[str, dict[str, Any]]:
+    """Router replica id -> its /regions status, from repeated GETs (the proxy picks a replica per request)
+    until ``want`` replicas have answered or ``timeout`` passed."""
+    views: dict[str, dict[str, Any]] = {}
+    wait_for(lambda: views.update({(s := get_json(url, "/regions"))["replica"]: s}) or len(views) >= want,
+             timeout=timeout, period=0.05)
+    return views
