@@ -13,10 +13,14 @@ from __future__ import annotations
 import json
 import os
 import socket
-import threading
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/integration: the shared closed-loop load
+from closed_loop import ClosedLoop  # noqa: E402
 
 MB = 1024 * 1024
 
@@ -135,7 +139,7 @@ class Sample:
 
 
 @dataclass
-class Load:
+class Load(ClosedLoop):
     """``threads`` closed-loop clients (``stream_threads`` of them streaming) until stopped."""
 
     url: str
@@ -144,8 +148,6 @@ class Load:
     stream_threads: int = 0
     max_tokens: int = 8
     samples: list[Sample] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _workers: list[threading.Thread] = field(default_factory=list)
 
     def one(self, session: Any, n: int, stream: bool) -> Sample:
         import requests
@@ -166,26 +168,8 @@ class Load:
         except requests.RequestException:
             return Sample(sent, time.time(), 0, None, False, stream)
 
-    def _run(self, i: int) -> None:
-        import requests
-
-        session = requests.Session()
-        n = i * 1000
-        while not self._stop.is_set():
-            n += 1
-            self.samples.append(self.one(session, n, i < self.stream_threads))
-
-    def __enter__(self) -> Load:
-        for i in range(self.threads):
-            t = threading.Thread(target=self._run, args=(i,), daemon=True)
-            t.start()
-            self._workers.append(t)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        for t in self._workers:
-            t.join(timeout=90)
+    def next_sample(self, session: Any, worker: int, n: int) -> Sample:
+        return self.one(session, worker * 1000 + n, worker < self.stream_threads)
 
 
 def get_json(url: str, path: str) -> dict[str, Any]:
