@@ -46,6 +46,15 @@ def replicas(shared: Handle, n: int = 2) -> list[RegionEngineClient]:
     return out
 
 
+async def synced(n: int = 2) -> tuple[Handle, list[RegionEngineClient]]:
+    """``n`` replicas on one board, each past its first sync."""
+    handle = Handle(RegionBoard())
+    clients = replicas(handle, n)
+    for r in clients:
+        await r.board.sync()
+    return handle, clients
+
+
 def test_an_override_on_one_replica_reaches_the_other_and_a_late_one() -> None:
     async def scenario() -> None:
         handle = Handle(RegionBoard())
@@ -69,10 +78,8 @@ def test_an_override_on_one_replica_reaches_the_other_and_a_late_one() -> None:
 
 def test_an_ejection_on_one_replica_ejects_on_the_other_not_back_on_itself() -> None:
     async def scenario() -> None:
-        handle = Handle(RegionBoard())
-        one, two = replicas(handle)
+        _, (one, two) = await synced()
         for r in (one, two):
-            await r.board.sync()
             r.router.probed("b", True)  # seen up
         one.clients["b"].fail = ConnectionError("down")  # type: ignore[attr-defined]
         await one.probe("b")
@@ -93,10 +100,7 @@ def test_an_ejection_on_one_replica_ejects_on_the_other_not_back_on_itself() -> 
 
 def test_a_lost_board_never_blocks_routing_and_a_new_one_gets_the_override_again() -> None:
     async def scenario() -> None:
-        handle = Handle(RegionBoard())
-        one, two = replicas(handle)
-        for r in (one, two):
-            await r.board.sync()
+        handle, (one, two) = await synced()
         one.router.set_weights({"a": 1})
         await one.share_routing()
         await two.board.sync()
