@@ -72,11 +72,10 @@ def serve_args(registry: str, port: int) -> dict[str, Any]:
 
 
 def costs(url: str) -> dict[str, Any]:
-    import requests
+    """The app's cost counters, summed over every router replica (each counts what it routed)."""
+    from llmstack.serve.regions.cost import app_cost
 
-    from llmstack.serve.regions import cost_report
-
-    return cost_report(requests.get(url + "/metrics", timeout=10).text)
+    return app_cost(url)
 
 
 def diff(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:

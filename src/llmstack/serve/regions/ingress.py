@@ -78,11 +78,11 @@ class RegionEngineClient:
         self.router = RegionRouter(regions, spec["routing"], clock=clock)
         self.cfg = self.router.cfg
         self.clients = {name: ServeEngineClient(h, retry_after_s=serve_cfg.retry_after_s) for name, h in handles.items()}
-        self.metrics = RegionMetrics()
+        self.replica = _replica_id()
+        self.metrics = RegionMetrics(self.replica, int(spec["routing"].get("router_replicas", 1)))
         self.overheads: deque[float] = deque(maxlen=2000)  # recent router overheads (s), for status percentiles
         self._waiting: dict[str, set[asyncio.Task]] = {name: set() for name in handles}  # attempts with no output yet
         self._probe_tasks: dict[str, asyncio.Task] = {}
-        self.replica = _replica_id()
         self.board = None if not spec.get("deploy_id") else BoardLink(
             board_name(serve_cfg.app_name, spec["deploy_id"]), self.replica, apply_routing=self._adopt_routing,
             apply_ejection=self._peer_ejected, local_routing=self.routing_now)
