@@ -114,14 +114,21 @@ class RegionEngineClient:
             await asyncio.sleep(max(0.05, self.cfg.probe_interval_s - (time.monotonic() - started)))
 
     async def probe(self, name: str) -> bool:
-        """Probe one region once (its replicas' health check, bounded by ``probe_timeout_s``) and book it."""
+        """Probe one region once (its replicas' health check, bounded by ``probe_timeout_s``) and book it.
+        Unanswered at half the timeout, the region is already suspect (routed around) while the probe waits on."""
+        check = asyncio.ensure_future(self.clients[name].check_health())
+        half = self.cfg.probe_timeout_s / 2
         try:
-            await asyncio.wait_for(self.clients[name].check_health(), timeout=self.cfg.probe_timeout_s)
-            ok = True
+            done, _ = await asyncio.wait({check}, timeout=half)
+            if not done:
+                self.router.probe_slow(name)
+                done, _ = await asyncio.wait({check}, timeout=half)
         except asyncio.CancelledError:
+            check.cancel()
             raise
-        except Exception:
-            ok = False
+        if not done:
+            check.cancel()
+        ok = bool(done) and not check.cancelled() and check.exception() is None
         was = self.router.regions[name].healthy
         self.router.probed(name, ok)
         if was != self.router.regions[name].healthy:

@@ -156,6 +156,24 @@ def test_a_suspect_still_serves_when_no_trusted_region_has_room() -> None:
     assert {r.choose().region for _ in range(6)} == set(REGIONS)
 
 
+def test_a_slow_probe_routes_around_without_counting_toward_ejection() -> None:
+    r, _ = router("cost", eject_after_failures=2)
+    for name in REGIONS:
+        feed(r, name, 0.1)
+    r.probe_slow("ap-south")
+    ap = r.regions["ap-south"]
+    assert ap.healthy and ap.failures == 0 and r.choose().region == "eu-west"
+    r.probed("ap-south", False)  # the probe then times out: one failure, still not ejected
+    assert ap.healthy and r.choose().region == "eu-west"
+    r.probed("ap-south", True)
+    assert r.choose().region == "ap-south"
+    r.probe_slow("ap-south")
+    r.begin("ap-south")
+    r.succeeded("ap-south", 0.1)  # an answered request clears it too
+    assert r.choose().region == "ap-south"
+    assert [e["event"] for e in r.events] == ["suspect", "suspect"]
+
+
 def test_another_replicas_ejection_ejects_here_once() -> None:
     r, clock = router("cost")
     assert r.eject("ap-south", reason="peer") is True
