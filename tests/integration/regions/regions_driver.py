@@ -35,8 +35,10 @@ REGIONS = {
     "ap-south": {"price_per_replica_hour": 0.8, "latency_ms": 700},
 }
 ROUTING = {"policy": "cost", "slo_p95_s": 0.6, "min_samples": 3, "window_s": 120, "eject_after_failures": 2,
-           "readmit_after_probes": 2, "probe_interval_s": 0.5, "probe_timeout_s": 1.5, "attempt_timeout_s": 8,
+           "readmit_after_probes": 2, "probe_interval_s": 0.5, "probe_timeout_s": 3.0, "attempt_timeout_s": 8,
            "router_replicas": 1}  # one router for the policy and failover checks (its turn, its samples)
+# probe_timeout_s: a probe unanswered for half of it makes a region suspect (routed around); 1.5 s keeps a
+# healthy replica on 2 loaded cores from ever looking slow during the exact-count policy checks
 APP = "regions-it"
 
 

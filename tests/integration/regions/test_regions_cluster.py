@@ -104,7 +104,7 @@ def test_failover_on_a_killed_region_retries_once_and_loses_nothing(result: dict
     assert len(lost) <= 1  # one streaming client: at most its one stream in flight
     eu = result["status_after_kill"]["regions"]["eu-west"]
     assert eu["healthy"] is False
-    assert eu["ejected_at_wall"] - kill < 10
+    assert eu["ejected_at_wall"] - kill < 12  # two 3 s probe timeouts at most (or a dead actor's error)
     late = [s for s in samples if s["sent"] > eu["ejected_at_wall"] + 0.5]
     assert late and all(s["region"] != "eu-west" for s in late), [s for s in late if s["region"] == "eu-west"]
     retried = [s for s in samples if s["retried"]]
