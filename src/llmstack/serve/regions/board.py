@@ -177,3 +177,13 @@ async def _awaitable(ref: Any) -> Any:
 
 def board_name(app_name: str, deploy_id: str) -> str:
     return f"regions-board:{app_name}:{deploy_id}"
+
+
+def replica_id() -> str:
+    """This router replica's Serve id (a random one outside Serve)."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:
+        return uuid.uuid4().hex[:8]

@@ -21,7 +21,6 @@ import contextvars
 import json
 import logging
 import time
-import uuid
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
@@ -37,7 +36,7 @@ from llmstack.serve.http import error_response, make_api
 from llmstack.serve.http.metrics import append_metrics
 from llmstack.serve.http.middleware import run_with_slot
 from llmstack.serve.protocol import GenerationChunk, GenerationRequest, GenerationResult, ModelCard
-from llmstack.serve.regions.board import BoardLink, board_name
+from llmstack.serve.regions.board import BoardLink, board_name, replica_id
 from llmstack.serve.regions.config import COST_HEADER, INGRESS, REGION_HEADER, RETRIED_HEADER
 from llmstack.serve.regions.cost import RegionMetrics, dollars, replica_seconds
 from llmstack.serve.regions.policy import RegionRouter, nearest_rank
@@ -78,7 +77,7 @@ class RegionEngineClient:
         self.router = RegionRouter(regions, spec["routing"], clock=clock)
         self.cfg = self.router.cfg
         self.clients = {name: ServeEngineClient(h, retry_after_s=serve_cfg.retry_after_s) for name, h in handles.items()}
-        self.replica = _replica_id()
+        self.replica = replica_id()
         self.metrics = RegionMetrics(self.replica, int(spec["routing"].get("router_replicas", 1)))
         self.overheads: deque[float] = deque(maxlen=2000)  # recent router overheads (s), for status percentiles
         self._waiting: dict[str, set[asyncio.Task]] = {name: set() for name in handles}  # attempts with no output yet
@@ -403,14 +402,6 @@ class RegionEngineClient:
         status["router_overhead_s"] = {"n": len(recent), "p50": nearest_rank(recent, 50),
                                        "p95": nearest_rank(recent, 95)}
         return status
-
-
-def _replica_id() -> str:
-    """This router replica's Serve id (a random one outside Serve)."""
-    try:
-        return serve.get_replica_context().replica_id.unique_id
-    except Exception:
-        return uuid.uuid4().hex[:8]
 
 
 def _unavailable(exc: BaseException | None) -> LLMStackError:
