@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import threading
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import requests
+
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/integration: the shared closed-loop load
+from closed_loop import ClosedLoop  # noqa: E402
 
 VERSION_HEADER = "x-llmstack-version"
 
@@ -34,44 +38,24 @@ class Sample:
 
 
 @dataclass
-class Load:
-    """``threads`` clients posting completions back to back until stopped (or ``rate`` requests/s each)."""
+class Load(ClosedLoop):
+    """``threads`` clients posting completions back to back until stopped (``pause_s`` apart)."""
 
     url: str
     threads: int = 4
     max_tokens: int = 8
     pause_s: float = 0.0
     samples: list[Sample] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _workers: list[threading.Thread] = field(default_factory=list)
 
-    def _run(self, i: int) -> None:
-        session = requests.Session()
-        n = 0
-        while not self._stop.is_set():
-            n += 1
-            body = {"prompt": f"line {(i * 31 + n) % 60}:", "max_tokens": self.max_tokens, "temperature": 0.8}
-            sent = time.time()
-            try:
-                r = session.post(self.url + "/v1/completions", json=body, timeout=60)
-                text = r.json()["choices"][0]["text"] if r.status_code == 200 else None
-                self.samples.append(Sample(sent, time.time(), r.status_code, r.headers.get(VERSION_HEADER), text))
-            except requests.RequestException:
-                self.samples.append(Sample(sent, time.time(), 0, None, None))
-            if self.pause_s:
-                time.sleep(self.pause_s)
-
-    def __enter__(self) -> Load:
-        for i in range(self.threads):
-            t = threading.Thread(target=self._run, args=(i,), daemon=True)
-            t.start()
-            self._workers.append(t)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        for t in self._workers:
-            t.join(timeout=90)
+    def next_sample(self, session: Any, worker: int, n: int) -> Sample:
+        body = {"prompt": f"line {(worker * 31 + n) % 60}:", "max_tokens": self.max_tokens, "temperature": 0.8}
+        sent = time.time()
+        try:
+            r = session.post(self.url + "/v1/completions", json=body, timeout=60)
+            text = r.json()["choices"][0]["text"] if r.status_code == 200 else None
+            return Sample(sent, time.time(), r.status_code, r.headers.get(VERSION_HEADER), text)
+        except requests.RequestException:
+            return Sample(sent, time.time(), 0, None, None)
 
     def failed(self) -> list[Sample]:
         return [s for s in list(self.samples) if s.status != 200]

@@ -2,7 +2,7 @@
 
 Used by the multi-region driver (run as a subprocess by the integration test) and by
 benchmarks/regions_bench.py. Each region is one or more Ray nodes holding ``region:<name>``; killing a
-region removes its nodes without a graceful shutdown, as a lost zone would.
+region SIGKILLs its nodes' raylets (then reaps the rest), as a lost zone would.
 
 Run only in a process of its own: it starts a cluster (``ray.cluster_utils.Cluster``) and connects to it,
 and must set ``RAY_TMPDIR`` before Ray is imported so nothing it writes lands in other clusters' /tmp/ray.
@@ -13,10 +13,14 @@ from __future__ import annotations
 import json
 import os
 import socket
-import threading
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/integration: the shared closed-loop load
+from closed_loop import ClosedLoop  # noqa: E402
 
 MB = 1024 * 1024
 
@@ -73,9 +77,17 @@ class RegionCluster:
         return node
 
     def kill(self, region: str) -> float:
-        """Remove the region's nodes at once (no graceful shutdown); returns the wall time of the kill."""
+        """SIGKILL the raylet of each of the region's nodes (a lost zone: no goodbye to the GCS), then reap the
+        node's other processes; returns the wall time of the first SIGKILL."""
+        import signal
+
+        from ray._private import ray_constants
+
+        nodes = self.nodes.pop(region, [])
         at = time.time()
-        for node in self.nodes.pop(region, []):
+        for node in nodes:
+            os.kill(node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid, signal.SIGKILL)
+        for node in nodes:  # the raylet is already dead: this SIGKILLs what is left (log monitor, ...)
             self.cluster.remove_node(node, allow_graceful=False)
         return at
 
@@ -127,7 +139,7 @@ class Sample:
 
 
 @dataclass
-class Load:
+class Load(ClosedLoop):
     """``threads`` closed-loop clients (``stream_threads`` of them streaming) until stopped."""
 
     url: str
@@ -136,8 +148,6 @@ class Load:
     stream_threads: int = 0
     max_tokens: int = 8
     samples: list[Sample] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _workers: list[threading.Thread] = field(default_factory=list)
 
     def one(self, session: Any, n: int, stream: bool) -> Sample:
         import requests
@@ -158,26 +168,8 @@ class Load:
         except requests.RequestException:
             return Sample(sent, time.time(), 0, None, False, stream)
 
-    def _run(self, i: int) -> None:
-        import requests
-
-        session = requests.Session()
-        n = i * 1000
-        while not self._stop.is_set():
-            n += 1
-            self.samples.append(self.one(session, n, i < self.stream_threads))
-
-    def __enter__(self) -> Load:
-        for i in range(self.threads):
-            t = threading.Thread(target=self._run, args=(i,), daemon=True)
-            t.start()
-            self._workers.append(t)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        for t in self._workers:
-            t.join(timeout=90)
+    def next_sample(self, session: Any, worker: int, n: int) -> Sample:
+        return self.one(session, worker * 1000 + n, worker < self.stream_threads)
 
 
 def get_json(url: str, path: str) -> dict[str, Any]:
@@ -204,3 +196,12 @@ def wait_for(predicate: Any, timeout: float, period: float = 0.25) -> float | No
             pass
         time.sleep(period)
     return None
+
+
+def replica_views(url: str, want: int, timeout: float) -> dict[str, dict[str, Any]]:
+    """Router replica id -> its /regions status, from repeated GETs (the proxy picks a replica per request)
+    until ``want`` replicas have answered or ``timeout`` passed."""
+    views: dict[str, dict[str, Any]] = {}
+    wait_for(lambda: views.update({(s := get_json(url, "/regions"))["replica"]: s}) or len(views) >= want,
+             timeout=timeout, period=0.05)
+    return views

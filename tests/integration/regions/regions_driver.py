@@ -27,7 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 
 from region_cluster import (Load, RegionCluster, get_json, log, node_resources, post_json,  # noqa: E402
-                            replica_nodes, wait_for)
+                            replica_nodes, replica_views, wait_for)
 
 REGIONS = {
     "us-east": {"price_per_replica_hour": 3.0, "latency_ms": 0},
@@ -35,13 +35,17 @@ REGIONS = {
     "ap-south": {"price_per_replica_hour": 0.8, "latency_ms": 700},
 }
 ROUTING = {"policy": "cost", "slo_p95_s": 0.6, "min_samples": 3, "window_s": 120, "eject_after_failures": 2,
-           "readmit_after_probes": 2, "probe_interval_s": 0.5, "probe_timeout_s": 1.5, "attempt_timeout_s": 8}
+           "readmit_after_probes": 2, "probe_interval_s": 0.5, "probe_timeout_s": 3.0, "attempt_timeout_s": 8,
+           "router_replicas": 1}  # one router for the policy and failover checks (its turn, its samples)
+# probe_timeout_s: a probe unanswered for half of it makes a region suspect (routed around); 1.5 s keeps a
+# healthy replica on 2 loaded cores from ever looking slow during the exact-count policy checks
 APP = "regions-it"
 
 
-def serve_args(registry: str, port: int, regions: dict[str, Any] | None = None) -> dict[str, Any]:
+def serve_args(registry: str, port: int, regions: dict[str, Any] | None = None,
+               routing: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"model": "tiny-lm@production", "registry": registry, "app_name": APP, "port": port,
-            "host": "127.0.0.1", "regions": regions or REGIONS, "routing": ROUTING, "num_cpus": 1.0,
+            "host": "127.0.0.1", "regions": regions or REGIONS, "routing": routing or ROUTING, "num_cpus": 1.0,
             "num_threads": 1, "max_batch_size": 4, "max_ongoing_requests": 8, "max_queued_requests": -1,
             "response_cache_size": 0, "default_max_tokens": 8, "max_tokens_limit": 32, "batch_wait_timeout_s": 0.005}
 
@@ -147,6 +151,28 @@ def run(out: dict[str, Any], workdir: Path) -> None:
                 region = line.split('region="')[1].split('"')[0]
                 out["replica_seconds"][region] = out["replica_seconds"].get(region, 0.0) + float(line.split()[-1])
         out["prices"] = {k: v["price_per_replica_hour"] for k, v in REGIONS.items()}
+
+        # --- two router replicas: an override POSTed once reaches both (through the shared board)
+        # an in-place update through Serve (the model deployments are unchanged and keep running; only the
+        # router is replaced): deploy_regions(replace=True) cannot count what the old app frees without a dashboard
+        from ray import serve
+
+        from llmstack.serve.regions.builder import app_of, resolve_regions
+
+        spec = resolve_regions(serve_args(registry, rc.http_port, routing={**ROUTING, "router_replicas": 2}))
+        serve.run(app_of(spec), name=APP, route_prefix="/")
+        out["placement_two_routers"] = replica_nodes(APP).get("RegionIngress")
+        out["views_before"] = {k: v["weights"] for k, v in replica_views(url, 2, timeout=60).items()}
+        posted = post_json(url, "/regions/routing", {"weights": {"ap-south": 1}})
+        out["override_post"] = {k: posted.get(k) for k in ("status_code", "shared", "replica", "weights")}
+        seen: dict[str, Any] = {}
+
+        def both_adopted() -> bool:
+            seen.update({k: v["weights"] for k, v in replica_views(url, 2, timeout=10).items()})
+            return len(seen) >= 2 and all(w == {"ap-south": 1.0} for w in seen.values())
+
+        out["override_wait_s"] = wait_for(both_adopted, timeout=30)
+        out["override_views"] = seen
         dep.shutdown()
     finally:
         t = time.time()

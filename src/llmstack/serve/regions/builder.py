@@ -2,7 +2,8 @@
 
 Topology (one Serve application)::
 
-    HTTP ─▶ RegionIngress ×router_replicas (OpenAI API + /regions; policy, health, retries, cost)
+    HTTP ─▶ RegionIngress ×router_replicas (OpenAI API + /regions; policy, health, retries, cost;
+               │                          overrides and ejections shared through one small board actor)
                │  the engine protocol per region (ServeEngineClient)
                ├─▶ LLMServer-us-east ×replicas   (ray_actor_options.resources: {"region:us-east": 0.001})
                └─▶ LLMServer-eu-west ×replicas   (... on the nodes started with --resources '{"region:eu-west": 1}')
@@ -14,6 +15,7 @@ so Ray places it there and nowhere else. A region without such a node fails the 
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from typing import Any
 
 from llmstack.config import ServeConfig, load_config, to_dict
@@ -63,6 +65,7 @@ def app_of(spec: dict[str, Any]) -> Any:
     from llmstack.serve.regions.ingress import RegionIngress
 
     cfg = load_config(ServeConfig, spec["serve"])
+    spec = {**spec, "deploy_id": uuid.uuid4().hex[:12]}  # names this deploy's shared board (board.py)
     handles = {name: LLMServer.options(**region_server_options(cfg, region)).bind(spec["serve"])
                for name, region in spec["regions"].items()}
     return RegionIngress.options(**router_options(spec)).bind(handles, spec)
@@ -78,11 +81,9 @@ def region_server_options(cfg: ServeConfig, region: dict[str, Any]) -> dict[str,
 
 
 def router_options(spec: dict[str, Any]) -> dict[str, Any]:
-    replicas = int(spec["routing"].get("router_replicas", 1))
-    options = {**INGRESS_OPTIONS, "num_replicas": replicas}
-    if replicas > 1:  # spread the router: a lost node takes one replica, not the entry point
-        options["max_replicas_per_node"] = 1
-    return options
+    """The router's options: ``router_replicas`` replicas, spread over nodes by Serve's default (soft)
+    spreading, so a lost node takes one replica, not the entry point, while a one-node cluster still fits."""
+    return {**INGRESS_OPTIONS, "num_replicas": int(spec["routing"].get("router_replicas", 2))}
 
 
 def region_nodes(resource: str) -> list[dict[str, Any]]:
@@ -155,7 +156,7 @@ def deploy_regions(config: dict[str, Any] | str | None = None, *, replace: bool 
     check_region_nodes(spec)
     serve_cfg = load_config(ServeConfig, spec["serve"])
     replicas = sum(r["replicas"] for r in spec["regions"].values())
-    needs = [(serve_cfg.num_cpus, replicas), (INGRESS_CPUS, int(spec["routing"].get("router_replicas", 1)))]
+    needs = [(serve_cfg.num_cpus, replicas), (INGRESS_CPUS, int(spec["routing"].get("router_replicas", 2)))]
     url = run_app(app_of(spec), serve_cfg, replace=replace, timeout_s=timeout_s, needs=needs,
                   what="multi-region application")
     return RegionsDeployment(config=serve_cfg, url=url, app_name=serve_cfg.app_name, spec=spec)

@@ -65,9 +65,9 @@ class RoutingConfig:
     probe_interval_s: float = 1.0  # active health probe period, per region
     probe_timeout_s: float = 2.0  # a probe slower than this fails
     attempt_timeout_s: float = 30.0  # an attempt with no answer (or first chunk) by then fails and is retried once
-    # router (ingress) replicas, spread over nodes (one per node) when more than 1; each keeps its own health
-    # view and probes, and a POST /regions/routing reaches only the replica that answers it
-    router_replicas: int = 1
+    # router (ingress) replicas, spread over nodes where there is room (soft); each routes on its own health
+    # view and probes, and they share overrides (POST /regions/routing) and ejections through a board actor
+    router_replicas: int = 2
 
     def check(self) -> list[tuple[str, str]]:
         problems = []

@@ -7,9 +7,12 @@ request an eighth of the replica's time. Answers from the response cache cost no
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from llmstack.serve.protocol import Timing
+
+ROUTER_INFO = "llmstack_region_router_replica"
 
 
 def replica_seconds(timing: Timing | None, *, cached: bool = False) -> float:
@@ -26,7 +29,7 @@ def dollars(seconds: float, price_per_replica_hour: float) -> float:
 class RegionMetrics:
     """Prometheus metrics of the global router, on their own registry (appended to the app's /metrics)."""
 
-    def __init__(self) -> None:
+    def __init__(self, replica: str = "", router_replicas: int = 1) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         from llmstack.serve.http.metrics import LATENCY_BUCKETS
@@ -56,6 +59,9 @@ class RegionMetrics:
         self.slo_unmet = Gauge("llmstack_region_slo_unmet", "1 while no healthy region meets the latency SLO",
                                registry=r)
         self.price = Gauge("llmstack_region_price_per_replica_hour", "Configured price", ["region"], registry=r)
+        # which router replica answered this scrape (each counts its own requests) and how many there are
+        Gauge(ROUTER_INFO, "This router replica, of router_replicas", ["replica", "router_replicas"],
+              registry=r).labels(replica, str(router_replicas)).set(1)
 
     def answered(self, region: str, model: str, adapter: str, *, seconds: float, cost: float,
                  prompt_tokens: int, completion_tokens: int) -> None:
@@ -82,8 +88,9 @@ def parse_prometheus(text: str) -> list[tuple[str, dict[str, str], float]]:
             for family in text_string_to_metric_families(text) for s in family.samples]
 
 
-def cost_report(metrics_text: str) -> dict[str, Any]:
-    """Cost, tokens, tokens per dollar and cost per 1k tokens per region (and in total) from /metrics text.
+def cost_report(metrics_text: str | list[str]) -> dict[str, Any]:
+    """Cost, tokens, tokens per dollar and cost per 1k tokens per region (and in total) from /metrics text
+    (or several: one per router replica, summed).
 
     Example:
         >>> cost_report('llmstack_region_cost_dollars_total{region="a",model="m",adapter=""} 0.002\\n'
@@ -93,7 +100,8 @@ def cost_report(metrics_text: str) -> dict[str, Any]:
     rows: dict[str, dict[str, float]] = {}
     names = {"llmstack_region_cost_dollars_total": "cost_usd", "llmstack_region_prompt_tokens_total": "prompt",
              "llmstack_region_completion_tokens_total": "completion"}
-    for name, labels, value in parse_prometheus(metrics_text):
+    texts = [metrics_text] if isinstance(metrics_text, str) else metrics_text
+    for name, labels, value in (sample for text in texts for sample in parse_prometheus(text)):
         region = labels.get("region")
         if region is None:
             continue
@@ -113,7 +121,30 @@ def cost_report(metrics_text: str) -> dict[str, Any]:
     total = summary(sum(r["cost_usd"] for r in rows.values()),
                     sum(r["prompt"] + r["completion"] for r in rows.values()),
                     sum(r["requests"] for r in rows.values()))
-    return {"regions": regions, "total": total}
+    return {"regions": regions, "total": total, "router_replicas_read": len(texts)}
+
+
+def router_of(metrics_text: str) -> tuple[str, int]:
+    """(replica id, router replicas) of the router replica whose /metrics this is (("", 1) if not said)."""
+    for name, labels, _ in parse_prometheus(metrics_text):
+        if name == ROUTER_INFO:
+            return labels.get("replica", ""), int(labels.get("router_replicas", "1"))
+    return "", 1
+
+
+def every_replica(fetch: Callable[[], str], *, tries_per_replica: int = 20) -> list[str]:
+    """One /metrics text per router replica: ``fetch`` again (the proxy picks a replica per request) until
+    each of the ``router_replicas`` has answered or the tries run out."""
+    seen: dict[str, str] = {}
+    want, tries = 1, 0
+    while tries < tries_per_replica * want:
+        tries += 1
+        text = fetch()
+        replica, want = router_of(text)
+        seen[replica] = text
+        if len(seen) >= want:
+            break
+    return list(seen.values())
 
 
 def format_cost(report: dict[str, Any]) -> str:
@@ -129,7 +160,8 @@ def format_cost(report: dict[str, Any]) -> str:
 
 
 def app_cost(url: str, *, api_key: str | None = None, timeout_s: float = 10.0) -> dict[str, Any]:
-    """The :func:`cost_report` of a running multi-region app, read from its ``/metrics``.
+    """The :func:`cost_report` of a running multi-region app, read from its ``/metrics`` (every router
+    replica's: each counts the requests it routed).
 
     Raises:
         LLMStackError: the app cannot be reached, or it has no region metrics (not a multi-region app).
@@ -142,14 +174,16 @@ def app_cost(url: str, *, api_key: str | None = None, timeout_s: float = 10.0) -
 
     from llmstack.errors import LLMStackError
 
-    request = urllib.request.Request(url.rstrip("/") + "/metrics",
-                                     headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 - a user-given app URL
-            text = response.read().decode("utf-8", "replace")
-    except (urllib.error.URLError, OSError) as exc:
-        raise LLMStackError(f"cannot read {url.rstrip('/')}/metrics: {getattr(exc, 'reason', exc)}") from None
-    report = cost_report(text)
+    def fetch() -> str:
+        request = urllib.request.Request(url.rstrip("/") + "/metrics",
+                                         headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 - a user-given URL
+                return response.read().decode("utf-8", "replace")
+        except (urllib.error.URLError, OSError) as exc:
+            raise LLMStackError(f"cannot read {url.rstrip('/')}/metrics: {getattr(exc, 'reason', exc)}") from None
+
+    report = cost_report(every_replica(fetch))
     if not report["regions"]:
         raise LLMStackError(f"{url} has no per-region cost metrics: is it a multi-region app "
                             "(serve_configs/multi-region.yaml)?")

@@ -5,7 +5,8 @@ request goes where :class:`~llmstack.serve.regions.policy.RegionRouter` says; it
 timeout) feeds the router's health, and a probe task checks every region's replicas every
 ``probe_interval_s``. The HTTP app is the shared one (:func:`~llmstack.serve.http.make_api`) with
 ``/regions`` status and weight routes, the router's metrics appended to ``/metrics`` and the answering
-region (and a non-streamed answer's cost) as response headers.
+region (and a non-streamed answer's cost) as response headers. Several router replicas share overrides and
+ejections through :mod:`~llmstack.serve.regions.board` (off the request path).
 
 Retry rule: a request that failed on a region before any output reached the client (a non-streamed
 request, or a stream whose first chunk had not come) is retried once on another region; never twice,
@@ -35,6 +36,7 @@ from llmstack.serve.http import error_response, make_api
 from llmstack.serve.http.metrics import append_metrics
 from llmstack.serve.http.middleware import run_with_slot
 from llmstack.serve.protocol import GenerationChunk, GenerationRequest, GenerationResult, ModelCard
+from llmstack.serve.regions.board import BoardLink, board_name, replica_id
 from llmstack.serve.regions.config import COST_HEADER, INGRESS, REGION_HEADER, RETRIED_HEADER
 from llmstack.serve.regions.cost import RegionMetrics, dollars, replica_seconds
 from llmstack.serve.regions.policy import RegionRouter, nearest_rank
@@ -75,47 +77,96 @@ class RegionEngineClient:
         self.router = RegionRouter(regions, spec["routing"], clock=clock)
         self.cfg = self.router.cfg
         self.clients = {name: ServeEngineClient(h, retry_after_s=serve_cfg.retry_after_s) for name, h in handles.items()}
-        self.metrics = RegionMetrics()
+        self.replica = replica_id()
+        self.metrics = RegionMetrics(self.replica, int(spec["routing"].get("router_replicas", 1)))
         self.overheads: deque[float] = deque(maxlen=2000)  # recent router overheads (s), for status percentiles
         self._waiting: dict[str, set[asyncio.Task]] = {name: set() for name in handles}  # attempts with no output yet
-        self._probe_task: asyncio.Task | None = None
+        self._probe_tasks: dict[str, asyncio.Task] = {}
+        self.board = None if not spec.get("deploy_id") else BoardLink(
+            board_name(serve_cfg.app_name, spec["deploy_id"]), self.replica, apply_routing=self._adopt_routing,
+            apply_ejection=self._peer_ejected, local_routing=self.routing_now)
+        self._board_task: asyncio.Task | None = None
+        self._board_calls: set[asyncio.Task] = set()
 
     # ------------------------------------------------------------------ probes
 
     def start_probes(self) -> None:
-        if self._probe_task is None or self._probe_task.done():
-            self._probe_task = asyncio.get_running_loop().create_task(self._probe_loop())
+        """Start (or restart) one probe loop per region and the board sync: a region that hangs delays
+        only its own probes, so its first timed-out probe comes ``probe_timeout_s`` after it stopped answering."""
+        loop = asyncio.get_running_loop()
+        for name in self.clients:
+            task = self._probe_tasks.get(name)
+            if task is None or task.done():
+                self._probe_tasks[name] = loop.create_task(self._probe_loop(name))
+        if self.board is not None and (self._board_task is None or self._board_task.done()):
+            self._board_task = loop.create_task(self.board.run(self.cfg.probe_interval_s))
 
-    async def _probe_loop(self) -> None:
+    async def _probe_loop(self, name: str) -> None:
         while True:
             started = time.monotonic()
             try:
-                await self.probe_all()
-            except Exception:  # never let the loop die
-                logger.exception("region probe round failed")
-            await asyncio.sleep(max(0.05, self.cfg.probe_interval_s - (time.monotonic() - started)))
-
-    async def probe_all(self) -> dict[str, bool]:
-        """Probe every region once (its replicas' health check, bounded by ``probe_timeout_s``)."""
-        async def one(name: str) -> bool:
-            try:
-                await asyncio.wait_for(self.clients[name].check_health(), timeout=self.cfg.probe_timeout_s)
-                return True
+                await self.probe(name)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                return False
+            except Exception:  # never let the loop die
+                logger.exception("region %s probe failed", name)
+            await asyncio.sleep(max(0.05, self.cfg.probe_interval_s - (time.monotonic() - started)))
 
+    async def probe(self, name: str) -> bool:
+        """Probe one region once (its replicas' health check, bounded by ``probe_timeout_s``) and book it.
+        Unanswered at half the timeout, the region is already suspect (routed around) while the probe waits on."""
+        check = asyncio.ensure_future(self.clients[name].check_health())
+        half = self.cfg.probe_timeout_s / 2
+        try:
+            done, _ = await asyncio.wait({check}, timeout=half)
+            if not done:
+                self.router.probe_slow(name)
+                done, _ = await asyncio.wait({check}, timeout=half)
+        except asyncio.CancelledError:
+            check.cancel()
+            raise
+        if not done:
+            check.cancel()
+        ok = bool(done) and not check.cancelled() and check.exception() is None
+        was = self.router.regions[name].healthy
+        self.router.probed(name, ok)
+        if was != self.router.regions[name].healthy:
+            if ok:
+                logger.warning("region %s re-admitted", name)
+            else:
+                self._ejected(name, "probes")
+        return ok
+
+    async def probe_all(self) -> dict[str, bool]:
+        """Probe every region once, together."""
         names = list(self.clients)
-        results = await asyncio.gather(*(one(n) for n in names))
-        for name, ok in zip(names, results):
-            was = self.router.regions[name].healthy
-            self.router.probed(name, ok)
-            if was != self.router.regions[name].healthy:
-                logger.warning("region %s %s", name, "re-admitted" if ok else "ejected by probes")
-                if not ok:
-                    self._evict(name)
-        return dict(zip(names, results))
+        return dict(zip(names, await asyncio.gather(*(self.probe(n) for n in names))))
+
+    def _ejected(self, name: str, reason: str) -> None:
+        """The local router just ejected ``name``: move its waiting attempts now and tell the other replicas."""
+        logger.warning("region %s ejected (%s)", name, reason)
+        self._evict(name)
+        if self.board is not None:
+            task = asyncio.get_running_loop().create_task(self.board.publish_ejection(name, reason))
+            self._board_calls.add(task)
+            task.add_done_callback(self._board_calls.discard)
+
+    def _peer_ejected(self, name: str, reason: str) -> None:
+        if name in self.router.regions and self.router.eject(name, reason=reason):
+            logger.warning("region %s ejected (%s)", name, reason)
+            self._evict(name)
+
+    def _adopt_routing(self, routing: dict[str, Any]) -> None:
+        self.router.set_routing(policy=routing.get("policy"), slo_p95_s=routing.get("slo_p95_s"))
+        self.router.set_weights(routing.get("weights") or {})
+
+    def routing_now(self) -> dict[str, Any]:
+        return {"policy": self.router.cfg.policy, "slo_p95_s": self.router.cfg.slo_p95_s,
+                "weights": dict(self.router.weights)}
+
+    async def share_routing(self) -> bool | None:
+        """Publish this replica's routing to the others (None: no board, a lone router)."""
+        return None if self.board is None else await self.board.publish_routing(self.routing_now())
 
     # ------------------------------------------------------------------ engine protocol
 
@@ -288,8 +339,7 @@ class RegionEngineClient:
         was = self.router.regions[name].healthy
         self.router.failed(name, hard=hard, reason=reason)
         if was and not self.router.regions[name].healthy:
-            logger.warning("region %s ejected (%s)", name, reason)
-            self._evict(name)
+            self._ejected(name, reason)
 
     def _another(self, tried: list[str]) -> bool:
         return any(n not in tried for n in self.router.regions)
@@ -346,6 +396,8 @@ class RegionEngineClient:
                 region[key + "_wall"] = None if value is None else value + offset
         for event in status["events"]:
             event["at"] = event["t"] + offset
+        status["replica"] = self.replica
+        status["board"] = None if self.board is None else self.board.status()
         recent = list(self.overheads)
         status["router_overhead_s"] = {"n": len(recent), "p50": nearest_rank(recent, 50),
                                        "p95": nearest_rank(recent, 95)}
@@ -410,7 +462,8 @@ def region_api(engine: RegionEngineClient, config: ServeConfig) -> Any:
                 engine.router.set_weights(weights)
         except (LLMStackError, TypeError, ValueError) as exc:
             return error_response(exc if isinstance(exc, LLMStackError) else RequestError(str(exc)))
-        return JSONResponse(json.loads(json.dumps({"ok": True, **engine.status()}, default=str)))
+        shared = await engine.share_routing()  # the other router replicas adopt it on their next sync
+        return JSONResponse(json.loads(json.dumps({"ok": True, "shared": shared, **engine.status()}, default=str)))
 
     async def router_metrics() -> str:
         return engine.metrics.render(engine.router)

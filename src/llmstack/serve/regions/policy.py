@@ -13,8 +13,12 @@ Policies (``routing.policy``), over the healthy regions with spare capacity:
 * manual ``weights`` (config or :meth:`set_weights`) override the policy: a weighted draw.
 
 Health: a failed request or probe counts against a region; ``eject_after_failures`` in a row eject it (a
-hard failure, the backend gone, ejects at once). An ejected region gets no traffic unless every region is
-ejected; ``readmit_after_probes`` passing probes in a row re-admit it.
+hard failure, the backend gone, ejects at once). A region with even one failure since its last success is
+*suspect*: it gets no new request while another healthy region without failures has room (routed around at
+once, ejected only after the confirmation), so a dying region stops getting traffic at its first sign; so is
+one whose probe has gone unanswered for half the probe timeout (:meth:`probe_slow`, no failure yet). An
+ejected region gets no traffic unless every region is ejected; ``readmit_after_probes`` passing probes in a
+row re-admit it. Another router replica's ejection (shared through the board) ejects here too (:meth:`eject`).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ class RegionState:
     readmitted_at: float | None = None
     last_routed_at: float | None = None
     seen_up: bool = False  # a probe passed or a request succeeded at least once
+    slow: bool = False  # a probe has gone unanswered for half its timeout (suspect; not yet a failure)
     totals: dict[str, int] = field(default_factory=lambda: {"routed": 0, "ok": 0, "failed": 0, "moved": 0,
                                                                  "ejections": 0})
 
@@ -118,11 +123,15 @@ class RegionRouter:
         return len(state.samples) + state.in_flight < self.cfg.min_samples
 
     def eligible(self, exclude: Iterable[str] = ()) -> tuple[list[RegionState], str]:
-        """The regions a request may go to, and why: healthy with room, else healthy, else any not excluded."""
+        """The regions a request may go to, and why: healthy with room and no failure since the last success
+        (else healthy with room, suspects included), else healthy, else any not excluded."""
         out = set(exclude)
         pool = [s for s in self.regions.values() if s.name not in out]
         healthy = [s for s in pool if s.healthy]
         roomy = [s for s in healthy if s.in_flight < s.capacity]
+        trusted = [s for s in roomy if not s.failures and not s.slow]
+        if trusted:  # a suspect (one failure) is routed around while a trusted region has room
+            return trusted, "policy"
         if roomy:
             return roomy, "policy"
         if healthy:  # every healthy region is full: the least loaded one queues it
@@ -189,6 +198,7 @@ class RegionRouter:
         state.samples.append((self.clock(), latency_s))
         state.totals["ok"] += 1
         state.seen_up = True
+        state.slow = False
         if state.healthy:
             state.failures = 0
 
@@ -213,11 +223,24 @@ class RegionRouter:
             return
         state.failures += 1
         if hard or state.failures >= self.cfg.eject_after_failures:
-            state.healthy = False
-            state.passes = 0
-            state.ejected_at = self.clock()
-            state.totals["ejections"] += 1
-            self._event("ejected", state.name, reason=reason, failures=state.failures)
+            self._eject(state, reason)
+        elif state.failures == 1 and not state.slow:  # a slow probe said so already
+            self._event("suspect", state.name, reason=reason)
+
+    def _eject(self, state: RegionState, reason: str) -> None:
+        state.healthy = False
+        state.passes = 0
+        state.ejected_at = self.clock()
+        state.totals["ejections"] += 1
+        self._event("ejected", state.name, reason=reason, failures=state.failures)
+
+    def eject(self, name: str, *, reason: str) -> bool:
+        """Eject a region on outside evidence (another router replica ejected it); False if already ejected."""
+        state = self.regions[name]
+        if not state.healthy:
+            return False
+        self._eject(state, reason)
+        return True
 
     # ------------------------------------------------------------------ active probes
 
@@ -233,6 +256,7 @@ class RegionRouter:
                 self._failure(state, hard=False, reason=reason)
             return
         state.seen_up = True
+        state.slow = False
         if state.healthy:
             state.failures = 0
             return
@@ -244,6 +268,15 @@ class RegionRouter:
             state.readmitted_at = self.clock()
             state.samples.clear()  # measured afresh: its old latencies belong to before the outage
             self._event("readmitted", name)
+
+    def probe_slow(self, name: str) -> None:
+        """A probe has gone unanswered for half its timeout: the region is suspect (routed around while a
+        trusted region has room) until a probe passes or a request succeeds; it is no failure yet."""
+        state = self.regions[name]
+        if state.healthy and state.seen_up and not state.slow:
+            state.slow = True
+            if not state.failures:
+                self._event("suspect", name, reason="slow probe")
 
     # ------------------------------------------------------------------ admin
 
@@ -297,7 +330,8 @@ class RegionRouter:
         regions = {}
         for name, s in self.regions.items():
             p95 = self.p95(name)
-            regions[name] = {"healthy": s.healthy, "price_per_replica_hour": s.price,
+            regions[name] = {"healthy": s.healthy, "suspect": s.healthy and (s.failures > 0 or s.slow),
+                             "price_per_replica_hour": s.price,
                              "latency_ms": s.latency_s * 1000, "in_flight": s.in_flight, "capacity": s.capacity,
                              "p95_s": p95, "samples": len(s.samples),
                              "slo_met": None if p95 is None else p95 <= self.cfg.slo_p95_s,

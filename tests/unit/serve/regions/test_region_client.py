@@ -27,6 +27,7 @@ class FakeRegion:
         self.chunks_first = 0  # stream: chunks sent before failing
         self.calls = 0
         self.hang = False
+        self.probe_hang = False  # the health check never answers (a dead node's actor)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         self.calls += 1
@@ -50,6 +51,8 @@ class FakeRegion:
                                   timing=Timing(total_s=0.1) if i == 2 else None)
 
     async def check_health(self) -> None:
+        if self.probe_hang:
+            await asyncio.sleep(10)
         if self.fail is not None:
             raise self.fail
 
@@ -186,3 +189,22 @@ def test_attempts_waiting_on_a_region_move_at_once_when_it_is_ejected() -> None:
     text, took = run(scenario())
     assert text == "b" and took < 2  # not the 30 s attempt timeout
     assert client.router.regions["a"].in_flight == 0 and client.router.regions["a"].totals["moved"] == 1
+
+
+def test_a_probe_unanswered_for_half_its_timeout_routes_around_the_region_before_it_fails() -> None:
+    async def scenario() -> None:
+        client, fakes = make("round_robin", probe_timeout_s=0.4)
+        await client.probe_all()  # both seen up
+        fakes["a"].probe_hang = True
+        probe = asyncio.ensure_future(client.probe("a"))
+        await asyncio.sleep(0.3)
+        a = client.router.regions["a"]
+        assert a.healthy and a.failures == 0 and client.status()["regions"]["a"]["suspect"] is True
+        assert {client.router.choose().region for _ in range(4)} == {"b"}
+        assert await probe is False  # timed out: now a failure, one short of ejection
+        assert a.healthy and a.failures == 1
+        fakes["a"].probe_hang = False
+        assert await client.probe("a") is True
+        assert {client.router.choose().region for _ in range(4)} == {"a", "b"}
+
+    run(scenario())

@@ -42,23 +42,28 @@ def test_report_of_an_app_without_region_metrics() -> None:
     assert report["regions"] == {} and report["total"]["usd_per_1k_tokens"] is None
 
 
-def test_cost_cli_reads_a_running_apps_metrics(capsys: pytest.CaptureFixture[str]) -> None:
+def test_cost_cli_sums_every_router_replicas_metrics(capsys: pytest.CaptureFixture[str]) -> None:
     import http.server
+    import itertools
     import json
     import threading
 
     from llmstack.cli import main
 
-    metrics = RegionMetrics()
-    metrics.answered("us-east", "tiny-lm", "", seconds=3.6, cost=dollars(3.6, 2.0), prompt_tokens=10,
-                     completion_tokens=990)
-    body = metrics.render(RegionRouter({"us-east": {"price_per_replica_hour": 2.0}}, {})).encode()
+    router = RegionRouter({"us-east": {"price_per_replica_hour": 2.0}}, {})
+    bodies = []
+    for replica, seconds in (("r1", 2.7), ("r2", 0.9)):  # two router replicas, each counting its own answers
+        metrics = RegionMetrics(replica, router_replicas=2)
+        metrics.answered("us-east", "tiny-lm", "", seconds=seconds, cost=dollars(seconds, 2.0), prompt_tokens=5,
+                         completion_tokens=495)
+        bodies.append(metrics.render(router).encode())
+    answers = itertools.cycle([bodies[0], bodies[0], bodies[1]])  # the proxy's pick: not strictly alternating
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802
             self.send_response(200 if self.path == "/metrics" else 404)
             self.end_headers()
-            self.wfile.write(body)
+            self.wfile.write(next(answers))
 
         def log_message(self, *args: object) -> None:
             pass
@@ -69,6 +74,7 @@ def test_cost_cli_reads_a_running_apps_metrics(capsys: pytest.CaptureFixture[str
         url = f"http://127.0.0.1:{server.server_address[1]}"
         assert main(["cost", "--url", url, "--json"]) == 0
         report = json.loads(capsys.readouterr().out)
+        assert report["router_replicas_read"] == 2 and report["total"]["tokens"] == 1000
         assert report["regions"]["us-east"]["usd_per_1k_tokens"] == pytest.approx(0.002)
         assert main(["cost", "--url", url]) == 0
         assert "us-east" in capsys.readouterr().out

@@ -115,8 +115,72 @@ def test_ejection_after_consecutive_failures_and_readmission_after_probes() -> N
     assert not r.regions["us-east"].healthy
     r.probed("us-east", True)
     assert r.regions["us-east"].healthy and r.regions["us-east"].readmitted_at == clock.t
-    assert [e["event"] for e in r.events] == ["ejected", "readmitted"]
+    assert [e["event"] for e in r.events] == ["suspect", "suspect", "ejected", "readmitted"]
     assert r.regions["us-east"].totals["ejections"] == 1
+
+
+def test_one_failure_routes_around_the_region_at_once_and_ejects_only_after_confirmation() -> None:
+    r, clock = router("round_robin", eject_after_failures=3)
+    r.begin("eu-west")
+    r.failed("eu-west", reason="timeout")  # first sign: still healthy (not ejected), but no new traffic
+    eu = r.regions["eu-west"]
+    assert eu.healthy and r.status()["regions"]["eu-west"]["suspect"] is True
+    assert "eu-west" not in {r.choose().region for _ in range(12)}
+    clock.t += 1
+    r.probed("eu-west", False)  # second sign: still not ejected (3 needed), still routed around
+    assert eu.healthy and "eu-west" not in {r.choose().region for _ in range(6)}
+    r.probed("eu-west", True)  # a passing probe clears the suspicion: back in the rotation
+    assert r.status()["regions"]["eu-west"]["suspect"] is False
+    assert Counter(r.choose().region for _ in range(9)) == {"us-east": 3, "eu-west": 3, "ap-south": 3}
+    assert [e["event"] for e in r.events] == ["suspect"]
+
+
+def test_a_timed_out_probe_routes_around_a_region_that_served_before() -> None:
+    r, _ = router("cost")
+    for name in REGIONS:
+        feed(r, name, 0.1)
+    assert r.choose().region == "ap-south"
+    r.probed("ap-south", False)  # one timed-out probe: the next cheapest takes the traffic now
+    assert r.regions["ap-south"].healthy and r.choose().region == "eu-west"
+
+
+def test_a_suspect_still_serves_when_no_trusted_region_has_room() -> None:
+    r, _ = router("round_robin")
+    r.failed("us-east")
+    for name in ("eu-west", "ap-south"):
+        for _ in range(4):
+            r.begin(name)  # full
+    assert r.choose().region == "us-east"  # healthy with room: better than queueing on a full region
+    r.failed("eu-west")
+    r.failed("ap-south")  # every region suspect (and eu-west, ap-south have room again): the policy over all
+    assert {r.choose().region for _ in range(6)} == set(REGIONS)
+
+
+def test_a_slow_probe_routes_around_without_counting_toward_ejection() -> None:
+    r, _ = router("cost", eject_after_failures=2)
+    for name in REGIONS:
+        feed(r, name, 0.1)
+    r.probe_slow("ap-south")
+    ap = r.regions["ap-south"]
+    assert ap.healthy and ap.failures == 0 and r.choose().region == "eu-west"
+    r.probed("ap-south", False)  # the probe then times out: one failure, still not ejected
+    assert ap.healthy and r.choose().region == "eu-west"
+    r.probed("ap-south", True)
+    assert r.choose().region == "ap-south"
+    r.probe_slow("ap-south")
+    r.begin("ap-south")
+    r.succeeded("ap-south", 0.1)  # an answered request clears it too
+    assert r.choose().region == "ap-south"
+    assert [e["event"] for e in r.events] == ["suspect", "suspect"]
+
+
+def test_another_replicas_ejection_ejects_here_once() -> None:
+    r, clock = router("cost")
+    assert r.eject("ap-south", reason="peer") is True
+    assert not r.regions["ap-south"].healthy and r.regions["ap-south"].ejected_at == clock.t
+    assert r.eject("ap-south", reason="peer") is False
+    assert r.regions["ap-south"].totals["ejections"] == 1
+    assert r.choose().region == "eu-west"
 
 
 def test_hard_failure_ejects_at_once() -> None:
