@@ -320,9 +320,15 @@ class ServeConfig:
     num_cpus: float = 1.0  # CPUs Ray reserves per model replica (placement); see num_threads for compute
     num_threads: int | None = None  # torch threads per replica; None: the node's cores shared by max_replicas
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+    engine: Literal["transformers", "vllm"] = "transformers"  # what decodes: the embedded engine, or vLLM (extra)
+    vllm_kv_cache_gb: float = 0.5  # engine vllm: memory for its paged KV cache per replica (RAM on CPU)
+    vllm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"  # engine vllm: compute dtype
+    vllm_enforce_eager: bool = True  # engine vllm: no torch.compile / CUDA graphs (fast start-up; GPUs: false)
 
     def check(self) -> Problems:
         problems: Problems = []
+        if not self.vllm_kv_cache_gb > 0:
+            problems.append(("vllm_kv_cache_gb", f"must be > 0, got {self.vllm_kv_cache_gb}"))
         for name in ("max_batch_size", "max_ongoing_requests", "max_tokens_limit", "max_n", "default_max_tokens",
                      "max_adapters_per_replica", "max_body_bytes", "max_concurrent_batches"):
             _at_least(problems, self, name, 1)
