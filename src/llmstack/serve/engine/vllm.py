@@ -77,7 +77,7 @@ def installed_versions() -> dict[str, str]:
 def import_error_message(exc: ImportError) -> str:
     """One line: vLLM missing (how to install it), or present but broken here (which versions work)."""
     tested = ", ".join(f"{name} {version}" for name, version in TESTED_VERSIONS.items())
-    if getattr(exc, "name", None) == "vllm":
+    if isinstance(exc, ModuleNotFoundError) and exc.name == "vllm":
         return f"engine: vllm needs vLLM, which is not installed; {INSTALL_HINT}. Tested with {tested}"
     found = ", ".join(f"{name} {version}" for name, version in installed_versions().items())
     return (f"engine: vllm cannot import vLLM ({type(exc).__name__}: {exc}); installed here: {found}; "
@@ -190,6 +190,8 @@ class VllmEngine(TransformersEngine):
     def from_config(cls, cfg: ServeConfig) -> VllmEngine:
         """What a Serve replica runs for ``engine: vllm``: the config's model and adapters on vLLM."""
         from llmstack.registry import Registry
+
+        import_vllm()  # first: a missing vLLM is the one-line error, before anything is loaded
 
         return cls.from_source(
             cfg.model, registry=Registry(cfg.registry) if cfg.registry else Registry(), adapters=cfg.adapters,
