@@ -104,3 +104,20 @@ def test_import_llmstack_does_not_import_vllm() -> None:
     code = "import llmstack, llmstack.serve.engine.vllm, sys; print('vllm' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_readme_vllm_deploy_line_parses_as_written() -> None:
+    """The README's `llmstack deploy --config ... engine=vllm ...` line: its file and overrides are a valid config."""
+    import re
+    import shlex
+
+    from llmstack.config import ServeConfig, load_config
+
+    repo = Path(__file__).parents[3]
+    section = (repo / "README.md").read_text().split("## vLLM as an engine", 1)[1].split("\n## ", 1)[0]
+    (line,) = [ln for ln in re.findall(r"^llmstack deploy .*$", section, flags=re.M)]
+    argv = shlex.split(line, comments=True)
+    config = argv[argv.index("--config") + 1]
+    overrides = [arg for arg in argv[argv.index("--config") + 2:] if "=" in arg]
+    cfg = load_config(ServeConfig, repo / config, overrides)
+    assert cfg.engine == "vllm" and cfg.vllm_kv_cache_gb == 0.5
