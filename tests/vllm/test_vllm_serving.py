@@ -4,36 +4,26 @@ cluster through deploy(), over real HTTP, with llmstack's auth, errors and metri
 from __future__ import annotations
 
 import asyncio
-import json
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "integration" / "serve"))  # the serving tests' helpers
+from serve_helpers import API_KEY, auth, server_stats, streamed_chunks  # noqa: E402
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-API_KEY = "vllm-test-key"
 SERVE_PORT = 18101  # this suite's fixed port (the range 18100-18199 is the vLLM tests')
 PROMPTS = ["def add(a, b):", "The quick brown fox", "line 3: the value of x is"]
 MESSAGES = [{"role": "user", "content": "What does os.getcwd do?"}]
 
 
-def auth() -> dict[str, str]:
-    return {"Authorization": f"Bearer {API_KEY}"}
-
-
 def post(url: str, body: dict[str, Any], **kwargs: Any) -> requests.Response:
     return requests.post(url, json=body, headers=auth(), timeout=120, **kwargs)
-
-
-def sse(response: requests.Response) -> list[Any]:
-    events = []
-    for line in response.iter_lines(decode_unicode=True):
-        if line and line.startswith("data: "):
-            payload = line[len("data: "):]
-            events.append(payload if payload == "[DONE]" else json.loads(payload))
-    return events
 
 
 @pytest.fixture(scope="module")
@@ -88,12 +78,6 @@ def reference(engine: Any, model: str, *, prompt: str | None = None, messages: l
     return asyncio.run(engine.generate(request)).choices[0]
 
 
-def server_stats(app_name: str) -> dict[str, Any]:
-    from ray import serve
-
-    return serve.get_deployment_handle("LLMServer", app_name=app_name).stats.remote().result()
-
-
 def test_the_replica_decodes_with_vllm(vllm_app: Any) -> None:
     r = post(vllm_app.url + "/v1/completions", {"prompt": "import os", "max_tokens": 4})
     assert r.status_code == 200, r.text
@@ -121,12 +105,7 @@ def test_greedy_completions_equal_the_transformers_engine(vllm_app: Any, transfo
 def test_streamed_completion_and_chat_equal_the_whole_answers(vllm_app: Any, transformers_engine: Any) -> None:
     body = {"prompt": PROMPTS[0], "max_tokens": 20, "temperature": 0}
     whole = post(vllm_app.url + "/v1/completions", body).json()["choices"][0]["text"]
-    with post(vllm_app.url + "/v1/completions", {**body, "stream": True}, stream=True) as r:
-        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        events = sse(r)
-    assert events[-1] == "[DONE]"
-    chunks = events[:-1]
-    assert len(chunks) >= 2  # token by token, not one blob
+    chunks = streamed_chunks(vllm_app.url + "/v1/completions", body, auth())
     assert "".join(c["choices"][0]["text"] for c in chunks) == whole
 
     chat = {"messages": MESSAGES, "max_tokens": 16, "temperature": 0}
@@ -134,10 +113,9 @@ def test_streamed_completion_and_chat_equal_the_whole_answers(vllm_app: Any, tra
     assert answer.status_code == 200, answer.text
     content = answer.json()["choices"][0]["message"]["content"]
     assert content == reference(transformers_engine, "tiny-lm", messages=MESSAGES, max_tokens=16).text
-    with post(vllm_app.url + "/v1/chat/completions", {**chat, "stream": True}, stream=True) as r:
-        events = sse(r)
+    events = streamed_chunks(vllm_app.url + "/v1/chat/completions", chat, auth())
     assert events[0]["object"] == "chat.completion.chunk"
-    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1] if e["choices"]) == content
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"]) == content
 
 
 def test_the_registry_adapter_changes_the_output(vllm_app: Any) -> None:

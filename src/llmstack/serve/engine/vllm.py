@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any
 from llmstack.errors import ModelLoadError, RequestError
 from llmstack.serve.engine.cache import ResponseCache
 from llmstack.serve.engine.loading import AdapterSpec, resolve_adapters
-from llmstack.serve.engine.output import replay
 from llmstack.serve.engine.transformers import TransformersEngine, _eos_ids
 from llmstack.serve.engine.work import Work
 from llmstack.serve.protocol import ChoiceDelta, ChoiceOutput, GenerationChunk, GenerationResult, Timing, TokenLogprob
@@ -192,7 +191,6 @@ class VllmEngine(TransformersEngine):
         from llmstack.registry import Registry
 
         import_vllm()  # first: a missing vLLM is the one-line error, before anything is loaded
-
         return cls.from_source(
             cfg.model, registry=Registry(cfg.registry) if cfg.registry else Registry(), adapters=cfg.adapters,
             aliases=cfg.model_aliases, default_max_tokens=cfg.default_max_tokens,
@@ -260,23 +258,11 @@ class VllmEngine(TransformersEngine):
         await self.llm.abort(request_id)
         return True
 
-    async def run(self, work: Work, *, decode: Any = None,
-                  before_decode: Callable[[Work], Awaitable[Any]] | None = None) -> AsyncIterator[GenerationChunk]:
-        """The chunks of one prepared work: a cache hit replayed, or decoded by vLLM (``decode`` is ignored:
-        vLLM batches continuously by itself)."""
-        cached = self.lookup(work)
-        if cached is not None:
-            for chunk in replay(cached):
-                yield chunk
-            return
-        if before_decode is not None:
-            await before_decode(work)
-        await self.acquire_adapter(work.adapter)
-        try:
-            async for chunk in self._decode(work):
-                yield chunk
-        finally:
-            self.release_adapter(work.adapter)
+    def run(self, work: Work, *, decode: Any = None,
+            before_decode: Callable[[Work], Awaitable[Any]] | None = None) -> AsyncIterator[GenerationChunk]:
+        """The transformers engine's ``run`` (cache, routing check, adapter held) with vLLM as the decoder:
+        the replica's ``@serve.batch`` ``decode`` is not used, vLLM batches continuously by itself."""
+        return super().run(work, decode=self._decode, before_decode=before_decode)
 
     async def run_batch(self, works: list[Work]) -> AsyncIterator[list[Any]]:
         raise RequestError("the vLLM engine batches by itself; call run() per request", status_code=500,
@@ -321,7 +307,7 @@ class VllmEngine(TransformersEngine):
                         choice.logprobs = (choice.logprobs or []) + delta.logprobs
                 chunk = GenerationChunk(request_id=request.request_id, model=request.model, deltas=deltas)
                 if output.finished:
-                    finished = True
+                    finished = work.reported = True
                     self._finish(chunk, work, choices, eos_counted, first_token_at, output)
                 yield chunk
         except (RequestError, asyncio.CancelledError, GeneratorExit):
