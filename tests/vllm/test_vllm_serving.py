@@ -51,7 +51,8 @@ def vllm_app(vllm_registry: dict[str, Any], serve_started: int) -> Iterator[Any]
 
     deployment = llmstack.deploy({
         "model": "tiny-lm@production", "registry": vllm_registry["url"], "port": serve_started, "engine": "vllm",
-        "app_name": "vllm", "route_prefix": "/vllm", "api_key": API_KEY, "adapters": vllm_registry["adapters"][:1],
+        "app_name": "vllm", "route_prefix": "/vllm", "api_key": API_KEY, "adapters": vllm_registry["adapters"],
+        "max_adapters_per_replica": 1,
         "num_cpus": 1, "num_threads": 1, "max_tokens_limit": 64, "default_max_tokens": 16,
         "response_cache_size": 0, "vllm_kv_cache_gb": 0.25})
     yield deployment
@@ -85,7 +86,8 @@ def test_the_replica_decodes_with_vllm(vllm_app: Any) -> None:
     assert stats["engine"] == "vllm" and stats["requests"] >= 1, stats
     assert stats["versions"]["vllm"].startswith("0.32"), stats["versions"]
     cards = requests.get(vllm_app.url + "/v1/models", headers=auth(), timeout=30).json()["data"]
-    assert {c["id"]: c["parent"] for c in cards} == {"tiny-lm": None, "tiny-lm-lora-0": "tiny-lm"}
+    assert {c["id"]: c["parent"] for c in cards} == {"tiny-lm": None, "tiny-lm-lora-0": "tiny-lm",
+                                                     "tiny-lm-lora-1": "tiny-lm"}
 
 
 @pytest.mark.parametrize("model", ["tiny-lm", "tiny-lm-lora-0"])
@@ -128,6 +130,22 @@ def test_the_registry_adapter_changes_the_output(vllm_app: Any) -> None:
         answers[model] = r.json()["choices"][0]["text"]
     assert answers["tiny-lm"] != answers["tiny-lm-lora-0"]
     assert "tiny-lm-lora-0" in server_stats("vllm")["loaded_adapters"]
+
+
+def test_adapters_beyond_the_lru_bound_are_unloaded_and_reloaded(vllm_app: Any) -> None:
+    """max_adapters_per_replica=1: each switch evicts the other adapter from vLLM; answers do not change."""
+    answers: dict[str, set[str]] = {}
+    for _ in range(2):
+        for model in ("tiny-lm-lora-0", "tiny-lm-lora-1"):
+            r = post(vllm_app.url + "/v1/completions", {"model": model, "prompt": PROMPTS[0], "max_tokens": 12,
+                                                        "temperature": 0})
+            assert r.status_code == 200, r.text
+            answers.setdefault(model, set()).add(r.json()["choices"][0]["text"])
+    assert all(len(texts) == 1 for texts in answers.values()), answers
+    assert answers["tiny-lm-lora-0"] != answers["tiny-lm-lora-1"]
+    stats = server_stats("vllm")
+    assert stats["adapter_unloads"] >= 2 and stats["adapter_loads"] >= 3, stats
+    assert len(stats["loaded_adapters"]) == 1, stats
 
 
 def test_seeded_sampling_repeats_and_n_choices(vllm_app: Any) -> None:
