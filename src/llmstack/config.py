@@ -319,6 +319,7 @@ class ServeConfig:
     request_timeout_s: float = 60.0  # generation is cancelled past this
     num_cpus: float = 1.0  # CPUs Ray reserves per model replica (placement); see num_threads for compute
     num_threads: int | None = None  # torch threads per replica; None: the node's cores shared by max_replicas
+    num_gpus: float = 0.0  # GPUs Ray reserves per model replica (engine vllm on a GPU cluster; 0: CPU only)
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
     engine: Literal["transformers", "vllm"] = "transformers"  # what decodes: the embedded engine, or vLLM (extra)
     vllm_kv_cache_gb: float = 0.5  # engine vllm: memory for its paged KV cache per replica (RAM on CPU)
@@ -338,6 +339,8 @@ class ServeConfig:
             problems.append(("request_timeout_s", f"must be > 0, got {self.request_timeout_s}"))
         if not self.num_cpus >= 0:
             problems.append(("num_cpus", f"must be >= 0, got {self.num_cpus}"))
+        if not self.num_gpus >= 0:
+            problems.append(("num_gpus", f"must be >= 0, got {self.num_gpus}"))
         cores = os.cpu_count() or 1
         if self.num_threads is not None and not 1 <= self.num_threads <= cores:
             problems.append(("num_threads", f"must be in [1, {cores}] (this machine's cores), got {self.num_threads}"))

@@ -190,3 +190,12 @@ def test_a_quantized_artifact_is_refused_naming_its_format(vllm_registry: dict[s
 
     serve.delete("vllm-int8")
 
+
+
+def test_gpu_replicas_on_a_cpu_cluster_fail_fast(vllm_registry: dict[str, Any], serve_started: int) -> None:
+    import llmstack
+    from llmstack.errors import ResourceError
+
+    with pytest.raises(ResourceError, match=r"ask for 1 GPUs \(num_gpus\) but the cluster has 0"):
+        llmstack.deploy({"model": "tiny-lm@production", "registry": vllm_registry["url"], "port": serve_started,
+                         "engine": "vllm", "num_gpus": 1, "app_name": "vllm-gpu", "route_prefix": "/vllm-gpu"})

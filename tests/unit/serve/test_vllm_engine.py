@@ -121,3 +121,24 @@ def test_the_readme_vllm_deploy_line_parses_as_written() -> None:
     overrides = [arg for arg in argv[argv.index("--config") + 2:] if "=" in arg]
     cfg = load_config(ServeConfig, repo / config, overrides)
     assert cfg.engine == "vllm" and cfg.vllm_kv_cache_gb == 0.5
+
+
+def test_num_gpus_reaches_the_model_replicas_actor_options() -> None:
+    from llmstack.config import ServeConfig, load_config
+    from llmstack.serve.deployments.builder import server_options
+
+    assert "num_gpus" not in server_options(ServeConfig())["ray_actor_options"]
+    cfg = load_config(ServeConfig, {"engine": "vllm", "num_gpus": 1})
+    assert server_options(cfg)["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1}
+    with pytest.raises(ConfigError, match="num_gpus: must be >= 0, got -1"):
+        load_config(ServeConfig, {"num_gpus": -1})
+
+
+def test_a_gpu_vllm_serve_config_renders_gpu_worker_pods() -> None:
+    from llmstack.k8s import render_manifest
+
+    repo = Path(__file__).parents[3]
+    manifest = render_manifest("serve", repo / "serve_configs" / "tiny.yaml", image="acme/llmstack:0.1",
+                               overrides=["engine=vllm", "num_gpus=1", "registry=s3://ml/registry"])
+    text = manifest if isinstance(manifest, str) else json.dumps(manifest)
+    assert "nvidia.com/gpu" in text
