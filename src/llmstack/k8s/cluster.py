@@ -70,7 +70,7 @@ def serve_worker_shape(*, replica_cpus: float, replica_gpus: float, min_model_re
                         f"the worker group provides {gpus} per pod")
     if gpus and not replica_gpus:
         problems.append(f"k8s.worker.gpus: {gpus} GPU(s) per pod, but the app's model replicas request none "
-                        "(the Serve config has no GPU setting), so no worker group GPU would be used")
+                        "(num_gpus is 0), so no worker group GPU would be used")
     per_pod = max(1, int(cpu // replica_cpus)) if replica_cpus else max_model_replicas
     if replica_gpus:
         per_pod = min(per_pod, int(gpus // replica_gpus) or 1)

@@ -122,7 +122,7 @@ def _ray_service(stage: Stage, opts: K8sOptions, problems: list[str]) -> dict[st
         others = (1 if stage.canary.candidate else 0) + len(stage.canary.versions)
         low = auto.min_replicas + others * stage.canary.version_replicas
         high = auto.max_replicas + others * stage.canary.version_replicas
-    shape = cluster.serve_worker_shape(replica_cpus=cfg.num_cpus, replica_gpus=getattr(cfg, "num_gpus", 0) or 0,
+    shape = cluster.serve_worker_shape(replica_cpus=cfg.num_cpus, replica_gpus=cfg.num_gpus,
                                        min_model_replicas=max(low, 1), max_model_replicas=max(high, 1),
                                        side_deployments=side, worker=opts.worker, problems=problems)
     env = cluster.pod_env(opts, with_api_key=True)

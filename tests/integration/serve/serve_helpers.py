@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from typing import Any
@@ -45,3 +46,26 @@ def server_stats(app_name: str) -> dict[str, Any]:
 
 def auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {API_KEY}"}
+
+
+def sse(response: Any) -> list[Any]:
+    """The ``data:`` events of a server-sent-events response (JSON decoded; the final ``[DONE]`` as is)."""
+    events = []
+    for line in response.iter_lines(decode_unicode=True):
+        if line and line.startswith("data: "):
+            payload = line[len("data: "):]
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def streamed_chunks(url: str, body: dict[str, Any], headers: dict[str, str]) -> list[Any]:
+    """POST ``body`` with ``stream: true``: checks it is an event stream ending in ``[DONE]`` that arrives in
+    more than one chunk (token by token, not one blob), and returns the chunks."""
+    import requests
+
+    with requests.post(url, json={**body, "stream": True}, headers=headers, stream=True, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.text
+        events = sse(r)
+    assert events[-1] == "[DONE]"
+    assert len(events) >= 3, events
+    return events[:-1]

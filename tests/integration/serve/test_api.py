@@ -9,22 +9,13 @@ from typing import Any
 
 import pytest
 import requests
-from serve_helpers import auth, server_stats
+from serve_helpers import auth, server_stats, sse, streamed_chunks
 
 pytestmark = pytest.mark.ray
 
 
 def post(app: Any, path: str, body: Any, **kwargs: Any) -> requests.Response:
     return requests.post(app.url + path, json=body, headers=kwargs.pop("headers", auth()), timeout=60, **kwargs)
-
-
-def sse(response: requests.Response) -> list[Any]:
-    events = []
-    for line in response.iter_lines(decode_unicode=True):
-        if line and line.startswith("data: "):
-            payload = line[len("data: "):]
-            events.append(payload if payload == "[DONE]" else json.loads(payload))
-    return events
 
 
 def test_completion_chat_models_health(main_app: Any) -> None:
@@ -58,12 +49,7 @@ def test_completion_chat_models_health(main_app: Any) -> None:
 def test_streaming_matches_non_streaming(main_app: Any) -> None:
     prompt = {"prompt": "The quick brown", "max_tokens": 12, "temperature": 0}
     whole = post(main_app, "/v1/completions", {**prompt, "seed": 11}).json()["choices"][0]["text"]
-    with post(main_app, "/v1/completions", {**prompt, "stream": True, "seed": 12}, stream=True) as r:
-        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        events = sse(r)
-    assert events[-1] == "[DONE]"
-    chunks = events[:-1]
-    assert len(chunks) >= 2  # token by token, not one blob
+    chunks = streamed_chunks(main_app.url + "/v1/completions", {**prompt, "seed": 12}, auth())
     assert "".join(c["choices"][0]["text"] for c in chunks) == whole
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 

@@ -119,7 +119,7 @@ def server_options(cfg: ServeConfig, *, name: str | None = None, replicas: int |
         "max_ongoing_requests": cfg.max_ongoing_requests,
         "max_queued_requests": cfg.max_queued_requests,
         "backpressure_config": {"status_code": 503, "retry_after_s": cfg.retry_after_s},
-        "ray_actor_options": {"num_cpus": cfg.num_cpus},
+        "ray_actor_options": {"num_cpus": cfg.num_cpus, **({"num_gpus": cfg.num_gpus} if cfg.num_gpus else {})},
         "health_check_period_s": HEALTH_CHECK_PERIOD_S,
         "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
         "graceful_shutdown_timeout_s": 5,
@@ -221,13 +221,15 @@ def deploy(config: ServeConfig | dict[str, Any] | str | None = None, *, replace:
         cfg = load_config(ServeConfig, {**to_dict(cfg), **overrides})
     cfg = resolve_config(cfg)  # pinned once: the app and the returned config name the same versions
     url = run_app(app_for(cfg), cfg, replace=replace, timeout_s=timeout_s,
-                  needs=[(cfg.num_cpus, max(cfg.autoscaling.min_replicas, 1)), (INGRESS_CPUS, ingress_replicas(cfg))])
+                  needs=[(cfg.num_cpus, max(cfg.autoscaling.min_replicas, 1)), (INGRESS_CPUS, ingress_replicas(cfg))],
+                  gpus=cfg.num_gpus * max(cfg.autoscaling.min_replicas, 1))
     return Deployment(config=cfg, url=url, app_name=cfg.app_name)
 
 
 
 def run_app(app: Any, cfg: ServeConfig, *, replace: bool = False, timeout_s: float = DEPLOY_TIMEOUT_S,
-            needs: list[tuple[float, int]] = (), what: str = "application") -> str:  # type: ignore[assignment]
+            needs: list[tuple[float, int]] = (), what: str = "application",  # type: ignore[assignment]
+            gpus: float = 0.0) -> str:
     """Start ``app`` as ``cfg.app_name`` on the connected (or a new local) Ray cluster; returns its base URL.
 
     Fails fast instead of waiting forever: replicas that cannot be placed (``needs``: CPUs per replica
@@ -248,6 +250,7 @@ def run_app(app: Any, cfg: ServeConfig, *, replace: bool = False, timeout_s: flo
         raise ConfigError(f"app_name: an application named {cfg.app_name!r} is already running on this cluster; "
                           "shut it down, pick another app_name, or pass replace=True")
     check_placement(needs, freed=cfg.app_name if cfg.app_name in existing else None)
+    check_gpus(gpus)
     http = _serve_http()
     if http is None:  # Serve starts here: the port must be ours to take
         check_port_free(cfg.host, cfg.port)
@@ -318,6 +321,18 @@ def check_placement(needs: list[tuple[float, int]], *, freed: str | None = None)
     if asked > available + 1e-9:
         raise ResourceError(f"cannot place the app: it asks for {asked:g} CPUs ({plan}) but the cluster has "
                             f"{available:g} of {total:g} free; lower num_cpus or min_replicas, or stop other apps")
+
+
+def check_gpus(asked: float) -> None:
+    """Raise ResourceError when the replicas ask for more GPUs (``num_gpus``) than the cluster has."""
+    if not asked:
+        return
+    import ray
+
+    total = ray.cluster_resources().get("GPU", 0.0)
+    if asked > total + 1e-9:
+        raise ResourceError(f"cannot place the app: its replicas ask for {asked:g} GPUs (num_gpus) but the cluster "
+                            f"has {total:g}; set num_gpus: 0 to serve on CPUs, or add GPU nodes")
 
 
 def _app_cpus(app_name: str) -> float:

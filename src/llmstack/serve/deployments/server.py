@@ -29,14 +29,16 @@ from llmstack.serve.protocol import GenerationChunk, GenerationRequest, Generati
 logger = logging.getLogger("ray.serve")
 
 DEFAULT_ENGINE = "llmstack.serve.engine.transformers:TransformersEngine"
+ENGINES = {"transformers": DEFAULT_ENGINE, "vllm": "llmstack.serve.engine.vllm:VllmEngine"}  # ServeConfig.engine
 
 
 def engine_class(spec: type | str | None) -> type:
-    """The engine class a replica runs: a class, an import path ``module:Class``, or None for the default."""
+    """The engine class a replica runs: a class, an import path ``module:Class``, a ``ServeConfig.engine``
+    name, or None for the default."""
     if isinstance(spec, type):
         return spec
     try:
-        return import_object(spec or DEFAULT_ENGINE)
+        return import_object(ENGINES.get(spec or "", spec or DEFAULT_ENGINE))
     except ImportError as exc:
         raise RequestError(f"engine {spec!r} cannot be imported: {exc}", status_code=500,
                            type="server_error", code="engine_unavailable") from None
@@ -66,13 +68,13 @@ class LLMServer:
 
     Args:
         config: a :class:`~llmstack.config.ServeConfig` as a dict (already resolved to pinned refs).
-        engine: the engine class (or ``module:Class``) to run; default the transformers engine.
+        engine: the engine class (or ``module:Class``) to run; default the config's ``engine``.
     """
 
     def __init__(self, config: dict[str, Any], engine: type | str | None = None) -> None:
         cfg = load_config(ServeConfig, config)
         self.config = cfg
-        self.engine = engine_class(engine).from_config(cfg)
+        self.engine = engine_class(engine or cfg.engine).from_config(cfg)
         engine_ = self.engine
 
         async def decode(works: list[Any]) -> AsyncIterator[list[Any]]:
@@ -138,6 +140,8 @@ class LLMServer:
 
     async def stats(self) -> dict[str, Any]:
         """Counters for tests and benchmarks: requests, cancellations, tokens, adapters, cache."""
+        if hasattr(self.engine, "replica_stats"):  # an engine whose weights live elsewhere (vLLM's worker)
+            return self.engine.replica_stats()
         linears = Counter(type(m).__name__ for m in self.engine.model.modules() if "Linear" in type(m).__name__)
         return {**self.engine.stats, "loaded_adapters": self.engine.loaded_adapters(),
                 "cache_hits": self.engine.cache.hits, "cache_misses": self.engine.cache.misses,
