@@ -12,6 +12,7 @@ Writes benchmarks/results/serve.json, serve_latency.png, serve_autoscaling.png a
 section of benchmarks/RESULTS.md.
 
 Reproduce: python benchmarks/serve_bench.py            (about 5 minutes on 2 CPU cores)
+           python benchmarks/serve_bench.py --part peer   (vs vLLM-CPU: see benchmarks/peer_bench.py)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import peer_bench  # noqa: E402
 from _common import free_port, pct, write_section  # noqa: E402
 
 
@@ -144,8 +146,9 @@ async def _one(client: Any, url: str, body: dict[str, Any]) -> dict[str, Any]:
 
 
 async def closed_loop(url: str, *, clients: int, requests_per_client: int, max_tokens: int, stream: bool = False,
-                      seed_base: int = 0) -> dict[str, Any]:
-    """``clients`` concurrent clients, each sending requests back to back; greedy, no cache hits."""
+                      seed_base: int = 0, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``clients`` concurrent clients, each sending requests back to back; greedy, no cache hits.
+    ``extra`` goes into every request body (the peer benchmark: ``model``, ``ignore_eos``, ``min_tokens``)."""
     import httpx
 
     results: list[dict[str, Any]] = []
@@ -155,7 +158,7 @@ async def closed_loop(url: str, *, clients: int, requests_per_client: int, max_t
             for k in range(requests_per_client):
                 seed = seed_base + w * 10_000 + k  # greedy ignores it; the response cache keys on it
                 body = {"prompt": PROMPTS[(w * 7 + k) % len(PROMPTS)], "max_tokens": max_tokens,
-                        "temperature": 0, "seed": seed, "stream": stream}
+                        "temperature": 0, "seed": seed, "stream": stream, **(extra or {})}
                 results.append(await _one(client, url, body))
 
         start = time.perf_counter()
@@ -541,7 +544,12 @@ def main() -> int:
     parser.add_argument("--skip-haproxy", action="store_true", help="do not repeat the run behind HAProxy")
     parser.add_argument("--render-only", action="store_true",
                         help="re-render the serve section of RESULTS.md from benchmarks/results/serve.json")
+    parser.add_argument("--part", choices=("serve", "peer"), default="serve",
+                        help="peer: llmstack vs vLLM-CPU on the same model (benchmarks/peer_bench.py)")
+    peer_bench.add_arguments(parser)
     args = parser.parse_args()
+    if args.part == "peer":
+        return peer_bench.main(args)
     if args.render_only:
         write_section("serve", markdown(json.loads((RESULTS / "serve.json").read_text())))
         return 0
