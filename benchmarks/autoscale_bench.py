@@ -233,7 +233,7 @@ PREDICTIVE_SWEEP: list[dict[str, Any]] = [
      "reserve_quantile": 0.97},
     {"headroom": 0.2, "downscale_stable_s": 15.0, "reserve_window_s": 600.0, "reserve_quantile": 0.99},
 ]
-CLAIRVOYANT_SWEEP = [(0.0, 5.0), (0.0, 15.0), (0.3, 5.0)]  # (headroom, hold_s)
+CLAIRVOYANT_SWEEP = [(0.0, 5.0, 1), (0.0, 15.0, 1), (0.3, 5.0, 1), (0.0, 5.0, 0)]  # (headroom, hold_s, min_replicas)
 
 
 def _label(extra: dict[str, Any]) -> str:
@@ -246,6 +246,7 @@ def _label(extra: dict[str, Any]) -> str:
 
 def study(name: str, hour: Any, model: Any, capacity: float, max_replicas: int) -> dict[str, Any]:
     """Static fleets, the reactive and predictive sweeps and the clairvoyant reference on the whole hour."""
+    from llmstack.autoscale.calibration import utilisation_ceiling
     from llmstack.autoscale.transitions import detect_ramps, predicted_ramp_times, scale_up_times, score_transitions
 
     log(f"{name}: static fleets (up to {max_replicas})")
@@ -274,11 +275,12 @@ def study(name: str, hour: Any, model: Any, capacity: float, max_replicas: int) 
         predictive_runs[_label(extra)] = (auto, sim(hour, auto, "predictive", model))
     log(f"{name}: clairvoyant reference")
     clairvoyant_runs = {}
-    for headroom, hold in CLAIRVOYANT_SWEEP:
+    for headroom, hold, floor in CLAIRVOYANT_SWEEP:
         policy = Clairvoyant(hour, capacity, lead_s=model.startup_s + 1.0, hold_s=hold, headroom=headroom)
         auto = reactive_config(max_replicas, capacity_tokens_per_s=capacity, upscale_delay_s=0.0,
-                               downscale_delay_s=0.0)
-        clairvoyant_runs[f"headroom={headroom:g}, hold={hold:g}s"] = sim(hour, auto, policy, model)
+                               downscale_delay_s=0.0, min_replicas=floor)
+        label = f"headroom={headroom:g}, hold={hold:g}s" + ("" if floor == 1 else f", min_replicas={floor}")
+        clairvoyant_runs[label] = sim(hour, auto, policy, model)
     ok = {k: v for k, v in predictive_runs.items() if v[1].metrics["slo_attainment"] >= 0.99}
     best_key = (min(ok, key=lambda k: ok[k][1].metrics["replica_seconds"]) if ok
                 else max(predictive_runs, key=lambda k: predictive_runs[k][1].metrics["slo_attainment"]))
@@ -287,8 +289,9 @@ def study(name: str, hour: Any, model: Any, capacity: float, max_replicas: int) 
     cheaper = {k: v for k, v in predictive_runs.items()
                if v[1].metrics["replica_seconds"] <= reactive.metrics["replica_seconds"]}
     matched_key = max(cheaper, key=lambda k: cheaper[k][1].metrics["slo_attainment"]) if cheaper else None
-    ok_c = {k: v for k, v in clairvoyant_runs.items() if v.metrics["slo_attainment"] >= 0.99}
-    clair_key = min(ok_c or clairvoyant_runs, key=lambda k: clairvoyant_runs[k].metrics["replica_seconds"])
+    same_floor = {k: v for k, v in clairvoyant_runs.items() if "min_replicas=" not in k}  # the policies' floor
+    ok_c = {k: v for k, v in same_floor.items() if v.metrics["slo_attainment"] >= 0.99}
+    clair_key = min(ok_c or same_floor, key=lambda k: clairvoyant_runs[k].metrics["replica_seconds"])
     # Start-up sensitivity: the same configs (horizon follows the start-up) with faster and slower replicas.
     sensitivity = {}
     for startup in STARTUP_SENSITIVITY:
@@ -332,6 +335,7 @@ def study(name: str, hour: Any, model: Any, capacity: float, max_replicas: int) 
                    "clairvoyant": {k: r.metrics for k, r in clairvoyant_runs.items()}},
         "transitions": transitions,
         "startup_sensitivity": sensitivity,
+        "utilisation_ceiling": utilisation_ceiling(hour, model, ttft_slo_s=SLO_S, min_replicas=1),
     }
 
 
@@ -495,6 +499,18 @@ def _study_markdown(name: str, st: dict[str, Any], heading: str) -> list[str]:
     lines.append(f"- utilisation >= 75%: {_yes(t['util_met'])}: predictive {predictive['utilization']:.1%}, reactive "
                  f"{reactive['utilization']:.1%}, static {static['utilization']:.1%}; even the clairvoyant reference "
                  f"reaches {clair['utilization']:.1%} at {clair['slo_attainment']:.2%}.")
+    ceiling = st.get("utilisation_ceiling")
+    if ceiling:
+        floor0 = {k: v for k, v in st["sweeps"]["clairvoyant"].items() if "min_replicas=0" in k}
+        lines.append(
+            f"- the ceiling of any policy whose fleet keeps >= {ceiling['min_replicas']} replica "
+            f"(`utilisation_ceiling`): **{ceiling['ceiling']:.1%}**. Busy time is at most {ceiling['busy_max_s']:.0f} s "
+            f"(every request served alone; batching only shortens it), and the trace leaves the system empty for "
+            f"{ceiling['idle_floor_s']:.0f} of its {ceiling['duration_s']:.0f} s (outside each request's arrival + "
+            f"SLO + its decode at the full-batch step), during which that replica idles. Exceeding it needs "
+            f"scale-to-zero, which costs a start-up at every onset unless the onset is known ahead"
+            + "".join(f": the clairvoyant reference with min_replicas 0 ({k}) reaches {v['utilization']:.1%} at "
+                      f"{v['slo_attainment']:.2%}" for k, v in floor0.items()) + ".")
     tr = st["transitions"]
     d, p, pa, ra = tr["definition"], tr["predictive"], tr["predictive_all_scale_ups"], tr["reactive_all_scale_ups"]
     lines.append(f"- transitions: {p['ramps']} ramps found afterwards in the trace (needed replicas, token rate over "
@@ -620,7 +636,10 @@ def markdown(results: dict[str, Any]) -> str:
               "with foresight the same capacity model meets the SLO with far fewer idle replica-seconds, yet its "
               "utilisation stays far below 75%, because a fleet sized for the SLO is idle between a burst's "
               "requests and through the start-up of its replicas. Utilisation >= 75% at >= 99% SLO is reached by "
-              "no run here, the clairvoyant reference included. The predictive policy's best points come from its history terms (the hold through gaps, the reserve quantile) more than from "
+              "no run here, the clairvoyant reference included (with scale-to-zero as well), and by no policy "
+              "whose fleet keeps a replica: that ceiling is " + " and ".join(
+                  f"{st['utilisation_ceiling']['ceiling']:.1%} {k}" for k, st in studies.items()
+                  if st.get("utilisation_ceiling")) + " on this trace. The predictive policy's best points come from its history terms (the hold through gaps, the reserve quantile) more than from "
               "the forecast seeing ramps ahead: its forecast-driven scale-ups find few of the afterwards-found "
               "ramps (recall " + " and ".join(f"{st['transitions']['predictive']['recall']} {k}" for k, st in
                                               studies.items())
@@ -664,7 +683,9 @@ def markdown(results: dict[str, Any]) -> str:
             f"Ranking by replica-seconds (fewest first): live {rank['live'][0]}, simulator {rank['sim'][0]}; by SLO "
             f"attainment (best first): live {rank['live'][1]}, simulator {rank['sim'][1]}. "
             + ("The simulator's ranking holds on both." if rank["live"] == rank["sim"] else
-               "The rankings differ where shown."),
+               "The rankings differ where shown.") + " Scale-ups (replica count, s into the window): "
+            + "; ".join(f"{key} live {_scale_ups(live[key]['replicas']) or 'none'}, simulator "
+                        f"{sim_window[key]['scale_events']} scale events" for key in ("reactive", "predictive")) + ".",
         ]
         load = (cal.get("live_load_average") or cal.get("load_average") or [0.0])[0]
         lines += [] if load <= 4 else [
@@ -757,6 +778,16 @@ def add_live(info: dict[str, Any], engine_model: Any, window: Any, began: float)
     write_section("autoscale", markdown(results))
     log(f"live part done in {results['live_wall_s']:.0f} s")
     return 0
+
+
+def _scale_ups(replicas: list[list[float]]) -> str:
+    """``'2 at 23.7, 3 at 124.8'``: each rise of a live run's sampled replica count."""
+    rises, previous = [], None
+    for t, count in replicas:
+        if previous is not None and count > previous:
+            rises.append(f"{count:g} at {t:.1f}")
+        previous = count
+    return ", ".join(rises)
 
 
 def main() -> int:

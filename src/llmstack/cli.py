@@ -240,9 +240,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
                                           max_requests=args.max_requests).thinned(args.thin)
     out = Path(args.out)
     if args.simulate:
-        from llmstack.autoscale.simulator import ReplicaModel, simulate
-
-        from llmstack.autoscale.simulator import DEFAULT_REPLICA_MODEL
+        from llmstack.autoscale.calibration import utilisation_ceiling
+        from llmstack.autoscale.simulator import DEFAULT_REPLICA_MODEL, ReplicaModel, simulate
 
         model = None
         if args.replica_model:
@@ -251,8 +250,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
             model = (model or DEFAULT_REPLICA_MODEL).scaled(args.capacity_scale or 1.0, startup_s=args.startup_s)
         if args.context_window:
             trace = trace.clipped(context_window=args.context_window)
-        result = simulate(trace.compressed(args.speedup), auto, policy=args.policy or auto.policy,
+        trace = trace.compressed(args.speedup)
+        result = simulate(trace, auto, policy=args.policy or auto.policy,
                           replica_model=model, static_replicas=args.static_replicas, progress=True)
+        # The most any policy could use of a fleet kept at min_replicas on this trace (1.0: no floor).
+        ceiling = utilisation_ceiling(trace, model or DEFAULT_REPLICA_MODEL, ttft_slo_s=auto.ttft_slo_s,
+                                      min_replicas=auto.min_replicas)
+        result.metrics["utilisation_ceiling"] = ceiling["ceiling"]
         out.mkdir(parents=True, exist_ok=True)
         (out / f"simulate-{result.policy}.json").write_text(
             json.dumps({"metrics": result.metrics, "timeline": result.timeline}, indent=1), encoding="utf-8")

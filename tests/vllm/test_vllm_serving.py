@@ -196,6 +196,7 @@ def test_gpu_replicas_on_a_cpu_cluster_fail_fast(vllm_registry: dict[str, Any], 
     import llmstack
     from llmstack.errors import ResourceError
 
-    with pytest.raises(ResourceError, match=r"ask for 1 GPUs \(num_gpus\) but the cluster has 0"):
+    expected = r"ask for 1 GPUs \(num_gpus: 1 x 1\) but the cluster has 0 of 0 free; set num_gpus: 0"
+    with pytest.raises(ResourceError, match=expected):
         llmstack.deploy({"model": "tiny-lm@production", "registry": vllm_registry["url"], "port": serve_started,
                          "engine": "vllm", "num_gpus": 1, "app_name": "vllm-gpu", "route_prefix": "/vllm-gpu"})

@@ -22,9 +22,6 @@ Example:
     >>> result = simulate(synthetic_trace([(60, 2.0)]), AutoscalingConfig(max_replicas=3), policy="reactive")
     >>> 0 < result.metrics["slo_attainment"] <= 1
     True
-
-Kept as one module (~580 lines): the replica model, the Serve delay rules and the event loop form
-one simulated clock; splitting them would spread one state machine over files.
 """
 
 from __future__ import annotations

@@ -62,6 +62,7 @@ def test_cli_simulate_prints_the_metrics_json(tmp_path: Path, capsys: pytest.Cap
     for key in ("replica_seconds", "idle_replica_seconds", "utilization", "slo_attainment", "scale_events"):
         assert key in metrics
     assert metrics["requests"] == 240 and metrics["policy"] == "predictive"
+    assert metrics["utilization"] <= metrics["utilisation_ceiling"] == 1.0  # a steady load: no gap to idle through
     code = main(["replay", str(_csv(tmp_path, rows)), "--simulate", "--thin", "4", "--out", str(tmp_path / "t")])
     assert code == 0 and json.loads(capsys.readouterr().out)["requests"] == 60
     assert (tmp_path / "out" / "simulate-predictive.png").stat().st_size > 10_000

@@ -13,7 +13,8 @@ from llmstack.errors import ConfigError
 from llmstack.serve.canary.config import CanaryConfig, ResolvedVersion, load_canary_config, resolve_canary
 from llmstack.serve.canary.ingress import CanaryIngress
 from llmstack.serve.canary.router import RouterDeployment
-from llmstack.serve.deployments.builder import INGRESS_CPUS, INGRESS_OPTIONS, run_app, server_options
+from llmstack.serve.deployments.builder import (INGRESS_OPTIONS, INGRESS_RESOURCES, replica_resources, run_app,
+                                                server_options)
 from llmstack.serve.deployments.server import LLMServer
 
 
@@ -110,7 +111,7 @@ def deploy_canary(config: dict[str, Any] | str | None = None, **overrides: Any) 
         config = {**to_dict(cfg), **{k: v for k, v in to_dict(serve_cfg).items() if k != "model"}}
     spec = resolve_canary({**(config or {}), **overrides})  # resolved once: @latest names one version
     serve_cfg = load_config(ServeConfig, spec["serve"])
-    needs = [(serve_cfg.num_cpus, len(spec["versions"])), (INGRESS_CPUS, 1)]
+    needs = [(replica_resources(serve_cfg), len(spec["versions"])), (INGRESS_RESOURCES, 1)]
     url = run_app(app_of(spec), serve_cfg, what="canary application", needs=needs)
     return CanaryDeployment(url=url, app_name=serve_cfg.app_name, spec=spec)
 

@@ -221,20 +221,20 @@ def deploy(config: ServeConfig | dict[str, Any] | str | None = None, *, replace:
         cfg = load_config(ServeConfig, {**to_dict(cfg), **overrides})
     cfg = resolve_config(cfg)  # pinned once: the app and the returned config name the same versions
     url = run_app(app_for(cfg), cfg, replace=replace, timeout_s=timeout_s,
-                  needs=[(cfg.num_cpus, max(cfg.autoscaling.min_replicas, 1)), (INGRESS_CPUS, ingress_replicas(cfg))],
-                  gpus=cfg.num_gpus * max(cfg.autoscaling.min_replicas, 1))
+                  needs=[(replica_resources(cfg), max(cfg.autoscaling.min_replicas, 1)),
+                         (INGRESS_RESOURCES, ingress_replicas(cfg))])
     return Deployment(config=cfg, url=url, app_name=cfg.app_name)
 
 
 
 def run_app(app: Any, cfg: ServeConfig, *, replace: bool = False, timeout_s: float = DEPLOY_TIMEOUT_S,
-            needs: list[tuple[float, int]] = (), what: str = "application",  # type: ignore[assignment]
-            gpus: float = 0.0) -> str:
+            needs: ReplicaNeeds = (), what: str = "application") -> str:  # type: ignore[assignment]
     """Start ``app`` as ``cfg.app_name`` on the connected (or a new local) Ray cluster; returns its base URL.
 
-    Fails fast instead of waiting forever: replicas that cannot be placed (``needs``: CPUs per replica
-    and replica counts), an HTTP port held by another process or Ray cluster, an app of the same name
-    (unless ``replace``), and a replica that fails to start (its own error in the message).
+    Fails fast instead of waiting forever: replicas that cannot be placed (``needs``: Ray resources per
+    replica and replica counts, see :func:`check_placement`), an HTTP port held by another process or
+    Ray cluster, an app of the same name (unless ``replace``), and a replica that fails to start (its
+    own error in the message).
     """
     import ray
     from ray import serve
@@ -250,7 +250,6 @@ def run_app(app: Any, cfg: ServeConfig, *, replace: bool = False, timeout_s: flo
         raise ConfigError(f"app_name: an application named {cfg.app_name!r} is already running on this cluster; "
                           "shut it down, pick another app_name, or pass replace=True")
     check_placement(needs, freed=cfg.app_name if cfg.app_name in existing else None)
-    check_gpus(gpus)
     http = _serve_http()
     if http is None:  # Serve starts here: the port must be ours to take
         check_port_free(cfg.host, cfg.port)
@@ -297,55 +296,80 @@ def check_port_free(host: str, port: int) -> None:
                                 "deploy() or Ray cluster?); stop it or choose another `port`")
 
 
-def check_placement(needs: list[tuple[float, int]], *, freed: str | None = None) -> None:
+ReplicaNeeds = list[tuple[dict[str, float], int]]  # (Ray resources per replica, replicas)
+_RESOURCE_FIELDS = {"CPU": "num_cpus", "GPU": "num_gpus"}
+
+
+def replica_resources(cfg: ServeConfig) -> dict[str, float]:
+    """The Ray resources one model replica asks for (as ``server_options`` sets them)."""
+    return {"CPU": cfg.num_cpus, "GPU": cfg.num_gpus}
+
+
+INGRESS_RESOURCES = {"CPU": INGRESS_CPUS}
+
+
+def check_placement(needs: ReplicaNeeds, *, freed: str | None = None) -> None:
     """Raise ResourceError naming what was asked and what the cluster has when replicas cannot be placed.
 
-    ``needs`` holds (CPUs per replica, replicas). Each replica must fit on one node, and all of them in
-    the CPUs left free (plus what the app being replaced, ``freed``, holds now).
+    ``needs`` holds (resources per replica, replicas), keyed by Ray resource (``CPU``, ``GPU``). Each replica
+    must fit on one node, and all of them in what is free now plus what the app being replaced
+    (``freed``) holds. Every shortfall is named in one message.
     """
     import ray
 
-    asked = sum(cpus * count for cpus, count in needs)
-    if not asked:
+    needs = [(res, count) for res, count in needs if count > 0 and any(res.values())]
+    if not needs:
         return
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    largest = max((n.get("Resources", {}).get("CPU", 0.0) for n in nodes), default=0.0)
-    biggest = max(cpus for cpus, _ in needs)
-    available = ray.available_resources().get("CPU", 0.0) + (_app_cpus(freed) if freed else 0.0)
-    total = ray.cluster_resources().get("CPU", 0.0)
-    plan = " + ".join(f"{count} x {cpus:g}" for cpus, count in needs if count)
-    if biggest > largest + 1e-9:
-        raise ResourceError(f"cannot place the app: a replica asks for {biggest:g} CPUs but the largest node "
-                            f"has {largest:g} (cluster: {total:g} CPUs); lower num_cpus (compute threads are "
-                            "set by num_threads, independently)")
-    if asked > available + 1e-9:
-        raise ResourceError(f"cannot place the app: it asks for {asked:g} CPUs ({plan}) but the cluster has "
-                            f"{available:g} of {total:g} free; lower num_cpus or min_replicas, or stop other apps")
+    asked: dict[str, float] = {}
+    for resources, count in needs:
+        for name, amount in resources.items():
+            if amount:
+                asked[name] = asked.get(name, 0.0) + amount * count
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    free, total = ray.available_resources(), ray.cluster_resources()
+    released = _app_resources(freed) if freed else {}
+    problems = []
+    for name, amount in asked.items():
+        field = _RESOURCE_FIELDS.get(name, name)
+        available = free.get(name, 0.0) + released.get(name, 0.0)
+        plan = " + ".join(f"{count} x {res[name]:g}" for res, count in needs if res.get(name))
+        if amount > available + 1e-9:
+            fix = ("set num_gpus: 0 to serve on CPUs, or add GPU nodes" if name == "GPU"
+                   else f"lower {field} or min_replicas, or stop other apps")
+            problems.append(f"its replicas ask for {amount:g} {name}s ({field}: {plan}) but the cluster has "
+                            f"{available:g} of {total.get(name, 0.0):g} free; {fix}")
+            continue
+        biggest = max(res.get(name, 0.0) for res, _ in needs)
+        largest = max((node.get(name, 0.0) for node in nodes), default=0.0)
+        if biggest > largest + 1e-9:
+            hint = " (compute threads are set by num_threads, independently)" if name == "CPU" else ""
+            problems.append(f"a replica asks for {biggest:g} {name}s ({field}) but the largest node has "
+                            f"{largest:g}; lower {field}{hint}")
+    if not problems:
+        for resources, _ in needs:  # each resource fits somewhere: does the whole replica fit on one node?
+            wanted = {k: v for k, v in resources.items() if v}
+            if not any(all(node.get(k, 0.0) + 1e-9 >= v for k, v in wanted.items()) for node in nodes):
+                shape = ", ".join(f"{v:g} {k}" for k, v in wanted.items())
+                problems.append(f"no node has {shape} at once for one replica")
+    if problems:
+        raise ResourceError("cannot place the app: " + "; ".join(problems))
 
 
-def check_gpus(asked: float) -> None:
-    """Raise ResourceError when the replicas ask for more GPUs (``num_gpus``) than the cluster has."""
-    if not asked:
-        return
-    import ray
-
-    total = ray.cluster_resources().get("GPU", 0.0)
-    if asked > total + 1e-9:
-        raise ResourceError(f"cannot place the app: its replicas ask for {asked:g} GPUs (num_gpus) but the cluster "
-                            f"has {total:g}; set num_gpus: 0 to serve on CPUs, or add GPU nodes")
-
-
-def _app_cpus(app_name: str) -> float:
-    """CPUs held by the live replicas of ``app_name`` (what replacing it frees)."""
+def _app_resources(app_name: str) -> dict[str, float]:
+    """Ray resources held by the replicas of ``app_name`` (what replacing it frees), from the Serve controller."""
     try:
-        from ray.util.state import list_actors
+        from ray.serve.context import _get_global_client
 
-        actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000)
-    except Exception:
-        return 0.0
-    prefix = f"SERVE_REPLICA::{app_name}#"
-    return sum(float((a.required_resources or {}).get("CPU", 0.0)) for a in actors
-               if str(getattr(a, "name", "") or "").startswith(prefix))
+        details = _get_global_client(raise_if_no_controller_running=True).get_serve_details()
+    except Exception:  # Serve not running: nothing to free
+        return {}
+    held: dict[str, float] = {}
+    app = (details.get("applications") or {}).get(app_name) or {}
+    for deployment in (app.get("deployments") or {}).values():
+        replicas = len(deployment.get("replicas") or [])
+        for name, amount in (deployment.get("required_resources") or {}).items():
+            held[name] = held.get(name, 0.0) + float(amount) * replicas
+    return held
 
 
 def wait_running(app_name: str, *, timeout_s: float, what: str = "application") -> None:

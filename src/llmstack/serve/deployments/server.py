@@ -14,7 +14,6 @@ could never fill.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -140,12 +139,7 @@ class LLMServer:
 
     async def stats(self) -> dict[str, Any]:
         """Counters for tests and benchmarks: requests, cancellations, tokens, adapters, cache."""
-        if hasattr(self.engine, "replica_stats"):  # an engine whose weights live elsewhere (vLLM's worker)
-            return self.engine.replica_stats()
-        linears = Counter(type(m).__name__ for m in self.engine.model.modules() if "Linear" in type(m).__name__)
-        return {**self.engine.stats, "loaded_adapters": self.engine.loaded_adapters(),
-                "cache_hits": self.engine.cache.hits, "cache_misses": self.engine.cache.misses,
-                "linear_modules": dict(linears)}  # which kernels the replica really runs (int8, 4-bit, float)
+        return self.engine.replica_stats()
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)

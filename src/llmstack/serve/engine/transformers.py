@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -339,6 +340,13 @@ class TransformersEngine:
 
     def loaded_adapters(self) -> list[str]:
         return self._adapters.loaded()
+
+    def replica_stats(self) -> dict[str, Any]:
+        """Counters for tests and benchmarks (``LLMServer.stats``): requests, tokens, adapters, cache, kernels."""
+        linears = Counter(type(m).__name__ for m in self.model.modules() if "Linear" in type(m).__name__)
+        return {**self.stats, "loaded_adapters": self.loaded_adapters(),
+                "cache_hits": self.cache.hits, "cache_misses": self.cache.misses,
+                "linear_modules": dict(linears)}  # which kernels the replica really runs (int8, 4-bit, float)
 
     def forward(self, adapter: str | None, **inputs: Any) -> Any:
         """One forward pass with ``adapter`` active (engine thread only); ``cache`` is the KV cache or None."""

@@ -20,8 +20,8 @@ from typing import Any
 
 from llmstack.config import ServeConfig, load_config, to_dict
 from llmstack.errors import ResourceError
-from llmstack.serve.deployments.builder import (INGRESS_CPUS, INGRESS_OPTIONS, Deployment, resolve_config, run_app,
-                                                server_options)
+from llmstack.serve.deployments.builder import (INGRESS_OPTIONS, INGRESS_RESOURCES, Deployment, replica_resources,
+                                                resolve_config, run_app, server_options)
 from llmstack.serve.regions.config import RegionsConfig, load_regions_config, spec_of
 
 REGION_RESOURCE_SHARE = 0.001  # what one replica asks of its region's marker resource (any node holds 1)
@@ -156,7 +156,8 @@ def deploy_regions(config: dict[str, Any] | str | None = None, *, replace: bool 
     check_region_nodes(spec)
     serve_cfg = load_config(ServeConfig, spec["serve"])
     replicas = sum(r["replicas"] for r in spec["regions"].values())
-    needs = [(serve_cfg.num_cpus, replicas), (INGRESS_CPUS, int(spec["routing"].get("router_replicas", 2)))]
+    needs = [(replica_resources(serve_cfg), replicas),
+             (INGRESS_RESOURCES, int(spec["routing"].get("router_replicas", 2)))]
     url = run_app(app_of(spec), serve_cfg, replace=replace, timeout_s=timeout_s, needs=needs,
                   what="multi-region application")
     return RegionsDeployment(config=serve_cfg, url=url, app_name=serve_cfg.app_name, spec=spec)
