@@ -112,23 +112,21 @@ def utilisation_ceiling(trace: Trace, model: ReplicaModel, *, ttft_slo_s: float,
         >>> utilisation_ceiling(trace, DEFAULT_REPLICA_MODEL, ttft_slo_s=1.0)["ceiling"] < 0.01
         True
     """
-    import math
-
     m = model
     full_step = m.decode_step_s + m.decode_step_per_seq_s * (m.max_batch_size - 1)
     busy = sum(m.prefill_overhead_s + c / m.prefill_tokens_per_s + max(0, g - 1) * m.decode_step_s
                for c, g in zip(trace.context_tokens, trace.generated_tokens))
     spans = sorted((a, a + ttft_slo_s + max(0, g - 1) * full_step)
                    for a, g in zip(trace.arrival_s, trace.generated_tokens))
-    covered, start, end = 0.0, -math.inf, -math.inf
+    first = spans[0][0] if spans else 0.0
+    covered, start, end = 0.0, first, first  # the union of the spans, merged in order of arrival
     for a, b in spans:
         if a > end:
-            covered += max(0.0, end - start)
-            start, end = a, b
-        else:
-            end = max(end, b)
-    covered += max(0.0, end - start)
-    duration = end - spans[0][0] if spans else 0.0  # first arrival to the last request's end
+            covered += end - start
+            start = a
+        end = max(end, b)
+    covered += end - start
+    duration = end - first  # first arrival to the last request's end
     idle_floor = min_replicas * max(0.0, duration - covered)
     ceiling = busy / (busy + idle_floor) if busy + idle_floor > 0 else 0.0
     return {"ceiling": round(ceiling, 4), "busy_max_s": round(busy, 1), "idle_floor_s": round(idle_floor, 1),
