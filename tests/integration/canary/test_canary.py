@@ -148,7 +148,8 @@ def test_broken_candidate_rolled_back_under_load(canary_app: Any, fault: str) ->
     elif fault == "garbage":
         assert not failed and "degenerate" in c["reason"]
     else:
-        assert not failed and "latency" in c["reason"]
+        # Slowness breaches as latency or as time to first token, whichever check sees it first on a busy machine.
+        assert not failed and ("latency" in c["reason"] or "time to first token" in c["reason"]), c["reason"]
     # Client-side check: nothing sent after (first bad answer seen + 2 s) went to the broken version.
     first_bad_seen = min((s.done for s in on_candidate if s.status != 200 or fault == "garbage"),
                          default=None)
