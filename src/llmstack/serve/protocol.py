@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llmstack.errors import RequestError
 
@@ -139,21 +139,31 @@ class _OpenAIRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str | None = Field(default=None, description="Served model id; defaults to the base model.")
-    max_tokens: int | None = Field(default=None, ge=1, description="Tokens to generate (at most the server limit).")
+    max_tokens: int | None = Field(strict=True, default=None, ge=1, description="Tokens to generate (at most the server limit).")
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)
-    n: int = Field(default=1, ge=1)
+    top_k: int = Field(strict=True, default=0, ge=0)
+    n: int = Field(strict=True, default=1, ge=1)
     stop: str | list[str] | None = Field(default=None)
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(strict=True, default=None, ge=0, le=2**63 - 1)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = Field(default=None, description="Token id (as a string) -> bias in [-100, 100].")
     response_format: dict[str, Any] | None = Field(default=None, description='Only {"type": "text"} is served.')
-    min_tokens: int = Field(default=0, ge=0, description="No end-of-sequence before this many tokens (vLLM's).")
+    min_tokens: int = Field(strict=True, default=0, ge=0, description="No end-of-sequence before this many tokens (vLLM's).")
     ignore_eos: bool = Field(default=False, description="Generate max_tokens tokens regardless of EOS (vLLM's).")
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_is_unicode(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        for text in [stop] if isinstance(stop, str) else stop or []:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("stop strings must be valid Unicode (a lone surrogate cannot match any output)") from None
+        return stop
 
     def sampling(self, *, max_tokens: int | None = None, logprobs: int | None = None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -199,9 +209,9 @@ class CompletionRequest(_OpenAIRequest):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="Text, a list of texts, token ids, or a list of token-id lists.")
     echo: bool = False
-    logprobs: int | None = Field(default=None, ge=0, le=5, description="Logprobs of each token and the top-k.")
+    logprobs: int | None = Field(strict=True, default=None, ge=0, le=5, description="Logprobs of each token and the top-k.")
     suffix: str | None = None
-    best_of: int | None = Field(default=None, ge=1)
+    best_of: int | None = Field(strict=True, default=None, ge=1)
 
     def _unsupported(self) -> list[tuple[str, str]]:
         problems = []
@@ -228,9 +238,9 @@ class ChatCompletionRequest(_OpenAIRequest):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1, description="Replaces max_tokens for chat.")
+    max_completion_tokens: int | None = Field(strict=True, default=None, ge=1, description="Replaces max_tokens for chat.")
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: int | None = Field(strict=True, default=None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
 

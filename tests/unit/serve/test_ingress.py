@@ -199,3 +199,14 @@ def test_backend_shedding_outside_generation_keeps_the_openai_shape() -> None:
             assert (await http.get("/health")).status_code == 503
 
     asyncio.run(run())
+
+
+def test_only_the_exact_health_path_skips_the_api_key() -> None:
+    """/v1/models/health once answered without a key (any path ending in /health was exempt)."""
+    app = make_api(SlowEngine(delay=0), {"api_key": "k"})
+
+    async def main() -> list[httpx.Response]:
+        async with client(app) as c:
+            return [await c.get("/health"), await c.get("/v1/models/health"), await c.get("/x/health"),
+                    await c.get("/v1/models/health", headers={"Authorization": "Bearer k"})]
+    assert [r.status_code for r in asyncio.run(main())] == [200, 401, 401, 404]

@@ -166,3 +166,24 @@ def test_ignore_eos_and_min_tokens_give_exactly_the_tokens_asked(api: Any, tiny:
     for extra in ({"ignore_eos": True}, {"min_tokens": 12}):
         r = post(api, "/v1/completions", {**body, **extra})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 12, r.text
+
+
+@pytest.mark.parametrize("field,value", [("max_tokens", True), ("n", True), ("top_k", False), ("seed", 1.5),
+                                         ("max_tokens", "4")])
+def test_integer_parameters_take_json_integers_only(api: Any, field: str, value: Any) -> None:
+    """``max_tokens: true`` was once read as 1."""
+    r = post(api, "/v1/completions", {"prompt": "def add(a, b):", field: value})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == field
+
+
+@pytest.mark.parametrize("path,body", [("/v1/completions", {"prompt": "x", "max_tokens": 2}),
+                                       ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 2})])
+def test_a_lone_surrogate_in_stop_is_a_400(api: Any, path: str, body: dict[str, Any]) -> None:
+    raw = json.dumps({**body, "stop": ["ok", "\ud800"]})  # json.dumps escapes it: the server decodes a lone surrogate
+    async def main() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url="http://test") as c:
+            return await c.post(path, content=raw, headers={"Content-Type": "application/json"})
+    r = asyncio.run(main())
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "stop"

@@ -25,7 +25,9 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
-        if self.api_key is not None and not path.endswith(OPEN_PATHS):
+        # Exact paths only (under the app's route prefix): /v1/models/health is guarded like any route.
+        prefix = scope.get("root_path", "").rstrip("/")
+        if self.api_key is not None and not (path.startswith(prefix) and path[len(prefix):] in OPEN_PATHS):
             refusal = self._check_key(scope)
             if refusal is not None:
                 await error_response(refusal)(scope, receive, send)
