@@ -71,9 +71,11 @@ def _concrete(text: str) -> ArtifactRef:
 
 
 def hash_file(path: Path, *, memo: bool = False) -> str:
-    """sha256 of a local file (memoised on path, size and mtime when ``memo``)."""
+    """sha256 of a local file (memoised on path, inode, size, mtime and ctime when ``memo``).
+
+    ctime is in the key because a writer can restore size and mtime (``os.utime``) but not ctime."""
     stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
     if memo:
         with _HASH_MEMO_LOCK:
             if key in _HASH_MEMO:

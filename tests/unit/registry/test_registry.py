@@ -288,3 +288,20 @@ def test_remote_fetch_cache_with_a_stray_file_is_fetched_again(tmp_path: Path) -
     (first / "tokenizer.json").write_text("{}")  # dropped into the cache copy
     again = reg.fetch(ref)
     assert again == first and not (again / "tokenizer.json").exists()
+
+
+def test_hash_memo_sees_a_rewrite_whose_size_and_mtime_were_restored(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from llmstack.registry._registry import hash_file
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"a" * 64)
+    before = weights.stat()
+    first = hash_file(weights, memo=True)
+    time.sleep(0.05)  # past the filesystem's timestamp granularity
+    weights.write_bytes(b"b" * 64)  # same size
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))  # mtime restored
+    assert weights.stat().st_mtime_ns == before.st_mtime_ns
+    assert hash_file(weights, memo=True) != first
