@@ -2,12 +2,12 @@
 
 Stock templates (Llama-3, Qwen2.5/ChatML, Gemma, Mistral, Phi-3, ...) do not say which tokens belong
 to the assistant. :func:`mask_by_prefix` finds them by rendering the conversation one assistant turn
-at a time with the tokenizer's own template: the render up to turn *i* with the generation prompt
-is the prompt the model sees at inference, the render that includes turn *i* adds the answer, and
-the tokens in between (content and end-of-turn token, without the newline a template writes after
-it) are the ones to learn. Both renders must tokenize to a prefix of the whole conversation's
-tokens; a template that rewrites earlier turns (Qwen3 dropping old reasoning, say) is refused,
-naming the row, because its training sequence would differ from what the model sees at inference.
+at a time with the tokenizer's own template: the render of the turns before turn *i* with the
+generation prompt is the prompt the model sees at inference, and must tokenize to a prefix of the
+whole conversation's tokens; the labels run from there through the turn's content and the
+end-of-turn token after it (not the newline a template writes next). A template that rewrites
+earlier turns as the chat grows (Qwen3 dropping old reasoning, say) is refused, naming the row,
+because its training sequence would differ from what the model sees at inference.
 
 Rendered text is tokenized exactly as ``apply_chat_template`` does (``add_special_tokens=False``:
 the template writes the BOS itself when the model wants one, so it is never doubled; special-token
@@ -16,6 +16,7 @@ text is parsed as special tokens).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -126,15 +127,18 @@ def mask_by_prefix(conversations: list[list[dict[str, str]]], tokenizer: Any, te
     and the special token right after it (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``,
     ``</s>``); a template that changes the content labels up to its last special token instead.
 
+    Where the tokenizer joins the prompt's last characters with the answer's first into one token,
+    the labels start at the next token and a warning counts the turns.
+
     Raises:
         DataError: naming the row index (and its first user message) when the template refuses the
-            conversation, rewrites an earlier turn, or tokenizes a turn boundary differently in the
-            prompt than in the whole conversation.
+            conversation or rewrites an earlier turn.
     """
     # Render everything first (per row, so a template error names its row), then tokenize in two batches.
     fulls: list[str] = []
     prompts: list[str] = []
-    plans: list[list[tuple[int, int, int, int | None]]] = []  # per row: (turn, prompt index, end char, content end)
+    # per row: (turn, prompt index, end char, content end char or None)
+    plans: list[list[tuple[int, int, int, int | None]]] = []
     for index, conv in enumerate(conversations):
         full = _render(tokenizer, template, conv, generation_prompt=False, index=index, conv=conv)
         fulls.append(full)
@@ -171,6 +175,7 @@ def mask_by_prefix(conversations: list[list[dict[str, str]]], tokenizer: Any, te
     encoded = tokenizer(fulls, add_special_tokens=False, return_offsets_mapping=True)
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
     special = _special_ids(tokenizer)
+    merged: list[int] = []
     examples: list[tuple[list[int], list[int]]] = []
     for index, turns in enumerate(plans):
         input_ids = list(encoded["input_ids"][index])
@@ -179,10 +184,10 @@ def mask_by_prefix(conversations: list[list[dict[str, str]]], tokenizer: Any, te
         for turn, prompt_at, end_char, content_end in turns:
             start = len(prompt_ids[prompt_at])
             if list(prompt_ids[prompt_at]) != input_ids[:start]:
-                raise DataError(
-                    f"row {index} ({_preview(conversations[index])}): assistant turn {turn} starts where the "
-                    "tokenizer merges text across the turn boundary, so the prompt's tokens are not a prefix of "
-                    "the conversation's; check the template's separators or set data.train_on_inputs=true")
+                # The text is a prefix but the tokenizer joins the prompt's last characters with the answer's
+                # first (an answer opening with whitespace, say): learn from the first token wholly after it.
+                start = _first_at_or_after(offsets, len(prompts[prompt_at]), 0)
+                merged.append(index)
             if content_end is not None:  # the content, then the end-of-turn token right after it
                 stop = _first_at_or_after(offsets, content_end, start)
                 if stop < len(input_ids) and input_ids[stop] in special:
@@ -192,6 +197,13 @@ def mask_by_prefix(conversations: list[list[dict[str, str]]], tokenizer: Any, te
                                                 special, tokenizer)
             labels[start:stop] = input_ids[start:stop]
         examples.append((input_ids, labels))
+    if merged:
+        rows = sorted(set(merged))
+        warnings.warn(f"{len(merged)} assistant turns (rows {', '.join(map(str, rows[:10]))}"
+                      f"{', ...' if len(rows) > 10 else ''}) begin with text the tokenizer joins to the prompt's "
+                      "last token, so their first token differs from what the model sees at inference; their "
+                      "labels start at the first token after the prompt (strip leading whitespace from answers "
+                      "to avoid it)", stacklevel=3)
     return examples
 
 
