@@ -82,8 +82,9 @@ class DataConfig:
 class InstructionDataConfig(DataConfig):
     """Fine-tuning data: DataConfig plus how rows become chats and which tokens are learned."""
 
-    columns: dict[str, str] = field(default_factory=dict)  # {canonical field: column}, e.g. {prompt: question, response: answer}
-    chat_template: str | None = None  # None: the tokenizer's own; a name (chatml, llmstack), a Jinja file or Jinja text
+    # {canonical field: column} renames before the row format is recognized, e.g. {prompt: question, response: answer}
+    columns: dict[str, str] = field(default_factory=dict)
+    chat_template: str | None = None  # None: the tokenizer's own; chatml or llmstack, a Jinja file or Jinja text
     train_on_inputs: bool = False  # learn every token (prompts too), not only the assistant's answers
 
     def check(self) -> Problems:

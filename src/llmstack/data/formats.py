@@ -61,7 +61,7 @@ def _present(raw: Mapping[str, Any], key: str) -> bool:
 
 
 def normalize_row(raw: Any, where: str, columns: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """One raw row as ``{"messages"}``, ``{"prompt","response"[,"system"]}``, ``{"prompt","completion"}`` or ``{"text"}``.
+    """One raw row as ``{"messages"}``, ``{"prompt","response"[,"system"]}``, ``{"prompt","completion"}``, ``{"text"}``.
 
     Raises:
         DataError: naming ``where`` (file and line, or row index), for a row no format matches (listing its

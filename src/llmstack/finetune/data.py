@@ -107,7 +107,8 @@ def instruction_tensors(source: str, tokenizer: Any, *, max_length: int, packing
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # rows cut to nothing are dropped; counts are reported below
         train_examples = _tokenize(train_rows, tokenizer, source, "train", max_length, train_on_inputs)
-        eval_examples = _tokenize(eval_rows, tokenizer, source, "eval", max_length, train_on_inputs) if eval_rows else []
+        eval_examples = (_tokenize(eval_rows, tokenizer, source, "eval", max_length, train_on_inputs)
+                         if eval_rows else [])
     if packing:
         train = pack_instructions(train_examples, max_length=max_length, pad_id=pad_id)
     else:

@@ -21,7 +21,8 @@ def _jsonl(path: Path, rows: list) -> str:
 
 def test_sharegpt_conversations(tmp_path: Path) -> None:
     path = _jsonl(tmp_path / "sharegpt.jsonl", [
-        {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Which module parses JSON?"},
+        {"conversations": [{"from": "system", "value": "Be brief."},
+                           {"from": "human", "value": "Which module parses JSON?"},
                            {"from": "gpt", "value": "json"}]},
         {"system": "Be brief.", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
         {"messages": [{"from": "user", "value": "q2"}, {"from": "assistant", "value": "a2"}]},
