@@ -17,6 +17,7 @@ text is parsed as special tokens).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,15 +97,21 @@ def _preview(conv: list[dict[str, str]]) -> str:
     return repr(text[:60] + ("..." if len(text) > 60 else ""))
 
 
-def _render(tokenizer: Any, template: str, messages: list[dict[str, str]], *, generation_prompt: bool,
-            index: int, conv: list[dict[str, str]]) -> str:
+def refused(index: int, conv: list[dict[str, str]], exc: Exception) -> DataError:
+    """The error for a conversation the template raised on (its raise_exception message, or the bug)."""
+    message = str(exc).strip() or type(exc).__name__
+    return DataError(f"row {index} ({_preview(conv)}): the chat template refused the conversation "
+                     f"(roles {', '.join(m['role'] for m in conv)}): {message}")
+
+
+def render_chat(tokenizer: Any, template: str, messages: list[dict[str, str]], *, generation_prompt: bool,
+                index: int, conv: list[dict[str, str]]) -> str:
+    """``messages`` (``conv`` or a prefix of it) rendered as text; a template error names row ``index``."""
     try:
         return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                              add_generation_prompt=generation_prompt)
     except Exception as exc:  # jinja2.TemplateError from raise_exception(), or a template bug
-        message = str(exc).strip() or type(exc).__name__
-        raise DataError(f"row {index} ({_preview(conv)}): the chat template refused the conversation "
-                        f"(roles {', '.join(m['role'] for m in conv)}): {message}") from None
+        raise refused(index, conv, exc) from None
 
 
 def _special_ids(tokenizer: Any) -> set[int]:
@@ -115,8 +122,8 @@ def _special_ids(tokenizer: Any) -> set[int]:
     return ids
 
 
-def mask_by_prefix(conversations: list[list[dict[str, str]]], tokenizer: Any, template: str
-                   ) -> list[tuple[list[int], list[int]]]:
+def mask_by_prefix(conversations: list[list[dict[str, str]]], tokenizer: Any, template: str, *,
+                   row_numbers: Sequence[int] | None = None) -> list[tuple[list[int], list[int]]]:
     """``(input_ids, labels)`` per conversation, labels on each assistant turn's content and end-of-turn token.
 
     ``input_ids`` equal ``apply_chat_template(conversation, tokenize=True)``. For assistant turn *i*:
@@ -130,17 +137,22 @@ def mask_by_prefix(conversations: list[list[dict[str, str]]], tokenizer: Any, te
     Where the tokenizer joins the prompt's last characters with the answer's first into one token,
     the labels start at the next token and a warning counts the turns.
 
+    Args:
+        row_numbers: the row index to name in errors for each conversation (default: its position).
+
     Raises:
         DataError: naming the row index (and its first user message) when the template refuses the
             conversation or rewrites an earlier turn.
     """
+    numbers = list(row_numbers) if row_numbers is not None else list(range(len(conversations)))
     # Render everything first (per row, so a template error names its row), then tokenize in two batches.
     fulls: list[str] = []
     prompts: list[str] = []
     # per row: (turn, prompt index, end char, content end char or None)
     plans: list[list[tuple[int, int, int, int | None]]] = []
-    for index, conv in enumerate(conversations):
-        full = _render(tokenizer, template, conv, generation_prompt=False, index=index, conv=conv)
+    for position, conv in enumerate(conversations):
+        index = numbers[position]
+        full = render_chat(tokenizer, template, conv, generation_prompt=False, index=index, conv=conv)
         fulls.append(full)
         turns: list[tuple[int, int, int, int | None]] = []
         for turn, message in enumerate(conv):
@@ -149,8 +161,8 @@ def mask_by_prefix(conversations: list[list[dict[str, str]]], tokenizer: Any, te
             if turn == 0:
                 raise DataError(f"row {index} ({_preview(conv)}): the conversation starts with an assistant turn; "
                                 "a chat template needs a user (or system) message before it")
-            before = _render(tokenizer, template, conv[:turn], generation_prompt=True, index=index, conv=conv)
-            after = _render(tokenizer, template, conv[: turn + 1], generation_prompt=False, index=index, conv=conv)
+            before = render_chat(tokenizer, template, conv[:turn], generation_prompt=True, index=index, conv=conv)
+            after = render_chat(tokenizer, template, conv[: turn + 1], generation_prompt=False, index=index, conv=conv)
             if not full.startswith(before):
                 raise DataError(
                     f"row {index} ({_preview(conv)}): the chat template's generation prompt before assistant "
@@ -177,9 +189,9 @@ def mask_by_prefix(conversations: list[list[dict[str, str]]], tokenizer: Any, te
     special = _special_ids(tokenizer)
     merged: list[int] = []
     examples: list[tuple[list[int], list[int]]] = []
-    for index, turns in enumerate(plans):
-        input_ids = list(encoded["input_ids"][index])
-        offsets = encoded["offset_mapping"][index]
+    for position, turns in enumerate(plans):
+        input_ids = list(encoded["input_ids"][position])
+        offsets = encoded["offset_mapping"][position]
         labels = [IGNORE_INDEX] * len(input_ids)
         for turn, prompt_at, end_char, content_end in turns:
             start = len(prompt_ids[prompt_at])
@@ -187,7 +199,7 @@ def mask_by_prefix(conversations: list[list[dict[str, str]]], tokenizer: Any, te
                 # The text is a prefix but the tokenizer joins the prompt's last characters with the answer's
                 # first (an answer opening with whitespace, say): learn from the first token wholly after it.
                 start = _first_at_or_after(offsets, len(prompts[prompt_at]), 0)
-                merged.append(index)
+                merged.append(numbers[position])
             if content_end is not None:  # the content, then the end-of-turn token right after it
                 stop = _first_at_or_after(offsets, content_end, start)
                 if stop < len(input_ids) and input_ids[stop] in special:

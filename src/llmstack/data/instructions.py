@@ -291,29 +291,18 @@ def _tokenize_chats(conversations: list[list[dict[str, str]]], tokenizer: Any, *
         template = template.get("default")
     if not isinstance(template, str) or not template.strip():
         raise no_template_error()
-    try:
-        if template == CHAT_TEMPLATE and _has_native_tokens(tokenizer):
-            examples = _tokenize_native(conversations, tokenizer)
-        elif train_on_inputs:
-            examples = _tokenize_whole(conversations, tokenizer, template)
-        elif has_generation_markers(template):
-            examples = _tokenize_generic(conversations, tokenizer, template)
-        else:
-            examples = mask_by_prefix(conversations, tokenizer, template)
-    except DataError as exc:  # "row i" counts chat rows; name the row's index among all rows given
-        raise DataError(_renumber(str(exc), row_numbers)) from None
+    # errors name a conversation by its index among all the rows given (row_numbers), not among the chats
+    if template == CHAT_TEMPLATE and _has_native_tokens(tokenizer):
+        examples = _tokenize_native(conversations, tokenizer)
+    elif train_on_inputs:
+        examples = _tokenize_whole(conversations, tokenizer, template, row_numbers)
+    elif has_generation_markers(template):
+        examples = _tokenize_generic(conversations, tokenizer, template, row_numbers)
+    else:
+        examples = mask_by_prefix(conversations, tokenizer, template, row_numbers=row_numbers)
     if train_on_inputs:
         return [(ids, list(ids)) for ids, _ in examples]
     return examples
-
-
-def _renumber(message: str, row_numbers: list[int]) -> str:
-    import re
-
-    match = re.match(r"row (\d+)", message)
-    if match is None or int(match.group(1)) >= len(row_numbers):
-        return message
-    return f"row {row_numbers[int(match.group(1))]}" + message[match.end():]
 
 
 def _has_native_tokens(tokenizer: Any) -> bool:
@@ -323,13 +312,13 @@ def _has_native_tokens(tokenizer: Any) -> bool:
     return all(token in vocab for token in SPECIAL_TOKENS)
 
 
-def _tokenize_whole(conversations: list[list[dict[str, str]]], tokenizer: Any, template: str
-                    ) -> list[tuple[list[int], list[int]]]:
+def _tokenize_whole(conversations: list[list[dict[str, str]]], tokenizer: Any, template: str,
+                    row_numbers: list[int]) -> list[tuple[list[int], list[int]]]:
     """Each conversation as ``apply_chat_template`` tokenizes it (labels filled in by the caller)."""
-    from llmstack.data.chat_templates import _render
+    from llmstack.data.chat_templates import render_chat
 
-    texts = [_render(tokenizer, template, conv, generation_prompt=False, index=i, conv=conv)
-             for i, conv in enumerate(conversations)]
+    texts = [render_chat(tokenizer, template, conv, generation_prompt=False, index=index, conv=conv)
+             for index, conv in zip(row_numbers, conversations, strict=True)]
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return [(list(ids), list(ids)) for ids in encoded]
 
@@ -385,19 +374,18 @@ def _tokenize_native(conversations: list[list[dict[str, str]]], tokenizer: Any) 
     return examples
 
 
-def _tokenize_generic(conversations: list[list[dict[str, str]]], tokenizer: Any, template: str
-                      ) -> list[tuple[list[int], list[int]]]:
+def _tokenize_generic(conversations: list[list[dict[str, str]]], tokenizer: Any, template: str,
+                      row_numbers: list[int]) -> list[tuple[list[int], list[int]]]:
     """Templates with ``{% generation %}`` markers: transformers returns the assistant mask."""
-    from llmstack.data.chat_templates import _preview
+    from llmstack.data.chat_templates import refused
 
     examples: list[tuple[list[int], list[int]]] = []
-    for index, conv in enumerate(conversations):
+    for index, conv in zip(row_numbers, conversations, strict=True):
         try:
             encoded = tokenizer.apply_chat_template(conv, chat_template=template, tokenize=True, return_dict=True,
                                                     return_assistant_tokens_mask=True)
         except Exception as exc:
-            raise DataError(f"row {index} ({_preview(conv)}): the chat template refused the conversation: "
-                            f"{str(exc).strip() or type(exc).__name__}") from None
+            raise refused(index, conv, exc) from None
         input_ids = list(encoded["input_ids"])
         mask = list(encoded["assistant_masks"])
         examples.append((input_ids, [t if m else IGNORE_INDEX for t, m in zip(input_ids, mask, strict=True)]))

@@ -107,6 +107,16 @@ def test_template_that_rewrites_history_is_refused_naming_the_row(tokenizer) -> 
     assert whole[1]["input_ids"] == list(tok.apply_chat_template(multi["messages"], return_dict=True)["input_ids"])
 
 
+def test_generation_prompt_unlike_the_rendered_turn_is_refused(tokenizer) -> None:
+    """A generation prompt that opens the answer differently from the rendered history cannot be masked."""
+    tok = family_tokenizer(tokenizer, FAMILIES["qwen2.5"],
+                           template=FAMILIES["qwen2.5"].template.replace("<|im_start|>assistant\n{% endif %}",
+                                                                         "<|im_start|>assistant\n\n{% endif %}"))
+    with pytest.raises(DataError, match=r"row 0 \('Name a stdlib JSON module.'\): the chat template's generation "
+                                        r"prompt before assistant turn 2 is not how that turn starts"):
+        tokenize_instructions([{"messages": [SYSTEM, *TURNS[:2]]}], tok, max_length=256)
+
+
 @pytest.mark.parametrize("template,messages,reason", [
     (GEMMA_NO_SYSTEM, [SYSTEM, *TURNS[:2]], "this template has no system role"),
     (MISTRAL, [TURNS[0], TURNS[2], TURNS[1]], r"turns must go user, assistant, user, assistant"),
