@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from llmstack.data.instructions import IGNORE_INDEX
+from llmstack.data.tokenizer import ASSISTANT, CHAT_TEMPLATE, END, SYSTEM, USER
 from llmstack.errors import DataError
-
-IGNORE_INDEX = -100
 
 # ChatML (Qwen, SmolLM2, many fine-tunes): <|im_start|>role\ncontent<|im_end|>\n per message.
 CHATML_TEMPLATE = (
@@ -32,39 +32,36 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 
-
-def _named_templates() -> dict[str, str]:
-    from llmstack.data.tokenizer import CHAT_TEMPLATE
-
-    return {"chatml": CHATML_TEMPLATE, "llmstack": CHAT_TEMPLATE}
-
-
-TEMPLATE_NAMES = ("chatml", "llmstack")
+# name -> (template, the special tokens it writes, which the tokenizer must have as single tokens)
+NAMED_TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "chatml": (CHATML_TEMPLATE, ("<|im_start|>", "<|im_end|>")),
+    "llmstack": (CHAT_TEMPLATE, (SYSTEM, USER, ASSISTANT, END)),
+}
+TEMPLATE_NAMES = tuple(NAMED_TEMPLATES)
 
 
 def resolve_chat_template(value: str, tokenizer: Any | None = None) -> str:
     """The Jinja text for ``data.chat_template``: a known name, a path to a Jinja file, or the template itself.
 
     Args:
-        value: ``chatml`` / ``llmstack``, a path to a ``.jinja`` (any) file, or inline Jinja text.
+        value: ``chatml`` / ``llmstack``, a path to a Jinja file, or inline Jinja text.
         tokenizer: when given, a named template's special tokens must be in its vocabulary (a
             ChatML model must be able to emit ``<|im_end|>`` as one token to stop).
 
     Raises:
         DataError: an unknown name or missing file (lists the names), or a tokenizer lacking the tokens.
     """
-    named = _named_templates()
-    if value in named:
-        if tokenizer is not None and value == "chatml":
+    if value in NAMED_TEMPLATES:
+        template, needed = NAMED_TEMPLATES[value]
+        if tokenizer is not None:
             vocab = tokenizer.get_vocab()
-            missing = [t for t in CHATML_TOKENS if t not in vocab]
+            missing = [t for t in needed if t not in vocab]
             if missing:
-                raise DataError(f"data.chat_template: 'chatml' needs the tokens {', '.join(missing)} in the "
+                raise DataError(f"data.chat_template: {value!r} needs the tokens {', '.join(missing)} in the "
                                 "tokenizer's vocabulary, and this tokenizer lacks them; give a Jinja file written "
                                 "with the model's own special tokens")
-        return named[value]
+        return template
     if "{{" in value or "{%" in value:
         return value
     path = Path(value).expanduser()
