@@ -21,6 +21,7 @@ import hashlib
 import json
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from llmstack.errors import DataError
@@ -166,8 +167,9 @@ def _iter_hf_rows(source: str) -> Iterator[tuple[str, Any]]:
 
     path, options = _parse_hf_source(source)
     split = options.pop("split", None) or "train"
-    # local files through a builder are cached with llmstack's data; hub datasets in the usual HF cache
-    cache = str(cache_root() / "datasets") if path in _PACKAGED_DATASETS_MODULES else None
+    # local files (through a builder, or a dataset folder) are cached with llmstack's data; hub datasets in HF's
+    local = path in _PACKAGED_DATASETS_MODULES or Path(path).expanduser().exists()
+    cache = str(cache_root() / "datasets") if local else None
     try:
         loaded = datasets.load_dataset(path, split=split, cache_dir=cache, **options)
     except Exception as exc:  # FileNotFoundError, DatasetNotFoundError, ConnectionError (offline), ValueError

@@ -115,6 +115,10 @@ def test_hugging_face_datasets_through_load_dataset(tmp_path: Path) -> None:
                     {"prompt": "And CSV?", "response": "csv"}]
     json_source = f"hf:json?data_files={_jsonl(tmp_path / 'chat.jsonl', [{'messages': QA}])}"
     assert load_instructions(json_source) == [{"messages": QA}]
+    folder = tmp_path / "alpaca-repo"  # a dataset folder as cloned from the hub: the builder is inferred
+    folder.mkdir()
+    _jsonl(folder / "train.jsonl", [{"instruction": "Name a colour", "output": "red"}])
+    assert load_instructions(f"hf:{folder}") == [{"prompt": "Name a colour", "response": "red"}]
     with pytest.raises(DataError, match=r"datasets.load_dataset\('json', split='train', data_files='.*nothing.jsonl'\) "
                                         r"failed .*hf:json\?data_files=rows.jsonl"):
         load_instructions(f"hf:json?data_files={tmp_path / 'nothing.jsonl'}")
