@@ -185,7 +185,6 @@ def finetune_lora(base: str | None = None, data: str | None = None,
         >>> result.ref, result.metrics["eval_loss"] < result.metrics["eval_loss_before"]  # doctest: +SKIP
     """
     from llmstack.finetune.data import instruction_tensors
-    from llmstack.models import load_model
     from llmstack.train import run_training
     from llmstack.train.checkpoint import model_signature
 
@@ -205,29 +204,30 @@ def finetune_lora(base: str | None = None, data: str | None = None,
         check_bitsandbytes("cuda" if cfg.scaling.use_gpu else "cpu")
     reg = open_registry(registry, cfg.registry)
 
-    # The base, as a registry version (its lineage parent), and checks that need its config.
+    # The base, as a registry version (its lineage parent), read once here: the checks that need its
+    # config, the target modules and the held-out loss before training all use this one copy.
     base_ref = ensure_base_ref(cfg.base, reg, name=f"{cfg.name}-base")
-    base_model, tokenizer = load_model(str(base_ref), registry=reg)
+    factory = ModelFactory(registry=reg, base=str(base_ref), method=method, lora=cfg.lora,
+                           seed=cfg.training.seed, use_gpu=cfg.scaling.use_gpu)
+    base_model, tokenizer = factory.load()
     check_positions(base_model.config, cfg.data.block_size, str(base_ref))
     targets = None
     if method in ("lora", "qlora", "dora"):
         targets = resolve_target_modules(base_model, cfg.lora.target_modules)
+    factory.target_modules = targets
     signature = {**model_signature(base_model.config), "finetune_method": method, "base": str(base_ref),
                  "rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "target_modules": targets}
     base_config = base_model.config
-    del base_model
 
     tensors = instruction_tensors(cfg.data.source, tokenizer, max_length=cfg.data.block_size, packing=cfg.packing,
                                   max_rows=cfg.data.max_documents, storage_options=cfg.data.storage_options or None)
-    factory = ModelFactory(registry=reg, base=str(base_ref), method=method, lora=cfg.lora, target_modules=targets,
-                           seed=cfg.training.seed, use_gpu=cfg.scaling.use_gpu)
     from llmstack.train.driver import check_batch
 
     check_batch(cfg.training, cfg.scaling, num_blocks=len(tensors.train["input_ids"]))
-    start_model = factory()
+    start_model = factory.apply(base_model)
     trainable, total = count_trainable(start_model)
     before = evaluate_in_process(factory, tensors.eval, cfg.training, model=start_model)
-    del start_model
+    del start_model, base_model
 
     from llmstack.train.loop import LoopSpec
 
@@ -275,10 +275,16 @@ def _register_adapter(reg: Registry, cfg: FinetuneConfig, factory: ModelFactory,
 def _register_full(reg: Registry, cfg: FinetuneConfig, factory: ModelFactory, weights: dict[str, Any],
                    tokenizer: Any, base_ref: ArtifactRef, metrics: dict[str, Any], fingerprint: str,
                    extra: dict[str, Any]) -> ArtifactRef:
-    from llmstack.models import register_model
+    from llmstack.models import describe_artifact, register_model
+    from llmstack.models.artifact import stored_dtype
+    from llmstack.models.loading import cast_parameters
 
     model = factory()
     model.load_state_dict(weights)
     model.eval()
+    # Trained in float32 master weights (training_dtype), written in the base's own dtype.
+    saved_dtype = stored_dtype(describe_artifact(base_ref, registry=reg).directory)
+    cast_parameters(model, saved_dtype)
     return register_model(reg, cfg.name, model, tokenizer, kind="model", parents=[str(base_ref)],
-                          config=to_dict(cfg), metrics=metrics, data_fingerprint=fingerprint, extra=extra)
+                          config=to_dict(cfg), metrics=metrics, data_fingerprint=fingerprint,
+                          extra={**extra, "dtype": saved_dtype})
