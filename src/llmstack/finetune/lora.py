@@ -67,37 +67,27 @@ def open_registry(registry: Registry | str | None, configured: str | None) -> Re
     return registry if isinstance(registry, Registry) else Registry(registry or configured)
 
 
-def ensure_base_ref(source: str, registry: Registry, *, name: str) -> ArtifactRef:
-    """The base as a registry version: a ref is resolved; a directory or hub id is registered as ``name``.
+def ensure_base_ref(source: str, registry: Registry, *, name: str | None = None) -> ArtifactRef:
+    """The base as a registry version: a ref is resolved; a directory, hub id or GGUF file is imported
+    (:func:`llmstack.models.import_model`) as ``name``, by default the model's own name (directory or
+    file stem).
 
     Registering an outside base gives every adapter a lineage parent to check against; an identical
-    copy (same file hashes) reuses the latest version instead of adding one.
+    copy (same weight hashes, or the same GGUF file) reuses the existing version instead of adding one.
     """
-    from llmstack.models import resolve_model_source
+    from llmstack.models import describe_artifact, import_model
+    from llmstack.models.gguf import is_gguf
 
-    resolved = resolve_model_source(str(source), registry=registry)
-    if resolved.ref is not None:
-        manifest = registry.manifest(resolved.ref)
+    if is_gguf(source):
+        return import_model(source, name=name, registry=registry, registered_by="finetune (outside base)")
+    artifact = describe_artifact(str(source), registry=registry)
+    if artifact.ref is not None:
+        manifest = registry.manifest(artifact.ref)
         if manifest.kind != "model":
             hint = " (merge it first with llmstack.finetune.merge_adapter)" if manifest.kind == "adapter" else ""
-            raise ConfigError(f"base: {resolved.ref} is a {manifest.kind}, expected a model{hint}")
-        return resolved.ref
-    from llmstack.finetune.adapters import weight_hashes
-
-    directory = resolved.directory
-    if not (directory / "config.json").is_file() or not any(directory.glob("*.safetensors")):
-        raise ModelLoadError(f"base {source!r}: {directory} is not a model directory (config.json + *.safetensors)")
-    hashes = weight_hashes(directory)
-    try:
-        versions = registry.list(name)
-    except Exception:
-        versions = []
-    for manifest in reversed(versions):
-        recorded = {rel: info["sha256"] for rel, info in manifest.files.items() if rel.endswith(".safetensors")}
-        if recorded == hashes:
-            return manifest.ref
-    return registry.register(name, directory, kind="model", parents=[source] if resolved.hub_id else [],
-                             extra={"source": str(source), "registered_by": "finetune (outside base)"})
+            raise ConfigError(f"base: {artifact.ref} is a {manifest.kind}, expected a model{hint}")
+        return artifact.ref
+    return import_model(artifact.source, name=name, registry=registry, registered_by="finetune (outside base)")
 
 
 def check_positions(base_config: Any, block_size: int, where: str) -> None:
@@ -206,7 +196,7 @@ def finetune_lora(base: str | None = None, data: str | None = None,
 
     # The base, as a registry version (its lineage parent), read once here: the checks that need its
     # config, the target modules and the held-out loss before training all use this one copy.
-    base_ref = ensure_base_ref(cfg.base, reg, name=f"{cfg.name}-base")
+    base_ref = ensure_base_ref(cfg.base, reg)  # an outside base is registered under its own name
     factory = ModelFactory(registry=reg, base=str(base_ref), method=method, lora=cfg.lora,
                            seed=cfg.training.seed, use_gpu=cfg.scaling.use_gpu)
     base_model, tokenizer = factory.load()
