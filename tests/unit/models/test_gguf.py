@@ -168,9 +168,9 @@ def test_a_directory_is_imported_under_the_given_name_once(world: dict[str, Any]
         import_model(directory, name="../x", registry=registry)
 
 
-@pytest.mark.parametrize(("source", "name"), [("/m/SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct.Q4_1"),
-                                              ("/m/My Model (v2)/", "My-Model-v2"), ("org/Qwen2.5-0.5B", "Qwen2.5-0.5B"),
-                                              ("/m/..hidden..x.gguf", "hidden.x"), ("/m/$$$.gguf", "model")])
+@pytest.mark.parametrize(("source", "name"), [
+    ("/m/SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct.Q4_1"), ("/m/My Model (v2)/", "My-Model-v2"),
+    ("org/Qwen2.5-0.5B", "Qwen2.5-0.5B"), ("/m/..hidden..x.gguf", "hidden.x"), ("/m/$$$.gguf", "model")])
 def test_registry_names_come_from_the_model(source: str, name: str) -> None:
     assert registry_name_for(source) == name
 
