@@ -168,6 +168,19 @@ def test_a_directory_is_imported_under_the_given_name_once(world: dict[str, Any]
         import_model(directory, name="../x", registry=registry)
 
 
+def test_registry_import_on_the_command_line(tiny_gguf: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from llmstack.cli import main
+
+    registry = str(tmp_path / "registry")
+    assert main(["registry", "import", str(tiny_gguf), "--name", "cli-tiny", "--registry", registry]) == 0
+    assert capsys.readouterr().out.startswith("cli-tiny@v1  (")
+    assert Registry(registry).manifest("cli-tiny@v1").extra["gguf_file"] == tiny_gguf.name
+    assert main(["registry", "import", str(tmp_path / "absent.gguf"), "--registry", registry]) != 0
+    error = capsys.readouterr().err
+    assert error.startswith("llmstack: error:") and "absent.gguf is not a GGUF file" in error and error.count("\n") == 1
+
+
 @pytest.mark.parametrize(("source", "name"), [
     ("/m/SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct.Q4_1"), ("/m/My Model (v2)/", "My-Model-v2"),
     ("org/Qwen2.5-0.5B", "Qwen2.5-0.5B"), ("/m/..hidden..x.gguf", "hidden.x"), ("/m/$$$.gguf", "model")])
