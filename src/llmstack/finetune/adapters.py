@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmstack.errors import ConfigError, ModelLoadError
-from llmstack.finetune.methods import METHOD_DESCRIPTIONS, PEFT_METHODS, apply_method, load_base
+from llmstack.finetune.methods import METHOD_DESCRIPTIONS, PEFT_METHODS, apply_method
 from llmstack.models.adapters import ADAPTER_INFO_FILE, NORM_SCALES_FILE, weight_hashes
 from llmstack.models.nf4 import NF4_SETTINGS
 
@@ -55,24 +55,25 @@ def write_adapter(directory: Path, *, method: str, trainable: dict[str, Any], ba
                   target_modules: list[str] | None) -> Path:
     """Write an adapter directory from the checkpoint's trainable tensors (full, unsharded).
 
-    For peft methods the tensors are loaded into a peft model on an fp32 copy of the base and saved
-    with ``save_pretrained`` (safetensors), so the files are exactly what peft itself writes and
-    reads. The base copy is only a skeleton: the adapter weights do not depend on it.
+    For peft methods the tensors are loaded into a peft model on a skeleton of the base and saved with
+    ``save_pretrained`` (safetensors), so the files are exactly what peft itself writes and reads. The
+    skeleton is the base's architecture on the meta device: the adapter weights do not depend on the
+    base's, so none are read.
     """
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if method in PEFT_METHODS:
-        model, _ = load_base(factory.base, registry=factory.registry, method="lora")
-        peft_model = apply_method(model, "dora" if method == "dora" else "lora", factory.lora,
+        peft_model = apply_method(_meta_skeleton(factory), "dora" if method == "dora" else "lora", factory.lora,
                                   target_modules=target_modules, seed=factory.seed)
         expected = {n for n, p in peft_model.named_parameters() if p.requires_grad}
         missing = sorted(expected - set(trainable))
         if missing:
             raise RuntimeError(f"the final checkpoint lacks adapter tensors {missing[:4]} "
                                f"({len(missing)} of {len(expected)}); it is not a complete adapter")
-        result = peft_model.load_state_dict({k: v for k, v in trainable.items() if k in expected}, strict=False)
+        result = peft_model.load_state_dict({k: v for k, v in trainable.items() if k in expected}, strict=False,
+                                            assign=True)
         if result.unexpected_keys:
             raise RuntimeError(f"checkpoint tensors do not fit the adapter: {result.unexpected_keys[:4]}")
         peft_model.save_pretrained(str(directory), safe_serialization=True)
@@ -87,6 +88,18 @@ def write_adapter(directory: Path, *, method: str, trainable: dict[str, Any], ba
             "quantization": dict(NF4_SETTINGS) if method == "qlora" else None}
     (directory / ADAPTER_INFO_FILE).write_text(json.dumps(info, indent=1, sort_keys=True), encoding="utf-8")
     return directory
+
+
+def _meta_skeleton(factory: Any) -> Any:
+    """The base's architecture (its config.json) on the meta device: shapes and module names, no weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmstack.models.artifact import describe_artifact
+
+    directory = describe_artifact(factory.base, registry=factory.registry).directory
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(directory)))
 
 
 # --------------------------------------------------------------------------- lineage check
