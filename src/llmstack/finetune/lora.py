@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from llmstack.config import FinetuneConfig, load_config, to_dict
 from llmstack.errors import ConfigError, ModelLoadError
 from llmstack.finetune.methods import (ADAPTER_METHODS, METHOD_DESCRIPTIONS, ModelFactory, check_bitsandbytes,
-                                       count_trainable, resolve_target_modules)
+                                       count_trainable, load_base, resolve_target_modules, training_device)
 
 if TYPE_CHECKING:
     from llmstack.registry import ArtifactRef, Registry
@@ -197,24 +197,24 @@ def finetune_lora(base: str | None = None, data: str | None = None,
     # The base, as a registry version (its lineage parent), read once here: the checks that need its
     # config, the target modules and the held-out loss before training all use this one copy.
     base_ref = ensure_base_ref(cfg.base, reg)  # an outside base is registered under its own name
-    factory = ModelFactory(registry=reg, base=str(base_ref), method=method, lora=cfg.lora,
-                           seed=cfg.training.seed, use_gpu=cfg.scaling.use_gpu)
-    base_model, tokenizer = factory.load()
+    base_model, tokenizer = load_base(str(base_ref), registry=reg, method=method,
+                                      device=training_device(method, use_gpu=cfg.scaling.use_gpu))
     check_positions(base_model.config, cfg.data.block_size, str(base_ref))
     targets = None
     if method in ("lora", "qlora", "dora"):
         targets = resolve_target_modules(base_model, cfg.lora.target_modules)
-    factory.target_modules = targets
     signature = {**model_signature(base_model.config), "finetune_method": method, "base": str(base_ref),
                  "rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "target_modules": targets}
     base_config = base_model.config
 
     tensors = instruction_tensors(cfg.data.source, tokenizer, max_length=cfg.data.block_size, packing=cfg.packing,
                                   max_rows=cfg.data.max_documents, storage_options=cfg.data.storage_options or None)
+    factory = ModelFactory(registry=reg, base=str(base_ref), method=method, lora=cfg.lora, target_modules=targets,
+                           seed=cfg.training.seed, use_gpu=cfg.scaling.use_gpu)
     from llmstack.train.driver import check_batch
 
     check_batch(cfg.training, cfg.scaling, num_blocks=len(tensors.train["input_ids"]))
-    start_model = factory.apply(base_model)
+    start_model = factory.apply(base_model)  # what factory() builds on a worker, from the copy read above
     trainable, total = count_trainable(start_model)
     before = evaluate_in_process(factory, tensors.eval, cfg.training, model=start_model)
     del start_model, base_model

@@ -22,7 +22,7 @@ from llmstack.models.nf4 import check_bitsandbytes
 
 __all__ = ["ADAPTER_METHODS", "METHOD_DESCRIPTIONS", "PEFT_METHODS", "ModelFactory", "apply_method",
            "check_bitsandbytes", "count_trainable", "linear_module_names", "load_base", "norm_parameter_names",
-           "peft_lora_config", "resolve_target_modules", "training_dtype"]
+           "peft_lora_config", "resolve_target_modules", "training_device", "training_dtype"]
 
 PEFT_METHODS = ("lora", "qlora", "dora")  # saved as peft adapters
 ADAPTER_METHODS = ("lora", "qlora", "dora", "bitfit")  # registered as kind "adapter"
@@ -113,6 +113,16 @@ def training_dtype(method: str, dtype: str = "auto") -> str:
     return dtype
 
 
+def training_device(method: str, *, use_gpu: bool) -> str:
+    """Where the base loads: QLoRA's NF4 weights on the worker's GPU when it has one, else the CPU (the
+    training loop moves other models itself)."""
+    if use_gpu and method == "qlora":
+        from llmstack.train.parallel import resolve_device
+
+        return str(resolve_device(True))
+    return "cpu"
+
+
 def load_base(source: str, *, registry: Any = None, method: str = "lora", device: str = "cpu",
               dtype: str = "auto") -> tuple[Any, Any]:
     """``(model, tokenizer)`` of the base to fine-tune: NF4 (float32 compute) for ``qlora``, else in
@@ -192,12 +202,8 @@ class ModelFactory:
 
     def load(self) -> tuple[Any, Any]:
         """``(base model, tokenizer)`` as this method starts from: one read of the base's files."""
-        device = "cpu"
-        if self.use_gpu and self.method == "qlora":
-            from llmstack.train.parallel import resolve_device
-
-            device = str(resolve_device(True))
-        return load_base(self.base, registry=self.registry, method=self.method, device=device, dtype=self.dtype)
+        return load_base(self.base, registry=self.registry, method=self.method,
+                         device=training_device(self.method, use_gpu=self.use_gpu), dtype=self.dtype)
 
     def apply(self, model: Any) -> Any:
         """``model`` (from :meth:`load`) made trainable the configured way."""
