@@ -194,7 +194,7 @@ def find_import(registry: Registry, sha256: str, dtype: str, *, name: str | None
 
 
 def import_gguf(path: str | os.PathLike[str], registry: Registry, *, name: str | None = None,
-                dtype: str = "auto") -> ArtifactRef:
+                dtype: str = "auto", registered_by: str = "import") -> ArtifactRef:
     """The registry version of a GGUF file: imported now, or found by the file's sha256 when it was before.
 
     Args:
@@ -224,7 +224,8 @@ def import_gguf(path: str | os.PathLike[str], registry: Registry, *, name: str |
             name or registry_name_for(info.path), tmp, kind="model", parents=[GGUF_LINEAGE_PREFIX + sha256],
             extra={"source": str(info.path.resolve()), "gguf_file": info.path.name, "gguf_sha256": sha256,
                    "gguf_architecture": info.architecture, "gguf_file_type": info.file_type,
-                   "gguf_quantized": info.quantized, "dtype": dtype, "registered_by": "import (GGUF, dequantized)"})
+                   "gguf_quantized": info.quantized, "dtype": dtype, "registered_by": registered_by,
+                   "conversion": f"GGUF dequantized by transformers to {dtype} safetensors"})
 
 
 def import_model(source: str | os.PathLike[str], *, name: str | None = None, registry: Registry | str | None = None,
@@ -261,7 +262,7 @@ def import_model(source: str | os.PathLike[str], *, name: str | None = None, reg
     if name is not None:
         validate_name(name)
     if is_gguf(source):
-        return import_gguf(source, registry, name=name, dtype=dtype)
+        return import_gguf(source, registry, name=name, dtype=dtype, registered_by=registered_by)
     if Path(source).expanduser().suffix.lower() == GGUF_SUFFIX:
         raise ModelLoadError(f"{source} is not a GGUF file (missing, or no GGUF header)")
     artifact = describe_artifact(source, registry=registry)

@@ -168,6 +168,15 @@ def test_a_directory_is_imported_under_the_given_name_once(world: dict[str, Any]
         import_model(directory, name="../x", registry=registry)
 
 
+def test_a_gguf_fine_tune_base_is_registered_once_under_its_own_name(tiny_gguf: Path, tmp_path: Path) -> None:
+    from llmstack.finetune.lora import ensure_base_ref
+
+    registry = Registry(str(tmp_path / "registry"))
+    ref = ensure_base_ref(str(tiny_gguf), registry)
+    assert str(ref) == "Tiny-Llama-test-.Q8_0@v1" and ensure_base_ref(str(tiny_gguf), registry) == ref
+    assert registry.manifest(ref).extra["registered_by"] == "finetune (outside base)"
+
+
 def test_registry_import_on_the_command_line(tiny_gguf: Path, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     from llmstack.cli import main
