@@ -37,9 +37,9 @@ FINETUNE_METHODS = ("lora", "qlora", "dora", "bitfit", "full")
 # vLLM AsyncEngineArgs that engine: vllm sets from ServeConfig keys (so vllm_engine_kwargs may not)
 VLLM_ARGS_SET_BY = {"model": "model", "tokenizer": "model", "dtype": "vllm_dtype",
                     "max_model_len": "vllm_max_model_len", "kv_cache_memory_bytes": "vllm_kv_cache_gb",
-                    "enforce_eager": "vllm_enforce_eager", "max_num_seqs": "max_batch_size", "max_loras": "max_adapters_per_replica",
-                    "max_cpu_loras": "max_adapters_per_replica", "enable_lora": "adapters",
-                    "enable_prefix_caching": "prefix_cache_mb"}
+                    "enforce_eager": "vllm_enforce_eager", "max_num_seqs": "max_batch_size",
+                    "max_loras": "max_adapters_per_replica", "max_cpu_loras": "max_adapters_per_replica",
+                    "enable_lora": "adapters", "enable_prefix_caching": "prefix_cache_mb"}
 
 
 # --------------------------------------------------------------------------- stage configs

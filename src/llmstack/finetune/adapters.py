@@ -235,7 +235,6 @@ def merge_adapter(registry: Registry, adapter_ref: ArtifactRef | str, *, name: s
         ArtifactRef(name='tiny-lm-lora-merged', version=1)
     """
     from llmstack.models import register_model
-
     from llmstack.models.loading import model_dtype_name
 
     model, tokenizer, manifest = merged_model(registry, adapter_ref, base=base)
