@@ -119,3 +119,16 @@ def test_full_fine_tune_trains_in_float32_and_is_written_in_the_base_dtype(bf16_
                          bf16_world["tokenizer"], bf16_world["ref"], {}, "fingerprint", {"method": "full"})
     assert registry.manifest(ref).extra["dtype"] == "bfloat16"
     assert _safetensors_dtypes(registry.fetch(ref)) == {"BF16"}
+
+
+def test_a_dtype_the_machine_cannot_compute_in_is_refused_by_name(bf16_world: dict[str, Any],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmstack.models import artifact
+
+    monkeypatch.setattr(artifact, "_DTYPE_PROBLEMS", {("bfloat16", "cpu"): "RuntimeError: no bf16 kernel"})
+    with pytest.raises(ModelLoadError, match=r"dtype bfloat16 \(bf16@v1's stored dtype\) cannot run on cpu here: "
+                                             r"RuntimeError: no bf16 kernel; ask for another dtype"):
+        load_artifact(bf16_world["ref"], registry=bf16_world["registry"])
+    assert load_artifact(bf16_world["ref"], registry=bf16_world["registry"], dtype="float32").model.dtype == \
+        torch.float32
+    assert artifact._dtype_problem("float32", "cpu") is None  # the real probe, on this machine
