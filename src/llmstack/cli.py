@@ -164,6 +164,11 @@ def cmd_registry(args: argparse.Namespace) -> int:
     elif action == "history":
         events = registry.history(args.name)
         print(format_history(events) if events else f"no alias changes recorded for {args.name}")
+    elif action == "import":
+        from llmstack.models import import_model
+
+        ref = import_model(args.source, name=args.name, registry=registry, dtype=args.dtype)
+        print(f"{ref}  ({registry.manifest(ref).extra.get('source', args.source)})")
     return 0
 
 
@@ -355,6 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     act.add_argument("--force", action="store_true", help="promote without a passing report (recorded)")
     act.add_argument("--reason", default=None)
     actions.add_parser("history", help="promotions, forced promotions and rollbacks").add_argument("name")
+    act = actions.add_parser("import", help="register an outside model (HF directory, hub id or .gguf file)")
+    act.add_argument("source", metavar="FILE_OR_DIR", help="model directory, hub id or .gguf file (dequantized)")
+    act.add_argument("--name", default=None, help="registry name (default: the file stem or directory name)")
+    act.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="GGUF only: float type of the imported weights (default auto: the file's own)")
 
     sub = verb("rollback", cmd_rollback, "point an alias (or a running app's routing) back to the previous version")
     sub.add_argument("name", nargs="?", help="registry name whose alias moves back")

@@ -34,6 +34,12 @@ Problems = list[tuple[str, str]]  # (field name or dotted sub-path, message)
 PRESET_NAMES = ("tiny", "small", "base")
 QUANTIZE_METHODS = ("int8", "nf4", "fp4", "smoothquant", "w8a8", "dynamic-int8")
 FINETUNE_METHODS = ("lora", "qlora", "dora", "bitfit", "full")
+# vLLM AsyncEngineArgs that engine: vllm sets from ServeConfig keys (so vllm_engine_kwargs may not)
+VLLM_ARGS_SET_BY = {"model": "model", "tokenizer": "model", "dtype": "vllm_dtype",
+                    "max_model_len": "vllm_max_model_len", "kv_cache_memory_bytes": "vllm_kv_cache_gb",
+                    "enforce_eager": "vllm_enforce_eager", "max_num_seqs": "max_batch_size",
+                    "max_loras": "max_adapters_per_replica", "max_cpu_loras": "max_adapters_per_replica",
+                    "enable_lora": "adapters", "enable_prefix_caching": "prefix_cache_mb"}
 
 
 # --------------------------------------------------------------------------- stage configs
@@ -348,13 +354,22 @@ class ServeConfig:
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
     engine: Literal["transformers", "vllm"] = "transformers"  # what decodes: the embedded engine, or vLLM (extra)
     vllm_kv_cache_gb: float = 0.5  # engine vllm: memory for its paged KV cache per replica (RAM on CPU)
-    vllm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"  # engine vllm: compute dtype
+    vllm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # engine vllm: compute dtype; auto: the
+    # model's stored dtype (float16 runs as bfloat16 on a CPU)
+    vllm_max_model_len: int | None = None  # engine vllm: longest sequence (prompt + output); None: the model's
+    # positions, cut to what vllm_kv_cache_gb holds
     vllm_enforce_eager: bool = True  # engine vllm: no torch.compile / CUDA graphs (fast start-up; GPUs: false)
+    vllm_engine_kwargs: dict[str, Any] = field(default_factory=dict)  # engine vllm: more vLLM AsyncEngineArgs,
+    # passed verbatim (e.g. block_size, swap_space); not those llmstack sets from the keys above
 
     def check(self) -> Problems:
         problems: Problems = []
         if not self.vllm_kv_cache_gb > 0:
             problems.append(("vllm_kv_cache_gb", f"must be > 0, got {self.vllm_kv_cache_gb}"))
+        _at_least(problems, self, "vllm_max_model_len", 1)
+        for key in sorted(set(self.vllm_engine_kwargs) & set(VLLM_ARGS_SET_BY)):
+            problems.append((f"vllm_engine_kwargs.{key}", f"llmstack sets it from {VLLM_ARGS_SET_BY[key]}; set that "
+                             "instead"))
         for name in ("max_batch_size", "max_ongoing_requests", "max_tokens_limit", "max_n", "default_max_tokens",
                      "max_adapters_per_replica", "max_body_bytes", "max_concurrent_batches"):
             _at_least(problems, self, name, 1)

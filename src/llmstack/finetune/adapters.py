@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmstack.errors import ConfigError, ModelLoadError
-from llmstack.finetune.methods import METHOD_DESCRIPTIONS, PEFT_METHODS, apply_method, load_base
+from llmstack.finetune.methods import METHOD_DESCRIPTIONS, PEFT_METHODS, apply_method
 from llmstack.models.adapters import ADAPTER_INFO_FILE, NORM_SCALES_FILE, weight_hashes
 from llmstack.models.nf4 import NF4_SETTINGS
 
@@ -55,24 +55,25 @@ def write_adapter(directory: Path, *, method: str, trainable: dict[str, Any], ba
                   target_modules: list[str] | None) -> Path:
     """Write an adapter directory from the checkpoint's trainable tensors (full, unsharded).
 
-    For peft methods the tensors are loaded into a peft model on an fp32 copy of the base and saved
-    with ``save_pretrained`` (safetensors), so the files are exactly what peft itself writes and
-    reads. The base copy is only a skeleton: the adapter weights do not depend on it.
+    For peft methods the tensors are loaded into a peft model on a skeleton of the base and saved with
+    ``save_pretrained`` (safetensors), so the files are exactly what peft itself writes and reads. The
+    skeleton is the base's architecture on the meta device: the adapter weights do not depend on the
+    base's, so none are read.
     """
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if method in PEFT_METHODS:
-        model, _ = load_base(factory.base, registry=factory.registry, method="lora")
-        peft_model = apply_method(model, "dora" if method == "dora" else "lora", factory.lora,
+        peft_model = apply_method(_meta_skeleton(factory), "dora" if method == "dora" else "lora", factory.lora,
                                   target_modules=target_modules, seed=factory.seed)
         expected = {n for n, p in peft_model.named_parameters() if p.requires_grad}
         missing = sorted(expected - set(trainable))
         if missing:
             raise RuntimeError(f"the final checkpoint lacks adapter tensors {missing[:4]} "
                                f"({len(missing)} of {len(expected)}); it is not a complete adapter")
-        result = peft_model.load_state_dict({k: v for k, v in trainable.items() if k in expected}, strict=False)
+        result = peft_model.load_state_dict({k: v for k, v in trainable.items() if k in expected}, strict=False,
+                                            assign=True)
         if result.unexpected_keys:
             raise RuntimeError(f"checkpoint tensors do not fit the adapter: {result.unexpected_keys[:4]}")
         peft_model.save_pretrained(str(directory), safe_serialization=True)
@@ -87,6 +88,18 @@ def write_adapter(directory: Path, *, method: str, trainable: dict[str, Any], ba
             "quantization": dict(NF4_SETTINGS) if method == "qlora" else None}
     (directory / ADAPTER_INFO_FILE).write_text(json.dumps(info, indent=1, sort_keys=True), encoding="utf-8")
     return directory
+
+
+def _meta_skeleton(factory: Any) -> Any:
+    """The base's architecture (its config.json) on the meta device: shapes and module names, no weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmstack.models.artifact import describe_artifact
+
+    directory = describe_artifact(factory.base, registry=factory.registry).directory
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(directory)))
 
 
 # --------------------------------------------------------------------------- lineage check
@@ -161,34 +174,43 @@ def load_adapter_model(registry: Registry, adapter_ref: ArtifactRef | str, *, ba
     return loaded.model, loaded.tokenizer
 
 
-def _on_dequantized_base(adapter: Artifact) -> tuple[Any, Any]:
-    """The QLoRA adapter attached (as ``"default"``) to its NF4 base dequantized to fp32 linears."""
+def _on_dequantized_base(adapter: Artifact, *, dtype: str = "auto") -> tuple[Any, Any]:
+    """The QLoRA adapter attached (as ``"default"``) to its NF4 base dequantized to float linears (``dtype``
+    ``"auto"``: the float base's stored dtype; the dequantization itself is computed in float32)."""
     from llmstack.models.adapters import attach_adapter
-    from llmstack.models.artifact import load_artifact_tokenizer, load_weights
+    from llmstack.models.artifact import load_artifact_tokenizer, load_weights, resolve_dtype
+    from llmstack.models.loading import cast_parameters
     from llmstack.models.nf4 import dequantize_4bit_linears
 
     model = load_weights(adapter.base)
     dequantize_4bit_linears(model)
+    cast_parameters(model, resolve_dtype(dtype, adapter.base.directory, where=adapter.base.label))
     return attach_adapter(model, adapter, "default"), load_artifact_tokenizer(adapter)
 
 
 def merged_model(registry: Registry, adapter_ref: ArtifactRef | str, *,
                  base: str | None = None) -> tuple[Any, Any, Manifest]:
-    """``(model, tokenizer, adapter manifest)``: a plain fp32 model with the adapter folded in.
+    """``(model, tokenizer, adapter manifest)``: a plain model with the adapter folded in, in the base's dtype.
 
-    QLoRA adapters are merged into the *dequantized* NF4 base (the weights they were trained
-    against), in fp32, so the merged model reproduces the QLoRA model's outputs.
+    The fold is computed in float32 (base and adapter weights upcast) and the result rounded once to the
+    dtype the base is stored in, so a bf16 base gives a bf16 merged model. QLoRA adapters are merged into
+    the *dequantized* NF4 base (the weights they were trained against), so the merged model reproduces
+    the QLoRA model's outputs.
     """
     from llmstack.models.adapters import fold_default_adapter
-    from llmstack.models.artifact import load_artifact
+    from llmstack.models.artifact import load_artifact, stored_dtype
+    from llmstack.models.loading import cast_parameters
 
     adapter = describe_adapter(registry, adapter_ref, base=base)
+    if adapter.base is None:
+        raise ModelLoadError(f"adapter {adapter.label} records no base model; it cannot be merged")
     if adapter.method == "qlora":
-        model, tokenizer = _on_dequantized_base(adapter)
+        model, tokenizer = _on_dequantized_base(adapter, dtype="float32")
     else:
-        loaded = load_artifact(adapter)
+        loaded = load_artifact(adapter, dtype="float32")
         model, tokenizer = loaded.model, loaded.tokenizer
     model = fold_default_adapter(model)
+    cast_parameters(model, stored_dtype(adapter.base.directory))
     for param in model.parameters():
         param.requires_grad_(False)
     model.eval()
@@ -213,13 +235,15 @@ def merge_adapter(registry: Registry, adapter_ref: ArtifactRef | str, *, name: s
         ArtifactRef(name='tiny-lm-lora-merged', version=1)
     """
     from llmstack.models import register_model
+    from llmstack.models.loading import model_dtype_name
 
     model, tokenizer, manifest = merged_model(registry, adapter_ref, base=base)
     method = manifest.extra.get("method") or manifest.config.get("lora", {}).get("method")
+    dtype = model_dtype_name(model)
     return register_model(
         registry, name or f"{manifest.ref.name}-merged", model, tokenizer, kind="model",
         parents=[str(manifest.ref), manifest.parents[0]], config=manifest.config, metrics=manifest.metrics,
         data_fingerprint=manifest.data_fingerprint,
-        extra={"merged_from": str(manifest.ref), "method": method,
-               "merge": ("adapter folded into the dequantized NF4 base (fp32)" if method == "qlora"
-                         else "adapter folded into the fp32 base")})
+        extra={"merged_from": str(manifest.ref), "method": method, "dtype": dtype,
+               "merge": (f"adapter folded into the dequantized NF4 base in float32, written in {dtype}"
+                         if method == "qlora" else f"adapter folded into the base in float32, written in {dtype}")})

@@ -115,7 +115,8 @@ def build_student(spec: dict[str, Any]) -> Any:
     else:
         from llmstack.models import load_model
 
-        model, _ = load_model(spec["source"], registry=spec["registry"], with_tokenizer=False)
+        # trained: float32 master weights whatever the source's stored dtype (the teacher stays as stored)
+        model, _ = load_model(spec["source"], registry=spec["registry"], dtype="float32", with_tokenizer=False)
     for param in model.parameters():
         param.requires_grad_(True)
     return model

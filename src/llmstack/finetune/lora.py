@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from llmstack.config import FinetuneConfig, load_config, to_dict
 from llmstack.errors import ConfigError, ModelLoadError
 from llmstack.finetune.methods import (ADAPTER_METHODS, METHOD_DESCRIPTIONS, ModelFactory, check_bitsandbytes,
-                                       count_trainable, resolve_target_modules)
+                                       count_trainable, load_base, resolve_target_modules, training_device)
 
 if TYPE_CHECKING:
     from llmstack.registry import ArtifactRef, Registry
@@ -67,37 +67,27 @@ def open_registry(registry: Registry | str | None, configured: str | None) -> Re
     return registry if isinstance(registry, Registry) else Registry(registry or configured)
 
 
-def ensure_base_ref(source: str, registry: Registry, *, name: str) -> ArtifactRef:
-    """The base as a registry version: a ref is resolved; a directory or hub id is registered as ``name``.
+def ensure_base_ref(source: str, registry: Registry, *, name: str | None = None) -> ArtifactRef:
+    """The base as a registry version: a ref is resolved; a directory, hub id or GGUF file is imported
+    (:func:`llmstack.models.import_model`) as ``name``, by default the model's own name (directory or
+    file stem).
 
     Registering an outside base gives every adapter a lineage parent to check against; an identical
-    copy (same file hashes) reuses the latest version instead of adding one.
+    copy (same weight hashes, or the same GGUF file) reuses the existing version instead of adding one.
     """
-    from llmstack.models import resolve_model_source
+    from llmstack.models import describe_artifact, import_model
+    from llmstack.models.gguf import is_gguf
 
-    resolved = resolve_model_source(str(source), registry=registry)
-    if resolved.ref is not None:
-        manifest = registry.manifest(resolved.ref)
+    if is_gguf(source):
+        return import_model(source, name=name, registry=registry, registered_by="finetune (outside base)")
+    artifact = describe_artifact(str(source), registry=registry)
+    if artifact.ref is not None:
+        manifest = registry.manifest(artifact.ref)
         if manifest.kind != "model":
             hint = " (merge it first with llmstack.finetune.merge_adapter)" if manifest.kind == "adapter" else ""
-            raise ConfigError(f"base: {resolved.ref} is a {manifest.kind}, expected a model{hint}")
-        return resolved.ref
-    from llmstack.finetune.adapters import weight_hashes
-
-    directory = resolved.directory
-    if not (directory / "config.json").is_file() or not any(directory.glob("*.safetensors")):
-        raise ModelLoadError(f"base {source!r}: {directory} is not a model directory (config.json + *.safetensors)")
-    hashes = weight_hashes(directory)
-    try:
-        versions = registry.list(name)
-    except Exception:
-        versions = []
-    for manifest in reversed(versions):
-        recorded = {rel: info["sha256"] for rel, info in manifest.files.items() if rel.endswith(".safetensors")}
-        if recorded == hashes:
-            return manifest.ref
-    return registry.register(name, directory, kind="model", parents=[source] if resolved.hub_id else [],
-                             extra={"source": str(source), "registered_by": "finetune (outside base)"})
+            raise ConfigError(f"base: {artifact.ref} is a {manifest.kind}, expected a model{hint}")
+        return artifact.ref
+    return import_model(artifact.source, name=name, registry=registry, registered_by="finetune (outside base)")
 
 
 def check_positions(base_config: Any, block_size: int, where: str) -> None:
@@ -185,7 +175,6 @@ def finetune_lora(base: str | None = None, data: str | None = None,
         >>> result.ref, result.metrics["eval_loss"] < result.metrics["eval_loss_before"]  # doctest: +SKIP
     """
     from llmstack.finetune.data import instruction_tensors
-    from llmstack.models import load_model
     from llmstack.train import run_training
     from llmstack.train.checkpoint import model_signature
 
@@ -205,9 +194,11 @@ def finetune_lora(base: str | None = None, data: str | None = None,
         check_bitsandbytes("cuda" if cfg.scaling.use_gpu else "cpu")
     reg = open_registry(registry, cfg.registry)
 
-    # The base, as a registry version (its lineage parent), and checks that need its config.
-    base_ref = ensure_base_ref(cfg.base, reg, name=f"{cfg.name}-base")
-    base_model, tokenizer = load_model(str(base_ref), registry=reg)
+    # The base, as a registry version (its lineage parent), read once here: the checks that need its
+    # config, the target modules and the held-out loss before training all use this one copy.
+    base_ref = ensure_base_ref(cfg.base, reg)  # an outside base is registered under its own name
+    base_model, tokenizer = load_base(str(base_ref), registry=reg, method=method,
+                                      device=training_device(method, use_gpu=cfg.scaling.use_gpu))
     check_positions(base_model.config, cfg.data.block_size, str(base_ref))
     targets = None
     if method in ("lora", "qlora", "dora"):
@@ -215,7 +206,6 @@ def finetune_lora(base: str | None = None, data: str | None = None,
     signature = {**model_signature(base_model.config), "finetune_method": method, "base": str(base_ref),
                  "rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "target_modules": targets}
     base_config = base_model.config
-    del base_model
 
     tensors = instruction_tensors(cfg.data.source, tokenizer, max_length=cfg.data.block_size, packing=cfg.packing,
                                   max_rows=cfg.data.max_documents, storage_options=cfg.data.storage_options or None,
@@ -226,10 +216,10 @@ def finetune_lora(base: str | None = None, data: str | None = None,
     from llmstack.train.driver import check_batch
 
     check_batch(cfg.training, cfg.scaling, num_blocks=len(tensors.train["input_ids"]))
-    start_model = factory()
+    start_model = factory.apply(base_model)  # what factory() builds on a worker, from the copy read above
     trainable, total = count_trainable(start_model)
     before = evaluate_in_process(factory, tensors.eval, cfg.training, model=start_model)
-    del start_model
+    del start_model, base_model
 
     from llmstack.train.loop import LoopSpec
 
@@ -277,10 +267,16 @@ def _register_adapter(reg: Registry, cfg: FinetuneConfig, factory: ModelFactory,
 def _register_full(reg: Registry, cfg: FinetuneConfig, factory: ModelFactory, weights: dict[str, Any],
                    tokenizer: Any, base_ref: ArtifactRef, metrics: dict[str, Any], fingerprint: str,
                    extra: dict[str, Any]) -> ArtifactRef:
-    from llmstack.models import register_model
+    from llmstack.models import describe_artifact, register_model
+    from llmstack.models.artifact import stored_dtype
+    from llmstack.models.loading import cast_parameters
 
     model = factory()
     model.load_state_dict(weights)
     model.eval()
+    # Trained in float32 master weights (training_dtype), written in the base's own dtype.
+    saved_dtype = stored_dtype(describe_artifact(base_ref, registry=reg).directory)
+    cast_parameters(model, saved_dtype)
     return register_model(reg, cfg.name, model, tokenizer, kind="model", parents=[str(base_ref)],
-                          config=to_dict(cfg), metrics=metrics, data_fingerprint=fingerprint, extra=extra)
+                          config=to_dict(cfg), metrics=metrics, data_fingerprint=fingerprint,
+                          extra={**extra, "dtype": saved_dtype})

@@ -22,7 +22,7 @@ from llmstack.models.nf4 import check_bitsandbytes
 
 __all__ = ["ADAPTER_METHODS", "METHOD_DESCRIPTIONS", "PEFT_METHODS", "ModelFactory", "apply_method",
            "check_bitsandbytes", "count_trainable", "linear_module_names", "load_base", "norm_parameter_names",
-           "peft_lora_config", "resolve_target_modules"]
+           "peft_lora_config", "resolve_target_modules", "training_device", "training_dtype"]
 
 PEFT_METHODS = ("lora", "qlora", "dora")  # saved as peft adapters
 ADAPTER_METHODS = ("lora", "qlora", "dora", "bitfit")  # registered as kind "adapter"
@@ -104,8 +104,29 @@ def norm_parameter_names(model: Any) -> list[str]:
 # --------------------------------------------------------------------------- building models
 
 
-def load_base(source: str, *, registry: Any = None, method: str = "lora", device: str = "cpu") -> tuple[Any, Any]:
-    """``(model, tokenizer)`` of the base to fine-tune, in NF4 for ``qlora`` and fp32 otherwise."""
+def training_dtype(method: str, dtype: str = "auto") -> str:
+    """The dtype the base loads in to fine-tune with ``method``: the frozen base of lora/dora stays as stored
+    (``"auto"``; its adapter weights are float32, see peft's ``autocast_adapter_dtype``); the weights that
+    train in ``full`` and ``bitfit`` are float32 master weights unless ``dtype`` names another."""
+    if dtype == "auto" and method in ("full", "bitfit"):
+        return "float32"
+    return dtype
+
+
+def training_device(method: str, *, use_gpu: bool) -> str:
+    """Where the base loads: QLoRA's NF4 weights on the worker's GPU when it has one, else the CPU (the
+    training loop moves other models itself)."""
+    if use_gpu and method == "qlora":
+        from llmstack.train.parallel import resolve_device
+
+        return str(resolve_device(True))
+    return "cpu"
+
+
+def load_base(source: str, *, registry: Any = None, method: str = "lora", device: str = "cpu",
+              dtype: str = "auto") -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of the base to fine-tune: NF4 (float32 compute) for ``qlora``, else in
+    :func:`training_dtype` (``dtype="auto"``: the frozen base as stored, trained weights in float32)."""
     from llmstack.models.artifact import describe_artifact, load_artifact_tokenizer, load_weights, nf4_base_of
 
     artifact = describe_artifact(source, registry=registry)
@@ -113,7 +134,8 @@ def load_base(source: str, *, registry: Any = None, method: str = "lora", device
         raise ConfigError(f"base: {artifact.label} is a {artifact.kind}, expected a model")
     if method == "qlora":
         artifact = nf4_base_of(artifact, adapter="being trained")
-    model = load_weights(artifact, dtype="float32", device=device if method == "qlora" else "cpu")
+    model = load_weights(artifact, dtype=training_dtype(method, dtype),
+                         device=device if method == "qlora" else "cpu")
     model.eval()
     return model, load_artifact_tokenizer(artifact)
 
@@ -176,14 +198,19 @@ class ModelFactory:
     seed: int = 0
     use_gpu: bool = False
 
-    def __call__(self) -> Any:
-        device = "cpu"
-        if self.use_gpu and self.method == "qlora":
-            from llmstack.train.parallel import resolve_device
+    dtype: str = "auto"  # base weights dtype (see training_dtype); auto: as stored
 
-            device = str(resolve_device(True))
-        model, _ = load_base(self.base, registry=self.registry, method=self.method, device=device)
+    def load(self) -> tuple[Any, Any]:
+        """``(base model, tokenizer)`` as this method starts from: one read of the base's files."""
+        return load_base(self.base, registry=self.registry, method=self.method,
+                         device=training_device(self.method, use_gpu=self.use_gpu), dtype=self.dtype)
+
+    def apply(self, model: Any) -> Any:
+        """``model`` (from :meth:`load`) made trainable the configured way."""
         return apply_method(model, self.method, self.lora, target_modules=self.target_modules, seed=self.seed)
+
+    def __call__(self) -> Any:
+        return self.apply(self.load()[0])
 
 
 def count_trainable(model: Any) -> tuple[int, int]:

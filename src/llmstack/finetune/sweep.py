@@ -121,7 +121,7 @@ def sweep(base: str | None = None, data: str | None = None,
     if ft.lora.method == "qlora":
         check_bitsandbytes("cuda" if ft.scaling.use_gpu else "cpu")
     reg = open_registry(registry, cfg.registry or ft.registry)
-    base_ref = ensure_base_ref(ft.base, reg, name=f"{cfg.name}-base")
+    base_ref = ensure_base_ref(ft.base, reg)  # an outside base is registered under its own name
     base_model, tokenizer = load_model(str(base_ref), registry=reg)
     check_positions(base_model.config, ft.data.block_size, str(base_ref))
     targets = resolve_target_modules(base_model, ft.lora.target_modules)

@@ -38,6 +38,7 @@ RECIPE_FILE = "quantization.json"  # written by llmstack.quantize into every qua
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float16": "float16", "fp16": "float16"}
+AUTO_DTYPE = "auto"  # the dtype the model's config.json records (float32 when it records none)
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,8 @@ def describe_artifact(source: str | os.PathLike[str] | ArtifactRef | Artifact, *
     """Say what ``source`` is, resolving a registry alias once; no weights are loaded.
 
     ``source`` is tried in this order: an :class:`Artifact` (returned as is), an ``ArtifactRef``, a
-    local directory, an fsspec URL of a directory (``s3://…``, ``memory://…``; copied to a local cache
+    local directory, a ``.gguf`` file (imported into ``registry`` once, see :mod:`llmstack.models.gguf`;
+    the only case that writes), an fsspec URL of a directory (``s3://…``, ``memory://…``; copied to a local cache
     with ``storage_options``), a registry reference (``name``, ``name@vN``, ``name@alias``), then a
     hub id (``org/name``). An adapter's ``base`` is described too: its lineage parent for registry
     versions, the base recorded in its files for directories.
@@ -110,11 +112,16 @@ def describe_artifact(source: str | os.PathLike[str] | ArtifactRef | Artifact, *
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
     if not isinstance(source, str) or not source:
-        raise ModelLoadError(f"expected a registry reference, a directory, an fsspec URL or a hub id; "
-                             f"got {source!r}")
+        raise ModelLoadError("expected a registry reference, a directory, a .gguf file, an fsspec URL or a hub "
+                             f"id; got {source!r}")
     path = Path(source).expanduser()
     if path.is_dir():
         return _describe_directory(path, source=source, registry=registry)
+    if path.suffix.lower() == ".gguf" and path.is_file():  # imported once (by sha256), then a registry version
+        from llmstack.models.gguf import import_gguf
+
+        registry = registry or Registry()
+        return _describe_registered(import_gguf(path, registry), registry, source)
     if "://" in source:
         return _describe_directory(_fetch_url_directory(source, storage_options or {}), source=source,
                                    registry=registry)
@@ -131,8 +138,8 @@ def describe_artifact(source: str | os.PathLike[str] | ArtifactRef | Artifact, *
         snapshot = _fetch_hub(source)
         return _describe_directory(snapshot, source=source, registry=registry, identity=f"hub:{source}@{snapshot.name}")
     raise ModelLoadError(
-        f"model source {source!r} is neither a registry artifact, a local directory, an fsspec URL nor a hub "
-        "id (org/name); run `llmstack registry list` to see what is registered")
+        f"model source {source!r} is neither a registry artifact, a local directory, a .gguf file, an fsspec URL "
+        "nor a hub id (org/name); run `llmstack registry list` to see what is registered")
 
 
 def _describe_registered(ref: ArtifactRef, registry: Registry, source: str) -> Artifact:
@@ -321,18 +328,20 @@ def _fetch_hub(repo_id: str) -> Path:
 
 
 def load_artifact(source: str | os.PathLike[str] | ArtifactRef | Artifact, *, registry: Registry | None = None,
-                  dtype: str = "float32", with_tokenizer: bool = True) -> LoadedArtifact:
+                  dtype: str = AUTO_DTYPE, with_tokenizer: bool = True) -> LoadedArtifact:
     """Load what ``source`` names (see :func:`describe_artifact`) for inference, in eval mode.
 
-    Every kind fine-tuning and quantization produce loads: full and merged models (in ``dtype``);
-    quantized versions, rebuilt from their recipe by :mod:`llmstack.quantize` (their dtype is the
+    Every kind fine-tuning and quantization produce loads: full and merged models (in ``dtype``;
+    ``"auto"``, the default, is the dtype the model's ``config.json`` records, float32 when it records
+    none); quantized versions, rebuilt from their recipe by :mod:`llmstack.quantize` (their dtype is the
     recipe's); adapters on the base they were trained on, attached as ``"default"`` (LoRA, DoRA,
     BitFit; QLoRA on its NF4 base). An adapter's tokenizer is its own when its files hold one,
     else its base's.
 
     Raises:
         ArtifactNotFoundError: a registry reference names nothing.
-        ModelLoadError: not loadable as a model (the message names what was found).
+        ModelLoadError: not loadable as a model (the message names what was found), or ``dtype`` is not
+            one this machine can compute in.
 
     Example:
         >>> loaded = load_artifact("tiny-lm@production")  # doctest: +SKIP
@@ -345,10 +354,59 @@ def load_artifact(source: str | os.PathLike[str] | ArtifactRef | Artifact, *, re
     return LoadedArtifact(artifact, model, tokenizer)
 
 
-def load_weights(artifact: Artifact, *, dtype: str = "float32", device: str = "cpu") -> Any:
-    """The model of ``artifact`` (no tokenizer); adapters come attached to their base as ``"default"``."""
-    if dtype not in _DTYPES:
-        raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(sorted(_DTYPES))}")
+def stored_dtype(directory: Path) -> str:
+    """The dtype a model directory's ``config.json`` records (``dtype``, else the older ``torch_dtype``),
+    as ``float32`` / ``bfloat16`` / ``float16``; float32 when it records none (or no float type)."""
+    path = Path(directory) / "config.json"
+    config = _read_json(path, str(directory)) if path.is_file() else {}
+    recorded = config.get("dtype") or config.get("torch_dtype")
+    if not recorded and isinstance(config.get("text_config"), dict):  # multimodal wrappers record it per part
+        recorded = config["text_config"].get("dtype") or config["text_config"].get("torch_dtype")
+    return _DTYPES.get(str(recorded).removeprefix("torch."), "float32")
+
+
+def resolve_dtype(dtype: str, directory: Path, *, device: str = "cpu", where: str = "") -> str:
+    """``dtype`` as a canonical name (``"auto"``: :func:`stored_dtype`), checked to compute on ``device``.
+
+    Raises:
+        ModelLoadError: an unknown name, or a dtype this machine cannot compute in (says which).
+    """
+    if dtype != AUTO_DTYPE and dtype not in _DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r} is not one of auto, {', '.join(sorted(_DTYPES))}")
+    name = stored_dtype(directory) if dtype == AUTO_DTYPE else _DTYPES[dtype]
+    problem = _dtype_problem(name, device)
+    if problem:
+        asked = f" ({where}'s stored dtype)" if dtype == AUTO_DTYPE and where else ""
+        raise ModelLoadError(f"dtype {name}{asked} cannot run on {device} here: {problem}; "
+                             "ask for another dtype (e.g. dtype=float32)")
+    return name
+
+
+_DTYPE_PROBLEMS: dict[tuple[str, str], str | None] = {}
+
+
+def _dtype_problem(name: str, device: str) -> str | None:
+    """Why a matmul in ``name`` fails on ``device`` (None when it works); probed once per process."""
+    key = (name, device)
+    if key not in _DTYPE_PROBLEMS:
+        import torch
+
+        try:
+            probe = torch.ones(2, 8, dtype=getattr(torch, name), device=device)
+            torch.nn.functional.linear(probe, probe).sum().item()
+            _DTYPE_PROBLEMS[key] = None
+        except Exception as exc:  # noqa: BLE001 - any failure means "cannot compute in it here"
+            _DTYPE_PROBLEMS[key] = f"{type(exc).__name__}: {exc}"
+    return _DTYPE_PROBLEMS[key]
+
+
+def load_weights(artifact: Artifact, *, dtype: str = AUTO_DTYPE, device: str = "cpu") -> Any:
+    """The model of ``artifact`` (no tokenizer); adapters come attached to their base as ``"default"``.
+
+    ``dtype``: ``"auto"`` keeps the dtype the model was stored in (an adapter: its base's).
+    """
+    if dtype != AUTO_DTYPE and dtype not in _DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r} is not one of auto, {', '.join(sorted(_DTYPES))}")
     if artifact.kind == "adapter":
         from llmstack.models.adapters import attach_adapter
 
@@ -367,7 +425,7 @@ def load_weights(artifact: Artifact, *, dtype: str = "float32", device: str = "c
         return _rebuild_quantized(artifact)
     if not any(artifact.directory.glob("*.safetensors")):
         raise ModelLoadError(f"{artifact.label} holds no .safetensors weights; llmstack loads safetensors only")
-    model = _from_pretrained(artifact, dtype)
+    model = _from_pretrained(artifact, resolve_dtype(dtype, artifact.directory, device=device, where=artifact.label))
     return model.to(device) if device != "cpu" else model
 
 

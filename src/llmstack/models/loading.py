@@ -41,7 +41,7 @@ def load_tokenizer(source: str | Path | ArtifactRef | Artifact, *, registry: Reg
 
 
 def load_model(source: str | Path | ArtifactRef | Artifact, *, registry: Registry | None = None,
-               dtype: str = "float32", with_tokenizer: bool = True) -> tuple[Any, Any]:
+               dtype: str = "auto", with_tokenizer: bool = True) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` for inference or further training: :func:`load_artifact` as a pair.
 
     Example:
@@ -81,6 +81,21 @@ def register_model(registry: Registry, name: str, model: Any, tokenizer: Any, *,
 
 def model_dtype_name(model: Any) -> str:
     return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+def cast_parameters(model: Any, dtype: str) -> Any:
+    """``model`` with every floating-point parameter in ``dtype`` (``float32``, ``bfloat16``...) and its config
+    saying so. Buffers keep theirs (rotary frequencies stay float32, as ``from_pretrained`` leaves them), and
+    unlike ``model.to`` it works on a model that was loaded quantized and then dequantized."""
+    import torch
+
+    target = getattr(torch, dtype)
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != target:
+            param.data = param.data.to(target)
+    if getattr(model, "config", None) is not None:
+        model.config.dtype = target
+    return model
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

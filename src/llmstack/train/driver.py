@@ -147,7 +147,7 @@ def train(config: TrainConfig | dict[str, Any] | str | Path | None = None, *,
     else:
         from llmstack.models import load_model
 
-        source_model = load_model(cfg.model.source, registry=registry, with_tokenizer=False)[0]
+        source_model = load_model(cfg.model.source, registry=registry, dtype=cfg.model.dtype, with_tokenizer=False)[0]
         positions = source_model.config.max_position_embeddings
         where = f"model.source={cfg.model.source}"
     if cfg.data.block_size > positions:

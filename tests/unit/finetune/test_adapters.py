@@ -115,3 +115,11 @@ def test_outside_base_directory_is_registered_once(base, tmp_path) -> None:
     first = ensure_base_ref(str(copy), registry, name="outside-base")
     again = ensure_base_ref(str(copy), registry, name="outside-base")
     assert first == again and registry.manifest(first).kind == "model"
+
+
+def test_outside_base_is_named_after_the_model_not_the_config(base, tmp_path) -> None:
+    registry = base["registry"]
+    copy = shutil.copytree(registry.fetch(base["ref"]), tmp_path / "Some Model-1.5B")
+    ref = ensure_base_ref(str(copy), registry)
+    assert str(ref) == "Some-Model-1.5B@v1" and ensure_base_ref(str(copy) + "/", registry) == ref
+    assert registry.manifest(ref).extra["registered_by"] == "finetune (outside base)"

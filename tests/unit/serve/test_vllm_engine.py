@@ -142,3 +142,114 @@ def test_a_gpu_vllm_serve_config_renders_gpu_worker_pods() -> None:
                                overrides=["engine=vllm", "num_gpus=1", "registry=s3://ml/registry"])
     text = manifest if isinstance(manifest, str) else json.dumps(manifest)
     assert "nvidia.com/gpu" in text
+
+
+# --------------------------------------------------------------------------- sizing for the model (no vLLM)
+
+
+def _llama_1b() -> Any:
+    from transformers import LlamaConfig  # the shape of Llama-3.2-1B: 16 layers, 8 KV heads of 64, 128k positions
+
+    return LlamaConfig(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                       head_dim=64, intermediate_size=8192, max_position_embeddings=131072)
+
+
+def test_kv_bytes_per_token_is_layers_kv_heads_head_dim_k_and_v_dtype() -> None:
+    from transformers import Gemma3TextConfig, GPT2Config
+
+    assert vllm_engine.kv_bytes_per_token(_llama_1b(), "bfloat16") == 16 * 8 * 64 * 2 * 2
+    assert vllm_engine.kv_bytes_per_token(_llama_1b(), "float32") == 16 * 8 * 64 * 2 * 4
+    gpt2 = GPT2Config(n_layer=3, n_head=4, n_embd=64)  # no KV-head grouping: every head keeps K and V
+    assert vllm_engine.kv_shape(gpt2) == (3, 4, 16)
+    gemma = Gemma3TextConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                             hidden_size=64)
+    assert vllm_engine.kv_bytes_per_token(gemma, "bfloat16") == 2 * 1 * 256 * 2 * 2  # head_dim as configured
+
+
+def test_max_model_len_is_what_the_kv_cache_holds_within_the_positions() -> None:
+    sizing = vllm_engine.size_engine(_llama_1b(), dtype="bfloat16", kv_cache_gb=0.5)
+    # 0.5 GiB / 32 KiB per token = 16384 tokens, far below the 131072 positions: vLLM would refuse the latter
+    assert (sizing.kv_bytes_per_token, sizing.cache_tokens, sizing.max_model_len) == (32768, 16384, 16384)
+    roomy = vllm_engine.size_engine(_llama_1b(), dtype="bfloat16", kv_cache_gb=8)
+    assert (roomy.cache_tokens, roomy.max_model_len, roomy.positions) == (262144, 131072, 131072)
+    asked = vllm_engine.size_engine(_llama_1b(), dtype="bfloat16", kv_cache_gb=0.5, max_model_len=4096)
+    assert asked.max_model_len == 4096
+    fp32 = vllm_engine.size_engine(_llama_1b(), dtype="float32", kv_cache_gb=0.5)
+    assert fp32.max_model_len == 8192  # twice the bytes per token, half the tokens
+
+
+def test_a_sequence_the_cache_cannot_hold_is_refused_with_the_numbers() -> None:
+    with pytest.raises(ModelLoadError) as failure:
+        vllm_engine.size_engine(_llama_1b(), dtype="bfloat16", kv_cache_gb=0.5, max_model_len=131072, where="llama-1b")
+    message = str(failure.value)
+    assert "vllm_max_model_len=131072 tokens of llama-1b" in message
+    assert "16 layers x 8 KV heads x 64 head dim x 2 (K, V) x 2 bytes (bfloat16) = 32768 B/token" in message
+    assert "holds 16384 tokens" in message and "raise vllm_kv_cache_gb to >= 4.000" in message
+    assert "lower vllm_max_model_len to <= 16384" in message
+
+    with pytest.raises(ModelLoadError, match=r"cannot hold one sequence of 513 tokens \(max_tokens_limit 512 \+ a "
+                                             r"prompt\).*holds 448 tokens.*raise vllm_kv_cache_gb to >= 0.016"):
+        vllm_engine.size_engine(_llama_1b(), dtype="bfloat16", kv_cache_gb=0.014, max_tokens_limit=512)
+    with pytest.raises(ModelLoadError, match="vllm_max_model_len 200000 exceeds the 131072 positions"):
+        vllm_engine.size_engine(_llama_1b(), dtype="bfloat16", kv_cache_gb=64, max_model_len=200000)
+    with pytest.raises(ModelLoadError, match=r"needs 2.00 GiB of weights \+ 0.50 GiB of KV cache.*more than the "
+                                             r"2.00 GiB this machine holds"):
+        vllm_engine.size_engine(_llama_1b(), dtype="bfloat16", kv_cache_gb=0.5, memory_bytes=2 * 2**30,
+                                weights_bytes=2 * 2**30)
+
+
+def test_the_vllm_dtype_follows_the_model() -> None:
+    assert vllm_engine.vllm_dtype("auto", "bfloat16", on_gpu=False) == "bfloat16"
+    assert vllm_engine.vllm_dtype("auto", "float32", on_gpu=True) == "float32"  # not vLLM's auto (fp32 -> fp16)
+    assert vllm_engine.vllm_dtype("auto", "float16", on_gpu=True) == "float16"
+    assert vllm_engine.vllm_dtype("auto", "float16", on_gpu=False) == "bfloat16"
+    assert vllm_engine.vllm_dtype("float32", "bfloat16", on_gpu=False) == "float32"  # asked: kept
+
+
+def test_vllm_engine_kwargs_and_max_model_len_are_checked_with_their_key_paths() -> None:
+    from llmstack.config import ServeConfig, load_config
+
+    cfg = load_config(ServeConfig, {"engine": "vllm", "vllm_engine_kwargs": {"block_size": 32, "swap_space": 1}})
+    assert cfg.vllm_engine_kwargs == {"block_size": 32, "swap_space": 1} and cfg.vllm_dtype == "auto"
+    with pytest.raises(ConfigError) as failure:
+        load_config(ServeConfig, {"vllm_engine_kwargs": {"dtype": "half", "max_num_seqs": 3}, "vllm_max_model_len": 0})
+    message = str(failure.value)
+    assert "vllm_engine_kwargs.dtype: llmstack sets it from vllm_dtype; set that instead" in message
+    assert "vllm_engine_kwargs.max_num_seqs: llmstack sets it from max_batch_size" in message
+    assert "vllm_max_model_len: must be >= 1, got 0" in message
+
+
+def test_from_source_hands_vllm_the_sized_arguments_and_the_kwargs_verbatim(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmstack.data import load_corpus, trained_tokenizer
+
+    tokenizer = trained_tokenizer(load_corpus("builtin:stdlib", max_documents=20), vocab_size=300)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    tokenizer.save_pretrained(tmp_path / "bf16")
+    seen: dict[str, Any] = {}
+
+    class EngineArgs:
+        def __init__(self, **kwargs: Any) -> None:
+            seen.update(kwargs)
+
+    class AsyncLLM:
+        @staticmethod
+        def from_engine_args(args: Any) -> Any:
+            return types.SimpleNamespace()
+
+    api = types.SimpleNamespace(AsyncEngineArgs=EngineArgs, AsyncLLM=AsyncLLM)
+    monkeypatch.setattr(vllm_engine, "import_vllm", lambda: api)
+    per_token = 2 * 2 * 8 * 2 * 2  # 2 layers x 2 KV heads x head dim 8 x (K, V) x bf16
+    engine = vllm_engine.VllmEngine.from_source(str(tmp_path / "bf16"), kv_cache_gb=1000 * per_token / 2**30,
+                                                engine_kwargs={"block_size": 32, "swap_space": 0}, on_gpu=False,
+                                                max_tokens_limit=64)
+    assert seen["dtype"] == "bfloat16"  # the model's own, not float32
+    assert seen["max_model_len"] == engine.max_model_len == 992  # 1000 tokens of cache, in whole 32-token blocks
+    assert (seen["block_size"], seen["swap_space"]) == (32, 0)
+    with pytest.raises(ModelLoadError, match="vllm_engine_kwargs dtype: llmstack sets it from vllm_dtype"):
+        vllm_engine.VllmEngine.from_source(str(tmp_path / "bf16"), engine_kwargs={"dtype": "float16"})

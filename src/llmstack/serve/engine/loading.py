@@ -60,7 +60,7 @@ class LoadedModel:
     artifact: Artifact | None = None  # what was loaded (None: built in memory)
 
 
-def load_served_model(source: str, *, registry: Registry | None = None, dtype: str = "float32") -> LoadedModel:
+def load_served_model(source: str, *, registry: Registry | None = None, dtype: str = "auto") -> LoadedModel:
     """Load what ``source`` names for serving (see the module docstring)."""
     from llmstack.models import load_artifact
 

@@ -103,7 +103,7 @@ class TransformersEngine:
 
     @classmethod
     def from_source(cls, source: str, *, registry: Registry | None = None, adapters: Iterable[str] = (),
-                    dtype: str = "float32", storage_options: dict[str, Any] | None = None,
+                    dtype: str = "auto", storage_options: dict[str, Any] | None = None,
                     **limits: Any) -> TransformersEngine:
         """Load ``source`` (registry ref or directory) and the ``adapters`` entries, then build the engine."""
         loaded = load_served_model(source, registry=registry, dtype=dtype)

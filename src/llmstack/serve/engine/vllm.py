@@ -13,6 +13,12 @@ adapters other than plain LoRA (DoRA, QLoRA on an NF4 base, BitFit), and an adap
 A model directory carrying a Hugging Face ``quantization_config`` is handed to vLLM; if vLLM cannot load
 it, the error names its ``quant_method``.
 
+Sized for the model before vLLM starts (:func:`size_engine`): the dtype is the model's stored one (never vLLM's
+own ``auto``, which computes a float32 model in float16), ``max_model_len`` is the model's positions cut to
+what ``vllm_kv_cache_gb`` holds (layers x KV heads x head dim x 2 x dtype bytes per token), and a length the
+cache cannot hold, or weights + cache beyond the machine's memory, is refused naming the numbers.
+``vllm_engine_kwargs`` reach vLLM's ``AsyncEngineArgs`` verbatim.
+
 Start-up costs about 30 s on 2 CPU cores for the tiny preset (vLLM spawns an engine-core and a worker
 process, profiles and allocates ``vllm_kv_cache_gb`` of KV cache); ``vllm_enforce_eager`` (default on)
 skips torch.compile, which would add minutes on a CPU.
@@ -28,6 +34,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
@@ -138,6 +145,127 @@ def max_lora_rank(ranks: Iterable[int]) -> int:
                          f"({SUPPORTED_LORA_RANKS[-1]}); {TRANSFORMERS_WAY}")
 
 
+# --------------------------------------------------------------------------- sizing for the model
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+KV_BLOCK_TOKENS = 16  # vLLM allocates the KV cache in blocks of this many tokens (its default block_size)
+
+
+@dataclass(frozen=True)
+class VllmSizing:
+    """What ``engine: vllm`` starts with for one model: its compute dtype and how long a sequence its KV cache
+    holds (``kv_cache_bytes / kv_bytes_per_token``, in whole blocks), capped by the model's positions."""
+
+    dtype: str  # float32 | bfloat16 | float16, as passed to vLLM (never vLLM's own "auto", which downcasts fp32)
+    max_model_len: int  # tokens per sequence, prompt and output together
+    kv_bytes_per_token: int  # layers x KV heads x head dim x 2 (K and V) x dtype bytes
+    kv_cache_bytes: int
+    cache_tokens: int  # tokens the KV cache holds (whole blocks)
+    positions: int  # the model's max_position_embeddings
+
+
+def vllm_dtype(asked: str, stored: str, *, on_gpu: bool) -> str:
+    """The dtype vLLM computes in: ``asked``, or for ``"auto"`` the model's stored dtype (float16 as bfloat16
+    on a CPU, where vLLM's kernels are float32/bfloat16)."""
+    dtype = stored if asked == "auto" else asked
+    if dtype not in _DTYPE_BYTES:
+        raise ModelLoadError(f"vllm_dtype {asked!r} resolves to {dtype!r}; expected one of {', '.join(_DTYPE_BYTES)}")
+    return "bfloat16" if dtype == "float16" and not on_gpu and asked == "auto" else dtype
+
+
+def _text_config(hf_config: Any) -> Any:
+    return hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+
+
+def kv_shape(hf_config: Any) -> tuple[int, int, int]:
+    """``(layers, KV heads, head dim)`` of the decoder (GPT-2's n_layer/n_head read through transformers'
+    attribute names; every layer counted, sliding-window ones too, so the figure is an upper bound)."""
+    text = _text_config(hf_config)
+    heads = int(text.num_attention_heads)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+    return int(text.num_hidden_layers), kv_heads, head_dim
+
+
+def kv_bytes_per_token(hf_config: Any, dtype: str) -> int:
+    """KV-cache bytes one token takes in every layer: layers x KV heads x head dim x 2 (K, V) x dtype bytes."""
+    layers, kv_heads, head_dim = kv_shape(hf_config)
+    return layers * kv_heads * head_dim * 2 * _DTYPE_BYTES[dtype]
+
+
+def size_engine(hf_config: Any, *, dtype: str, kv_cache_gb: float, max_model_len: int | None = None,
+                max_tokens_limit: int = 1, memory_bytes: int | None = None, weights_bytes: int = 0,
+                block_tokens: int = KV_BLOCK_TOKENS, where: str = "the model") -> VllmSizing:
+    """Size vLLM for ``hf_config`` (pure arithmetic, no vLLM): see :class:`VllmSizing`.
+
+    ``max_model_len`` None: the model's positions, cut to what the cache holds, and refused when that is
+    shorter than ``max_tokens_limit`` + 1 (a full-length answer to a one-token prompt). ``memory_bytes``: what
+    the machine (RAM, or the GPU) holds, which the weights and the KV cache together must fit in.
+
+    Raises:
+        ModelLoadError: the numbers say which: the asked length exceeds the positions or the cache, or the
+            cache does not hold even one sequence, or weights + cache exceed the memory.
+    """
+    positions = int(getattr(_text_config(hf_config), "max_position_embeddings", 0) or 2048)
+    per_token = kv_bytes_per_token(hf_config, dtype)
+    cache_bytes = int(kv_cache_gb * 2**30)
+    cache_tokens = cache_bytes // (per_token * block_tokens) * block_tokens
+    layers, kv_heads, head_dim = kv_shape(hf_config)
+    shape = (f"{layers} layers x {kv_heads} KV heads x {head_dim} head dim x 2 (K, V) x {_DTYPE_BYTES[dtype]} bytes "
+             f"({dtype}) = {per_token} B/token")
+    gib = 2**30
+    if memory_bytes is not None and weights_bytes + cache_bytes > memory_bytes:
+        raise ModelLoadError(f"engine: vllm for {where} needs {weights_bytes / gib:.2f} GiB of weights + "
+                             f"{cache_bytes / gib:.2f} GiB of KV cache (vllm_kv_cache_gb), more than the "
+                             f"{memory_bytes / gib:.2f} GiB this machine holds; lower vllm_kv_cache_gb")
+    if max_model_len is not None:
+        if max_model_len > positions:
+            raise ModelLoadError(f"vllm_max_model_len {max_model_len} exceeds the {positions} positions of {where}; "
+                                 f"set vllm_max_model_len <= {positions}")
+        if max_model_len > cache_tokens:
+            need = -(-max_model_len // block_tokens) * block_tokens * per_token
+            raise ModelLoadError(
+                f"engine: vllm cannot hold one sequence of vllm_max_model_len={max_model_len} tokens of {where}: "
+                f"that takes {need / gib:.3f} GiB of KV cache ({shape}), but vllm_kv_cache_gb={kv_cache_gb} holds "
+                f"{cache_tokens} tokens; raise vllm_kv_cache_gb to >= {need / gib:.3f} or lower vllm_max_model_len "
+                f"to <= {cache_tokens}")
+        length = max_model_len
+    else:
+        length = min(positions, cache_tokens)
+        shortest = min(positions, max_tokens_limit + 1)
+        if length < shortest:
+            need = -(-shortest // block_tokens) * block_tokens * per_token
+            raise ModelLoadError(
+                f"engine: vllm cannot hold one sequence of {shortest} tokens (max_tokens_limit {max_tokens_limit} "
+                f"+ a prompt) of {where}: vllm_kv_cache_gb={kv_cache_gb} holds {cache_tokens} tokens ({shape}); "
+                f"raise vllm_kv_cache_gb to >= {need / gib:.3f} or lower max_tokens_limit")
+    return VllmSizing(dtype=dtype, max_model_len=length, kv_bytes_per_token=per_token, kv_cache_bytes=cache_bytes,
+                      cache_tokens=cache_tokens, positions=positions)
+
+
+def machine_memory_bytes(*, on_gpu: bool) -> int | None:
+    """What the weights and the KV cache must fit in: the GPU's memory, else this machine's RAM (None: unknown)."""
+    if on_gpu:
+        try:
+            import torch
+
+            return int(torch.cuda.get_device_properties(0).total_memory) if torch.cuda.is_available() else None
+        except Exception:  # noqa: BLE001 - no usable CUDA here: vLLM will say so itself
+            return None
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def weights_bytes(directory: Any, *, stored: str, dtype: str) -> int:
+    """The model's weights in ``dtype``: its safetensors files, scaled from the ``stored`` dtype."""
+    from pathlib import Path
+
+    stored_bytes = sum(p.stat().st_size for p in Path(directory).glob("*.safetensors"))
+    return stored_bytes * _DTYPE_BYTES[dtype] // _DTYPE_BYTES.get(stored, 4)
+
+
 # --------------------------------------------------------------------------- the engine
 
 
@@ -197,18 +325,26 @@ class VllmEngine(TransformersEngine):
             max_tokens_limit=cfg.max_tokens_limit, max_n=cfg.max_n, cache_size=cfg.response_cache_size,
             kv_cache_gb=cfg.vllm_kv_cache_gb, dtype=cfg.vllm_dtype, enforce_eager=cfg.vllm_enforce_eager,
             max_num_seqs=cfg.max_batch_size, max_loras=cfg.max_adapters_per_replica,
-            prefix_caching=cfg.prefix_cache_mb > 0, threads=cfg.compute_threads())
+            prefix_caching=cfg.prefix_cache_mb > 0, threads=cfg.compute_threads(),
+            max_model_len=cfg.vllm_max_model_len, engine_kwargs=cfg.vllm_engine_kwargs, on_gpu=cfg.num_gpus > 0)
 
     @classmethod
     def from_source(cls, source: str, *, registry: Any = None, adapters: Iterable[str] = (),
-                    kv_cache_gb: float = 0.5, dtype: str = "float32", enforce_eager: bool = True,
+                    kv_cache_gb: float = 0.5, dtype: str = "auto", enforce_eager: bool = True,
                     max_num_seqs: int = 8, max_loras: int = 4, prefix_caching: bool = False,
-                    threads: int | None = None, seed: int = 0, **limits: Any) -> VllmEngine:
-        """Describe ``source`` and its adapters (refusing what vLLM cannot serve), then start vLLM on them."""
+                    threads: int | None = None, seed: int = 0, max_model_len: int | None = None,
+                    engine_kwargs: dict[str, Any] | None = None, on_gpu: bool | None = None,
+                    **limits: Any) -> VllmEngine:
+        """Describe ``source`` and its adapters (refusing what vLLM cannot serve), size vLLM for the model
+        (:func:`size_engine`: dtype, ``max_model_len`` within the KV cache), then start vLLM on them.
+
+        ``engine_kwargs`` go to vLLM's ``AsyncEngineArgs`` verbatim, except those llmstack sets itself.
+        """
         from transformers import AutoConfig
 
+        from llmstack.config import VLLM_ARGS_SET_BY
         from llmstack.models import describe_artifact
-        from llmstack.models.artifact import load_artifact_tokenizer
+        from llmstack.models.artifact import load_artifact_tokenizer, stored_dtype
 
         api = import_vllm()
         artifact = describe_artifact(source, registry=registry)
@@ -217,17 +353,38 @@ class VllmEngine(TransformersEngine):
         ranks = [lora_rank(spec.describe()) for spec in specs]
         tokenizer = load_artifact_tokenizer(artifact)
         hf_config = AutoConfig.from_pretrained(str(artifact.directory))
-        max_model_len = int(getattr(hf_config, "max_position_embeddings", 0) or 2048)
+        engine_kwargs = dict(engine_kwargs or {})
+        managed = sorted(set(engine_kwargs) & set(VLLM_ARGS_SET_BY))
+        if managed:
+            raise ModelLoadError(f"vllm_engine_kwargs {', '.join(managed)}: llmstack sets "
+                                 f"{'it' if len(managed) == 1 else 'them'} from "
+                                 f"{', '.join(sorted({VLLM_ARGS_SET_BY[k] for k in managed}))}; set that instead")
+        if on_gpu is None:
+            import torch
+
+            on_gpu = torch.cuda.is_available()
+        stored = stored_dtype(artifact.directory)
+        resolved = vllm_dtype(dtype, stored, on_gpu=on_gpu)
+        sizing = size_engine(
+            hf_config, dtype=resolved, kv_cache_gb=kv_cache_gb, max_model_len=max_model_len,
+            max_tokens_limit=int(limits.get("max_tokens_limit", 512)), memory_bytes=machine_memory_bytes(on_gpu=on_gpu),
+            weights_bytes=weights_bytes(artifact.directory, stored=stored, dtype=resolved),
+            block_tokens=int(engine_kwargs.get("block_size") or KV_BLOCK_TOKENS), where=artifact.label)
         if threads is not None:  # the worker process inherits these: compute threads as num_threads says
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
             os.environ["OMP_NUM_THREADS"] = str(threads)
-        args = api.AsyncEngineArgs(
-            model=str(artifact.directory), tokenizer=str(artifact.directory), dtype=dtype, seed=seed,
-            max_model_len=max_model_len, enforce_eager=enforce_eager,
-            kv_cache_memory_bytes=int(kv_cache_gb * 2**30), max_num_seqs=max_num_seqs,
+        settings: dict[str, Any] = dict(
+            model=str(artifact.directory), tokenizer=str(artifact.directory), dtype=sizing.dtype, seed=seed,
+            max_model_len=sizing.max_model_len, enforce_eager=enforce_eager,
+            kv_cache_memory_bytes=sizing.kv_cache_bytes, max_num_seqs=max_num_seqs,
             enable_prefix_caching=prefix_caching, logprobs_mode="processed_logprobs", disable_log_stats=True,
             enable_lora=bool(specs), max_loras=max_loras, max_cpu_loras=max_loras,
             max_lora_rank=max_lora_rank(ranks))
+        settings.update(engine_kwargs)  # what llmstack does not model (block_size, swap_space, ...), verbatim
+        try:
+            args = api.AsyncEngineArgs(**settings)
+        except TypeError as exc:  # an engine_kwargs key this vLLM does not know
+            raise ModelLoadError(f"vllm_engine_kwargs: vLLM's AsyncEngineArgs refuses them ({exc})") from None
         try:
             llm = api.AsyncLLM.from_engine_args(args)
         except Exception as exc:
@@ -241,7 +398,7 @@ class VllmEngine(TransformersEngine):
             generation = None
         eos_ids = _eos_ids(SimpleNamespace(generation_config=generation, config=hf_config), tokenizer)
         return cls(llm, api, artifact=artifact, tokenizer=tokenizer, hf_config=hf_config, eos_ids=eos_ids,
-                   adapters=specs, prefix_caching=prefix_caching, max_model_len=max_model_len, **limits)
+                   adapters=specs, prefix_caching=prefix_caching, max_model_len=sizing.max_model_len, **limits)
 
     # ------------------------------------------------------------------ protocol
 
