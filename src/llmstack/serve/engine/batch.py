@@ -88,6 +88,11 @@ class Batch:
         if engine.contiguous_prefill:
             widest = max(row.prompt_len - c for row, c in zip(self.rows, cached))
             cached = [min(c, max(0, row.prompt_len - widest)) for row, c in zip(self.rows, cached)]
+            for row, c in zip(self.rows, cached):  # report what is really reused (the same for a work's choices)
+                found = row.work.prefix_cached_tokens
+                if found is not None and found != c:
+                    engine.stats["prefix_hit_tokens"] -= found - c
+                    row.work.prefix_cached_tokens = c
         rest = [row.prompt_len - c for row, c in zip(self.rows, cached)]
         width_c, width_r = max(cached), max(rest)
         pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
