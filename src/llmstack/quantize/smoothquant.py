@@ -86,7 +86,7 @@ def layout_problems(model: Any, *, need_norms: bool) -> list[str]:
             try:
                 norm_fold(module, f"model.layers.0.{norm}")
             except ConfigError as exc:
-                problems.extend(exc.problems)
+                problems.append(f"{kind} layer 0 has no RMSNorm {norm} (or other norm) to fold into: {exc.problems[0]}")
     return problems
 
 
