@@ -39,12 +39,25 @@ class PackedData:
                 f"block_size={self.block_size}, fingerprint={self.fingerprint[:12]}…)")
 
 
+def encode_documents(documents: list[str], tokenizer: Any, *, eos_id: int | None = None) -> list[list[int]]:
+    """Each document's ids as ``tokenizer(document)`` gives them, then ``eos_id`` (the tokenizer's EOS by default).
+
+    The tokenizer's own special tokens stay: one that adds BOS (Gemma, Llama) starts every document with it,
+    as the model saw in pretraining; one that adds none (SmolLM2, llmstack's own) gives the bare text's ids.
+    A tokenizer that already ends a document with EOS gets no second one. Special-token strings inside a
+    document are plain text (a literal ``"<|eos|>"`` in the data is not a control token).
+    """
+    eos_id = tokenizer.eos_token_id if eos_id is None else eos_id
+    if eos_id is None:
+        raise DataError("the tokenizer has no eos token; documents are joined with it")
+    encoded = tokenizer(list(documents), split_special_tokens=True)["input_ids"] if documents else []
+    return [list(ids) if ids and ids[-1] == eos_id else [*ids, eos_id] for ids in encoded]
+
+
 def tokenize_documents(documents: list[str], tokenizer: Any, *, eos_id: int | None = None,
                        progress: bool | None = None) -> Any:
-    """One int64 numpy stream: each document's tokens followed by ``eos_id`` (batched, with tqdm).
-
-    Special-token strings inside documents are encoded as plain text, so only the joins are EOS.
-    """
+    """One int64 numpy stream of :func:`encode_documents` (batched, with tqdm): every document with the
+    tokenizer's special tokens (BOS where it adds one), each followed by ``eos_id``."""
     import numpy as np
     from tqdm.auto import tqdm
 
@@ -56,11 +69,7 @@ def tokenize_documents(documents: list[str], tokenizer: Any, *, eos_id: int | No
     with tqdm(total=len(documents), desc="tokenizing", unit="doc", disable=not show) as bar:
         for start in range(0, len(documents), _BATCH):
             batch = documents[start:start + _BATCH]
-            # split_special_tokens: a literal "<|eos|>" in the data is text, not a control token
-            encoded = tokenizer(batch, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-            for ids in encoded:
-                pieces.append(np.asarray(ids, dtype=np.int64))
-                pieces.append(np.asarray([eos_id], dtype=np.int64))
+            pieces += [np.asarray(ids, dtype=np.int64) for ids in encode_documents(batch, tokenizer, eos_id=eos_id)]
             bar.update(len(batch))
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
 
@@ -79,7 +88,8 @@ def split_indices(n_blocks: int, *, eval_fraction: float, seed: int) -> tuple[An
 
 def pack_corpus(corpus: Any, tokenizer: Any, *, block_size: int, eval_fraction: float = 0.05,
                 seed: int = 0, progress: bool | None = None) -> PackedData:
-    """Tokenize ``corpus``, join documents with EOS, cut into blocks and split train/eval.
+    """Tokenize ``corpus`` (BOS per document where the tokenizer adds one), join documents with EOS, cut into
+    blocks and split train/eval.
 
     The split is a seeded permutation of whole blocks, so no block is in both splits and the same
     inputs always give the same tensors.
@@ -122,6 +132,9 @@ def pack_corpus(corpus: Any, tokenizer: Any, *, block_size: int, eval_fraction: 
     train_idx, eval_idx = split_indices(n_blocks, eval_fraction=eval_fraction, seed=seed)
     payload = {"corpus": corpus.fingerprint, "tokenizer": tokenizer_fingerprint(tokenizer),
                "block_size": block_size, "eval_fraction": eval_fraction, "seed": seed, "version": 1}
+    added = list(tokenizer("", split_special_tokens=True)["input_ids"])  # what it adds around a document (BOS)
+    if added:  # absent when none: fingerprints of tokenizers that add nothing stay as they were
+        payload["document_specials"] = added
     fingerprint = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
     return PackedData(train=blocks[torch.from_numpy(train_idx)], eval=blocks[torch.from_numpy(eval_idx)],
                       fingerprint=fingerprint, block_size=block_size, num_tokens=int(len(stream)),

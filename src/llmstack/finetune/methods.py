@@ -43,15 +43,18 @@ _NORM_CLASS_MARKERS = ("RMSNorm", "LayerNorm")
 
 
 def _is_linear(module: Any) -> bool:
+    """A layer peft's LoRA can wrap: ``nn.Linear``, its bitsandbytes forms, and GPT-2's ``Conv1D`` (a linear layer
+    with its weight stored transposed)."""
     import torch
+    from transformers.pytorch_utils import Conv1D
 
-    if isinstance(module, torch.nn.Linear):
+    if isinstance(module, (torch.nn.Linear, Conv1D)):
         return True
     return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
 
 
 def linear_module_names(model: Any, *, decoder_only: bool = True) -> list[str]:
-    """Leaf names (``q_proj``, ``down_proj``…) of the linear layers, sorted.
+    """Leaf names (``q_proj``, ``down_proj``, GPT-2's ``c_attn``…) of the linear layers, sorted.
 
     ``decoder_only``: only those inside decoder layers (the default LoRA targets: every linear layer
     of the decoder, not the output head).
@@ -140,12 +143,22 @@ def load_base(source: str, *, registry: Any = None, method: str = "lora", device
     return model, load_artifact_tokenizer(artifact)
 
 
-def peft_lora_config(lora: LoRAConfig, target_modules: list[str], *, method: str) -> Any:
+def peft_lora_config(lora: LoRAConfig, target_modules: list[str], *, method: str,
+                     fan_in_fan_out: bool = False) -> Any:
+    """peft's ``LoraConfig``; ``fan_in_fan_out`` for targets that store weights transposed (GPT-2's ``Conv1D``)."""
     from peft import LoraConfig
 
     return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                       target_modules=list(target_modules), use_dora=method == "dora", bias="none",
-                      task_type="CAUSAL_LM")
+                      task_type="CAUSAL_LM", fan_in_fan_out=fan_in_fan_out)
+
+
+def _targets_conv1d(model: Any, targets: list[str]) -> bool:
+    """Whether the ``targets`` leaf names select ``Conv1D`` layers (GPT-2), whose LoRA needs ``fan_in_fan_out``."""
+    from transformers.pytorch_utils import Conv1D
+
+    wanted = set(targets)
+    return any(isinstance(m, Conv1D) and name.rsplit(".", 1)[-1] in wanted for name, m in model.named_modules())
 
 
 def apply_method(model: Any, method: str, lora: LoRAConfig, *, target_modules: list[str] | None = None,
@@ -179,7 +192,8 @@ def apply_method(model: Any, method: str, lora: LoRAConfig, *, target_modules: l
     targets = target_modules or resolve_target_modules(model, lora.target_modules)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        peft_model = get_peft_model(model, peft_lora_config(lora, targets, method=method))
+        config = peft_lora_config(lora, targets, method=method, fan_in_fan_out=_targets_conv1d(model, targets))
+        peft_model = get_peft_model(model, config)
     return peft_model
 
 

@@ -257,10 +257,13 @@ class _DataPlan:
     def _chunk(self, texts: list[str]) -> Any:
         import torch
 
-        eos = self.tokenizer.eos_token_id
-        stream: list[int] = []
-        for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]:
-            stream.extend(ids + ([eos] if eos is not None else []))
+        from llmstack.data.packing import encode_documents
+
+        if self.tokenizer.eos_token_id is None:
+            raise DataError("calibration: the tokenizer has no eos token to join the texts with; give token "
+                            "blocks (a LongTensor) instead")
+        # Each text as the tokenizer encodes it (with its BOS where it adds one), EOS-joined: as in pretraining.
+        stream = [t for ids in encode_documents(texts, self.tokenizer) for t in ids]
         if not stream:
             raise DataError("empty calibration set: the texts tokenize to nothing")
         size = min(self.block_size, len(stream))

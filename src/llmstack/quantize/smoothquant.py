@@ -21,6 +21,14 @@ produces ``X``; in a LLaMA decoder layer that is possible at four places:
 * ``up_proj -> down_proj`` (``smooth_outputs``): ``down`` sees ``silu(gate) * up``, linear in
   ``up``, so ``up``'s output rows take ``1/s`` and ``down``'s columns ``* s``.
 
+The norm in front of the MLP is ``pre_feedforward_layernorm`` where a layer has one (Gemma-2/3, whose
+``post_attention_layernorm`` normalises the attention output instead), else ``post_attention_layernorm``.
+A scale folds only into a norm whose output is, channel by channel, ``(c + weight) * f(x) (+ bias)``,
+checked by probing the module itself: ``c = 0`` for LLaMA's RMSNorm and ``LayerNorm`` (whose bias is
+divided too), ``c = 1`` for Gemma's RMSNorm (the effective scale is ``1 + weight``, so the new weight is
+``(1 + weight) / s - 1``). Any other norm, or one whose output is not the projections' input (checked on
+one forward pass), is refused naming its class and path.
+
 The paper smooths only the first two (its OPT/BLOOM ``o``/``fc2`` inputs have no norm in front);
 the last two are exact here too and are on by default; ``smooth_outputs=False`` restores the paper's
 scope, leaving ``o_proj`` / ``down_proj`` W8A8 unsmoothed. ``alpha`` may be searched on the
@@ -33,9 +41,11 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmstack.errors import ConfigError
 from llmstack.quantize._base import LLMSTACK_FORMAT, load_int8_model, save_int8_model
 from llmstack.quantize._evaluate import mean_nll
 
@@ -47,8 +57,12 @@ _MLP = ("gate_proj", "up_proj", "down_proj")
 # ------------------------------------------------------------------------------ architecture
 
 
+_MLP_NORMS = ("pre_feedforward_layernorm", "post_attention_layernorm")  # the first a layer has feeds its MLP
+_FOLDABLE = "RMSNorm (weight * x or Gemma's (1 + weight) * x) or LayerNorm (weight * x + bias)"
+
+
 def layout_problems(model: Any, *, need_norms: bool) -> list[str]:
-    """What a LLaMA-style decoder needs for (Smooth)W8A8, reported against the given model."""
+    """What a LLaMA-style decoder needs for (Smooth)W8A8, reported against the given model (a meta skeleton works)."""
     from torch import nn
 
     layers = getattr(getattr(model, "model", None), "layers", None)
@@ -63,19 +77,125 @@ def layout_problems(model: Any, *, need_norms: bool) -> list[str]:
             if not isinstance(getattr(owner, name, None), nn.Linear):
                 problems.append(f"{kind} layer 0 has no nn.Linear {where}.{name}")
     if need_norms:
-        for norm in ("input_layernorm", "post_attention_layernorm"):
+        for norm in ("input_layernorm", _mlp_norm_name(layer)):
             module = getattr(layer, norm, None)
-            if module is None or not _is_rms_norm(module):
-                problems.append(f"{kind} layer 0 has no RMSNorm {norm} in front of the projections "
-                                f"(found {type(module).__name__ if module is not None else 'nothing'}); "
-                                "SmoothQuant folds its scales into that norm's weight")
+            if module is None:
+                problems.append(f"{kind} layer 0 has no {norm} in front of the projections; SmoothQuant folds its "
+                                f"scales into that norm ({_FOLDABLE})")
+                continue
+            try:
+                norm_fold(module, f"model.layers.0.{norm}")
+            except ConfigError as exc:
+                problems.append(f"{kind} layer 0 has no RMSNorm {norm} (or other norm) to fold into: {exc.problems[0]}")
     return problems
 
 
-def _is_rms_norm(module: Any) -> bool:
-    weight = getattr(module, "weight", None)
-    return ("rmsnorm" in type(module).__name__.lower() and weight is not None
-            and getattr(module, "bias", None) is None)
+def _mlp_norm_name(layer: Any) -> str:
+    return next((name for name in _MLP_NORMS if getattr(layer, name, None) is not None), _MLP_NORMS[-1])
+
+
+@dataclass(frozen=True)
+class NormFold:
+    """How a norm's output scales per channel: ``(offset + weight) * f(x) (+ bias)``."""
+
+    offset: float  # 0: LLaMA's RMSNorm and LayerNorm; 1: Gemma's RMSNorm, whose weight is stored minus one
+    bias: bool  # LayerNorm: the bias is divided by the scale too
+
+    def apply(self, norm: Any, s: Any) -> None:
+        """Divide ``norm``'s output by ``s`` (per channel), in place."""
+        weight = norm.weight
+        weight.copy_(((self.offset + weight.float()) / s - self.offset).to(weight.dtype))
+        if self.bias:
+            norm.bias.copy_((norm.bias.float() / s).to(norm.bias.dtype))
+
+
+def norm_fold(module: Any, path: str) -> NormFold:
+    """How to fold a scale into ``module`` (at ``path``), found by probing its output against its weight.
+
+    Raises:
+        ConfigError: the norm's output is not ``(c + weight) * f(x) (+ bias)`` with ``c`` 0 or 1; names the
+            module's class and path.
+    """
+    import torch
+
+    def refuse(why: str) -> ConfigError:
+        return ConfigError(f"SmoothQuant cannot fold its scales into {path} ({type(module).__name__}): {why}; "
+                           f"it folds into {_FOLDABLE}")
+
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    if not isinstance(weight, torch.nn.Parameter) or weight.dim() != 1:
+        raise refuse("it has no per-channel weight")
+    if bias is not None and (not isinstance(bias, torch.nn.Parameter) or bias.shape != weight.shape):
+        raise refuse("its bias is not per channel")
+    probe = copy.deepcopy(module)
+    if any(t.is_meta for t in (*probe.parameters(), *probe.buffers())):
+        probe = probe.to_empty(device="cpu")
+    probe = probe.float()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, weight.numel(), generator=generator) * 2 + 0.5
+    r = torch.rand(weight.numel(), generator=generator) + 0.5
+
+    def output(w: Any, b: Any = 0.0) -> Any:
+        with torch.no_grad():
+            probe.weight.copy_(torch.as_tensor(w).expand_as(probe.weight))
+            if getattr(probe, "bias", None) is not None:
+                probe.bias.copy_(torch.as_tensor(b).expand_as(probe.bias))
+            return probe(x).float()
+
+    try:
+        at_zero, at_one, at_r = output(0.0), output(1.0), output(r)
+        with_bias = output(1.0, r) if bias is not None else None
+    except Exception as exc:  # noqa: BLE001 - any failure to run it alone means we cannot reason about it
+        raise refuse(f"probing it alone failed ({type(exc).__name__}: {exc})") from None
+    coefficient = at_one - at_zero  # f(x)
+    close = lambda a, b: torch.allclose(a, b, rtol=1e-4, atol=1e-5)  # noqa: E731
+    for offset in (0.0, 1.0):
+        if (coefficient.abs().amax() > 0 and close(at_zero, offset * coefficient)
+                and close(at_r, (offset + r) * coefficient)
+                and (with_bias is None or close(with_bias, (offset + 1.0) * coefficient + r))):
+            return NormFold(offset=offset, bias=bias is not None)
+    raise refuse("its output is not (weight or 1 + weight) times a function of the input, plus an optional bias")
+
+
+def _submodule(model: Any, path: str) -> Any:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _check_norms_feed(model: Any, sites: list[tuple[str, str]]) -> None:
+    """Refuse unless each ``(norm path, linear path)`` pair's linear takes exactly the norm's output as input.
+
+    One forward pass over a few tokens, with hooks: a norm that only looks as if it sat in front (e.g. one that
+    normalises the attention output) would make folding change the model.
+    """
+    import torch
+
+    seen: dict[str, Any] = {}
+
+    def record(key: str, *, output: bool) -> Callable[..., None]:
+        def hook(_module: Any, inputs: tuple[Any, ...], out: Any) -> None:
+            seen.setdefault(key, (out if output else inputs[0]).detach())
+        return hook
+
+    hooks = []
+    for norm, linear in sites:
+        hooks.append(model.get_submodule(norm).register_forward_hook(record(norm, output=True)))
+        hooks.append(model.get_submodule(linear).register_forward_hook(record(linear, output=False)))
+    device = next(model.parameters()).device
+    try:
+        with torch.inference_mode():
+            model(input_ids=(torch.arange(8, device=device) % model.config.vocab_size)[None], use_cache=False)
+    finally:
+        for handle in hooks:
+            handle.remove()
+    for norm, linear in sites:
+        if norm not in seen or linear not in seen or seen[norm].shape != seen[linear].shape \
+                or not torch.equal(seen[norm], seen[linear]):
+            module = model.get_submodule(norm)
+            raise ConfigError(f"SmoothQuant cannot fold its scales into {norm} ({type(module).__name__}): its "
+                              f"output is not the input of {linear}, so a scale folded there would change the model")
 
 
 # ------------------------------------------------------------------------------ calibration
@@ -125,24 +245,32 @@ def smooth_model(model: Any, act_max: dict[str, Any], *, alpha: float, smooth_ou
     import torch
 
     config = model.config
+    layers = model.model.layers
+    sites = [(f"model.layers.{i}.{norm}", f"model.layers.{i}.{linear}") for i, layer in enumerate(layers)
+             for norm, linear in (("input_layernorm", "self_attn.q_proj"), (_mlp_norm_name(layer), "mlp.gate_proj"))]
+    missing = [norm for norm, _ in sites if _submodule(model, norm) is None]
+    if missing:
+        raise ConfigError([f"SmoothQuant folds its scales into the norm in front of the projections; {norm} does "
+                           "not exist" for norm in missing])
+    folds = {norm: norm_fold(model.get_submodule(norm), norm) for norm, _ in sites}  # refuses before any change
+    _check_norms_feed(model, sites)
     n_heads = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
     n_rep = n_heads // n_kv
     flatness = []
     with torch.no_grad():
-        for i, layer in enumerate(model.model.layers):
+        for i, layer in enumerate(layers):
             p = f"model.layers.{i}."
             attn, mlp = layer.self_attn, layer.mlp
             # norm -> q/k/v and norm -> gate/up
-            for norm, linears, key in ((layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj),
+            for norm, linears, key in ((p + "input_layernorm", (attn.q_proj, attn.k_proj, attn.v_proj),
                                         p + "self_attn.q_proj"),
-                                       (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj),
-                                        p + "mlp.gate_proj")):
+                                       (p + _mlp_norm_name(layer), (mlp.gate_proj, mlp.up_proj), p + "mlp.gate_proj")):
                 a = act_max[key]
                 w = torch.stack([lin.weight.abs().amax(dim=0).float() for lin in linears]).amax(dim=0)
                 s = _scales(a, w, alpha)
-                norm.weight.div_(s.to(norm.weight.dtype))
+                folds[norm].apply(model.get_submodule(norm), s)
                 for lin in linears:
                     lin.weight.mul_(s.to(lin.weight.dtype))
                 flatness.append(float(a.max() / a.mean().clamp(min=1e-8)))
@@ -229,7 +357,7 @@ class SmoothQuantBackend:
                                        "calibration_ppl": {k: round(math.exp(v), 4) for k, v in scores.items()}}
         summary = smooth_model(model, act_max, alpha=alpha, smooth_outputs=smooth_outputs)
         details.update(alpha=alpha, smooth_outputs=smooth_outputs, **summary,
-                       smoothed=["input_layernorm->q/k/v", "post_attention_layernorm->gate/up"]
+                       smoothed=["input_layernorm->q/k/v", f"{_mlp_norm_name(model.model.layers[0])}->gate/up"]
                        + (["v_proj->o_proj", "up_proj->down_proj"] if smooth_outputs else []))
         details["layers"] = quantize_linears(model, kernel=kernel)
         return model, details

@@ -71,3 +71,59 @@ def make_registry(url: str, *, name: str = "tiny-lm", adapters: int = 2, alias: 
             lora_adapter(model, tmp, seed=100 + i)
             refs.append(str(registry.register(f"{name}-lora-{i}", tmp, kind="adapter", parents=[str(ref)])))
     return {"registry": registry, "model": str(ref), "adapters": refs, "tokenizer": tokenizer, "torch_model": model}
+
+
+# One tiny random-init model per supported architecture, built from its transformers config class.
+ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma3", "phi3", "gpt2")
+SLIDING_WINDOW = 6  # Gemma-3's sliding layers see this many tokens: shorter than the test prompts
+
+
+def tiny_causal_lm(architecture: str, tokenizer: Any, *, seed: int = 0, max_positions: int = 256) -> Any:
+    """A 2-layer, hidden-64 random-init causal LM of ``architecture`` (one of :data:`ARCHITECTURES`).
+
+    The vocabulary and special-token ids come from ``tokenizer``. Gemma-3 alternates a sliding-window
+    layer (:data:`SLIDING_WINDOW` tokens) with a full-attention one; GPT-2 has learned positions and
+    ``Conv1D`` projections; Phi-3 has fused ``qkv_proj`` and ``gate_up_proj``.
+    """
+    import torch
+    import transformers
+
+    ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+           "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "max_position_embeddings": max_positions, "tie_word_embeddings": False}
+    if architecture == "llama":
+        config, cls = transformers.LlamaConfig(**shape, **ids), transformers.LlamaForCausalLM
+    elif architecture == "qwen2":
+        config, cls = transformers.Qwen2Config(**shape, **ids), transformers.Qwen2ForCausalLM
+    elif architecture == "mistral":
+        config, cls = transformers.MistralConfig(**shape, **ids, sliding_window=None), transformers.MistralForCausalLM
+    elif architecture == "gemma3":
+        config = transformers.Gemma3TextConfig(**shape, **ids, head_dim=16, sliding_window=SLIDING_WINDOW,
+                                               layer_types=["sliding_attention", "full_attention"])
+        cls = transformers.Gemma3ForCausalLM
+    elif architecture == "phi3":
+        config, cls = transformers.Phi3Config(**shape, **ids), transformers.Phi3ForCausalLM
+    elif architecture == "gpt2":
+        config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=max_positions, **ids)
+        cls = transformers.GPT2LMHeadModel
+    else:
+        raise ValueError(f"unknown architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval()
+
+
+def bos_tokenizer(tokenizer: Any) -> Any:
+    """A copy of ``tokenizer`` whose ``tokenizer(text)`` starts with its BOS token (as Gemma's and Llama's do)."""
+    import copy
+
+    from tokenizers import processors
+
+    adding = copy.deepcopy(tokenizer)
+    bos = adding.bos_token
+    adding.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, adding.bos_token_id)])
+    return adding

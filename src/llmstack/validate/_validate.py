@@ -239,10 +239,13 @@ def _context(model: Any) -> int:
 def _pack_texts(texts: list[str], tokenizer: Any, length: int) -> Any:
     import torch
 
-    eos = tokenizer.eos_token_id
-    stream: list[int] = []
-    for text in texts:
-        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+    from llmstack.data.packing import encode_documents
+
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("eval_data: the tokenizer has no eos token to join the texts with; give token blocks "
+                          "(a LongTensor) or a data config instead")
+    # Each text as the tokenizer encodes it (with its BOS where it adds one), as the model saw text in training.
+    stream = [t for ids in encode_documents(texts, tokenizer) for t in ids]
     n = len(stream) // length
     return torch.tensor(stream[: n * length], dtype=torch.long).view(n, length)
 

@@ -71,3 +71,28 @@ def test_special_token_strings_in_documents_stay_text(tokenizer) -> None:
     assert not (blocks == tokenizer.bos_token_id).any() and not (blocks == tokenizer.pad_token_id).any()
     assert (blocks == tokenizer.eos_token_id).sum() <= len(corpus.documents)  # only the joins
     assert "an <|eos|> inside" in tokenizer.decode(blocks.flatten().tolist())
+
+
+def test_documents_get_the_tokenizers_bos_where_it_adds_one(small_corpus, tokenizer, packed) -> None:
+    """A tokenizer that adds BOS (Gemma, Llama) starts every packed document with it; the fingerprint tells the two
+    apart. llmstack's own tokenizer adds nothing, so its stream stays the bare text's ids (test_shapes_and_contents)."""
+    from llmstack.data.packing import encode_documents
+    from llmstack.serve._testing import bos_tokenizer
+
+    adding = bos_tokenizer(tokenizer)
+    documents = small_corpus.documents
+    encoded = encode_documents(documents, adding)
+    assert encoded == [[adding.bos_token_id, *tokenizer(d)["input_ids"], adding.eos_token_id] for d in documents]
+    with_bos = pack_corpus(small_corpus, adding, block_size=64, eval_fraction=0.1, seed=0)
+    assert with_bos.num_tokens == packed.num_tokens + len(documents)
+    stream = torch.cat([with_bos.train, with_bos.eval]).flatten().tolist()
+    after_eos = [stream[i + 1] for i in range(len(stream) - 1) if stream[i] == adding.eos_token_id]
+    assert after_eos and set(after_eos) == {adding.bos_token_id}  # every document opens with BOS
+    assert with_bos.fingerprint != packed.fingerprint
+    # A tokenizer that closes documents with EOS itself gets no second one.
+    from tokenizers import processors
+
+    closing = bos_tokenizer(tokenizer)
+    closing.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"$A {closing.eos_token}", special_tokens=[(closing.eos_token, closing.eos_token_id)])
+    assert encode_documents(["line 1"], closing) == [[*tokenizer("line 1")["input_ids"], closing.eos_token_id]]

@@ -54,6 +54,10 @@ class Batch:
         Row ``j`` lays out as ``[pad | cached c_j | pad | rest r_j]`` along the sequence: both parts are
         left-padded to the widest, padding is masked and positions count real tokens only, so each row
         computes what it would alone. The prompts' new full blocks then go into the prefix cache.
+
+        A model with sliding-window layers masks by cache column, so there a row's tokens must be adjacent:
+        each row takes from the cache only what lies before the widest rest (``[pad | cached | rest]``) and
+        recomputes the remainder of its cached blocks, in columns the forward pass covers anyway.
         """
         import torch
 
@@ -81,6 +85,14 @@ class Batch:
             engine.stats["prefix_hits"] += bool(hits[id(work)])
             engine.stats["prefix_hit_tokens"] += work.prefix_cached_tokens
         cached = [row.work.prefix_cached_tokens or 0 for row in self.rows]
+        if engine.contiguous_prefill:
+            widest = max(row.prompt_len - c for row, c in zip(self.rows, cached))
+            cached = [min(c, max(0, row.prompt_len - widest)) for row, c in zip(self.rows, cached)]
+            for row, c in zip(self.rows, cached):  # report what is really reused (the same for a work's choices)
+                found = row.work.prefix_cached_tokens
+                if found is not None and found != c:
+                    engine.stats["prefix_hit_tokens"] -= found - c
+                    row.work.prefix_cached_tokens = c
         rest = [row.prompt_len - c for row, c in zip(self.rows, cached)]
         width_c, width_r = max(cached), max(rest)
         pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
@@ -92,7 +104,7 @@ class Batch:
             mask[j, width_c - cached[j]:width_c] = 1
             mask[j, width_c + width_r - rest[j]:] = 1
         if width_c:
-            cache = self._cached_prefix(cache, [hits.get(id(row.work), []) for row in self.rows], width_c)
+            cache = self._cached_prefix(cache, [hits.get(id(row.work), []) for row in self.rows], cached, width_c)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, width_c:]  # [B, width_r]: counting real tokens only
         self.mask = mask
         self._forward(ids, positions, cache=cache)
@@ -101,19 +113,19 @@ class Batch:
             self._store_blocks(store, namespace, keys, cached, rest, width_c + width_r)
         self._sample()
 
-    def _cached_prefix(self, cache: Any, blocks: list[list[Any]], width: int) -> Any:
-        """``cache`` filled, per layer, with each row's cached blocks right-aligned in ``width`` columns."""
+    def _cached_prefix(self, cache: Any, blocks: list[list[Any]], used: list[int], width: int) -> Any:
+        """``cache`` filled, per layer, with the first ``used[j]`` tokens of row ``j``'s cached blocks,
+        right-aligned in ``width`` columns."""
         import torch
 
         sample = next(b for b in blocks if b)[0]  # one block's per-layer (keys, values)
         for i, (layer, (k0, v0)) in enumerate(zip(cache.layers, sample)):
             keys = k0.new_zeros((len(blocks), k0.shape[0], width, k0.shape[-1]))  # [B, H, width, D]
             values = v0.new_zeros((len(blocks), v0.shape[0], width, v0.shape[-1]))
-            for j, row_blocks in enumerate(blocks):
-                if row_blocks:
-                    n = len(row_blocks) * k0.shape[-2]
-                    keys[j, :, width - n:] = torch.cat([blk[i][0] for blk in row_blocks], dim=-2)
-                    values[j, :, width - n:] = torch.cat([blk[i][1] for blk in row_blocks], dim=-2)
+            for j, (row_blocks, n) in enumerate(zip(blocks, used)):
+                if n:
+                    keys[j, :, width - n:] = torch.cat([blk[i][0] for blk in row_blocks], dim=-2)[:, :n]
+                    values[j, :, width - n:] = torch.cat([blk[i][1] for blk in row_blocks], dim=-2)[:, :n]
             layer.fill(keys, values)
         return cache
 

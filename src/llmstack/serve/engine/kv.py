@@ -76,14 +76,29 @@ class GrowingLayer(DynamicLayer):
 
 def new_cache(config: Any) -> Any:
     """An empty KV cache of :class:`GrowingLayer` for a model ``config``; None when the model needs other layers
-    (sliding windows, hybrid attention): the model then builds its own cache and merging is off."""
+    (chunked or linear attention, shared KV): the model then builds its own cache and merging is off.
+
+    Sliding-window layers keep every token too: the model's attention mask applies the window (it counts cache
+    columns, so each row's tokens must sit in consecutive columns: see :func:`has_sliding_window`).
+    """
     try:
         from transformers import DynamicCache
+        from transformers.cache_utils import DynamicSlidingWindowLayer
 
         cache = DynamicCache(config=config)
     except Exception:  # noqa: BLE001 - an older or unusual model: fall back to the model's own cache
         return None
-    if not cache.layers or not all(type(layer) is DynamicLayer for layer in cache.layers):
+    if not cache.layers or not all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in cache.layers):
         return None
     cache.layers = [GrowingLayer() for _ in cache.layers]
     return cache
+
+
+def has_sliding_window(config: Any) -> bool:
+    """Whether some attention layer of ``config``'s model sees only a window of recent tokens (Gemma-3, Mistral)."""
+    try:
+        from transformers import DynamicCache
+
+        return any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=config).layers)
+    except Exception:  # noqa: BLE001
+        return False

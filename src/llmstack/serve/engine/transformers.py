@@ -58,7 +58,7 @@ class TransformersEngine:
         import torch
 
         from llmstack.models.kv_cache import cache_kwarg
-        from llmstack.serve.engine.kv import new_cache
+        from llmstack.serve.engine.kv import has_sliding_window, new_cache
 
         self.tokenizer = loaded.tokenizer
         self.model_id = loaded.model_id
@@ -80,6 +80,8 @@ class TransformersEngine:
         self._config = loaded.model.config
         growing = new_cache(self._config) is not None  # else the model's own cache: no prefix reuse, no merging
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 and growing else None
+        # Sliding-window masks count cache columns: a row's cached and new prompt tokens must then be adjacent.
+        self.contiguous_prefill = has_sliding_window(self._config)
         self._tokenizer_identity = tokenizer_identity(self.tokenizer)
         loaded.model.eval()
         self.max_model_len = int(getattr(loaded.model.config, "max_position_embeddings", 0) or 2048)
@@ -259,12 +261,12 @@ class TransformersEngine:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise RequestError(f"model {request.model!r} has no chat template; use /v1/completions",
                                   param="messages")
-            try:
-                text = self.tokenizer.apply_chat_template(request.messages, tokenize=False,
-                                                          add_generation_prompt=True)
+            try:  # the template places the special tokens (BOS included): none are added on top
+                encoded = self.tokenizer.apply_chat_template(request.messages, tokenize=True, return_dict=True,
+                                                             add_generation_prompt=True)
             except Exception as exc:  # template errors are the caller's message shape
                 raise RequestError(f"cannot apply the chat template: {exc}", param="messages") from None
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            return list(encoded["input_ids"])
         if isinstance(request.prompt, list):
             vocab = self.model.config.vocab_size
             bad = [t for t in request.prompt if not 0 <= t < vocab]
@@ -272,7 +274,9 @@ class TransformersEngine:
                 raise RequestError(f"token ids must be in [0, {vocab}), got {bad[:5]}", param="prompt")
             return list(request.prompt)
         _check_text(request.prompt, "prompt")
-        return list(self.tokenizer(request.prompt or "", add_special_tokens=False)["input_ids"])
+        # Exactly what ``tokenizer(prompt)`` gives, so a tokenizer that adds BOS (Gemma, Llama) gets it, as in
+        # transformers' own generate.
+        return list(self.tokenizer(request.prompt or "")["input_ids"])
 
     def _check_sampling(self, params: Any) -> None:
         vocab = self.model.config.vocab_size
@@ -295,7 +299,7 @@ class TransformersEngine:
 
     def new_cache(self) -> Any:
         """An empty KV cache for a prefill (None: let the model build its own)."""
-        from llmstack.serve.engine.kv import new_cache
+        from llmstack.serve.engine.kv import has_sliding_window, new_cache
 
         return new_cache(self._config)
 
