@@ -206,6 +206,8 @@ class QuantizeConfig:
     quantize_lm_head: bool = False  # torchao methods: quantize lm_head too (unties tied embeddings)
     keep_float: list[str] | None = None  # torchao methods: layer-name patterns left in float, e.g. ["*.mlp.gate_proj"]
     int4_algorithm: Literal["hqq", "tinygemm"] = "hqq"  # int4-weight-only: how scales and zero points are chosen
+    # int8-weight-only matmul: in the model's dtype (torchao's path), or bf16 activations on aten's int8 kernel (faster)
+    weight_only_compute: Literal["model", "bfloat16"] = "model"
     eval_data: str | None = None  # held-out perplexity data; None: the source's training corpus, else builtin:stdlib
     eval_samples: int = 16  # held-out blocks for perplexity
     seq_len: int = 128  # tokens per calibration / evaluation block

@@ -24,6 +24,7 @@ METHODS = {  # method -> extra config, the quantized weight's torchao type
     "int4-weight-only": ({"block_size": 32}, "Int4OpaqueTensor"),
     "int4-weight-only (tinygemm)": ({"block_size": 64, "int4_algorithm": "tinygemm"}, "Int4OpaqueTensor"),
     "int8-weight-only (lm_head too)": ({"quantize_lm_head": True}, "Int8Tensor"),
+    "int8-weight-only (bf16 compute)": ({"weight_only_compute": "bfloat16", "quantize_lm_head": True}, "Int8Tensor"),
 }
 
 
