@@ -440,13 +440,13 @@ def findings(results: dict[str, Any]) -> list[str]:
 
 REAL_JSON = HERE / "results" / "quantize_real.json"
 REAL_PLOT = HERE / "results" / "quantize_real.png"
-REAL_MD = HERE / "results" / "quantize_real.md"
 # (label, method, config): every row goes through the public quantize() -> registry -> load_quantized()
 REAL_RUNS: list[tuple[str, str, dict[str, Any]]] = [
     ("int8-weight-only", "int8-weight-only", {}),
     ("int8-weight-only, bf16 compute", "int8-weight-only", {"weight_only_compute": "bfloat16"}),
     ("int8-weight-only, bf16 compute + lm_head", "int8-weight-only",
      {"weight_only_compute": "bfloat16", "quantize_lm_head": True}),
+    ("int8-weight-only, gate_proj float", "int8-weight-only", {"keep_float": ["*.mlp.gate_proj"]}),
     ("int8-dynamic (torchao)", "int8-dynamic", {}),
     ("int8 (LLM.int8)", "int8", {}),
     ("smoothquant (W8A8)", "smoothquant", {"search_alpha": True}),
@@ -622,8 +622,7 @@ def real_markdown(results: dict[str, Any]) -> str:
              f"Reproduce: `{results['command']}` ({results['seconds']:.0f} s; torch {env['torch']}, torchao "
              f"{env['torchao']}, bitsandbytes {env['bitsandbytes']}, {env['threads']} thread(s); CPU: "
              f"{env['cpu']['cpu']}, {'AVX-512' if env['cpu']['avx512'] else 'no AVX-512'}, "
-             f"{'AMX' if env['cpu']['amx'] else 'no AMX'}: {' '.join(env['cpu']['flags'])}). Raw: "
-             "`benchmarks/results/quantize_real.json`, plot `benchmarks/results/quantize_real.png`.", "",
+             f"{'AMX' if env['cpu']['amx'] else 'no AMX'}: {' '.join(env['cpu']['flags'])}).", "",
              f"Perplexity on {real['eval_blocks'][0]} held-out blocks of {real['eval_blocks'][1]} tokens "
              f"({real['eval_data']} eval split; calibration from its train split); every quantized row went "
              "through `quantize()` -> registry -> `load_quantized()`. Decode: batch 1, greedy, "
@@ -676,20 +675,20 @@ def real_findings(results: dict[str, Any]) -> list[str]:
     int8 = [(k, r) for k, r in rows.items() if k.startswith(("int8", "smoothquant", "w8a8"))]  # the old one is gone
     if int8:
         k, r = max(int8, key=lambda kr: kr[1]["decode_vs_fp32"])
-        out.append(f"- fastest int8 path at decode: {k}, {r['decode_vs_fp32']:.2f}x fp32 and {r['decode_vs_bf16']:.2f}x "
-                   f"bf16 (>= 1.5x fp32 and > bf16: {ok(r['decode_vs_fp32'] >= 1.5 and r['decode_vs_bf16'] > 1)}), "
+        out.append(f"- fastest int8 path at decode: {k}, {r['decode_vs_fp32']:.2f}x fp32 and "
+                   f"{r['decode_vs_bf16']:.2f}x bf16 (>= 1.5x fp32 and > bf16: {ok(r['decode_vs_fp32'] >= 1.5 and r['decode_vs_bf16'] > 1)}), "
                    f"perplexity {r['perplexity_ratio']:.4f}.")
     old, new = rows.get("dynamic-int8 (old torch.ao)"), get("int8-dynamic")
     if old is not None and new is not None:
         out.append(f"- dynamic int8, old (torch.ao, per-tensor activations) vs new (torchao, per-token): perplexity "
-                   f"{old['perplexity_ratio']:.4f} -> {new['perplexity_ratio']:.4f}, decode {old['decode_vs_fp32']:.2f}x "
-                   f"-> {new['decode_vs_fp32']:.2f}x fp32.")
+                   f"{old['perplexity_ratio']:.4f} -> {new['perplexity_ratio']:.4f}, decode "
+                   f"{old['decode_vs_fp32']:.2f}x -> {new['decode_vs_fp32']:.2f}x fp32.")
     iqr = rows["fp32"]["decode_step_ms_iqr"]
     out.append(f"- noise: fp32 decode steps {iqr[0]}-{iqr[1]} ms (interquartile) on this shared machine.")
     return out
 
 
-def real_plot(results: dict[str, Any]) -> None:
+def real_plot(results: dict[str, Any], path: Path = REAL_PLOT) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -708,7 +707,7 @@ def real_plot(results: dict[str, Any]) -> None:
     ax.set_ylabel("held-out perplexity / fp32 source (log)")
     ax.set_title(f"{Path(results['real']['model']).name}: accuracy vs decode speed; area ~ model bytes", fontsize=10)
     fig.tight_layout()
-    fig.savefig(REAL_PLOT, dpi=110)
+    fig.savefig(path, dpi=110)
 
 
 def main() -> int:
@@ -730,6 +729,8 @@ def main() -> int:
     parser.add_argument("--eval-data", default="builtin:stdlib", help="--model: held-out text (its eval split)")
     parser.add_argument("--block-size", type=int, default=256, help="--model: tokens per perplexity block")
     parser.add_argument("--only", nargs="*", default=None, help="--model: run only labels containing these")
+    parser.add_argument("--output", default=None,
+                        help="--model: results path without suffix (default benchmarks/results/quantize_real)")
     parser.add_argument("--report-only", action="store_true",
                         help="re-render the plot and RESULTS.md section from benchmarks/results/quantize.json")
     ARGS = args = parser.parse_args()
@@ -782,12 +783,13 @@ def main_real(args: argparse.Namespace, bnb_version: str, started: float) -> int
     results["real"] = real_model(args)
     results["seconds"] = time.perf_counter() - started
     results["real_findings"] = real_findings(results)
-    REAL_JSON.parent.mkdir(parents=True, exist_ok=True)
-    REAL_JSON.write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
-    real_plot(results)
-    REAL_MD.write_text(real_markdown(results), encoding="utf-8")
+    stem = Path(args.output) if args.output else REAL_JSON.with_suffix("")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
+    real_plot(results, stem.with_suffix(".png"))
+    stem.with_suffix(".md").write_text(real_markdown(results), encoding="utf-8")
     print(real_markdown(results))
-    log(f"done in {results['seconds']:.0f} s -> {REAL_JSON}")
+    log(f"done in {results['seconds']:.0f} s -> {stem.with_suffix('.json')}")
     return 0
 
 

@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = verb("quickstart", cmd_quickstart, "run the whole lifecycle on the built-in corpus")
     sub.add_argument("--workdir", default=None, help="where runs and plots go (default: ./runs/quickstart)")
     sub.add_argument("--method", default="int8-weight-only",
-                     help="quantization method of stage 4 (default int8-weight-only; smoothquant, int4-weight-only, ...)")
+                     help="quantization method of stage 4 (default int8-weight-only; smoothquant, nf4, ...)")
 
     sub = verb("registry", cmd_registry, "inspect and manage the artifact registry")
     actions = sub.add_subparsers(dest="registry_action", metavar="ACTION", required=True, parser_class=_Parser)

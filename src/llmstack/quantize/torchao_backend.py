@@ -270,7 +270,8 @@ def _int4_group(config: Any) -> int:
 def _describe(tensor: Any) -> dict[str, Any]:
     """What :func:`_rebuild_tensor` needs besides the inner tensors (plain JSON)."""
     info: dict[str, Any] = {"type": type(tensor).__name__, "shape": list(tensor.shape),
-                            "block_size": [int(b) for b in tensor.block_size], "dtype": str(tensor.dtype).split(".")[-1]}
+                            "block_size": [int(b) for b in tensor.block_size],
+                            "dtype": str(tensor.dtype).split(".")[-1]}
     if type(tensor).__name__ == "Int8Tensor":
         info["dynamic_activations"] = tensor.act_quant_kwargs is not None
     return info

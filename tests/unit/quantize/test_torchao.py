@@ -1,4 +1,4 @@
-"""The torchao backend: save/load round trips through models.load_artifact, old dynamic-int8 versions, dtypes, lineage."""
+"""The torchao backend: round trips through models.load_artifact, old dynamic-int8 versions, dtypes, lineage."""
 
 from __future__ import annotations
 
