@@ -446,7 +446,7 @@ REAL_RUNS: list[tuple[str, str, dict[str, Any]]] = [
     ("int8-weight-only, bf16 compute", "int8-weight-only", {"weight_only_compute": "bfloat16"}),
     ("int8-weight-only, bf16 compute + lm_head", "int8-weight-only",
      {"weight_only_compute": "bfloat16", "quantize_lm_head": True}),
-    ("int8-weight-only, gate_proj float", "int8-weight-only", {"keep_float": ["*.mlp.gate_proj"]}),
+    ("int8-weight-only, every layer (no float edge layers)", "int8-weight-only", {"float_edge_layers": 0}),
     ("int8-dynamic (torchao)", "int8-dynamic", {}),
     ("int8 (LLM.int8)", "int8", {}),
     ("smoothquant (W8A8)", "smoothquant", {"search_alpha": True}),

@@ -205,6 +205,7 @@ class QuantizeConfig:
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     quantize_lm_head: bool = False  # torchao methods: quantize lm_head too (unties tied embeddings)
     keep_float: list[str] | None = None  # torchao methods: layer-name patterns left in float, e.g. ["*.mlp.gate_proj"]
+    float_edge_layers: int = 1  # torchao int8 methods: first and last N decoder layers stay float (measured sensitive)
     int4_algorithm: Literal["hqq", "tinygemm"] = "hqq"  # int4-weight-only: how scales and zero points are chosen
     # int8-weight-only matmul: in the model's dtype (torchao's path), or bf16 activations on aten's int8 kernel (faster)
     weight_only_compute: Literal["model", "bfloat16"] = "model"
@@ -232,6 +233,7 @@ class QuantizeConfig:
         if not 0.0 <= self.alpha <= 1.0:
             problems.append(("alpha", f"must be in [0, 1], got {self.alpha}"))
         _at_least(problems, self, "calibration_samples", 1)
+        _at_least(problems, self, "float_edge_layers", 0)
         return problems
 
 

@@ -104,7 +104,8 @@ def test_bytes_count_the_int_data_not_the_nominal_float_shape(trained_tiny: tupl
     model = trained_tiny[0]
     source = model_bytes(model)
     int8, _ = BACKEND.quantize(copy.deepcopy(model), method="int8-weight-only", source_dir=Path("."),
-                               config=QuantizeConfig(dtype="float32"), calibration=None, progress=lambda _m: None)
+                               config=QuantizeConfig(dtype="float32", float_edge_layers=0), calibration=None,
+                               progress=lambda _m: None)
     int4, _ = BACKEND.quantize(copy.deepcopy(model), method="int4-weight-only", source_dir=Path("."),
                                config=QuantizeConfig(method="int4-weight-only", dtype="float32", block_size=32),
                                calibration=None, progress=lambda _m: None)
@@ -114,16 +115,24 @@ def test_bytes_count_the_int_data_not_the_nominal_float_shape(trained_tiny: tupl
     assert 0.12 < int4_share < 0.20  # half a byte per weight + bf16 scale and zero per 32 weights
 
 
-def test_keep_float_leaves_the_named_layers_in_float(trained_tiny: tuple[Any, Any]) -> None:
-    model = trained_tiny[0]
-    config = QuantizeConfig(dtype="float32", keep_float=["*.mlp.gate_proj", "model.layers.0.*"])
+def test_keep_float_and_edge_layers_stay_in_float(trained_tiny: tuple[Any, Any]) -> None:
+    model = trained_tiny[0]  # 4 decoder layers
+    config = QuantizeConfig(dtype="float32", keep_float=["*.mlp.gate_proj", "model.layers.1.self_attn.*"])
     quantized, details = BACKEND.quantize(copy.deepcopy(model), method="int8-weight-only", source_dir=Path("."),
                                           config=config, calibration=None, progress=lambda _m: None)
-    assert type(quantized.model.layers[1].mlp.gate_proj.weight) is torch.nn.Parameter
-    assert type(quantized.model.layers[0].mlp.up_proj.weight) is torch.nn.Parameter
-    assert type(quantized.model.layers[1].mlp.up_proj.weight).__name__ == "Int8Tensor"
-    assert "model.layers.1.mlp.gate_proj" in details["keep_float"]
-    assert "model.layers.1.mlp.gate_proj" not in details["layers"]
+    layers = quantized.model.layers
+    assert type(layers[2].mlp.gate_proj.weight) is torch.nn.Parameter  # by pattern
+    assert type(layers[1].self_attn.k_proj.weight) is torch.nn.Parameter
+    assert type(layers[0].mlp.up_proj.weight) is torch.nn.Parameter  # first and last layer: float_edge_layers=1
+    assert type(layers[3].self_attn.o_proj.weight) is torch.nn.Parameter
+    assert type(layers[1].mlp.up_proj.weight).__name__ == "Int8Tensor"
+    assert type(layers[2].self_attn.q_proj.weight).__name__ == "Int8Tensor"
+    assert {"model.layers.2.mlp.gate_proj", "model.layers.0.mlp.up_proj"} <= set(details["keep_float"])
+    assert not set(details["keep_float"]) & set(details["layers"])
+    int4, _ = BACKEND.quantize(copy.deepcopy(model), method="int4-weight-only", source_dir=Path("."),
+                               config=QuantizeConfig(method="int4-weight-only", dtype="float32", block_size=32),
+                               calibration=None, progress=lambda _m: None)
+    assert type(int4.model.layers[0].mlp.up_proj.weight).__name__ == "Int4OpaqueTensor"  # int8 methods only
 
 
 def test_old_dynamic_int8_versions_load_on_torchao(trained_tiny: tuple[Any, Any], tmp_path: Path) -> None:
@@ -179,5 +188,5 @@ def test_default_method_and_dtype_follow_the_source(trained_tiny: tuple[Any, Any
     loaded = load_artifact(str(result.ref), registry=registry)
     assert loaded.model.model.embed_tokens.weight.dtype == torch.bfloat16
     assert loaded.model.model.norm.weight.dtype == torch.bfloat16
-    assert loaded.model.model.layers[0].mlp.up_proj.weight.scale.dtype == torch.float32  # scales stay fp32
+    assert loaded.model.model.layers[1].mlp.up_proj.weight.scale.dtype == torch.float32  # scales stay fp32
     assert result.metrics["perplexity_ratio"] < 1.05
