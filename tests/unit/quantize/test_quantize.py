@@ -21,8 +21,8 @@ CASES = {
     "fp4": ({"double_quant": False}, 0.20),
     "smoothquant": ({"search_alpha": True, "alpha_grid": [0.4, 0.6]}, 0.30),
     "w8a8": ({}, 0.30),
-    "int8-weight-only": ({}, 0.30),
-    "int8-dynamic": ({}, 0.30),
+    "int8-weight-only": ({"float_edge_layers": 0}, 0.30),  # every layer (edge layers: test_torchao)
+    "int8-dynamic": ({"float_edge_layers": 0}, 0.30),
     "int4-weight-only": ({"block_size": 32}, 0.20),
 }
 
