@@ -329,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--base", default=None)
     sub = verb("quantize", cmd_quantize, "quantize a registered model and register the result", config=True)
     sub.add_argument("ref", help="model to quantize, e.g. tiny-lm@v2")
-    sub.add_argument("--method", default=None, help="int8 | nf4 | fp4 | smoothquant | w8a8 | dynamic-int8")
+    sub.add_argument("--method", default=None, help="int8-weight-only (default) | int8-dynamic | int4-weight-only | "
+                     "int8 | nf4 | fp4 | smoothquant | w8a8")
     sub.add_argument("--name", default=None, help="registry name of the result (default: <source>-<method>)")
     sub = verb("validate", cmd_validate, "compare a candidate with a baseline; exit 1 when the gate fails")
     sub.add_argument("candidate")
@@ -340,8 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     verb("deploy", cmd_deploy, "serve a model with an OpenAI-compatible API on Ray Serve", config=True)
     sub = verb("quickstart", cmd_quickstart, "run the whole lifecycle on the built-in corpus")
     sub.add_argument("--workdir", default=None, help="where runs and plots go (default: ./runs/quickstart)")
-    sub.add_argument("--method", default="dynamic-int8",
-                     help="quantization method of stage 4 (default dynamic-int8; smoothquant, int8, nf4, ...)")
+    sub.add_argument("--method", default="int8-weight-only",
+                     help="quantization method of stage 4 (default int8-weight-only; smoothquant, nf4, ...)")
 
     sub = verb("registry", cmd_registry, "inspect and manage the artifact registry")
     actions = sub.add_subparsers(dest="registry_action", metavar="ACTION", required=True, parser_class=_Parser)

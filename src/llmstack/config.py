@@ -32,7 +32,9 @@ C = TypeVar("C")
 Problems = list[tuple[str, str]]  # (field name or dotted sub-path, message)
 
 PRESET_NAMES = ("tiny", "small", "base")
-QUANTIZE_METHODS = ("int8", "nf4", "fp4", "smoothquant", "w8a8", "dynamic-int8")
+# dynamic-int8: the old torch.ao.quantization method, kept as an alias that runs as int8-dynamic (torchao)
+QUANTIZE_METHODS = ("int8", "nf4", "fp4", "smoothquant", "w8a8", "int8-weight-only", "int8-dynamic",
+                    "int4-weight-only", "dynamic-int8")
 FINETUNE_METHODS = ("lora", "qlora", "dora", "bitfit", "full")
 # vLLM AsyncEngineArgs that engine: vllm sets from ServeConfig keys (so vllm_engine_kwargs may not)
 VLLM_ARGS_SET_BY = {"model": "model", "tokenizer": "model", "dtype": "vllm_dtype",
@@ -216,9 +218,11 @@ class FinetuneConfig:
 
 @dataclass
 class QuantizeConfig:
-    method: str = "int8"  # int8 | nf4 | fp4 | smoothquant | w8a8 | dynamic-int8
+    # int8-weight-only | int8-dynamic | int4-weight-only (torchao) | int8 (LLM.int8) | nf4 | fp4 | smoothquant | w8a8;
+    # the default is the one measured most accurate at a speed gain on SmolLM2 (benchmarks/quantize_bench.py)
+    method: str = "int8-weight-only"
     threshold: float = 6.0  # LLM.int8 outlier threshold
-    block_size: int = 64  # 4-bit quantization block size
+    block_size: int = 64  # 4-bit quantization block size (int4-weight-only: group size, 32 | 64 | 128)
     double_quant: bool = True  # 4-bit: quantize the quantization constants too
     alpha: float = 0.5  # SmoothQuant migration strength
     search_alpha: bool = False  # SmoothQuant: pick alpha on the calibration set
@@ -228,7 +232,14 @@ class QuantizeConfig:
     kernel: Literal["int8", "fake-quant"] = "int8"  # smoothquant/w8a8 matmul: real torch._int_mm, or simulated in float
     smooth_outputs: bool = True  # SmoothQuant: also smooth v_proj->o_proj and up_proj->down_proj (exact for LLaMA)
     alpha_grid: list[float] | None = None  # SmoothQuant alphas tried by search_alpha (None: 0.3..0.8 step 0.1)
-    dtype: Literal["float32", "bfloat16"] = "float32"  # source load dtype; non-quantized parts and compute use it
+    # source load dtype; non-quantized parts and compute use it (None: the dtype the source is stored in)
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    quantize_lm_head: bool = False  # torchao methods: quantize lm_head too (unties tied embeddings)
+    keep_float: list[str] | None = None  # torchao methods: layer-name patterns left in float, e.g. ["*.mlp.gate_proj"]
+    float_edge_layers: int = 1  # torchao int8 methods: first and last N decoder layers stay float (measured sensitive)
+    int4_algorithm: Literal["hqq", "tinygemm"] = "hqq"  # int4-weight-only: how scales and zero points are chosen
+    # int8-weight-only matmul: in the model's dtype (torchao's path), or bf16 activations on aten's int8 kernel (faster)
+    weight_only_compute: Literal["model", "bfloat16"] = "model"
     eval_data: str | None = None  # held-out perplexity data; None: the source's training corpus, else builtin:stdlib
     eval_samples: int = 16  # held-out blocks for perplexity
     seq_len: int = 128  # tokens per calibration / evaluation block
@@ -248,9 +259,12 @@ class QuantizeConfig:
             problems.append(("threshold", f"must be > 0, got {self.threshold}"))
         if self.block_size not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
             problems.append(("block_size", f"must be a power of two in [32, 4096], got {self.block_size}"))
+        elif self.method == "int4-weight-only" and self.block_size not in (32, 64, 128):
+            problems.append(("block_size", f"int4-weight-only groups must be 32, 64 or 128, got {self.block_size}"))
         if not 0.0 <= self.alpha <= 1.0:
             problems.append(("alpha", f"must be in [0, 1], got {self.alpha}"))
         _at_least(problems, self, "calibration_samples", 1)
+        _at_least(problems, self, "float_edge_layers", 0)
         return problems
 
 

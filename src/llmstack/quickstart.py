@@ -37,7 +37,7 @@ class QuickstartContext:
     pretrain_steps: int = 300
     finetune_steps: int = 120
     port: int = 8000
-    method: str = "dynamic-int8"  # stage 4's quantization method
+    method: str = "int8-weight-only"  # stage 4's quantization method
     refs: dict[str, str] = field(default_factory=dict)
     results: list[StageResult] = field(default_factory=list)
 
@@ -167,7 +167,7 @@ STAGES: list[tuple[str, Callable[[QuickstartContext], str]]] = [
 
 
 def run_quickstart(*, registry: str | None = None, workdir: str | Path | None = None,
-                   method: str = "dynamic-int8") -> QuickstartContext:
+                   method: str = "int8-weight-only") -> QuickstartContext:
     """Run every stage in order, printing progress and a closing summary.
 
     Example:

@@ -1,15 +1,20 @@
-"""Post-training quantization: LLM.int8, NF4/FP4, SmoothQuant W8A8, naive W8A8 and dynamic int8.
+"""Post-training quantization: torchao int8/int4, LLM.int8, NF4/FP4, SmoothQuant W8A8 and naive W8A8.
 
 One module per backend behind a small dispatcher (first match wins, heavy imports lazy):
-``bnb`` (int8, nf4, fp4), ``smoothquant`` (smoothquant, w8a8), ``dynamic`` (dynamic-int8).
+``torchao_backend`` (int8-weight-only, int8-dynamic, int4-weight-only; ``dynamic-int8``, the old
+torch.ao method, is an alias of int8-dynamic), ``bnb`` (int8, nf4, fp4), ``smoothquant`` (smoothquant, w8a8).
 
 Every result is a registry version of kind ``quantized`` whose parent is the float source. Its
 directory holds safetensors only, plus ``quantization.json`` (the recipe) and the tokenizer:
 
 * ``int8`` / ``nf4`` / ``fp4`` are stored in transformers' bitsandbytes serialization (int8 weights +
   row scales; packed 4-bit + absmax / nested absmax + quant state) and reload bit-exactly;
-* ``smoothquant`` / ``w8a8`` / ``dynamic-int8`` store int8 weights + float32 per-channel scales
-  (smoothing already folded into the weights and norms) and are rebuilt module by module on load.
+* ``smoothquant`` / ``w8a8`` store int8 weights + float32 per-channel scales (smoothing already
+  folded into the weights and norms) and are rebuilt module by module on load;
+* the torchao methods store each torchao tensor's plain inner tensors (int data, scales, zero
+  points) and rebuild the tensors from them (no pickles, no re-quantization).
+
+Non-quantized parameters (embeddings, norms, ``lm_head``) stay in the source's stored dtype.
 
 ``quantize()`` also measures held-out perplexity, bytes in memory and prefill/decode tokens/s of
 the source and the result in the same run and records them, with ratios, in the manifest metrics.

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import json
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmstack.config import QuantizeConfig, load_config, to_dict
 from llmstack.errors import ConfigError, DataError, ResourceError
-from llmstack.quantize._base import Recipe, meta_skeleton
+from llmstack.quantize._base import LLMSTACK_FORMAT, Recipe, meta_skeleton
 from llmstack.quantize._dispatch import get_backend
 from llmstack.quantize._io import is_quantized_dir
 from llmstack.quantize._result import QuantizeResult
@@ -35,8 +36,9 @@ def quantize(ref: str | ArtifactRef, method: str | None = None, *,
 
     Args:
         ref: registry reference (``name@vN``, ``name@alias``, ``name``) or a local model directory.
-        method: ``int8`` | ``nf4`` | ``fp4`` | ``smoothquant`` | ``w8a8`` | ``dynamic-int8``;
-            overrides ``config.method``.
+        method: ``int8-weight-only`` | ``int8-dynamic`` | ``int4-weight-only`` (torchao) | ``int8``
+            (LLM.int8) | ``nf4`` | ``fp4`` | ``smoothquant`` | ``w8a8``; overrides ``config.method``.
+            ``dynamic-int8`` (the old torch.ao method) is an alias that runs as ``int8-dynamic``.
         config: a :class:`~llmstack.config.QuantizeConfig` or a dict of its fields.
         calibration: calibration data for methods that calibrate (``smoothquant``): a data source
             string, a list of texts, a ``Corpus`` or a LongTensor of token blocks ``[n, T]``.
@@ -71,6 +73,8 @@ def quantize(ref: str | ArtifactRef, method: str | None = None, *,
     artifact = describe_artifact(ref, registry=registry)  # resolved once: every step below uses this version
     source_dir, source_ref = artifact.directory, artifact.ref
     source = str(source_ref) if source_ref is not None else str(ref)
+    if cfg.dtype is None:  # non-quantized parts and compute stay in the dtype the source is stored in
+        cfg = dataclasses.replace(cfg, dtype=stored_dtype(source_dir))
     manifest = registry.manifest(source_ref) if source_ref is not None else None
 
     # ---- checks, all before any work
@@ -105,7 +109,7 @@ def quantize(ref: str | ArtifactRef, method: str | None = None, *,
             bar.set_postfix_str(message[:60])
 
         step(0)
-        model, _ = load_model(artifact, dtype="float32", with_tokenizer=False)
+        model, _ = load_model(artifact, dtype=cfg.dtype, with_tokenizer=False)
         from llmstack.quantize._int8 import decoder_linear_names
 
         layer_names = decoder_linear_names(model)
@@ -114,9 +118,7 @@ def quantize(ref: str | ArtifactRef, method: str | None = None, *,
         step(1)
         source_metrics: dict[str, float] = {}
         if cfg.evaluate:
-            baseline = model if cfg.dtype == "float32" else copy.deepcopy(model).to(_torch_dtype(cfg.dtype))
-            source_metrics = _evaluate(baseline, eval_blocks, cfg, vocab, layer_names)
-            del baseline
+            source_metrics = _evaluate(model, eval_blocks, cfg, vocab, layer_names)
         bar.update()
         step(2)
         quantized, details = backend.quantize(model, method=cfg.method, source_dir=source_dir, config=cfg,
@@ -137,20 +139,20 @@ def quantize(ref: str | ArtifactRef, method: str | None = None, *,
             metrics = with_ratios(_evaluate(quantized, eval_blocks, cfg, vocab, layer_names), source_metrics)
         bar.update()
         step(4)
-        recipe = Recipe(method=cfg.method, format=("bitsandbytes" if cfg.method in ("int8", "nf4", "fp4")
-                                                   else "llmstack-int8"),
-                        source=source, dtype=cfg.dtype, config=to_dict(cfg), details=details)
+        recipe = Recipe(method=cfg.method, format=getattr(backend, "format", LLMSTACK_FORMAT), source=source, dtype=cfg.dtype,
+                        config=to_dict(cfg), details=details)
         if cfg.evaluate:
             recipe.details["evaluation"] = {"eval_data": data.eval_source, "eval_blocks": list(eval_blocks.shape),
                                             "calibration_blocks": (list(calib_blocks.shape)
                                                                    if calib_blocks is not None else None)}
+        lineage = _lineage(artifact, source)
         with tmp:
             recipe.write(out)
             metrics["file_bytes"] = sum(p.stat().st_size for p in out.glob("*.safetensors"))
             new_ref = registry.register(
-                name, out, kind="quantized", parents=[source_ref] if source_ref is not None else [],
+                name, out, kind="quantized", parents=lineage.pop("parents"),
                 config=to_dict(cfg), metrics=_finite(metrics), data_fingerprint=calib_fp,
-                extra={"quantization": _jsonable(recipe.to_dict()), "source": source})
+                extra={"quantization": _jsonable(recipe.to_dict()), "source": source, **lineage})
         bar.update()
     return QuantizeResult(ref=new_ref, source=source, method=cfg.method, metrics=metrics,
                           recipe=recipe.to_dict(), config=to_dict(cfg))
@@ -171,7 +173,33 @@ def _resolve_config(config: QuantizeConfig | Mapping[str, Any] | None, method: s
     if method is not None:
         get_backend(method)  # unknown method: ConfigError listing the known ones
         data["method"] = method
-    return load_config(QuantizeConfig, data)
+    cfg = load_config(QuantizeConfig, data)
+    if cfg.method == "dynamic-int8":
+        warnings.warn("quantize method 'dynamic-int8' (torch.ao.quantization, deprecated by PyTorch) now runs as "
+                      "'int8-dynamic' on torchao; use 'int8-weight-only' (the default) for the most accurate int8",
+                      FutureWarning, stacklevel=3)
+    return cfg
+
+
+def stored_dtype(directory: Path) -> str:
+    """The dtype a model directory's config.json says its weights are stored in (float32 when unsaid)."""
+    try:
+        config = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "float32"
+    name = str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
+    return name if name in ("float32", "bfloat16", "float16") else "float32"
+
+
+def _lineage(artifact: Any, source: str) -> dict[str, Any]:
+    """The result's parents: the registry version quantized, or the outside source (a directory, a file) by
+    its path plus the sha256 of its files' contents, so a quantized outside model stays traceable."""
+    if artifact.ref is not None:
+        return {"parents": [artifact.ref]}
+    from llmstack.models.artifact import directory_identity
+
+    where = str(Path(artifact.directory).resolve())
+    return {"parents": [where], "source_identity": directory_identity(Path(artifact.directory), content=True)}
 
 
 def _max_positions(directory: Path) -> int | None:
@@ -288,8 +316,12 @@ def _cast_float_parameters(model: Any, dtype: str) -> None:
     float32 scales stay as they are (``model.to(dtype)`` would also round the scales)."""
     import torch
 
+    from llmstack.quantize.torchao_backend import is_torchao_tensor
+
     target = _torch_dtype(dtype)
     for param in model.parameters():
+        if is_torchao_tensor(param.data) or getattr(param, "_llmstack_compute_dtype", None):
+            continue
         if param.dtype in (torch.float32, torch.bfloat16, torch.float16) and param.dtype != target:
             param.data = param.data.to(target)
     model.config.dtype = dtype

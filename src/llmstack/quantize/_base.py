@@ -21,6 +21,7 @@ class Backend(Protocol):
 
     methods: tuple[str, ...]
     needs_calibration: tuple[str, ...]  # the methods of this backend that calibrate on data
+    format: str  # recorded in the recipe: bitsandbytes | torchao (default llmstack-int8)
 
     def hardware_problem(self, method: str, config: Any) -> str | None:
         """Why the method's kernel cannot run here (None: it can)."""
@@ -44,7 +45,7 @@ class Recipe:
     """The ``quantization.json`` of a quantized version: how to rebuild and what was done."""
 
     method: str
-    format: str  # bitsandbytes | llmstack-int8
+    format: str  # bitsandbytes | llmstack-int8 | torchao
     source: str | None  # registry ref or directory of the float source
     dtype: str  # dtype of the non-quantized parts and of the compute
     config: dict[str, Any] = field(default_factory=dict)  # QuantizeConfig as plain data

@@ -12,7 +12,7 @@ from llmstack.errors import ConfigError
 _CHAIN: tuple[tuple[tuple[str, ...], str], ...] = (
     (("int8", "nf4", "fp4"), "llmstack.quantize.bnb"),
     (("smoothquant", "w8a8"), "llmstack.quantize.smoothquant"),
-    (("dynamic-int8",), "llmstack.quantize.dynamic"),
+    (("int8-weight-only", "int8-dynamic", "int4-weight-only", "dynamic-int8"), "llmstack.quantize.torchao_backend"),
 )
 
 

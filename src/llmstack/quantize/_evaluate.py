@@ -39,13 +39,21 @@ def model_bytes(model: Any, layer_names: list[str] | None = None) -> dict[str, i
 
     ``quantized_layers`` sums the tensors of ``layer_names`` (default: the decoder linears), so a
     float source and its quantized version are compared over the same set of layers. bitsandbytes
-    4-bit layers add their quantization state (absmax, nested absmax, code) to their state_dict.
+    4-bit layers add their quantization state (absmax, nested absmax, code) to their state_dict;
+    torchao tensors count their inner tensors.
     """
+    from llmstack.quantize.torchao_backend import inner_tensors, is_torchao_tensor
+
     layer_names = decoder_linear_names(model) if layer_names is None else layer_names
     prefixes = tuple(f"{name}." for name in layer_names)
     seen: set[tuple[int, int]] = set()
     total = quantized = 0
     for key, tensor in model.state_dict().items():
+        if is_torchao_tensor(tensor):  # a wrapper: its bytes are its inner int tensors and scales
+            nbytes = sum(t.numel() * t.element_size() for t in inner_tensors(tensor).values())
+            total += nbytes
+            quantized += nbytes if key.startswith(prefixes) else 0
+            continue
         if not hasattr(tensor, "untyped_storage"):
             continue
         nbytes = tensor.numel() * tensor.element_size()

@@ -1,17 +1,15 @@
-"""Int8 building blocks: symmetric quantizers, the int8 matmul and the W8A8 / dynamic-int8 linears.
+"""Int8 building blocks: symmetric quantizers, the int8 matmul and the W8A8 linear.
 
 ``W8A8Linear`` is the SmoothQuant execution path: per-output-channel int8 weights, per-token
 dynamic int8 activations and a real ``int8 x int8 -> int32`` matmul (``torch._int_mm``), then
 one float rescale. Its ``fake-quant`` mode runs the same rounding in float (for accuracy studies
-only; it is never faster). ``DynamicInt8Linear`` wraps PyTorch's fbgemm/oneDNN dynamic
-quantized linear (per-tensor dynamic activations). Both keep plain int8/float tensors in their
-``state_dict`` so they round-trip through safetensors.
+only; it is never faster). It keeps plain int8/float tensors in its ``state_dict`` so it
+round-trips through safetensors. (The torchao methods live in :mod:`~llmstack.quantize.torchao_backend`.)
 """
 
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -114,65 +112,6 @@ class W8A8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
-
-
-@functools.lru_cache(maxsize=1)
-def _cpu_has_vnni() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags
-
-
-class DynamicInt8Linear(nn.Module):
-    """PyTorch's dynamic int8 linear (fbgemm/oneDNN): int8 per-channel weights, per-tensor dynamic activations.
-
-    Weights are stored as plain int8 + float scales; the packed kernel weight is built lazily on
-    the first forward and never enters the ``state_dict``.
-    """
-
-    def __init__(self, in_features: int, out_features: int, *, bias: bool = False) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
-        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-        self._packed: Any = None
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> DynamicInt8Linear:
-        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
-        q, scale = quantize_per_channel(linear.weight)
-        module.weight.copy_(q)
-        module.weight_scale.copy_(scale)
-        if linear.bias is not None:
-            module.bias = linear.bias.detach().float().clone()
-        return module
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._packed = None  # weights changed: repack on the next forward
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def _pack(self) -> Any:
-        import warnings
-
-        with warnings.catch_warnings():  # quantized tensor constructors are deprecated but still the kernel's input
-            warnings.simplefilter("ignore")
-            zero = torch.zeros(self.out_features, dtype=torch.long)
-            qweight = torch._make_per_channel_quantized_tensor(self.weight, self.weight_scale.double(), zero, 0)
-            bias = None if self.bias is None else self.bias.float()
-            return torch.ops.quantized.linear_prepack(qweight, bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is None:
-            self._packed = self._pack()
-        # reduce_range (7-bit activations) is only needed on x86 CPUs without VNNI.
-        y = torch.ops.quantized.linear_dynamic(x.float(), self._packed, not _cpu_has_vnni())
-        return y.to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
 def decoder_linear_names(model: nn.Module) -> list[str]:

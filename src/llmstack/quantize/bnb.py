@@ -59,6 +59,7 @@ def _import_bnb() -> Any:
 
 class BitsAndBytesBackend:
     methods = ("int8", "nf4", "fp4")
+    format = "bitsandbytes"
     needs_calibration: tuple[str, ...] = ()
 
     def hardware_problem(self, method: str, config: Any) -> str | None:
@@ -77,7 +78,7 @@ class BitsAndBytesBackend:
             capability = torch.backends.cpu.get_cpu_capability()
             if capability != "AVX512":
                 return (f"bitsandbytes runs LLM.int8 on CPU only with AVX-512 (this CPU: {capability}); "
-                        "elsewhere it would silently emulate int8 in fp32. Use method=dynamic-int8 or w8a8")
+                        "elsewhere it would silently emulate int8 in fp32. Use method=int8-weight-only or w8a8")
         return None
 
     def architecture_problems(self, skeleton: Any, method: str) -> list[str]:

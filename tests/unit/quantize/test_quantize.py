@@ -21,12 +21,15 @@ CASES = {
     "fp4": ({"double_quant": False}, 0.20),
     "smoothquant": ({"search_alpha": True, "alpha_grid": [0.4, 0.6]}, 0.30),
     "w8a8": ({}, 0.30),
-    "dynamic-int8": ({}, 0.30),
+    "int8-weight-only": ({"float_edge_layers": 0}, 0.30),  # every layer (edge layers: test_torchao)
+    "int8-dynamic": ({"float_edge_layers": 0}, 0.30),
+    "int4-weight-only": ({"block_size": 32}, 0.20),
 }
 
 
 def test_dispatcher_and_config_list_the_same_methods() -> None:
-    assert set(known_methods()) == set(QUANTIZE_METHODS) == set(CASES)
+    # dynamic-int8 (the old torch.ao method) stays a known name: an alias of int8-dynamic
+    assert set(known_methods()) == set(QUANTIZE_METHODS) == set(CASES) | {"dynamic-int8"}
 
 
 @pytest.mark.parametrize("method", list(CASES))
@@ -87,16 +90,16 @@ def test_bf16_compute(quant_registry: Any) -> None:
 def test_load_any_handles_plain_and_quantized(quant_registry: Any) -> None:
     plain, _ = load_any("tiny@v1", quant_registry)
     assert isinstance(plain.model.layers[0].self_attn.q_proj, torch.nn.Linear)
-    result = quantize("tiny", "dynamic-int8", config={"evaluate": False}, registry=quant_registry, name="tiny-dyn")
+    result = quantize("tiny", "int8-dynamic", config={"evaluate": False}, registry=quant_registry, name="tiny-dyn")
     quantized, _ = load_any(str(result.ref), quant_registry)
-    assert type(quantized.model.layers[0].self_attn.q_proj).__name__ == "DynamicInt8Linear"
+    assert type(quantized.model.layers[1].self_attn.q_proj.weight).__name__ == "Int8Tensor"  # 0: a float edge layer
     config = json.loads((quant_registry.fetch(result.ref) / "config.json").read_text())
-    assert config["quantization_config"]["quant_method"] == "llmstack-dynamic-int8"
+    assert config["quantization_config"]["quant_method"] == "llmstack-torchao"
     # the generic model loader routes quantized versions through their recipe too
     from llmstack.models import load_model
 
     via_models, _ = load_model(str(result.ref), registry=quant_registry)
-    assert type(via_models.model.layers[0].mlp.down_proj).__name__ == "DynamicInt8Linear"
+    assert type(via_models.model.layers[2].mlp.down_proj.weight).__name__ == "Int8Tensor"
 
 
 def test_w8a8_rows_do_not_depend_on_the_batch(quant_registry: Any) -> None:
