@@ -320,10 +320,6 @@ def run_training(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[str
     storage_path, storage_filesystem = storage.for_ray()
     env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # PyTorch's CPU allocator backs tensors >= 2 MiB with transparent huge pages (read once, at the
-    # worker's start): each step's fresh gradients and activations then cost a few page faults
-    # instead of one per 4 KiB, a double-digit share of a CPU step on a 100M+ model. Set it to 0 to opt out.
-    env.setdefault("THP_MEM_ALLOC_ENABLE", os.environ.get("THP_MEM_ALLOC_ENABLE", "1"))
     loop_config = {
         "spec": spec, "training": training, "strategy": scaling.strategy, "use_gpu": scaling.use_gpu,
         "train_data": [ray.put(train_data)], "eval_data": [ray.put(eval_data)] if eval_data is not None else None,
