@@ -79,6 +79,30 @@ class DataConfig:
 
 
 @dataclass
+class InstructionDataConfig(DataConfig):
+    """Fine-tuning data: DataConfig plus how rows become chats and which tokens are learned."""
+
+    # {canonical field: column} renames before the row format is recognized, e.g. {prompt: question, response: answer}
+    columns: dict[str, str] = field(default_factory=dict)
+    chat_template: str | None = None  # None: the tokenizer's own; chatml or llmstack, a Jinja file or Jinja text
+    train_on_inputs: bool = False  # learn every token (prompts too), not only the assistant's answers
+
+    def check(self) -> Problems:
+        from llmstack.data.formats import check_columns
+
+        problems = super().check()
+        problems += [("columns", problem) for problem in check_columns(self.columns)]
+        if self.chat_template is not None:
+            from llmstack.data.chat_templates import TEMPLATE_NAMES
+
+            value = self.chat_template
+            if not (value in TEMPLATE_NAMES or "{{" in value or "{%" in value or Path(value).expanduser().is_file()):
+                problems.append(("chat_template", f"{value!r} is neither a known template "
+                                                  f"({', '.join(TEMPLATE_NAMES)}) nor an existing Jinja file"))
+        return problems
+
+
+@dataclass
 class TrainingConfig:
     max_steps: int = 200  # optimizer steps
     micro_batch_size: int = 8  # blocks per worker per forward pass
@@ -173,7 +197,8 @@ class FinetuneConfig:
     base: str | None = None  # registry ref, local HF directory or hub id of the base model
     registry: str | None = None  # registry URL
     storage_path: str | None = None  # checkpoint storage
-    data: DataConfig = field(default_factory=lambda: DataConfig(source="builtin:stdlib-qa", block_size=128))
+    data: InstructionDataConfig = field(
+        default_factory=lambda: InstructionDataConfig(source="builtin:stdlib-qa", block_size=128))
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     training: TrainingConfig = field(
         default_factory=lambda: TrainingConfig(max_steps=100, learning_rate=1e-3, warmup_steps=10)
@@ -656,6 +681,7 @@ def serve_app_args(data: Any, *, source: str | None = None, import_path: str = S
 __all__ = [
     "AutoscalingConfig",
     "DataConfig",
+    "InstructionDataConfig",
     "FinetuneConfig",
     "LoRAConfig",
     "ModelConfig",

@@ -94,15 +94,22 @@ def prepare_training_data(config: Any, *, tokenizer: Any = None, progress: bool 
 
 
 def prepare_instruction_data(source: str, tokenizer: Any, *, max_length: int,
-                             storage_options: dict[str, Any] | None = None, max_rows: int | None = None
+                             storage_options: dict[str, Any] | None = None, max_rows: int | None = None,
+                             columns: dict[str, str] | None = None, chat_template: str | None = None,
+                             train_on_inputs: bool = False
                              ) -> tuple[list[dict[str, list[int]]], list[dict[str, list[int]]]]:
     """``(train_examples, eval_examples)`` tokenized with prompt masking, from the same source.
 
-    The eval examples are the deterministic held-out split of :func:`load_instructions`.
+    The eval examples are the deterministic held-out split of :func:`load_instructions`;
+    ``columns``, ``chat_template`` (Jinja text) and ``train_on_inputs`` are as in
+    :func:`~llmstack.data.tokenize_instructions` and :func:`load_instructions`.
     """
     from llmstack.data.instructions import load_instructions, tokenize_instructions
 
-    train_rows = load_instructions(source, split="train", storage_options=storage_options, max_rows=max_rows)
-    eval_rows = load_instructions(source, split="eval", storage_options=storage_options, max_rows=max_rows)
-    return (tokenize_instructions(train_rows, tokenizer, max_length=max_length),
-            tokenize_instructions(eval_rows, tokenizer, max_length=max_length))
+    def examples(split: str) -> list[dict[str, list[int]]]:
+        rows = load_instructions(source, split=split, storage_options=storage_options, max_rows=max_rows,
+                                 columns=columns)
+        return tokenize_instructions(rows, tokenizer, max_length=max_length, chat_template=chat_template,
+                                     train_on_inputs=train_on_inputs)
+
+    return examples("train"), examples("eval")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from llmstack.config import DataConfig, FinetuneConfig, ScalingConfig, TrainingConfig, _at_least
+from llmstack.config import FinetuneConfig, InstructionDataConfig, ScalingConfig, TrainingConfig, _at_least
 
 Problems = list[tuple[str, str]]
 
@@ -25,7 +25,8 @@ class DistillConfig:
     storage_path: str | None = None  # checkpoint storage
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options of storage_path
     packing: bool = False  # pack several instruction examples per row
-    data: DataConfig = field(default_factory=lambda: DataConfig(source="builtin:stdlib-qa", block_size=128))
+    data: InstructionDataConfig = field(
+        default_factory=lambda: InstructionDataConfig(source="builtin:stdlib-qa", block_size=128))
     training: TrainingConfig = field(
         default_factory=lambda: TrainingConfig(max_steps=100, learning_rate=2e-3, warmup_steps=10))
     scaling: ScalingConfig = field(default_factory=ScalingConfig)

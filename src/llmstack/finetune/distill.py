@@ -196,7 +196,9 @@ def distill(teacher: str | None = None, student: str | None = None, data: str | 
     check_positions(student_config, cfg.data.block_size, f"student {cfg.student}")
 
     tensors = instruction_tensors(cfg.data.source, tokenizer, max_length=cfg.data.block_size, packing=cfg.packing,
-                                  max_rows=cfg.data.max_documents, storage_options=cfg.data.storage_options or None)
+                                  max_rows=cfg.data.max_documents, storage_options=cfg.data.storage_options or None,
+                                  columns=cfg.data.columns or None, chat_template=cfg.data.chat_template,
+                                  train_on_inputs=cfg.data.train_on_inputs)
     factory = functools.partial(build_student, student_spec)
     loss_fn = DistillLoss(registry=reg, teacher=str(teacher_ref), temperature=cfg.temperature, alpha=cfg.alpha)
     start = factory()

@@ -218,7 +218,9 @@ def finetune_lora(base: str | None = None, data: str | None = None,
     del base_model
 
     tensors = instruction_tensors(cfg.data.source, tokenizer, max_length=cfg.data.block_size, packing=cfg.packing,
-                                  max_rows=cfg.data.max_documents, storage_options=cfg.data.storage_options or None)
+                                  max_rows=cfg.data.max_documents, storage_options=cfg.data.storage_options or None,
+                                  columns=cfg.data.columns or None, chat_template=cfg.data.chat_template,
+                                  train_on_inputs=cfg.data.train_on_inputs)
     factory = ModelFactory(registry=reg, base=str(base_ref), method=method, lora=cfg.lora, target_modules=targets,
                            seed=cfg.training.seed, use_gpu=cfg.scaling.use_gpu)
     from llmstack.train.driver import check_batch

@@ -128,7 +128,9 @@ def sweep(base: str | None = None, data: str | None = None,
     base_config = base_model.config
     del base_model
     tensors = instruction_tensors(ft.data.source, tokenizer, max_length=ft.data.block_size, packing=ft.packing,
-                                  max_rows=ft.data.max_documents, storage_options=ft.data.storage_options or None)
+                                  max_rows=ft.data.max_documents, storage_options=ft.data.storage_options or None,
+                                  columns=ft.data.columns or None, chat_template=ft.data.chat_template,
+                                  train_on_inputs=ft.data.train_on_inputs)
     check_training(ft.training, ft.scaling)
     check_batch(ft.training, ft.scaling, num_blocks=len(tensors.train["input_ids"]))
     ensure_ray(ft.scaling)

@@ -66,7 +66,8 @@ def test_memory_url_and_parquet(tmp_path: Path) -> None:
 @pytest.mark.parametrize("row,message", [
     ({"prompt": "Only a question"}, r"bad.jsonl:2: line 2: row has no 'response'"),
     ({"prompt": "q", "response": "   "}, r"bad.jsonl:2: line 2: row has an empty 'response'"),
-    ({"text": "x"}, r"bad.jsonl:2: line 2: row has neither 'prompt'/'response' nor 'messages' \(fields: text\)"),
+    ({"question": "x", "answer": "y"}, r"bad.jsonl:2: line 2: no instruction format matches this row \(fields: "
+                                       r"answer, question\).*data.columns: \{prompt: <question column>"),
     ({"messages": [{"role": "user", "content": "q"}]}, r"bad.jsonl:2: line 2: .*no assistant response"),
     ({"messages": [{"role": "bot", "content": "q"}]}, r"bad.jsonl:2: line 2: message 0 has role 'bot'; allowed: "
                                                       r"system, user, assistant"),
@@ -129,8 +130,8 @@ def test_generic_template_path_agrees(tokenizer) -> None:
     rows = [CHAT]
     (example,) = tokenize_instructions(rows, other, max_length=256)
     assert tokenizer.decode([t for t in example["labels"] if t != IGNORE_INDEX]) == "json<|eos|>csv<|eos|>"
-    other.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    with pytest.raises(DataError, match="does not mark assistant turns"):
+    other.chat_template = None
+    with pytest.raises(DataError, match="no chat template.*set data.chat_template"):
         tokenize_instructions(rows, other, max_length=256)
 
 

@@ -45,6 +45,35 @@ def test_rows_without_a_response_name_file_and_line(base, tmp_path) -> None:
         instruction_tensors(str(path), base["tokenizer"], max_length=64)
 
 
+def test_columns_template_override_and_train_on_inputs(base, tmp_path) -> None:
+    import copy
+
+    tokenizer = copy.deepcopy(base["tokenizer"])  # instruction_tensors sets the override on the tokenizer it gets
+    rows = [{"question": f"What is {i}+{i}?", "answer": str(2 * i)} for i in range(40)]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    template = tmp_path / "phi.jinja"  # a Phi-3 layout in the tokens this tokenizer already has
+    template.write_text("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    columns = {"prompt": "question", "response": "answer"}
+    data = instruction_tensors(str(path), tokenizer, max_length=32, columns=columns, chat_template=str(template))
+    assert tokenizer.chat_template == template.read_text()  # a model saved with it chats as it was tuned
+    first = data.train["input_ids"][0][data.train["attention_mask"][0] == 1].tolist()
+    assert tokenizer.decode(first) == "<|user|>\nWhat is 0+0?<|end|>\n<|assistant|>\n0<|end|>\n"
+    learned = data.train["labels"][0][data.train["labels"][0] != -100].tolist()
+    assert tokenizer.decode(learned) == "0<|end|>"
+    everything = instruction_tensors(str(path), tokenizer, max_length=32, columns=columns, train_on_inputs=True)
+    mask = everything.train["attention_mask"] == 1
+    assert torch.equal(everything.train["labels"][mask], everything.train["input_ids"][mask])
+    with pytest.raises(DataError, match=r"qa.jsonl:1: line 1: no instruction format matches this row "
+                                        r"\(fields: answer, question\)"):
+        instruction_tensors(str(path), tokenizer, max_length=32)
+    tokenizer.chat_template = "{{ raise_exception('no chats today') }}"
+    with pytest.raises(DataError, match=r"qa.jsonl \(train split\): row 0 \('What is 0\+0\?'\): the chat template "
+                                        r"refused the conversation \(roles user, assistant\): no chats today"):
+        instruction_tensors(str(path), tokenizer, max_length=32, columns=columns)
+
+
 def test_distillation_loss(base) -> None:
     from llmstack.models import build_model, load_model
 
