@@ -478,7 +478,7 @@ def bench_vs_trainer(args: argparse.Namespace) -> dict[str, Any]:
             "learning_rate": args.vs_lr, "cases": cases}
 
 
-def plot_vs_trainer(results: dict[str, Any]) -> None:
+def plot_vs_trainer(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -504,7 +504,7 @@ def plot_vs_trainer(results: dict[str, Any]) -> None:
     axis.set_title(f"training tokens/s, {results['threads']} thread(s), {results['cpu']}", fontsize=9)
     axis.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
-    figure.savefig(RESULTS / "train_vs_trainer.png")
+    figure.savefig(path)
 
 
 def vs_trainer_markdown(results: dict[str, Any]) -> str:
@@ -647,6 +647,7 @@ def main(argv: list[str] | None = None) -> int:
     vs.add_argument("--model-micro", type=int, default=2)
     vs.add_argument("--model-steps", type=int, default=6)
     vs.add_argument("--vs-lr", type=float, default=1e-4)
+    vs.add_argument("--vs-name", default="train_vs_trainer", help="results/<name>.json and .png")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
@@ -660,8 +661,8 @@ def main(argv: list[str] | None = None) -> int:
         results.update(command="python benchmarks/train_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                        wall_s=time.perf_counter() - started, torch=torch.__version__,
                        transformers=transformers.__version__, cpus=os.cpu_count(), load_avg_at_end=os.getloadavg())
-        (RESULTS / "train_vs_trainer.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-        plot_vs_trainer(results)
+        (RESULTS / f"{args.vs_name}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        plot_vs_trainer(results, RESULTS / f"{args.vs_name}.png")
         print(vs_trainer_markdown(results))
         return 0
     import ray
