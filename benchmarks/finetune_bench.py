@@ -640,7 +640,7 @@ def markdown_real(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_real(results: dict[str, Any]) -> None:
+def plot_real(results: dict[str, Any], path: Path = REAL_PLOT) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -666,8 +666,8 @@ def plot_real(results: dict[str, Any]) -> None:
         ax.set_title("LoRA: llmstack / Trainer + peft", fontsize=9)
     figure.suptitle(f"{results['setup']['model']}, builtin:stdlib-qa", fontsize=9)
     figure.tight_layout()
-    REAL_PLOT.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(REAL_PLOT)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
 
 
 # ----------------------------------------------------------------------------- output
@@ -798,14 +798,16 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--pair-rounds", type=int, default=1,
                         help="--model: Trainer + peft runs (llmstack LoRA reruns between them, interleaved)")
+    parser.add_argument("--results-name", default="finetune_real", help="--model: results/<name>.json and .png")
     args = parser.parse_args()
     if args.model:
         results = measure_real(args)
-        REAL_RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
-        REAL_RESULTS_JSON.write_text(json.dumps(results, indent=1))
-        plot_real(results)
+        path = REAL_RESULTS_JSON.with_name(f"{args.results_name}.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1))
+        plot_real(results, path.with_suffix(".png"))
         print(markdown_real(results))
-        log(f"wrote {REAL_RESULTS_JSON} and {REAL_PLOT}")
+        log(f"wrote {path} and {path.with_suffix('.png')}")
         return 0
     if args.render_only:
         results = json.loads(RESULTS_JSON.read_text())

@@ -502,7 +502,7 @@ def plot_vs_trainer(results: dict[str, Any], path: Path) -> None:
     axis.set_ylabel("tokens/s")
     axis.set_ylim(0, 1.3 * max(max(c["llmstack_tokens_per_s"], c["trainer_tokens_per_s"]) for c in cases.values()))
     axis.set_title(f"training tokens/s, {results['threads']} thread(s), {results['cpu']}", fontsize=9)
-    axis.legend(fontsize=8, loc="lower right")
+    axis.legend(fontsize=8, loc="upper right")
     figure.tight_layout()
     figure.savefig(path)
 
