@@ -143,25 +143,28 @@ def run_method(job: dict[str, Any]) -> dict[str, Any]:
                               warmup_steps=1, eval_every=job["steps"], eval_batches=job["eval_batches"],
                               checkpoint_every=0, weight_decay=0.0, min_lr_ratio=1.0)
 
+    rates, grid = job.get("learning_rates", LEARNING_RATES), job.get("lr_grid", LR_GRID)
     spec = LoopSpec(model_factory=_returning(model))
-    before = evaluate(model, spec, data["eval"], config(LEARNING_RATES[method]), device=torch.device("cpu"))
+    before = evaluate(model, spec, data["eval"], config(rates[method]), device=torch.device("cpu"))
     trim()
     session = LocalSession(None)
     with PeakRSS() as train_peak:
-        run_worker_loop(spec, data["train"], data["eval"], config(LEARNING_RATES[method]), session=session)
+        run_worker_loop(spec, data["train"], data["eval"], config(rates[method]), session=session)
     records = session.records
     step_times = [r["step_time_s"] for r in records[1:]] or [records[0]["step_time_s"]]
+    step_cpu = [r["step_cpu_s"] for r in records[1:]] or [records[0]["step_cpu_s"]]
     tokens_per_step = job["micro"] * data["train"]["input_ids"].shape[1]
-    sweep = {LEARNING_RATES[method]: session.reports[-1]["eval_loss"]}
+    sweep = {rates[method]: session.reports[-1]["eval_loss"]}
+    speed_losses = [r["loss"] for r in records]  # the run at the default rate (the one timed)
     best_model = model
     memory = {"peak_rss_train_bytes": train_peak.peak - baseline, "peak_rss_load_bytes": load_peak.peak - baseline,
               "tensor_bytes": tensor_bytes(model)}
     # Quality at the method's best learning rate: the same steps from the same base at each other rate
     # of the grid (memory and speed come from the run above; they do not depend on the rate).
-    for factor in LR_GRID:
+    for factor in grid:
         if factor == 1.0:
             continue
-        rate = LEARNING_RATES[method] * factor
+        rate = rates[method] * factor
         del spec
         model = factory()
         spec = LoopSpec(model_factory=_returning(model))
@@ -177,6 +180,8 @@ def run_method(job: dict[str, Any]) -> dict[str, Any]:
     result = {"method": method, "trainable_params": trainable, "total_params": total,
               "trainable_fraction": trainable / total, **memory,
               "step_time_s": statistics.median(step_times), "tokens_per_s": tokens_per_step / statistics.median(step_times),
+              "step_cpu_s": statistics.median(step_cpu), "tokens_per_cpu_s": tokens_per_step / statistics.median(step_cpu),
+              "default_rate_train_loss": speed_losses,
               "eval_loss_before": before, "eval_loss_after": after, "improvement": before - after,
               "train_loss": [r["loss"] for r in records], "learning_rate": best_rate,
               "lr_sweep": {f"{k:g}": v for k, v in sorted(sweep.items())}}
@@ -418,6 +423,253 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# ----------------------------------------------------------------------------- a real model (--model DIR)
+
+# Rates for a pretrained model (a few steps, micro-batch 4): full fine-tuning moves every weight, so it
+# takes the smallest; adapters start at zero and norm scales are few, so they take larger ones.
+REAL_LEARNING_RATES = {"full": 5e-5, "lora": 1e-3, "qlora": 1e-3, "dora": 1e-3, "bitfit": 5e-3}
+REAL_RESULTS_JSON = HERE / "results" / "finetune_real.json"
+REAL_PLOT = HERE / "results" / "finetune_real.png"
+
+
+def run_trainer_lora(job: dict[str, Any]) -> dict[str, Any]:
+    """The same LoRA run with ``transformers.Trainer`` + peft, as Axolotl/TRL users run it.
+
+    Same base files, adapter (rank, alpha, targets, seeded init), rows in the same order, micro-batch,
+    steps, constant LR, AdamW betas, clipping and threads as the ``lora`` method's run; memory measured
+    the same way (peak VmRSS above a baseline taken after a warm-up Trainer run on the tiny model).
+    """
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    from llmstack.finetune.methods import resolve_target_modules
+    from llmstack.train.sharding import BlockSampler
+
+    data = load_data(job["data"])
+    train = data["train"]
+    sampler = BlockSampler(len(train["input_ids"]), world_size=1, rank=0, per_step=job["micro"], seed=0)
+    order = torch.cat([sampler.step_indices(step) for step in range(job["steps"])])
+    rows = {k: v[order] for k, v in train.items()}
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(rows["input_ids"])
+
+        def __getitem__(self, i: int) -> dict[str, Any]:
+            return {k: v[i] for k, v in rows.items()}
+
+    class InOrder(Trainer):  # rows already in llmstack's order
+        def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    marks: list[tuple[str, float, float]] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            marks.append(("begin", time.perf_counter(), time.process_time()))
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            marks.append(("end", time.perf_counter(), time.process_time()))
+
+    def lora_model(directory: str) -> Any:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+        config = LoraConfig(r=job["rank"], lora_alpha=2.0 * job["rank"], lora_dropout=0.0, bias="none",
+                            target_modules=resolve_target_modules(model, None), task_type="CAUSAL_LM")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return get_peft_model(model, config)
+
+    def trainer(model: Any, steps: int, out: str) -> Any:
+        args = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=job["micro"], max_steps=steps,
+            learning_rate=job["learning_rates"]["lora"], lr_scheduler_type="constant", warmup_steps=0,
+            weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0, use_cpu=True,
+            save_strategy="no", report_to=[], logging_steps=1, dataloader_num_workers=0, dataloader_pin_memory=False,
+            disable_tqdm=True, seed=0)
+        return InOrder(model=model, args=args, train_dataset=Rows(), callbacks=[Clock()])
+
+    with tempfile.TemporaryDirectory(prefix="trainer-lora-") as out:
+        trainer(lora_model(job["warmup_dir"]), 1, out).train()  # lazy imports and one-off init, off the books
+        marks.clear()
+        trim()
+        baseline = rss_bytes()
+        with PeakRSS() as load_peak:
+            model = lora_model(job["base_dir"])
+        run = trainer(model, job["steps"], out)
+        trim()
+        with PeakRSS() as train_peak:
+            run.train()
+    begins = [m for m in marks if m[0] == "begin"]
+    ends = [m for m in marks if m[0] == "end"]
+    wall = [e[1] - b[1] for b, e in zip(begins, ends)][1:]
+    cpu = [e[2] - b[2] for b, e in zip(begins, ends)][1:]
+    tokens = job["micro"] * train["input_ids"].shape[1]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"peak_rss_train_bytes": train_peak.peak - baseline, "peak_rss_load_bytes": load_peak.peak - baseline,
+            "step_time_s": statistics.median(wall), "tokens_per_s": tokens / statistics.median(wall),
+            "step_cpu_s": statistics.median(cpu), "tokens_per_cpu_s": tokens / statistics.median(cpu),
+            "trainable_params": trainable,
+            "train_loss": [h["loss"] for h in run.state.log_history if "loss" in h and "train_loss" not in h],
+            "optimizer_fused": bool(getattr(run.optimizer, "defaults", {}).get("fused"))}
+
+
+def measure_real(args: argparse.Namespace) -> dict[str, Any]:
+    """Every method on a pretrained model directory, plus the LoRA run side by side with Trainer + peft."""
+    import shutil
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from llmstack.finetune.data import instruction_tensors
+    from llmstack.models import load_tokenizer, preset_config, register_model
+    from llmstack.registry import Registry
+
+    started = time.perf_counter()
+    base_dir = str(Path(args.model).expanduser().resolve())
+    root = Path(tempfile.mkdtemp(prefix="llmstack-ftbench-real-"))
+    try:
+        tokenizer = load_tokenizer(base_dir)
+        tensors = instruction_tensors(QA, tokenizer, max_length=args.block, max_rows=args.rows)
+        if tensors.eval is None:
+            raise RuntimeError(f"{QA} gave no held-out rows")
+        data_path = root / "data.safetensors"
+        save_data(tensors, data_path)
+        registry = Registry(str(root / "registry"))
+        special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+        torch.manual_seed(0)
+        warmup = LlamaForCausalLM(preset_config("tiny", vocab_size=len(tokenizer), max_seq_len=max(args.block, 128),
+                                                **special))
+        register_model(registry, "bench-warmup", warmup, tokenizer, kind="model")
+        warmup_dir = root / "warmup"
+        warmup.save_pretrained(str(warmup_dir))
+        common = {"registry": str(root / "registry"), "base": base_dir, "data": str(data_path),
+                  "threads": args.threads, "steps": args.steps, "micro": args.micro, "rank": args.rank,
+                  "eval_batches": args.eval_batches, "learning_rates": REAL_LEARNING_RATES, "lr_grid": [1.0]}
+        methods: dict[str, Any] = {}
+        pair: dict[str, list[dict[str, Any]]] = {"llmstack": [], "trainer": []}
+        for method in args.methods:
+            log(f"{method}: {args.steps} steps on {Path(base_dir).name}")
+            methods[method] = in_subprocess(run_method, {**common, "method": method})
+            m = methods[method]
+            log(f"  trainable {m['trainable_fraction']:.4%}, peak {m['peak_rss_train_bytes'] / 2**20:.0f} MiB, "
+                f"{m['tokens_per_s']:.0f} tok/s, eval {m['eval_loss_before']:.3f} -> {m['eval_loss_after']:.3f}")
+            if method == "lora":
+                pair["llmstack"].append(m)
+                for round_index in range(args.pair_rounds):
+                    job = {**common, "base_dir": base_dir, "warmup_dir": str(warmup_dir)}
+                    log(f"Trainer + peft LoRA (round {round_index})")
+                    pair["trainer"].append(in_subprocess(run_trainer_lora, job))
+                    t = pair["trainer"][-1]
+                    log(f"  peak {t['peak_rss_train_bytes'] / 2**20:.0f} MiB, {t['tokens_per_s']:.0f} tok/s")
+                    if round_index + 1 < args.pair_rounds:
+                        log("llmstack LoRA again (interleaved)")
+                        pair["llmstack"].append(in_subprocess(run_method, {**common, "method": "lora"}))
+        full = methods.get("full")
+        for m in methods.values():
+            if full is not None:
+                m["memory_vs_full"] = m["peak_rss_train_bytes"] / full["peak_rss_train_bytes"]
+                m["tensor_bytes_vs_full"] = m["tensor_bytes"]["total"] / full["tensor_bytes"]["total"]
+                m["quality_vs_full"] = m["improvement"] / full["improvement"] if full["improvement"] > 0 else None
+        side_by_side = None
+        if pair["trainer"]:
+            def med(side: str, key: str) -> float:
+                return statistics.median(r[key] for r in pair[side])
+
+            ours, theirs = pair["llmstack"][0]["default_rate_train_loss"], pair["trainer"][0]["train_loss"]
+            side_by_side = {
+                "llmstack": pair["llmstack"], "trainer": pair["trainer"],
+                "tokens_per_s_ratio": med("llmstack", "tokens_per_s") / med("trainer", "tokens_per_s"),
+                "tokens_per_cpu_s_ratio": med("llmstack", "tokens_per_cpu_s") / med("trainer", "tokens_per_cpu_s"),
+                "peak_memory_ratio": med("llmstack", "peak_rss_train_bytes") / med("trainer", "peak_rss_train_bytes"),
+                "train_loss_max_abs_diff": max(abs(a - b) for a, b in zip(ours, theirs)),
+            }
+        import peft
+        import transformers
+
+        return {
+            "command": "python benchmarks/finetune_bench.py " + " ".join(sys.argv[1:]),
+            "seconds": time.perf_counter() - started,
+            "machine": {"cpus": os.cpu_count(), "processor": cpu_name(), "torch": torch.__version__,
+                        "transformers": transformers.__version__, "peft": peft.__version__, "threads": args.threads},
+            "setup": {"model": Path(base_dir).name, "block": args.block, "micro_batch": args.micro, "steps": args.steps,
+                      "rank": args.rank, "alpha": 2 * args.rank, "train_rows": tensors.num_train_rows,
+                      "eval_rows": tensors.num_eval_rows, "eval_rows_used": args.eval_batches * args.micro,
+                      "learning_rates": REAL_LEARNING_RATES},
+            "methods": methods, "side_by_side": side_by_side,
+        }
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def markdown_real(results: dict[str, Any]) -> str:
+    s, m, machine = results["setup"], results["methods"], results["machine"]
+    lines = [
+        f"Reproduce: `{results['command'].strip()}` ({results['seconds']:.0f} s; {machine['cpus']} CPU cores, "
+        f"{machine['threads']} thread(s), CPU {machine['processor']}; torch {machine['torch']}, transformers "
+        f"{machine['transformers']}, peft {machine['peft']}).", "",
+        f"{s['model']} on `builtin:stdlib-qa` in its own chat template (loss on answer tokens), {s['train_rows']} "
+        f"train rows of {s['block']} tokens, micro-batch {s['micro_batch']}, {s['steps']} steps, constant LR "
+        f"({', '.join(f'{k} {v:g}' for k, v in s['learning_rates'].items())}); held-out answer loss on "
+        f"{s['eval_rows_used']} rows of the eval split; LoRA-family rank {s['rank']}, alpha {s['alpha']}.", "",
+        "| method | trainable share | peak train RSS MiB | memory / full | tokens/s | held-out loss before -> after "
+        "| improvement / full |", "|---|---:|---:|---:|---:|---|---:|"]
+    for name, r in m.items():
+        quality = r.get("quality_vs_full")
+        lines.append(f"| {name} | {r['trainable_fraction']:.3%} | {r['peak_rss_train_bytes'] / 2**20:.0f} | "
+                     f"{r.get('memory_vs_full', float('nan')):.2f} | {r['tokens_per_s']:.0f} | "
+                     f"{r['eval_loss_before']:.3f} -> {r['eval_loss_after']:.3f} | "
+                     f"{'n/a' if quality is None else f'{quality:.2f}'} |")
+    pair = results.get("side_by_side")
+    if pair:
+        def row(name: str, runs: list[dict[str, Any]]) -> str:
+            tps = statistics.median(r["tokens_per_s"] for r in runs)
+            cps = statistics.median(r["tokens_per_cpu_s"] for r in runs)
+            peak = statistics.median(r["peak_rss_train_bytes"] for r in runs)
+            return f"| {name} | {len(runs)} | {tps:.0f} | {cps:.0f} | {peak / 2**20:.0f} |"
+
+        lines += ["", "| LoRA run | runs | tokens/s (wall) | tokens/s (CPU time) | peak train RSS MiB |",
+                  "|---|---:|---:|---:|---:|", row("llmstack (shared loop)", pair["llmstack"]),
+                  row("transformers Trainer + peft", pair["trainer"]), "",
+                  f"llmstack / Trainer: tokens/s **{pair['tokens_per_s_ratio']:.2f}x** (CPU time "
+                  f"{pair['tokens_per_cpu_s_ratio']:.2f}x), peak memory **{pair['peak_memory_ratio']:.2f}x**; "
+                  f"train-loss curves differ by at most {pair['train_loss_max_abs_diff']:.2g}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_real(results: dict[str, Any], path: Path = REAL_PLOT) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    methods = list(results["methods"])
+    figure = Figure(figsize=(11, 3.6), dpi=110)
+    axes = figure.subplots(1, 3)
+    panels = (("memory_vs_full", "peak training memory / full FT"),
+              ("quality_vs_full", "held-out answer-loss improvement / full FT"))
+    for ax, (key, title) in zip(axes[:2], panels, strict=True):
+        ax.bar(methods, [results["methods"][m].get(key) or 0.0 for m in methods],
+               color=["#777" if m == "full" else "#3a7" for m in methods])
+        ax.axhline(1.0, color="k", linewidth=0.8)
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
+    pair = results.get("side_by_side")
+    if pair:
+        ax = axes[2]
+        ax.bar(["tokens/s", "tokens/CPU-s", "peak memory"],
+               [pair["tokens_per_s_ratio"], pair["tokens_per_cpu_s_ratio"], pair["peak_memory_ratio"]])
+        ax.axhline(1.0, color="k", linewidth=0.8)
+        ax.set_title("LoRA: llmstack / Trainer + peft", fontsize=9)
+    figure.suptitle(f"{results['setup']['model']}, builtin:stdlib-qa", fontsize=9)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+
+
 # ----------------------------------------------------------------------------- output
 
 
@@ -540,7 +792,23 @@ def main() -> int:
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--render-only", action="store_true",
                         help="re-render the plot and RESULTS.md section from benchmarks/results/finetune.json")
+    parser.add_argument("--model", help="a pretrained HF model directory: fine-tune it (no pretraining, no "
+                        "distillation) and compare the LoRA run with Trainer + peft; writes finetune_real.json/png "
+                        "and prints the tables (RESULTS.md untouched)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--pair-rounds", type=int, default=1,
+                        help="--model: Trainer + peft runs (llmstack LoRA reruns between them, interleaved)")
+    parser.add_argument("--results-name", default="finetune_real", help="--model: results/<name>.json and .png")
     args = parser.parse_args()
+    if args.model:
+        results = measure_real(args)
+        path = REAL_RESULTS_JSON.with_name(f"{args.results_name}.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1))
+        plot_real(results, path.with_suffix(".png"))
+        print(markdown_real(results))
+        log(f"wrote {path} and {path.with_suffix('.png')}")
+        return 0
     if args.render_only:
         results = json.loads(RESULTS_JSON.read_text())
     else:

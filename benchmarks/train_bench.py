@@ -13,6 +13,19 @@ Everything is measured side by side in one run on this machine; nothing here is 
    (each config in a fresh subprocess; glibc mmap threshold fixed so freed tensors leave the RSS).
 4. FSDP vs DDP with 2 Ray Train workers: bytes of parameters + gradients + optimizer state held by
    one worker after a step (local shards under FSDP), and that worker's peak RSS.
+
+``--vs-trainer`` runs only a fifth part, written to ``benchmarks/results/train_vs_trainer.json`` and
+``train_vs_trainer.png`` (RESULTS.md untouched):
+
+5. ``llmstack`` training (``run_training``, 1 Ray Train worker, what ``llmstack.train`` runs) vs
+   ``transformers.Trainer`` on the same model (the ``small`` preset and, with ``--model DIR``, a
+   pretrained checkpoint: continued pretraining), the same token blocks in the same order, the same
+   threads, precision, AdamW settings, clipping and constant LR, so both loss curves must agree;
+   interleaved rounds (the order alternates), each run in a fresh process; tokens/s from the median
+   step-to-step wall time and from the median per-step process CPU time (robust to other load).
+
+    flock /tmp/llmstack-ray.lock timeout 1800 python benchmarks/train_bench.py --vs-trainer \
+        --model ~/.cache/llmstack/models/SmolLM2-135M-Instruct
 """
 
 from __future__ import annotations
@@ -22,6 +35,7 @@ import functools
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -262,6 +276,249 @@ def bench_fsdp_vs_ddp(args: argparse.Namespace) -> dict[str, Any]:
             "peak_rss_ratio_fsdp_vs_ddp": fsdp["peak_rss_bytes"] / ddp["peak_rss_bytes"]}
 
 
+# --------------------------------------------------------------------------- 5: llmstack vs transformers.Trainer
+
+
+def _model_factory(source: str, vocab: int, seq: int) -> Any:
+    """A picklable factory of the fp32 model to train: a seeded preset, or a pretrained HF directory."""
+    if source in _presets():
+        from llmstack.train.driver import build_preset_model
+
+        return functools.partial(build_preset_model, source, vocab_size=vocab, max_seq_len=seq, seed=0)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return functools.partial(AutoModelForCausalLM.from_pretrained, source, dtype=torch.float32)
+
+
+def _presets() -> tuple[str, ...]:
+    from llmstack.models import PRESETS
+
+    return tuple(PRESETS)
+
+
+def _vocab_of(source: str) -> int:
+    if source in _presets():
+        return 4096
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(source).vocab_size)
+
+
+def _vs_training(job: dict[str, Any]) -> Any:
+    """Settings both sides share: constant LR, no weight decay (Trainer and llmstack pick the decayed
+    parameters differently), clipping at 1.0, AdamW betas (0.9, 0.95), eps 1e-8."""
+    from llmstack.config import TrainingConfig
+
+    return TrainingConfig(max_steps=job["steps"], micro_batch_size=job["micro"], learning_rate=job["lr"],
+                          warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0, grad_clip=1.0,
+                          precision=job["precision"], checkpoint_every=0, eval_every=10_000, seed=0)
+
+
+def _block_order(job: dict[str, Any]) -> Any:
+    """Row indices in the order llmstack's sampler visits them (1 worker), for the Trainer's dataset."""
+    import torch
+
+    from llmstack.train.sharding import BlockSampler
+
+    sampler = BlockSampler(job["blocks"], world_size=1, rank=0, per_step=job["micro"], seed=0)
+    return torch.cat([sampler.step_indices(step) for step in range(job["steps"])])
+
+
+def _steady(values: list[float], skip: int) -> float:
+    kept = sorted(values[skip:]) or sorted(values)
+    return kept[len(kept) // 2]
+
+
+def _run_llmstack(job: dict[str, Any], data: dict[str, Any], tmp: str) -> dict[str, Any]:
+    from llmstack.config import ScalingConfig
+    from llmstack.train.driver import run_training
+    from llmstack.train.loop import LoopSpec
+
+    spec = LoopSpec(model_factory=_model_factory(job["source"], job["vocab"], job["seq"]))
+    scaling = ScalingConfig(num_workers=1, cpus_per_worker=job["threads"])
+    outcome = run_training(spec, data, None, training=_vs_training(job), scaling=scaling,
+                           run_name=f"vs-{job['tag']}-{time.time_ns()}", storage=tmp, progress=False)
+    outcome.cleanup()
+    history = outcome.history
+    times = [r["time"] for r in history]
+    return {"step_s": _steady([b - a for a, b in zip(times, times[1:])], job["skip"]),
+            "cpu_s": _steady([r.get("step_cpu_s", float("nan")) for r in history][1:], job["skip"]),
+            "losses": [r["loss"] for r in history]}
+
+
+_TRAINER_CHILD = r"""
+import json, os, sys, time
+job = json.loads(sys.argv[1])
+import torch
+torch.set_num_threads(job["threads"])
+sys.path.insert(0, job["bench_dir"])
+from safetensors.torch import load_file
+from transformers import Trainer, TrainerCallback, TrainingArguments
+import train_bench
+
+ids = load_file(job["data"])["input_ids"][train_bench._block_order(job)]
+
+class Blocks(torch.utils.data.Dataset):
+    def __len__(self):
+        return len(ids)
+    def __getitem__(self, i):
+        return {"input_ids": ids[i], "labels": ids[i]}
+
+class InOrder(Trainer):  # the blocks are already in llmstack's order
+    def _get_train_sampler(self, *args, **kwargs):
+        return torch.utils.data.SequentialSampler(self.train_dataset)
+
+marks = []
+class Clock(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kwargs):
+        marks.append(("begin", time.perf_counter(), time.process_time()))
+    def on_step_end(self, args, state, control, **kwargs):
+        marks.append(("end", time.perf_counter(), time.process_time()))
+
+model = train_bench._model_factory(job["source"], job["vocab"], job["seq"])()
+training = train_bench._vs_training(job)
+args = TrainingArguments(
+    output_dir=job["out"], per_device_train_batch_size=job["micro"], max_steps=job["steps"],
+    learning_rate=training.learning_rate, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+    adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=training.grad_clip,
+    bf16=job["precision"] == "bf16", use_cpu=True, save_strategy="no", report_to=[], logging_steps=1,
+    dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=True, seed=0)
+trainer = InOrder(model=model, args=args, train_dataset=Blocks(), callbacks=[Clock()])
+trainer.train()
+ends = [m for m in marks if m[0] == "end"]
+begins = [m for m in marks if m[0] == "begin"]
+print("RESULT " + json.dumps({
+    "step_gaps": [b[1] - a[1] for a, b in zip(ends, ends[1:])],
+    "cpu": [e[2] - b[2] for b, e in zip(begins, ends)],
+    "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h and "train_loss" not in h],
+    "optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__,
+    "fused": bool(getattr(trainer.optimizer, "defaults", {}).get("fused")),
+    "attn": getattr(model.config, "_attn_implementation", None)}))
+"""
+
+
+def _run_trainer(job: dict[str, Any], tmp: str) -> dict[str, Any]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(job["threads"]), TOKENIZERS_PARALLELISM="false")
+    child = {**job, "bench_dir": str(ROOT), "out": str(Path(tmp) / "trainer-out")}
+    proc = subprocess.run([sys.executable, "-c", _TRAINER_CHILD, json.dumps(child)], capture_output=True,
+                          text=True, env=env, timeout=1800)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"Trainer run failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    raw = json.loads(lines[-1][len("RESULT "):])
+    return {"step_s": _steady(raw["step_gaps"], job["skip"]), "cpu_s": _steady(raw["cpu"][1:], job["skip"]),
+            "losses": raw["losses"], "optimizer": raw["optimizer"], "fused": raw["fused"], "attn": raw["attn"]}
+
+
+def _lscpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.strip().startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or "unknown"
+
+
+def bench_vs_trainer(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from safetensors.torch import save_file
+
+    from llmstack.config import ScalingConfig
+    from llmstack.train.driver import ensure_ray
+
+    sources = list(args.vs_presets) + ([str(Path(args.model).expanduser())] if args.model else [])
+    ensure_ray(ScalingConfig(num_workers=1, cpus_per_worker=args.threads))
+    cases: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="train-vs-trainer-") as tmp:
+        jobs = []
+        for source in sources:
+            vocab = _vocab_of(source)
+            micro = args.vs_micro if source in _presets() else args.model_micro
+            steps = args.vs_steps if source in _presets() else args.model_steps
+            g = torch.Generator().manual_seed(0)
+            data = {"input_ids": torch.randint(0, vocab, (micro * steps, args.seq), generator=g)}
+            data_file = str(Path(tmp) / f"data-{len(jobs)}.safetensors")
+            save_file(data, data_file)
+            for precision in args.precisions:
+                name = f"{Path(source).name if source not in _presets() else source} {precision}"
+                jobs.append(({"source": source, "vocab": vocab, "seq": args.seq, "micro": micro, "steps": steps,
+                              "skip": args.skip, "blocks": micro * steps, "precision": precision,
+                              "threads": args.threads, "lr": args.vs_lr, "data": data_file,
+                              "tag": f"{len(jobs)}"}, data, name))
+        for round_index in range(args.rounds):
+            for job, data, name in jobs:
+                case = cases.setdefault(name, {"source": job["source"], "precision": job["precision"],
+                                               "micro_batch": job["micro"], "seq_len": job["seq"],
+                                               "steps": job["steps"], "llmstack": [], "trainer": []})
+                order = ("llmstack", "trainer") if round_index % 2 == 0 else ("trainer", "llmstack")
+                for side in order:
+                    started = time.perf_counter()
+                    run = (_run_llmstack(job, data, tmp) if side == "llmstack" else _run_trainer(job, tmp))
+                    run["wall_s"] = time.perf_counter() - started
+                    case[side].append(run)
+                    tokens = job["micro"] * job["seq"]
+                    print(f"[vs-trainer] round {round_index} {name} {side}: {tokens / run['step_s']:.0f} tok/s wall, "
+                          f"{tokens / run['cpu_s']:.0f} tok/s CPU", flush=True)
+    for name, case in cases.items():
+        tokens = case["micro_batch"] * case["seq_len"]
+        for side in ("llmstack", "trainer"):
+            runs = case[side]
+            case[f"{side}_tokens_per_s"] = tokens / statistics.median(r["step_s"] for r in runs)
+            case[f"{side}_tokens_per_cpu_s"] = tokens / statistics.median(r["cpu_s"] for r in runs)
+        case["ratio_wall"] = case["llmstack_tokens_per_s"] / case["trainer_tokens_per_s"]
+        case["ratio_cpu"] = case["llmstack_tokens_per_cpu_s"] / case["trainer_tokens_per_cpu_s"]
+        ours, theirs = case["llmstack"][0]["losses"], case["trainer"][0]["losses"]
+        case["loss_max_abs_diff"] = max(abs(a - b) for a, b in zip(ours, theirs))
+        case["trainer_optimizer"] = {k: case["trainer"][0][k] for k in ("optimizer", "fused", "attn")}
+    return {"cpu": _lscpu_model(), "threads": args.threads, "rounds": args.rounds, "skip": args.skip,
+            "learning_rate": args.vs_lr, "cases": cases}
+
+
+def plot_vs_trainer(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    cases = results["cases"]
+    names = list(cases)
+    figure = Figure(figsize=(max(6.0, 2.2 * len(names)), 3.8), dpi=110)
+    axis = figure.subplots(1, 1)
+    width = 0.38
+    xs = range(len(names))
+    axis.bar([x - width / 2 for x in xs], [cases[n]["llmstack_tokens_per_s"] for n in names], width,
+             label="llmstack (1 Ray Train worker)")
+    axis.bar([x + width / 2 for x in xs], [cases[n]["trainer_tokens_per_s"] for n in names], width,
+             label="transformers.Trainer")
+    for x, n in zip(xs, names):
+        top = max(cases[n]["llmstack_tokens_per_s"], cases[n]["trainer_tokens_per_s"])
+        axis.text(x, top * 1.02, f"{cases[n]['ratio_wall']:.2f}x wall\n{cases[n]['ratio_cpu']:.2f}x CPU",
+                  ha="center", fontsize=8)
+    axis.set_xticks(list(xs), names, fontsize=8)
+    axis.set_ylabel("tokens/s")
+    axis.set_ylim(0, 1.3 * max(max(c["llmstack_tokens_per_s"], c["trainer_tokens_per_s"]) for c in cases.values()))
+    axis.set_title(f"training tokens/s, {results['threads']} thread(s), {results['cpu']}", fontsize=9)
+    axis.legend(fontsize=8, loc="upper right")
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def vs_trainer_markdown(results: dict[str, Any]) -> str:
+    lines = [f"CPU: {results['cpu']}; {results['threads']} thread(s) each side; {results['rounds']} interleaved "
+             f"rounds; medians after {results['skip']} warm-up steps.", "",
+             "| model, precision | batch | llmstack tok/s | Trainer tok/s | ratio (wall) | ratio (CPU time) "
+             "| max loss diff |", "|---|---|---:|---:|---:|---:|---:|"]
+    for name, c in results["cases"].items():
+        lines.append(f"| {name} | {c['micro_batch']} x {c['seq_len']} | {c['llmstack_tokens_per_s']:.0f} | "
+                     f"{c['trainer_tokens_per_s']:.0f} | **{c['ratio_wall']:.2f}x** | {c['ratio_cpu']:.2f}x | "
+                     f"{c['loss_max_abs_diff']:.2g} |")
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------- plots and main
 
 
@@ -378,10 +635,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mem-preset", default="small")
     parser.add_argument("--only", nargs="*", choices=["throughput", "activation_checkpointing", "fsdp_vs_ddp"],
                         help="rerun these parts, keeping the others from the existing results file")
+    vs = parser.add_argument_group("--vs-trainer: llmstack (1 worker) vs transformers.Trainer")
+    vs.add_argument("--vs-trainer", action="store_true", help="run only this comparison")
+    vs.add_argument("--model", help="a pretrained HF model directory to compare on too (continued pretraining)")
+    vs.add_argument("--vs-presets", nargs="*", default=["small"])
+    vs.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    vs.add_argument("--rounds", type=int, default=2)
+    vs.add_argument("--threads", type=int, default=1, help="torch threads on each side")
+    vs.add_argument("--vs-micro", type=int, default=4)
+    vs.add_argument("--vs-steps", type=int, default=8)
+    vs.add_argument("--model-micro", type=int, default=2)
+    vs.add_argument("--model-steps", type=int, default=6)
+    vs.add_argument("--vs-lr", type=float, default=1e-4)
+    vs.add_argument("--vs-name", default="train_vs_trainer", help="results/<name>.json and .png")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.vs_trainer:
+        started = time.perf_counter()
+        results = bench_vs_trainer(args)
+        import torch
+        import transformers
+
+        results.update(command="python benchmarks/train_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                       wall_s=time.perf_counter() - started, torch=torch.__version__,
+                       transformers=transformers.__version__, cpus=os.cpu_count(), load_avg_at_end=os.getloadavg())
+        (RESULTS / f"{args.vs_name}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        plot_vs_trainer(results, RESULTS / f"{args.vs_name}.png")
+        print(vs_trainer_markdown(results))
+        return 0
     import ray
     import torch
 

@@ -126,3 +126,52 @@ def test_trainable_selection_freezes_the_rest(tmp_path):
     assert saved and all("norm" in k for k in saved)  # only the trainable tensors are stored
     assert any(not torch.equal(saved[k], initial[k]) for k in saved)  # and they moved
     assert "config.json" not in {p.name for p in (tmp_path / "checkpoint_000002").iterdir()}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_loss_equals_cross_entropy_of_sliced_logits(precision):
+    # The loss shifts labels instead of slicing logits; value and gradients must be those of the slice.
+    from llmstack.train.loop import autocast
+
+    labels = TRAIN["input_ids"][:4].clone()
+    labels[:, :5] = -100  # a masked prompt
+    batch = {"input_ids": TRAIN["input_ids"][:4], "labels": labels}
+    model = SPEC.model_factory()
+    with autocast(precision, torch.device("cpu")):
+        loss = causal_lm_loss(model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with autocast(precision, torch.device("cpu")):
+        logits = model(input_ids=batch["input_ids"]).logits[:, :-1].float()
+    reference = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+                                                  ignore_index=-100, reduction="sum")
+    reference.backward()
+    assert float(loss) == pytest.approx(float(reference), rel=1e-6)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_optimizer_is_fused_and_updates_like_the_reference_adamw():
+    from llmstack.train.loop import build_optimizer
+
+    training = TrainingConfig(learning_rate=1e-2, weight_decay=0.1)
+    fused_model, reference_model = SPEC.model_factory(), SPEC.model_factory()
+    fused = build_optimizer(fused_model, training)
+    assert fused.defaults["fused"] is True
+    decay = [p for p in reference_model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in reference_model.parameters() if p.ndim < 2]
+    reference = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=1e-2, betas=(0.9, 0.95), foreach=False)
+    for step in range(3):  # the same gradients into both (from the reference), so only the update differs
+        batch = {"input_ids": TRAIN["input_ids"][step * 8:(step + 1) * 8]}
+        causal_lm_loss(reference_model, batch).backward()
+        for a, b in zip(fused_model.parameters(), reference_model.parameters()):
+            a.grad = b.grad.clone()
+        fused.step()
+        reference.step()
+        fused.zero_grad(set_to_none=True)
+        reference.zero_grad(set_to_none=True)
+        for (name, a), b in zip(fused_model.named_parameters(), reference_model.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"step {step}: {name}")
+    assert any(not torch.equal(a, b) for a, b in zip(fused_model.parameters(), SPEC.model_factory().parameters()))
