@@ -68,7 +68,10 @@ def tiny_causal_lm(architecture: str, tokenizer: Any, *, seed: int = 0, max_posi
              "num_key_value_heads": 2, "max_position_embeddings": max_positions, "tie_word_embeddings": False}
     configs = {
         "llama": lambda: (transformers.LlamaConfig(**shape, **ids), transformers.LlamaForCausalLM),
-        "qwen2": lambda: (transformers.Qwen2Config(**shape, **ids), transformers.Qwen2ForCausalLM),
+        # Qwen2 pads its embedding matrix beyond the tokenizer (to a multiple of 64), as released checkpoints do;
+        # transformers also gives a Qwen2 directory's tokenizer an <|endoftext|> unk token when it has none.
+        "qwen2": lambda: (transformers.Qwen2Config(**shape, **{**ids, "vocab_size": (len(tokenizer) // 64 + 2) * 64}),
+                          transformers.Qwen2ForCausalLM),
         "mistral": lambda: (transformers.MistralConfig(**shape, **ids, sliding_window=None),
                             transformers.MistralForCausalLM),
         "gemma3": lambda: (transformers.Gemma3TextConfig(**shape, **ids, head_dim=16, sliding_window=8,
