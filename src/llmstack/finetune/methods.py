@@ -22,8 +22,8 @@ from llmstack.config import FINETUNE_METHODS, LoRAConfig
 from llmstack.errors import ConfigError
 from llmstack.models.nf4 import check_bitsandbytes
 
-__all__ = ["ADAPTER_METHODS", "METHOD_DESCRIPTIONS", "PEFT_METHODS", "BitFitPlan", "ModelFactory", "apply_method",
-           "bitfit_plan", "check_bitsandbytes", "count_trainable", "linear_module_names", "load_base", "norm_parameter_names",
+__all__ = ["ADAPTER_METHODS", "METHOD_DESCRIPTIONS", "PEFT_METHODS", "ModelFactory", "apply_method",
+           "check_bitsandbytes", "count_trainable", "linear_module_names", "load_base", "norm_parameter_names",
            "peft_lora_config", "resolve_target_modules"]
 
 PEFT_METHODS = ("lora", "qlora", "dora")  # saved as peft adapters
@@ -152,6 +152,9 @@ def bitfit_plan(model: Any) -> BitFitPlan:
     module_classes = sorted({type(m).__name__ for m in model.modules()})
     return BitFitPlan(model_class=type(model).__name__, bias_names=bias_names, norm_names=norm_names,
                       norm_classes=norm_classes, module_classes=module_classes)
+
+
+__all__ += ["BitFitPlan", "bitfit_plan"]
 
 
 # --------------------------------------------------------------------------- building models
