@@ -5,6 +5,14 @@ weight noise of growing size, per-channel int8 and int4 fake quantization, and f
 slowed by a fixed sleep. Records each check's numbers and the verdict, plus validate() wall time.
 
     .venv/bin/python benchmarks/validate_bench.py            # writes benchmarks/results/validate.json + .png
+
+With ``--model DIR`` (a Hugging Face causal LM directory, e.g. SmolLM2-135M-Instruct) it shows the gate on
+real weights instead: the float model against its weights rounded to bf16 and back
+(near-lossless, same kernels), and against quantized versions made by ``llmstack.quantize`` (w8a8, nf4, fp4);
+each row has the held-out perplexity ratio, the verdict and the failed checks' reasons.
+
+    .venv/bin/python benchmarks/validate_bench.py --model ~/.cache/llmstack/models/SmolLM2-135M-Instruct
+        # writes benchmarks/results/validate_real.json
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 # Smaller samples than the defaults so the whole sweep fits a few minutes on a busy 2-core machine.
 THRESHOLDS = {"latency_requests": 16, "generation_tokens": 8}
+# The real-model run is about quality; a smaller latency sample keeps a 135M model's sweep within minutes.
+REAL_THRESHOLDS = {**THRESHOLDS, "latency_requests": 8, "latency_repeats": 1, "latency_warmup": 1}
 
 
 def train_tiny(tokenizer: Any, texts: list[str], *, steps: int = 60, seed: int = 0) -> Any:
@@ -74,6 +84,75 @@ def slowed(model: Any, seconds: float) -> Any:
     if seconds > 0:
         slow.register_forward_hook(lambda *_: time.sleep(seconds))
     return slow
+
+
+def bf16_rounded(model: Any) -> Any:
+    """``model`` with every weight rounded to bfloat16 and back: a near-lossless change on the same kernels."""
+    import torch
+
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for param in rounded.parameters():
+            param.copy_(param.to(torch.bfloat16).to(param.dtype))
+    return rounded
+
+
+def real_model(directory: str, methods: list[str]) -> None:
+    """The gate on a real model: near-lossless candidates should pass, a degraded quantization should not."""
+    import tempfile
+
+    import torch
+
+    from llmstack.data import load_corpus
+    from llmstack.models import load_artifact
+    from llmstack.quantize import quantize
+    from llmstack.registry import Registry
+    from llmstack.validate import DEFAULT_PROBES, ValidateConfig, validate
+
+    torch.set_num_threads(2)
+    probes = list(DEFAULT_PROBES[:12])
+    held_out = load_corpus("builtin:stdlib", max_documents=200).documents[120:]  # text the gate scores
+    base = load_artifact(directory, dtype="float32")
+    baseline = (base.model, base.tokenizer)
+    cases: list[tuple[str, Any]] = [("weights rounded to bf16", bf16_rounded(base.model))]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="validate-real-") as tmp:
+        registry = Registry(str(Path(tmp) / "registry"))
+        for method in methods:
+            started = time.perf_counter()
+            result = quantize(directory, method, registry=registry, config={"evaluate": False})
+            print(f"quantized {method} in {time.perf_counter() - started:.0f}s: {result.ref}", flush=True)
+            cases.append((f"quantize {method}", load_artifact(str(result.ref), registry=registry).model))
+        for label, candidate in cases:
+            start = time.perf_counter()
+            report = validate((candidate, base.tokenizer), baseline, eval_data=held_out, probes=probes,
+                              thresholds=REAL_THRESHOLDS, progress=False, store=False)
+            seconds = time.perf_counter() - start
+            checks = {c.name: c for c in report.checks}
+            ppl = checks["perplexity"].metrics
+            rows.append({"case": label, "passed": report.passed, "failed": report.failed_checks,
+                         "perplexity_ratio": round(ppl["candidate_perplexity"] / ppl["baseline_perplexity"], 4),
+                         "reasons": {c.name: c.detail for c in report.checks if not c.passed},
+                         "seconds": round(seconds, 1), "checks": {c.name: c.metrics for c in report.checks}})
+            print(real_table(rows[-1:]), flush=True)
+            data = {"model": str(directory), "held_out": "builtin:stdlib documents 120-199",
+                    "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                                "cpu_threads": torch.get_num_threads()},
+                    "thresholds": {**ValidateConfig().__dict__, **REAL_THRESHOLDS}, "probes": len(probes),
+                    "rows": rows}
+            RESULTS.mkdir(parents=True, exist_ok=True)  # written after every case: a cut-short run keeps its rows
+            (RESULTS / "validate_real.json").write_text(json.dumps(data, indent=2, default=str))
+    print(real_table(rows))
+
+
+def real_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| candidate | held-out ppl ratio | ppl change 95% CI high | verdict | failed checks: reason |",
+             "|---|---:|---:|---|---|"]
+    for r in rows:
+        reasons = "; ".join(f"{name}: {detail}" for name, detail in r["reasons"].items()) or "-"
+        lines.append(f"| {r['case']} | x{r['perplexity_ratio']:.4f} | {r['checks']['perplexity']['ci_high']:+.2%} | "
+                     f"{'PASS' if r['passed'] else 'FAIL'} | {reasons} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -156,7 +235,15 @@ def plot(rows: list[dict[str, Any]]) -> None:
 if __name__ == "__main__":
     import sys
 
-    if "--plot-only" in sys.argv:  # redraw from the last results
+    if "--model" in sys.argv:
+        import argparse
+
+        parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+        parser.add_argument("--model", required=True, help="a Hugging Face causal LM directory")
+        parser.add_argument("--methods", default="w8a8,nf4,fp4", help="llmstack.quantize methods to gate")
+        args = parser.parse_args()
+        real_model(args.model, [m for m in args.methods.split(",") if m])
+    elif "--plot-only" in sys.argv:  # redraw from the last results
         plot(json.loads((RESULTS / "validate.json").read_text())["rows"])
         print(table(json.loads((RESULTS / "validate.json").read_text())["rows"]))
     else:

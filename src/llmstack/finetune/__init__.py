@@ -1,5 +1,5 @@
-"""Parameter-efficient fine-tuning on the shared Ray Train loop: LoRA, QLoRA, DoRA, norm-scale
-tuning (the BitFit analogue for bias-free LLaMA), full fine-tuning, distillation and Ray Tune sweeps.
+"""Parameter-efficient fine-tuning on the shared Ray Train loop: LoRA, QLoRA, DoRA, BitFit
+(biases and norms; norm scales alone on bias-free models), full fine-tuning, distillation and Ray Tune sweeps.
 
 Every function takes a base reference and a config and returns a new registry version with lineage.
 

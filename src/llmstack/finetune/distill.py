@@ -66,6 +66,9 @@ class DistillLoss:
     teacher: str  # concrete teacher ref
     temperature: float
     alpha: float
+    # Tokens compared by the soft loss: the shared tokenizer's size when one model pads its embedding
+    # matrix beyond it (Qwen2's is a multiple of 64...); None: every logit (equal vocabularies).
+    shared_vocab: int | None = None
     _model: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -98,11 +101,36 @@ class DistillLoss:
             teacher = self.teacher_model(input_ids.device)
             teacher_logits = teacher(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
         keep = labels != IGNORE_INDEX  # [B, T-1]: response positions only
+        if self.shared_vocab is not None:
+            logits, teacher_logits = logits[..., :self.shared_vocab], teacher_logits[..., :self.shared_vocab]
         temperature = self.temperature
         student_logp = F.log_softmax(logits[keep] / temperature, dim=-1)  # [N, V]
         teacher_logp = F.log_softmax(teacher_logits[keep] / temperature, dim=-1)  # [N, V]
         soft = (teacher_logp.exp() * (teacher_logp - student_logp)).sum() * temperature ** 2
         return self.alpha * soft + (1.0 - self.alpha) * hard
+
+
+def check_same_tokenizer(teacher_tokenizer: Any, student_tokenizer: Any, *, teacher: str, student: str) -> None:
+    """Refuse a student whose tokenizer maps text to other ids than the teacher's.
+
+    Distillation compares the two next-token distributions id by id, so an id must mean the same token
+    in both; equal vocabulary sizes are not enough (two BPEs of one size split text differently).
+
+    Raises:
+        ConfigError: the vocabularies differ; the message gives both sizes and a few differing tokens.
+    """
+    teacher_vocab, student_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    if teacher_vocab == student_vocab:
+        return
+    differing = sorted(token for token in set(teacher_vocab) | set(student_vocab)
+                       if teacher_vocab.get(token) != student_vocab.get(token))
+    examples = ", ".join(f"{token!r}: teacher {teacher_vocab.get(token)} / student {student_vocab.get(token)}"
+                         for token in differing[:3])
+    raise ConfigError(
+        f"student: the tokenizer of {student} ({len(student_vocab)} tokens) is not the teacher {teacher}'s "
+        f"({len(teacher_vocab)} tokens): {len(differing)} tokens differ ({examples}); distillation compares the "
+        "two models' distributions token id by token id, so pick a student that shares the teacher's tokenizer "
+        "(the same model family) or start from student=preset:<name>")
 
 
 def build_student(spec: dict[str, Any]) -> Any:
@@ -145,7 +173,7 @@ def distill(teacher: str | None = None, student: str | None = None, data: str | 
         A :class:`DistillResult`; the student is registered (kind ``model``) with the teacher in its lineage.
 
     Raises:
-        ConfigError: no teacher, a student whose vocabulary differs from the teacher's, bad T/alpha.
+        ConfigError: no teacher, a student whose tokenizer differs from the teacher's, bad T/alpha.
 
     Example:
         >>> r = distill("tiny-lm@v1", "preset:tiny", "builtin:stdlib-qa", temperature=2.0, alpha=0.5)  # doctest: +SKIP
@@ -177,6 +205,7 @@ def distill(teacher: str | None = None, student: str | None = None, data: str | 
     del teacher_model
 
     parents = [str(teacher_ref)]
+    shared_vocab: int | None = None
     if cfg.student.startswith("preset:"):
         preset = cfg.student.removeprefix("preset:")
         if preset not in PRESETS:
@@ -188,10 +217,18 @@ def distill(teacher: str | None = None, student: str | None = None, data: str | 
         student_config = preset_config(preset, vocab_size=teacher_vocab, **special)
     else:
         student_ref = ensure_base_ref(cfg.student, reg, name=f"{cfg.name}-student-init")
-        student_config = load_model(str(student_ref), registry=reg, with_tokenizer=False)[0].config
+        student_model, student_tokenizer = load_model(str(student_ref), registry=reg)
+        student_config = student_model.config
+        del student_model
+        check_same_tokenizer(tokenizer, student_tokenizer, teacher=str(teacher_ref), student=str(student_ref))
         if student_config.vocab_size != teacher_vocab:
-            raise ConfigError(f"student: {student_ref} has a {student_config.vocab_size}-token vocabulary but the "
-                              f"teacher {teacher_ref} has {teacher_vocab}; distillation matches them token by token")
+            # One tokenizer, embedding matrices padded differently: compare the tokens both models know.
+            shared_vocab = min(student_config.vocab_size, teacher_vocab)
+            if shared_vocab < len(tokenizer):
+                raise ConfigError(
+                    f"student: {student_ref} embeds {student_config.vocab_size} tokens and the teacher {teacher_ref} "
+                    f"{teacher_vocab}, but their shared tokenizer has {len(tokenizer)}; a model must embed "
+                    "every token of its tokenizer")
         student_spec = {"preset": None, "source": str(student_ref), "registry": reg}
         parents.append(str(student_ref))
     check_positions(student_config, cfg.data.block_size, f"student {cfg.student}")
@@ -201,7 +238,8 @@ def distill(teacher: str | None = None, student: str | None = None, data: str | 
                                   columns=cfg.data.columns or None, chat_template=cfg.data.chat_template,
                                   train_on_inputs=cfg.data.train_on_inputs)
     factory = functools.partial(build_student, student_spec)
-    loss_fn = DistillLoss(registry=reg, teacher=str(teacher_ref), temperature=cfg.temperature, alpha=cfg.alpha)
+    loss_fn = DistillLoss(registry=reg, teacher=str(teacher_ref), temperature=cfg.temperature, alpha=cfg.alpha,
+                          shared_vocab=shared_vocab)
     start = factory()
     trainable, total = count_trainable(start)
     before = evaluate_in_process(factory, tensors.eval, cfg.training, model=start)

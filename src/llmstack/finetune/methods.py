@@ -3,8 +3,10 @@
 ``lora``    low-rank adapters (peft) on linear layers; the base is frozen.
 ``qlora``   LoRA on a frozen NF4 base (bitsandbytes 4-bit, double quantization, fp32 compute).
 ``dora``    weight-decomposed LoRA (peft ``use_dora``): a learned magnitude per output row on top.
-``bitfit``  *norm-scale tuning*, the BitFit analogue for bias-free LLaMA: LLaMA has no bias terms,
-            so the closest honest counterpart trains only the RMSNorm scale vectors.
+``bitfit``  BitFit: every bias term and every normalisation parameter trains, the rest is frozen.
+            What that is depends on the architecture (:func:`bitfit_plan`): GPT-2 its biases and
+            LayerNorms, Qwen2 its q/k/v biases and RMSNorm scales, bias-free LLaMA, Mistral, Phi-3
+            and Gemma-3 their norm scales alone (the closest honest counterpart there).
 ``full``    every parameter trains (the baseline the others are measured against).
 
 Everything heavy is imported inside the functions; :class:`ModelFactory` is a small picklable
@@ -31,8 +33,8 @@ METHOD_DESCRIPTIONS: dict[str, str] = {
     "lora": "LoRA: low-rank adapters on linear layers; the base model is frozen",
     "qlora": "QLoRA: LoRA on a frozen NF4 base (bitsandbytes 4-bit, double quantization)",
     "dora": "DoRA: weight-decomposed low-rank adaptation (peft use_dora)",
-    "bitfit": ("norm-scale tuning, the BitFit analogue for bias-free LLaMA: LLaMA has no bias terms, "
-               "so only the RMSNorm scale vectors train"),
+    "bitfit": ("BitFit: only the bias terms and normalisation parameters train (norm scales alone "
+               "on bias-free architectures such as LLaMA); the rest is frozen"),
     "full": "full fine-tuning: every parameter trains (baseline)",
 }
 
@@ -94,14 +96,68 @@ def resolve_target_modules(model: Any, requested: list[str] | None) -> list[str]
     return list(dict.fromkeys(requested))
 
 
+def _is_norm(module: Any) -> bool:
+    """A normalisation layer: torch's own, or any class named ``*Norm`` (``LlamaRMSNorm``, ``Gemma3RMSNorm``...)."""
+    import torch
+
+    if isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm, torch.nn.GroupNorm)):
+        return True
+    name = type(module).__name__
+    return name.endswith("Norm") or any(marker in name for marker in _NORM_CLASS_MARKERS)
+
+
 def norm_parameter_names(model: Any) -> list[str]:
-    """Names of the normalisation scale parameters (RMSNorm/LayerNorm weights)."""
+    """Names of the normalisation layers' own parameters (RMSNorm scales; LayerNorm weights and biases)."""
     found = []
     for module_name, module in model.named_modules():
-        if any(marker in type(module).__name__ for marker in _NORM_CLASS_MARKERS):
+        if _is_norm(module):
             for param_name, _ in module.named_parameters(recurse=False):
                 found.append(f"{module_name}.{param_name}" if module_name else param_name)
     return found
+
+
+@dataclass
+class BitFitPlan:
+    """What BitFit trains on one architecture: its bias terms and its normalisation parameters.
+
+    Attributes:
+        model_class: the model's class name (``GPT2LMHeadModel``...).
+        bias_names: every parameter named ``bias`` outside the normalisation layers.
+        norm_names: the normalisation layers' parameters (see :func:`norm_parameter_names`).
+        norm_classes: the normalisation module classes found.
+        module_classes: every module class of the model (named when there is nothing to tune).
+    """
+
+    model_class: str
+    bias_names: list[str]
+    norm_names: list[str]
+    norm_classes: list[str]
+    module_classes: list[str]
+
+    @property
+    def names(self) -> list[str]:
+        return self.norm_names + self.bias_names
+
+    def describe(self) -> str:
+        """One line: what trains, e.g. ``GPT2LMHeadModel: 8 bias vectors + 10 norm parameters (LayerNorm)``."""
+        norms = f"{len(self.norm_names)} norm parameters ({', '.join(self.norm_classes)})" if self.norm_names else ""
+        biases = f"{len(self.bias_names)} bias vectors" if self.bias_names else ""
+        return f"{self.model_class}: {' + '.join(part for part in (biases, norms) if part) or 'nothing to tune'}"
+
+
+def bitfit_plan(model: Any) -> BitFitPlan:
+    """The BitFit choice for ``model``'s architecture: its biases plus its normalisation parameters."""
+    norm_names = norm_parameter_names(model)
+    in_norms = set(norm_names)
+    bias_names = [name for name, _ in model.named_parameters()
+                  if name.rsplit(".", 1)[-1] == "bias" and name not in in_norms]
+    norm_classes = sorted({type(m).__name__ for m in model.modules() if _is_norm(m)})
+    module_classes = sorted({type(m).__name__ for m in model.modules()})
+    return BitFitPlan(model_class=type(model).__name__, bias_names=bias_names, norm_names=norm_names,
+                      norm_classes=norm_classes, module_classes=module_classes)
+
+
+__all__ += ["BitFitPlan", "bitfit_plan"]
 
 
 # --------------------------------------------------------------------------- building models
@@ -166,7 +222,10 @@ def apply_method(model: Any, method: str, lora: LoRAConfig, *, target_modules: l
     """Make ``model`` trainable the ``method`` way (adapter weights seeded, so every rank agrees).
 
     Returns the model to train: a ``PeftModel`` for lora/qlora/dora, else ``model`` itself with
-    ``requires_grad`` set (norm scales only for bitfit, everything for full).
+    ``requires_grad`` set (biases and norms for bitfit, see :func:`bitfit_plan`; everything for full).
+
+    Raises:
+        ConfigError: an unknown method, or bitfit on a model with neither biases nor norms (names its classes).
     """
     import torch
 
@@ -177,9 +236,13 @@ def apply_method(model: Any, method: str, lora: LoRAConfig, *, target_modules: l
             param.requires_grad_(True)
         return model
     if method == "bitfit":
-        names = set(norm_parameter_names(model))
+        plan = bitfit_plan(model)
+        names = set(plan.names)
         if not names:
-            raise ConfigError("lora.method=bitfit: the base model has no normalisation layers to tune")
+            raise ConfigError(
+                f"lora.method=bitfit: {plan.model_class} has no bias terms and no normalisation layer (a class "
+                f"named *Norm or torch's LayerNorm/RMSNorm/GroupNorm) to tune; its module classes are "
+                f"{', '.join(plan.module_classes)}; use lora.method=lora, dora or full")
         for name, param in model.named_parameters():
             param.requires_grad_(name in names)
         return model

@@ -148,9 +148,10 @@ def train(config: TrainConfig | dict[str, Any] | str | Path | None = None, *,
         from llmstack.models import load_model
 
         source_model = load_model(cfg.model.source, registry=registry, dtype=cfg.model.dtype, with_tokenizer=False)[0]
-        positions = source_model.config.max_position_embeddings
+        # max_position_embeddings (GPT-2's n_positions maps to it); None: no learned limit (ALiBi...).
+        positions = getattr(source_model.config, "max_position_embeddings", None)
         where = f"model.source={cfg.model.source}"
-    if cfg.data.block_size > positions:
+    if positions is not None and cfg.data.block_size > positions:
         raise ConfigError(f"data.block_size: {cfg.data.block_size} tokens exceed the model's {positions} positions "
                           f"({where}); lower data.block_size to <= {positions} or raise model.max_seq_len")
     check_training(cfg.training, cfg.scaling)

@@ -43,7 +43,9 @@ def decoder_layers(model: Any, layer_classes: tuple[str, ...] | None = None) -> 
     """The FSDP wrap units: modules whose class is a decoder layer.
 
     ``layer_classes`` names them explicitly; otherwise the Hugging Face ``_no_split_modules`` of any
-    submodule (the classes HF itself never splits), else classes named ``*DecoderLayer``.
+    submodule (the classes HF itself never splits: ``LlamaDecoderLayer``, ``GPT2Block``...), else classes
+    named ``*DecoderLayer``, else the blocks of the model's largest stack of identical layers (a
+    ``ModuleList`` whose items share one class), so any architecture gets one unit per layer.
     """
     names: set[str] = set(layer_classes or ())
     if not names:
@@ -52,7 +54,27 @@ def decoder_layers(model: Any, layer_classes: tuple[str, ...] | None = None) -> 
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
         layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    if not layers:
+        layers = _repeated_blocks(model)
     return layers
+
+
+def _repeated_blocks(model: Any) -> list[Any]:
+    """The items of the ``ModuleList`` of same-class blocks holding the most parameters (empty if none)."""
+    import torch
+
+    best: list[Any] = []
+    best_size = 0
+    for module in model.modules():
+        if not isinstance(module, torch.nn.ModuleList) or len(module) == 0:
+            continue
+        items = list(module)
+        if len({type(item) for item in items}) != 1:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if size > best_size:
+            best, best_size = items, size
+    return best
 
 
 def wrap_model(model: Any, *, strategy: str, device: Any, layer_classes: tuple[str, ...] | None = None) -> Any:
