@@ -77,7 +77,8 @@ class UpperEngine(Engine):
                     for i in range(request.sampling.n)])
                 if last:
                     work.reported = chunk.finished = True
-                    chunk.prompt_tokens, chunk.completion_tokens = len(work.prompt_ids), len(answer) * request.sampling.n
+                    chunk.prompt_tokens = len(work.prompt_ids)
+                    chunk.completion_tokens = len(answer) * request.sampling.n
                     chunk.timing = Timing(total_s=0.0, batch_size=1)
                 yield chunk
         finally:

@@ -166,7 +166,8 @@ class RequestPreparer:
         if hit is None:
             return None
         elapsed = time.time() - work.request.arrival_time
-        return hit.model_copy(update={"request_id": work.request.request_id, "cached": True, "model": work.request.model,
+        return hit.model_copy(update={"request_id": work.request.request_id, "cached": True,
+                                      "model": work.request.model,
                                       "timing": Timing(queue_s=0.0, ttft_s=elapsed, total_s=elapsed, batch_size=1)})
 
     def remember(self, work: Work, result: GenerationResult) -> None:
