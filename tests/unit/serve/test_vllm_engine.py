@@ -253,3 +253,57 @@ def test_from_source_hands_vllm_the_sized_arguments_and_the_kwargs_verbatim(
     assert (seen["block_size"], seen["swap_space"]) == (32, 0)
     with pytest.raises(ModelLoadError, match="vllm_engine_kwargs dtype: llmstack sets it from vllm_dtype"):
         vllm_engine.VllmEngine.from_source(str(tmp_path / "bf16"), engine_kwargs={"dtype": "float16"})
+
+
+# --------------------------------------------------------------------------- the Engine contract (a fake vLLM)
+
+
+def test_the_vllm_engine_implements_the_engine_abc_with_the_shared_preparation(tiny: tuple[Any, Any]) -> None:
+    """Driven by a stand-in ``AsyncLLM``: the same refusals as the transformers engine, the response cache, and
+    no group batching (vLLM batches by itself, so the replica never calls run_batch)."""
+    import asyncio
+
+    from llmstack.errors import RequestError
+    from llmstack.serve.engine import Engine
+    from llmstack.serve.protocol import GenerationRequest, SamplingParams
+
+    model, tokenizer = tiny
+    answer = [5, 6, 7]
+
+    class FakeLLM:
+        async def generate(self, prompt: Any, params: Any, request_id: str, lora_request: Any = None) -> Any:
+            for i, token in enumerate(answer):
+                last = i == len(answer) - 1
+                completion = types.SimpleNamespace(index=0, token_ids=[token], logprobs=None, stop_reason=None,
+                                                   finish_reason="length" if last else None, text=f"<{token}>")
+                yield types.SimpleNamespace(outputs=[completion], finished=last, num_cached_tokens=0)
+
+    api = types.SimpleNamespace(SamplingParams=lambda **kw: types.SimpleNamespace(**kw),
+                                TokensPrompt=lambda prompt_token_ids: prompt_token_ids,
+                                RequestOutputKind=types.SimpleNamespace(DELTA="delta"))
+    artifact = types.SimpleNamespace(name="tiny", ref="tiny@v1", directory=Path("/nowhere"), identity="tiny-id",
+                                     source="tiny@production")
+    engine = vllm_engine.VllmEngine(FakeLLM(), api, artifact=artifact, tokenizer=tokenizer, hf_config=model.config,
+                                    eos_ids=frozenset({0}), max_tokens_limit=16)
+    assert isinstance(engine, Engine) and not engine.group_batching
+
+    def request(**sampling: Any) -> GenerationRequest:
+        return GenerationRequest(model="tiny@production", prompt="line 3:", sampling=SamplingParams(**sampling))
+
+    first = asyncio.run(engine.generate(request(max_tokens=3, temperature=0)))
+    again = asyncio.run(engine.generate(request(max_tokens=3, temperature=0)))
+    assert first.choices[0].token_ids == answer and first.choices[0].text == "<5><6><7>" and not first.cached
+    assert again.cached and again.choices == first.choices
+    assert engine.replica_stats()["requests"] == 1 and engine.replica_stats()["cache_hits"] == 1
+    with pytest.raises(RequestError, match=r"logit_bias token ids must be in \[0, 320\)"):
+        engine.prepare(request(logit_bias={9999: 1.0}))
+    with pytest.raises(RequestError, match="max_tokens must be in"):
+        engine.prepare(request(max_tokens=17))
+
+    async def batch() -> None:
+        async for _ in engine.run_batch([engine.prepare(request())]):
+            pass
+
+    with pytest.raises(RequestError, match="group_batching is False"):
+        asyncio.run(batch())
+    engine.executor.shutdown()

@@ -4,11 +4,13 @@
 failures are raised as llmstack errors (``RequestError`` and friends), which pickle with their
 status code and OpenAI fields, so the caller re-raises exactly what the engine said.
 
-Batching: ``@serve.batch`` collects up to ``max_batch_size`` requests (waiting at most
-``batch_wait_timeout_s``) and hands them to the engine's ``run_batch``, an async generator that
-yields one list per decode step. Serve splits a batch by multiplexed model id first, so every batch
-decodes with one adapter. ``max_ongoing_requests`` must be at least ``max_batch_size`` or batches
-could never fill.
+The engine is any :class:`~llmstack.serve.engine.Engine`; the replica calls nothing outside that contract.
+
+Batching, for an engine with ``group_batching``: ``@serve.batch`` collects up to ``max_batch_size``
+requests (waiting at most ``batch_wait_timeout_s``) and hands them to the engine's ``run_batch``, an
+async generator that yields one list per decode step. Serve splits a batch by multiplexed model id
+first, so every batch decodes with one adapter. ``max_ongoing_requests`` must be at least
+``max_batch_size`` or batches could never fill. Any other engine (vLLM) decodes each request itself.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from ray import serve
 from llmstack._modules import import_object
 from llmstack.config import ServeConfig, load_config
 from llmstack.errors import LLMStackError, RequestError
+from llmstack.serve.engine.base import Engine, WorkDecoder
 from llmstack.serve.engine.output import assemble
+from llmstack.serve.engine.work import Work
 from llmstack.serve.protocol import GenerationChunk, GenerationRequest, GenerationResult, ModelCard
 
 logger = logging.getLogger("ray.serve")
@@ -31,22 +35,27 @@ DEFAULT_ENGINE = "llmstack.serve.engine.transformers:TransformersEngine"
 ENGINES = {"transformers": DEFAULT_ENGINE, "vllm": "llmstack.serve.engine.vllm:VllmEngine"}  # ServeConfig.engine
 
 
-def engine_class(spec: type | str | None) -> type:
+def engine_class(spec: type[Engine] | str | None) -> type[Engine]:
     """The engine class a replica runs: a class, an import path ``module:Class``, a ``ServeConfig.engine``
-    name, or None for the default."""
+    name, or None for the default. It must implement :class:`~llmstack.serve.engine.Engine`."""
     if isinstance(spec, type):
-        return spec
-    try:
-        return import_object(ENGINES.get(spec or "", spec or DEFAULT_ENGINE))
-    except ImportError as exc:
-        raise RequestError(f"engine {spec!r} cannot be imported: {exc}", status_code=500,
-                           type="server_error", code="engine_unavailable") from None
+        found: Any = spec
+    else:
+        try:
+            found = import_object(ENGINES.get(spec or "", spec or DEFAULT_ENGINE))
+        except ImportError as exc:
+            raise RequestError(f"engine {spec!r} cannot be imported: {exc}", status_code=500,
+                               type="server_error", code="engine_unavailable") from None
+    if not (isinstance(found, type) and issubclass(found, Engine)):
+        raise RequestError(f"engine {spec!r} is {found!r}, not a subclass of llmstack.serve.engine.Engine; "
+                           f"implement that class", status_code=500, type="server_error", code="engine_unavailable")
+    return found
 
 
 class _AdapterLease:
     """What ``@serve.multiplexed`` caches per adapter; its ``__del__`` (called on LRU eviction) unloads it."""
 
-    def __init__(self, engine: Any, adapter: str) -> None:
+    def __init__(self, engine: Engine, adapter: str) -> None:
         self.engine = engine
         self.adapter = adapter
         self._released = False
@@ -67,22 +76,25 @@ class LLMServer:
 
     Args:
         config: a :class:`~llmstack.config.ServeConfig` as a dict (already resolved to pinned refs).
-        engine: the engine class (or ``module:Class``) to run; default the config's ``engine``.
+        engine: the :class:`~llmstack.serve.engine.Engine` subclass (or ``module:Class``) to run; default the
+            config's ``engine``.
     """
 
-    def __init__(self, config: dict[str, Any], engine: type | str | None = None) -> None:
+    def __init__(self, config: dict[str, Any], engine: type[Engine] | str | None = None) -> None:
         cfg = load_config(ServeConfig, config)
         self.config = cfg
-        self.engine = engine_class(engine or cfg.engine).from_config(cfg)
+        self.engine: Engine = engine_class(engine or cfg.engine).from_config(cfg)
         engine_ = self.engine
+        self._batched: WorkDecoder | None = None  # None: the engine decodes each request itself
+        if engine_.group_batching:
+            async def decode(works: list[Work]) -> AsyncIterator[list[Any]]:
+                async for outputs in engine_.run_batch(works):
+                    yield outputs
 
-        async def decode(works: list[Any]) -> AsyncIterator[list[Any]]:
-            async for outputs in engine_.run_batch(works):
-                yield outputs
-
-        # Built per instance so the sizes come from the config rather than the class definition.
-        self._batched = serve.batch(max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_timeout_s,
-                                    max_concurrent_batches=cfg.max_concurrent_batches)(decode)
+            # Built per instance so the sizes come from the config rather than the class definition.
+            self._batched = serve.batch(max_batch_size=cfg.max_batch_size,
+                                        batch_wait_timeout_s=cfg.batch_wait_timeout_s,
+                                        max_concurrent_batches=cfg.max_concurrent_batches)(decode)
 
         async def load_adapter(model_id: str) -> _AdapterLease:
             await engine_.acquire_adapter(model_id)
@@ -102,7 +114,7 @@ class LLMServer:
         async for chunk in self._chunks(self._prepare(request)):
             yield chunk
 
-    def _prepare(self, request: GenerationRequest) -> Any:
+    def _prepare(self, request: GenerationRequest) -> Work:
         try:
             return self.engine.prepare(request)
         except LLMStackError:
@@ -110,7 +122,7 @@ class LLMServer:
         except Exception as exc:
             raise _failure(exc) from None
 
-    async def _before_decode(self, work: Any) -> None:
+    async def _before_decode(self, work: Work) -> None:
         routed = serve.get_multiplexed_model_id() or None
         if routed != work.adapter:
             raise RequestError(f"request for {work.request.model!r} was routed with multiplexed_model_id={routed!r}; "
@@ -118,7 +130,7 @@ class LLMServer:
         if work.adapter is not None:
             await self._adapter(work.adapter)  # LRU-bounded load through @serve.multiplexed
 
-    async def _chunks(self, work: Any) -> AsyncIterator[GenerationChunk]:
+    async def _chunks(self, work: Work) -> AsyncIterator[GenerationChunk]:
         try:
             async for chunk in self.engine.run(work, decode=self._batched, before_decode=self._before_decode):
                 yield chunk

@@ -3,14 +3,64 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Collection
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Protocol
 
 from llmstack.serve.engine.output import extend_text
 from llmstack.serve.engine.sampling import adjust_logits, choice_seed, random_seed, sample_token, token_logprobs
 from llmstack.serve.engine.work import Row, Work
 
 if TYPE_CHECKING:
-    from llmstack.serve.engine.transformers import TransformersEngine
+    from llmstack.serve.engine.prefix_cache import PrefixCache
+
+
+class BatchModel(Protocol):
+    """What a batch decodes with: the model's forward pass, its KV caches and a few facts about it."""
+
+    tokenizer: Any
+    device: Any  # where the model's inputs go
+    eos_ids: Collection[int]
+    max_model_len: int
+    contiguous_prefill: bool  # sliding-window layers: a row's cached and new prompt tokens must be adjacent
+    prefix_cache: PrefixCache | None
+
+    def new_cache(self) -> Any:
+        """An empty KV cache for a prefill (None: the model builds its own, which cannot be merged)."""
+
+    def prefix_namespace(self, adapter: str | None) -> str:
+        """What prefix-cache keys computed under ``adapter``'s weights share."""
+
+    def forward(self, adapter: str | None, **inputs: Any) -> Any:
+        """One forward pass with ``adapter`` active; ``cache`` is the KV cache or None."""
+
+
+@dataclass
+class StepStats:
+    """What one prefill or decode step (or several, added up) did; the engine keeps the running totals."""
+
+    batches: int = 0  # prefills
+    forward_passes: int = 0
+    generated_tokens: int = 0
+    max_batch_size: int = 0  # most rows in one forward pass
+    cancelled: int = 0  # works that ended cancelled
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+    prefix_hit_tokens: int = 0
+
+    def add(self, other: StepStats) -> None:
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            setattr(self, f.name, max(mine, theirs) if f.name == "max_batch_size" else mine + theirs)
+
+    def add_to(self, counters: dict[str, Any]) -> None:
+        """Add these to an engine's counters of the same names (``max_batch_size`` as a running maximum)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "max_batch_size":
+                counters[f.name] = max(counters.get(f.name, 0), value)
+            else:
+                counters[f.name] = counters.get(f.name, 0) + value
 
 
 class Batch:
@@ -20,10 +70,10 @@ class Batch:
     another batch's rows join through :meth:`merge`.
     """
 
-    def __init__(self, engine: TransformersEngine, adapter: str | None, works: list[Work]) -> None:
+    def __init__(self, model: BatchModel, adapter: str | None, works: list[Work]) -> None:
         import torch
 
-        self.engine = engine
+        self.model = model
         self.adapter = adapter
         self.rows: list[Row] = []
         for work in works:
@@ -46,9 +96,10 @@ class Batch:
     def mergeable(self) -> bool:
         return cache_layers(self.cache) is not None
 
-    # Each call runs on the engine thread and ends with sampling, so a token is sent as soon as it exists.
+    # Each call runs on the engine thread and ends with sampling, so a token is sent as soon as it exists;
+    # each returns what it did as StepStats.
 
-    def prefill(self) -> None:
+    def prefill(self) -> StepStats:
         """One forward pass over the prompts, on top of the KV states of their longest cached block prefixes.
 
         Row ``j`` lays out as ``[pad | cached c_j | pad | rest r_j]`` along the sequence: both parts are
@@ -64,13 +115,14 @@ class Batch:
         now = time.time()
         for row in self.rows:
             row.work.started = now
+        stats = StepStats()
         if not self.rows:
-            return
-        engine = self.engine
-        engine.stats["batches"] += 1
-        cache = engine.new_cache()
-        store = engine.prefix_cache if cache is not None else None
-        namespace = engine.prefix_namespace(self.adapter) if store is not None else ""
+            return stats
+        model = self.model
+        stats.batches += 1
+        cache = model.new_cache()
+        store = model.prefix_cache if cache is not None else None
+        namespace = model.prefix_namespace(self.adapter) if store is not None else ""
         hits: dict[int, list[Any]] = {}  # per work: its cached blocks' KV, looked up once for all its choices
         keys: dict[int, list[bytes]] = {}
         for row in self.rows:
@@ -81,21 +133,21 @@ class Batch:
             usable = (len(work.prompt_ids) - 1) // store.block  # at least one token left to compute logits from
             hits[id(work)] = store.lookup(keys[id(work)][:usable])
             work.prefix_cached_tokens = len(hits[id(work)]) * store.block
-            engine.stats["prefix_queries"] += 1
-            engine.stats["prefix_hits"] += bool(hits[id(work)])
-            engine.stats["prefix_hit_tokens"] += work.prefix_cached_tokens
+            stats.prefix_queries += 1
+            stats.prefix_hits += bool(hits[id(work)])
+            stats.prefix_hit_tokens += work.prefix_cached_tokens
         cached = [row.work.prefix_cached_tokens or 0 for row in self.rows]
-        if engine.contiguous_prefill:
+        if model.contiguous_prefill:
             widest = max(row.prompt_len - c for row, c in zip(self.rows, cached))
             cached = [min(c, max(0, row.prompt_len - widest)) for row, c in zip(self.rows, cached)]
             for row, c in zip(self.rows, cached):  # report what is really reused (the same for a work's choices)
                 found = row.work.prefix_cached_tokens
                 if found is not None and found != c:
-                    engine.stats["prefix_hit_tokens"] -= found - c
+                    stats.prefix_hit_tokens -= found - c
                     row.work.prefix_cached_tokens = c
         rest = [row.prompt_len - c for row, c in zip(self.rows, cached)]
         width_c, width_r = max(cached), max(rest)
-        pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
+        pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
         ids = torch.full((len(self.rows), width_r), pad, dtype=torch.long)
         mask = torch.zeros((len(self.rows), width_c + width_r), dtype=torch.long)
         for j, row in enumerate(self.rows):
@@ -107,11 +159,12 @@ class Batch:
             cache = self._cached_prefix(cache, [hits.get(id(row.work), []) for row in self.rows], cached, width_c)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, width_c:]  # [B, width_r]: counting real tokens only
         self.mask = mask
-        self._forward(ids, positions, cache=cache)
+        self._forward(ids, positions, cache=cache, stats=stats)
         self.positions = positions[:, -1:]
         if store is not None:
             self._store_blocks(store, namespace, keys, cached, rest, width_c + width_r)
-        self._sample()
+        self._sample(stats)
+        return stats
 
     def _cached_prefix(self, cache: Any, blocks: list[list[Any]], used: list[int], width: int) -> Any:
         """``cache`` filled, per layer, with the first ``used[j]`` tokens of row ``j``'s cached blocks,
@@ -149,23 +202,25 @@ class Batch:
                                                layer.values[j, :, lo:lo + store.block].clone())
                                               for layer in layers])
 
-    def step(self) -> None:
+    def step(self) -> StepStats:
         import torch
 
+        stats = StepStats()
         keep = [j for j, row in enumerate(self.rows) if row.finish_reason is None and not row.work.cancelled]
         if len(keep) < len(self.rows):
             self.rows = [self.rows[j] for j in keep]
             if not keep:
                 self.cache = self.mask = self.positions = None
-                return
+                return stats
             index = torch.tensor(keep, dtype=torch.long)
-            self.cache.batch_select_indices(index.to(self.engine.device))
+            self.cache.batch_select_indices(index.to(self.model.device))
             self.mask, self.positions = self.mask[index], self.positions[index]
         last = torch.tensor([[row.ids[-1]] for row in self.rows], dtype=torch.long)  # [B, 1]
         self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long)], dim=1)
         self.positions = self.positions + 1
-        self._forward(last, self.positions, cache=self.cache)
-        self._sample()
+        self._forward(last, self.positions, cache=self.cache, stats=stats)
+        self._sample(stats)
+        return stats
 
     def merge(self, other: Batch) -> None:
         """Append ``other``'s rows: left-pad the shorter KV cache with masked slots, then stack."""
@@ -177,7 +232,7 @@ class Batch:
         if len(keep) < len(self.rows):
             index = torch.tensor(keep, dtype=torch.long)
             self.rows = [self.rows[j] for j in keep]
-            self.cache.batch_select_indices(index.to(self.engine.device))
+            self.cache.batch_select_indices(index.to(self.model.device))
             self.mask, self.positions = self.mask[index], self.positions[index]
         if not self.rows:
             self.rows, self.cache, self.mask, self.positions = other.rows, other.cache, other.mask, other.positions
@@ -193,44 +248,44 @@ class Batch:
         self.positions = torch.cat([self.positions, other.positions], dim=0)
         self.rows = self.rows + other.rows
 
-    def _forward(self, ids: Any, positions: Any, *, cache: Any) -> None:
+    def _forward(self, ids: Any, positions: Any, *, cache: Any, stats: StepStats) -> None:
         from llmstack.models.kv_cache import output_cache
 
-        engine = self.engine
-        device = engine.device
-        out = engine.forward(self.adapter, input_ids=ids.to(device), attention_mask=self.mask.to(device),
+        model = self.model
+        device = model.device
+        out = model.forward(self.adapter, input_ids=ids.to(device), attention_mask=self.mask.to(device),
                              position_ids=positions.to(device), use_cache=True, logits_to_keep=1, cache=cache)
         self.cache = output_cache(out)
         self.logits = out.logits[:, -1, :].float().cpu()  # [B, V]
-        engine.stats["max_batch_size"] = max(engine.stats["max_batch_size"], len(self.rows))
-        engine.stats["forward_passes"] += 1
+        stats.max_batch_size = max(stats.max_batch_size, len(self.rows))
+        stats.forward_passes += 1
         for row in self.rows:
             row.work.batch_size = max(row.work.batch_size, len(self.rows))
 
-    def _sample(self) -> None:
+    def _sample(self, stats: StepStats) -> None:
         now = time.time()
-        engine = self.engine
+        model = self.model
         for j, row in enumerate(self.rows):
             logits = adjust_logits(self.logits[j], row.params, row.ids)
             if row.params.ignore_eos or len(row.ids) < row.params.min_tokens:
                 logits = logits.clone()
-                logits[list(engine.eos_ids)] = float("-inf")
+                logits[list(model.eos_ids)] = float("-inf")
             token = sample_token(logits, row.params, row.generator)
             row.ids.append(token)
             if row.params.logprobs is not None:
                 row.logprobs.append(token_logprobs(logits, token, row.params.logprobs))
             if row.first_token_time is None:
                 row.first_token_time = now
-            engine.stats["generated_tokens"] += 1
-            if token in engine.eos_ids:
+            stats.generated_tokens += 1
+            if token in model.eos_ids:
                 row.ids.pop()
                 if row.params.logprobs is not None:
                     row.logprobs.pop()
                 row.finish_reason = "stop"
                 row.eos = True
-            elif len(row.ids) >= row.max_tokens or row.prompt_len + len(row.ids) >= engine.max_model_len:
+            elif len(row.ids) >= row.max_tokens or row.prompt_len + len(row.ids) >= model.max_model_len:
                 row.finish_reason = "length"
-            extend_text(engine.tokenizer, row)
+            extend_text(model.tokenizer, row)
             for stop in row.params.stop:  # only text not searched before can hold a new match
                 at = row.text.find(stop, max(0, row.searched - len(stop) + 1))
                 if at >= 0:

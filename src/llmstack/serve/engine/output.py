@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from llmstack.serve.protocol import ChoiceDelta, ChoiceOutput, GenerationChunk, GenerationResult, Timing, TokenLogprob
 from llmstack.serve.engine.work import Row, Work
 
-if TYPE_CHECKING:
-    from llmstack.serve.engine.transformers import TransformersEngine
 
-
-def chunk_of(engine: TransformersEngine, work: Work, now: float) -> GenerationChunk:
-    """A work's new text since its last chunk (per choice); the final one carries usage and timing."""
+def chunk_of(tokenizer: Any, work: Work, now: float) -> GenerationChunk:
+    """A work's new text since its last chunk (per choice); the final one carries usage and timing and marks
+    the work ``reported``."""
     rows = work.rows
     finished = work.cancelled or all(row.finish_reason is not None for row in rows)
     deltas = []
@@ -24,14 +22,12 @@ def chunk_of(engine: TransformersEngine, work: Work, now: float) -> GenerationCh
             deltas.append(ChoiceDelta(index=row.choice, text=row.text[row.emitted:end],
                                       token_ids=row.ids[row.ids_sent:],
                                       finish_reason=row.finish_reason if reason_due else None,
-                                      logprobs=logprobs_of(engine.tokenizer, row, row.ids_sent)))
+                                      logprobs=logprobs_of(tokenizer, row, row.ids_sent)))
             row.emitted, row.ids_sent = max(row.emitted, end), len(row.ids)
             row.finish_sent = row.finish_sent or reason_due
     chunk = GenerationChunk(request_id=work.request.request_id, model=work.request.model, deltas=deltas)
     if finished:
         work.reported = True
-        if work.cancelled:
-            engine.stats["cancelled"] += 1
         firsts = [row.first_token_time for row in rows if row.first_token_time is not None]
         arrival = work.request.arrival_time
         chunk.finished = True
@@ -41,13 +37,6 @@ def chunk_of(engine: TransformersEngine, work: Work, now: float) -> GenerationCh
         chunk.timing = Timing(queue_s=max(0.0, (work.started or now) - arrival),
                               ttft_s=(min(firsts) - arrival) if firsts else None,
                               total_s=now - arrival, batch_size=work.batch_size)
-        if work.cache_key is not None and not work.cancelled:
-            engine.cache.put(work.cache_key, GenerationResult(
-                request_id=work.request.request_id, model=work.request.model,
-                choices=[ChoiceOutput(index=row.choice, text=row.text, token_ids=list(row.ids),
-                                      finish_reason=row.finish_reason, logprobs=logprobs_of(engine.tokenizer, row, 0))
-                         for row in rows],
-                prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens))
     return chunk
 
 

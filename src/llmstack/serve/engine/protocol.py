@@ -1,4 +1,7 @@
-"""The engine protocol: all the HTTP layer knows of an engine (a local object or a Ray Serve handle client)."""
+"""The engine protocol: all the HTTP layer knows of an engine (a local object or a Ray Serve handle client).
+
+Every :class:`~llmstack.serve.engine.base.Engine` satisfies it; the ABC adds what a replica needs besides.
+"""
 
 from __future__ import annotations
 

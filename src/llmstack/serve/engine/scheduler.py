@@ -5,15 +5,21 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from llmstack.serve.engine.batch import Batch
+from llmstack.serve.engine.batch import Batch, BatchModel, StepStats
 from llmstack.serve.engine.output import chunk_of
 from llmstack.serve.engine.work import Work
 
-if TYPE_CHECKING:
-    from llmstack.serve.engine.transformers import TransformersEngine
+
+class SchedulerModel(BatchModel, Protocol):
+    """What a scheduler drives: a :class:`BatchModel`, the one thread that runs it, and a cap on rows."""
+
+    executor: Executor
+    max_batch_rows: int | None  # sequences per forward pass (None: no cap)
 
 
 @dataclass(eq=False)
@@ -45,14 +51,17 @@ class Scheduler:
     The loop runs on the engine thread in slices of a few steps (one thread hop per slice, not per
     token); each step's output is handed back to the event loop with ``call_soon_threadsafe``.
     Slices are short so that other adapters' loops and adapter loads get the thread in between.
+    What each step did goes to ``record`` as :class:`StepStats`, on the engine thread.
     """
 
     SLICE_STEPS = 8
     SLICE_S = 0.05
 
-    def __init__(self, engine: TransformersEngine, adapter: str | None) -> None:
-        self.engine = engine
+    def __init__(self, model: SchedulerModel, adapter: str | None, *,
+                 record: Callable[[StepStats], None] = lambda stats: None) -> None:
+        self.model = model
         self.adapter = adapter
+        self.record = record
         self.pending: list[Group] = []  # appended on the event loop, taken on the engine thread
         self.lock = threading.Lock()
         self.groups: list[Group] = []  # engine thread only
@@ -75,7 +84,7 @@ class Scheduler:
         epoch = self.epoch
         try:
             while self._busy():
-                await loop.run_in_executor(self.engine.executor, self._run_slice, epoch)
+                await loop.run_in_executor(self.model.executor, self._run_slice, epoch)
         except BaseException as exc:  # noqa: BLE001 - every waiting caller gets the error
             with self.lock:
                 self.epoch += 1
@@ -83,7 +92,7 @@ class Scheduler:
             # A cancelled await leaves its slice running on the engine thread: the batch is dropped
             # there, after that slice, so a later loop's first slice never meets its half-done state.
             try:
-                self.engine.executor.submit(self._fail, exc, pending)
+                self.model.executor.submit(self._fail, exc, pending)
             except RuntimeError:  # the executor is shut down: no slice can be running
                 self._fail(exc, pending)
             if isinstance(exc, asyncio.CancelledError):
@@ -102,18 +111,18 @@ class Scheduler:
                 return
             groups = self._admissible(epoch)
             if groups:
-                fresh = Batch(self.engine, self.adapter, [w for g in groups for w in g.works])
-                fresh.prefill()
+                fresh = Batch(self.model, self.adapter, [w for g in groups for w in g.works])
+                stats = fresh.prefill()
                 if self.batch is None or not self.batch.rows:
                     self.batch = fresh
                 elif fresh.rows:
                     self.batch.merge(fresh)
                 self.groups += groups
             elif self.batch is not None and self.batch.rows:
-                self.batch.step()
+                stats = self.batch.step()
             else:
                 return
-            self._publish()
+            self._publish(stats)
             if time.monotonic() > deadline:
                 return
 
@@ -129,7 +138,7 @@ class Scheduler:
                 waiting = sum(w.request.sampling.n for g in self.pending for w in g.works)
                 if waiting < ADMIT_FRACTION * running and time.monotonic() - self.pending[0].created < ADMIT_WAIT_S:
                     return []
-            cap = self.engine.max_batch_rows
+            cap = self.model.max_batch_rows
             taken: list[Group] = []
             for group in self.pending:
                 size = sum(w.request.sampling.n for w in group.works)
@@ -140,14 +149,22 @@ class Scheduler:
             self.pending = self.pending[len(taken):]
         return taken
 
-    def _publish(self) -> None:
-        """Send each group its works' new text; forget groups whose works have all finished."""
+    def _publish(self, stats: StepStats) -> None:
+        """Record the step's ``stats`` (works that ended cancelled included), then send each group its works'
+        new text; forget groups whose works have all finished."""
         now = time.time()
-        live = []
+        sends = []
         for group in self.groups:
-            outputs = [StopIteration if w.reported else chunk_of(self.engine, w, now) for w in group.works]
+            outputs: list[object] = []
+            for work in group.works:
+                if work.reported:
+                    outputs.append(StopIteration)
+                    continue
+                outputs.append(chunk_of(self.model.tokenizer, work, now))
+                stats.cancelled += work.reported and work.cancelled
+            sends.append((group, outputs))
+        self.record(stats)  # before any caller can see the step's last chunk
+        for group, outputs in sends:
             group.send(outputs)
-            if not all(w.reported for w in group.works):
-                live.append(group)
-        self.groups = live
+        self.groups = [group for group in self.groups if not all(w.reported for w in group.works)]
 

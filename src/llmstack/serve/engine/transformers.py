@@ -14,32 +14,34 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from llmstack.errors import ModelLoadError, RequestError, model_not_found
+from llmstack.errors import RequestError
 from llmstack.serve.engine.adapters import AdapterSlots
-from llmstack.serve.engine.cache import ResponseCache
+from llmstack.serve.engine.base import Engine
+from llmstack.serve.engine.batch import StepStats
 from llmstack.serve.engine.loading import AdapterSpec, LoadedModel, load_served_model, resolve_adapters
-from llmstack.serve.engine.output import assemble, replay
+from llmstack.serve.engine.output import assemble
+from llmstack.serve.engine.preparation import RequestPreparer, eos_token_ids
 from llmstack.serve.engine.prefix_cache import PrefixCache
 from llmstack.serve.engine.scheduler import Group, Scheduler
 from llmstack.serve.engine.work import Work
-from llmstack.serve.protocol import GenerationChunk, GenerationRequest, GenerationResult, ModelCard, Timing
+from llmstack.serve.protocol import GenerationChunk, GenerationRequest, GenerationResult
 
 if TYPE_CHECKING:
     from llmstack.config import ServeConfig
     from llmstack.registry import Registry
 
-# What decodes a work: the engine's own batch of one, or the Serve deployment's @serve.batch function.
-Decoder = Callable[[Work], AsyncIterator[GenerationChunk]]
 
+class TransformersEngine(Engine):
+    """A transformers causal LM (plus optional LoRA adapters) behind the :class:`Engine` contract.
 
-class TransformersEngine:
-    """A transformers causal LM (plus optional LoRA adapters) behind :class:`EngineProtocol`.
+    It batches groups itself (:meth:`run_batch`, fed by the replica's ``@serve.batch``) and is what
+    :mod:`.batch` and :mod:`.scheduler` decode with (:class:`~.batch.BatchModel`: ``forward``, its KV and
+    prefix caches); their step statistics land in :attr:`stats`.
 
     Args:
         loaded: the model, tokenizer and identity from :func:`load_served_model`.
@@ -51,6 +53,8 @@ class TransformersEngine:
         prefix_cache_mb: memory for the prefix cache's KV blocks (0 disables it).
     """
 
+    group_batching: ClassVar[bool] = True
+
     def __init__(self, loaded: LoadedModel, *, adapters: Iterable[AdapterSpec] = (), default_max_tokens: int = 64,
                  max_tokens_limit: int = 512, max_n: int = 4, cache_size: int = 256,
                  aliases: Iterable[str] = (), max_batch_rows: int | None = None,
@@ -60,32 +64,26 @@ class TransformersEngine:
         from llmstack.models.kv_cache import cache_kwarg
         from llmstack.serve.engine.kv import has_sliding_window, new_cache
 
-        self.tokenizer = loaded.tokenizer
-        self.model_id = loaded.model_id
-        self.root = loaded.root
-        self.identity = loaded.identity
-        self.aliases = sorted({a for a in (loaded.root, loaded.source, *aliases) if a and a != loaded.model_id})
-        self.default_max_tokens = default_max_tokens
-        self.max_tokens_limit = max_tokens_limit
-        self.max_n = max_n
         self.max_batch_rows = max_batch_rows  # cap on sequences per forward pass (None: no cap)
         self.stats = {"requests": 0, "cancelled": 0, "generated_tokens": 0, "batches": 0, "max_batch_size": 0,
                       "adapter_loads": 0, "adapter_unloads": 0, "forward_passes": 0,
                       "prefix_queries": 0, "prefix_hits": 0, "prefix_hit_tokens": 0}
         self._adapters = AdapterSlots(loaded.model, adapters, stats=self.stats, on_unload=self._forget_adapter)
-        self.adapters = self._adapters.specs
-        if self.model_id in self.adapters:
-            raise ModelLoadError(f"adapter id {self.model_id!r} collides with the base model's id")
-        self.cache = ResponseCache(cache_size)
         self._config = loaded.model.config
+        loaded.model.eval()
+        self.preparer = RequestPreparer(
+            loaded.tokenizer, model_id=loaded.model_id, root=loaded.root, identity=loaded.identity,
+            source=loaded.source, aliases=aliases, adapters=self._adapters.specs,
+            vocab_size=self._config.vocab_size,
+            max_model_len=int(getattr(self._config, "max_position_embeddings", 0) or 2048),
+            default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit, max_n=max_n,
+            cache_size=cache_size)
         growing = new_cache(self._config) is not None  # else the model's own cache: no prefix reuse, no merging
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 and growing else None
         # Sliding-window masks count cache columns: a row's cached and new prompt tokens must then be adjacent.
         self.contiguous_prefill = has_sliding_window(self._config)
         self._tokenizer_identity = tokenizer_identity(self.tokenizer)
-        loaded.model.eval()
-        self.max_model_len = int(getattr(loaded.model.config, "max_position_embeddings", 0) or 2048)
-        self.eos_ids = _eos_ids(loaded.model, self.tokenizer)
+        self.eos_ids = eos_token_ids(self.tokenizer, getattr(loaded.model, "generation_config", None), self._config)
         self.device = next(loaded.model.parameters()).device
         # Grad mode is per thread: switch it off in the one thread that runs the model, never in the caller's.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmstack-engine",
@@ -128,12 +126,6 @@ class TransformersEngine:
 
     # ------------------------------------------------------------------ protocol
 
-    async def models(self) -> list[ModelCard]:
-        cards = [ModelCard(id=self.model_id, root=self.root, aliases=self.aliases, max_model_len=self.max_model_len)]
-        cards += [ModelCard(id=a.id, root=a.source, parent=self.model_id, max_model_len=self.max_model_len)
-                  for a in self.adapters.values()]
-        return cards
-
     async def check_health(self) -> None:
         if self.executor._shutdown:  # noqa: SLF001 - the one thread that runs the model
             raise RequestError("engine is shut down", status_code=503, type="service_unavailable")
@@ -145,38 +137,8 @@ class TransformersEngine:
         work.cancelled = True
         return True
 
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
-        work = self.prepare(request)
-        return assemble([chunk async for chunk in self.run(work)], work)
-
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        async for chunk in self.run(self.prepare(request)):
-            yield chunk
-
-    async def run(self, work: Work, *, decode: Decoder | None = None,
-                  before_decode: Callable[[Work], Awaitable[Any]] | None = None) -> AsyncIterator[GenerationChunk]:
-        """The chunks of one prepared work: a cache hit replayed, or decoded with its adapter held.
-
-        ``decode`` defaults to a batch of one; the Serve deployment passes its ``@serve.batch``
-        function, and as ``before_decode`` its routing check and ``@serve.multiplexed`` adapter loader.
-        """
-        cached = self.lookup(work)
-        if cached is not None:
-            for chunk in replay(cached):
-                yield chunk
-            return
-        if before_decode is not None:
-            await before_decode(work)
-        await self.acquire_adapter(work.adapter)
-        try:
-            async for chunk in (decode or self._decode_alone)(work):
-                yield chunk
-        finally:
-            if not work.reported:
-                work.cancelled = True  # client gone, timeout or error: its rows leave the batch at the next step
-            self.release_adapter(work.adapter)
-
-    async def _decode_alone(self, work: Work) -> AsyncIterator[GenerationChunk]:
+    async def decode(self, work: Work) -> AsyncIterator[GenerationChunk]:
+        """One work decoded as a batch of one (it still joins the adapter's running batch)."""
         async for outputs in self.run_batch([work]):
             if isinstance(outputs[0], GenerationChunk):
                 yield outputs[0]
@@ -195,107 +157,12 @@ class TransformersEngine:
                         parts[i].append(out)
         finally:
             self.release_adapter(works[0].adapter)
+        for chunks, work in zip(parts, works):
+            if work.cache_key is not None and chunks and chunks[-1].finished:
+                self.remember(work, chunks)
         return [assemble(chunks, w) for chunks, w in zip(parts, works)]
 
-    # ------------------------------------------------------------------ validation
-
-    def served_ids(self) -> list[str]:
-        return [self.model_id, *self.adapters]
-
-    def adapter_for(self, model: str) -> str | None:
-        """The adapter id a request's ``model`` selects (None for the base); 404 when unknown."""
-        if model in self.adapters:
-            return model
-        if model == self.model_id or model in self.aliases:
-            return None
-        for spec in self.adapters.values():
-            if model == spec.source:
-                return spec.id
-        raise model_not_found(model, self.served_ids())
-
-    def prepare(self, request: GenerationRequest) -> Work:
-        """Validate and tokenize ``request``; raises :class:`RequestError` naming the bad field."""
-        adapter = self.adapter_for(request.model)
-        params = request.sampling
-        if params.n > self.max_n:
-            raise RequestError(f"n must be at most {self.max_n}, got {params.n}", param="n")
-        if params.max_tokens is not None and not 1 <= params.max_tokens <= self.max_tokens_limit:
-            raise RequestError(f"max_tokens must be in [1, {self.max_tokens_limit}], got {params.max_tokens}",
-                              param="max_tokens")
-        if params.temperature < 0:
-            raise RequestError(f"temperature must be >= 0, got {params.temperature}", param="temperature")
-        if not 0 < params.top_p <= 1:
-            raise RequestError(f"top_p must be in (0, 1], got {params.top_p}", param="top_p")
-        if len(params.stop) > 4:
-            raise RequestError(f"at most 4 stop sequences, got {len(params.stop)}", param="stop")
-        self._check_sampling(params)
-        prompt_ids = self._tokenize(request)
-        if not prompt_ids:
-            raise RequestError("the prompt is empty", param="prompt" if request.messages is None else "messages")
-        limit = self.max_model_len
-        if len(prompt_ids) >= limit:
-            raise RequestError(
-                f"This model's maximum context length is {limit} tokens; the prompt has {len(prompt_ids)} tokens "
-                f"and at least one must remain for the completion.",
-                param="prompt" if request.messages is None else "messages", code="context_length_exceeded")
-        if params.max_tokens is None:
-            max_tokens = min(self.default_max_tokens, limit - len(prompt_ids))
-        else:
-            max_tokens = params.max_tokens
-            if len(prompt_ids) + max_tokens > limit:
-                raise RequestError(
-                    f"This model's maximum context length is {limit} tokens; you requested "
-                    f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the prompt, {max_tokens} for the "
-                    f"completion). Reduce the prompt or max_tokens.", param="max_tokens",
-                    code="context_length_exceeded")
-        work = Work(request, prompt_ids, max_tokens, adapter)
-        if params.deterministic and self.cache.capacity > 0:
-            adapter_identity = self.adapters[adapter].identity if adapter else None
-            work.cache_key = ResponseCache.key(self.identity, adapter_identity, prompt_ids, params, max_tokens)
-        return work
-
-    def _tokenize(self, request: GenerationRequest) -> list[int]:
-        if request.messages is not None:
-            for i, message in enumerate(request.messages):
-                _check_text(message.get("content"), f"messages[{i}].content")
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise RequestError(f"model {request.model!r} has no chat template; use /v1/completions",
-                                  param="messages")
-            try:  # the template places the special tokens (BOS included): none are added on top
-                encoded = self.tokenizer.apply_chat_template(request.messages, tokenize=True, return_dict=True,
-                                                             add_generation_prompt=True)
-            except Exception as exc:  # template errors are the caller's message shape
-                raise RequestError(f"cannot apply the chat template: {exc}", param="messages") from None
-            return list(encoded["input_ids"])
-        if isinstance(request.prompt, list):
-            vocab = self.model.config.vocab_size
-            bad = [t for t in request.prompt if not 0 <= t < vocab]
-            if bad:
-                raise RequestError(f"token ids must be in [0, {vocab}), got {bad[:5]}", param="prompt")
-            return list(request.prompt)
-        _check_text(request.prompt, "prompt")
-        # Exactly what ``tokenizer(prompt)`` gives, so a tokenizer that adds BOS (Gemma, Llama) gets it, as in
-        # transformers' own generate.
-        return list(self.tokenizer(request.prompt or "")["input_ids"])
-
-    def _check_sampling(self, params: Any) -> None:
-        vocab = self.model.config.vocab_size
-        bad = [t for t in params.logit_bias if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"logit_bias token ids must be in [0, {vocab}), got {bad[:5]}", param="logit_bias")
-
-    # ------------------------------------------------------------------ cache
-
-    def lookup(self, work: Work) -> GenerationResult | None:
-        if work.cache_key is None:
-            return None
-        hit = self.cache.get(work.cache_key)
-        if hit is None:
-            return None
-        now = time.time()
-        elapsed = now - work.request.arrival_time
-        return hit.model_copy(update={"request_id": work.request.request_id, "cached": True, "model": work.request.model,
-                                      "timing": Timing(queue_s=0.0, ttft_s=elapsed, total_s=elapsed, batch_size=1)})
+    # ------------------------------------------------------------------ KV and prefix caches
 
     def new_cache(self) -> Any:
         """An empty KV cache for a prefill (None: let the model build its own)."""
@@ -380,7 +247,7 @@ class TransformersEngine:
             self.stats["requests"] += 1
         scheduler = self._schedulers.get(works[0].adapter)
         if scheduler is None:
-            scheduler = self._schedulers[works[0].adapter] = Scheduler(self, works[0].adapter)
+            scheduler = self._schedulers[works[0].adapter] = Scheduler(self, works[0].adapter, record=self._record)
         group = Group(works)
         scheduler.admit(group)
         try:
@@ -398,18 +265,12 @@ class TransformersEngine:
                     work.cancelled = True  # the consumer left: drop its rows at the next step
                 self._works.pop(work.request.request_id, None)
 
+    def _record(self, step: StepStats) -> None:
+        """Add one decode step's statistics to :attr:`stats` (engine thread)."""
+        step.add_to(self.stats)
+
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _check_text(text: Any, param: str) -> None:
-    """Text must be valid Unicode (a lone surrogate such as "\\ud800" is not): a 400 naming the field."""
-    if isinstance(text, str):
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise RequestError(f"{param} is not valid Unicode text ({exc.reason} at position {exc.start})",
-                               param=param, code="invalid_text") from None
 
 
 def tokenizer_identity(tokenizer: Any) -> str:
@@ -422,19 +283,6 @@ def tokenizer_identity(tokenizer: Any) -> str:
     except Exception:  # noqa: BLE001
         text = f"{type(tokenizer).__name__}:{len(tokenizer)}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
-        value = getattr(source, "eos_token_id", None) if source is not None else None
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return ids
 
 
 __all__ = ["TransformersEngine"]

@@ -2,9 +2,10 @@
 
 Only the decoding is vLLM's. Everything around it stays llmstack's: the registry resolves and pins what is
 served, requests are validated and tokenized (chat template included) exactly as the transformers engine
-does (this class inherits that part of it), so refusals are the same OpenAI-shaped 400s; the response
+does (both hold a :class:`~.preparation.RequestPreparer`), so refusals are the same OpenAI-shaped 400s; the response
 cache, the HTTP app, auth, metrics, the canary and the gate do not know which engine runs. vLLM does its
-own continuous batching and paged KV cache, so the replica's ``@serve.batch`` is bypassed; adapters load
+own continuous batching and paged KV cache, so it does not declare ``group_batching`` and the replica's
+``@serve.batch`` is bypassed; adapters load
 through ``@serve.multiplexed`` as with the transformers engine and become vLLM ``LoRARequest``\\ s.
 
 What it refuses, naming the format and ``engine: transformers`` as the way to serve it: llmstack's own
@@ -32,18 +33,18 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from llmstack.errors import ModelLoadError, RequestError
-from llmstack.serve.engine.cache import ResponseCache
+from llmstack.serve.engine.base import Engine
 from llmstack.serve.engine.loading import AdapterSpec, resolve_adapters
-from llmstack.serve.engine.transformers import TransformersEngine, _eos_ids
+from llmstack.serve.engine.preparation import RequestPreparer, eos_token_ids
 from llmstack.serve.engine.work import Work
-from llmstack.serve.protocol import ChoiceDelta, ChoiceOutput, GenerationChunk, GenerationResult, Timing, TokenLogprob
+from llmstack.serve.protocol import ChoiceDelta, ChoiceOutput, GenerationChunk, Timing, TokenLogprob
 
 if TYPE_CHECKING:
     from llmstack.config import ServeConfig
@@ -269,36 +270,27 @@ def weights_bytes(directory: Any, *, stored: str, dtype: str) -> int:
 # --------------------------------------------------------------------------- the engine
 
 
-class VllmEngine(TransformersEngine):
-    """vLLM's ``AsyncLLM`` behind :class:`~llmstack.serve.engine.EngineProtocol`, with the replica hooks of
-    :class:`TransformersEngine` (``prepare``, ``run``, adapter leases) so ``LLMServer`` runs either one.
-
-    Inherited from the transformers engine: request validation and tokenization (``prepare``), model ids
-    and aliases (``models``, ``adapter_for``), the response cache. Not used: its decoder and KV caches.
+class VllmEngine(Engine):
+    """vLLM's ``AsyncLLM`` behind the :class:`~llmstack.serve.engine.Engine` contract, so ``LLMServer`` runs it
+    like the transformers engine: the same request preparation, response cache and adapter leases; vLLM
+    decodes (:meth:`decode`) and batches by itself (no ``group_batching``).
     """
 
     def __init__(self, llm: Any, api: SimpleNamespace, *, artifact: Artifact, tokenizer: Any, hf_config: Any,
-                 eos_ids: set[int], adapters: Iterable[AdapterSpec] = (), aliases: Iterable[str] = (),
+                 eos_ids: Collection[int], adapters: Iterable[AdapterSpec] = (), aliases: Iterable[str] = (),
                  default_max_tokens: int = 64, max_tokens_limit: int = 512, max_n: int = 4, cache_size: int = 256,
                  prefix_caching: bool = False, max_model_len: int = 2048) -> None:
         self.llm = llm
         self.api = api
-        self.tokenizer = tokenizer
-        self._config = hf_config
-        self.model_id = artifact.name
-        self.root = str(artifact.ref) if artifact.ref is not None else str(artifact.directory)
-        self.identity = f"vllm:{artifact.identity}"  # cache keys never shared with the transformers engine's
-        self.aliases = sorted({a for a in (self.root, artifact.source, *aliases) if a and a != self.model_id})
-        self.default_max_tokens = default_max_tokens
-        self.max_tokens_limit = max_tokens_limit
-        self.max_n = max_n
-        self.max_model_len = max_model_len
+        self.preparer = RequestPreparer(
+            tokenizer, model_id=artifact.name,
+            root=str(artifact.ref) if artifact.ref is not None else str(artifact.directory),
+            identity=f"vllm:{artifact.identity}",  # cache keys never shared with the transformers engine's
+            source=artifact.source, aliases=aliases, adapters={spec.id: spec for spec in adapters},
+            vocab_size=hf_config.vocab_size, max_model_len=max_model_len, default_max_tokens=default_max_tokens,
+            max_tokens_limit=max_tokens_limit, max_n=max_n, cache_size=cache_size)
         self.eos_ids = eos_ids
         self.prefix_caching = prefix_caching
-        self.adapters = {spec.id: spec for spec in adapters}
-        if self.model_id in self.adapters:
-            raise ModelLoadError(f"adapter id {self.model_id!r} collides with the base model's id")
-        self.cache = ResponseCache(cache_size)
         self.stats = {"requests": 0, "cancelled": 0, "generated_tokens": 0, "adapter_loads": 0, "adapter_unloads": 0}
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmstack-vllm")  # adapter leases
         self._running: set[str] = set()
@@ -307,11 +299,6 @@ class VllmEngine(TransformersEngine):
         self._pending_unload: set[str] = set()
         self._next_lora_id = 1
         self._loop: asyncio.AbstractEventLoop | None = None
-
-    @property
-    def model(self) -> Any:
-        """What the inherited validation reads: the model's config (the weights live in vLLM's worker)."""
-        return SimpleNamespace(config=self._config)
 
     @classmethod
     def from_config(cls, cfg: ServeConfig) -> VllmEngine:
@@ -396,7 +383,7 @@ class VllmEngine(TransformersEngine):
             generation = GenerationConfig.from_pretrained(str(artifact.directory))
         except Exception:  # noqa: BLE001 - no generation_config.json
             generation = None
-        eos_ids = _eos_ids(SimpleNamespace(generation_config=generation, config=hf_config), tokenizer)
+        eos_ids = eos_token_ids(tokenizer, generation, hf_config)
         return cls(llm, api, artifact=artifact, tokenizer=tokenizer, hf_config=hf_config, eos_ids=eos_ids,
                    adapters=specs, prefix_caching=prefix_caching, max_model_len=sizing.max_model_len, **limits)
 
@@ -415,18 +402,8 @@ class VllmEngine(TransformersEngine):
         await self.llm.abort(request_id)
         return True
 
-    def run(self, work: Work, *, decode: Any = None,
-            before_decode: Callable[[Work], Awaitable[Any]] | None = None) -> AsyncIterator[GenerationChunk]:
-        """The transformers engine's ``run`` (cache, routing check, adapter held) with vLLM as the decoder:
-        the replica's ``@serve.batch`` ``decode`` is not used, vLLM batches continuously by itself."""
-        return super().run(work, decode=self._decode, before_decode=before_decode)
-
-    async def run_batch(self, works: list[Work]) -> AsyncIterator[list[Any]]:
-        raise RequestError("the vLLM engine batches by itself; call run() per request", status_code=500,
-                           type="server_error")
-        yield []  # pragma: no cover - makes this an async generator like the transformers engine's
-
-    async def _decode(self, work: Work) -> AsyncIterator[GenerationChunk]:
+    async def decode(self, work: Work) -> AsyncIterator[GenerationChunk]:
+        """One request through vLLM's ``generate`` (continuously batched with the others by vLLM)."""
         request = work.request
         params = self._sampling_params(work)
         lora = self._lora.get(work.adapter) if work.adapter is not None else None
@@ -496,10 +473,6 @@ class VllmEngine(TransformersEngine):
         chunk.prefix_cached_tokens = int(output.num_cached_tokens or 0) if self.prefix_caching else None
         chunk.timing = Timing(ttft_s=(first_token_at - arrival) if first_token_at else None, total_s=now - arrival,
                               batch_size=len(choices))
-        if work.cache_key is not None:
-            self.cache.put(work.cache_key, GenerationResult(
-                request_id=work.request.request_id, model=work.request.model, choices=list(choices.values()),
-                prompt_tokens=chunk.prompt_tokens, completion_tokens=completion_tokens))
 
     def _sampling_params(self, work: Work) -> Any:
         p = work.request.sampling
@@ -575,10 +548,6 @@ class VllmEngine(TransformersEngine):
         if lora is not None:
             self.stats["adapter_unloads"] += 1
             asyncio.ensure_future(self.llm.remove_lora(lora.lora_int_id))
-
-    def load_adapter(self, adapter: str) -> None:
-        raise RequestError("the vLLM engine loads adapters through acquire_adapter", status_code=500,
-                           type="server_error")
 
     def loaded_adapters(self) -> list[str]:
         return list(self._lora)
