@@ -39,7 +39,9 @@ def smollm2_gguf() -> Path:
 def test_smollm2_import_finetune_quantize_validate_deploy(ray_cluster: dict, smollm2_gguf: Path,
                                                           tmp_path: Path) -> None:
     import llmstack
-    from llmstack.models import import_model
+    import torch
+
+    from llmstack.models import import_model, load_artifact
     from llmstack.registry import Registry
 
     registry = Registry(str(tmp_path / "registry"))
@@ -65,11 +67,25 @@ def test_smollm2_import_finetune_quantize_validate_deploy(ray_cluster: dict, smo
     assert registry.manifest(quantized.ref).parents == [str(tuned.merged_ref)]
     assert quantized.metrics["perplexity_ratio"] < 1.02, quantized.table()
 
-    report = llmstack.validate(str(quantized.ref), str(tuned.merged_ref), registry=registry, progress=False)
+    # The gate on held-out documents (the fine-tune's own held-out split is a single block here).
+    report = llmstack.validate(str(quantized.ref), str(tuned.merged_ref), registry=registry, progress=False,
+                               eval_data="builtin:stdlib",
+                               thresholds={"max_eval_blocks": 8, "eval_block_size": 96, "latency_requests": 5,
+                                           "latency_repeats": 1, "latency_warmup": 1, "generation_tokens": 8})
     assert report.check("perplexity").passed, report.to_text()
 
     with llmstack.deploy({"model": str(quantized.ref), "registry": registry.url, "port": _free_port(),
                           "app_name": "smollm2", "route_prefix": "/smollm2", "num_cpus": 0.5}) as app:
         answer = requests.post(app.url + "/v1/chat/completions", timeout=120,
                                json={"messages": QUESTION, "max_tokens": 12, "temperature": 0}).json()
-    assert "Paris" in answer["choices"][0]["message"]["content"], answer
+    served = answer["choices"][0]["message"]["content"]
+    assert "Paris" in served, answer
+
+    # The same version in-process: transformers generate, greedy, on the same chat template.
+    loaded = load_artifact(str(quantized.ref), registry=registry)
+    prompt = loaded.tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_dict=True,
+                                                  return_tensors="pt")
+    with torch.no_grad():
+        out = loaded.model.generate(**prompt, max_new_tokens=12, do_sample=False)
+    expected = loaded.tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert served == expected
