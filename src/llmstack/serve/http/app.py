@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmstack.config import ServeConfig, load_config
 from llmstack.errors import LLMStackError, RequestError, model_not_found
-from llmstack.serve.http.errors import error_response, validation_error
+from llmstack.serve.http.errors import as_request_error, error_response, validation_error
 from llmstack.serve.http.guard import RequestGuard
 from llmstack.serve.http.logprobs import chat_logprobs, completion_logprobs
 from llmstack.serve.http.metrics import UNKNOWN_MODEL, ServeMetrics, model_label
@@ -105,11 +105,12 @@ def make_api(engine: Any, config: ServeConfig | dict[str, Any] | None = None) ->
                 raise RequestError(f"generation did not finish within {cfg.request_timeout_s} s and was cancelled",
                                   status_code=504, type="timeout_error", code="timeout") from None
             streaming = isinstance(response, StreamingResponse)
-        except LLMStackError as exc:
-            if exc.code == "overloaded":
+        except Exception as exc:  # noqa: BLE001 - llmstack's errors and anything else (Ray's load shedding: 503)
+            error = as_request_error(exc)
+            if error.code == "overloaded":
                 metrics.shed.labels(model).inc()
-            metrics.requests.labels(route, model, str(exc.status_code)).inc()
-            return error_response(exc)
+            metrics.requests.labels(route, model, str(error.status_code)).inc()
+            return error_response(error)
         finally:
             if not streaming:
                 gauge.dec()
