@@ -1,5 +1,5 @@
-"""deploy()'s refusals on a cluster where Serve already runs: a failed start cleaned up, a taken route prefix
-named in one clear error."""
+"""deploy()'s refusals on a cluster where Serve already runs: a failed start cleaned up, a taken route prefix and
+a port Serve does not hold named in one clear error."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from serve_helpers import deploy_app
 
-from llmstack.errors import ConfigError, ModelLoadError
+from llmstack.errors import ConfigError, ModelLoadError, ResourceError
 
 pytestmark = pytest.mark.ray
 
@@ -39,3 +39,13 @@ def test_a_taken_route_prefix_names_both_apps(main_app, serve_registry: dict, se
     assert "'clash' cannot take it" in message
     assert "clash" not in _apps()
 
+
+def test_a_port_serve_does_not_hold_is_refused_naming_the_held_port(serve_registry: dict, serve_port: int) -> None:
+    """deploy(port=...) beside a running Serve once answered on Serve's port, silently ignoring the asked one."""
+    asked = serve_port + 1
+    with pytest.raises(ResourceError) as refusal:
+        deploy_app(serve_registry, asked, app_name="other-port", route_prefix="/other-port")
+    message = str(refusal.value)
+    assert f"asks for port {asked}" in message and f"already serves HTTP on port {serve_port}" in message
+    assert f"deploy with port={serve_port}" in message
+    assert "other-port" not in _apps()

@@ -209,7 +209,8 @@ def deploy(config: ServeConfig | dict[str, Any] | str | None = None, *, replace:
         A :class:`Deployment` with ``.url`` and ``.shutdown()`` (also a context manager).
 
     Raises:
-        ResourceError: the replicas cannot be placed on the cluster, or the port is taken by another server.
+        ResourceError: the replicas cannot be placed on the cluster, the port is taken by another server, or
+            Serve already serves HTTP on this cluster on another port (the message names it).
         ConfigError: an app of that name runs already (and ``replace`` is not set), or another app serves the
             route prefix.
         ModelLoadError: a replica failed to start (the replica's own error message is included).
@@ -235,9 +236,9 @@ def run_app(app: Any, cfg: ServeConfig, *, replace: bool = False, timeout_s: flo
 
     Fails fast instead of waiting forever: replicas that cannot be placed (``needs``: Ray resources per
     replica and replica counts, see :func:`check_placement`), an HTTP port held by another process or
-    Ray cluster, a route prefix another app serves, an app of the same name (unless ``replace``), and a
-    replica that fails to start (its own error in the message; the failed app is deleted so a corrected
-    retry can start).
+    Ray cluster, a port other than the one this cluster's Serve already serves on, a route prefix another
+    app serves, an app of the same name (unless ``replace``), and a replica that fails to start (its own
+    error in the message; the failed app is deleted so a corrected retry can start).
     """
     import ray
     from ray import serve
@@ -258,6 +259,8 @@ def run_app(app: Any, cfg: ServeConfig, *, replace: bool = False, timeout_s: flo
         check_port_free(cfg.host, cfg.port)
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
         http = _serve_http() or (cfg.host, cfg.port)
+    else:
+        check_serve_port(cfg.port, http[1], cfg.app_name)
     check_route_prefix(cfg.route_prefix, cfg.app_name)
     try:
         serve.run_many([serve.RunTarget(app, name=cfg.app_name, route_prefix=cfg.route_prefix)],
@@ -296,6 +299,16 @@ def _serve_http() -> tuple[str, int] | None:
         return http.host, http.port
     except Exception:
         return None
+
+
+def check_serve_port(asked: int, held: int, app_name: str) -> None:
+    """Raise ResourceError when Serve already serves HTTP on this cluster on another port than ``asked``:
+    a cluster has one HTTP port for all its apps, so the asked one could not be honoured."""
+    if asked != held:
+        raise ResourceError(
+            f"port: {app_name!r} asks for port {asked}, but Ray Serve already serves HTTP on port {held} of this "
+            f"cluster (one port for all its apps, kept apart by route_prefix); deploy with port={held} and its own "
+            "route_prefix, or use another Ray cluster for a separate port")
 
 
 _PREFIX_CLASH = re.compile(r'is being used by application "([^"]+)"')
