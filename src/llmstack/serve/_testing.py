@@ -127,3 +127,24 @@ def bos_tokenizer(tokenizer: Any) -> Any:
     adding.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, adding.bos_token_id)])
     return adding
+
+
+def serve_http_port(host: str = "127.0.0.1") -> int:
+    """The HTTP port of this cluster's Serve, starting Serve on a free port of ``host`` when it is not running.
+
+    A cluster has one Serve HTTP port and ``deploy()`` refuses any other, so tests and demos sharing a cluster
+    ask for this one (call it with Ray initialised)."""
+    import socket
+
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    try:
+        return int(_get_global_client(raise_if_no_controller_running=True).http_config.port)
+    except Exception:  # Serve not started on this cluster yet
+        pass
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port = sock.getsockname()[1]
+    serve.start(http_options={"host": host, "port": port})
+    return int(_get_global_client().http_config.port)

@@ -25,27 +25,13 @@ def _evenly_spaced(segments: list[tuple[float, float]], *, context_tokens: int, 
     return Trace(arrivals, [context_tokens] * len(arrivals), [generated_tokens] * len(arrivals))
 
 
-def _serve_port() -> int:
-    """Serve's HTTP port: a free one if Serve is not running yet, else the one it already has."""
-    import socket
-
-    from ray import serve
-    from ray.serve.context import _get_global_client
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    return int(_get_global_client().http_config.port)
-
-
 @pytest.fixture(scope="module")
 def predictive_app(ray_cluster: dict, tmp_path_factory: pytest.TempPathFactory) -> Any:
     import llmstack
-    from llmstack.serve._testing import make_registry
+    from llmstack.serve._testing import make_registry, serve_http_port
 
     info = make_registry(str(tmp_path_factory.mktemp("autoscale") / "registry"), adapters=0)
-    port = _serve_port()
+    port = serve_http_port()
     url = f"http://127.0.0.1:{port}/auto"
     deployment = llmstack.deploy({
         "model": info["model"], "registry": info["registry"].url, "app_name": "autoscale", "route_prefix": "/auto",

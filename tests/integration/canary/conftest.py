@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,12 +19,6 @@ ray.cloudpickle.register_pickle_by_value(faults)
 # The "broken" version: tiny-lm@v3 on a deployment that misbehaves on purpose (its fault is switched by tests).
 BROKEN = {"name": "broken", "model": "tiny-lm@v3", "deployment": "faults:FaultInjectingLLMServer",
           "deployment_args": {"fault": "raise", "delay_s": 2.0}}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _report(passed: bool, baseline: str) -> dict[str, Any]:
@@ -54,13 +47,14 @@ def canary_registry(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def canary_app(ray_cluster: dict, canary_registry: dict[str, Any]) -> Iterator[Any]:
     """stable tiny-lm@v1 (production), candidate tiny-lm@v2, and "broken": tiny-lm@v3 with test-only faults."""
+    from llmstack.serve._testing import serve_http_port
     from llmstack.serve.canary import deploy_canary
 
     dep = deploy_canary({
         "stable": "tiny-lm@production", "candidate": "tiny-lm@v2", "registry": canary_registry["url"],
         # TEST-ONLY fault injection: one broken twin whose fault the tests switch (raise / garbage / slow).
         "versions": [BROKEN],
-        "app_name": "canary-it", "route_prefix": "/canary-it", "port": _free_port(), "host": "127.0.0.1",
+        "app_name": "canary-it", "route_prefix": "/canary-it", "port": serve_http_port(), "host": "127.0.0.1",
         "num_cpus": 0.25, "max_batch_size": 8, "batch_wait_timeout_s": 0.005, "max_ongoing_requests": 32,
         "max_queued_requests": -1, "response_cache_size": 0, "default_max_tokens": 8, "max_tokens_limit": 64,
         "thresholds": {"window_s": 30}})

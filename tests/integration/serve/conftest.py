@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # serve_helpers, shared by the test modules here
-from serve_helpers import API_KEY, deploy_app, free_port  # noqa: E402
+from serve_helpers import API_KEY, deploy_app  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -28,12 +28,11 @@ def serve_registry(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def serve_port(ray_cluster: dict) -> int:
-    """Serve's HTTP proxy on a free loopback port, started once per session."""
-    from ray import serve
+    """Serve's HTTP port: a free loopback one when this module starts Serve, else the one it already holds
+    (earlier test modules of the session may have started it; deploy() refuses any other port)."""
+    from llmstack.serve._testing import serve_http_port
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    return port
+    return serve_http_port()
 
 
 @pytest.fixture(scope="session")

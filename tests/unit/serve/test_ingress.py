@@ -55,6 +55,8 @@ class SlowEngine:
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         self.requests.append(request)
+        if request.model != "slow":
+            raise EngineError("no such model", status_code=404, param="model", code="model_not_found")
         try:
             for i in range(3):
                 await asyncio.sleep(self.delay)
@@ -210,3 +212,115 @@ def test_only_the_exact_health_path_skips_the_api_key() -> None:
             return [await c.get("/health"), await c.get("/v1/models/health"), await c.get("/x/health"),
                     await c.get("/v1/models/health", headers={"Authorization": "Bearer k"})]
     assert [r.status_code for r in asyncio.run(main())] == [200, 401, 401, 404]
+
+
+def test_metric_labels_take_only_served_model_names() -> None:
+    """Made-up model names once became labels: 1,000 of them grew /metrics from 10 KB to 833 KB."""
+    app = make_api(SlowEngine(delay=0), {})
+
+    async def main() -> tuple[str, str]:
+        async with client(app) as c:
+            before = (await c.get("/metrics")).text
+            for i in range(40):
+                stream = i % 2 == 1
+                path = "/v1/chat/completions" if i % 4 >= 2 else "/v1/completions"
+                body: dict[str, Any] = {"model": f"made-up-{i}", "stream": stream}
+                body.update({"messages": [{"role": "user", "content": "x"}]} if "chat" in path else {"prompt": "x"})
+                assert (await c.post(path, json=body)).status_code == 404
+            assert (await c.post("/v1/completions", json={"model": "slow", "prompt": "x"})).status_code == 200
+            assert (await c.post("/v1/completions", json={"model": "slow", "prompt": "x",
+                                                          "stream": True})).status_code == 200
+            return before, (await c.get("/metrics")).text
+
+    before, after = asyncio.run(main())
+    assert "made-up" not in after
+    assert 'llmstack_requests_total{model="unknown",route="completions",status="404"} 20.0' in after
+    assert 'llmstack_requests_total{model="unknown",route="chat",status="404"} 20.0' in after
+    assert 'llmstack_requests_total{model="slow",route="completions",status="200"} 2.0' in after
+    assert 'llmstack_completion_tokens_total{model="slow"} 2.0' in after
+    assert len(after) < len(before) + 8_000  # a fixed set of series, not one per asked name
+
+
+class _ShedStreamHandle:
+    """A stand-in DeploymentHandle whose streaming calls are shed the way Ray sheds them: the response raises
+    BackPressureError, and so does its ``cancel()`` (Ray's router loop re-raises the failed assignment)."""
+
+    def __init__(self) -> None:
+        class _Shed:
+            def __aiter__(self) -> _Shed:
+                return self
+
+            async def __anext__(self) -> Any:
+                from ray.serve.exceptions import BackPressureError
+
+                raise BackPressureError(num_queued_requests=1, max_queued_requests=1, retry_after_s=2.5)
+
+            def cancel(self) -> None:
+                from ray.serve.exceptions import BackPressureError
+
+                raise BackPressureError(num_queued_requests=1, max_queued_requests=1, retry_after_s=2.5)
+
+        class _Method:
+            def __init__(self, answer: Any) -> None:
+                self.answer = answer
+
+            def remote(self, *args: Any) -> Any:
+                return self.answer()
+
+        async def cards() -> list[ModelCard]:
+            return [ModelCard(id="tiny")]
+
+        self.models = _Method(cards)
+        self.stream = _Method(_Shed)
+
+    def options(self, **_: Any) -> _ShedStreamHandle:
+        return self
+
+
+def test_a_shed_stream_answers_the_openai_503_and_is_counted() -> None:
+    """Streamed requests shed by Ray once reached the client as Ray's plain text "Request dropped due to
+    backpressure" (no content type, in no counter): the handler Ray adds to the app for its BackPressureError."""
+    from ray.serve.exceptions import BackPressureError
+    from starlette.responses import PlainTextResponse
+
+    from llmstack.serve.deployments.client import ServeEngineClient
+
+    app = make_api(ServeEngineClient(_ShedStreamHandle(), retry_after_s=1), {})
+    # What Ray Serve's replica does to every FastAPI ingress it runs (replica.py): Serve's own plain-text answer.
+    app.add_exception_handler(BackPressureError, lambda _, exc: PlainTextResponse(exc.message, status_code=503))
+
+    async def main() -> tuple[list[httpx.Response], str]:
+        async with client(app) as c:
+            responses = [await c.post("/v1/completions", json={"prompt": "x", "stream": True}),
+                         await c.post("/v1/chat/completions",
+                                      json={"messages": [{"role": "user", "content": "x"}], "stream": True})]
+            return responses, (await c.get("/metrics")).text
+
+    responses, metrics = asyncio.run(main())
+    for r in responses:
+        assert r.status_code == 503 and r.headers["content-type"] == "application/json", r.text
+        assert r.headers["Retry-After"] == "3"  # the deployment's 2.5 s, rounded up
+        assert r.json()["error"]["code"] == "overloaded"
+    assert 'llmstack_requests_shed_total{model="tiny"} 2.0' in metrics
+    assert 'llmstack_requests_total{model="tiny",route="chat",status="503"} 1.0' in metrics
+
+
+def test_ray_shedding_mid_stream_is_an_sse_error_event() -> None:
+    """Once a stream has begun, a failure (here Ray's BackPressureError, not an llmstack error) is one SSE
+    ``error`` event in the OpenAI shape with the status code, not a cut stream."""
+    from ray.serve.exceptions import BackPressureError
+
+    class _ShedAfterOne(SlowEngine):
+        async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+            yield GenerationChunk(request_id=request.request_id, model=request.model,
+                                  deltas=[ChoiceDelta(index=0, text="t0")])
+            raise BackPressureError(num_queued_requests=1, max_queued_requests=1)
+
+    async def main() -> httpx.Response:
+        async with client(make_api(_ShedAfterOne(delay=0), {})) as c:
+            return await c.post("/v1/completions", json={"prompt": "x", "stream": True})
+
+    r = asyncio.run(main())
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    assert r.status_code == 200 and events[0]["choices"][0]["text"] == "t0"
+    assert events[-1]["error"]["code"] == "overloaded" and events[-1]["error"]["type"] == "server_overloaded"

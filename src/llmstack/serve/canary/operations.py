@@ -17,7 +17,7 @@ from llmstack.serve.canary.builder import version_deployment
 from llmstack.serve.canary.config import (ROUTER, CanaryError, CanaryPlan, CanaryThresholds, VersionSpec,
                                           check_weights, resolve_version)
 from llmstack.serve.canary.router import refusal
-from llmstack.serve.deployments.builder import wait_running
+from llmstack.serve.deployments.builder import delete_app, wait_running
 
 
 def _router(app_name: str, address: str | None) -> Any:
@@ -100,7 +100,11 @@ def canary_start(candidate: str, *, app_name: str = "llmstack-canary", plan: dic
             version.app = side
             serve.run_many([serve.RunTarget(version_deployment(version), name=side, route_prefix=None)],
                            wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
-            wait_running(side, timeout_s=timeout_s, what="version application")
+            try:
+                wait_running(side, timeout_s=timeout_s, what="version application")
+            except BaseException:  # not left registered: a corrected retry must be able to start it
+                delete_app(side)
+                raise
             _call(router.add_version, version.name, version.ref, side, version.deployment)
             name = version.name
     return _call(router.start, name, plan=plan, thresholds=thresholds, force=force)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any
 
 from llmstack._console import announce_ray_logs, quiet_libraries, ray_init_options, verbose
@@ -208,8 +209,10 @@ def deploy(config: ServeConfig | dict[str, Any] | str | None = None, *, replace:
         A :class:`Deployment` with ``.url`` and ``.shutdown()`` (also a context manager).
 
     Raises:
-        ResourceError: the replicas cannot be placed on the cluster, or the port is taken by another server.
-        ConfigError: an app of that name runs already (and ``replace`` is not set).
+        ResourceError: the replicas cannot be placed on the cluster, the port is taken by another server, or
+            Serve already serves HTTP on this cluster on another port (the message names it).
+        ConfigError: an app of that name runs already (and ``replace`` is not set), or another app serves the
+            route prefix.
         ModelLoadError: a replica failed to start (the replica's own error message is included).
 
     Example:
@@ -233,8 +236,9 @@ def run_app(app: Any, cfg: ServeConfig, *, replace: bool = False, timeout_s: flo
 
     Fails fast instead of waiting forever: replicas that cannot be placed (``needs``: Ray resources per
     replica and replica counts, see :func:`check_placement`), an HTTP port held by another process or
-    Ray cluster, an app of the same name (unless ``replace``), and a replica that fails to start (its
-    own error in the message).
+    Ray cluster, a port other than the one this cluster's Serve already serves on, a route prefix another
+    app serves, an app of the same name (unless ``replace``), and a replica that fails to start (its own
+    error in the message; the failed app is deleted so a corrected retry can start).
     """
     import ray
     from ray import serve
@@ -255,9 +259,22 @@ def run_app(app: Any, cfg: ServeConfig, *, replace: bool = False, timeout_s: flo
         check_port_free(cfg.host, cfg.port)
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
         http = _serve_http() or (cfg.host, cfg.port)
-    serve.run_many([serve.RunTarget(app, name=cfg.app_name, route_prefix=cfg.route_prefix)],
-                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
-    wait_running(cfg.app_name, timeout_s=timeout_s, what=what)
+    else:
+        check_serve_port(cfg.port, http[1], cfg.app_name)
+    check_route_prefix(cfg.route_prefix, cfg.app_name)
+    try:
+        serve.run_many([serve.RunTarget(app, name=cfg.app_name, route_prefix=cfg.route_prefix)],
+                       wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    except Exception as exc:  # a prefix taken between the check and the call: the same clear error
+        clash = _PREFIX_CLASH.search(str(exc))
+        if clash is None:
+            raise
+        raise _prefix_taken(cfg.route_prefix, clash.group(1), cfg.app_name) from None
+    try:
+        wait_running(cfg.app_name, timeout_s=timeout_s, what=what)
+    except BaseException:  # a failed app must not stay registered: the corrected retry would be "already running"
+        delete_app(cfg.app_name)
+        raise
     host, port = http
     host = "127.0.0.1" if host in ("0.0.0.0", "", None) else host
     prefix = "" if cfg.route_prefix == "/" else cfg.route_prefix.rstrip("/")
@@ -282,6 +299,55 @@ def _serve_http() -> tuple[str, int] | None:
         return http.host, http.port
     except Exception:
         return None
+
+
+def check_serve_port(asked: int, held: int, app_name: str) -> None:
+    """Raise ResourceError when Serve already serves HTTP on this cluster on another port than ``asked``:
+    a cluster has one HTTP port for all its apps, so the asked one could not be honoured."""
+    if asked != held:
+        raise ResourceError(
+            f"port: {app_name!r} asks for port {asked}, but Ray Serve already serves HTTP on port {held} of this "
+            f"cluster (one port for all its apps, kept apart by route_prefix); deploy with port={held} and its own "
+            "route_prefix, or use another Ray cluster for a separate port")
+
+
+_PREFIX_CLASH = re.compile(r'is being used by application "([^"]+)"')
+
+
+def check_route_prefix(route_prefix: str, app_name: str) -> None:
+    """Raise ConfigError naming both apps when another running app already serves ``route_prefix``."""
+    for other, prefix in _route_prefixes().items():
+        if other != app_name and prefix == route_prefix:
+            raise _prefix_taken(route_prefix, other, app_name)
+
+
+def _prefix_taken(route_prefix: str, other: str, app_name: str) -> ConfigError:
+    return ConfigError(f"route_prefix: {route_prefix!r} is already served by the application {other!r}, so "
+                       f"{app_name!r} cannot take it; pick another route_prefix, or shut {other!r} down first")
+
+
+def _route_prefixes() -> dict[str, str]:
+    """The route prefix of each application on this cluster's Serve (empty when Serve is not running)."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        details = _get_global_client(raise_if_no_controller_running=True).get_serve_details()
+    except Exception:
+        return {}
+    return {name: app.get("route_prefix") for name, app in (details.get("applications") or {}).items()
+            if app.get("route_prefix") is not None and app.get("status") != "DELETING"}
+
+
+def delete_app(app_name: str) -> None:
+    """Delete ``app_name`` (a failed start), keeping the error that led here if deleting fails too."""
+    from ray import serve
+
+    try:
+        serve.delete(app_name)
+    except Exception as exc:  # noqa: BLE001 - the start's own error is the one to report
+        import logging
+
+        logging.getLogger(__name__).warning("could not delete the failed application %r: %s", app_name, exc)
 
 
 def check_port_free(host: str, port: int) -> None:

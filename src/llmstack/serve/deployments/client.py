@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from llmstack.errors import LLMStackError, RequestError, model_not_found
+from llmstack.serve.http.errors import overloaded_error
 from llmstack.serve.protocol import GenerationChunk, GenerationRequest, GenerationResult, ModelCard
 
 
@@ -51,7 +52,7 @@ class ServeEngineClient:
         try:
             return await response
         except asyncio.CancelledError:
-            response.cancel()
+            _cancel(response)
             raise
         except Exception as exc:
             raise self._translate(exc) from None
@@ -98,7 +99,7 @@ class ServeEngineClient:
             raise self._translate(exc) from None
         finally:
             if not finished:
-                responses.cancel()
+                _cancel(responses)
 
     async def abort(self, request_id: str) -> bool:
         return await self._call(self.handle.abort, request_id)
@@ -109,21 +110,24 @@ class ServeEngineClient:
     def _translate(self, exc: BaseException) -> LLMStackError:
         """A backend failure as the caller's error: the replica's own llmstack error (from inside Ray's wrapper),
         503 + Retry-After for shedding, else 503 backend unavailable (naming the failure's type only)."""
-        from ray.serve.exceptions import BackPressureError
-
         if isinstance(exc, LLMStackError) and getattr(exc, "cause", None) is None:
             return exc
         if isinstance(getattr(exc, "cause", None), LLMStackError):
             return exc.cause  # type: ignore[union-attr, return-value]
-        cause = exc
-        while cause is not None and not isinstance(cause, BackPressureError):
-            cause = getattr(cause, "cause", None) or cause.__cause__
-        if isinstance(cause, BackPressureError):
-            retry = cause.retry_after_s if cause.retry_after_s is not None else self.retry_after_s
-            return RequestError("The server is overloaded: too many requests are queued. Retry shortly.",
-                               status_code=cause.status_code, type="server_overloaded", code="overloaded",
-                               headers={"Retry-After": str(max(1, int(round(retry + 0.499))))})
+        shed = overloaded_error(exc, default_retry_after_s=self.retry_after_s)
+        if shed is not None:
+            return shed
         return RequestError(f"model backend unavailable ({type(exc).__name__}); retry shortly", status_code=503,
                            type="service_unavailable", code="backend_unavailable",
                            headers={"Retry-After": str(max(1, int(self.retry_after_s)))})
 
+
+
+def _cancel(response: Any) -> None:
+    """Cancel a Serve call downstream. Best effort: a call that already failed has nothing left to cancel, and
+    Ray's ``cancel()`` re-raises that failure (e.g. the BackPressureError of a shed stream) from its router
+    loop, which must not replace the translated error the caller is handling."""
+    try:
+        response.cancel()
+    except Exception:  # noqa: BLE001 - the call's own outcome is what the caller reports
+        pass

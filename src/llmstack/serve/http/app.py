@@ -25,10 +25,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmstack.config import ServeConfig, load_config
 from llmstack.errors import LLMStackError, RequestError, model_not_found
-from llmstack.serve.http.errors import error_response, validation_error
+from llmstack.serve.http.errors import as_request_error, error_response, validation_error
 from llmstack.serve.http.guard import RequestGuard
 from llmstack.serve.http.logprobs import chat_logprobs, completion_logprobs
-from llmstack.serve.http.metrics import ServeMetrics
+from llmstack.serve.http.metrics import UNKNOWN_MODEL, ServeMetrics, model_label
 from llmstack.serve.http.sse import chat_chunk, completion_chunk, stream_response
 from llmstack.serve.protocol import (
     ChatChoice,
@@ -85,8 +85,15 @@ def make_api(engine: Any, config: ServeConfig | dict[str, Any] | None = None) ->
     async def default_model() -> str:
         return (await engine.models())[0].id
 
+    async def label_of(model: str) -> str:
+        """The metric label of ``model``: bounded to the served names (the model list is cached by clients)."""
+        try:
+            return model_label(model, await engine.models())
+        except Exception:  # the backend cannot list its models: the request fails anyway
+            return UNKNOWN_MODEL
+
     async def call(route: str, model: str, fn: Callable[[], Awaitable[Response]]) -> Response:
-        """Count, time and error-map one request; enforce the request timeout."""
+        """Count, time and error-map one request; enforce the request timeout. ``model`` is the metric label."""
         start = time.perf_counter()
         gauge = metrics.in_flight.labels(model)
         gauge.inc()
@@ -98,11 +105,12 @@ def make_api(engine: Any, config: ServeConfig | dict[str, Any] | None = None) ->
                 raise RequestError(f"generation did not finish within {cfg.request_timeout_s} s and was cancelled",
                                   status_code=504, type="timeout_error", code="timeout") from None
             streaming = isinstance(response, StreamingResponse)
-        except LLMStackError as exc:
-            if exc.code == "overloaded":
+        except Exception as exc:  # noqa: BLE001 - llmstack's errors and anything else (Ray's load shedding: 503)
+            error = as_request_error(exc)
+            if error.code == "overloaded":
                 metrics.shed.labels(model).inc()
-            metrics.requests.labels(route, model, str(exc.status_code)).inc()
-            return error_response(exc)
+            metrics.requests.labels(route, model, str(error.status_code)).inc()
+            return error_response(error)
         finally:
             if not streaming:
                 gauge.dec()
@@ -155,11 +163,13 @@ def make_api(engine: Any, config: ServeConfig | dict[str, Any] | None = None) ->
         prompts = _prompts(body.prompt)
         sampling = body.sampling(logprobs=body.logprobs)
         requests = [GenerationRequest(model=model, prompt=p, sampling=sampling) for p in prompts]
+        label = await label_of(model)
         if body.stream:
-            return await call("completions", model,
+            return await call("completions", label,
                               lambda: stream_response(engine, requests, model, completion_chunk(body, prompts),
-                                                       cfg, metrics, body.stream_options))
-        return await call("completions", model, lambda: _complete(engine, requests, model, body, prompts, metrics))
+                                                       cfg, metrics, body.stream_options, label=label))
+        return await call("completions", label,
+                          lambda: _complete(engine, requests, model, body, prompts, metrics, label))
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERROR_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -169,10 +179,12 @@ def make_api(engine: Any, config: ServeConfig | dict[str, Any] | None = None) ->
         sampling = body.sampling(max_tokens=body.token_limit(),
                                  logprobs=(body.top_logprobs or 0) if body.logprobs else None)
         requests = [GenerationRequest(model=model, messages=messages, sampling=sampling)]
+        label = await label_of(model)
         if body.stream:
-            return await call("chat", model, lambda: stream_response(engine, requests, model, chat_chunk(),
-                                                                      cfg, metrics, body.stream_options))
-        return await call("chat", model, lambda: _chat(engine, requests[0], model, metrics))
+            return await call("chat", label, lambda: stream_response(engine, requests, model, chat_chunk(),
+                                                                      cfg, metrics, body.stream_options,
+                                                                      label=label))
+        return await call("chat", label, lambda: _chat(engine, requests[0], model, metrics, label))
 
     return app
 
@@ -193,12 +205,12 @@ def _prompts(prompt: Any) -> list[str | list[int]]:
 
 
 async def _complete(engine: Any, requests: list[GenerationRequest], model: str, body: CompletionRequest,
-                    prompts: list[Any], metrics: ServeMetrics) -> JSONResponse:
+                    prompts: list[Any], metrics: ServeMetrics, label: str) -> JSONResponse:
     results = await _gather([engine.generate(r) for r in requests])
     n = body.n
     choices = []
     for i, (result, prompt) in enumerate(zip(results, prompts)):
-        metrics.observe_result(model, prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+        metrics.observe_result(label, prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
                                timing=result.timing, cached=result.cached,
                                prefix_cached_tokens=result.prefix_cached_tokens)
         for choice in result.choices:
@@ -211,9 +223,10 @@ async def _complete(engine: Any, requests: list[GenerationRequest], model: str, 
     return JSONResponse(response.model_dump())
 
 
-async def _chat(engine: Any, request: GenerationRequest, model: str, metrics: ServeMetrics) -> JSONResponse:
+async def _chat(engine: Any, request: GenerationRequest, model: str, metrics: ServeMetrics,
+                label: str) -> JSONResponse:
     result = await engine.generate(request)
-    metrics.observe_result(model, prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+    metrics.observe_result(label, prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
                            timing=result.timing, cached=result.cached,
                            prefix_cached_tokens=result.prefix_cached_tokens)
     response = ChatCompletionResponse(

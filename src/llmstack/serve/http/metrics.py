@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+UNKNOWN_MODEL = "unknown"  # the one label value of every model name the server does not serve
+
+
+def model_label(model: str, cards: Iterable[Any]) -> str:
+    """The ``model`` label of a request: the name as asked when a served model or adapter answers to it
+    (its id, root or an alias), else :data:`UNKNOWN_MODEL`, so clients cannot grow /metrics with made-up names."""
+    for card in cards:
+        if model in (card.id, card.root, *card.aliases):
+            return model
+    return UNKNOWN_MODEL
 
 
 class ServeMetrics:

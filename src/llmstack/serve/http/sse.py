@@ -49,8 +49,11 @@ def chat_chunk() -> ChunkRenderer:
 
 async def stream_response(engine: Any, requests: list[GenerationRequest], model: str, render: ChunkRenderer,
                           cfg: ServeConfig, metrics: ServeMetrics,
-                          stream_options: dict[str, Any] | None) -> StreamingResponse:
-    """Start the streams, wait for each one's first chunk (so errors still get a status code), then SSE."""
+                          stream_options: dict[str, Any] | None, *, label: str | None = None) -> StreamingResponse:
+    """Start the streams, wait for each one's first chunk (so errors still get a status code), then SSE.
+
+    ``label`` is the metrics' model label (default ``model``; the app passes it bounded to served names)."""
+    label = model if label is None else label
     start = time.perf_counter()
     deadline = time.monotonic() + cfg.request_timeout_s
     streams = [engine.stream(r) for r in requests]
@@ -104,7 +107,7 @@ async def stream_response(engine: Any, requests: list[GenerationRequest], model:
                     yield f"data: {json.dumps(error.to_openai())}\n\n"
                     return
                 if not ttft_recorded and any(d.text for d in item.deltas):
-                    metrics.ttft.labels(model).observe(time.perf_counter() - start)
+                    metrics.ttft.labels(label).observe(time.perf_counter() - start)
                     ttft_recorded = True
                 first = index not in seen_first
                 seen_first.add(index)
@@ -112,14 +115,14 @@ async def stream_response(engine: Any, requests: list[GenerationRequest], model:
                     yield f"data: {json.dumps(event)}\n\n"
                 if item.finished:
                     finals.append(item)
-                    metrics.prompt_tokens.labels(model).inc(item.prompt_tokens)
-                    metrics.completion_tokens.labels(model).inc(item.completion_tokens)
+                    metrics.prompt_tokens.labels(label).inc(item.prompt_tokens)
+                    metrics.completion_tokens.labels(label).inc(item.completion_tokens)
                     if item.cached:
-                        metrics.cache_hits.labels(model).inc()
-                    metrics.observe_prefix(model, item.prefix_cached_tokens)
+                        metrics.cache_hits.labels(label).inc()
+                    metrics.observe_prefix(label, item.prefix_cached_tokens)
                     if item.timing is not None and not item.cached:
-                        metrics.queue_wait.labels(model).observe(item.timing.queue_s)
-                        metrics.batch_size.labels(model).observe(item.timing.batch_size)
+                        metrics.queue_wait.labels(label).observe(item.timing.queue_s)
+                        metrics.batch_size.labels(label).observe(item.timing.batch_size)
             if include_usage:
                 yield "data: " + json.dumps({"id": rid, "object": CHAT_OBJECT if chat else COMPLETION_OBJECT,
                                              "created": created,
