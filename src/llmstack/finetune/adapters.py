@@ -4,7 +4,7 @@ An adapter version in the registry is a directory::
 
     adapter_config.json        peft LoRA/DoRA config            (lora, qlora, dora)
     adapter_model.safetensors  peft adapter weights             (lora, qlora, dora)
-    norm_scales.safetensors    the tuned RMSNorm scales         (bitfit)
+    norm_scales.safetensors    the tuned biases and norm parameters (bitfit)
     llmstack_adapter.json      method, base ref, base weight hashes, base architecture
 
 Its manifest's first parent is the base it was trained on. Loading or merging onto any other base
@@ -148,7 +148,7 @@ def load_adapter_model(registry: Registry, adapter_ref: ArtifactRef | str, *, ba
     The base is the adapter's lineage parent unless ``base`` is given, and then it must be that
     same model (see :func:`describe_adapter`). QLoRA adapters run on an NF4 base as trained
     (``dequantize=True``: on the dequantized fp32 copy instead, which needs bitsandbytes only to
-    dequantize). BitFit adapters overwrite the base's norm scales.
+    dequantize). BitFit adapters overwrite the base's biases and norm parameters.
 
     Args:
         registry: where the adapter (and its base) are registered.
