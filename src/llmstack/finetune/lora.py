@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmstack.config import FinetuneConfig, load_config, to_dict
-from llmstack.errors import ConfigError, ModelLoadError
+from llmstack.errors import ConfigError
 from llmstack.finetune.methods import (ADAPTER_METHODS, METHOD_DESCRIPTIONS, ModelFactory, check_bitsandbytes,
                                        count_trainable, load_base, resolve_target_modules, training_device)
 
