@@ -63,7 +63,7 @@ def quantize(ref: str | ArtifactRef, method: str | None = None, *,
     """
     from tqdm.auto import tqdm
 
-    from llmstack.models.artifact import describe_artifact
+    from llmstack.models.artifact import describe_artifact, stored_dtype
     from llmstack.models.loading import load_model, load_tokenizer
     from llmstack.registry import Registry
 
@@ -179,16 +179,6 @@ def _resolve_config(config: QuantizeConfig | Mapping[str, Any] | None, method: s
                       "'int8-dynamic' on torchao; use 'int8-weight-only' (the default) for the most accurate int8",
                       FutureWarning, stacklevel=3)
     return cfg
-
-
-def stored_dtype(directory: Path) -> str:
-    """The dtype a model directory's config.json says its weights are stored in (float32 when unsaid)."""
-    try:
-        config = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return "float32"
-    name = str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
-    return name if name in ("float32", "bfloat16", "float16") else "float32"
 
 
 def _lineage(artifact: Any, source: str) -> dict[str, Any]:
