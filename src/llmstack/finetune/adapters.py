@@ -147,14 +147,14 @@ def load_adapter_model(registry: Registry, adapter_ref: ArtifactRef | str, *, ba
 
     The base is the adapter's lineage parent unless ``base`` is given, and then it must be that
     same model (see :func:`describe_adapter`). QLoRA adapters run on an NF4 base as trained
-    (``dequantize=True``: on the dequantized fp32 copy instead, which needs bitsandbytes only to
-    dequantize). BitFit adapters overwrite the base's biases and norm parameters.
+    (``dequantize=True``: on the dequantized copy instead, in the base's stored dtype, which needs
+    bitsandbytes only to dequantize). BitFit adapters overwrite the base's biases and norm parameters.
 
     Args:
         registry: where the adapter (and its base) are registered.
         adapter_ref: the adapter version, e.g. ``"tiny-lm-lora@v2"``.
         base: optional base override (registry ref or local directory), checked against lineage.
-        dequantize: QLoRA only: load the base as fp32 dequantized NF4 weights.
+        dequantize: QLoRA only: load the base as dequantized NF4 weights (in the base's stored dtype).
 
     Returns:
         ``(model, tokenizer)`` in eval mode; for peft methods ``model`` is a ``PeftModel``.
