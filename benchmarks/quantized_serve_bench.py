@@ -91,7 +91,7 @@ def main() -> int:
         model = build_model(preset, vocab_size=len(tokenizer), max_seq_len=512, seed=0, tokenizer=tokenizer)
         params = sum(p.numel() for p in model.parameters())
         fp32 = register_model(registry, f"{preset}-lm", model.eval(), tokenizer, kind="model")
-        int8 = quantize(str(fp32), "dynamic-int8", registry=registry, name=f"{preset}-lm-int8",
+        int8 = quantize(str(fp32), "int8-dynamic", registry=registry, name=f"{preset}-lm-int8",
                         config={"evaluate": False}).ref
         apps = {}
         for label, ref in (("fp32", fp32), ("int8", int8)):
@@ -130,8 +130,9 @@ def main() -> int:
              f"{cpu_name()}, 2 cores shared with other jobs; torch {torch.__version__}, "
              f"quantized engine `{torch.backends.quantized.engine}`, python {platform.python_version()}). "
              "Random-init presets with a 4096-token BPE vocabulary; the int8 version is `quantize(ref, "
-             "\"dynamic-int8\")` (int8 decoder linears, `lm_head` and embeddings stay float). Both are served by "
-             "`llmstack.deploy()` as shipped (one replica each, default torch threads, response cache off, "
+             "\"int8-dynamic\")` (torchao int8 decoder linears but the first and last layer's; `lm_head` and "
+             "embeddings stay float). Both are served by `llmstack.deploy()` as shipped (one replica each, "
+             "default torch threads, response cache off, "
              f"max_batch_size 8), side by side on one Ray cluster; {args.requests_each} greedy completions of "
              f"{args.max_tokens} tokens per client, closed loop. Medians over {args.rounds} rounds that alternate "
              "which app goes first; each ratio is taken within its round. Raw numbers: "

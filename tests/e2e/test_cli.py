@@ -44,7 +44,7 @@ def test_unknown_verb_and_missing_args_are_one_line():
 
 def test_quickstart_refuses_an_unknown_method_before_any_stage(tmp_path):
     proc = run("quickstart", "--method", "int3", "--workdir", str(tmp_path / "qs"), registry=tmp_path / "reg")
-    assert_one_line_error(proc, "method: unknown quantization method 'int3'", "dynamic-int8", "smoothquant")
+    assert_one_line_error(proc, "method: unknown quantization method 'int3'", "int8-weight-only", "smoothquant")
     assert not (tmp_path / "reg").exists()  # nothing was built
 
 

@@ -50,44 +50,6 @@ def tuned_adapters(tmp_path_factory: pytest.TempPathFactory, finetune_helpers: A
     return world
 
 
-ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma3", "phi3", "gpt2")
-
-
-def tiny_causal_lm(architecture: str, tokenizer: Any, *, seed: int = 0, max_positions: int = 128) -> Any:
-    """A 2-layer, hidden-64 random-init causal LM of ``architecture`` (one of :data:`ARCHITECTURES`).
-
-    Gemma-3 alternates a sliding-window layer with a full one; GPT-2 has learned positions, biases,
-    LayerNorms and ``Conv1D`` projections; Phi-3 fuses ``qkv_proj`` and ``gate_up_proj``.
-    """
-    import torch
-    import transformers
-
-    ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
-           "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "max_position_embeddings": max_positions, "tie_word_embeddings": False}
-    configs = {
-        "llama": lambda: (transformers.LlamaConfig(**shape, **ids), transformers.LlamaForCausalLM),
-        # Qwen2 pads its embedding matrix beyond the tokenizer (to a multiple of 64), as released checkpoints do;
-        # transformers also gives a Qwen2 directory's tokenizer an <|endoftext|> unk token when it has none.
-        "qwen2": lambda: (transformers.Qwen2Config(**shape, **{**ids, "vocab_size": (len(tokenizer) // 64 + 2) * 64}),
-                          transformers.Qwen2ForCausalLM),
-        "mistral": lambda: (transformers.MistralConfig(**shape, **ids, sliding_window=None),
-                            transformers.MistralForCausalLM),
-        "gemma3": lambda: (transformers.Gemma3TextConfig(**shape, **ids, head_dim=16, sliding_window=8,
-                                                         layer_types=["sliding_attention", "full_attention"]),
-                           transformers.Gemma3ForCausalLM),
-        "phi3": lambda: (transformers.Phi3Config(**shape, **ids), transformers.Phi3ForCausalLM),
-        "gpt2": lambda: (transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=max_positions, **ids),
-                         transformers.GPT2LMHeadModel),
-    }
-    config, cls = configs[architecture]()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = cls(config)
-    return model.eval()
-
-
 @pytest.fixture(scope="session")
 def architecture_tokenizer() -> Any:
     """A small byte-level BPE (with a chat template) trained on the built-in corpus, shared by the tiny models."""
@@ -99,14 +61,20 @@ def architecture_tokenizer() -> Any:
 @pytest.fixture(scope="session")
 def architecture_dir(tmp_path_factory: pytest.TempPathFactory, architecture_tokenizer: Any) -> Any:
     """``architecture_dir(arch, max_positions=128)``: a Hugging Face directory (weights + tokenizer) of a tiny
-    random-init ``arch`` model, as a user's downloaded checkpoint would be; built once per arguments."""
+    random-init ``arch`` model (:func:`llmstack.serve._testing.tiny_causal_lm`), as a user's downloaded
+    checkpoint would be; built once per arguments."""
+    from llmstack.serve._testing import tiny_causal_lm
+
     built: dict[tuple[str, int], Path] = {}
 
     def make(architecture: str, max_positions: int = 128) -> Path:
         key = (architecture, max_positions)
         if key not in built:
             directory = tmp_path_factory.mktemp(f"hf-{architecture}")
-            model = tiny_causal_lm(architecture, architecture_tokenizer, max_positions=max_positions)
+            # Qwen2's embedding matrix is padded beyond the tokenizer, as released checkpoints are (transformers
+            # also gives a Qwen2 directory's tokenizer an <|endoftext|> unk token when it has none).
+            model = tiny_causal_lm(architecture, architecture_tokenizer, max_positions=max_positions,
+                                   padded_vocab=architecture == "qwen2")
             model.save_pretrained(directory)
             architecture_tokenizer.save_pretrained(directory)
             built[key] = directory

@@ -178,14 +178,14 @@ def test_a_quantized_artifact_is_refused_naming_its_format(vllm_registry: dict[s
     from llmstack.errors import ModelLoadError
     from llmstack.quantize import quantize
 
-    result = quantize(vllm_registry["model"], "dynamic-int8", registry=vllm_registry["registry"],
+    result = quantize(vllm_registry["model"], "int8-dynamic", registry=vllm_registry["registry"],
                       name="tiny-lm-int8", config={"eval_samples": 4, "speed_new_tokens": 4, "speed_repeats": 1})
     with pytest.raises(ModelLoadError) as failure:
         llmstack.deploy({"model": str(result.ref), "registry": vllm_registry["url"], "port": serve_started,
                          "engine": "vllm", "app_name": "vllm-int8", "route_prefix": "/vllm-int8", "num_cpus": 0.5},
                         timeout_s=240)
     message = str(failure.value)
-    assert "dynamic-int8" in message and "vLLM cannot load" in message and "engine: transformers" in message
+    assert "int8-dynamic" in message and "vLLM cannot load" in message and "engine: transformers" in message
     from ray import serve
 
     serve.delete("vllm-int8")

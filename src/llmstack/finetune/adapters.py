@@ -4,7 +4,7 @@ An adapter version in the registry is a directory::
 
     adapter_config.json        peft LoRA/DoRA config            (lora, qlora, dora)
     adapter_model.safetensors  peft adapter weights             (lora, qlora, dora)
-    norm_scales.safetensors    the tuned RMSNorm scales         (bitfit)
+    norm_scales.safetensors    the tuned biases and norm parameters (bitfit)
     llmstack_adapter.json      method, base ref, base weight hashes, base architecture
 
 Its manifest's first parent is the base it was trained on. Loading or merging onto any other base
@@ -147,14 +147,14 @@ def load_adapter_model(registry: Registry, adapter_ref: ArtifactRef | str, *, ba
 
     The base is the adapter's lineage parent unless ``base`` is given, and then it must be that
     same model (see :func:`describe_adapter`). QLoRA adapters run on an NF4 base as trained
-    (``dequantize=True``: on the dequantized fp32 copy instead, which needs bitsandbytes only to
-    dequantize). BitFit adapters overwrite the base's norm scales.
+    (``dequantize=True``: on the dequantized copy instead, in the base's stored dtype, which needs
+    bitsandbytes only to dequantize). BitFit adapters overwrite the base's biases and norm parameters.
 
     Args:
         registry: where the adapter (and its base) are registered.
         adapter_ref: the adapter version, e.g. ``"tiny-lm-lora@v2"``.
         base: optional base override (registry ref or local directory), checked against lineage.
-        dequantize: QLoRA only: load the base as fp32 dequantized NF4 weights.
+        dequantize: QLoRA only: load the base as dequantized NF4 weights (in the base's stored dtype).
 
     Returns:
         ``(model, tokenizer)`` in eval mode; for peft methods ``model`` is a ``PeftModel``.

@@ -1,4 +1,4 @@
-"""``finetune_lora()``: LoRA, QLoRA, DoRA, norm-scale tuning (BitFit analogue) or full fine-tuning.
+"""``finetune_lora()``: LoRA, QLoRA, DoRA, BitFit (biases and normalisation parameters) or full fine-tuning.
 
 The driver resolves the base to a registry version, checks everything that can fail before workers
 start, tokenizes the instruction data once, then hands a :class:`~llmstack.train.loop.LoopSpec`
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmstack.config import FinetuneConfig, load_config, to_dict
-from llmstack.errors import ConfigError, ModelLoadError
+from llmstack.errors import ConfigError
 from llmstack.finetune.methods import (ADAPTER_METHODS, METHOD_DESCRIPTIONS, ModelFactory, check_bitsandbytes,
                                        count_trainable, load_base, resolve_target_modules, training_device)
 
@@ -147,7 +147,9 @@ def finetune_lora(base: str | None = None, data: str | None = None,
     """Fine-tune ``base`` on instruction ``data`` with the configured method, on Ray Train.
 
     Methods (``lora.method``): ``lora``, ``qlora`` (NF4 base via bitsandbytes, double quantization),
-    ``dora``, ``bitfit`` (norm-scale tuning, the BitFit analogue for bias-free LLaMA) and ``full``.
+    ``dora``, ``bitfit`` (every bias and normalisation parameter, chosen per architecture by
+    :func:`~llmstack.finetune.methods.bitfit_plan`: norm scales alone on bias-free models such as LLaMA)
+    and ``full``.
     The loss covers response tokens only; ``packing`` concatenates examples per row. The held-out
     split of the data gives ``eval_loss`` (and ``eval_loss_before``, the base on the same answers).
 

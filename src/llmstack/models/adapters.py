@@ -1,8 +1,8 @@
 """Live adapter operations on a loaded base, peft adapters (LoRA, DoRA, QLoRA) and BitFit alike.
 
 An adapter directory holds either a peft adapter (``adapter_config.json`` + safetensors) or BitFit's
-tuned norm scales (``norm_scales.safetensors``), plus llmstack's ``llmstack_adapter.json`` (method,
-base ref, base weight hashes). Several adapters can be attached to one base under different names;
+tuned biases and norm parameters (``norm_scales.safetensors``), plus llmstack's ``llmstack_adapter.json``
+(method, base ref, base weight hashes). Several adapters can be attached to one base under different names;
 :func:`adapter_context` runs forward passes with one of them (or the plain base) active. Outside any
 context the model computes with the adapter named ``"default"`` when one is attached (what
 :func:`llmstack.models.load_artifact` attaches for an adapter loaded as a model), else the plain base.
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 ADAPTER_INFO_FILE = "llmstack_adapter.json"  # method, base ref, base weight hashes, base architecture
 PEFT_CONFIG_FILE = "adapter_config.json"
-NORM_SCALES_FILE = "norm_scales.safetensors"  # BitFit: the tuned RMSNorm scales
+NORM_SCALES_FILE = "norm_scales.safetensors"  # BitFit: the tuned biases and norm parameters
 DEFAULT_ADAPTER = "default"  # active outside adapter_context
 _STATE_ATTRIBUTE = "_llmstack_adapters"
 _STALE: Any = object()  # "what the weights compute is unknown": the next activation re-applies everything

@@ -26,7 +26,8 @@ DEFAULT_DATA = "builtin:stdlib"
 def quantize(ref: str | ArtifactRef, method: str | None = None, *,
              config: QuantizeConfig | Mapping[str, Any] | None = None, calibration: Any = None,
              registry: Registry | None = None, name: str | None = None) -> QuantizeResult:
-    """Quantize a registered model and register the result as a new ``quantized`` version.
+    """Quantize a model (a registry version, a directory or a GGUF file) and register the result as a new
+    ``quantized`` version.
 
     Every check runs before any weights are touched: the method exists, the source is not already
     quantized, the method's kernel runs on this hardware, the architecture has the layers the
@@ -35,10 +36,12 @@ def quantize(ref: str | ArtifactRef, method: str | None = None, *,
     quantized weights are registered as safetensors with the recipe (``quantization.json``).
 
     Args:
-        ref: registry reference (``name@vN``, ``name@alias``, ``name``) or a local model directory.
+        ref: registry reference (``name@vN``, ``name@alias``, ``name``), a local model directory or a
+            ``.gguf`` file (imported into the registry once).
         method: ``int8-weight-only`` | ``int8-dynamic`` | ``int4-weight-only`` (torchao) | ``int8``
-            (LLM.int8) | ``nf4`` | ``fp4`` | ``smoothquant`` | ``w8a8``; overrides ``config.method``.
-            ``dynamic-int8`` (the old torch.ao method) is an alias that runs as ``int8-dynamic``.
+            (LLM.int8) | ``nf4`` | ``fp4`` | ``smoothquant`` | ``w8a8``; overrides ``config.method``
+            (default ``int8-weight-only``). ``dynamic-int8`` (the old torch.ao method) is an alias that runs
+            as ``int8-dynamic``.
         config: a :class:`~llmstack.config.QuantizeConfig` or a dict of its fields.
         calibration: calibration data for methods that calibrate (``smoothquant``): a data source
             string, a list of texts, a ``Corpus`` or a LongTensor of token blocks ``[n, T]``.
@@ -63,7 +66,7 @@ def quantize(ref: str | ArtifactRef, method: str | None = None, *,
     """
     from tqdm.auto import tqdm
 
-    from llmstack.models.artifact import describe_artifact
+    from llmstack.models.artifact import describe_artifact, stored_dtype
     from llmstack.models.loading import load_model, load_tokenizer
     from llmstack.registry import Registry
 
@@ -179,16 +182,6 @@ def _resolve_config(config: QuantizeConfig | Mapping[str, Any] | None, method: s
                       "'int8-dynamic' on torchao; use 'int8-weight-only' (the default) for the most accurate int8",
                       FutureWarning, stacklevel=3)
     return cfg
-
-
-def stored_dtype(directory: Path) -> str:
-    """The dtype a model directory's config.json says its weights are stored in (float32 when unsaid)."""
-    try:
-        config = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return "float32"
-    name = str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
-    return name if name in ("float32", "bfloat16", "float16") else "float32"
 
 
 def _lineage(artifact: Any, source: str) -> dict[str, Any]:

@@ -10,7 +10,6 @@ round-trips through safetensors. (The torchao methods live in :mod:`~llmstack.qu
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import torch
 from torch import nn

@@ -78,17 +78,21 @@ ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma3", "phi3", "gpt2")
 SLIDING_WINDOW = 6  # Gemma-3's sliding layers see this many tokens: shorter than the test prompts
 
 
-def tiny_causal_lm(architecture: str, tokenizer: Any, *, seed: int = 0, max_positions: int = 256) -> Any:
+def tiny_causal_lm(architecture: str, tokenizer: Any, *, seed: int = 0, max_positions: int = 256,
+                   padded_vocab: bool = False) -> Any:
     """A 2-layer, hidden-64 random-init causal LM of ``architecture`` (one of :data:`ARCHITECTURES`).
 
-    The vocabulary and special-token ids come from ``tokenizer``. Gemma-3 alternates a sliding-window
-    layer (:data:`SLIDING_WINDOW` tokens) with a full-attention one; GPT-2 has learned positions and
-    ``Conv1D`` projections; Phi-3 has fused ``qkv_proj`` and ``gate_up_proj``.
+    The vocabulary and special-token ids come from ``tokenizer``; ``padded_vocab`` makes the embedding
+    matrix larger than the tokenizer (past the next multiple of 64), as released Qwen2 checkpoints are.
+    Gemma-3 alternates a sliding-window layer (:data:`SLIDING_WINDOW` tokens) with a full-attention one;
+    GPT-2 has learned positions, biases, LayerNorms and ``Conv1D`` projections; Phi-3 has fused
+    ``qkv_proj`` and ``gate_up_proj``.
     """
     import torch
     import transformers
 
-    ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+    vocab_size = (len(tokenizer) // 64 + 2) * 64 if padded_vocab else len(tokenizer)
+    ids = {"vocab_size": vocab_size, "bos_token_id": tokenizer.bos_token_id,
            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 2, "max_position_embeddings": max_positions, "tie_word_embeddings": False}

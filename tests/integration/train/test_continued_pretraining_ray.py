@@ -11,17 +11,12 @@ pytestmark = pytest.mark.ray
 
 
 def _gpt2_directory(root: Path) -> Path:
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     from llmstack.data import load_corpus, trained_tokenizer
+    from llmstack.serve._testing import tiny_causal_lm
 
     tokenizer = trained_tokenizer(load_corpus("builtin:stdlib", max_documents=60), vocab_size=512)
-    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, vocab_size=len(tokenizer),
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
     directory = root / "gpt2-tiny"
-    GPT2LMHeadModel(config).save_pretrained(directory)
+    tiny_causal_lm("gpt2", tokenizer, max_positions=64).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 

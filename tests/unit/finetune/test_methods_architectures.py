@@ -13,8 +13,8 @@ import torch
 from llmstack.config import LoRAConfig
 from llmstack.errors import ConfigError, ResourceError
 from llmstack.finetune.methods import apply_method, bitfit_plan, check_bitsandbytes, count_trainable
+from llmstack.serve._testing import ARCHITECTURES
 
-ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma3", "phi3", "gpt2")
 LAYERS = 2  # every tiny model has two decoder layers
 # GPT-2's projections are transformers' Conv1D; named explicitly so this file does not depend on target discovery.
 GPT2_TARGETS = ["c_attn", "c_fc", "c_proj"]

@@ -69,15 +69,15 @@ def test_quantized_version_is_described_and_rebuilt(world: dict[str, Any], helpe
     from llmstack.quantize import load_quantized, quantize
 
     registry = world["registry"]
-    result = quantize(str(world["ref"]), "dynamic-int8", config={"evaluate": False}, registry=registry,
+    result = quantize(str(world["ref"]), "int8-dynamic", config={"evaluate": False}, registry=registry,
                       name="base-int8")
     artifact = describe_artifact("base-int8", registry=registry)
-    assert (artifact.kind, artifact.method, artifact.ref) == ("quantized", "dynamic-int8", result.ref)
+    assert (artifact.kind, artifact.method, artifact.ref) == ("quantized", "int8-dynamic", result.ref)
     loaded = load_artifact(artifact)
     reference, _ = load_quantized(registry, result.ref)
     torch.testing.assert_close(helpers.logits(loaded.model, world), helpers.logits(reference, world))
     directory = describe_artifact(str(registry.fetch(result.ref)))  # the same files as a plain directory
-    assert (directory.kind, directory.method, directory.ref) == ("quantized", "dynamic-int8", None)
+    assert (directory.kind, directory.method, directory.ref) == ("quantized", "int8-dynamic", None)
 
 
 def test_tokenizer_versions_describe_but_do_not_load_as_models(world: dict[str, Any], tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ def test_unknown_method_lists_known_ones(no_work: Any) -> None:
     with pytest.raises(ConfigError) as info:
         quantize("tiny", "int3", registry=no_work)
     assert isinstance(info.value, ValueError)
-    for known in ("int8", "nf4", "fp4", "smoothquant", "w8a8", "dynamic-int8"):
+    for known in ("int8-weight-only", "int8-dynamic", "int4-weight-only", "int8", "nf4", "fp4", "smoothquant", "w8a8"):
         assert known in str(info.value)
     with pytest.raises(ConfigError, match="known: int8"):
         quantize("tiny", config={"method": "gptq"}, registry=no_work)
@@ -100,7 +100,7 @@ def test_architecture_without_decoder_linears(quant_registry: Any, trained_tiny:
     import llmstack.models.loading as loading
 
     monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("work started"))
-    for method in ("w8a8", "smoothquant", "int8", "dynamic-int8"):
+    for method in ("w8a8", "smoothquant", "int8", "int8-dynamic"):
         with pytest.raises(ConfigError, match="model.layers"):
             quantize(ref, method, registry=quant_registry)
 

@@ -13,11 +13,11 @@ torch = pytest.importorskip("torch")
 
 from llmstack.config import TrainConfig, TrainingConfig, load_config  # noqa: E402
 from llmstack.errors import ConfigError  # noqa: E402
+from llmstack.serve._testing import ARCHITECTURES  # noqa: E402
 from llmstack.train import parallel  # noqa: E402
 from llmstack.train.driver import _tokenizer, build_from_weights, train  # noqa: E402
 from llmstack.train.loop import LocalSession, LoopSpec, run_worker_loop  # noqa: E402
 
-ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma3", "phi3", "gpt2")
 LAYER_CLASS = {"llama": "LlamaDecoderLayer", "qwen2": "Qwen2DecoderLayer", "mistral": "MistralDecoderLayer",
                "gemma3": "Gemma3DecoderLayer", "phi3": "Phi3DecoderLayer", "gpt2": "GPT2Block"}
 

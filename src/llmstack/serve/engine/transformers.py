@@ -166,7 +166,7 @@ class TransformersEngine(Engine):
 
     def new_cache(self) -> Any:
         """An empty KV cache for a prefill (None: let the model build its own)."""
-        from llmstack.serve.engine.kv import has_sliding_window, new_cache
+        from llmstack.serve.engine.kv import new_cache
 
         return new_cache(self._config)
 
