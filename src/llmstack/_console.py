@@ -22,6 +22,9 @@ _announced = False
 _CHATTY_LOGGERS = {"ray": logging.WARNING, "ray.serve": logging.WARNING, "ray.train": logging.WARNING,
                    "ray.tune": logging.WARNING, "ray.data": logging.WARNING, "bitsandbytes": logging.ERROR,
                    "filelock": logging.WARNING,
+                   # torchao (imported by peft when installed) on its optional CUDA extensions, and the pytree
+                   # registrations it makes: nothing a CPU user acts on
+                   "torchao": logging.ERROR, "torch.utils._pytree": logging.ERROR,
                    # "token authentication is enabled": Ray's default, and every llmstack command works either way
                    "ray._private.authentication.authentication_token_setup": logging.ERROR}
 

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from llmstack._console import VERBOSE_ENV, announce_ray_logs, ray_init_options, set_verbose, verbose
+from llmstack._console import VERBOSE_ENV, announce_ray_logs, ray_init_options, quiet_libraries, set_verbose, verbose
 from llmstack.errors import LLMStackError
 
 EXIT_USER_ERROR = 2
@@ -448,6 +448,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     set_verbose(getattr(args, "verbose", False) or verbose())
+    if not verbose():
+        quiet_libraries()
     try:
         return args.handler(args)
     except LLMStackError as exc:
