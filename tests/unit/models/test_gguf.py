@@ -90,10 +90,9 @@ def write_tiny_llama_gguf(path: Path, tokenizer: Any, *, matrices: str = "Q8_0",
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    from llmstack.data import load_corpus, trained_tokenizer
-
-    return trained_tokenizer(load_corpus("builtin:stdlib", max_documents=40), vocab_size=320)
+def tokenizer(architecture_tokenizer: Any) -> Any:
+    """The session's small BPE of the tiny-architecture tests (tests/unit/conftest.py)."""
+    return architecture_tokenizer
 
 
 @pytest.fixture(scope="module")
