@@ -326,15 +326,20 @@ def _prefix_taken(route_prefix: str, other: str, app_name: str) -> ConfigError:
                        f"{app_name!r} cannot take it; pick another route_prefix, or shut {other!r} down first")
 
 
-def _route_prefixes() -> dict[str, str]:
-    """The route prefix of each application on this cluster's Serve (empty when Serve is not running)."""
+def _serve_applications() -> dict[str, Any]:
+    """The Serve controller's details of each application on this cluster (empty when Serve is not running)."""
     try:
         from ray.serve.context import _get_global_client
 
         details = _get_global_client(raise_if_no_controller_running=True).get_serve_details()
     except Exception:
         return {}
-    return {name: app.get("route_prefix") for name, app in (details.get("applications") or {}).items()
+    return details.get("applications") or {}
+
+
+def _route_prefixes() -> dict[str, str]:
+    """The route prefix of each application on this cluster's Serve (empty when Serve is not running)."""
+    return {name: app.get("route_prefix") for name, app in _serve_applications().items()
             if app.get("route_prefix") is not None and app.get("status") != "DELETING"}
 
 
@@ -423,14 +428,8 @@ def check_placement(needs: ReplicaNeeds, *, freed: str | None = None) -> None:
 
 def _app_resources(app_name: str) -> dict[str, float]:
     """Ray resources held by the replicas of ``app_name`` (what replacing it frees), from the Serve controller."""
-    try:
-        from ray.serve.context import _get_global_client
-
-        details = _get_global_client(raise_if_no_controller_running=True).get_serve_details()
-    except Exception:  # Serve not running: nothing to free
-        return {}
     held: dict[str, float] = {}
-    app = (details.get("applications") or {}).get(app_name) or {}
+    app = _serve_applications().get(app_name) or {}  # Serve not running: nothing to free
     for deployment in (app.get("deployments") or {}).values():
         replicas = len(deployment.get("replicas") or [])
         for name, amount in (deployment.get("required_resources") or {}).items():
