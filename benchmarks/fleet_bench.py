@@ -216,8 +216,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["", f"Reading: the autoscalers remove nearly all idle nodes; what keeps the elastic setup's utilisation "
               f"at {elastic['utilisation']:.0%} is free slots beside running jobs on partly filled nodes "
               f"({elastic['unused_slot_s_on_used_nodes'] / unused:.0%} of its unused slot-time; whole idle nodes, "
-              "booting included, are the rest): long single-worker jobs keep an 8-slot node up after its "
-              "neighbours finish. On smaller nodes the same day reaches "
+              "booting included, are the rest): a node stays up while any job on it runs, and jobs do not move "
+              "to fill the gaps its finished neighbours leave. On smaller nodes the same day reaches "
               + ", ".join(f"{v:.0%} ({k})" for k, v in smaller.items() if "slot" in k)
               + ". Elastic jobs add little over fixed-size ones here because Ray Train's elastic policy asks the "
               "autoscaler for `max_workers` just as a fixed job does; they gain by starting on free slots "
