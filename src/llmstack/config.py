@@ -147,7 +147,7 @@ class TrainingConfig:
 
 @dataclass
 class ScalingConfig:
-    num_workers: int = 2  # Ray Train workers
+    num_workers: int | list[int] = 2  # Ray Train workers, or [min, max]: elastic (starts on >= min, grows to max)
     strategy: Literal["ddp", "fsdp"] = "ddp"  # data parallel, or FSDP2 sharding per decoder layer
     use_gpu: bool = False  # one GPU per worker (nccl); CPU workers use gloo
     cpus_per_worker: float = 1.0  # CPUs reserved per worker
@@ -157,7 +157,16 @@ class ScalingConfig:
 
     def check(self) -> Problems:
         problems: Problems = []
-        _at_least(problems, self, "num_workers", 1)
+        if isinstance(self.num_workers, list):
+            if len(self.num_workers) != 2:
+                problems.append(("num_workers", f"expected an integer or [min, max], got a list of "
+                                                f"{len(self.num_workers)}: {self.num_workers}"))
+            elif self.num_workers[0] < 1:
+                problems.append(("num_workers", f"min must be >= 1, got {self.num_workers}"))
+            elif self.num_workers[0] > self.num_workers[1]:
+                problems.append(("num_workers", f"min must be <= max, got {self.num_workers}"))
+        else:
+            _at_least(problems, self, "num_workers", 1)
         _at_least(problems, self, "max_failures", -1)
         if not self.cpus_per_worker > 0:
             problems.append(("cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}"))
@@ -549,7 +558,7 @@ def _coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
             result = _coerce(value, option, path, trial)
             if not trial:
                 return result
-        problems.append(f"{path}: expected {_type_name(hint)}, got {_describe(value)}")
+        problems.append(f"{path}: expected {' or '.join(map(_expected, options))}, got {_describe(value)}")
         return None
     if origin is Literal:
         if value not in args:
@@ -607,6 +616,14 @@ def _join(prefix: str, key: str) -> str:
 
 def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}" if value is not None else "null"
+
+
+def _expected(hint: Any) -> str:
+    """A hint in words, as the other type errors say it (``int`` -> "an integer", ``list[int]`` -> "a list")."""
+    words = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    if hint in words:
+        return words[hint]
+    return "a list" if typing.get_origin(hint) in (list, Sequence, tuple) else _type_name(hint)
 
 
 def _type_name(hint: Any) -> str:

@@ -49,11 +49,12 @@ def train_worker_shape(scaling: ScalingConfig, worker: WorkerGroup, problems: li
         problems.append(f"k8s.worker.cpu: {cpu:g} CPUs per pod cannot hold its {max(per_pod, 1)} worker(s) "
                         f"at scaling.cpus_per_worker={scaling.cpus_per_worker:g}")
         per_pod = 0
-    replicas = worker.replicas if worker.replicas is not None else math.ceil(scaling.num_workers / max(per_pod, 1))
-    if per_pod and replicas * per_pod < scaling.num_workers:
+    workers = scaling.num_workers if isinstance(scaling.num_workers, int) else max(scaling.num_workers)  # [min, max]
+    replicas = worker.replicas if worker.replicas is not None else math.ceil(workers / max(per_pod, 1))
+    if per_pod and replicas * per_pod < workers:
         unit = "GPU" if scaling.use_gpu else "worker slot"
         problems.append(f"k8s.worker.replicas: {replicas} pod(s) x {per_pod} {unit}(s) provide {replicas * per_pod}, "
-                        f"but scaling.num_workers={scaling.num_workers} needs {scaling.num_workers}")
+                        f"but scaling.num_workers={scaling.num_workers} needs {workers}")
     return WorkerShape(min_replicas=replicas, max_replicas=replicas, cpu=cpu, gpus=gpus)
 
 

@@ -29,6 +29,7 @@ from llmstack._console import announce_ray_logs, ray_init_options
 from llmstack.config import ScalingConfig, TrainConfig, TrainingConfig, load_config, to_dict
 from llmstack.errors import ConfigError, ResourceError
 from llmstack.train.checkpoint import SIGNATURE_FILE, model_signature, signature_differences
+from llmstack.train.elastic import global_batch_blocks, is_elastic, largest_step_blocks, ray_num_workers, worker_range
 from llmstack.train.storage import Storage, probe, resolve_storage
 
 if TYPE_CHECKING:
@@ -257,7 +258,7 @@ def final_metrics(outcome: RunOutcome) -> dict[str, Any]:
 
 def run_cost(wall_time_s: float, scaling: ScalingConfig) -> dict[str, float]:
     """Resources a run held for ``wall_time_s`` (restarts included), priced when the config gives a price."""
-    worker_hours = wall_time_s / 3600.0 * scaling.num_workers
+    worker_hours = wall_time_s / 3600.0 * worker_range(scaling.num_workers)[1]  # elastic: an upper bound (max)
     cost = {"worker_hours": round(worker_hours, 6), "cpu_hours": round(worker_hours * scaling.cpus_per_worker, 6)}
     if scaling.use_gpu:
         cost["gpu_hours"] = round(worker_hours, 6)
@@ -325,6 +326,10 @@ def run_training(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[str
         "spec": spec, "training": training, "strategy": scaling.strategy, "use_gpu": scaling.use_gpu,
         "train_data": [ray.put(train_data)], "eval_data": [ray.put(eval_data)] if eval_data is not None else None,
         "threads": max(1, int(scaling.cpus_per_worker)), "bus": bus,
+        # Elastic runs keep the full-size global batch: each worker group derives its accumulation from it.
+        "global_batch": global_batch_blocks(micro_batch_size=training.micro_batch_size,
+                                            grad_accum_steps=training.grad_accum_steps,
+                                            num_workers=scaling.num_workers) if is_elastic(scaling.num_workers) else None,
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -378,7 +383,9 @@ def _ray_scaling(scaling: ScalingConfig) -> Any:
     resources = {"CPU": float(scaling.cpus_per_worker)}
     if scaling.use_gpu:
         resources["GPU"] = 1.0
-    return RayScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources)
+    # [min, max] -> Ray Train's elastic (min, max): start on what fits, grow and shrink at restarts.
+    return RayScalingConfig(num_workers=ray_num_workers(scaling.num_workers), use_gpu=scaling.use_gpu,
+                            resources_per_worker=resources)
 
 
 # --------------------------------------------------------------------------- cluster and checks
@@ -401,7 +408,7 @@ def ensure_ray(scaling: ScalingConfig) -> None:
         announce_ray_logs()
         return
     cpus = os.cpu_count() or 1
-    needed = scaling.num_workers * scaling.cpus_per_worker
+    needed = worker_range(scaling.num_workers)[0] * scaling.cpus_per_worker  # elastic: min must fit
     if needed > cpus:
         raise ResourceError(
             f"scaling.num_workers={scaling.num_workers} x scaling.cpus_per_worker={scaling.cpus_per_worker} needs "
@@ -419,7 +426,8 @@ def check_cluster(scaling: ScalingConfig) -> None:
 
     resources = ray.cluster_resources()
     cpus = float(resources.get("CPU", 0.0))
-    needed = scaling.num_workers * scaling.cpus_per_worker
+    fewest = worker_range(scaling.num_workers)[0]  # an elastic run starts on its min
+    needed = fewest * scaling.cpus_per_worker
     if needed > cpus:
         fit = int(cpus // scaling.cpus_per_worker)
         raise ResourceError(
@@ -428,7 +436,7 @@ def check_cluster(scaling: ScalingConfig) -> None:
             f"set scaling.num_workers<={max(fit, 1)} or lower scaling.cpus_per_worker, or add nodes")
     if scaling.use_gpu:
         gpus = float(resources.get("GPU", 0.0))
-        if scaling.num_workers > gpus:
+        if fewest > gpus:
             raise ResourceError(
                 f"scaling.num_workers={scaling.num_workers} with scaling.use_gpu=true needs one GPU per worker but "
                 f"the Ray cluster has {gpus:g}; set scaling.num_workers<={int(gpus)} or scaling.use_gpu=false")
@@ -443,12 +451,13 @@ def check_training(training: TrainingConfig, scaling: ScalingConfig) -> None:
 
 def check_batch(training: TrainingConfig, scaling: ScalingConfig, *, num_blocks: int) -> None:
     """The effective batch must fit in the training set at least once."""
-    per_step = training.micro_batch_size * training.grad_accum_steps
-    if num_blocks < per_step * scaling.num_workers:
+    step_blocks = largest_step_blocks(micro_batch_size=training.micro_batch_size,
+                                      grad_accum_steps=training.grad_accum_steps, num_workers=scaling.num_workers)
+    if num_blocks < step_blocks:
         raise ConfigError(
             f"training.micro_batch_size={training.micro_batch_size} x training.grad_accum_steps="
             f"{training.grad_accum_steps} x scaling.num_workers={scaling.num_workers} = "
-            f"{per_step * scaling.num_workers} blocks per step, but the training set has only {num_blocks} blocks; "
+            f"{step_blocks} blocks per step, but the training set has only {num_blocks} blocks; "
             "lower micro_batch_size, grad_accum_steps or num_workers, a smaller data.block_size, or add data")
 
 

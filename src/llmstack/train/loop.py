@@ -30,6 +30,7 @@ from llmstack.config import TrainingConfig
 from llmstack.train import checkpoint as ckpt
 from llmstack.train import parallel
 from llmstack.train.sharding import BlockSampler, eval_indices, warmup_cosine
+from llmstack.train.elastic import grad_accum_for
 
 IGNORE_INDEX = -100
 
@@ -173,7 +174,7 @@ class RaySession(Session):
 
 def run_worker_loop(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[str, Any] | None,
                     training: TrainingConfig, *, strategy: str = "ddp", use_gpu: bool = False,
-                    session: Session | None = None) -> dict[str, Any]:
+                    session: Session | None = None, global_batch: int | None = None) -> dict[str, Any]:
     """Train ``spec``'s model for ``training.max_steps`` optimizer steps; return the final metrics.
 
     Args:
@@ -185,8 +186,12 @@ def run_worker_loop(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[
         strategy: ``"ddp"`` or ``"fsdp"`` (only matters with a process group of 2+ workers).
         use_gpu: train on this worker's CUDA device.
         session: where metrics and checkpoints go; a :class:`LocalSession` when None.
+        global_batch: blocks per optimizer step to keep whatever the world size (an elastic run): the
+            accumulation becomes ``ceil(global_batch / (world_size * micro_batch_size))``; None: the
+            configured ``grad_accum_steps``.
 
-    Effective batch = ``micro_batch_size * grad_accum_steps * world_size`` blocks. Each micro-batch's
+    Effective batch = ``micro_batch_size * grad_accum_steps * world_size`` blocks (or ``global_batch``, rounded
+    up to a whole number of micro-batches per worker). Each micro-batch's
     summed loss is scaled by ``world_size / tokens_in_step`` so that, after DDP/FSDP average the
     gradients over workers, the step's gradient is exactly that of the mean loss over every target
     token of the effective batch: accumulation is equivalent to a bigger batch.
@@ -228,8 +233,10 @@ def run_worker_loop(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[
 
     # 2. Data: this worker's disjoint shard, recomputed from (step, rank), so resuming needs no state.
     micro = training.micro_batch_size
+    accumulation = training.grad_accum_steps if global_batch is None else grad_accum_for(
+        global_batch=global_batch, world_size=world_size, micro_batch_size=micro)
     sampler = BlockSampler(len(train_data["input_ids"]), world_size=world_size, rank=rank,
-                           per_step=micro * training.grad_accum_steps, seed=training.seed)
+                           per_step=micro * accumulation, seed=training.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     step, tokens_seen = int(state["step"]), int(state["tokens"])
     record: dict[str, Any] = dict(state.get("metrics", {}))
@@ -266,7 +273,8 @@ def run_worker_loop(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[
         record = {"step": step, "epoch": sampler.epoch_of(step - 1), "loss": global_loss_sum / max(step_tokens, 1.0),
                   "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen, "step_time_s": elapsed,
                   "step_cpu_s": time.process_time() - cpu_started,  # this process's CPU time: robust to other load
-                  "tokens_per_s": step_tokens / max(elapsed, 1e-9), "time": time.time()}
+                  "tokens_per_s": step_tokens / max(elapsed, 1e-9), "time": time.time(),
+                  "workers": world_size, "grad_accum_steps": accumulation}
 
         final = step == training.max_steps
         do_eval = eval_data is not None and (step % training.eval_every == 0 or final)
@@ -441,4 +449,4 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     eval_data = ray.get(config["eval_data"][0]) if config.get("eval_data") else None
     return run_worker_loop(config["spec"], train_data, eval_data, config["training"],
                            strategy=config["strategy"], use_gpu=config["use_gpu"],
-                           session=RaySession(config.get("bus")))
+                           session=RaySession(config.get("bus")), global_batch=config.get("global_batch"))
