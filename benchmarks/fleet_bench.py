@@ -15,7 +15,7 @@ worker restart cost) shows what the figures depend on. The simulator runs each d
 Writes benchmarks/results/fleet.json, fleet_trace.csv (the seed-0 day), fleet_sim.png (nodes and busy
 workers over the day) and the ``## fleet (simulated)`` section of benchmarks/RESULTS.md.
 
-Reproduce: python benchmarks/fleet_bench.py --part sim     (about 1 minute on 2 CPU cores)
+Reproduce: python benchmarks/fleet_bench.py --part sim     (about 1.5 minutes on 2 busy CPU cores)
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ from llmstack.errors import ConfigError, ResourceError
 from llmstack.fleet.trace import Job, speedup
 
 _EPSILON = 1e-9
+_GIVE_UP_AFTER_S = 365 * 86_400.0  # past the horizon: a setup that never drains is a bug, not a slow day
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,6 +251,9 @@ class _Simulation:
             now = tick * setup.tick_s
             if self.unfinished == 0 and now >= setup.horizon_s and self._settled():
                 break
+            if now > setup.horizon_s + _GIVE_UP_AFTER_S:
+                raise RuntimeError(f"{setup.name}: {self.unfinished} job(s) still unfinished after "
+                                   f"{now:.0f} s of simulated time; the setup cannot run them")
             self._lose_nodes(now)
             while self.pending_arrivals and self.pending_arrivals[0].arrival_s <= now + _EPSILON:
                 job = self.pending_arrivals.pop(0)

@@ -41,6 +41,8 @@ METHODS = ("train", "lora", "qlora", "dora", "bitfit", "full")
 class JobTraceError(DataError):
     """A job trace is missing, lacks a column, or has a bad row (the message names the row)."""
 
+    problems: tuple[str, ...] = ()  # a bad job's field problems, without the job or row prefix
+
 
 @dataclasses.dataclass(frozen=True)
 class Job:
@@ -60,7 +62,9 @@ class Job:
     def __post_init__(self) -> None:
         problems = _job_problems(self)
         if problems:
-            raise JobTraceError(f"job {self.job_id!r}: " + "; ".join(problems))
+            error = JobTraceError(f"job {self.job_id!r}: " + "; ".join(problems))
+            error.problems = tuple(problems)
+            raise error
 
     def runtime_s(self, workers: int, scaling_efficiency: float) -> float:
         """Seconds of stepping on ``workers`` workers (no waits, restarts or lost work)."""
@@ -193,4 +197,4 @@ def _row_to_job(row: Mapping[str, Any], path: Path, number: int) -> Job:
     try:
         return Job(**fields)
     except JobTraceError as error:
-        raise JobTraceError(f"{where}: {error.message.split(': ', 1)[1]}") from None
+        raise JobTraceError(f"{where}: " + "; ".join(error.problems)) from None

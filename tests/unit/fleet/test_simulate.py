@@ -124,3 +124,21 @@ def test_a_job_that_can_never_fit_is_refused_naming_the_resources() -> None:
         simulate([_job("wide", max_workers=3)], _setup(max_nodes=2))
     # An elastic job only needs its minimum to fit.
     assert simulate([_job("wide", max_workers=3)], _setup(max_nodes=2, elastic=True)).jobs[0].finish_s
+
+
+def test_a_generated_day_drains_in_every_setup_and_the_books_balance() -> None:
+    from llmstack.fleet import generate_day
+
+    jobs = generate_day(seed=5, jobs_per_day=60)
+    node_type = NodeType("node8", worker_slots=8, max_nodes=6)
+    stepped = sum(job.max_workers * job.runtime_s(job.max_workers, 0.9) for job in jobs)
+    for autoscaling, elastic in ((False, False), (True, False), (True, True)):
+        setup = ClusterSetup("day", (node_type,), autoscaling=autoscaling, elastic=elastic, restart_s=30.0,
+                             horizon_s=86_400.0)
+        result = simulate(jobs, setup)
+        assert all(job.finish_s is not None for job in result.jobs)
+        assert result.busy_slot_s <= result.provisioned_slot_s == result.node_s * 8
+        assert result.idle_node_s <= result.node_s
+        assert all(job.queue_wait_s >= 0 and job.completion_s >= job.queue_wait_s for job in result.jobs)
+        if not elastic:  # every job steps its whole run on max_workers: the work is the trace's own
+            assert result.busy_worker_s == pytest.approx(stepped, rel=1e-9)
