@@ -63,20 +63,20 @@ def log(msg: str) -> None:
 
 
 def reactive_config(max_replicas: int, **extra: Any) -> Any:
-    from llmstack.config import AutoscalingConfig
+    from llmstack.config import ReplicaAutoscalingConfig
 
-    return AutoscalingConfig(**{"min_replicas": 1, "max_replicas": max_replicas, "ttft_slo_s": SLO_S, **extra})
+    return ReplicaAutoscalingConfig(**{"min_replicas": 1, "max_replicas": max_replicas, "ttft_slo_s": SLO_S, **extra})
 
 
 def predictive_config(max_replicas: int, capacity: float, startup_s: float, **extra: Any) -> Any:
-    from llmstack.config import AutoscalingConfig
+    from llmstack.config import ReplicaAutoscalingConfig
 
     fields = {"min_replicas": 1, "max_replicas": max_replicas, "ttft_slo_s": SLO_S, "policy": "predictive",
               "capacity_tokens_per_s": capacity, "forecast_bin_s": 1.0,
               "forecast_horizon_s": round(max(2.0, startup_s + 1.0), 1), "look_back_period_s": 2.0,
               "metrics_interval_s": 0.5, "headroom": 0.3, "downscale_stable_s": 60.0, "downscale_cooldown_s": 20.0}
     fields.update(extra)
-    return AutoscalingConfig(**fields)
+    return ReplicaAutoscalingConfig(**fields)
 
 
 REACTIVE_SWEEP = [1.0, 2.0, 4.0]
@@ -747,12 +747,12 @@ def run_live(info: dict[str, Any], engine_model: Any, window: Any) -> tuple[dict
 
 def window_simulation(results: dict[str, Any], window: Any, model: Any) -> dict[str, Any]:
     """The simulator on the live window (same compression) with each live run's config."""
-    from llmstack.config import AutoscalingConfig, load_config
+    from llmstack.config import ReplicaAutoscalingConfig, load_config
 
     compressed = window.compressed(LIVE_SPEEDUP)
     out = {}
     for name, run in results["live"].items():
-        auto = load_config(AutoscalingConfig, {**run["config"], "metrics_url": None})
+        auto = load_config(ReplicaAutoscalingConfig, {**run["config"], "metrics_url": None})
         policy = "static" if name == "static" else auto.policy
         out[name] = sim(compressed, auto, policy, model, LIVE_MAX_REPLICAS if name == "static" else None).metrics
     return out

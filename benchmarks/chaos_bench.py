@@ -614,7 +614,7 @@ def main() -> int:
     from ray import serve
 
     import llmstack
-    from llmstack.config import AutoscalingConfig, ServeConfig
+    from llmstack.config import ReplicaAutoscalingConfig, ServeConfig
     from llmstack.serve._testing import make_registry
     from llmstack.serve.deployments import builder
     from llmstack.serve.deployments.builder import HEALTH_CHECK_PERIOD_S
@@ -641,7 +641,7 @@ def main() -> int:
     rows: dict[str, dict[str, Any]] = results["scenarios"]
 
     def deploy(replicas: int) -> tuple[str, dict[str, str]]:
-        cfg = ServeConfig(autoscaling=AutoscalingConfig(min_replicas=replicas, max_replicas=replicas))
+        cfg = ServeConfig(autoscaling=ReplicaAutoscalingConfig(min_replicas=replicas, max_replicas=replicas))
         log(f"deploying {APP} with {replicas} model replica(s) and {builder.ingress_replicas(cfg)} ingress replica(s)")
         # build_app reads INGRESS_OPTIONS in this process: patching it tries a proposed change without editing src.
         app = llmstack.deploy({**common, "autoscaling": {"min_replicas": replicas, "max_replicas": replicas}},

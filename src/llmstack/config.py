@@ -715,6 +715,23 @@ def apply_overrides(data: Any, overrides: Iterable[str], problems: list[str] | N
     return result
 
 
+def merge_sections(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes`` applied, nested mappings merged key by key (``{"http": {"port": 1}}`` keeps
+    the other ``http`` keys), so Python callers can override one key of a section.
+
+    Example:
+        >>> merge_sections({"http": {"host": "h", "port": 1}}, {"http": {"port": 2}})
+        {'http': {'host': 'h', 'port': 2}}
+    """
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge_sections(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def to_dict(config: Any) -> Any:
     """A plain-data (YAML/JSON-safe) copy of a config dataclass."""
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
@@ -975,6 +992,7 @@ __all__ = [
     "WorkersConfig",
     "apply_overrides",
     "load_config",
+    "merge_sections",
     "save_config",
     "serve_app_args",
     "to_dict",

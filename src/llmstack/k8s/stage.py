@@ -101,7 +101,7 @@ def _service_stage(kind: str, data: Any, overrides: list[str], where: str | None
         canary, config = load_canary_config(dict(flat))
     else:
         config = load_config(ServeConfig, dict(flat))
-    if config.api_key is not None:
+    if config.http.api_key is not None:
         in_file = from_file and _file_args(data).get("api_key") is not None
         path = "applications[0].args.api_key" if in_file else "api_key"
         problems.append(f"{path}: an inline API key cannot go into a manifest; put it in a Secret and pass "
@@ -128,7 +128,7 @@ def _flatten(data: Mapping[str, Any], defaults: Mapping[str, Any] | None, prefix
     """Leaves of ``data`` that differ from ``defaults``; a section that differs at all is given whole.
 
     A section in a config replaces its default as a whole (FinetuneConfig's ``training`` defaults are not
-    TrainingConfig's), so a lone ``training.max_steps=...`` would not reproduce the other fields.
+    LoopConfig's), so a lone ``training.max_steps=...`` would not reproduce the other fields.
     """
     for key, value in data.items():
         if defaults is not None and value == defaults.get(key):

@@ -7,7 +7,7 @@ import pytest
 
 from llmstack.autoscale import ReplayError, replay, serve_autoscaling_config, synthetic_trace
 from llmstack.cli import main
-from llmstack.config import AutoscalingConfig, ServeConfig, load_config
+from llmstack.config import ReplicaAutoscalingConfig, ServeConfig, load_config
 from llmstack.errors import ConfigError
 
 INLINE_KEYS = {"min_replicas", "initial_replicas", "max_replicas", "target_ongoing_requests", "upscale_delay_s",
@@ -15,12 +15,12 @@ INLINE_KEYS = {"min_replicas", "initial_replicas", "max_replicas", "target_ongoi
 
 
 def test_reactive_dict_is_servers_default_and_predictive_plugs_the_class_in() -> None:
-    from ray.serve.config import AutoscalingConfig as RayConfig
+    from ray.serve.config import ReplicaAutoscalingConfig as RayConfig
 
-    reactive = serve_autoscaling_config(AutoscalingConfig(max_replicas=3))
+    reactive = serve_autoscaling_config(ReplicaAutoscalingConfig(max_replicas=3))
     assert set(reactive) == INLINE_KEYS
     assert RayConfig(**reactive).policy.is_default_policy_function()
-    predictive = serve_autoscaling_config(AutoscalingConfig(max_replicas=3, policy="predictive", headroom=0.5))
+    predictive = serve_autoscaling_config(ReplicaAutoscalingConfig(max_replicas=3, policy="predictive", headroom=0.5))
     assert set(predictive) == INLINE_KEYS | {"policy"}
     assert predictive["upscale_delay_s"] == predictive["downscale_delay_s"] == 0.0
     ray_config = RayConfig(**predictive)  # Serve validates and cloudpickles the policy class

@@ -10,17 +10,17 @@ import pytest
 from llmstack.autoscale.policy import MODE_FALLBACK, LoadCounters, PredictivePolicy, parse_prometheus_counters
 from llmstack.autoscale.simulator import ReplicaModel, ServeDelays, SimContext, simulate
 from llmstack.autoscale.trace import Trace, synthetic_trace
-from llmstack.config import AutoscalingConfig
+from llmstack.config import ReplicaAutoscalingConfig
 
 # ~20 requests/s of 200-token prompts per replica; a replica starts in 3 s.
 MODEL = ReplicaModel(prefill_tokens_per_s=4000.0, decode_step_s=0.002, decode_step_per_seq_s=0.0003,
                      startup_s=3.0, prefill_overhead_s=0.002, request_overhead_s=0.01)
 COMMON = dict(min_replicas=1, max_replicas=6, target_ongoing_requests=4, ttft_slo_s=1.0,
               upscale_delay_s=2.0, downscale_delay_s=10.0, look_back_period_s=10.0)
-PREDICTIVE = AutoscalingConfig(**COMMON, policy="predictive", capacity_tokens_per_s=3000.0, headroom=0.2,
+PREDICTIVE = ReplicaAutoscalingConfig(**COMMON, policy="predictive", capacity_tokens_per_s=3000.0, headroom=0.2,
                                forecast_bin_s=1.0, forecast_horizon_s=5.0, downscale_stable_s=15.0,
                                downscale_cooldown_s=10.0)
-REACTIVE = AutoscalingConfig(**COMMON)
+REACTIVE = ReplicaAutoscalingConfig(**COMMON)
 
 
 def _first_scale_up(result) -> float:
@@ -76,7 +76,7 @@ def test_idle_period_returns_to_min_replicas_only_after_the_stable_drop() -> Non
 def test_flapping_input_does_not_flap_the_replicas() -> None:
     segments = [(4, 22.0) if i % 2 == 0 else (4, 4.0) for i in range(40)]
     trace = synthetic_trace(segments, context_tokens=200, generated_tokens=16, seed=4)
-    nervous = AutoscalingConfig(**{**COMMON, "upscale_delay_s": 0.0, "downscale_delay_s": 0.0,
+    nervous = ReplicaAutoscalingConfig(**{**COMMON, "upscale_delay_s": 0.0, "downscale_delay_s": 0.0,
                                    "look_back_period_s": 2.0})
     predictive = simulate(trace, PREDICTIVE, policy="predictive", replica_model=MODEL)
     reactive = simulate(trace, nervous, policy="reactive", replica_model=MODEL)
@@ -124,7 +124,7 @@ def test_serve_delay_rule_matches_rays_own() -> None:
     from ray.serve._private.constants import (SERVE_AUTOSCALING_DECISION_COUNTERS_KEY,
                                               SERVE_AUTOSCALING_DECISION_TIMESTAMP_KEY)
     from ray.serve.autoscaling_policy import _apply_delay_logic
-    from ray.serve.config import AutoscalingConfig as RayConfig
+    from ray.serve.config import ReplicaAutoscalingConfig as RayConfig
 
     config = RayConfig(min_replicas=0, max_replicas=10, upscale_delay_s=2.0, downscale_delay_s=5.0,
                        downscale_to_zero_delay_s=8.0)
@@ -156,7 +156,7 @@ def test_utilisation_is_busy_time_over_replica_time_by_hand() -> None:
     model = ReplicaModel(prefill_tokens_per_s=1000.0, decode_step_s=0.01, decode_step_per_seq_s=0.0, startup_s=1.0,
                          prefill_overhead_s=0.05)
     trace = Trace([0.0, 10.0], [500, 500], [11, 11])
-    auto = AutoscalingConfig(max_replicas=2, capacity_tokens_per_s=100.0)
+    auto = ReplicaAutoscalingConfig(max_replicas=2, capacity_tokens_per_s=100.0)
     m = simulate(trace, auto, policy="static", static_replicas=2, replica_model=model).metrics
     busy_per_request = 0.05 + 500 / 1000.0 + 10 * 0.01  # 0.65 s
     end = 10.0 + busy_per_request
@@ -207,8 +207,8 @@ def test_reserve_keeps_the_recent_demand_quantile_through_a_gap() -> None:
     for _ in range(4):
         segments += [(10, 60.0), (50, 0.0)]
     trace = synthetic_trace(segments, context_tokens=200, generated_tokens=16, seed=9)
-    base = AutoscalingConfig(**{**PREDICTIVE.__dict__, "downscale_stable_s": 5.0, "downscale_cooldown_s": 5.0})
-    reserve = AutoscalingConfig(**{**base.__dict__, "reserve_window_s": 120.0, "reserve_quantile": 0.9})
+    base = ReplicaAutoscalingConfig(**{**PREDICTIVE.__dict__, "downscale_stable_s": 5.0, "downscale_cooldown_s": 5.0})
+    reserve = ReplicaAutoscalingConfig(**{**base.__dict__, "reserve_window_s": 120.0, "reserve_quantile": 0.9})
     plain = simulate(trace, base, policy="predictive", replica_model=MODEL)
     held = simulate(trace, reserve, policy="predictive", replica_model=MODEL)
 
