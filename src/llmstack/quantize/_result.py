@@ -17,7 +17,7 @@ class QuantizeResult:
         metrics: flat metrics stored in the manifest: ``perplexity``, ``model_bytes``,
             ``quantized_layer_bytes``, ``prefill_tokens_per_s``, ``decode_tokens_per_s``, each
             with ``source_<key>`` and ``<key>_ratio`` (quantized / source, same run); plus
-            ``file_bytes``. Empty of evaluation keys when ``config.evaluate`` is false.
+            ``file_bytes``. Empty of evaluation keys when ``config.evaluation.enabled`` is false.
         recipe: the ``quantization.json`` written with the weights.
         config: the effective :class:`~llmstack.config.QuantizeConfig` as plain data.
     """
