@@ -776,14 +776,18 @@ def _parse(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
     for name in fields:
         if name in data and name not in old_values:
             kwargs[name] = _coerce(data[name], hints[name], _join(prefix, name), problems)
-    if len(problems) > before:
-        return None
+    if any(not isinstance(problem, _RangeProblem) for problem in problems[before:]):
+        return None  # a wrong type or shape below: range checks could not run on it
     instance = cls(**kwargs)
     check = getattr(instance, "check", None)
     if callable(check):
         for key, message in check():
-            problems.append(f"{_join(prefix, key)}: {message}")
+            problems.append(_RangeProblem(f"{_join(prefix, key)}: {message}"))
     return instance
+
+
+class _RangeProblem(str):
+    """A problem a section's ``check()`` found: its parent section is still built and checked too."""
 
 
 def _coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:

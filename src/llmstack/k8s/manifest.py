@@ -134,7 +134,7 @@ def _ray_service(stage: Stage, opts: K8sOptions, problems: list[str]) -> dict[st
     import_path = BUILDERS[stage.import_path] if opts.api_key_secret else stage.import_path
     serve_config = {
         "proxy_location": "EveryNode",
-        "http_options": {"host": "0.0.0.0", "port": cfg.port},
+        "http_options": {"host": "0.0.0.0", "port": cfg.http.port},
         "applications": [{"name": cfg.app_name, "route_prefix": cfg.http.route_prefix, "import_path": import_path,
                           "args": stage.app_args}],
     }

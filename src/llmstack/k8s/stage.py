@@ -34,7 +34,8 @@ JOB_KINDS = ("train", "finetune")
 SERVICE_KINDS = ("serve", "canary")
 KINDS = JOB_KINDS + SERVICE_KINDS
 CANARY_APP_BUILDER = "llmstack.serve.canary:build_canary_app"
-APP_PLACEMENT_KEYS = ("app_name", "route_prefix", "host", "port")  # serve_app_args lifts these out of the app
+APP_PLACEMENT_KEYS = ("app_name",)  # serve_app_args lifts these out of the app, and HTTP_PLACEMENT_KEYS into `http`
+HTTP_PLACEMENT_KEYS = ("route_prefix", "host", "port")
 LOCAL_ONLY_SCHEMES = ("file://", "memory://")
 
 
@@ -102,12 +103,16 @@ def _service_stage(kind: str, data: Any, overrides: list[str], where: str | None
     else:
         config = load_config(ServeConfig, dict(flat))
     if config.http.api_key is not None:
-        in_file = from_file and _file_args(data).get("api_key") is not None
-        path = "applications[0].args.api_key" if in_file else "api_key"
+        file_http = _file_args(data).get("http") if from_file else None
+        in_file = isinstance(file_http, Mapping) and file_http.get("api_key") is not None
+        path = "applications[0].args.http.api_key" if in_file else "http.api_key"
         problems.append(f"{path}: an inline API key cannot go into a manifest; put it in a Secret and pass "
                         "k8s.api_key_secret=NAME/KEY (the app reads it from the pod's environment)")
     problems.extend(_service_storage_problems(config, canary))
     args = {k: v for k, v in flat.items() if k not in APP_PLACEMENT_KEYS}
+    http = {k: v for k, v in (args.pop("http", None) or {}).items() if k not in HTTP_PLACEMENT_KEYS}
+    if http:
+        args["http"] = http
     return Stage(kind=kind, config=config, canary=canary, app_args=args, import_path=builder)
 
 

@@ -58,5 +58,5 @@ def test_no_regions_and_unknown_keys() -> None:
 def test_shipped_serve_file_parses() -> None:
     cfg, serve_cfg = load_regions_config(str(ROOT / "serve_configs" / "multi-region.yaml"))
     assert len(cfg.regions) >= 2
-    total = sum(r.replicas for r in cfg.regions.values()) * serve_cfg.num_cpus + 0.1
+    total = sum(r.replicas for r in cfg.regions.values()) * serve_cfg.replica_resources()["CPU"] + 0.1
     assert total <= 2.0, "the shipped file must fit a 2-CPU machine"
