@@ -66,10 +66,12 @@ BIN_S = 0.5
 
 
 def serve_args(registry: str, port: int) -> dict[str, Any]:
-    return {"model": "tiny-lm@production", "registry": registry, "app_name": "regions-bench", "port": port,
-            "host": "127.0.0.1", "regions": REGIONS, "routing": ROUTING, "num_cpus": 1.0, "num_threads": 1,
-            "max_batch_size": 4, "max_ongoing_requests": 8, "max_queued_requests": -1, "response_cache_size": 0,
-            "default_max_tokens": MAX_TOKENS, "max_tokens_limit": 64, "batch_wait_timeout_s": 0.005}
+    return {"model": "tiny-lm@production", "registry": registry, "app_name": "regions-bench",
+            "http": {"port": port, "host": "127.0.0.1"}, "regions": REGIONS, "routing": ROUTING,
+            "engine": {"num_threads": 1, "max_batch_size": 4, "response_cache_size": 0,
+                       "default_max_tokens": MAX_TOKENS, "max_tokens_limit": 64, "batch_wait_timeout_s": 0.005},
+            "deployment": {"max_ongoing_requests": 8, "max_queued_requests": -1,
+                           "ray_actor_options": {"num_cpus": 1.0}}}
 
 
 def costs(url: str) -> dict[str, Any]:

@@ -36,15 +36,14 @@ def test_no_fleet_that_meets_the_slo_beats_the_ceiling() -> None:
                             context_tokens=300, generated_tokens=20, seed=3)
     ceiling = utilisation_ceiling(trace, MODEL, ttft_slo_s=1.0)["ceiling"]
     assert 0.0 < ceiling < 1.0
-    common = dict(min_replicas=1, max_replicas=6)
     forecast = dict(ttft_slo_s=1.0, capacity_tokens_per_s=3000.0)
-    runs = [simulate(trace, ReplicaAutoscalingConfig(**common, predictive=PredictiveScalingConfig(**forecast)), policy="static", static_replicas=n, replica_model=MODEL)
+    common = dict(min_replicas=1, max_replicas=6, predictive=PredictiveScalingConfig(**forecast))
+    runs = [simulate(trace, ReplicaAutoscalingConfig(**common), policy="static", static_replicas=n, replica_model=MODEL)
             for n in (1, 2, 3, 5)]
-    runs += [simulate(trace, ReplicaAutoscalingConfig(**common, target_ongoing_requests=t,
-                                                  predictive=PredictiveScalingConfig(**forecast)), policy="reactive",
+    runs += [simulate(trace, ReplicaAutoscalingConfig(**common, target_ongoing_requests=t), policy="reactive",
                       replica_model=MODEL) for t in (1, 4)]
-    runs.append(simulate(trace, ReplicaAutoscalingConfig(**common, policy="predictive", predictive=PredictiveScalingConfig(
-        **forecast, forecast_bin_s=1.0, forecast_horizon_s=4.0, downscale_stable_s=5.0)),
+    predictive = PredictiveScalingConfig(**forecast, forecast_bin_s=1.0, forecast_horizon_s=4.0, downscale_stable_s=5.0)
+    runs.append(simulate(trace, ReplicaAutoscalingConfig(**{**common, "predictive": predictive}, policy="predictive"),
                          policy="predictive", replica_model=MODEL))
     meeting = [r.metrics for r in runs if r.metrics["slo_attainment"] == 1.0]
     assert len(meeting) >= 2  # the bound is checked against real runs, not vacuously

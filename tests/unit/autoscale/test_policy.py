@@ -63,7 +63,8 @@ def test_burst_is_absorbed_better_than_reactive_and_held_through_the_stable_wind
     peak = max(timeline["target"])
     assert peak >= 3
     # No scale-down before the lower load has held for downscale_stable_s after the burst (ends at ~50 s).
-    before = [n for t, n in zip(timeline["time"], timeline["target"]) if 50 <= t <= 50 + PREDICTIVE.predictive.downscale_stable_s]
+    before = [n for t, n in zip(timeline["time"], timeline["target"])
+              if 50 <= t <= 50 + PREDICTIVE.predictive.downscale_stable_s]
     assert min(before) == peak
 
 
@@ -256,9 +257,9 @@ def test_scale_ups_match_known_gradual_ramps_better_than_reactive() -> None:
     trace = synthetic_trace(segments, context_tokens=200, generated_tokens=16, seed=11)
     predictive = simulate(trace, PREDICTIVE, policy="predictive", replica_model=MODEL)
     reactive = simulate(trace, REACTIVE, policy="reactive", replica_model=MODEL)
-    ramps = detect_ramps(predictive.timeline["tokens"], capacity_tokens_per_s=PREDICTIVE.predictive.capacity_tokens_per_s,
-                         smooth_s=3, rise_s=10, floor=1)
-    assert ramps == detect_ramps(reactive.timeline["tokens"], capacity_tokens_per_s=PREDICTIVE.predictive.capacity_tokens_per_s,
+    capacity = PREDICTIVE.predictive.capacity_tokens_per_s
+    ramps = detect_ramps(predictive.timeline["tokens"], capacity_tokens_per_s=capacity, smooth_s=3, rise_s=10, floor=1)
+    assert ramps == detect_ramps(reactive.timeline["tokens"], capacity_tokens_per_s=capacity,
                                  smooth_s=3, rise_s=10, floor=1)  # the same load
     assert any(40 <= r <= 50 for r in ramps) and any(160 <= r <= 170 for r in ramps)  # both climbs
     window = {"max_lead_s": PREDICTIVE.predictive.forecast_horizon_s, "late_s": 1.0}

@@ -128,7 +128,8 @@ def replica(request: pytest.FixtureRequest, small_registry: dict[str, Any]) -> I
     import torch
 
     threads = torch.get_num_threads()
-    config = {"model": "tiny-lm@v1", "registry": small_registry["registry"].url, "engine": {"max_tokens_limit": 32, "response_cache_size": 8}}
+    config = {"model": "tiny-lm@v1", "registry": small_registry["registry"].url,
+              "engine": {"max_tokens_limit": 32, "response_cache_size": 8}}
     engine = UpperEngine if request.param == "upper" else None  # None: the config's engine (transformers)
     server = ReplicaClass(config, engine=engine)
     torch.set_num_threads(threads)  # the transformers engine sets the replica's compute threads
