@@ -211,11 +211,12 @@ def router_vs_direct(rc: Any, url: str, model: str, registry: str) -> dict[str, 
 
     from region_cluster import Load, log, post_json
 
+    from llmstack.config import merge_sections
     from llmstack.serve import deploy
 
     rc.cluster.add_node(num_cpus=2, object_store_memory=rc.object_store)  # room for its replica wherever its ingress goes
-    direct = deploy({**{k: v for k, v in serve_args(registry, rc.http_port).items()
-                        if k not in ("regions", "routing")}, "app_name": "direct", "route_prefix": "/direct"})
+    plain = {k: v for k, v in serve_args(registry, rc.http_port).items() if k not in ("regions", "routing")}
+    direct = deploy(merge_sections(plain, {"app_name": "direct", "http": {"route_prefix": "/direct"}}))
     post_json(url, "/regions/routing", {"weights": {"us-east": 1}})
     time.sleep(2)
     session = requests.Session()

@@ -512,8 +512,12 @@ def start_app(info: dict[str, Any], app_cfg: dict[str, Any]) -> Any:
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    dep = llmstack.deploy({"model": "tiny-lm@production", "registry": info["registry"].url, "port": port,
-                           "app_name": "bench", "num_cpus": 1, "max_tokens_limit": 128, **app_cfg})
+    from llmstack.config import merge_sections
+
+    base = {"model": "tiny-lm@production", "registry": info["registry"].url, "app_name": "bench",
+            "http": {"port": port}, "engine": {"max_tokens_limit": 128},
+            "deployment": {"ray_actor_options": {"num_cpus": 1}}}
+    dep = llmstack.deploy(merge_sections(base, app_cfg))
     log(f"app at {dep.url}")
     sequential_latency(dep.url, 5, {"prompt": "warm up", "max_tokens": 4})
     return dep
@@ -580,8 +584,8 @@ def main() -> int:
         log(f"  engine in-process: 16 batched {in_process['batch_16_tokens_per_s']:.0f} tok/s = "
             f"{in_process['ratio']:.1f}x one at a time")
 
-    app_cfg = {"max_batch_size": 16, "batch_wait_timeout_s": 0.0, "max_ongoing_requests": 64,
-               "max_queued_requests": -1}
+    app_cfg = {"engine": {"max_batch_size": 16, "batch_wait_timeout_s": 0.0},
+               "deployment": {"max_ongoing_requests": 64, "max_queued_requests": -1}}
     dep = start_app(info, app_cfg)
     url, port = dep.url, int(dep.url.rsplit(":", 1)[1].split("/")[0])
 
@@ -610,10 +614,12 @@ def main() -> int:
     log("autoscaling under a rising and falling load")
     auto_cfg = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 1,
                 "downscale_delay_s": 4, "look_back_period_s": 2, "metrics_interval_s": 0.5}
-    adep = llmstack.deploy({"model": "tiny-lm@production", "registry": info["registry"].url, "port": port,
-                            "app_name": "bench-auto", "route_prefix": "/auto", "num_cpus": 1,
-                            "max_batch_size": 4, "max_ongoing_requests": 8, "max_queued_requests": -1,
-                            "response_cache_size": 0, "autoscaling": auto_cfg})
+    adep = llmstack.deploy({"model": "tiny-lm@production", "registry": info["registry"].url, "app_name": "bench-auto",
+                            "http": {"port": port, "route_prefix": "/auto"},
+                            "engine": {"max_batch_size": 4, "response_cache_size": 0},
+                            "deployment": {"max_ongoing_requests": 8, "max_queued_requests": -1,
+                                           "ray_actor_options": {"num_cpus": 1}},
+                            "autoscaling": auto_cfg})
     profile = [(5, 1), (15, 4), (20, 12), (10, 4), (20, 0)] if not args.quick else [(3, 1), (10, 12), (12, 0)]
     timeline = autoscaling_run(adep.url, "bench-auto", profile, mt)
     adep.shutdown()

@@ -48,7 +48,7 @@ class QuantizeResult:
             lines.append(f"{label:<22} {fmt_fn(src) if src is not None else '-':>12} {fmt_fn(m[key]):>12} "
                          f"{(f'{ratio:.3f}' if ratio is not None else '-'):>8}  {note}".rstrip())
         if len(lines) == 2:
-            lines.append("(evaluation skipped: evaluate=false)")
+            lines.append("(evaluation skipped: evaluation.enabled=false)")
         details = self.recipe.get("details", {})
         if "alpha" in details:
             lines.append(f"smoothquant alpha = {details['alpha']:g}"

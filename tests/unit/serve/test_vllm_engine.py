@@ -255,7 +255,8 @@ def test_from_source_hands_vllm_the_sized_arguments_and_the_kwargs_verbatim(
     assert seen["dtype"] == "bfloat16"  # the model's own, not float32
     assert seen["max_model_len"] == engine.max_model_len == 992  # 1000 tokens of cache, in whole 32-token blocks
     assert (seen["block_size"], seen["swap_space"]) == (32, 0)
-    with pytest.raises(ModelLoadError, match="vllm_engine_kwargs dtype: llmstack sets it from vllm_dtype"):
+    with pytest.raises(ModelLoadError,
+                       match=r"engine\.vllm\.engine_kwargs dtype: llmstack sets it from engine\.vllm\.dtype"):
         vllm_engine.VllmEngine.from_source(str(tmp_path / "bf16"), engine_kwargs={"dtype": "float16"})
 
 
