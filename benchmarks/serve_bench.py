@@ -345,6 +345,7 @@ def _haproxy_text(ha: dict[str, Any]) -> list[str]:
 def markdown(r: dict[str, Any]) -> str:
     thr = r["throughput"]
     over = r["overhead"]
+    engine = r["app"].get("engine", r["app"])  # older result files: a flat app config
     auto = r["autoscaling"]
     cache = r["cache"]
     lines = [
@@ -357,7 +358,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"Model: `tiny` preset ({r['params'] / 1e6:.1f}M parameters, random init, BPE vocabulary {r['vocab']}), "
         f"fp32 on CPU; every request generates {r['max_tokens']} tokens greedily from a ~{r['prompt_tokens']}-token "
         "prompt. The app is the one `deploy()` builds: ingress + one `LLMServer` replica (1 CPU, 1 torch thread) "
-        f"with `max_batch_size={r['app']['max_batch_size']}`, `batch_wait_timeout_s={r['app']['batch_wait_timeout_s']}`. "
+        f"with `engine.max_batch_size={engine['max_batch_size']}`, "
+        f"`engine.batch_wait_timeout_s={engine['batch_wait_timeout_s']}`. "
         "Baselines run in the benchmark process with one torch thread. Load comes from an asyncio HTTP client "
         "on the same 2 cores, so absolute numbers are pessimistic; the ratios are the point.",
         "",
