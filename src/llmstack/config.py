@@ -9,7 +9,12 @@ Example:
     >>> cfg.scaling.num_workers
     1
 
-One module on purpose (~900 lines): the parser walks every stage's dataclass, and users look for
+Each verb's config is nested by what its keys control (serve: ``http``, ``engine`` with ``engine.vllm``,
+``autoscaling`` with ``autoscaling.predictive``, ``deployment`` for Ray Serve's own options; quantize: one
+section per backend, ``calibration``, ``evaluation``). A key of the earlier flat shape is refused with its
+new path, from the one table :data:`MOVED_KEYS`.
+
+One module on purpose (~1000 lines): the parser walks every stage's dataclass, and users look for
 all the knobs of the YAML in one place; each stage's class stays small.
 """
 
