@@ -62,21 +62,32 @@ def log(msg: str) -> None:
 # --------------------------------------------------------------------------- policy configs
 
 
-def reactive_config(max_replicas: int, **extra: Any) -> Any:
-    from llmstack.config import AutoscalingConfig
+def autoscaling_config(fields: dict[str, Any]) -> Any:
+    """A ReplicaAutoscalingConfig from one flat dict: the predictive policy's fields go to its section."""
+    from llmstack.config import PredictiveScalingConfig, ReplicaAutoscalingConfig
 
-    return AutoscalingConfig(**{"min_replicas": 1, "max_replicas": max_replicas, "ttft_slo_s": SLO_S, **extra})
+    forecast_keys = {f.name for f in dataclasses.fields(PredictiveScalingConfig)}
+    forecast = {k: v for k, v in fields.items() if k in forecast_keys}
+    return ReplicaAutoscalingConfig(**{k: v for k, v in fields.items() if k not in forecast_keys},
+                                    predictive=PredictiveScalingConfig(**forecast))
+
+
+def with_forecast(auto: Any, **changes: Any) -> Any:
+    """``auto`` with ``changes`` to its predictive section."""
+    return dataclasses.replace(auto, predictive=dataclasses.replace(auto.predictive, **changes))
+
+
+def reactive_config(max_replicas: int, **extra: Any) -> Any:
+    return autoscaling_config({"min_replicas": 1, "max_replicas": max_replicas, "ttft_slo_s": SLO_S, **extra})
 
 
 def predictive_config(max_replicas: int, capacity: float, startup_s: float, **extra: Any) -> Any:
-    from llmstack.config import AutoscalingConfig
-
     fields = {"min_replicas": 1, "max_replicas": max_replicas, "ttft_slo_s": SLO_S, "policy": "predictive",
               "capacity_tokens_per_s": capacity, "forecast_bin_s": 1.0,
               "forecast_horizon_s": round(max(2.0, startup_s + 1.0), 1), "look_back_period_s": 2.0,
               "metrics_interval_s": 0.5, "headroom": 0.3, "downscale_stable_s": 60.0, "downscale_cooldown_s": 20.0}
     fields.update(extra)
-    return AutoscalingConfig(**fields)
+    return autoscaling_config(fields)
 
 
 REACTIVE_SWEEP = [1.0, 2.0, 4.0]
@@ -145,13 +156,14 @@ def live_part(registry_info: dict, port: int, window: Any, runs: dict[str, Any])
         app_name, prefix = f"auto-{name}", f"/auto-{name}"
         url = f"http://127.0.0.1:{port}{prefix}"
         if auto.policy == "predictive":
-            auto = dataclasses.replace(auto, metrics_url=url)
+            auto = with_forecast(auto, metrics_url=url)
         log(f"live {name}: deploying ({auto.min_replicas}-{auto.max_replicas} replicas)")
-        deployment = llmstack.deploy({"model": registry_info["model"], "registry": registry_info["registry"].url,
-                                      "app_name": app_name, "route_prefix": prefix, "port": port,
-                                      "max_batch_size": 8, "max_ongoing_requests": 32, "max_queued_requests": 256,
-                                      "response_cache_size": 0, "request_timeout_s": 30.0,
-                                      "autoscaling": to_dict(auto)})
+        deployment = llmstack.deploy({
+            "model": registry_info["model"], "registry": registry_info["registry"].url, "app_name": app_name,
+            "http": {"route_prefix": prefix, "port": port, "request_timeout_s": 30.0},
+            "engine": {"max_batch_size": 8, "response_cache_size": 0},
+            "deployment": {"max_ongoing_requests": 32, "max_queued_requests": 256},
+            "autoscaling": to_dict(auto)})
         watcher = ReplicaWatcher(app_name)
         try:
             log(f"live {name}: replaying {len(window)} requests over {window.duration_s / LIVE_SPEEDUP:.0f} s")
@@ -271,7 +283,7 @@ def study(name: str, hour: Any, model: Any, capacity: float, max_replicas: int) 
         fields = dict(extra)
         horizon_x = fields.pop("horizon_x", 1.0)
         auto = predictive_config(max_replicas, capacity, model.startup_s, **fields)
-        auto = dataclasses.replace(auto, forecast_horizon_s=round(auto.forecast_horizon_s * horizon_x, 1))
+        auto = with_forecast(auto, forecast_horizon_s=round(auto.predictive.forecast_horizon_s * horizon_x, 1))
         predictive_runs[_label(extra)] = (auto, sim(hour, auto, "predictive", model))
     log(f"{name}: clairvoyant reference")
     clairvoyant_runs = {}
@@ -298,18 +310,18 @@ def study(name: str, hour: Any, model: Any, capacity: float, max_replicas: int) 
         if startup == model.startup_s:
             continue
         other = dataclasses.replace(model, startup_s=startup)
-        horizon = round(max(2.0, startup + 1.0) * (best_auto.forecast_horizon_s / max(2.0, model.startup_s + 1.0)), 1)
+        horizon = round(max(2.0, startup + 1.0) * (best_auto.predictive.forecast_horizon_s / max(2.0, model.startup_s + 1.0)), 1)
         sensitivity[f"{startup:g}"] = {
             "reactive": sim(hour, reactive_config(max_replicas, capacity_tokens_per_s=capacity), "reactive",
                             other).metrics,
-            "predictive": sim(hour, dataclasses.replace(best_auto, forecast_horizon_s=horizon), "predictive",
+            "predictive": sim(hour, with_forecast(best_auto, forecast_horizon_s=horizon), "predictive",
                               other).metrics}
     # Transitions: ramps in the trace at the policy's own capacity, floor and start-up time scale.
     ramp_args = {"capacity_tokens_per_s": capacity, "smooth_s": RAMP_SMOOTH_S,
                  "rise_s": max(5, round(model.startup_s * 2)),
                  "min_rise": 1, "floor": best_auto.min_replicas}
     ramps = detect_ramps(best.timeline["tokens"], **ramp_args)
-    window = {"max_lead_s": best_auto.forecast_horizon_s, "late_s": 1.0}
+    window = {"max_lead_s": best_auto.predictive.forecast_horizon_s, "late_s": 1.0}
     transitions = {"definition": {**ramp_args, **window},
                    "predictive": score_transitions(ramps, predicted_ramp_times(best.decisions), **window),
                    "predictive_all_scale_ups": score_transitions(ramps, scale_up_times(best.timeline), **window),
@@ -733,7 +745,8 @@ def run_live(info: dict[str, Any], engine_model: Any, window: Any) -> tuple[dict
                                         downscale_cooldown_s=10.0),
     }
     probe_app = llmstack.deploy({"model": info["model"], "registry": info["registry"].url, "app_name": "probe",
-                                 "route_prefix": "/probe", "port": port, "response_cache_size": 0})
+                                 "http": {"route_prefix": "/probe", "port": port},
+                                 "engine": {"response_cache_size": 0}})
     overhead_s = max(0.0, http_overhead(probe_app.url) - engine_model.prefill_overhead_s
                      - 8 / engine_model.prefill_tokens_per_s)
     probe_app.shutdown()
@@ -747,12 +760,13 @@ def run_live(info: dict[str, Any], engine_model: Any, window: Any) -> tuple[dict
 
 def window_simulation(results: dict[str, Any], window: Any, model: Any) -> dict[str, Any]:
     """The simulator on the live window (same compression) with each live run's config."""
-    from llmstack.config import AutoscalingConfig, load_config
+    from llmstack.config import ReplicaAutoscalingConfig, load_config, merge_sections
 
     compressed = window.compressed(LIVE_SPEEDUP)
     out = {}
     for name, run in results["live"].items():
-        auto = load_config(AutoscalingConfig, {**run["config"], "metrics_url": None})
+        live = merge_sections(run["config"], {"predictive": {"metrics_url": None}})
+        auto = load_config(ReplicaAutoscalingConfig, live)
         policy = "static" if name == "static" else auto.policy
         out[name] = sim(compressed, auto, policy, model, LIVE_MAX_REPLICAS if name == "static" else None).metrics
     return out

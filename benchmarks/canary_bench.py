@@ -140,16 +140,20 @@ def main() -> int:
     tmp = tempfile.mkdtemp(prefix="canary-bench-")
     info = registry_with_versions(os.path.join(tmp, "registry"))
     reg = info["registry"]
-    common = {"registry": reg.url, "port": port, "num_cpus": 0.25, "max_batch_size": 8,
-              "batch_wait_timeout_s": 0.005, "max_ongoing_requests": 32, "max_queued_requests": -1,
-              "response_cache_size": 0, "default_max_tokens": 8, "max_tokens_limit": 64}
+    common = {"registry": reg.url,
+              "engine": {"max_batch_size": 8, "batch_wait_timeout_s": 0.005, "response_cache_size": 0,
+                         "default_max_tokens": 8, "max_tokens_limit": 64},
+              "deployment": {"max_ongoing_requests": 32, "max_queued_requests": -1,
+                             "ray_actor_options": {"num_cpus": 0.25}}}
     log("deploying the plain app (baseline) and the canary app")
-    plain = llmstack.deploy({**common, "model": V1, "app_name": "bench-plain", "route_prefix": "/plain"})
+    plain = llmstack.deploy({**common, "model": V1, "app_name": "bench-plain",
+                             "http": {"port": port, "route_prefix": "/plain"}})
     canary = deploy_canary({**common, "stable": "tiny-lm@production", "candidate": V2,
                             "versions": [{"name": "broken", "model": info["v3"],
                                           "deployment": "faults:FaultInjectingLLMServer",
                                           "deployment_args": {"fault": "raise", "delay_s": 2.0}}],
-                            "app_name": "bench-canary", "route_prefix": "/canary", "thresholds": {"window_s": 30}})
+                            "app_name": "bench-canary", "http": {"port": port, "route_prefix": "/canary"},
+                            "thresholds": {"window_s": 30}})
     wait_healthy(plain.url)
     wait_healthy(canary.url)
     app = canary.app_name

@@ -614,7 +614,7 @@ def main() -> int:
     from ray import serve
 
     import llmstack
-    from llmstack.config import AutoscalingConfig, ServeConfig
+    from llmstack.config import ReplicaAutoscalingConfig, ServeConfig
     from llmstack.serve._testing import make_registry
     from llmstack.serve.deployments import builder
     from llmstack.serve.deployments.builder import HEALTH_CHECK_PERIOD_S
@@ -627,10 +627,12 @@ def main() -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     workdir = Path(tempfile.mkdtemp(prefix="chaos-bench-"))
     info = make_registry(str(workdir / "registry"), adapters=0)
-    common = {"registry": info["registry"].url, "model": "tiny-lm@production", "app_name": APP, "port": port,
-              "num_cpus": 0.5, "num_threads": 1, "max_batch_size": 8, "batch_wait_timeout_s": 0.005,
-              "max_ongoing_requests": 16, "max_queued_requests": 16, "response_cache_size": 0,
-              "default_max_tokens": MAX_TOKENS, "max_tokens_limit": 256, "request_timeout_s": 30}
+    common = {"registry": info["registry"].url, "model": "tiny-lm@production", "app_name": APP,
+              "http": {"port": port, "request_timeout_s": 30},
+              "engine": {"num_threads": 1, "max_batch_size": 8, "batch_wait_timeout_s": 0.005, "response_cache_size": 0,
+                         "default_max_tokens": MAX_TOKENS, "max_tokens_limit": 256},
+              "deployment": {"max_ongoing_requests": 16, "max_queued_requests": 16,
+                             "ray_actor_options": {"num_cpus": 0.5}}}
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "cpu": cpu_name(), "python": platform.python_version(),
                     "ray": ray.__version__, "load_avg_1m_at_start": os.getloadavg()[0]},
@@ -641,7 +643,7 @@ def main() -> int:
     rows: dict[str, dict[str, Any]] = results["scenarios"]
 
     def deploy(replicas: int) -> tuple[str, dict[str, str]]:
-        cfg = ServeConfig(autoscaling=AutoscalingConfig(min_replicas=replicas, max_replicas=replicas))
+        cfg = ServeConfig(autoscaling=ReplicaAutoscalingConfig(min_replicas=replicas, max_replicas=replicas))
         log(f"deploying {APP} with {replicas} model replica(s) and {builder.ingress_replicas(cfg)} ingress replica(s)")
         # build_app reads INGRESS_OPTIONS in this process: patching it tries a proposed change without editing src.
         app = llmstack.deploy({**common, "autoscaling": {"min_replicas": replicas, "max_replicas": replicas}},

@@ -121,7 +121,7 @@ def run_method(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(job["threads"])
-    from llmstack.config import LoRAConfig, TrainingConfig
+    from llmstack.config import FinetuneMethodConfig, LoopConfig
     from llmstack.finetune.methods import ModelFactory, count_trainable
     from llmstack.registry import Registry
     from llmstack.train.loop import LocalSession, LoopSpec, evaluate, run_worker_loop
@@ -133,13 +133,13 @@ def run_method(job: dict[str, Any]) -> dict[str, Any]:
     method = job["method"]
     with PeakRSS() as load_peak:
         factory = ModelFactory(Registry(job["registry"]), job["base"], method,
-                               LoRAConfig(method=method, rank=job["rank"], alpha=2.0 * job["rank"], dropout=0.0),
+                               FinetuneMethodConfig(method=method, rank=job["rank"], alpha=2.0 * job["rank"], dropout=0.0),
                                seed=0)
         model = factory()
     trim()
     trainable, total = count_trainable(model)
-    def config(learning_rate: float) -> TrainingConfig:
-        return TrainingConfig(max_steps=job["steps"], micro_batch_size=job["micro"], learning_rate=learning_rate,
+    def config(learning_rate: float) -> LoopConfig:
+        return LoopConfig(max_steps=job["steps"], micro_batch_size=job["micro"], learning_rate=learning_rate,
                               warmup_steps=1, eval_every=job["steps"], eval_batches=job["eval_batches"],
                               checkpoint_every=0, weight_decay=0.0, min_lr_ratio=1.0)
 
@@ -204,7 +204,7 @@ def run_distill(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(job["threads"])
-    from llmstack.config import TrainingConfig
+    from llmstack.config import LoopConfig
     from llmstack.finetune.distill import DistillLoss, build_student
     from llmstack.registry import Registry
     from llmstack.train.loop import LocalSession, LoopSpec, run_worker_loop
@@ -213,7 +213,7 @@ def run_distill(job: dict[str, Any]) -> dict[str, Any]:
     factory = functools.partial(build_student, job["student"])
     loss = DistillLoss(registry=Registry(job["registry"]), teacher=job["teacher"], temperature=job["temperature"],
                        alpha=job["alpha"])
-    training = TrainingConfig(max_steps=job["steps"], micro_batch_size=job["micro"], learning_rate=3e-3,
+    training = LoopConfig(max_steps=job["steps"], micro_batch_size=job["micro"], learning_rate=3e-3,
                               warmup_steps=2, eval_every=job["steps"], eval_batches=job["eval_batches"],
                               checkpoint_every=0, weight_decay=0.0)
     session = LocalSession(None)
@@ -283,7 +283,7 @@ def build_base(root: Path, layers: int, vocab: int, block: int, *, pretrain_step
     import torch
     from transformers import LlamaForCausalLM
 
-    from llmstack.config import TrainingConfig
+    from llmstack.config import LoopConfig
     from llmstack.data import load_corpus, pack_corpus, trained_tokenizer
     from llmstack.models import preset_config, register_model
     from llmstack.registry import Registry
@@ -301,7 +301,7 @@ def build_base(root: Path, layers: int, vocab: int, block: int, *, pretrain_step
     if pretrain_steps > 0:
         torch.set_num_threads(threads)
         packed = pack_corpus(corpus, tokenizer, block_size=128)
-        training = TrainingConfig(max_steps=pretrain_steps, micro_batch_size=8, learning_rate=1e-3,
+        training = LoopConfig(max_steps=pretrain_steps, micro_batch_size=8, learning_rate=1e-3,
                                   warmup_steps=max(1, pretrain_steps // 20), eval_every=pretrain_steps,
                                   eval_batches=4, checkpoint_every=0, precision="bf16")
         log(f"pretraining the base: {pretrain_steps} steps x 8 blocks x 128 tokens of builtin:stdlib")
@@ -334,13 +334,13 @@ def warm_up(job: dict[str, Any], data: dict[str, dict[str, Any]]) -> None:
     """
     import torch
 
-    from llmstack.config import LoRAConfig
+    from llmstack.config import FinetuneMethodConfig
     from llmstack.finetune.methods import ModelFactory
     from llmstack.registry import Registry
 
     method = job["method"]
     model = ModelFactory(Registry(job["registry"]), "bench-warmup@v1", method,
-                         LoRAConfig(method=method, rank=job["rank"], alpha=2.0 * job["rank"], dropout=0.0), seed=0)()
+                         FinetuneMethodConfig(method=method, rank=job["rank"], alpha=2.0 * job["rank"], dropout=0.0), seed=0)()
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     batch = data["train"]["input_ids"][: job["micro"]]

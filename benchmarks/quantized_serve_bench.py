@@ -92,13 +92,14 @@ def main() -> int:
         params = sum(p.numel() for p in model.parameters())
         fp32 = register_model(registry, f"{preset}-lm", model.eval(), tokenizer, kind="model")
         int8 = quantize(str(fp32), "int8-dynamic", registry=registry, name=f"{preset}-lm-int8",
-                        config={"evaluate": False}).ref
+                        config={"evaluation": {"enabled": False}}).ref
         apps = {}
         for label, ref in (("fp32", fp32), ("int8", int8)):
-            apps[label] = llmstack.deploy({"model": str(ref), "registry": registry.url, "port": port,
-                                           "app_name": f"{preset}-{label}", "route_prefix": f"/{preset}-{label}",
-                                           "num_cpus": 0.5, "response_cache_size": 0, "max_batch_size": 8,
-                                           "max_tokens_limit": args.max_tokens})
+            apps[label] = llmstack.deploy({
+                "model": str(ref), "registry": registry.url, "app_name": f"{preset}-{label}",
+                "http": {"port": port, "route_prefix": f"/{preset}-{label}"},
+                "engine": {"response_cache_size": 0, "max_batch_size": 8, "max_tokens_limit": args.max_tokens},
+                "deployment": {"ray_actor_options": {"num_cpus": 0.5}}})
         for label, app in apps.items():  # warm-up: first-call allocations and kernel selection
             load(app.url, app.config.model, clients=1, requests_each=1, max_tokens=4)
         rows: dict[int, dict[str, list[float]]] = {c: {"fp32": [], "int8": [], "ratio": []} for c in client_counts}

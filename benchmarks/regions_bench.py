@@ -66,10 +66,12 @@ BIN_S = 0.5
 
 
 def serve_args(registry: str, port: int) -> dict[str, Any]:
-    return {"model": "tiny-lm@production", "registry": registry, "app_name": "regions-bench", "port": port,
-            "host": "127.0.0.1", "regions": REGIONS, "routing": ROUTING, "num_cpus": 1.0, "num_threads": 1,
-            "max_batch_size": 4, "max_ongoing_requests": 8, "max_queued_requests": -1, "response_cache_size": 0,
-            "default_max_tokens": MAX_TOKENS, "max_tokens_limit": 64, "batch_wait_timeout_s": 0.005}
+    return {"model": "tiny-lm@production", "registry": registry, "app_name": "regions-bench",
+            "http": {"port": port, "host": "127.0.0.1"}, "regions": REGIONS, "routing": ROUTING,
+            "engine": {"num_threads": 1, "max_batch_size": 4, "response_cache_size": 0,
+                       "default_max_tokens": MAX_TOKENS, "max_tokens_limit": 64, "batch_wait_timeout_s": 0.005},
+            "deployment": {"max_ongoing_requests": 8, "max_queued_requests": -1,
+                           "ray_actor_options": {"num_cpus": 1.0}}}
 
 
 def costs(url: str) -> dict[str, Any]:
@@ -209,11 +211,12 @@ def router_vs_direct(rc: Any, url: str, model: str, registry: str) -> dict[str, 
 
     from region_cluster import Load, log, post_json
 
+    from llmstack.config import merge_sections
     from llmstack.serve import deploy
 
     rc.cluster.add_node(num_cpus=2, object_store_memory=rc.object_store)  # room for its replica wherever its ingress goes
-    direct = deploy({**{k: v for k, v in serve_args(registry, rc.http_port).items()
-                        if k not in ("regions", "routing")}, "app_name": "direct", "route_prefix": "/direct"})
+    plain = {k: v for k, v in serve_args(registry, rc.http_port).items() if k not in ("regions", "routing")}
+    direct = deploy(merge_sections(plain, {"app_name": "direct", "http": {"route_prefix": "/direct"}}))
     post_json(url, "/regions/routing", {"weights": {"us-east": 1}})
     time.sleep(2)
     session = requests.Session()

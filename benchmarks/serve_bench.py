@@ -345,6 +345,7 @@ def _haproxy_text(ha: dict[str, Any]) -> list[str]:
 def markdown(r: dict[str, Any]) -> str:
     thr = r["throughput"]
     over = r["overhead"]
+    engine = r["app"].get("engine", r["app"])  # older result files: a flat app config
     auto = r["autoscaling"]
     cache = r["cache"]
     lines = [
@@ -357,7 +358,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"Model: `tiny` preset ({r['params'] / 1e6:.1f}M parameters, random init, BPE vocabulary {r['vocab']}), "
         f"fp32 on CPU; every request generates {r['max_tokens']} tokens greedily from a ~{r['prompt_tokens']}-token "
         "prompt. The app is the one `deploy()` builds: ingress + one `LLMServer` replica (1 CPU, 1 torch thread) "
-        f"with `max_batch_size={r['app']['max_batch_size']}`, `batch_wait_timeout_s={r['app']['batch_wait_timeout_s']}`. "
+        f"with `engine.max_batch_size={engine['max_batch_size']}`, "
+        f"`engine.batch_wait_timeout_s={engine['batch_wait_timeout_s']}`. "
         "Baselines run in the benchmark process with one torch thread. Load comes from an asyncio HTTP client "
         "on the same 2 cores, so absolute numbers are pessimistic; the ratios are the point.",
         "",
@@ -512,8 +514,12 @@ def start_app(info: dict[str, Any], app_cfg: dict[str, Any]) -> Any:
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    dep = llmstack.deploy({"model": "tiny-lm@production", "registry": info["registry"].url, "port": port,
-                           "app_name": "bench", "num_cpus": 1, "max_tokens_limit": 128, **app_cfg})
+    from llmstack.config import merge_sections
+
+    base = {"model": "tiny-lm@production", "registry": info["registry"].url, "app_name": "bench",
+            "http": {"port": port}, "engine": {"max_tokens_limit": 128},
+            "deployment": {"ray_actor_options": {"num_cpus": 1}}}
+    dep = llmstack.deploy(merge_sections(base, app_cfg))
     log(f"app at {dep.url}")
     sequential_latency(dep.url, 5, {"prompt": "warm up", "max_tokens": 4})
     return dep
@@ -580,8 +586,8 @@ def main() -> int:
         log(f"  engine in-process: 16 batched {in_process['batch_16_tokens_per_s']:.0f} tok/s = "
             f"{in_process['ratio']:.1f}x one at a time")
 
-    app_cfg = {"max_batch_size": 16, "batch_wait_timeout_s": 0.0, "max_ongoing_requests": 64,
-               "max_queued_requests": -1}
+    app_cfg = {"engine": {"max_batch_size": 16, "batch_wait_timeout_s": 0.0},
+               "deployment": {"max_ongoing_requests": 64, "max_queued_requests": -1}}
     dep = start_app(info, app_cfg)
     url, port = dep.url, int(dep.url.rsplit(":", 1)[1].split("/")[0])
 
@@ -610,10 +616,12 @@ def main() -> int:
     log("autoscaling under a rising and falling load")
     auto_cfg = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 1,
                 "downscale_delay_s": 4, "look_back_period_s": 2, "metrics_interval_s": 0.5}
-    adep = llmstack.deploy({"model": "tiny-lm@production", "registry": info["registry"].url, "port": port,
-                            "app_name": "bench-auto", "route_prefix": "/auto", "num_cpus": 1,
-                            "max_batch_size": 4, "max_ongoing_requests": 8, "max_queued_requests": -1,
-                            "response_cache_size": 0, "autoscaling": auto_cfg})
+    adep = llmstack.deploy({"model": "tiny-lm@production", "registry": info["registry"].url, "app_name": "bench-auto",
+                            "http": {"port": port, "route_prefix": "/auto"},
+                            "engine": {"max_batch_size": 4, "response_cache_size": 0},
+                            "deployment": {"max_ongoing_requests": 8, "max_queued_requests": -1,
+                                           "ray_actor_options": {"num_cpus": 1}},
+                            "autoscaling": auto_cfg})
     profile = [(5, 1), (15, 4), (20, 12), (10, 4), (20, 0)] if not args.quick else [(3, 1), (10, 12), (12, 0)]
     timeline = autoscaling_run(adep.url, "bench-auto", profile, mt)
     adep.shutdown()

@@ -111,7 +111,7 @@ def _steady_interval(history: list[dict[str, Any]], skip: int) -> float:
 def bench_throughput_and_overhead(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from llmstack.config import ScalingConfig, TrainingConfig
+    from llmstack.config import WorkersConfig, LoopConfig
     from llmstack.models import preset_config
     from llmstack.train.driver import ensure_ray, run_training
     from llmstack.train.loop import LocalSession, run_worker_loop
@@ -120,7 +120,7 @@ def bench_throughput_and_overhead(args: argparse.Namespace) -> dict[str, Any]:
     peak = matmul_peak_flops()
     vocab, seq = 4096, args.seq
     data = _data(vocab, args.micro * (args.steps + 1), seq)
-    training = TrainingConfig(max_steps=args.steps, micro_batch_size=args.micro, warmup_steps=1,
+    training = LoopConfig(max_steps=args.steps, micro_batch_size=args.micro, warmup_steps=1,
                               checkpoint_every=0, eval_every=10_000)
     fpt, n_params = flops_per_token(preset_config(args.preset, vocab_size=vocab, max_seq_len=seq), seq)
     tokens_per_step = args.micro * (seq - 1)
@@ -134,11 +134,11 @@ def bench_throughput_and_overhead(args: argparse.Namespace) -> dict[str, Any]:
     # so the slower one mostly measures other people's load).
     plain_runs = [plain_run()]
 
-    ensure_ray(ScalingConfig(num_workers=1))
+    ensure_ray(WorkersConfig(num_workers=1))
     with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
         started = time.perf_counter()
         outcome = run_training(_spec(args.preset, vocab, seq), data, None, training=training,
-                               scaling=ScalingConfig(num_workers=1), run_name="overhead", storage=tmp,
+                               scaling=WorkersConfig(num_workers=1), run_name="overhead", storage=tmp,
                                progress=False)
         ray_wall = time.perf_counter() - started
         ray_step = _steady_interval(outcome.history, args.skip)
@@ -165,7 +165,7 @@ def bench_throughput_and_overhead(args: argparse.Namespace) -> dict[str, Any]:
 
 _AC_CHILD = r"""
 import json, os, sys, time, torch
-from llmstack.config import TrainingConfig
+from llmstack.config import LoopConfig
 from llmstack.train.loop import LocalSession, run_worker_loop, LoopSpec
 from llmstack.train.driver import build_preset_model
 import functools
@@ -191,7 +191,7 @@ g = torch.Generator().manual_seed(0)
 data = {"input_ids": torch.randint(0, 4096, (micro * (steps + 1), seq), generator=g)}
 session = LocalSession()
 run_worker_loop(LoopSpec(model_factory=measuring_factory), data, None,
-                TrainingConfig(max_steps=steps, micro_batch_size=micro, warmup_steps=1, checkpoint_every=0,
+                LoopConfig(max_steps=steps, micro_batch_size=micro, warmup_steps=1, checkpoint_every=0,
                                eval_every=10_000, activation_checkpointing=ac), session=session)
 times = [r["time"] for r in session.records]
 gaps = sorted(b - a for a, b in zip(times[1:], times[2:]))
@@ -229,7 +229,7 @@ def _memory_worker(config: dict[str, Any]) -> dict[str, Any]:
     """One Ray Train worker: wrap, one optimizer step, count the bytes this rank holds."""
     import torch
 
-    from llmstack.config import TrainingConfig
+    from llmstack.config import LoopConfig
     from llmstack.train import parallel
     from llmstack.train.driver import build_preset_model
     from llmstack.train.loop import build_optimizer, causal_lm_loss
@@ -243,7 +243,7 @@ def _memory_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     model = build_preset_model(config["preset"], vocab_size=4096, max_seq_len=config["seq"], seed=0)
     model = parallel.wrap_model(model, strategy=config["strategy"], device=torch.device("cpu"))
-    optimizer = build_optimizer(model, TrainingConfig())
+    optimizer = build_optimizer(model, LoopConfig())
     g = torch.Generator().manual_seed(rank)
     batch = {"input_ids": torch.randint(0, 4096, (config["micro"], config["seq"]), generator=g)}
     causal_lm_loss(model, batch).backward()
@@ -257,7 +257,7 @@ def _memory_worker(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def bench_fsdp_vs_ddp(args: argparse.Namespace) -> dict[str, Any]:
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import RunConfig, WorkersConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     results = {}
@@ -267,7 +267,7 @@ def bench_fsdp_vs_ddp(args: argparse.Namespace) -> dict[str, Any]:
                 _memory_worker,
                 train_loop_config={"strategy": strategy, "preset": args.mem_preset, "seq": 128, "micro": 2},
                 torch_config=TorchConfig(backend="gloo"),
-                scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+                scaling_config=WorkersConfig(num_workers=2, resources_per_worker={"CPU": 1}),
                 run_config=RunConfig(name=f"mem-{strategy}", storage_path=tmp))
             results[strategy] = trainer.fit().return_value
     ddp, fsdp = results["ddp"], results["fsdp"]
@@ -308,9 +308,9 @@ def _vocab_of(source: str) -> int:
 def _vs_training(job: dict[str, Any]) -> Any:
     """Settings both sides share: constant LR, no weight decay (Trainer and llmstack pick the decayed
     parameters differently), clipping at 1.0, AdamW betas (0.9, 0.95), eps 1e-8."""
-    from llmstack.config import TrainingConfig
+    from llmstack.config import LoopConfig
 
-    return TrainingConfig(max_steps=job["steps"], micro_batch_size=job["micro"], learning_rate=job["lr"],
+    return LoopConfig(max_steps=job["steps"], micro_batch_size=job["micro"], learning_rate=job["lr"],
                           warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0, grad_clip=1.0,
                           precision=job["precision"], checkpoint_every=0, eval_every=10_000, seed=0)
 
@@ -331,12 +331,12 @@ def _steady(values: list[float], skip: int) -> float:
 
 
 def _run_llmstack(job: dict[str, Any], data: dict[str, Any], tmp: str) -> dict[str, Any]:
-    from llmstack.config import ScalingConfig
+    from llmstack.config import WorkersConfig
     from llmstack.train.driver import run_training
     from llmstack.train.loop import LoopSpec
 
     spec = LoopSpec(model_factory=_model_factory(job["source"], job["vocab"], job["seq"]))
-    scaling = ScalingConfig(num_workers=1, cpus_per_worker=job["threads"])
+    scaling = WorkersConfig(num_workers=1, cpus_per_worker=job["threads"])
     outcome = run_training(spec, data, None, training=_vs_training(job), scaling=scaling,
                            run_name=f"vs-{job['tag']}-{time.time_ns()}", storage=tmp, progress=False)
     outcome.cleanup()
@@ -427,11 +427,11 @@ def bench_vs_trainer(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from safetensors.torch import save_file
 
-    from llmstack.config import ScalingConfig
+    from llmstack.config import WorkersConfig
     from llmstack.train.driver import ensure_ray
 
     sources = list(args.vs_presets) + ([str(Path(args.model).expanduser())] if args.model else [])
-    ensure_ray(ScalingConfig(num_workers=1, cpus_per_worker=args.threads))
+    ensure_ray(WorkersConfig(num_workers=1, cpus_per_worker=args.threads))
     cases: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="train-vs-trainer-") as tmp:
         jobs = []

@@ -120,7 +120,7 @@ def real_model(directory: str, methods: list[str]) -> None:
         registry = Registry(str(Path(tmp) / "registry"))
         for method in methods:
             started = time.perf_counter()
-            result = quantize(directory, method, registry=registry, config={"evaluate": False})
+            result = quantize(directory, method, registry=registry, config={"evaluation": {"enabled": False}})
             print(f"quantized {method} in {time.perf_counter() - started:.0f}s: {result.ref}", flush=True)
             cases.append((f"quantize {method}", load_artifact(str(result.ref), registry=registry).model))
         for label, candidate in cases:

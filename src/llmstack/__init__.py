@@ -10,16 +10,16 @@ Heavy dependencies (torch, ray, transformers) load on first use, so ``import llm
 from __future__ import annotations
 
 from llmstack.config import (
-    AutoscalingConfig,
     DataConfig,
     FinetuneConfig,
-    LoRAConfig,
+    FinetuneMethodConfig,
+    LoopConfig,
     ModelConfig,
     QuantizeConfig,
-    ScalingConfig,
+    ReplicaAutoscalingConfig,
     ServeConfig,
     TrainConfig,
-    TrainingConfig,
+    WorkersConfig,
     load_config,
 )
 from llmstack._modules import lazy_exports
@@ -43,18 +43,18 @@ __getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 __all__ = [
     "ArtifactRef",
-    "AutoscalingConfig",
     "DataConfig",
     "FinetuneConfig",
+    "FinetuneMethodConfig",
     "LLMStackError",
-    "LoRAConfig",
+    "LoopConfig",
     "ModelConfig",
     "QuantizeConfig",
     "Registry",
-    "ScalingConfig",
+    "ReplicaAutoscalingConfig",
     "ServeConfig",
     "TrainConfig",
-    "TrainingConfig",
+    "WorkersConfig",
     "deploy",
     "finetune_lora",
     "load_config",

@@ -235,12 +235,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     from llmstack.autoscale import read_trace
     from llmstack.autoscale.plots import plot_runs, replay_series, simulation_series
-    from llmstack.config import AutoscalingConfig
+    from llmstack.config import ReplicaAutoscalingConfig
 
     defaults = [] if args.config else ["max_replicas=8"]
     if args.policy in ("reactive", "predictive"):
         defaults.append(f"policy={args.policy}")
-    auto = _config(AutoscalingConfig, args, defaults)
+    auto = _config(ReplicaAutoscalingConfig, args, defaults)
     trace = read_trace(args.trace).window(start_s=args.start, duration_s=args.duration,
                                           max_requests=args.max_requests).thinned(args.thin)
     out = Path(args.out)
@@ -259,13 +259,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
         result = simulate(trace, auto, policy=args.policy or auto.policy,
                           replica_model=model, static_replicas=args.static_replicas, progress=True)
         # The most any policy could use of a fleet kept at min_replicas on this trace (1.0: no floor).
-        ceiling = utilisation_ceiling(trace, model or DEFAULT_REPLICA_MODEL, ttft_slo_s=auto.ttft_slo_s,
+        ceiling = utilisation_ceiling(trace, model or DEFAULT_REPLICA_MODEL, ttft_slo_s=auto.predictive.ttft_slo_s,
                                       min_replicas=auto.min_replicas)
         result.metrics["utilisation_ceiling"] = ceiling["ceiling"]
         out.mkdir(parents=True, exist_ok=True)
         (out / f"simulate-{result.policy}.json").write_text(
             json.dumps({"metrics": result.metrics, "timeline": result.timeline}, indent=1), encoding="utf-8")
-        plot_runs([simulation_series(result)], out / f"simulate-{result.policy}.png", ttft_slo_s=auto.ttft_slo_s,
+        plot_runs([simulation_series(result)], out / f"simulate-{result.policy}.png",
+                  ttft_slo_s=auto.predictive.ttft_slo_s,
                   title=f"{Path(args.trace).name}: simulated, {result.policy}")
         _print_json(result.metrics)
         return 0
@@ -282,11 +283,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
         ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", **ray_init_options())
         announce_ray_logs()
         probe = serve_replica_probe(args.app)
-    result = replay(trace, args.url, model=args.model, speedup=args.speedup, ttft_slo_s=auto.ttft_slo_s,
+    result = replay(trace, args.url, model=args.model, speedup=args.speedup, ttft_slo_s=auto.predictive.ttft_slo_s,
                     max_requests=args.max_requests, max_duration_s=args.max_duration,
                     request_timeout_s=args.request_timeout, api_key=args.api_key, replica_probe=probe)
     result.to_json(out / "replay.json")
-    plot_runs([replay_series(result, "replay")], out / "replay.png", ttft_slo_s=auto.ttft_slo_s,
+    plot_runs([replay_series(result, "replay")], out / "replay.png", ttft_slo_s=auto.predictive.ttft_slo_s,
               title=f"{Path(args.trace).name} replayed at {args.url} (x{args.speedup:g})")
     _print_json(dataclasses.asdict(result)["metrics"])
     return 0
@@ -373,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--alias", default="production")
     sub.add_argument("--reason", default=None)
     sub = verb("replay", cmd_replay, "replay a request trace against an app (--url) or in the simulator "
-               "(--simulate); AutoscalingConfig fields as key=value", config=True)
+               "(--simulate); ReplicaAutoscalingConfig fields as key=value", config=True)
     sub.add_argument("trace", help="CSV of TIMESTAMP,ContextTokens,GeneratedTokens")
     sub.add_argument("--url", default=None, help="base URL of a running app")
     sub.add_argument("--simulate", action="store_true", help="run the policy in the simulator instead")
@@ -396,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--context-window", type=int, default=None, help="simulator: clip prompts to this window")
     sub.add_argument("--capacity-scale", type=float, default=None,
                      help="simulator: the replica's prefill/decode rates x this (0.25: a replica 4x slower, e.g. a "
-                          "larger model); pair with capacity_tokens_per_s measured for that replica")
+                          "larger model); pair with predictive.capacity_tokens_per_s measured for that replica")
     sub.add_argument("--startup-s", type=float, default=None, help="simulator: the replica's start-up time (s)")
     sub.add_argument("--out", default="runs/replay", help="where the JSON and PNG go")
     for sub in with_overrides:  # after each verb's own positionals, so `quantize REF k=v` parses

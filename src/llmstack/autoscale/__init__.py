@@ -9,7 +9,7 @@ Only light modules load here: Ray is imported when a simulation or a probe needs
 
 Example:
     >>> from llmstack.autoscale import read_trace, simulate  # doctest: +SKIP
-    >>> simulate(read_trace("trace.csv"), AutoscalingConfig(max_replicas=8, policy="predictive"))  # doctest: +SKIP
+    >>> simulate(read_trace("trace.csv"), ReplicaAutoscalingConfig(max_replicas=8, policy="predictive"))  # doctest: +SKIP
 """
 
 from __future__ import annotations

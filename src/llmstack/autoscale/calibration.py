@@ -10,7 +10,7 @@ from typing import Any
 
 from llmstack.autoscale.simulator import ReplicaModel, simulate
 from llmstack.autoscale.trace import Trace
-from llmstack.config import AutoscalingConfig
+from llmstack.config import PredictiveScalingConfig, ReplicaAutoscalingConfig
 
 
 def calibrate_replica_model(engine: Any, *, startup_s: float, request_overhead_s: float = 0.0,
@@ -71,7 +71,7 @@ def replica_capacity(model: ReplicaModel, *, ttft_slo_s: float, context_tokens: 
     rng = random.Random(seed)
     pairs = list(zip(context_tokens, generated_tokens))
     mean_tokens = sum(c + g for c, g in pairs) / len(pairs)
-    auto = AutoscalingConfig(ttft_slo_s=ttft_slo_s)
+    auto = ReplicaAutoscalingConfig(predictive=PredictiveScalingConfig(ttft_slo_s=ttft_slo_s))
 
     def attained(rate: float) -> bool:
         arrivals, t = [], 0.0

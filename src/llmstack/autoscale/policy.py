@@ -41,7 +41,7 @@ from collections import deque
 from typing import Any
 
 from llmstack.autoscale.forecast import HoltWinters
-from llmstack.config import AutoscalingConfig, load_config, to_dict
+from llmstack.config import ReplicaAutoscalingConfig, load_config, to_dict
 
 logger = logging.getLogger("ray.serve.llmstack_autoscale")  # shows in Serve's controller log
 
@@ -74,7 +74,7 @@ class Decision:
     predicted_ramp: bool  # scaled up because of the forecast, before the current load asked for it
 
 
-def serve_autoscaling_config(auto: AutoscalingConfig) -> dict[str, Any]:
+def serve_autoscaling_config(auto: ReplicaAutoscalingConfig) -> dict[str, Any]:
     """The ``autoscaling_config`` dict for ``LLMServer.options(...)``.
 
     ``policy: reactive`` keeps Serve's default queue-depth policy; ``policy: predictive`` plugs in
@@ -82,8 +82,8 @@ def serve_autoscaling_config(auto: AutoscalingConfig) -> dict[str, Any]:
     applies its cool-downs and hysteresis itself).
 
     Example:
-        >>> from llmstack.config import AutoscalingConfig
-        >>> d = serve_autoscaling_config(AutoscalingConfig(max_replicas=3, policy="predictive"))
+        >>> from llmstack.config import ReplicaAutoscalingConfig
+        >>> d = serve_autoscaling_config(ReplicaAutoscalingConfig(max_replicas=3, policy="predictive"))
         >>> d["policy"]["policy_function"], d["upscale_delay_s"]
         ('llmstack.autoscale.policy:PredictivePolicy', 0.0)
     """
@@ -107,19 +107,21 @@ class PredictivePolicy:
     """Ray Serve class-callable policy: forecast load, provision ahead, scale down with hysteresis.
 
     Args:
-        **config: :class:`~llmstack.config.AutoscalingConfig` fields (Serve passes ``policy_kwargs``).
+        **config: :class:`~llmstack.config.ReplicaAutoscalingConfig` fields (Serve passes ``policy_kwargs``).
 
     Example:
         >>> policy = PredictivePolicy(max_replicas=4, policy="predictive")
-        >>> policy.config.forecast_horizon_s
+        >>> policy.config.predictive.forecast_horizon_s
         10.0
     """
 
     def __init__(self, **config: Any) -> None:
-        self.config: AutoscalingConfig = load_config(AutoscalingConfig, config)
+        self.config: ReplicaAutoscalingConfig = load_config(ReplicaAutoscalingConfig, config)
         c = self.config
-        season = round(c.season_s / c.forecast_bin_s) if c.season_s else 0
-        smoothing = {"alpha": c.forecast_alpha, "beta": c.forecast_beta, "phi": c.forecast_phi, "season": season}
+        forecast = c.predictive
+        season = round(forecast.season_s / forecast.forecast_bin_s) if forecast.season_s else 0
+        smoothing = {"alpha": forecast.forecast_alpha, "beta": forecast.forecast_beta, "phi": forecast.forecast_phi,
+                     "season": season}
         self.request_rate = HoltWinters(**smoothing)
         self.token_rate = HoltWinters(**smoothing)
         self._history: deque[tuple[float, float]] = deque()  # (time, bin demand) over reserve_window_s
@@ -133,7 +135,8 @@ class PredictivePolicy:
         self._last_scale_time = -math.inf
         self._last_up_time = -math.inf
         self._last_target: int | None = None
-        self._scraper = _MetricsScraper(c.metrics_url, c.metrics_interval_s) if c.metrics_url else None
+        url = forecast.metrics_url
+        self._scraper = _MetricsScraper(url, c.metrics_interval_s) if url else None
 
     # ------------------------------------------------------------------ Serve entry point
 
@@ -175,7 +178,7 @@ class PredictivePolicy:
             self._last_counters = counters
             return
         elapsed = counters.time - last.time
-        if elapsed + 1e-9 < self.config.forecast_bin_s:
+        if elapsed + 1e-9 < self.config.predictive.forecast_bin_s:
             return
         requests_per_s = max(0.0, counters.requests - last.requests) / elapsed
         # Servers count tokens when a request completes: while requests queue, arrivals times the tokens
@@ -188,9 +191,9 @@ class PredictivePolicy:
         self.token_rate.update(tokens_per_s)
         self._last_bin_demand = self._demand(requests_per_s, tokens_per_s)
         self._last_counters = counters
-        if self.config.reserve_window_s > 0:
+        if self.config.predictive.reserve_window_s > 0:
             self._history.append((counters.time, self._last_bin_demand))
-            while self._history and self._history[0][0] <= counters.time - self.config.reserve_window_s:
+            while self._history and self._history[0][0] <= counters.time - self.config.predictive.reserve_window_s:
                 self._history.popleft()
 
     def _reserve(self) -> float:
@@ -198,15 +201,15 @@ class PredictivePolicy:
         if not self._history:
             return 0.0
         ordered = sorted(d for _, d in self._history)
-        return ordered[min(len(ordered) - 1, int(self.config.reserve_quantile * len(ordered)))]
+        return ordered[min(len(ordered) - 1, int(self.config.predictive.reserve_quantile * len(ordered)))]
 
     def _demand(self, requests_per_s: float, tokens_per_s: float) -> float:
         """Replicas needed for a load, with headroom."""
         c = self.config
-        replicas = tokens_per_s / c.capacity_tokens_per_s
-        if c.capacity_requests_per_s:
-            replicas = max(replicas, requests_per_s / c.capacity_requests_per_s)
-        return replicas * (1 + c.headroom)
+        replicas = tokens_per_s / c.predictive.capacity_tokens_per_s
+        if c.predictive.capacity_requests_per_s:
+            replicas = max(replicas, requests_per_s / c.predictive.capacity_requests_per_s)
+        return replicas * (1 + c.predictive.headroom)
 
     def _decide(self, ctx: Any, now: float, target: int) -> Decision:
         c = self.config
@@ -218,11 +221,11 @@ class PredictivePolicy:
             queue_rule = ongoing / c.target_ongoing_requests if running else float(target)
             replicas = _clamp(math.ceil(queue_rule - 1e-9), low, high)
             return Decision(now, replicas, MODE_FALLBACK, 0.0, 0.0, 0.0, False)
-        steps = max(1, round(c.forecast_horizon_s / c.forecast_bin_s))
+        steps = max(1, round(c.predictive.forecast_horizon_s / c.predictive.forecast_bin_s))
         forecast = max(self._demand(self.request_rate.forecast(h), self.token_rate.forecast(h))
                        for h in range(1, steps + 1))
         current = self._last_bin_demand
-        if c.backlog_source == "queued":
+        if c.predictive.backlog_source == "queued":
             backlog = float(getattr(ctx, "total_queued_requests", 0.0) or 0.0) / c.target_ongoing_requests
         else:
             backlog = max(0.0, ongoing - running * c.target_ongoing_requests) / c.target_ongoing_requests
@@ -233,15 +236,15 @@ class PredictivePolicy:
         ramp = False
         if desired > target:
             self._low_since = None
-            if now - self._last_up_time >= c.upscale_cooldown_s:
+            if now - self._last_up_time >= c.predictive.upscale_cooldown_s:
                 replicas = desired
                 ramp = math.ceil(max(current, reserve) + backlog - 1e-9) <= target < desired
-        elif desired < target and wanted <= (target - 1) * (1 - c.hysteresis):
+        elif desired < target and wanted <= (target - 1) * (1 - c.predictive.hysteresis):
             if self._low_since is None:
                 self._low_since, self._low_peak = now, wanted
             self._low_peak = max(self._low_peak, wanted)
-            if (now - self._low_since >= c.downscale_stable_s
-                    and now - self._last_scale_time >= c.downscale_cooldown_s):
+            if (now - self._low_since >= c.predictive.downscale_stable_s
+                    and now - self._last_scale_time >= c.predictive.downscale_cooldown_s):
                 replicas = max(desired, _clamp(math.ceil(self._low_peak - 1e-9), low, high))
                 self._low_since = None
         else:

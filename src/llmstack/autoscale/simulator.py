@@ -18,8 +18,9 @@ simulation's state on one clock; split apart, each piece would reach into the ot
 
 Example:
     >>> from llmstack.autoscale.trace import synthetic_trace
-    >>> from llmstack.config import AutoscalingConfig
-    >>> result = simulate(synthetic_trace([(60, 2.0)]), AutoscalingConfig(max_replicas=3), policy="reactive")
+    >>> from llmstack.config import ReplicaAutoscalingConfig
+    >>> result = simulate(synthetic_trace([(60, 2.0)]), ReplicaAutoscalingConfig(max_replicas=3),
+    ...                   policy="reactive")
     >>> 0 < result.metrics["slo_attainment"] <= 1
     True
 """
@@ -35,7 +36,7 @@ from typing import Any, Literal
 
 from llmstack.autoscale.policy import LoadCounters, PredictivePolicy, serve_autoscaling_config
 from llmstack.autoscale.trace import Trace
-from llmstack.config import AutoscalingConfig
+from llmstack.config import ReplicaAutoscalingConfig
 from llmstack.errors import ConfigError
 
 PolicyName = Literal["static", "reactive", "predictive"]
@@ -183,7 +184,7 @@ class SimulationResult:
     decisions: list[Any] = dataclasses.field(default_factory=list, repr=False)
 
 
-def simulate(trace: Trace, auto: AutoscalingConfig, *, policy: PolicyName | Callable[[Any], Any] = "predictive",
+def simulate(trace: Trace, auto: ReplicaAutoscalingConfig, *, policy: PolicyName | Callable[[Any], Any] = "predictive",
              replica_model: ReplicaModel | None = None, static_replicas: int | None = None,
              control_interval_s: float = CONTROL_INTERVAL_S, drain_s: float = 120.0,
              progress: bool = False) -> SimulationResult:
@@ -205,7 +206,7 @@ def simulate(trace: Trace, auto: AutoscalingConfig, *, policy: PolicyName | Call
         slo_attainment, scale_events and more.
 
     Example:
-        >>> simulate(trace, AutoscalingConfig(max_replicas=4, policy="predictive"))  # doctest: +SKIP
+        >>> simulate(trace, ReplicaAutoscalingConfig(max_replicas=4, policy="predictive"))  # doctest: +SKIP
     """
     custom = None
     if callable(policy):
@@ -223,7 +224,7 @@ DEFAULT_REPLICA_MODEL = ReplicaModel(prefill_tokens_per_s=10_000.0, decode_step_
 
 
 class _Simulation:
-    def __init__(self, trace: Trace, auto: AutoscalingConfig, policy: str, model: ReplicaModel,
+    def __init__(self, trace: Trace, auto: ReplicaAutoscalingConfig, policy: str, model: ReplicaModel,
                  static_replicas: int | None, control_interval_s: float, drain_s: float, progress: bool,
                  custom: Callable[[Any], Any] | None = None) -> None:
         self.trace, self.auto, self.policy_name, self.model = trace, auto, policy, model
@@ -493,7 +494,7 @@ class _Simulation:
 
     def _result(self, end: float) -> SimulationResult:
         overhead = self.model.request_overhead_s
-        slo = self.auto.ttft_slo_s
+        slo = self.auto.predictive.ttft_slo_s
         records = []
         met = 0
         ttfts = []
@@ -510,7 +511,7 @@ class _Simulation:
         replica_seconds = sum((r.stopped if r.stopped is not None else end) - r.created for r in self.replicas)
         busy = sum(r.busy_time for r in self.replicas)
         served = sum(r.context + r.output for r in self.requests if r.finish is not None and r.status == 200)
-        capacity = self.auto.capacity_tokens_per_s
+        capacity = self.auto.predictive.capacity_tokens_per_s
         ttfts.sort()
         decisions = getattr(self.policy, "decisions", [])
         metrics = {

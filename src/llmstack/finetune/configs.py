@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from llmstack.config import FinetuneConfig, InstructionDataConfig, ScalingConfig, TrainingConfig, _at_least
+from llmstack.config import FinetuneConfig, InstructionDataConfig, WorkersConfig, LoopConfig, _at_least
 
 Problems = list[tuple[str, str]]
 
@@ -27,9 +27,9 @@ class DistillConfig:
     packing: bool = False  # pack several instruction examples per row
     data: InstructionDataConfig = field(
         default_factory=lambda: InstructionDataConfig(source="builtin:stdlib-qa", block_size=128))
-    training: TrainingConfig = field(
-        default_factory=lambda: TrainingConfig(max_steps=100, learning_rate=2e-3, warmup_steps=10))
-    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    training: LoopConfig = field(
+        default_factory=lambda: LoopConfig(max_steps=100, learning_rate=2e-3, warmup_steps=10))
+    scaling: WorkersConfig = field(default_factory=WorkersConfig)
 
     def check(self) -> Problems:
         problems: Problems = []

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmstack.config import FINETUNE_METHODS, LoRAConfig
+from llmstack.config import FINETUNE_METHODS, FinetuneMethodConfig
 from llmstack.errors import ConfigError
 from llmstack.models.nf4 import check_bitsandbytes
 
@@ -199,7 +199,7 @@ def load_base(source: str, *, registry: Any = None, method: str = "lora", device
     return model, load_artifact_tokenizer(artifact)
 
 
-def peft_lora_config(lora: LoRAConfig, target_modules: list[str], *, method: str,
+def peft_lora_config(lora: FinetuneMethodConfig, target_modules: list[str], *, method: str,
                      fan_in_fan_out: bool = False) -> Any:
     """peft's ``LoraConfig``; ``fan_in_fan_out`` for targets that store weights transposed (GPT-2's ``Conv1D``)."""
     from peft import LoraConfig
@@ -217,7 +217,7 @@ def _targets_conv1d(model: Any, targets: list[str]) -> bool:
     return any(isinstance(m, Conv1D) and name.rsplit(".", 1)[-1] in wanted for name, m in model.named_modules())
 
 
-def apply_method(model: Any, method: str, lora: LoRAConfig, *, target_modules: list[str] | None = None,
+def apply_method(model: Any, method: str, lora: FinetuneMethodConfig, *, target_modules: list[str] | None = None,
                  seed: int = 0) -> Any:
     """Make ``model`` trainable the ``method`` way (adapter weights seeded, so every rank agrees).
 
@@ -270,7 +270,7 @@ class ModelFactory:
     registry: Any  # llmstack.registry.Registry (picklable)
     base: str  # concrete base ref, "name@vN"
     method: str
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    lora: FinetuneMethodConfig = field(default_factory=FinetuneMethodConfig)
     target_modules: list[str] | None = None
     seed: int = 0
     use_gpu: bool = False

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from llmstack.config import merge_sections
 from llmstack.errors import ConfigError
 
 API_KEY_ENV = "LLMSTACK_API_KEY"
@@ -21,20 +22,20 @@ BUILDERS = {  # llmstack's builder -> the one that adds the key from the environ
 
 
 def with_api_key(args: dict[str, Any] | None) -> dict[str, Any]:
-    """``args`` with ``api_key`` read from ``$LLMSTACK_API_KEY``.
+    """``args`` with ``http.api_key`` read from ``$LLMSTACK_API_KEY``.
 
     Raises:
         ConfigError: the variable is unset or empty (the Secret reference did not resolve).
 
     Example:
         >>> with_api_key({"model": "tiny-lm@v1"})  # in a pod with LLMSTACK_API_KEY=k  # doctest: +SKIP
-        {'model': 'tiny-lm@v1', 'api_key': 'k'}
+        {'model': 'tiny-lm@v1', 'http': {'api_key': 'k'}}
     """
     key = os.environ.get(API_KEY_ENV, "")
     if not key:
-        raise ConfigError(f"api_key: ${API_KEY_ENV} is empty in this pod; the manifest's Secret reference "
+        raise ConfigError(f"http.api_key: ${API_KEY_ENV} is empty in this pod; the manifest's Secret reference "
                           "(k8s.api_key_secret) must name an existing Secret and key")
-    return {**(args or {}), "api_key": key}
+    return merge_sections(args or {}, {"http": {"api_key": key}})
 
 
 def build_app(args: dict[str, Any] | None = None) -> Any:

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from llmstack.config import ScalingConfig
+from llmstack.config import WorkersConfig
 from llmstack.k8s.builders import API_KEY_ENV
 from llmstack.k8s.options import K8sOptions, WorkerGroup, split_secret_ref
 
@@ -30,7 +30,7 @@ class WorkerShape:
     gpus: int
 
 
-def train_worker_shape(scaling: ScalingConfig, worker: WorkerGroup, problems: list[str]) -> WorkerShape:
+def train_worker_shape(scaling: WorkersConfig, worker: WorkerGroup, problems: list[str]) -> WorkerShape:
     """Pods for ``scaling.num_workers`` Ray Train workers: each takes ``cpus_per_worker`` CPUs and, on GPU, one GPU."""
     gpus = worker.gpus if worker.gpus is not None else (1 if scaling.use_gpu else 0)
     if scaling.use_gpu and gpus == 0:

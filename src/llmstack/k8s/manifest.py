@@ -122,19 +122,20 @@ def _ray_service(stage: Stage, opts: K8sOptions, problems: list[str]) -> dict[st
         others = (1 if stage.canary.candidate else 0) + len(stage.canary.versions)
         low = auto.min_replicas + others * stage.canary.version_replicas
         high = auto.max_replicas + others * stage.canary.version_replicas
-    shape = cluster.serve_worker_shape(replica_cpus=cfg.num_cpus, replica_gpus=cfg.num_gpus,
+    replica = cfg.replica_resources()
+    shape = cluster.serve_worker_shape(replica_cpus=replica["CPU"], replica_gpus=replica["GPU"],
                                        min_model_replicas=max(low, 1), max_model_replicas=max(high, 1),
                                        side_deployments=side, worker=opts.worker, problems=problems)
     env = cluster.pod_env(opts, with_api_key=True)
-    serve_port = ("serve", cfg.port)
-    health = cfg.route_prefix.rstrip("/") + "/health"
-    workers = cluster.worker_group(opts, shape, env, ports=[{"name": serve_port[0], "containerPort": cfg.port}],
-                                   probes=cluster.health_probes(health, cfg.port, opts))
+    serve_port = ("serve", cfg.http.port)
+    health = cfg.http.route_prefix.rstrip("/") + "/health"
+    workers = cluster.worker_group(opts, shape, env, ports=[{"name": serve_port[0], "containerPort": cfg.http.port}],
+                                   probes=cluster.health_probes(health, cfg.http.port, opts))
     import_path = BUILDERS[stage.import_path] if opts.api_key_secret else stage.import_path
     serve_config = {
         "proxy_location": "EveryNode",
-        "http_options": {"host": "0.0.0.0", "port": cfg.port},
-        "applications": [{"name": cfg.app_name, "route_prefix": cfg.route_prefix, "import_path": import_path,
+        "http_options": {"host": "0.0.0.0", "port": cfg.http.port},
+        "applications": [{"name": cfg.app_name, "route_prefix": cfg.http.route_prefix, "import_path": import_path,
                           "args": stage.app_args}],
     }
     cluster_spec = _cluster_spec(cluster.head_group(opts, env, extra_ports=(serve_port,)), workers)

@@ -34,7 +34,8 @@ JOB_KINDS = ("train", "finetune")
 SERVICE_KINDS = ("serve", "canary")
 KINDS = JOB_KINDS + SERVICE_KINDS
 CANARY_APP_BUILDER = "llmstack.serve.canary:build_canary_app"
-APP_PLACEMENT_KEYS = ("app_name", "route_prefix", "host", "port")  # serve_app_args lifts these out of the app
+APP_PLACEMENT_KEYS = ("app_name",)  # serve_app_args lifts these out of the app, and HTTP_PLACEMENT_KEYS into `http`
+HTTP_PLACEMENT_KEYS = ("route_prefix", "host", "port")
 LOCAL_ONLY_SCHEMES = ("file://", "memory://")
 
 
@@ -101,13 +102,17 @@ def _service_stage(kind: str, data: Any, overrides: list[str], where: str | None
         canary, config = load_canary_config(dict(flat))
     else:
         config = load_config(ServeConfig, dict(flat))
-    if config.api_key is not None:
-        in_file = from_file and _file_args(data).get("api_key") is not None
-        path = "applications[0].args.api_key" if in_file else "api_key"
+    if config.http.api_key is not None:
+        file_http = _file_args(data).get("http") if from_file else None
+        in_file = isinstance(file_http, Mapping) and file_http.get("api_key") is not None
+        path = "applications[0].args.http.api_key" if in_file else "http.api_key"
         problems.append(f"{path}: an inline API key cannot go into a manifest; put it in a Secret and pass "
                         "k8s.api_key_secret=NAME/KEY (the app reads it from the pod's environment)")
     problems.extend(_service_storage_problems(config, canary))
     args = {k: v for k, v in flat.items() if k not in APP_PLACEMENT_KEYS}
+    http = {k: v for k, v in (args.pop("http", None) or {}).items() if k not in HTTP_PLACEMENT_KEYS}
+    if http:
+        args["http"] = http
     return Stage(kind=kind, config=config, canary=canary, app_args=args, import_path=builder)
 
 
@@ -128,7 +133,7 @@ def _flatten(data: Mapping[str, Any], defaults: Mapping[str, Any] | None, prefix
     """Leaves of ``data`` that differ from ``defaults``; a section that differs at all is given whole.
 
     A section in a config replaces its default as a whole (FinetuneConfig's ``training`` defaults are not
-    TrainingConfig's), so a lone ``training.max_steps=...`` would not reproduce the other fields.
+    LoopConfig's), so a lone ``training.max_steps=...`` would not reproduce the other fields.
     """
     for key, value in data.items():
         if defaults is not None and value == defaults.get(key):

@@ -45,7 +45,7 @@ def quantize(ref: str | ArtifactRef, method: str | None = None, *,
         config: a :class:`~llmstack.config.QuantizeConfig` or a dict of its fields.
         calibration: calibration data for methods that calibrate (``smoothquant``): a data source
             string, a list of texts, a ``Corpus`` or a LongTensor of token blocks ``[n, T]``.
-            None: ``config.calibration``, else the train split of the source's training corpus
+            None: ``config.calibration.data``, else the train split of the source's training corpus
             (``builtin:stdlib`` when unknown); perplexity is measured on the held-out split.
         registry: where the source lives and the result goes (None: the default registry).
         name: registry name of the result (default ``<source name>-<method>``).
@@ -98,7 +98,7 @@ def quantize(ref: str | ArtifactRef, method: str | None = None, *,
     calib_blocks = calib_fp = None
     if calibration is not None or cfg.method in backend.needs_calibration:
         calib_blocks, calib_fp = data.calibration(calibration)
-    eval_blocks = data.eval_blocks() if cfg.evaluate else None
+    eval_blocks = data.eval_blocks() if cfg.evaluation.enabled else None
     if name is None:
         name = f"{source_ref.name if source_ref is not None else Path(source_dir).name}-{cfg.method}"
 
@@ -120,7 +120,7 @@ def quantize(ref: str | ArtifactRef, method: str | None = None, *,
         bar.update()
         step(1)
         source_metrics: dict[str, float] = {}
-        if cfg.evaluate:
+        if cfg.evaluation.enabled:
             source_metrics = _evaluate(model, eval_blocks, cfg, vocab, layer_names)
         bar.update()
         step(2)
@@ -136,7 +136,7 @@ def quantize(ref: str | ArtifactRef, method: str | None = None, *,
         bar.update()
         step(3)
         metrics: dict[str, float] = {}
-        if cfg.evaluate:
+        if cfg.evaluation.enabled:
             from llmstack.quantize._evaluate import with_ratios
 
             metrics = with_ratios(_evaluate(quantized, eval_blocks, cfg, vocab, layer_names), source_metrics)
@@ -144,7 +144,7 @@ def quantize(ref: str | ArtifactRef, method: str | None = None, *,
         step(4)
         recipe = Recipe(method=cfg.method, format=getattr(backend, "format", LLMSTACK_FORMAT), source=source, dtype=cfg.dtype,
                         config=to_dict(cfg), details=details)
-        if cfg.evaluate:
+        if cfg.evaluation.enabled:
             recipe.details["evaluation"] = {"eval_data": data.eval_source, "eval_blocks": list(eval_blocks.shape),
                                             "calibration_blocks": (list(calib_blocks.shape)
                                                                    if calib_blocks is not None else None)}
@@ -216,8 +216,8 @@ class _DataPlan:
         trained = (manifest.config or {}).get("data", {}) if manifest is not None else {}
         trained = trained if isinstance(trained, Mapping) else {}
         self.trained_source = trained.get("source") if isinstance(trained.get("source"), str) else None
-        self.eval_source = cfg.eval_data or self.trained_source or DEFAULT_DATA
-        same = self.eval_source == self.trained_source and cfg.eval_data is None
+        self.eval_source = cfg.evaluation.data or self.trained_source or DEFAULT_DATA
+        same = self.eval_source == self.trained_source and cfg.evaluation.data is None
         self.block_size = int(trained.get("block_size", cfg.seq_len)) if same else cfg.seq_len
         if max_positions:
             self.block_size = min(self.block_size, max_positions)
@@ -238,7 +238,7 @@ class _DataPlan:
         return self._packed[source]
 
     def eval_blocks(self) -> Any:
-        return self._pack(self.eval_source).eval[: self.cfg.eval_samples]
+        return self._pack(self.eval_source).eval[: self.cfg.evaluation.samples]
 
     def calibration(self, calibration: Any) -> tuple[Any, str]:
         """``(LongTensor [n, T], fingerprint)`` of calibration blocks; DataError when empty."""
@@ -246,9 +246,9 @@ class _DataPlan:
 
         import torch
 
-        n = self.cfg.calibration_samples
+        n = self.cfg.calibration.samples
         if calibration is None or isinstance(calibration, str):
-            source = calibration if isinstance(calibration, str) else (self.cfg.calibration or self.eval_source)
+            source = calibration if isinstance(calibration, str) else (self.cfg.calibration.data or self.eval_source)
             if isinstance(calibration, str) and not calibration.strip():
                 raise DataError("empty calibration set: the calibration source is an empty string")
             packed = self._pack(source)

@@ -108,8 +108,8 @@ def evaluate(model: Any, *, eval_blocks: Any, config: Any, vocab_size: int,
     """Perplexity, bytes and speed of ``model`` as one flat dict."""
     metrics: dict[str, float] = dict(model_bytes(model, layer_names))  # before any lazy repacking
     metrics["perplexity"] = perplexity(model, eval_blocks)
-    metrics.update(speed(model, vocab_size=vocab_size, prompt_tokens=config.speed_prompt_tokens,
-                         new_tokens=config.speed_new_tokens, repeats=config.speed_repeats))
+    metrics.update(speed(model, vocab_size=vocab_size, prompt_tokens=config.evaluation.speed_prompt_tokens,
+                         new_tokens=config.evaluation.speed_new_tokens, repeats=config.evaluation.speed_repeats))
     return metrics
 
 

@@ -17,7 +17,7 @@ class QuantizeResult:
         metrics: flat metrics stored in the manifest: ``perplexity``, ``model_bytes``,
             ``quantized_layer_bytes``, ``prefill_tokens_per_s``, ``decode_tokens_per_s``, each
             with ``source_<key>`` and ``<key>_ratio`` (quantized / source, same run); plus
-            ``file_bytes``. Empty of evaluation keys when ``config.evaluate`` is false.
+            ``file_bytes``. Empty of evaluation keys when ``config.evaluation.enabled`` is false.
         recipe: the ``quantization.json`` written with the weights.
         config: the effective :class:`~llmstack.config.QuantizeConfig` as plain data.
     """
@@ -48,7 +48,7 @@ class QuantizeResult:
             lines.append(f"{label:<22} {fmt_fn(src) if src is not None else '-':>12} {fmt_fn(m[key]):>12} "
                          f"{(f'{ratio:.3f}' if ratio is not None else '-'):>8}  {note}".rstrip())
         if len(lines) == 2:
-            lines.append("(evaluation skipped: evaluate=false)")
+            lines.append("(evaluation skipped: evaluation.enabled=false)")
         details = self.recipe.get("details", {})
         if "alpha" in details:
             lines.append(f"smoothquant alpha = {details['alpha']:g}"

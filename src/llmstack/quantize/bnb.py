@@ -95,11 +95,11 @@ class BitsAndBytesBackend:
 
         skip = ["lm_head"]
         if method == "int8":
-            return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=float(config.threshold),
+            return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=float(config.bitsandbytes.threshold),
                                       llm_int8_skip_modules=skip)
         compute = getattr(torch, config.dtype or "float32")
         qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method,
-                                bnb_4bit_use_double_quant=bool(config.double_quant),
+                                bnb_4bit_use_double_quant=bool(config.bitsandbytes.double_quant),
                                 bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=skip)
         return qc
 
@@ -118,7 +118,7 @@ class BitsAndBytesBackend:
             str(source_dir), quantization_config=qc, device_map={"": device},
             dtype=getattr(torch, config.dtype or "float32"), use_safetensors=True)
         if method != "int8":
-            _set_blocksize(quantized, config.block_size, source_dir)
+            _set_blocksize(quantized, config.bitsandbytes.block_size, source_dir)
         quantized.eval()
         details = {"bnb_version": _bnb_version(), "skip_modules": ["lm_head"],
                    "quantization_config": qc.to_dict()}

@@ -321,7 +321,7 @@ class SmoothQuantBackend:
     def hardware_problem(self, method: str, config: Any) -> str | None:
         from llmstack.quantize._int8 import int_mm_problem
 
-        if getattr(config, "kernel", "int8") == "fake-quant":
+        if config.smoothquant.kernel == "fake-quant":
             return None
         problem = int_mm_problem(getattr(config, "device", "cpu"))
         return f"{problem}; kernel=fake-quant simulates W8A8 in float instead" if problem else None
@@ -331,19 +331,19 @@ class SmoothQuantBackend:
 
     def quantize(self, model: Any, *, method: str, source_dir: Path, config: Any, calibration: Any,
                  progress: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
-        kernel = getattr(config, "kernel", "int8")
+        kernel = config.smoothquant.kernel
         details: dict[str, Any] = {"kernel": kernel, "weights": "int8 per output channel, symmetric",
                                    "activations": "int8 per token, dynamic, symmetric",
                                    "matmul": "torch._int_mm" if kernel == "int8" else "float (fake-quant)"}
         if method == "w8a8":
             details["layers"] = quantize_linears(model, kernel=kernel)
             return model, details
-        smooth_outputs = bool(getattr(config, "smooth_outputs", True))
+        smooth_outputs = config.smoothquant.smooth_outputs
         progress(f"smoothquant: calibrating activation maxima on {calibration.shape[0]} blocks")
         act_max = collect_activation_maxima(model, calibration)
-        alpha = float(config.alpha)
-        if config.search_alpha:
-            grid = tuple(config.alpha_grid or DEFAULT_ALPHA_GRID)
+        alpha = float(config.smoothquant.alpha)
+        if config.smoothquant.search_alpha:
+            grid = tuple(config.smoothquant.alpha_grid or DEFAULT_ALPHA_GRID)
             scores: dict[str, float] = {}
             for candidate in grid:
                 trial = copy.deepcopy(model)

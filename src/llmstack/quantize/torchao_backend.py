@@ -210,17 +210,17 @@ class TorchaoBackend:
 
         _import_torchao()
         method = METHODS[1] if method == LEGACY_DYNAMIC else method
-        names = quantized_linear_names(model, lm_head=bool(getattr(config, "quantize_lm_head", False)))
-        keep = _matching(names, getattr(config, "keep_float", None) or [])
+        names = quantized_linear_names(model, lm_head=config.torchao.quantize_lm_head)
+        keep = _matching(names, config.torchao.keep_float or [])
         if method.startswith("int8"):
-            keep += [n for n in _edge_layers(names, int(getattr(config, "float_edge_layers", 0))) if n not in keep]
+            keep += [n for n in _edge_layers(names, config.torchao.float_edge_layers) if n not in keep]
         names = [n for n in names if n not in keep]
         if "lm_head" in names and model.get_output_embeddings() is model.lm_head:
             model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untie first
         details: dict[str, Any] = {"method": method, "keep_float": keep, "torchao": _torchao_version()}
         if method.startswith("int8"):
             dynamic = method == "int8-dynamic"
-            bf16 = not dynamic and getattr(config, "weight_only_compute", "model") == "bfloat16"
+            bf16 = not dynamic and config.torchao.weight_only_compute == "bfloat16"
             for name in names:
                 module = model.get_submodule(name)
                 _set_weight(module, int8_weight(module.weight, dynamic_activations=dynamic))
@@ -233,7 +233,7 @@ class TorchaoBackend:
                                    else "torchao Int8Tensor (eager CPU path)"),
                            compute_dtype=None, int8pack=bf16)
         else:
-            group, algorithm = _int4_group(config), str(getattr(config, "int4_algorithm", "hqq"))
+            group, algorithm = config.torchao.group_size, config.torchao.int4_algorithm
             io_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
             skipped = []
             for name in names:
@@ -277,11 +277,6 @@ def _edge_layers(names: list[str], edge: int) -> list[str]:
         return []
     last = max(index.values())
     return [n for n, i in index.items() if i < edge or i > last - edge]
-
-
-def _int4_group(config: Any) -> int:
-    group = int(getattr(config, "block_size", 64))
-    return group if group in _INT4_GROUPS else 64
 
 
 def _describe(tensor: Any) -> dict[str, Any]:

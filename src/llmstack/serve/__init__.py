@@ -6,7 +6,7 @@ app builder), ``canary/`` (progressive releases behind a router).
 
 Example:
     >>> import llmstack
-    >>> with llmstack.deploy({"model": "tiny-lm@production", "port": 8123}) as dep:  # doctest: +SKIP
+    >>> with llmstack.deploy({"model": "tiny-lm@production", "http": {"port": 8123}}) as dep:  # doctest: +SKIP
     ...     print(dep.url)
 """
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmstack._console import announce_ray_logs, ray_init_options
-from llmstack.config import ScalingConfig, TrainConfig, TrainingConfig, load_config, to_dict
+from llmstack.config import WorkersConfig, TrainConfig, LoopConfig, load_config, to_dict
 from llmstack.errors import ConfigError, ResourceError
 from llmstack.train.checkpoint import SIGNATURE_FILE, model_signature, signature_differences
 from llmstack.train.elastic import global_batch_blocks, is_elastic, largest_step_blocks, ray_num_workers, worker_range
@@ -256,7 +256,7 @@ def final_metrics(outcome: RunOutcome) -> dict[str, Any]:
     return metrics
 
 
-def run_cost(wall_time_s: float, scaling: ScalingConfig) -> dict[str, float]:
+def run_cost(wall_time_s: float, scaling: WorkersConfig) -> dict[str, float]:
     """Resources a run held for ``wall_time_s`` (restarts included), priced when the config gives a price."""
     worker_hours = wall_time_s / 3600.0 * worker_range(scaling.num_workers)[1]  # elastic: an upper bound (max)
     cost = {"worker_hours": round(worker_hours, 6), "cpu_hours": round(worker_hours * scaling.cpus_per_worker, 6)}
@@ -271,7 +271,7 @@ def run_cost(wall_time_s: float, scaling: ScalingConfig) -> dict[str, float]:
 
 
 def run_training(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[str, Any] | None, *,
-                 training: TrainingConfig, scaling: ScalingConfig, run_name: str,
+                 training: LoopConfig, scaling: WorkersConfig, run_name: str,
                  storage: Storage | str, storage_options: dict[str, Any] | None = None, fs: Any = None,
                  progress: bool = True, desc: str | None = None,
                  on_record: Callable[[dict[str, Any]], None] | None = None,
@@ -377,7 +377,7 @@ def run_training(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[str
                       resumed_from_step=resumed_from_step, cost=run_cost(wall, scaling))
 
 
-def _ray_scaling(scaling: ScalingConfig) -> Any:
+def _ray_scaling(scaling: WorkersConfig) -> Any:
     from ray.train import ScalingConfig as RayScalingConfig
 
     resources = {"CPU": float(scaling.cpus_per_worker)}
@@ -391,7 +391,7 @@ def _ray_scaling(scaling: ScalingConfig) -> Any:
 # --------------------------------------------------------------------------- cluster and checks
 
 
-def ensure_ray(scaling: ScalingConfig) -> None:
+def ensure_ray(scaling: WorkersConfig) -> None:
     """Use the initialised Ray; else connect to ``scaling.address``/``RAY_ADDRESS``; else start a local one.
 
     The local cluster is bounded: this machine's CPUs (a request for more fails here, before Ray
@@ -420,7 +420,7 @@ def ensure_ray(scaling: ScalingConfig) -> None:
     announce_ray_logs()
 
 
-def check_cluster(scaling: ScalingConfig) -> None:
+def check_cluster(scaling: WorkersConfig) -> None:
     """Fail before any worker starts if the cluster cannot place the requested workers."""
     import ray
 
@@ -442,14 +442,14 @@ def check_cluster(scaling: ScalingConfig) -> None:
                 f"the Ray cluster has {gpus:g}; set scaling.num_workers<={int(gpus)} or scaling.use_gpu=false")
 
 
-def check_training(training: TrainingConfig, scaling: ScalingConfig) -> None:
+def check_training(training: LoopConfig, scaling: WorkersConfig) -> None:
     """Combinations the config dataclasses cannot check alone."""
     if training.precision == "fp16" and not scaling.use_gpu:
         raise ConfigError("training.precision: fp16 needs CUDA (a gradient scaler on GPU); "
                           "use precision=bf16 on CPU or set scaling.use_gpu=true")
 
 
-def check_batch(training: TrainingConfig, scaling: ScalingConfig, *, num_blocks: int) -> None:
+def check_batch(training: LoopConfig, scaling: WorkersConfig, *, num_blocks: int) -> None:
     """The effective batch must fit in the training set at least once."""
     step_blocks = largest_step_blocks(micro_batch_size=training.micro_batch_size,
                                       grad_accum_steps=training.grad_accum_steps, num_workers=scaling.num_workers)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmstack.config import TrainingConfig
+from llmstack.config import LoopConfig
 from llmstack.train import checkpoint as ckpt
 from llmstack.train import parallel
 from llmstack.train.sharding import BlockSampler, eval_indices, warmup_cosine
@@ -173,7 +173,7 @@ class RaySession(Session):
 
 
 def run_worker_loop(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[str, Any] | None,
-                    training: TrainingConfig, *, strategy: str = "ddp", use_gpu: bool = False,
+                    training: LoopConfig, *, strategy: str = "ddp", use_gpu: bool = False,
                     session: Session | None = None, global_batch: int | None = None) -> dict[str, Any]:
     """Train ``spec``'s model for ``training.max_steps`` optimizer steps; return the final metrics.
 
@@ -310,7 +310,7 @@ def autocast(precision: str, device: Any) -> contextlib.AbstractContextManager[A
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def build_optimizer(model: Any, training: TrainingConfig) -> Any:
+def build_optimizer(model: Any, training: LoopConfig) -> Any:
     """AdamW over trainable parameters; no weight decay on 1-d tensors (norm scales, biases)."""
     import torch
 
@@ -348,7 +348,7 @@ def enable_activation_checkpointing(model: Any, layer_classes: tuple[str, ...] |
     apply_activation_checkpointing(model, check_fn=lambda m: id(m) in layers)
 
 
-def evaluate(model: Any, spec: LoopSpec, eval_data: dict[str, Any], training: TrainingConfig, *,
+def evaluate(model: Any, spec: LoopSpec, eval_data: dict[str, Any], training: LoopConfig, *,
              device: Any) -> float:
     """Mean held-out loss per target token over up to ``eval_batches`` micro-batches per worker."""
     import torch
@@ -438,7 +438,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """The function each Ray Train worker runs (``TorchTrainer(train_loop_per_worker, ...)``).
 
     ``config`` keys: ``spec`` (LoopSpec), ``train_data`` / ``eval_data`` (``[ObjectRef]`` of tensor
-    dicts, shipped through the object store; eval may be ``None``), ``training`` (TrainingConfig),
+    dicts, shipped through the object store; eval may be ``None``), ``training`` (LoopConfig),
     ``strategy``, ``use_gpu``, ``threads`` (torch intra-op threads), ``bus`` (metrics actor or None).
     """
     import ray

@@ -34,13 +34,14 @@ def predictive_app(ray_cluster: dict, tmp_path_factory: pytest.TempPathFactory) 
     port = serve_http_port()
     url = f"http://127.0.0.1:{port}/auto"
     deployment = llmstack.deploy({
-        "model": info["model"], "registry": info["registry"].url, "app_name": "autoscale", "route_prefix": "/auto",
-        "port": port, "max_batch_size": 8, "max_ongoing_requests": 32, "response_cache_size": 0,
+        "model": info["model"], "registry": info["registry"].url, "app_name": "autoscale",
+        "http": {"route_prefix": "/auto", "port": port},
+        "engine": {"max_batch_size": 8, "response_cache_size": 0}, "deployment": {"max_ongoing_requests": 32},
         "autoscaling": {"policy": "predictive", "min_replicas": 1, "max_replicas": 2,
                         "target_ongoing_requests": TARGET_ONGOING, "metrics_interval_s": 0.5,
-                        "look_back_period_s": 2.0, "capacity_tokens_per_s": 600.0, "headroom": 0.2,
-                        "forecast_bin_s": 1.0, "forecast_horizon_s": 4.0, "downscale_stable_s": 60.0,
-                        "metrics_url": url}})
+                        "look_back_period_s": 2.0,
+                        "predictive": {"capacity_tokens_per_s": 600.0, "headroom": 0.2, "forecast_bin_s": 1.0,
+                                       "forecast_horizon_s": 4.0, "downscale_stable_s": 60.0, "metrics_url": url}}})
     yield deployment
     deployment.shutdown()
 

@@ -54,9 +54,10 @@ def canary_app(ray_cluster: dict, canary_registry: dict[str, Any]) -> Iterator[A
         "stable": "tiny-lm@production", "candidate": "tiny-lm@v2", "registry": canary_registry["url"],
         # TEST-ONLY fault injection: one broken twin whose fault the tests switch (raise / garbage / slow).
         "versions": [BROKEN],
-        "app_name": "canary-it", "route_prefix": "/canary-it", "port": serve_http_port(), "host": "127.0.0.1",
-        "num_cpus": 0.25, "max_batch_size": 8, "batch_wait_timeout_s": 0.005, "max_ongoing_requests": 32,
-        "max_queued_requests": -1, "response_cache_size": 0, "default_max_tokens": 8, "max_tokens_limit": 64,
+        "app_name": "canary-it", "http": {"route_prefix": "/canary-it", "port": serve_http_port(), "host": "127.0.0.1"},
+        "engine": {"max_batch_size": 8, "batch_wait_timeout_s": 0.005, "response_cache_size": 0,
+                   "default_max_tokens": 8, "max_tokens_limit": 64},
+        "deployment": {"max_ongoing_requests": 32, "max_queued_requests": -1, "ray_actor_options": {"num_cpus": 0.25}},
         "thresholds": {"window_s": 30}})
     from canary_helpers import wait_healthy
 

@@ -56,8 +56,8 @@ def test_smollm2_import_finetune_quantize_validate_deploy(ray_cluster: dict, smo
 
     # The default method, measured against its float source on held-out text.
     quantized = llmstack.quantize(str(tuned.merged_ref), registry=registry,
-                                  config={"eval_samples": 4, "speed_repeats": 1, "speed_new_tokens": 4,
-                                          "speed_prompt_tokens": 16})
+                                  config={"evaluation": {"samples": 4, "speed_repeats": 1, "speed_new_tokens": 4,
+                                                         "speed_prompt_tokens": 16}})
     assert registry.manifest(quantized.ref).parents == [str(tuned.merged_ref)]
     assert quantized.metrics["perplexity_ratio"] < 1.02, quantized.table()
 
@@ -68,8 +68,9 @@ def test_smollm2_import_finetune_quantize_validate_deploy(ray_cluster: dict, smo
                                            "latency_repeats": 1, "latency_warmup": 1, "generation_tokens": 8})
     assert report.check("perplexity").passed, report.to_text()
 
-    with llmstack.deploy({"model": str(quantized.ref), "registry": registry.url, "port": serve_http_port(),
-                          "app_name": "smollm2", "route_prefix": "/smollm2", "num_cpus": 0.5}) as app:
+    with llmstack.deploy({"model": str(quantized.ref), "registry": registry.url, "app_name": "smollm2",
+                          "http": {"port": serve_http_port(), "route_prefix": "/smollm2"},
+                          "deployment": {"ray_actor_options": {"num_cpus": 0.5}}}) as app:
         answer = requests.post(app.url + "/v1/chat/completions", timeout=120,
                                json={"messages": QUESTION, "max_tokens": 12, "temperature": 0}).json()
     served = answer["choices"][0]["message"]["content"]

@@ -44,10 +44,11 @@ APP = "regions-it"
 
 def serve_args(registry: str, port: int, regions: dict[str, Any] | None = None,
                routing: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"model": "tiny-lm@production", "registry": registry, "app_name": APP, "port": port,
-            "host": "127.0.0.1", "regions": regions or REGIONS, "routing": routing or ROUTING, "num_cpus": 1.0,
-            "num_threads": 1, "max_batch_size": 4, "max_ongoing_requests": 8, "max_queued_requests": -1,
-            "response_cache_size": 0, "default_max_tokens": 8, "max_tokens_limit": 32, "batch_wait_timeout_s": 0.005}
+    return {"model": "tiny-lm@production", "registry": registry, "app_name": APP,
+            "http": {"port": port, "host": "127.0.0.1"}, "regions": regions or REGIONS, "routing": routing or ROUTING,
+            "engine": {"num_threads": 1, "max_batch_size": 4, "response_cache_size": 0, "default_max_tokens": 8,
+                       "max_tokens_limit": 32, "batch_wait_timeout_s": 0.005},
+            "deployment": {"max_ongoing_requests": 8, "max_queued_requests": -1, "ray_actor_options": {"num_cpus": 1.0}}}
 
 
 def sequential(url: str, model: str, n: int) -> list[str | None]:

@@ -16,14 +16,31 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def serve_config(**fields: Any) -> dict[str, Any]:
+    """A ServeConfig dict from fields named by their key (``max_batch_size=1``), each put in its section
+    (``engine.max_batch_size``) by the config's own table of where keys live."""
+    from llmstack.config import MOVED_KEYS, ServeConfig, merge_sections
+
+    config: dict[str, Any] = {}
+    for key, value in fields.items():
+        path = MOVED_KEYS[ServeConfig].get(key, key).split(".")
+        for part in reversed(path):
+            value = {part: value}
+        config = merge_sections(config, value)
+    return config
+
+
 def deploy_app(registry: dict[str, Any], port: int, **overrides: Any) -> Any:
-    """Deploy an llmstack app on the session's Serve instance and wait until its health route answers."""
+    """Deploy an llmstack app on the session's Serve instance and wait until its health route answers.
+
+    ``overrides`` name config keys without their section (``api_key``, ``max_batch_size``): see serve_config.
+    """
     import requests
 
     import llmstack
 
-    config = {"model": "tiny-lm@production", "registry": registry["url"], "port": port, "num_cpus": 0.5,
-              "max_tokens_limit": 64, "default_max_tokens": 16, **overrides}
+    config = serve_config(**{"model": "tiny-lm@production", "registry": registry["url"], "port": port,
+                             "num_cpus": 0.5, "max_tokens_limit": 64, "default_max_tokens": 16, **overrides})
     deployment = llmstack.deploy(config)
     deadline = time.time() + 90
     while time.time() < deadline:

@@ -15,9 +15,10 @@ def test_every_shortfall_is_named_in_one_error(ray_cluster: dict) -> None:
         check_placement([({"CPU": 3.0, "GPU": 1.0}, 2), ({"CPU": INGRESS_CPUS}, 1)])
     message = str(failure.value)
     assert message.startswith("cannot place the app: ")
-    assert "its replicas ask for 6.1 CPUs (num_cpus: 2 x 3 + 1 x 0.1) but the cluster has" in message
-    assert f"of {ray_cluster['num_cpus']:g} free; lower num_cpus or min_replicas" in message
-    assert "its replicas ask for 2 GPUs (num_gpus: 2 x 1) but the cluster has 0 of 0 free; set num_gpus: 0" in message
+    cpus, gpus = "deployment.ray_actor_options.num_cpus", "deployment.ray_actor_options.num_gpus"
+    assert f"its replicas ask for 6.1 CPUs ({cpus}: 2 x 3 + 1 x 0.1) but the cluster has" in message
+    assert f"of {ray_cluster['num_cpus']:g} free; lower {cpus} or autoscaling.min_replicas" in message
+    assert f"its replicas ask for 2 GPUs ({gpus}: 2 x 1) but the cluster has 0 of 0 free; set {gpus}: 0" in message
 
 
 def test_nothing_asked_places(ray_cluster: dict) -> None:

@@ -21,7 +21,7 @@ TRAINING = {"max_steps": 4, "micro_batch_size": 2, "grad_accum_steps": 2, "warmu
 
 
 def test_elastic_run_starts_on_what_fits_and_keeps_the_global_batch(ray_cluster, tmp_path: Path) -> None:
-    from llmstack.config import DataConfig, TrainingConfig
+    from llmstack.config import DataConfig, LoopConfig
     from llmstack.data import prepare_training_data
     from llmstack.train import train
     from llmstack.train.driver import build_preset_model
@@ -39,6 +39,6 @@ def test_elastic_run_starts_on_what_fits_and_keeps_the_global_batch(ray_cluster,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
     reference = LocalSession()
     settings = {**TRAINING, "micro_batch_size": 8, "grad_accum_steps": 1, "checkpoint_every": 0}
-    run_worker_loop(spec, {"input_ids": packed.train}, None, TrainingConfig(**settings), session=reference)
+    run_worker_loop(spec, {"input_ids": packed.train}, None, LoopConfig(**settings), session=reference)
     assert [r["loss"] for r in result.history] == pytest.approx(
         [r["loss"] for r in reference.records if "loss" in r], rel=2e-5, abs=2e-5)

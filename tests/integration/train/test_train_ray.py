@@ -82,7 +82,7 @@ def test_two_workers_with_accumulation_match_one_big_batch(ddp_run):
     """2 workers x micro 2 x accum 2 on Ray == micro 8 x accum 1 in one plain process."""
     import functools
 
-    from llmstack.config import DataConfig, TrainingConfig
+    from llmstack.config import DataConfig, LoopConfig
     from llmstack.data import prepare_training_data
     from llmstack.train.driver import build_preset_model
     from llmstack.train.loop import LocalSession, LoopSpec, run_worker_loop
@@ -93,7 +93,7 @@ def test_two_workers_with_accumulation_match_one_big_batch(ddp_run):
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
     session = LocalSession()
     settings = {**TRAINING, "micro_batch_size": 8, "grad_accum_steps": 1, "checkpoint_every": 0}
-    run_worker_loop(spec, {"input_ids": packed.train}, None, TrainingConfig(**settings), session=session)
+    run_worker_loop(spec, {"input_ids": packed.train}, None, LoopConfig(**settings), session=session)
     assert _losses(session.records) == pytest.approx(_losses(ddp_run.history), rel=2e-5, abs=2e-5)
 
 

@@ -7,7 +7,7 @@ import pytest
 from llmstack.autoscale.calibration import utilisation_ceiling
 from llmstack.autoscale.simulator import ReplicaModel, simulate
 from llmstack.autoscale.trace import Trace, synthetic_trace
-from llmstack.config import AutoscalingConfig
+from llmstack.config import PredictiveScalingConfig, ReplicaAutoscalingConfig
 
 MODEL = ReplicaModel(prefill_tokens_per_s=4000.0, decode_step_s=0.002, decode_step_per_seq_s=0.0003,
                      startup_s=3.0, prefill_overhead_s=0.002, request_overhead_s=0.01)
@@ -36,13 +36,14 @@ def test_no_fleet_that_meets_the_slo_beats_the_ceiling() -> None:
                             context_tokens=300, generated_tokens=20, seed=3)
     ceiling = utilisation_ceiling(trace, MODEL, ttft_slo_s=1.0)["ceiling"]
     assert 0.0 < ceiling < 1.0
-    common = dict(min_replicas=1, max_replicas=6, ttft_slo_s=1.0, capacity_tokens_per_s=3000.0)
-    runs = [simulate(trace, AutoscalingConfig(**common), policy="static", static_replicas=n, replica_model=MODEL)
+    forecast = dict(ttft_slo_s=1.0, capacity_tokens_per_s=3000.0)
+    common = dict(min_replicas=1, max_replicas=6, predictive=PredictiveScalingConfig(**forecast))
+    runs = [simulate(trace, ReplicaAutoscalingConfig(**common), policy="static", static_replicas=n, replica_model=MODEL)
             for n in (1, 2, 3, 5)]
-    runs += [simulate(trace, AutoscalingConfig(**common, target_ongoing_requests=t), policy="reactive",
+    runs += [simulate(trace, ReplicaAutoscalingConfig(**common, target_ongoing_requests=t), policy="reactive",
                       replica_model=MODEL) for t in (1, 4)]
-    runs.append(simulate(trace, AutoscalingConfig(**common, policy="predictive", forecast_bin_s=1.0,
-                                                  forecast_horizon_s=4.0, downscale_stable_s=5.0),
+    predictive = PredictiveScalingConfig(**forecast, forecast_bin_s=1.0, forecast_horizon_s=4.0, downscale_stable_s=5.0)
+    runs.append(simulate(trace, ReplicaAutoscalingConfig(**{**common, "predictive": predictive}, policy="predictive"),
                          policy="predictive", replica_model=MODEL))
     meeting = [r.metrics for r in runs if r.metrics["slo_attainment"] == 1.0]
     assert len(meeting) >= 2  # the bound is checked against real runs, not vacuously

@@ -7,7 +7,7 @@ import pytest
 
 from llmstack.autoscale import ReplayError, replay, serve_autoscaling_config, synthetic_trace
 from llmstack.cli import main
-from llmstack.config import AutoscalingConfig, ServeConfig, load_config
+from llmstack.config import PredictiveScalingConfig, ReplicaAutoscalingConfig, ServeConfig, load_config
 from llmstack.errors import ConfigError
 
 INLINE_KEYS = {"min_replicas", "initial_replicas", "max_replicas", "target_ongoing_requests", "upscale_delay_s",
@@ -17,26 +17,27 @@ INLINE_KEYS = {"min_replicas", "initial_replicas", "max_replicas", "target_ongoi
 def test_reactive_dict_is_servers_default_and_predictive_plugs_the_class_in() -> None:
     from ray.serve.config import AutoscalingConfig as RayConfig
 
-    reactive = serve_autoscaling_config(AutoscalingConfig(max_replicas=3))
+    reactive = serve_autoscaling_config(ReplicaAutoscalingConfig(max_replicas=3))
     assert set(reactive) == INLINE_KEYS
     assert RayConfig(**reactive).policy.is_default_policy_function()
-    predictive = serve_autoscaling_config(AutoscalingConfig(max_replicas=3, policy="predictive", headroom=0.5))
+    predictive = serve_autoscaling_config(ReplicaAutoscalingConfig(
+        max_replicas=3, policy="predictive", predictive=PredictiveScalingConfig(headroom=0.5)))
     assert set(predictive) == INLINE_KEYS | {"policy"}
     assert predictive["upscale_delay_s"] == predictive["downscale_delay_s"] == 0.0
     ray_config = RayConfig(**predictive)  # Serve validates and cloudpickles the policy class
     assert ray_config.policy.policy_function == "llmstack.autoscale.policy:PredictivePolicy"
-    assert ray_config.policy.policy_kwargs["headroom"] == 0.5
+    assert ray_config.policy.policy_kwargs["predictive"]["headroom"] == 0.5
 
 
 def test_a_policy_that_cannot_meet_its_own_bounds_lists_every_problem_with_its_path() -> None:
     with pytest.raises(ConfigError) as info:
         load_config(ServeConfig, {"autoscaling": {"policy": "predictive", "min_replicas": 2, "max_replicas": 2,
-                                                  "headroom": -1, "forecast_horizon_s": 0.5,
-                                                  "forecast_bin_s": 1.0}})
+                                                  "predictive": {"headroom": -1, "forecast_horizon_s": 0.5,
+                                                                 "forecast_bin_s": 1.0}}})
     text = str(info.value)
     assert "autoscaling.max_replicas: policy predictive cannot scale between min_replicas (2)" in text
-    assert "autoscaling.headroom: must be >= 0" in text
-    assert "autoscaling.forecast_horizon_s: must be >= forecast_bin_s" in text
+    assert "autoscaling.predictive.headroom: must be >= 0" in text
+    assert "autoscaling.predictive.forecast_horizon_s: must be >= predictive.forecast_bin_s" in text
     with pytest.raises(ConfigError, match="autoscaling.policy: must be one of"):
         load_config(ServeConfig, {"autoscaling": {"policy": "psychic"}})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -10,17 +11,22 @@ import pytest
 from llmstack.autoscale.policy import MODE_FALLBACK, LoadCounters, PredictivePolicy, parse_prometheus_counters
 from llmstack.autoscale.simulator import ReplicaModel, ServeDelays, SimContext, simulate
 from llmstack.autoscale.trace import Trace, synthetic_trace
-from llmstack.config import AutoscalingConfig
+from llmstack.config import PredictiveScalingConfig, ReplicaAutoscalingConfig, to_dict
 
 # ~20 requests/s of 200-token prompts per replica; a replica starts in 3 s.
 MODEL = ReplicaModel(prefill_tokens_per_s=4000.0, decode_step_s=0.002, decode_step_per_seq_s=0.0003,
                      startup_s=3.0, prefill_overhead_s=0.002, request_overhead_s=0.01)
-COMMON = dict(min_replicas=1, max_replicas=6, target_ongoing_requests=4, ttft_slo_s=1.0,
+COMMON = dict(min_replicas=1, max_replicas=6, target_ongoing_requests=4,
               upscale_delay_s=2.0, downscale_delay_s=10.0, look_back_period_s=10.0)
-PREDICTIVE = AutoscalingConfig(**COMMON, policy="predictive", capacity_tokens_per_s=3000.0, headroom=0.2,
-                               forecast_bin_s=1.0, forecast_horizon_s=5.0, downscale_stable_s=15.0,
-                               downscale_cooldown_s=10.0)
-REACTIVE = AutoscalingConfig(**COMMON)
+PREDICTIVE = ReplicaAutoscalingConfig(**COMMON, policy="predictive", predictive=PredictiveScalingConfig(
+    ttft_slo_s=1.0, capacity_tokens_per_s=3000.0, headroom=0.2, forecast_bin_s=1.0, forecast_horizon_s=5.0,
+    downscale_stable_s=15.0, downscale_cooldown_s=10.0))
+REACTIVE = ReplicaAutoscalingConfig(**COMMON)
+
+
+def _forecast(auto: ReplicaAutoscalingConfig, **changes: object) -> ReplicaAutoscalingConfig:
+    """``auto`` with ``changes`` to its predictive section."""
+    return dataclasses.replace(auto, predictive=dataclasses.replace(auto.predictive, **changes))
 
 
 def _first_scale_up(result) -> float:
@@ -57,7 +63,8 @@ def test_burst_is_absorbed_better_than_reactive_and_held_through_the_stable_wind
     peak = max(timeline["target"])
     assert peak >= 3
     # No scale-down before the lower load has held for downscale_stable_s after the burst (ends at ~50 s).
-    before = [n for t, n in zip(timeline["time"], timeline["target"]) if 50 <= t <= 50 + PREDICTIVE.downscale_stable_s]
+    before = [n for t, n in zip(timeline["time"], timeline["target"])
+              if 50 <= t <= 50 + PREDICTIVE.predictive.downscale_stable_s]
     assert min(before) == peak
 
 
@@ -76,7 +83,7 @@ def test_idle_period_returns_to_min_replicas_only_after_the_stable_drop() -> Non
 def test_flapping_input_does_not_flap_the_replicas() -> None:
     segments = [(4, 22.0) if i % 2 == 0 else (4, 4.0) for i in range(40)]
     trace = synthetic_trace(segments, context_tokens=200, generated_tokens=16, seed=4)
-    nervous = AutoscalingConfig(**{**COMMON, "upscale_delay_s": 0.0, "downscale_delay_s": 0.0,
+    nervous = ReplicaAutoscalingConfig(**{**COMMON, "upscale_delay_s": 0.0, "downscale_delay_s": 0.0,
                                    "look_back_period_s": 2.0})
     predictive = simulate(trace, PREDICTIVE, policy="predictive", replica_model=MODEL)
     reactive = simulate(trace, nervous, policy="reactive", replica_model=MODEL)
@@ -98,7 +105,7 @@ def test_no_history_falls_back_to_the_queue_rule_and_says_so() -> None:
 
 
 def test_forecast_mode_after_history() -> None:
-    policy = PredictivePolicy(**PREDICTIVE.__dict__)
+    policy = PredictivePolicy(**to_dict(PREDICTIVE))
     state: dict = {}
     for second in range(6):
         ctx = SimContext(deployment_name="d", current_num_replicas=1, target_num_replicas=1, total_num_requests=1.0,
@@ -156,7 +163,7 @@ def test_utilisation_is_busy_time_over_replica_time_by_hand() -> None:
     model = ReplicaModel(prefill_tokens_per_s=1000.0, decode_step_s=0.01, decode_step_per_seq_s=0.0, startup_s=1.0,
                          prefill_overhead_s=0.05)
     trace = Trace([0.0, 10.0], [500, 500], [11, 11])
-    auto = AutoscalingConfig(max_replicas=2, capacity_tokens_per_s=100.0)
+    auto = ReplicaAutoscalingConfig(max_replicas=2, predictive=PredictiveScalingConfig(capacity_tokens_per_s=100.0))
     m = simulate(trace, auto, policy="static", static_replicas=2, replica_model=model).metrics
     busy_per_request = 0.05 + 500 / 1000.0 + 10 * 0.01  # 0.65 s
     end = 10.0 + busy_per_request
@@ -207,8 +214,8 @@ def test_reserve_keeps_the_recent_demand_quantile_through_a_gap() -> None:
     for _ in range(4):
         segments += [(10, 60.0), (50, 0.0)]
     trace = synthetic_trace(segments, context_tokens=200, generated_tokens=16, seed=9)
-    base = AutoscalingConfig(**{**PREDICTIVE.__dict__, "downscale_stable_s": 5.0, "downscale_cooldown_s": 5.0})
-    reserve = AutoscalingConfig(**{**base.__dict__, "reserve_window_s": 120.0, "reserve_quantile": 0.9})
+    base = _forecast(PREDICTIVE, downscale_stable_s=5.0, downscale_cooldown_s=5.0)
+    reserve = _forecast(base, reserve_window_s=120.0, reserve_quantile=0.9)
     plain = simulate(trace, base, policy="predictive", replica_model=MODEL)
     held = simulate(trace, reserve, policy="predictive", replica_model=MODEL)
 
@@ -230,7 +237,7 @@ def test_queued_backlog_counts_only_requests_waiting_at_handles() -> None:
                           load_counters=LoadCounters(3.0, 3.0, 300.0))
 
     for source, expected in (("ongoing", (20.0 - 4.0) / 4.0), ("queued", 8.0 / 4.0)):
-        policy = PredictivePolicy(**{**PREDICTIVE.__dict__, "backlog_source": source})
+        policy = PredictivePolicy(**to_dict(_forecast(PREDICTIVE, backlog_source=source)))
         for second in range(3):  # two bins of (near-idle) history
             policy(SimContext(deployment_name="d", current_num_replicas=1, target_num_replicas=1,
                               total_num_requests=0.0, total_queued_requests=0.0, capacity_adjusted_min_replicas=1,
@@ -250,12 +257,12 @@ def test_scale_ups_match_known_gradual_ramps_better_than_reactive() -> None:
     trace = synthetic_trace(segments, context_tokens=200, generated_tokens=16, seed=11)
     predictive = simulate(trace, PREDICTIVE, policy="predictive", replica_model=MODEL)
     reactive = simulate(trace, REACTIVE, policy="reactive", replica_model=MODEL)
-    ramps = detect_ramps(predictive.timeline["tokens"], capacity_tokens_per_s=PREDICTIVE.capacity_tokens_per_s,
-                         smooth_s=3, rise_s=10, floor=1)
-    assert ramps == detect_ramps(reactive.timeline["tokens"], capacity_tokens_per_s=PREDICTIVE.capacity_tokens_per_s,
+    capacity = PREDICTIVE.predictive.capacity_tokens_per_s
+    ramps = detect_ramps(predictive.timeline["tokens"], capacity_tokens_per_s=capacity, smooth_s=3, rise_s=10, floor=1)
+    assert ramps == detect_ramps(reactive.timeline["tokens"], capacity_tokens_per_s=capacity,
                                  smooth_s=3, rise_s=10, floor=1)  # the same load
     assert any(40 <= r <= 50 for r in ramps) and any(160 <= r <= 170 for r in ramps)  # both climbs
-    window = {"max_lead_s": PREDICTIVE.forecast_horizon_s, "late_s": 1.0}
+    window = {"max_lead_s": PREDICTIVE.predictive.forecast_horizon_s, "late_s": 1.0}
     ours = score_transitions(ramps, scale_up_times(predictive.timeline), **window)
     theirs = score_transitions(ramps, scale_up_times(reactive.timeline), **window)
     assert ours["recall"] > theirs["recall"] and ours["precision"] > theirs["precision"]

@@ -27,14 +27,14 @@ def make_base(registry: Any, name: str = "base", *, seed: int = 0) -> tuple[Any,
 def run_local(base: dict[str, Any], method: str, root: Path, *, steps: int = 4, lr: float = 3e-3,
               rank: int = 4) -> dict[str, Any]:
     """Train ``method`` through the shared loop in this process (no Ray); final checkpoint under ``root``."""
-    from llmstack.config import LoRAConfig, TrainingConfig
+    from llmstack.config import FinetuneMethodConfig, LoopConfig
     from llmstack.finetune.lora import evaluate_in_process
     from llmstack.finetune.methods import ModelFactory
     from llmstack.train.loop import LocalSession, LoopSpec, run_worker_loop
 
-    lora = LoRAConfig(method=method, rank=rank, alpha=2.0 * rank, dropout=0.0)
+    lora = FinetuneMethodConfig(method=method, rank=rank, alpha=2.0 * rank, dropout=0.0)
     factory = ModelFactory(base["registry"], str(base["ref"]), method, lora, seed=0)
-    training = TrainingConfig(max_steps=steps, micro_batch_size=8, learning_rate=lr, warmup_steps=0,
+    training = LoopConfig(max_steps=steps, micro_batch_size=8, learning_rate=lr, warmup_steps=0,
                               eval_every=steps, eval_batches=2, checkpoint_every=0, weight_decay=0.0)
     before = evaluate_in_process(factory, base["data"].eval, training)
     session = LocalSession(root / method)

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from llmstack.config import LoRAConfig
+from llmstack.config import FinetuneMethodConfig
 from llmstack.errors import ConfigError
 from llmstack.finetune.methods import apply_method, linear_module_names, resolve_target_modules
 from llmstack.serve._testing import ARCHITECTURES
@@ -35,7 +35,7 @@ def test_default_targets_wrap_every_decoder_linear_and_train(architecture: str, 
     model = tiny_causal_lm(architecture, tokenizer)
     assert resolve_target_modules(model, None) == DECODER_LINEARS[architecture]
     assert "lm_head" in linear_module_names(model, decoder_only=False)  # exists, never a default target
-    peft_model = apply_method(model, method, LoRAConfig(method=method, rank=4))
+    peft_model = apply_method(model, method, FinetuneMethodConfig(method=method, rank=4))
     wrapped = {n.rsplit(".", 1)[-1] for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
     assert wrapped == set(DECODER_LINEARS[architecture])
     before = peft_model(input_ids=torch.tensor([[1, 2, 3]])).logits

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from llmstack.config import FinetuneConfig, LoRAConfig, load_config
+from llmstack.config import FinetuneConfig, FinetuneMethodConfig, load_config
 from llmstack.errors import ConfigError, ResourceError
 from llmstack.finetune import finetune_lora
 from llmstack.finetune.methods import (apply_method, check_bitsandbytes, count_trainable, linear_module_names,
@@ -25,7 +25,7 @@ def test_default_targets_are_every_decoder_linear(base) -> None:
     model = _fresh(base)
     assert resolve_target_modules(model, None) == DECODER_LINEARS
     assert "lm_head" in linear_module_names(model, decoder_only=False)  # exists, but not a default target
-    peft_model = apply_method(model, "lora", LoRAConfig(rank=4))
+    peft_model = apply_method(model, "lora", FinetuneMethodConfig(rank=4))
     wrapped = {n.rsplit(".", 1)[-1] for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
     assert wrapped == set(DECODER_LINEARS)
 
@@ -48,7 +48,7 @@ def test_rank_must_be_positive(base, rank: int) -> None:
 
 
 def test_bitfit_is_norm_scale_tuning(base) -> None:
-    model = apply_method(_fresh(base), "bitfit", LoRAConfig(method="bitfit"))
+    model = apply_method(_fresh(base), "bitfit", FinetuneMethodConfig(method="bitfit"))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == set(norm_parameter_names(model))
     assert len(trainable) == 2 * model.config.num_hidden_layers + 1  # two RMSNorms per layer + the final one
@@ -56,7 +56,7 @@ def test_bitfit_is_norm_scale_tuning(base) -> None:
 
 
 def test_full_trains_everything(base) -> None:
-    model = apply_method(_fresh(base), "full", LoRAConfig(method="full"))
+    model = apply_method(_fresh(base), "full", FinetuneMethodConfig(method="full"))
     trainable, total = count_trainable(model)
     assert trainable == total
 
@@ -142,7 +142,7 @@ def test_qlora_still_backpropagates_through_the_nf4_base_after_an_eval_forward(b
 
     from llmstack.finetune.methods import ModelFactory
 
-    factory = ModelFactory(base["registry"], str(base["ref"]), "qlora", LoRAConfig(method="qlora", rank=4, dropout=0.0))
+    factory = ModelFactory(base["registry"], str(base["ref"]), "qlora", FinetuneMethodConfig(method="qlora", rank=4, dropout=0.0))
     batch = {k: v[:2] for k, v in base["data"].train.items()}
 
     def first_layer_grad(model):

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from llmstack.config import LoRAConfig
+from llmstack.config import FinetuneMethodConfig
 from llmstack.errors import ConfigError, ResourceError
 from llmstack.finetune.methods import apply_method, bitfit_plan, check_bitsandbytes, count_trainable
 from llmstack.serve._testing import ARCHITECTURES
@@ -66,7 +66,7 @@ def test_method_trains_exactly_its_parameters(architecture: str, method: str, ar
                                               architecture_tokenizer: Any) -> None:
     model = _model(architecture, method, architecture_dir, architecture_tokenizer)
     targets = GPT2_TARGETS if architecture == "gpt2" and method in ("qlora", "dora") else None
-    tuned = apply_method(model, method, LoRAConfig(method=method, rank=4), target_modules=targets)
+    tuned = apply_method(model, method, FinetuneMethodConfig(method=method, rank=4), target_modules=targets)
     loss = _backward(tuned, architecture_tokenizer)
     assert torch.isfinite(loss)
     trainable = {n: p for n, p in tuned.named_parameters() if p.requires_grad}
@@ -99,7 +99,7 @@ def test_bitfit_choice_per_architecture(architecture: str, architecture_dir: Any
     assert (len(plan.bias_names), len(plan.norm_names), plan.norm_classes) == (biases, norms, classes)
     assert all(name.endswith(".bias") for name in plan.bias_names)
     assert type(model).__name__ in plan.describe()
-    tuned = apply_method(model, "bitfit", LoRAConfig(method="bitfit"))
+    tuned = apply_method(model, "bitfit", FinetuneMethodConfig(method="bitfit"))
     expected = sum(p.numel() for n, p in tuned.named_parameters() if n in set(plan.names))
     assert count_trainable(tuned)[0] == expected
 
@@ -107,7 +107,7 @@ def test_bitfit_choice_per_architecture(architecture: str, architecture_dir: Any
 def test_bitfit_refuses_a_model_without_biases_or_norms_naming_its_classes() -> None:
     model = torch.nn.Sequential(torch.nn.Embedding(16, 8), torch.nn.Linear(8, 16, bias=False))
     with pytest.raises(ConfigError) as info:
-        apply_method(model, "bitfit", LoRAConfig(method="bitfit"))
+        apply_method(model, "bitfit", FinetuneMethodConfig(method="bitfit"))
     message = str(info.value)
     assert "lora.method=bitfit" in message and "Sequential has no bias terms" in message
     assert "Embedding, Linear, Sequential" in message

@@ -21,13 +21,13 @@ def test_a_missing_image_is_refused(config_path):
 
 
 def test_an_inline_api_key_is_refused_naming_its_key_path(render, config_path):
-    problems = _problems(render, "serve", config_path("tiny.yaml"), "api_key=hunter2")
-    assert problems == ["api_key: an inline API key cannot go into a manifest; put it in a Secret and pass "
+    problems = _problems(render, "serve", config_path("tiny.yaml"), "http.api_key=hunter2")
+    assert problems == ["http.api_key: an inline API key cannot go into a manifest; put it in a Secret and pass "
                         "k8s.api_key_secret=NAME/KEY (the app reads it from the pod's environment)"]
     shipped_with_key = {"applications": [{"name": "llmstack", "route_prefix": "/", "import_path":
-                                          "llmstack.serve:build_app", "args": {"api_key": "hunter2"}}]}
+                                          "llmstack.serve:build_app", "args": {"http": {"api_key": "hunter2"}}}]}
     problems = _problems(render, "serve", shipped_with_key)
-    assert [p.split(":")[0] for p in problems] == ["applications[0].args.api_key"]
+    assert [p.split(":")[0] for p in problems] == ["applications[0].args.http.api_key"]
 
 
 def test_inline_object_store_credentials_are_refused(render, config_path):
@@ -81,10 +81,10 @@ def test_paths_the_pods_cannot_see_are_refused(render, config_path):
 def test_every_problem_is_reported_at_once(config_path):
     with pytest.raises(ConfigError) as info:
         render_manifest("serve", config_path("tiny.yaml"), namespace="Not_A_Namespace",
-                        overrides=["max_batch_size=0", "k8s.api_key_secret=nokey",
+                        overrides=["engine.max_batch_size=0", "k8s.api_key_secret=nokey",
                                    "k8s.bogus=1"])
     paths = sorted(p.split(":")[0] for p in info.value.problems)
-    assert paths == ["k8s.api_key_secret", "k8s.bogus", "k8s.image", "k8s.namespace", "max_batch_size"]
+    assert paths == ["engine.max_batch_size", "k8s.api_key_secret", "k8s.bogus", "k8s.image", "k8s.namespace"]
     assert "in " in str(info.value) and "tiny.yaml" in str(info.value)
 
 

@@ -52,8 +52,8 @@ def test_a_user_mistake_is_one_line_and_non_zero(config_path, capsys):
 
 def test_the_builders_read_the_key_from_the_environment(monkeypatch):
     monkeypatch.setenv(builders.API_KEY_ENV, "from-a-secret")
-    assert builders.with_api_key({"model": "tiny-lm@v1", "api_key": None}) == {
-        "model": "tiny-lm@v1", "api_key": "from-a-secret"}
+    assert builders.with_api_key({"model": "tiny-lm@v1", "http": {"api_key": None, "port": 8001}}) == {
+        "model": "tiny-lm@v1", "http": {"api_key": "from-a-secret", "port": 8001}}
     monkeypatch.setenv(builders.API_KEY_ENV, "")
     with pytest.raises(ConfigError, match=r"api_key: \$LLMSTACK_API_KEY is empty in this pod"):
         builders.with_api_key({})

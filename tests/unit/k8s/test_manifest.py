@@ -77,8 +77,10 @@ def test_serve_config_v2_is_the_shipped_app_and_passes_rays_serve_schema(name, r
     assert served["http_options"] == {"host": "0.0.0.0", "port": shipped["http_options"]["port"]}
     # the app and `llmstack deploy --config` read the file through the same function
     builder = original["import_path"]
-    assert {k: v for k, v in serve_app_args(shipped, import_path=builder).items()
-            if k not in ("app_name", "route_prefix", "host", "port")} == original["args"]
+    args = serve_app_args(shipped, import_path=builder)
+    http = {k: v for k, v in args.pop("http").items() if k not in ("route_prefix", "host", "port")}
+    assert {**{k: v for k, v in args.items() if k != "app_name"}, **({"http": http} if http else {})} == \
+        original["args"]
 
 
 @pytest.mark.parametrize("mutate, expected", [
@@ -136,7 +138,8 @@ def test_worker_groups_follow_the_scaling_config(render, config_path):
 
 
 def test_serving_pods_follow_the_app_autoscaling_and_route(render, config_path):
-    manifest = render("serve", config_path("tiny.yaml"), "route_prefix=/llm", "port=8080", "num_cpus=2",
+    manifest = render("serve", config_path("tiny.yaml"), "http.route_prefix=/llm", "http.port=8080",
+                      "deployment.ray_actor_options.num_cpus=2",
                       "autoscaling.min_replicas=2", "autoscaling.max_replicas=4")
     spec = manifest["spec"]
     assert spec["upgradeStrategy"] == {"type": "NewCluster"}  # zero-downtime: a new cluster, then the switch
@@ -167,7 +170,7 @@ def test_credentials_are_secret_references_only(render, config_path, schema_erro
         assert env["AWS_ENDPOINT_URL"] == {"name": "AWS_ENDPOINT_URL", "value": "http://minio.storage:9000"}
     (app,) = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"]
     assert app["import_path"] == "llmstack.k8s.builders:build_app"  # reads the key from the pod's environment
-    assert app["args"]["api_key"] is None
+    assert app["args"]["http"]["api_key"] is None
 
 
 def test_the_yaml_writer_round_trips_without_anchors(render, config_path, tmp_path):

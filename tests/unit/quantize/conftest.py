@@ -12,8 +12,9 @@ import pytest
 
 DATA = {"source": "builtin:stdlib", "max_documents": 60, "block_size": 64, "eval_fraction": 0.1, "seed": 0}
 # Small evaluation/speed settings keep each quantize() call to a second or two.
-FAST = {"eval_samples": 4, "speed_prompt_tokens": 16, "speed_new_tokens": 4, "speed_repeats": 1,
-        "calibration_samples": 8}
+FAST = {"evaluation": {"samples": 4, "speed_prompt_tokens": 16, "speed_new_tokens": 4, "speed_repeats": 1},
+        "calibration": {"samples": 8}}
+NO_EVALUATION = {"evaluation": {"enabled": False}}  # quantize and register only
 
 
 def _train(steps: int = 60) -> tuple[Any, Any]:
@@ -93,4 +94,4 @@ def held_out(trained_tiny: tuple[Any, Any]) -> Any:
     corpus = load_corpus(DATA["source"], max_documents=DATA["max_documents"])
     packed = pack_corpus(corpus, tokenizer, block_size=DATA["block_size"], eval_fraction=DATA["eval_fraction"],
                          seed=DATA["seed"])
-    return packed.eval[: FAST["eval_samples"]]
+    return packed.eval[: FAST["evaluation"]["samples"]]

@@ -37,12 +37,14 @@ def test_unknown_method_lists_known_ones(no_work: Any) -> None:
 
 def test_bad_config_values_are_reported_together(no_work: Any) -> None:
     with pytest.raises(ConfigError) as info:
-        quantize("tiny", "nf4", config={"block_size": 100, "alpha": 2.0}, registry=no_work)
-    assert "block_size" in str(info.value) and "alpha" in str(info.value)
+        quantize("tiny", "nf4", config={"bitsandbytes": {"block_size": 100}, "smoothquant": {"alpha": 2.0}},
+                 registry=no_work)
+    assert "bitsandbytes.block_size" in str(info.value) and "smoothquant.alpha" in str(info.value)
 
 
 def test_already_quantized_source(quant_registry: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    result = quantize("tiny", "w8a8", config={"evaluate": False}, registry=quant_registry, name="tiny-q-src")
+    result = quantize("tiny", "w8a8", config={"evaluation": {"enabled": False}}, registry=quant_registry,
+                      name="tiny-q-src")
     import llmstack.models.loading as loading
 
     monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("work started"))

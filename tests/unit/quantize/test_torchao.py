@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from llmstack.config import QuantizeConfig
+from llmstack.config import QuantizeConfig, TorchaoConfig
 from llmstack.quantize import quantize
 from llmstack.quantize._base import Recipe, save_int8_model
 from llmstack.quantize._evaluate import model_bytes
@@ -21,8 +21,8 @@ from .conftest import FAST
 METHODS = {  # method -> extra config, the quantized weight's torchao type
     "int8-weight-only": ({}, "Int8Tensor"),
     "int8-dynamic": ({}, "Int8Tensor"),
-    "int4-weight-only": ({"block_size": 32}, "Int4OpaqueTensor"),
-    "int4-weight-only (tinygemm)": ({"block_size": 64, "int4_algorithm": "tinygemm"}, "Int4OpaqueTensor"),
+    "int4-weight-only": ({"group_size": 32}, "Int4OpaqueTensor"),
+    "int4-weight-only (tinygemm)": ({"group_size": 64, "int4_algorithm": "tinygemm"}, "Int4OpaqueTensor"),
     "int8-weight-only (lm_head too)": ({"quantize_lm_head": True}, "Int8Tensor"),
     "int8-weight-only (bf16 compute)": ({"weight_only_compute": "bfloat16", "quantize_lm_head": True}, "Int8Tensor"),
 }
@@ -30,7 +30,7 @@ METHODS = {  # method -> extra config, the quantized weight's torchao type
 
 def _quantize_and_save(model: Any, tokenizer: Any, method: str, extra: dict[str, Any], out: Path) -> Any:
     """The backend's quantize + save, and the recipe quantize() writes next to it."""
-    config = QuantizeConfig(method=method, dtype=str(model.dtype).split(".")[-1], **extra)
+    config = QuantizeConfig(method=method, dtype=str(model.dtype).split(".")[-1], torchao=TorchaoConfig(**extra))
     quantized, details = BACKEND.quantize(model, method=method, source_dir=out, config=config, calibration=None,
                                           progress=lambda _m: None)
     BACKEND.save(quantized, out)
@@ -104,10 +104,11 @@ def test_bytes_count_the_int_data_not_the_nominal_float_shape(trained_tiny: tupl
     model = trained_tiny[0]
     source = model_bytes(model)
     int8, _ = BACKEND.quantize(copy.deepcopy(model), method="int8-weight-only", source_dir=Path("."),
-                               config=QuantizeConfig(dtype="float32", float_edge_layers=0), calibration=None,
+                               config=QuantizeConfig(dtype="float32", torchao=TorchaoConfig(float_edge_layers=0)), calibration=None,
                                progress=lambda _m: None)
     int4, _ = BACKEND.quantize(copy.deepcopy(model), method="int4-weight-only", source_dir=Path("."),
-                               config=QuantizeConfig(method="int4-weight-only", dtype="float32", block_size=32),
+                               config=QuantizeConfig(method="int4-weight-only", dtype="float32",
+                                                     torchao=TorchaoConfig(group_size=32)),
                                calibration=None, progress=lambda _m: None)
     int8_share = model_bytes(int8)["quantized_layer_bytes"] / source["quantized_layer_bytes"]
     int4_share = model_bytes(int4)["quantized_layer_bytes"] / source["quantized_layer_bytes"]
@@ -117,7 +118,8 @@ def test_bytes_count_the_int_data_not_the_nominal_float_shape(trained_tiny: tupl
 
 def test_keep_float_and_edge_layers_stay_in_float(trained_tiny: tuple[Any, Any]) -> None:
     model = trained_tiny[0]  # 4 decoder layers
-    config = QuantizeConfig(dtype="float32", keep_float=["*.mlp.gate_proj", "model.layers.1.self_attn.*"])
+    config = QuantizeConfig(dtype="float32",
+                            torchao=TorchaoConfig(keep_float=["*.mlp.gate_proj", "model.layers.1.self_attn.*"]))
     quantized, details = BACKEND.quantize(copy.deepcopy(model), method="int8-weight-only", source_dir=Path("."),
                                           config=config, calibration=None, progress=lambda _m: None)
     layers = quantized.model.layers
@@ -130,7 +132,8 @@ def test_keep_float_and_edge_layers_stay_in_float(trained_tiny: tuple[Any, Any])
     assert {"model.layers.2.mlp.gate_proj", "model.layers.0.mlp.up_proj"} <= set(details["keep_float"])
     assert not set(details["keep_float"]) & set(details["layers"])
     int4, _ = BACKEND.quantize(copy.deepcopy(model), method="int4-weight-only", source_dir=Path("."),
-                               config=QuantizeConfig(method="int4-weight-only", dtype="float32", block_size=32),
+                               config=QuantizeConfig(method="int4-weight-only", dtype="float32",
+                                                     torchao=TorchaoConfig(group_size=32)),
                                calibration=None, progress=lambda _m: None)
     assert type(int4.model.layers[0].mlp.up_proj.weight).__name__ == "Int4OpaqueTensor"  # int8 methods only
 
@@ -162,7 +165,7 @@ def test_old_dynamic_int8_versions_load_on_torchao(trained_tiny: tuple[Any, Any]
 
 def test_dynamic_int8_is_an_alias_of_int8_dynamic(quant_registry: Any) -> None:
     with pytest.warns(FutureWarning, match="int8-dynamic"):
-        result = quantize("tiny", "dynamic-int8", config={"evaluate": False}, registry=quant_registry,
+        result = quantize("tiny", "dynamic-int8", config={"evaluation": {"enabled": False}}, registry=quant_registry,
                           name="tiny-dyn-alias")
     assert result.recipe["details"]["method"] == "int8-dynamic"
     assert result.recipe["format"] == "torchao"

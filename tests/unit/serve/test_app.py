@@ -24,9 +24,10 @@ def test_missing_model_says_to_run_the_quickstart(tmp_path: Any) -> None:
 
 def test_bad_config_lists_every_problem() -> None:
     with pytest.raises(ConfigError) as info:
-        resolve_config({"max_batch_size": 0, "port": 70000, "max_queued_requests": -5})
+        resolve_config({"engine": {"max_batch_size": 0}, "http": {"port": 70000},
+                        "deployment": {"max_queued_requests": -5}})
     text = str(info.value)
-    assert "max_batch_size" in text and "port" in text and "max_queued_requests" in text
+    assert "engine.max_batch_size" in text and "http.port" in text and "deployment.max_queued_requests" in text
     with pytest.raises(ConfigError, match="autoscaling.max_replicas"):
         resolve_config({"autoscaling": {"min_replicas": 3, "max_replicas": 1}})
 
@@ -57,7 +58,7 @@ def test_serves_a_quantized_artifact(small_registry: dict[str, Any]) -> None:
     from llmstack.serve.protocol import GenerationRequest, SamplingParams
 
     registry = small_registry["registry"]
-    result = quantize("tiny-lm@v1", "int8-dynamic", config={"method": "int8-dynamic", "evaluate": False},
+    result = quantize("tiny-lm@v1", "int8-dynamic", config={"method": "int8-dynamic", "evaluation": {"enabled": False}},
                       registry=registry, name="tiny-lm-int8")
     ref = str(getattr(result, "ref", None) or "tiny-lm-int8")
     engine = TransformersEngine.from_source(ref, registry=registry, cache_size=0)

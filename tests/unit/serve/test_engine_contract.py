@@ -49,8 +49,9 @@ class UpperEngine(Engine):
     def __init__(self, cfg: ServeConfig) -> None:
         self.preparer = RequestPreparer(
             CharTokenizer(), model_id="upper", root="upper@v1", identity="upper@v1", aliases=cfg.model_aliases,
-            vocab_size=256, max_model_len=128, default_max_tokens=cfg.default_max_tokens,
-            max_tokens_limit=cfg.max_tokens_limit, max_n=cfg.max_n, cache_size=cfg.response_cache_size)
+            vocab_size=256, max_model_len=128, default_max_tokens=cfg.engine.default_max_tokens,
+            max_tokens_limit=cfg.engine.max_tokens_limit, max_n=cfg.engine.max_n,
+            cache_size=cfg.engine.response_cache_size)
         self.executor = ThreadPoolExecutor(max_workers=1)
         self.stats = {"requests": 0, "cancelled": 0, "generated_tokens": 0}
         self._running: dict[str, Work] = {}
@@ -127,8 +128,8 @@ def replica(request: pytest.FixtureRequest, small_registry: dict[str, Any]) -> I
     import torch
 
     threads = torch.get_num_threads()
-    config = {"model": "tiny-lm@v1", "registry": small_registry["registry"].url, "max_tokens_limit": 32,
-              "response_cache_size": 8}
+    config = {"model": "tiny-lm@v1", "registry": small_registry["registry"].url,
+              "engine": {"max_tokens_limit": 32, "response_cache_size": 8}}
     engine = UpperEngine if request.param == "upper" else None  # None: the config's engine (transformers)
     server = ReplicaClass(config, engine=engine)
     torch.set_num_threads(threads)  # the transformers engine sets the replica's compute threads

@@ -78,7 +78,7 @@ def test_fake_engine_satisfies_the_protocol() -> None:
 
 def test_timeout_returns_504_and_cancels_generation() -> None:
     engine = SlowEngine(delay=5)
-    app = make_api(engine, {"request_timeout_s": 0.2})
+    app = make_api(engine, {"http": {"request_timeout_s": 0.2}})
 
     async def main() -> httpx.Response:
         async with client(app) as c:
@@ -108,7 +108,7 @@ def test_streaming_sse_and_default_model() -> None:
 
 
 def test_errors_use_the_openai_shape() -> None:
-    app = make_api(SlowEngine(delay=0), {"api_key": "k", "max_body_bytes": 100})
+    app = make_api(SlowEngine(delay=0), {"http": {"api_key": "k", "max_body_bytes": 100}})
     key = {"Authorization": "Bearer k"}
 
     async def main() -> list[httpx.Response]:
@@ -205,7 +205,7 @@ def test_backend_shedding_outside_generation_keeps_the_openai_shape() -> None:
 
 def test_only_the_exact_health_path_skips_the_api_key() -> None:
     """/v1/models/health once answered without a key (any path ending in /health was exempt)."""
-    app = make_api(SlowEngine(delay=0), {"api_key": "k"})
+    app = make_api(SlowEngine(delay=0), {"http": {"api_key": "k"}})
 
     async def main() -> list[httpx.Response]:
         async with client(app) as c:

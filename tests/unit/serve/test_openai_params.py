@@ -20,7 +20,7 @@ def api(tiny: tuple[Any, Any]) -> Any:
     model, tokenizer = tiny
     engine = TransformersEngine(LoadedModel(copy.deepcopy(model), tokenizer, "tiny", "tiny@v1", "test::tiny@v1"),
                                 max_tokens_limit=64, cache_size=0, aliases=["tiny@production"])
-    yield make_api(engine, {"default_max_tokens": 24})
+    yield make_api(engine, {"engine": {"default_max_tokens": 24}})
     engine.shutdown()
 
 

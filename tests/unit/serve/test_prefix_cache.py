@@ -183,10 +183,10 @@ def test_off_by_default_and_not_asked_for_short_prompts(engine: Any, cached_engi
 
 
 def test_config_validates_prefix_cache_mb() -> None:
-    from llmstack.config import ServeConfig
+    from llmstack.config import EngineConfig, ServeConfig
 
-    assert ServeConfig().prefix_cache_mb > 0
-    problems = ServeConfig(prefix_cache_mb=-1).check()
+    assert ServeConfig().engine.prefix_cache_mb > 0
+    problems = EngineConfig(prefix_cache_mb=-1).check()
     assert any(key == "prefix_cache_mb" for key, _ in problems)
 
 

@@ -1,4 +1,4 @@
-"""``engine: vllm`` without vLLM: the import error says how to install it and which versions work, the config
+"""``engine.kind: vllm`` without vLLM: the import error says how to install it and which versions work, the config
 names bad values by key path, and what vLLM cannot serve is refused up front, naming the format (no vLLM
 needed: these run in the main suite; tests/vllm/ runs vLLM itself)."""
 
@@ -39,29 +39,29 @@ def test_a_vllm_broken_by_version_drift_names_installed_and_tested_versions(monk
 
 
 def test_the_replica_reports_a_missing_vllm_as_its_start_failure(monkeypatch: pytest.MonkeyPatch) -> None:
-    from llmstack.config import ServeConfig
+    from llmstack.config import EngineConfig, ServeConfig
     from llmstack.serve.deployments.server import engine_class
 
     monkeypatch.setitem(sys.modules, "vllm", None)
     cls = engine_class("vllm")
     assert cls is vllm_engine.VllmEngine  # importable without vLLM: the error comes when it starts
     with pytest.raises(vllm_engine.VllmUnavailableError, match="not installed"):
-        cls.from_config(ServeConfig(model="tiny-lm@v1", engine="vllm"))
+        cls.from_config(ServeConfig(model="tiny-lm@v1", engine=EngineConfig(kind="vllm")))
 
 
 def test_serve_engine_config_is_checked_with_its_key_path() -> None:
     from llmstack.config import ServeConfig, load_config
 
-    assert load_config(ServeConfig, {}).engine == "transformers"
-    assert load_config(ServeConfig, {"engine": "vllm"}).engine == "vllm"
+    assert load_config(ServeConfig, {}).engine.kind == "transformers"
+    assert load_config(ServeConfig, {"engine": {"kind": "vllm"}}).engine.kind == "vllm"
     with pytest.raises(ConfigError) as failure:
-        load_config(ServeConfig, {"engine": "tgi", "vllm_dtype": "int4"})
+        load_config(ServeConfig, {"engine": {"kind": "tgi", "vllm": {"dtype": "int4"}}})
     message = str(failure.value)
     assert "2 config problems" in message
-    assert "engine: must be one of 'transformers', 'vllm', got 'tgi'" in message
-    assert "vllm_dtype: must be one of" in message
-    with pytest.raises(ConfigError, match="vllm_kv_cache_gb: must be > 0, got 0"):
-        load_config(ServeConfig, {"engine": "vllm", "vllm_kv_cache_gb": 0})
+    assert "engine.kind: must be one of 'transformers', 'vllm', got 'tgi'" in message
+    assert "engine.vllm.dtype: must be one of" in message
+    with pytest.raises(ConfigError, match=r"engine\.vllm\.kv_cache_gb: must be > 0, got 0"):
+        load_config(ServeConfig, {"engine": {"kind": "vllm", "vllm": {"kv_cache_gb": 0}}})
 
 
 def test_llmstack_quantized_artifacts_are_refused_naming_the_format(tmp_path: Path) -> None:
@@ -120,7 +120,7 @@ def test_the_readme_vllm_deploy_line_parses_as_written() -> None:
     config = argv[argv.index("--config") + 1]
     overrides = [arg for arg in argv[argv.index("--config") + 2:] if "=" in arg]
     cfg = load_config(ServeConfig, repo / config, overrides)
-    assert cfg.engine == "vllm" and cfg.vllm_kv_cache_gb == 0.5
+    assert cfg.engine.kind == "vllm" and cfg.engine.vllm.kv_cache_gb == 0.5
 
 
 def test_num_gpus_reaches_the_model_replicas_actor_options() -> None:
@@ -128,10 +128,10 @@ def test_num_gpus_reaches_the_model_replicas_actor_options() -> None:
     from llmstack.serve.deployments.builder import server_options
 
     assert "num_gpus" not in server_options(ServeConfig())["ray_actor_options"]
-    cfg = load_config(ServeConfig, {"engine": "vllm", "num_gpus": 1})
+    cfg = load_config(ServeConfig, {"engine": {"kind": "vllm"}, "deployment": {"ray_actor_options": {"num_gpus": 1}}})
     assert server_options(cfg)["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1}
-    with pytest.raises(ConfigError, match="num_gpus: must be >= 0, got -1"):
-        load_config(ServeConfig, {"num_gpus": -1})
+    with pytest.raises(ConfigError, match=r"deployment\.ray_actor_options\.num_gpus: must be a number >= 0, got -1"):
+        load_config(ServeConfig, {"deployment": {"ray_actor_options": {"num_gpus": -1}}})
 
 
 def test_a_gpu_vllm_serve_config_renders_gpu_worker_pods() -> None:
@@ -139,7 +139,8 @@ def test_a_gpu_vllm_serve_config_renders_gpu_worker_pods() -> None:
 
     repo = Path(__file__).parents[3]
     manifest = render_manifest("serve", repo / "serve_configs" / "tiny.yaml", image="acme/llmstack:0.1",
-                               overrides=["engine=vllm", "num_gpus=1", "registry=s3://ml/registry"])
+                               overrides=["engine.kind=vllm", "deployment.ray_actor_options.num_gpus=1",
+                                          "registry=s3://ml/registry"])
     text = manifest if isinstance(manifest, str) else json.dumps(manifest)
     assert "nvidia.com/gpu" in text
 
@@ -182,15 +183,15 @@ def test_a_sequence_the_cache_cannot_hold_is_refused_with_the_numbers() -> None:
     with pytest.raises(ModelLoadError) as failure:
         vllm_engine.size_engine(_llama_1b(), dtype="bfloat16", kv_cache_gb=0.5, max_model_len=131072, where="llama-1b")
     message = str(failure.value)
-    assert "vllm_max_model_len=131072 tokens of llama-1b" in message
+    assert "engine.vllm.max_model_len=131072 tokens of llama-1b" in message
     assert "16 layers x 8 KV heads x 64 head dim x 2 (K, V) x 2 bytes (bfloat16) = 32768 B/token" in message
-    assert "holds 16384 tokens" in message and "raise vllm_kv_cache_gb to >= 4.000" in message
-    assert "lower vllm_max_model_len to <= 16384" in message
+    assert "holds 16384 tokens" in message and "raise engine.vllm.kv_cache_gb to >= 4.000" in message
+    assert "lower engine.vllm.max_model_len to <= 16384" in message
 
     with pytest.raises(ModelLoadError, match=r"cannot hold one sequence of 513 tokens \(max_tokens_limit 512 \+ a "
-                                             r"prompt\).*holds 448 tokens.*raise vllm_kv_cache_gb to >= 0.016"):
+                                             r"prompt\).*holds 448 tokens.*raise engine\.vllm\.kv_cache_gb to >= 0.016"):
         vllm_engine.size_engine(_llama_1b(), dtype="bfloat16", kv_cache_gb=0.014, max_tokens_limit=512)
-    with pytest.raises(ModelLoadError, match="vllm_max_model_len 200000 exceeds the 131072 positions"):
+    with pytest.raises(ModelLoadError, match="engine.vllm.max_model_len 200000 exceeds the 131072 positions"):
         vllm_engine.size_engine(_llama_1b(), dtype="bfloat16", kv_cache_gb=64, max_model_len=200000)
     with pytest.raises(ModelLoadError, match=r"needs 2.00 GiB of weights \+ 0.50 GiB of KV cache.*more than the "
                                              r"2.00 GiB this machine holds"):
@@ -209,14 +210,17 @@ def test_the_vllm_dtype_follows_the_model() -> None:
 def test_vllm_engine_kwargs_and_max_model_len_are_checked_with_their_key_paths() -> None:
     from llmstack.config import ServeConfig, load_config
 
-    cfg = load_config(ServeConfig, {"engine": "vllm", "vllm_engine_kwargs": {"block_size": 32, "swap_space": 1}})
-    assert cfg.vllm_engine_kwargs == {"block_size": 32, "swap_space": 1} and cfg.vllm_dtype == "auto"
+    cfg = load_config(ServeConfig, {"engine": {"kind": "vllm",
+                                               "vllm": {"engine_kwargs": {"block_size": 32, "swap_space": 1}}}})
+    assert cfg.engine.vllm.engine_kwargs == {"block_size": 32, "swap_space": 1} and cfg.engine.vllm.dtype == "auto"
     with pytest.raises(ConfigError) as failure:
-        load_config(ServeConfig, {"vllm_engine_kwargs": {"dtype": "half", "max_num_seqs": 3}, "vllm_max_model_len": 0})
+        load_config(ServeConfig, {"engine": {"vllm": {"engine_kwargs": {"dtype": "half", "max_num_seqs": 3},
+                                                      "max_model_len": 0}}})
     message = str(failure.value)
-    assert "vllm_engine_kwargs.dtype: llmstack sets it from vllm_dtype; set that instead" in message
-    assert "vllm_engine_kwargs.max_num_seqs: llmstack sets it from max_batch_size" in message
-    assert "vllm_max_model_len: must be >= 1, got 0" in message
+    assert ("engine.vllm.engine_kwargs.dtype: llmstack sets it from engine.vllm.dtype; set that instead"
+            in message)
+    assert "engine.vllm.engine_kwargs.max_num_seqs: llmstack sets it from engine.max_batch_size" in message
+    assert "engine.vllm.max_model_len: must be >= 1, got 0" in message
 
 
 def test_from_source_hands_vllm_the_sized_arguments_and_the_kwargs_verbatim(
@@ -251,7 +255,8 @@ def test_from_source_hands_vllm_the_sized_arguments_and_the_kwargs_verbatim(
     assert seen["dtype"] == "bfloat16"  # the model's own, not float32
     assert seen["max_model_len"] == engine.max_model_len == 992  # 1000 tokens of cache, in whole 32-token blocks
     assert (seen["block_size"], seen["swap_space"]) == (32, 0)
-    with pytest.raises(ModelLoadError, match="vllm_engine_kwargs dtype: llmstack sets it from vllm_dtype"):
+    with pytest.raises(ModelLoadError,
+                       match=r"engine\.vllm\.engine_kwargs dtype: llmstack sets it from engine\.vllm\.dtype"):
         vllm_engine.VllmEngine.from_source(str(tmp_path / "bf16"), engine_kwargs={"dtype": "float16"})
 
 

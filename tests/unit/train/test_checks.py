@@ -8,25 +8,25 @@ import time
 
 import pytest
 
-from llmstack.config import ScalingConfig, TrainingConfig
+from llmstack.config import WorkersConfig, LoopConfig
 from llmstack.errors import ConfigError
 from llmstack.train.driver import check_batch, check_signature, check_training, default_storage_path
 from llmstack.train.storage import probe, resolve_storage
 
 
 def test_batch_larger_than_dataset_names_the_knobs():
-    check_batch(TrainingConfig(micro_batch_size=4, grad_accum_steps=2), ScalingConfig(num_workers=2), num_blocks=16)
+    check_batch(LoopConfig(micro_batch_size=4, grad_accum_steps=2), WorkersConfig(num_workers=2), num_blocks=16)
     with pytest.raises(ConfigError) as info:
-        check_batch(TrainingConfig(micro_batch_size=4, grad_accum_steps=2), ScalingConfig(num_workers=2),
+        check_batch(LoopConfig(micro_batch_size=4, grad_accum_steps=2), WorkersConfig(num_workers=2),
                     num_blocks=15)
     message = str(info.value)
     assert "16 blocks per step" in message and "only 15 blocks" in message and "micro_batch_size" in message
 
 
 def test_fp16_needs_cuda():
-    check_training(TrainingConfig(precision="bf16"), ScalingConfig(use_gpu=False))
+    check_training(LoopConfig(precision="bf16"), WorkersConfig(use_gpu=False))
     with pytest.raises(ConfigError, match="fp16 needs CUDA"):
-        check_training(TrainingConfig(precision="fp16"), ScalingConfig(use_gpu=False))
+        check_training(LoopConfig(precision="fp16"), WorkersConfig(use_gpu=False))
 
 
 def test_signature_recorded_then_compared(tmp_path):
@@ -104,8 +104,8 @@ def test_llmstack_train_is_callable_even_after_the_package_import(tmp_path):
 def test_run_cost_prices_worker_hours_only_when_a_price_is_given():
     from llmstack.train.driver import run_cost
 
-    assert run_cost(1800, ScalingConfig(num_workers=4, cpus_per_worker=2)) == {"worker_hours": 2.0, "cpu_hours": 4.0}
-    priced = run_cost(1800, ScalingConfig(num_workers=4, use_gpu=True, price_per_worker_hour=3.0))
+    assert run_cost(1800, WorkersConfig(num_workers=4, cpus_per_worker=2)) == {"worker_hours": 2.0, "cpu_hours": 4.0}
+    priced = run_cost(1800, WorkersConfig(num_workers=4, use_gpu=True, price_per_worker_hour=3.0))
     assert priced == {"worker_hours": 2.0, "cpu_hours": 2.0, "gpu_hours": 2.0, "cost_usd": 6.0}
 
 

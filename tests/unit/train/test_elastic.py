@@ -6,7 +6,7 @@ import functools
 
 import pytest
 
-from llmstack.config import ScalingConfig, TrainConfig, TrainingConfig, load_config
+from llmstack.config import LoopConfig, TrainConfig, WorkersConfig, load_config
 from llmstack.errors import ConfigError
 from llmstack.train.driver import _ray_scaling, check_batch, run_cost
 from llmstack.train.elastic import (global_batch_blocks, grad_accum_for, is_elastic, largest_step_blocks,
@@ -41,11 +41,11 @@ def test_worker_range_and_the_ray_value() -> None:
 
 
 def test_min_max_maps_to_ray_trains_elastic_scaling_config() -> None:
-    elastic = _ray_scaling(ScalingConfig(num_workers=[1, 3], cpus_per_worker=2.0))
+    elastic = _ray_scaling(WorkersConfig(num_workers=[1, 3], cpus_per_worker=2.0))
     assert elastic.num_workers == (1, 3)
     assert (elastic.min_workers, elastic.max_workers, elastic.elasticity_enabled) == (1, 3, True)
     assert elastic.resources_per_worker == {"CPU": 2.0}
-    fixed = _ray_scaling(ScalingConfig(num_workers=2))
+    fixed = _ray_scaling(WorkersConfig(num_workers=2))
     assert fixed.num_workers == 2 and not fixed.elasticity_enabled
 
 
@@ -73,14 +73,14 @@ def test_global_batch_is_the_full_size_runs_and_the_largest_step_counts_rounding
 
 
 def test_check_batch_uses_the_largest_step_of_an_elastic_range() -> None:
-    training = TrainingConfig(micro_batch_size=4, grad_accum_steps=1)
-    check_batch(training, ScalingConfig(num_workers=[2, 3]), num_blocks=16)
+    training = LoopConfig(micro_batch_size=4, grad_accum_steps=1)
+    check_batch(training, WorkersConfig(num_workers=[2, 3]), num_blocks=16)
     with pytest.raises(ConfigError, match="16 blocks per step, but the training set has only 15"):
-        check_batch(training, ScalingConfig(num_workers=[2, 3]), num_blocks=15)
+        check_batch(training, WorkersConfig(num_workers=[2, 3]), num_blocks=15)
 
 
 def test_cost_of_an_elastic_run_is_bounded_by_its_max_workers() -> None:
-    assert run_cost(3600.0, ScalingConfig(num_workers=[1, 3]))["worker_hours"] == pytest.approx(3.0)
+    assert run_cost(3600.0, WorkersConfig(num_workers=[1, 3]))["worker_hours"] == pytest.approx(3.0)
 
 
 def test_the_loop_derives_its_accumulation_from_the_global_batch() -> None:
@@ -94,10 +94,10 @@ def test_the_loop_derives_its_accumulation_from_the_global_batch() -> None:
     settings = {"max_steps": 2, "warmup_steps": 1, "checkpoint_every": 0, "eval_every": 10}
     # One worker of an elastic run whose full size was 2 workers x 4 blocks x 2 accumulation = 16 blocks.
     elastic = LocalSession()
-    run_worker_loop(spec, data, None, TrainingConfig(micro_batch_size=4, grad_accum_steps=2, **settings),
+    run_worker_loop(spec, data, None, LoopConfig(micro_batch_size=4, grad_accum_steps=2, **settings),
                     session=elastic, global_batch=16)
     reference = LocalSession()  # the same 16 blocks per step as one plain micro-batch
-    run_worker_loop(spec, data, None, TrainingConfig(micro_batch_size=16, grad_accum_steps=1, **settings),
+    run_worker_loop(spec, data, None, LoopConfig(micro_batch_size=16, grad_accum_steps=1, **settings),
                     session=reference)
     steps = [record for record in elastic.records if "loss" in record]
     assert [record["grad_accum_steps"] for record in steps] == [4, 4]

@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from llmstack.config import TrainingConfig  # noqa: E402
+from llmstack.config import LoopConfig  # noqa: E402
 from llmstack.train.loop import LocalSession, LoopSpec, causal_lm_loss, run_worker_loop  # noqa: E402
 from llmstack.train.driver import build_preset_model  # noqa: E402
 
@@ -32,7 +32,7 @@ def _run(session: LocalSession | None = None, **overrides) -> tuple[dict, LocalS
                     eval_batches=1, checkpoint_every=0, learning_rate=3e-3)
     settings.update(overrides)
     session = session or LocalSession()
-    final = run_worker_loop(SPEC, TRAIN, EVAL, TrainingConfig(**settings), session=session)
+    final = run_worker_loop(SPEC, TRAIN, EVAL, LoopConfig(**settings), session=session)
     return final, session
 
 
@@ -56,8 +56,8 @@ def test_masked_labels_normalised_by_global_token_count():
     data = {"input_ids": TRAIN["input_ids"], "labels": labels}
     config = dict(max_steps=2, warmup_steps=1, eval_every=10, checkpoint_every=0, eval_batches=1)
     a, b = LocalSession(), LocalSession()
-    run_worker_loop(SPEC, data, None, TrainingConfig(micro_batch_size=8, grad_accum_steps=1, **config), session=a)
-    run_worker_loop(SPEC, data, None, TrainingConfig(micro_batch_size=2, grad_accum_steps=4, **config), session=b)
+    run_worker_loop(SPEC, data, None, LoopConfig(micro_batch_size=8, grad_accum_steps=1, **config), session=a)
+    run_worker_loop(SPEC, data, None, LoopConfig(micro_batch_size=2, grad_accum_steps=4, **config), session=b)
     assert _losses(a) == pytest.approx(_losses(b), rel=1e-5)
 
 
@@ -117,7 +117,7 @@ def test_trainable_selection_freezes_the_rest(tmp_path):
     spec = LoopSpec(model_factory=SPEC.model_factory, trainable=lambda name, p: "norm" in name,
                     checkpoint_trainable_only=True)
     session = LocalSession(tmp_path)
-    run_worker_loop(spec, TRAIN, None, TrainingConfig(max_steps=2, micro_batch_size=8, warmup_steps=0,
+    run_worker_loop(spec, TRAIN, None, LoopConfig(max_steps=2, micro_batch_size=8, warmup_steps=0,
                                                       checkpoint_every=0, eval_every=10), session=session)
     from safetensors.torch import load_file
 
@@ -155,7 +155,7 @@ def test_loss_equals_cross_entropy_of_sliced_logits(precision):
 def test_optimizer_is_fused_and_updates_like_the_reference_adamw():
     from llmstack.train.loop import build_optimizer
 
-    training = TrainingConfig(learning_rate=1e-2, weight_decay=0.1)
+    training = LoopConfig(learning_rate=1e-2, weight_decay=0.1)
     fused_model, reference_model = SPEC.model_factory(), SPEC.model_factory()
     fused = build_optimizer(fused_model, training)
     assert fused.defaults["fused"] is True

@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from llmstack.config import TrainConfig, TrainingConfig, load_config  # noqa: E402
+from llmstack.config import TrainConfig, LoopConfig, load_config  # noqa: E402
 from llmstack.errors import ConfigError  # noqa: E402
 from llmstack.serve._testing import ARCHITECTURES  # noqa: E402
 from llmstack.train import parallel  # noqa: E402
@@ -86,7 +86,7 @@ def test_loop_trains_the_source_weights_under_ddp_and_fsdp(architecture: str, st
     packed = pack_corpus(load_corpus("builtin:stdlib", max_documents=40), architecture_tokenizer, block_size=32)
     factory = functools.partial(build_from_weights, source.config.to_dict(), [source.state_dict()])
     session = LocalSession(tmp_path / "ckpt")
-    training = TrainingConfig(max_steps=2, micro_batch_size=2, learning_rate=1e-3, warmup_steps=0, eval_every=2,
+    training = LoopConfig(max_steps=2, micro_batch_size=2, learning_rate=1e-3, warmup_steps=0, eval_every=2,
                               eval_batches=1, checkpoint_every=2)
     run_worker_loop(LoopSpec(model_factory=factory), {"input_ids": packed.train}, {"input_ids": packed.eval},
                     training, strategy=strategy, session=session)

@@ -16,7 +16,8 @@ owns the controller), ``metrics``, ``ingress`` (HTTP + admin routes), ``builder`
 ``deploy_canary``), ``operations`` (driver-side calls for the CLI).
 
 Example:
-    >>> dep = deploy_canary({"stable": "tiny-lm@v1", "candidate": "tiny-lm@v2", "port": 8123})  # doctest: +SKIP
+    >>> dep = deploy_canary({"stable": "tiny-lm@v1", "candidate": "tiny-lm@v2",
+    ...                      "http": {"port": 8123}})  # doctest: +SKIP
     >>> plan = {"steps": [5, 25, 50, 100], "hold_s": 30}
     >>> canary_start("tiny-lm@v2", app_name=dep.app_name, plan=plan)  # doctest: +SKIP
 """

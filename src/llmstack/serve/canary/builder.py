@@ -8,7 +8,7 @@ from typing import Any
 from ray import serve
 
 from llmstack._modules import import_object
-from llmstack.config import ServeConfig, load_config, to_dict
+from llmstack.config import ServeConfig, load_config, merge_sections, to_dict
 from llmstack.errors import ConfigError
 from llmstack.serve.canary.config import CanaryConfig, ResolvedVersion, load_canary_config, resolve_canary
 from llmstack.serve.canary.ingress import CanaryIngress
@@ -104,12 +104,12 @@ def deploy_canary(config: dict[str, Any] | str | None = None, **overrides: Any) 
 
     Args:
         config: flat canary args (see :class:`CanaryConfig`, plus ServeConfig fields) or a YAML path.
-        **overrides: fields to replace, e.g. ``port=8123``.
+        **overrides: fields to replace, merged into their sections, e.g. ``http={"port": 8123}``.
     """
     if isinstance(config, str):
         cfg, serve_cfg = load_canary_config(config)
         config = {**to_dict(cfg), **{k: v for k, v in to_dict(serve_cfg).items() if k != "model"}}
-    spec = resolve_canary({**(config or {}), **overrides})  # resolved once: @latest names one version
+    spec = resolve_canary(merge_sections(config or {}, overrides))  # resolved once: @latest names one version
     serve_cfg = load_config(ServeConfig, spec["serve"])
     needs = [(replica_resources(serve_cfg), len(spec["versions"])), (INGRESS_RESOURCES, 1)]
     url = run_app(app_of(spec), serve_cfg, what="canary application", needs=needs)

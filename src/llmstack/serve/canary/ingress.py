@@ -179,8 +179,8 @@ class CanaryIngress:
         self.session_header = session_header
 
     def __serve_build_asgi_app__(self) -> Any:
-        app = make_api(CanaryEngineClient(self.router, retry_after_s=self.config.retry_after_s), self.config)
+        app = make_api(CanaryEngineClient(self.router, retry_after_s=self.config.http.retry_after_s), self.config)
         _add_admin_routes(app, self.router)
-        app.add_middleware(_SessionKey, header=self.session_header, max_body_bytes=self.config.max_body_bytes)
+        app.add_middleware(_SessionKey, header=self.session_header, max_body_bytes=self.config.http.max_body_bytes)
         return app
 

@@ -65,7 +65,7 @@ class CanaryRouter:
         for v in spec["versions"]:
             self.versions[v["name"]] = _Version(
                 name=v["name"], ref=v["ref"], app=self.app_name, deployment=v["deployment"],
-                client=ServeEngineClient(handles[v["name"]], retry_after_s=self.serve_cfg.retry_after_s))
+                client=ServeEngineClient(handles[v["name"]], retry_after_s=self.serve_cfg.http.retry_after_s))
         self.stable = spec["stable"]
         self.previous: str | None = None
         self.weights: dict[str, float] = dict(spec["weights"])
@@ -358,7 +358,7 @@ class CanaryRouter:
             handle = serve.get_deployment_handle(deployment, app_name=app)
             self.versions[name] = _Version(name=name, ref=ref, app=app, deployment=deployment,
                                            client=ServeEngineClient(handle,
-                                                                    retry_after_s=self.serve_cfg.retry_after_s))
+                                                                    retry_after_s=self.serve_cfg.http.retry_after_s))
             self._event("version_added", version=name, ref=ref)
         return {"status": await self.status()}
 

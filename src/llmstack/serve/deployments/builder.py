@@ -19,7 +19,7 @@ import re
 from typing import Any
 
 from llmstack._console import announce_ray_logs, quiet_libraries, ray_init_options, verbose
-from llmstack.config import ServeConfig, load_config, to_dict
+from llmstack.config import SERVE_DEPLOYMENT_DEFAULTS, ServeConfig, load_config, merge_sections, to_dict
 from llmstack.errors import ArtifactNotFoundError, ConfigError, ModelLoadError, ResourceError
 
 QUICKSTART_HINT = "run the quickstart first (`make quickstart`) to train and register it"
@@ -93,8 +93,8 @@ def app_for(cfg: ServeConfig) -> Any:
 
 # The ingress and router are light: they must never be what keeps an app from being placed.
 INGRESS_CPUS = 0.1
-HEALTH_CHECK_PERIOD_S = 2.0  # a dead replica is noticed within seconds, not Serve's default 10 s
-HEALTH_CHECK_TIMEOUT_S = 10.0
+# a dead replica is noticed within seconds, not Serve's default 10 s (the model deployment's default too)
+HEALTH_CHECK_PERIOD_S: float = SERVE_DEPLOYMENT_DEFAULTS["health_check_period_s"]
 INGRESS_OPTIONS: dict[str, Any] = {
     "max_ongoing_requests": 100_000,  # the model deployment sheds load, in the OpenAI error shape
     "health_check_period_s": HEALTH_CHECK_PERIOD_S,  # chaos bench: a killed ingress was noticed only after 7.8 s
@@ -116,14 +116,10 @@ def server_options(cfg: ServeConfig, *, name: str | None = None, replicas: int |
 
     ``replicas`` fixes the replica count instead of autoscaling (canary versions other than the stable one).
     """
-    options: dict[str, Any] = {
-        "max_ongoing_requests": cfg.max_ongoing_requests,
-        "max_queued_requests": cfg.max_queued_requests,
-        "backpressure_config": {"status_code": 503, "retry_after_s": cfg.retry_after_s},
-        "ray_actor_options": {"num_cpus": cfg.num_cpus, **({"num_gpus": cfg.num_gpus} if cfg.num_gpus else {})},
-        "health_check_period_s": HEALTH_CHECK_PERIOD_S,
-        "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
-        "graceful_shutdown_timeout_s": 5,
+    options: dict[str, Any] = {  # the config's `deployment:` (Serve's own options, over llmstack's defaults)
+        **cfg.deployment,
+        "ray_actor_options": dict(cfg.deployment["ray_actor_options"]),
+        "backpressure_config": {"status_code": 503, "retry_after_s": cfg.http.retry_after_s},
     }
     if name is not None:
         options["name"] = name
@@ -144,10 +140,11 @@ def autoscaling_options(cfg: ServeConfig) -> dict[str, Any]:
     from llmstack.autoscale import serve_autoscaling_config
 
     auto = cfg.autoscaling
-    if auto.policy == "predictive" and not auto.metrics_url:
-        prefix = "" if cfg.route_prefix == "/" else cfg.route_prefix.rstrip("/")
-        host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
-        auto = dataclasses.replace(auto, metrics_url=f"http://{host}:{cfg.port}{prefix}")
+    if auto.policy == "predictive" and not auto.predictive.metrics_url:
+        prefix = "" if cfg.http.route_prefix == "/" else cfg.http.route_prefix.rstrip("/")
+        host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "") else cfg.http.host
+        predictive = dataclasses.replace(auto.predictive, metrics_url=f"http://{host}:{cfg.http.port}{prefix}")
+        auto = dataclasses.replace(auto, predictive=predictive)
     return serve_autoscaling_config(auto)
 
 
@@ -203,7 +200,7 @@ def deploy(config: ServeConfig | dict[str, Any] | str | None = None, *, replace:
         config: a :class:`~llmstack.config.ServeConfig`, a dict, or a YAML path.
         replace: replace a running app of the same name (otherwise that is an error).
         timeout_s: how long to wait for the replicas to become healthy before failing.
-        **overrides: fields to replace, e.g. ``port=8123`` or ``api_key="secret"``.
+        **overrides: fields to replace, merged into their sections, e.g. ``http={"port": 8123}``.
 
     Returns:
         A :class:`Deployment` with ``.url`` and ``.shutdown()`` (also a context manager).
@@ -216,12 +213,12 @@ def deploy(config: ServeConfig | dict[str, Any] | str | None = None, *, replace:
         ModelLoadError: a replica failed to start (the replica's own error message is included).
 
     Example:
-        >>> with llmstack.deploy({"model": "tiny-lm@production", "port": 8123}) as dep:  # doctest: +SKIP
+        >>> with llmstack.deploy({"model": "tiny-lm@production", "http": {"port": 8123}}) as dep:  # doctest: +SKIP
         ...     requests.post(dep.url + "/v1/completions", json={"prompt": "def "}).json()
     """
     cfg = load_config(ServeConfig, config)
     if overrides:
-        cfg = load_config(ServeConfig, {**to_dict(cfg), **overrides})
+        cfg = load_config(ServeConfig, merge_sections(to_dict(cfg), overrides))
     cfg = resolve_config(cfg)  # pinned once: the app and the returned config name the same versions
     url = run_app(app_for(cfg), cfg, replace=replace, timeout_s=timeout_s,
                   needs=[(replica_resources(cfg), max(cfg.autoscaling.min_replicas, 1)),
@@ -256,20 +253,20 @@ def run_app(app: Any, cfg: ServeConfig, *, replace: bool = False, timeout_s: flo
     check_placement(needs, freed=cfg.app_name if cfg.app_name in existing else None)
     http = _serve_http()
     if http is None:  # Serve starts here: the port must be ours to take
-        check_port_free(cfg.host, cfg.port)
-        serve.start(http_options={"host": cfg.host, "port": cfg.port})
-        http = _serve_http() or (cfg.host, cfg.port)
+        check_port_free(cfg.http.host, cfg.http.port)
+        serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+        http = _serve_http() or (cfg.http.host, cfg.http.port)
     else:
-        check_serve_port(cfg.port, http[1], cfg.app_name)
-    check_route_prefix(cfg.route_prefix, cfg.app_name)
+        check_serve_port(cfg.http.port, http[1], cfg.app_name)
+    check_route_prefix(cfg.http.route_prefix, cfg.app_name)
     try:
-        serve.run_many([serve.RunTarget(app, name=cfg.app_name, route_prefix=cfg.route_prefix)],
+        serve.run_many([serve.RunTarget(app, name=cfg.app_name, route_prefix=cfg.http.route_prefix)],
                        wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
     except Exception as exc:  # a prefix taken between the check and the call: the same clear error
         clash = _PREFIX_CLASH.search(str(exc))
         if clash is None:
             raise
-        raise _prefix_taken(cfg.route_prefix, clash.group(1), cfg.app_name) from None
+        raise _prefix_taken(cfg.http.route_prefix, clash.group(1), cfg.app_name) from None
     try:
         wait_running(cfg.app_name, timeout_s=timeout_s, what=what)
     except BaseException:  # a failed app must not stay registered: the corrected retry would be "already running"
@@ -277,7 +274,7 @@ def run_app(app: Any, cfg: ServeConfig, *, replace: bool = False, timeout_s: flo
         raise
     host, port = http
     host = "127.0.0.1" if host in ("0.0.0.0", "", None) else host
-    prefix = "" if cfg.route_prefix == "/" else cfg.route_prefix.rstrip("/")
+    prefix = "" if cfg.http.route_prefix == "/" else cfg.http.route_prefix.rstrip("/")
     return f"http://{host}:{port}{prefix}"
 
 
@@ -368,12 +365,12 @@ def check_port_free(host: str, port: int) -> None:
 
 
 ReplicaNeeds = list[tuple[dict[str, float], int]]  # (Ray resources per replica, replicas)
-_RESOURCE_FIELDS = {"CPU": "num_cpus", "GPU": "num_gpus"}
+_RESOURCE_FIELDS = {"CPU": "deployment.ray_actor_options.num_cpus", "GPU": "deployment.ray_actor_options.num_gpus"}
 
 
 def replica_resources(cfg: ServeConfig) -> dict[str, float]:
     """The Ray resources one model replica asks for (as ``server_options`` sets them)."""
-    return {"CPU": cfg.num_cpus, "GPU": cfg.num_gpus}
+    return cfg.replica_resources()
 
 
 INGRESS_RESOURCES = {"CPU": INGRESS_CPUS}
@@ -405,15 +402,15 @@ def check_placement(needs: ReplicaNeeds, *, freed: str | None = None) -> None:
         available = free.get(name, 0.0) + released.get(name, 0.0)
         plan = " + ".join(f"{count} x {res[name]:g}" for res, count in needs if res.get(name))
         if amount > available + 1e-9:
-            fix = ("set num_gpus: 0 to serve on CPUs, or add GPU nodes" if name == "GPU"
-                   else f"lower {field} or min_replicas, or stop other apps")
+            fix = (f"set {field}: 0 to serve on CPUs, or add GPU nodes" if name == "GPU"
+                   else f"lower {field} or autoscaling.min_replicas, or stop other apps")
             problems.append(f"its replicas ask for {amount:g} {name}s ({field}: {plan}) but the cluster has "
                             f"{available:g} of {total.get(name, 0.0):g} free; {fix}")
             continue
         biggest = max(res.get(name, 0.0) for res, _ in needs)
         largest = max((node.get(name, 0.0) for node in nodes), default=0.0)
         if biggest > largest + 1e-9:
-            hint = " (compute threads are set by num_threads, independently)" if name == "CPU" else ""
+            hint = " (compute threads are set by engine.num_threads, independently)" if name == "CPU" else ""
             problems.append(f"a replica asks for {biggest:g} {name}s ({field}) but the largest node has "
                             f"{largest:g}; lower {field}{hint}")
     if not problems:

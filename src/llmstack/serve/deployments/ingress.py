@@ -19,7 +19,7 @@ class OpenAIIngress:
 
     def __init__(self, backend: Any, config: dict[str, Any]) -> None:
         self.config = load_config(ServeConfig, config)
-        self.engine = ServeEngineClient(backend, retry_after_s=self.config.retry_after_s)
+        self.engine = ServeEngineClient(backend, retry_after_s=self.config.http.retry_after_s)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return make_api(self.engine, self.config)

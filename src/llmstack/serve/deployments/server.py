@@ -32,11 +32,11 @@ from llmstack.serve.protocol import GenerationChunk, GenerationRequest, Generati
 logger = logging.getLogger("ray.serve")
 
 DEFAULT_ENGINE = "llmstack.serve.engine.transformers:TransformersEngine"
-ENGINES = {"transformers": DEFAULT_ENGINE, "vllm": "llmstack.serve.engine.vllm:VllmEngine"}  # ServeConfig.engine
+ENGINES = {"transformers": DEFAULT_ENGINE, "vllm": "llmstack.serve.engine.vllm:VllmEngine"}  # ServeConfig.engine.kind
 
 
 def engine_class(spec: type[Engine] | str | None) -> type[Engine]:
-    """The engine class a replica runs: a class, an import path ``module:Class``, a ``ServeConfig.engine``
+    """The engine class a replica runs: a class, an import path ``module:Class``, a ``ServeConfig.engine.kind``
     name, or None for the default. It must implement :class:`~llmstack.serve.engine.Engine`."""
     if isinstance(spec, type):
         found: Any = spec
@@ -77,13 +77,13 @@ class LLMServer:
     Args:
         config: a :class:`~llmstack.config.ServeConfig` as a dict (already resolved to pinned refs).
         engine: the :class:`~llmstack.serve.engine.Engine` subclass (or ``module:Class``) to run; default the
-            config's ``engine``.
+            config's ``engine.kind``.
     """
 
     def __init__(self, config: dict[str, Any], engine: type[Engine] | str | None = None) -> None:
         cfg = load_config(ServeConfig, config)
         self.config = cfg
-        self.engine: Engine = engine_class(engine or cfg.engine).from_config(cfg)
+        self.engine: Engine = engine_class(engine or cfg.engine.kind).from_config(cfg)
         engine_ = self.engine
         self._batched: WorkDecoder | None = None  # None: the engine decodes each request itself
         if engine_.group_batching:
@@ -92,16 +92,16 @@ class LLMServer:
                     yield outputs
 
             # Built per instance so the sizes come from the config rather than the class definition.
-            self._batched = serve.batch(max_batch_size=cfg.max_batch_size,
-                                        batch_wait_timeout_s=cfg.batch_wait_timeout_s,
-                                        max_concurrent_batches=cfg.max_concurrent_batches)(decode)
+            self._batched = serve.batch(max_batch_size=cfg.engine.max_batch_size,
+                                        batch_wait_timeout_s=cfg.engine.batch_wait_timeout_s,
+                                        max_concurrent_batches=cfg.engine.max_concurrent_batches)(decode)
 
         async def load_adapter(model_id: str) -> _AdapterLease:
             await engine_.acquire_adapter(model_id)
             engine_.release_adapter(model_id)
             return _AdapterLease(engine_, model_id)
 
-        self._adapter = serve.multiplexed(max_num_models_per_replica=cfg.max_adapters_per_replica)(load_adapter)
+        self._adapter = serve.multiplexed(max_num_models_per_replica=cfg.engine.max_adapters_per_replica)(load_adapter)
 
     # ------------------------------------------------------------------ engine protocol over a handle
 

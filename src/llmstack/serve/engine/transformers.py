@@ -120,9 +120,11 @@ class TransformersEngine(Engine):
         torch.set_num_threads(cfg.compute_threads())
         return cls.from_source(
             cfg.model, registry=Registry(cfg.registry) if cfg.registry else Registry(), adapters=cfg.adapters,
-            default_max_tokens=cfg.default_max_tokens, max_tokens_limit=cfg.max_tokens_limit, max_n=cfg.max_n,
-            cache_size=cfg.response_cache_size, aliases=cfg.model_aliases, max_batch_rows=cfg.max_batch_size,
-            prefix_cache_mb=cfg.prefix_cache_mb)
+            default_max_tokens=cfg.engine.default_max_tokens, max_tokens_limit=cfg.engine.max_tokens_limit,
+            max_n=cfg.engine.max_n,
+            cache_size=cfg.engine.response_cache_size, aliases=cfg.model_aliases,
+            max_batch_rows=cfg.engine.max_batch_size,
+            prefix_cache_mb=cfg.engine.prefix_cache_mb)
 
     # ------------------------------------------------------------------ protocol
 

@@ -1,4 +1,4 @@
-"""The vLLM engine (``engine: vllm``): a registry model and its LoRA adapters decoded by vLLM's async engine.
+"""The vLLM engine (``engine.kind: vllm``): a registry model and its LoRA adapters decoded by vLLM's async engine.
 
 Only the decoding is vLLM's. Everything around it stays llmstack's: the registry resolves and pins what is
 served, requests are validated and tokenized (chat template included) exactly as the transformers engine
@@ -16,12 +16,12 @@ it, the error names its ``quant_method``.
 
 Sized for the model before vLLM starts (:func:`size_engine`): the dtype is the model's stored one (never vLLM's
 own ``auto``, which computes a float32 model in float16), ``max_model_len`` is the model's positions cut to
-what ``vllm_kv_cache_gb`` holds (layers x KV heads x head dim x 2 x dtype bytes per token), and a length the
+what ``engine.vllm.kv_cache_gb`` holds (layers x KV heads x head dim x 2 x dtype bytes per token), and a length the
 cache cannot hold, or weights + cache beyond the machine's memory, is refused naming the numbers.
-``vllm_engine_kwargs`` reach vLLM's ``AsyncEngineArgs`` verbatim.
+``engine.vllm.engine_kwargs`` reach vLLM's ``AsyncEngineArgs`` verbatim.
 
 Start-up costs about 30 s on 2 CPU cores for the tiny preset (vLLM spawns an engine-core and a worker
-process, profiles and allocates ``vllm_kv_cache_gb`` of KV cache); ``vllm_enforce_eager`` (default on)
+process, profiles and allocates ``engine.vllm.kv_cache_gb`` of KV cache); ``engine.vllm.enforce_eager`` (default on)
 skips torch.compile, which would add minutes on a CPU.
 
 vLLM is imported lazily: ``import llmstack`` never needs it. Tested versions are :data:`TESTED_VERSIONS`.
@@ -60,7 +60,7 @@ TRANSFORMERS_WAY = "serve it with `engine: transformers`"
 
 
 class VllmUnavailableError(ModelLoadError):
-    """``engine: vllm`` was asked for but vLLM is missing or cannot be imported beside these versions."""
+    """``engine.kind: vllm`` was asked for but vLLM is missing or cannot be imported beside these versions."""
 
     code = "engine_unavailable"
 
@@ -85,9 +85,9 @@ def import_error_message(exc: ImportError) -> str:
     """One line: vLLM missing (how to install it), or present but broken here (which versions work)."""
     tested = ", ".join(f"{name} {version}" for name, version in TESTED_VERSIONS.items())
     if isinstance(exc, ModuleNotFoundError) and exc.name == "vllm":
-        return f"engine: vllm needs vLLM, which is not installed; {INSTALL_HINT}. Tested with {tested}"
+        return f"engine.kind: vllm needs vLLM, which is not installed; {INSTALL_HINT}. Tested with {tested}"
     found = ", ".join(f"{name} {version}" for name, version in installed_versions().items())
-    return (f"engine: vllm cannot import vLLM ({type(exc).__name__}: {exc}); installed here: {found}; "
+    return (f"engine.kind: vllm cannot import vLLM ({type(exc).__name__}: {exc}); installed here: {found}; "
             f"tested together: {tested}; `make vllm-env` builds a virtualenv with exactly those")
 
 
@@ -119,7 +119,7 @@ def check_servable(artifact: Artifact) -> None:
             f"are rebuilt by llmstack.quantize); {TRANSFORMERS_WAY}, or serve its float source with vLLM")
     if artifact.kind == "adapter":
         base = artifact.base.label if artifact.base is not None else "its base model"
-        raise ModelLoadError(f"{artifact.label} is a {artifact.method} adapter; with engine: vllm serve {base} as "
+        raise ModelLoadError(f"{artifact.label} is a {artifact.method} adapter; with engine.kind: vllm serve {base} as "
                              f"`model` and the adapter under `adapters`, or {TRANSFORMERS_WAY}")
     if artifact.kind not in ("model", "quantized"):
         raise ModelLoadError(f"{artifact.label} is a {artifact.kind!r} artifact; serve a model")
@@ -154,7 +154,7 @@ KV_BLOCK_TOKENS = 16  # vLLM allocates the KV cache in blocks of this many token
 
 @dataclass(frozen=True)
 class VllmSizing:
-    """What ``engine: vllm`` starts with for one model: its compute dtype and how long a sequence its KV cache
+    """What ``engine.kind: vllm`` starts with for one model: its compute dtype and how long a sequence its KV cache
     holds (``kv_cache_bytes / kv_bytes_per_token``, in whole blocks), capped by the model's positions."""
 
     dtype: str  # float32 | bfloat16 | float16, as passed to vLLM (never vLLM's own "auto", which downcasts fp32)
@@ -170,7 +170,7 @@ def vllm_dtype(asked: str, stored: str, *, on_gpu: bool) -> str:
     on a CPU, where vLLM's kernels are float32/bfloat16)."""
     dtype = stored if asked == "auto" else asked
     if dtype not in _DTYPE_BYTES:
-        raise ModelLoadError(f"vllm_dtype {asked!r} resolves to {dtype!r}; expected one of {', '.join(_DTYPE_BYTES)}")
+        raise ModelLoadError(f"engine.vllm.dtype {asked!r} resolves to {dtype!r}; expected one of {', '.join(_DTYPE_BYTES)}")
     return "bfloat16" if dtype == "float16" and not on_gpu and asked == "auto" else dtype
 
 
@@ -216,19 +216,19 @@ def size_engine(hf_config: Any, *, dtype: str, kv_cache_gb: float, max_model_len
              f"({dtype}) = {per_token} B/token")
     gib = 2**30
     if memory_bytes is not None and weights_bytes + cache_bytes > memory_bytes:
-        raise ModelLoadError(f"engine: vllm for {where} needs {weights_bytes / gib:.2f} GiB of weights + "
-                             f"{cache_bytes / gib:.2f} GiB of KV cache (vllm_kv_cache_gb), more than the "
-                             f"{memory_bytes / gib:.2f} GiB this machine holds; lower vllm_kv_cache_gb")
+        raise ModelLoadError(f"engine.kind: vllm for {where} needs {weights_bytes / gib:.2f} GiB of weights + "
+                             f"{cache_bytes / gib:.2f} GiB of KV cache (engine.vllm.kv_cache_gb), more than the "
+                             f"{memory_bytes / gib:.2f} GiB this machine holds; lower engine.vllm.kv_cache_gb")
     if max_model_len is not None:
         if max_model_len > positions:
-            raise ModelLoadError(f"vllm_max_model_len {max_model_len} exceeds the {positions} positions of {where}; "
-                                 f"set vllm_max_model_len <= {positions}")
+            raise ModelLoadError(f"engine.vllm.max_model_len {max_model_len} exceeds the {positions} positions of {where}; "
+                                 f"set engine.vllm.max_model_len <= {positions}")
         if max_model_len > cache_tokens:
             need = -(-max_model_len // block_tokens) * block_tokens * per_token
             raise ModelLoadError(
-                f"engine: vllm cannot hold one sequence of vllm_max_model_len={max_model_len} tokens of {where}: "
-                f"that takes {need / gib:.3f} GiB of KV cache ({shape}), but vllm_kv_cache_gb={kv_cache_gb} holds "
-                f"{cache_tokens} tokens; raise vllm_kv_cache_gb to >= {need / gib:.3f} or lower vllm_max_model_len "
+                f"engine.kind: vllm cannot hold one sequence of engine.vllm.max_model_len={max_model_len} tokens of {where}: "
+                f"that takes {need / gib:.3f} GiB of KV cache ({shape}), but engine.vllm.kv_cache_gb={kv_cache_gb} holds "
+                f"{cache_tokens} tokens; raise engine.vllm.kv_cache_gb to >= {need / gib:.3f} or lower engine.vllm.max_model_len "
                 f"to <= {cache_tokens}")
         length = max_model_len
     else:
@@ -237,9 +237,9 @@ def size_engine(hf_config: Any, *, dtype: str, kv_cache_gb: float, max_model_len
         if length < shortest:
             need = -(-shortest // block_tokens) * block_tokens * per_token
             raise ModelLoadError(
-                f"engine: vllm cannot hold one sequence of {shortest} tokens (max_tokens_limit {max_tokens_limit} "
-                f"+ a prompt) of {where}: vllm_kv_cache_gb={kv_cache_gb} holds {cache_tokens} tokens ({shape}); "
-                f"raise vllm_kv_cache_gb to >= {need / gib:.3f} or lower max_tokens_limit")
+                f"engine.kind: vllm cannot hold one sequence of {shortest} tokens (max_tokens_limit {max_tokens_limit} "
+                f"+ a prompt) of {where}: engine.vllm.kv_cache_gb={kv_cache_gb} holds {cache_tokens} tokens ({shape}); "
+                f"raise engine.vllm.kv_cache_gb to >= {need / gib:.3f} or lower max_tokens_limit")
     return VllmSizing(dtype=dtype, max_model_len=length, kv_bytes_per_token=per_token, kv_cache_bytes=cache_bytes,
                       cache_tokens=cache_tokens, positions=positions)
 
@@ -302,18 +302,21 @@ class VllmEngine(Engine):
 
     @classmethod
     def from_config(cls, cfg: ServeConfig) -> VllmEngine:
-        """What a Serve replica runs for ``engine: vllm``: the config's model and adapters on vLLM."""
+        """What a Serve replica runs for ``engine.kind: vllm``: the config's model and adapters on vLLM."""
         from llmstack.registry import Registry
 
         import_vllm()  # first: a missing vLLM is the one-line error, before anything is loaded
         return cls.from_source(
             cfg.model, registry=Registry(cfg.registry) if cfg.registry else Registry(), adapters=cfg.adapters,
-            aliases=cfg.model_aliases, default_max_tokens=cfg.default_max_tokens,
-            max_tokens_limit=cfg.max_tokens_limit, max_n=cfg.max_n, cache_size=cfg.response_cache_size,
-            kv_cache_gb=cfg.vllm_kv_cache_gb, dtype=cfg.vllm_dtype, enforce_eager=cfg.vllm_enforce_eager,
-            max_num_seqs=cfg.max_batch_size, max_loras=cfg.max_adapters_per_replica,
-            prefix_caching=cfg.prefix_cache_mb > 0, threads=cfg.compute_threads(),
-            max_model_len=cfg.vllm_max_model_len, engine_kwargs=cfg.vllm_engine_kwargs, on_gpu=cfg.num_gpus > 0)
+            aliases=cfg.model_aliases, default_max_tokens=cfg.engine.default_max_tokens,
+            max_tokens_limit=cfg.engine.max_tokens_limit, max_n=cfg.engine.max_n,
+            cache_size=cfg.engine.response_cache_size,
+            kv_cache_gb=cfg.engine.vllm.kv_cache_gb, dtype=cfg.engine.vllm.dtype,
+            enforce_eager=cfg.engine.vllm.enforce_eager,
+            max_num_seqs=cfg.engine.max_batch_size, max_loras=cfg.engine.max_adapters_per_replica,
+            prefix_caching=cfg.engine.prefix_cache_mb > 0, threads=cfg.compute_threads(),
+            max_model_len=cfg.engine.vllm.max_model_len, engine_kwargs=cfg.engine.vllm.engine_kwargs,
+            on_gpu=cfg.replica_resources()["GPU"] > 0)
 
     @classmethod
     def from_source(cls, source: str, *, registry: Any = None, adapters: Iterable[str] = (),
@@ -343,7 +346,7 @@ class VllmEngine(Engine):
         engine_kwargs = dict(engine_kwargs or {})
         managed = sorted(set(engine_kwargs) & set(VLLM_ARGS_SET_BY))
         if managed:
-            raise ModelLoadError(f"vllm_engine_kwargs {', '.join(managed)}: llmstack sets "
+            raise ModelLoadError(f"engine.vllm.engine_kwargs {', '.join(managed)}: llmstack sets "
                                  f"{'it' if len(managed) == 1 else 'them'} from "
                                  f"{', '.join(sorted({VLLM_ARGS_SET_BY[k] for k in managed}))}; set that instead")
         if on_gpu is None:
@@ -371,7 +374,7 @@ class VllmEngine(Engine):
         try:
             args = api.AsyncEngineArgs(**settings)
         except TypeError as exc:  # an engine_kwargs key this vLLM does not know
-            raise ModelLoadError(f"vllm_engine_kwargs: vLLM's AsyncEngineArgs refuses them ({exc})") from None
+            raise ModelLoadError(f"engine.vllm.engine_kwargs: vLLM's AsyncEngineArgs refuses them ({exc})") from None
         try:
             llm = api.AsyncLLM.from_engine_args(args)
         except Exception as exc:

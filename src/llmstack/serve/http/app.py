@@ -61,7 +61,7 @@ def make_api(engine: Any, config: ServeConfig | dict[str, Any] | None = None) ->
     cfg = config if isinstance(config, ServeConfig) else load_config(ServeConfig, config or {})
     metrics = ServeMetrics()
     app = FastAPI(title="llmstack OpenAI-compatible API", version="1", docs_url="/docs", redoc_url=None)
-    app.add_middleware(RequestGuard, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes)
+    app.add_middleware(RequestGuard, api_key=cfg.http.api_key, max_body_bytes=cfg.http.max_body_bytes)
     app.state.metrics = metrics
     app.state.engine = engine
 
@@ -100,9 +100,9 @@ def make_api(engine: Any, config: ServeConfig | dict[str, Any] | None = None) ->
         streaming = False
         try:
             try:
-                response = await asyncio.wait_for(fn(), timeout=cfg.request_timeout_s)
+                response = await asyncio.wait_for(fn(), timeout=cfg.http.request_timeout_s)
             except asyncio.TimeoutError:
-                raise RequestError(f"generation did not finish within {cfg.request_timeout_s} s and was cancelled",
+                raise RequestError(f"generation did not finish within {cfg.http.request_timeout_s} s and was cancelled",
                                   status_code=504, type="timeout_error", code="timeout") from None
             streaming = isinstance(response, StreamingResponse)
         except Exception as exc:  # noqa: BLE001 - llmstack's errors and anything else (Ray's load shedding: 503)

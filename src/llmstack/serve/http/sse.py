@@ -55,7 +55,7 @@ async def stream_response(engine: Any, requests: list[GenerationRequest], model:
     ``label`` is the metrics' model label (default ``model``; the app passes it bounded to served names)."""
     label = model if label is None else label
     start = time.perf_counter()
-    deadline = time.monotonic() + cfg.request_timeout_s
+    deadline = time.monotonic() + cfg.http.request_timeout_s
     streams = [engine.stream(r) for r in requests]
     firsts: list[GenerationChunk | None] = []
     try:

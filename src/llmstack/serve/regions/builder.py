@@ -18,7 +18,7 @@ import dataclasses
 import uuid
 from typing import Any
 
-from llmstack.config import ServeConfig, load_config, to_dict
+from llmstack.config import ServeConfig, load_config, merge_sections, to_dict
 from llmstack.errors import ResourceError
 from llmstack.serve.deployments.builder import (INGRESS_OPTIONS, INGRESS_RESOURCES, Deployment, replica_resources,
                                                 resolve_config, run_app, server_options)
@@ -96,9 +96,9 @@ def region_nodes(resource: str) -> list[dict[str, Any]]:
 def check_region_nodes(spec: dict[str, Any]) -> None:
     """Raise ResourceError naming every region without a live node, or whose nodes lack the CPUs asked.
 
-    Each region's replicas must fit on its own nodes (``num_cpus`` each).
+    Each region's replicas must fit on its own nodes (``deployment.ray_actor_options.num_cpus`` each).
     """
-    cpus = float(spec["serve"].get("num_cpus", 1.0))
+    cpus = load_config(ServeConfig, spec["serve"]).replica_resources()["CPU"]
     missing, small = [], []
     for name, region in spec["regions"].items():
         nodes = region_nodes(region["resource"])
@@ -134,14 +134,14 @@ def deploy_regions(config: dict[str, Any] | str | None = None, *, replace: bool 
     Args:
         config: flat args (``regions``, ``routing`` and ServeConfig fields) or a YAML path (a serve run file).
         replace: replace a running app of the same name.
-        **overrides: top-level fields to replace, e.g. ``port=8123``.
+        **overrides: fields to replace, merged into their sections, e.g. ``http={"port": 8123}``.
 
     Raises:
         ConfigError, ArtifactNotFoundError: as :func:`resolve_regions`.
         ResourceError: a region has no live node (named), or the port is taken.
 
     Example:
-        >>> dep = deploy_regions("serve_configs/multi-region.yaml", port=8123)  # doctest: +SKIP
+        >>> dep = deploy_regions("serve_configs/multi-region.yaml", http={"port": 8123})  # doctest: +SKIP
     """
     import os
 
@@ -150,7 +150,7 @@ def deploy_regions(config: dict[str, Any] | str | None = None, *, replace: bool 
     if isinstance(config, str):
         cfg, serve_cfg = load_regions_config(config)
         config = {**to_dict(serve_cfg), **_own(cfg)}
-    spec = resolve_regions({**(config or {}), **overrides})
+    spec = resolve_regions(merge_sections(config or {}, overrides))
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
     check_region_nodes(spec)

@@ -72,11 +72,12 @@ class RegionEngineClient:
     def __init__(self, handles: dict[str, Any], spec: dict[str, Any], *, clock: Any = None) -> None:
         self.spec = spec
         serve_cfg = load_config(ServeConfig, spec["serve"])
-        regions = {name: {**r, "capacity": r["replicas"] * serve_cfg.max_ongoing_requests}
+        regions = {name: {**r, "capacity": r["replicas"] * serve_cfg.deployment["max_ongoing_requests"]}
                    for name, r in spec["regions"].items()}
         self.router = RegionRouter(regions, spec["routing"], clock=clock)
         self.cfg = self.router.cfg
-        self.clients = {name: ServeEngineClient(h, retry_after_s=serve_cfg.retry_after_s) for name, h in handles.items()}
+        self.clients = {name: ServeEngineClient(h, retry_after_s=serve_cfg.http.retry_after_s)
+                        for name, h in handles.items()}
         self.replica = replica_id()
         self.metrics = RegionMetrics(self.replica, int(spec["routing"].get("router_replicas", 1)))
         self.overheads: deque[float] = deque(maxlen=2000)  # recent router overheads (s), for status percentiles

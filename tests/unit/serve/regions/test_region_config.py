@@ -13,10 +13,11 @@ ROOT = Path(__file__).resolve().parents[4]
 
 
 def test_defaults_and_spec() -> None:
-    cfg, serve_cfg = load_regions_config({"model": "tiny-lm@v1", "num_cpus": 0.5, "regions": {
-        "us-east": {"price_per_replica_hour": 2.0, "replicas": 2},
-        "eu-west": {"price_per_replica_hour": 1.0, "latency_ms": 40, "resource": "zone-b"}}})
-    assert cfg.routing.policy == "cost" and serve_cfg.num_cpus == 0.5
+    cfg, serve_cfg = load_regions_config({
+        "model": "tiny-lm@v1", "deployment": {"ray_actor_options": {"num_cpus": 0.5}}, "regions": {
+            "us-east": {"price_per_replica_hour": 2.0, "replicas": 2},
+            "eu-west": {"price_per_replica_hour": 1.0, "latency_ms": 40, "resource": "zone-b"}}})
+    assert cfg.routing.policy == "cost" and serve_cfg.replica_resources()["CPU"] == 0.5
     spec = spec_of(cfg, serve_cfg)
     assert spec["regions"]["us-east"]["resource"] == "region:us-east"
     assert spec["regions"]["eu-west"]["resource"] == "zone-b"
@@ -25,7 +26,7 @@ def test_defaults_and_spec() -> None:
 
 def test_every_problem_at_once_with_key_paths() -> None:
     with pytest.raises(ConfigError) as info:
-        load_regions_config({"max_batch_size": 0, "regions": {
+        load_regions_config({"engine": {"max_batch_size": 0}, "regions": {
             "us-east": {"price_per_replica_hour": 0, "replicas": 0},
             "EU West": {"price_per_replica_hour": -1, "latency_ms": -5}},
             "routing": {"policy": "cheapest", "weights": {"mars": 1}}})
@@ -35,7 +36,7 @@ def test_every_problem_at_once_with_key_paths() -> None:
                      "regions.EU West.price_per_replica_hour: must be > 0, got -1",
                      "regions.EU West.latency_ms: must be >= 0",
                      "routing.policy: must be one of 'cost', 'latency', 'round_robin', got 'cheapest'",
-                     "max_batch_size: must be >= 1"):
+                     "engine.max_batch_size: must be >= 1"):
         assert expected in text, text
 
 
@@ -57,5 +58,5 @@ def test_no_regions_and_unknown_keys() -> None:
 def test_shipped_serve_file_parses() -> None:
     cfg, serve_cfg = load_regions_config(str(ROOT / "serve_configs" / "multi-region.yaml"))
     assert len(cfg.regions) >= 2
-    total = sum(r.replicas for r in cfg.regions.values()) * serve_cfg.num_cpus + 0.1
+    total = sum(r.replicas for r in cfg.regions.values()) * serve_cfg.replica_resources()["CPU"] + 0.1
     assert total <= 2.0, "the shipped file must fit a 2-CPU machine"
