@@ -4,7 +4,7 @@
                      every output is a registry version (name@vN) with lineage
                                 validate(candidate, baseline) ──▶ deploy()
 
-Every verb has one shape, ``verb(config=None, /, *, registry=None, overrides=(), **settings)``, and names its
+Every verb has one shape, ``verb(config=None, *, registry=None, overrides=(), **settings)``, and names its
 model by one settings key (``llmstack._verbs.MODEL_KEYS``): ``train(model={"source": ...})``,
 ``finetune_lora(base=...)``, ``quantize(source=...)``, ``validate(candidate=..., baseline=...)``,
 ``deploy(model=...)``.

@@ -2,7 +2,7 @@
 
 Every verb (``train``, ``finetune_lora``, ``distill``, ``sweep``, ``quantize``, ``validate``, ``deploy``) is::
 
-    verb(config=None, /, *, registry=None, overrides=(), <verb inputs>=None, **settings) -> result
+    verb(config=None, *, registry=None, overrides=(), <verb inputs>=None, **settings) -> result
 
 and reads one document of settings, built in layers (a later layer wins):
 

@@ -151,7 +151,7 @@ def build_student(spec: dict[str, Any]) -> Any:
     return model
 
 
-def distill(config: DistillConfig | Mapping[str, Any] | str | Path | None = None, /, *,
+def distill(config: DistillConfig | Mapping[str, Any] | str | Path | None = None, *,
             registry: Registry | str | None = None, overrides: Overrides = (), progress: bool = True,
             **settings: Any) -> DistillResult:
     """Distil the model ``teacher`` into ``student`` on instruction data and register the student.

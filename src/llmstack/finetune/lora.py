@@ -135,7 +135,7 @@ def load_trainable(checkpoint_dir: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- finetune_lora()
 
 
-def finetune_lora(config: FinetuneConfig | Mapping[str, Any] | str | Path | None = None, /, *,
+def finetune_lora(config: FinetuneConfig | Mapping[str, Any] | str | Path | None = None, *,
                   registry: Registry | str | None = None, overrides: Overrides = (), progress: bool = True,
                   **settings: Any) -> FinetuneResult:
     """Fine-tune the model ``base`` on instruction data with the configured method, on Ray Train.

@@ -76,7 +76,7 @@ def run_trial(params: dict[str, Any], *, finetune: dict[str, Any], base: str, re
                  progress=False, callbacks=[TuneReportCallback()])
 
 
-def sweep(config: SweepConfig | Mapping[str, Any] | str | Path | None = None, /, *,
+def sweep(config: SweepConfig | Mapping[str, Any] | str | Path | None = None, *,
           registry: Registry | str | None = None, overrides: Overrides = (), progress: bool = True,
           **settings: Any) -> SweepResult:
     """Search learning rate, LoRA rank and alpha with Ray Tune + ASHA; register the best adapter.

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 DEFAULT_DATA = "builtin:stdlib"
 
 
-def quantize(config: QuantizeConfig | Mapping[str, Any] | str | Path | None = None, /, *,
+def quantize(config: QuantizeConfig | Mapping[str, Any] | str | Path | None = None, *,
              source: str | ArtifactRef | Path | None = None, name: str | None = None, calibration: Any = None,
              registry: Registry | str | None = None, overrides: Overrides = (), **settings: Any) -> QuantizeResult:
     """Quantize a model (a registry version, a directory or a GGUF file) and register the result as a new

@@ -1,4 +1,4 @@
-"""Pretraining on Ray Train: ``train(config=None, /, *, registry=None, overrides=(), **settings) -> TrainResult``.
+"""Pretraining on Ray Train: ``train(config=None, *, registry=None, overrides=(), **settings) -> TrainResult``.
 
 The per-worker loop lives in :mod:`llmstack.train.loop` (shared with fine-tuning: see
 :class:`LoopSpec` and :func:`run_training`); the driver side (cluster, fail-fast checks, progress,

@@ -110,7 +110,7 @@ class TrainResult:
 # --------------------------------------------------------------------------- train()
 
 
-def train(config: TrainConfig | Mapping[str, Any] | str | Path | None = None, /, *,
+def train(config: TrainConfig | Mapping[str, Any] | str | Path | None = None, *,
           registry: Registry | str | None = None, overrides: Overrides = (), progress: bool = True,
           **settings: Any) -> TrainResult:
     """Pretrain a causal LM on Ray Train and register it.

@@ -1,4 +1,4 @@
-"""``validate(config, /, *, candidate, baseline)``: the statistical release gate.
+"""``validate(config, *, candidate, baseline)``: the statistical release gate.
 
 Both models see the same probe prompts and the same held-out blocks. The gate runs five checks:
 
@@ -72,7 +72,7 @@ class IncomparableModelsError(LLMStackError, ValueError):
     """The two models cannot be compared (different tokenizers, vocabularies or model families)."""
 
 
-def validate(config: ValidateConfig | Mapping[str, Any] | str | Path | None = None, /, *,
+def validate(config: ValidateConfig | Mapping[str, Any] | str | Path | None = None, *,
              candidate: ModelSpec | None = None, baseline: ModelSpec | None = None,
              registry: Registry | str | None = None, overrides: Overrides = (), probes: list[str] | str | None = None,
              eval_data: Any = None, store: bool = True, progress: bool | None = None,

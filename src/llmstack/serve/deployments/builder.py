@@ -198,7 +198,7 @@ class Deployment:
         self.shutdown()
 
 
-def deploy(config: ServeConfig | Mapping[str, Any] | str | Path | None = None, /, *, registry: Any = None,
+def deploy(config: ServeConfig | Mapping[str, Any] | str | Path | None = None, *, registry: Any = None,
            overrides: Overrides = (), replace: bool = False, timeout_s: float = DEPLOY_TIMEOUT_S,
            **settings: Any) -> Deployment:
     """Run the llmstack OpenAI-compatible app on Ray Serve and return once it is healthy.
