@@ -133,11 +133,12 @@ def _config_source(verb: str, cls: type, config: Any) -> Any:
         path = Path(config).expanduser()
         if path.is_file():
             return path
+        if path.suffix in (".yaml", ".yml"):
+            raise ConfigError(f"config file not found: {config}")
         key = MODEL_KEYS.get(verb, "model")
-        hint = (f"; to name the model, set `{key}` instead, e.g. {verb}({key}={str(config)!r})" if "." not in key
-                else f"; to name the model, set `{key}` instead, e.g. overrides={{'{key}': {str(config)!r}}}")
-        raise ConfigError(f"config: no YAML file at {str(config)!r} (config is a {cls.__name__}, a mapping or a "
-                          f"YAML path){hint}")
+        example = f"{verb}({key}={str(config)!r})" if "." not in key else f"overrides={{'{key}': {str(config)!r}}}"
+        raise ConfigError(f"config file not found: {config} (config is a {cls.__name__}, a mapping or a YAML path); "
+                          f"to name the model, set `{key}` instead, e.g. {example}")
     if dataclasses.is_dataclass(config):
         raise ConfigError(f"config: {verb}() takes a {cls.__name__}, got a {type(config).__name__}")
     raise ConfigError(f"config: expected a {cls.__name__}, a mapping or a YAML path, got {type(config).__name__}")

@@ -178,8 +178,9 @@ def test_a_quantized_artifact_is_refused_naming_its_format(vllm_registry: dict[s
     from llmstack.errors import ModelLoadError
     from llmstack.quantize import quantize
 
-    result = quantize(vllm_registry["model"], "int8-dynamic", registry=vllm_registry["registry"],
-                      name="tiny-lm-int8", config={"eval_samples": 4, "speed_new_tokens": 4, "speed_repeats": 1})
+    result = quantize({"eval_samples": 4, "speed_new_tokens": 4, "speed_repeats": 1},
+                      source=vllm_registry["model"], method="int8-dynamic", registry=vllm_registry["registry"],
+                      name="tiny-lm-int8")
     with pytest.raises(ModelLoadError) as failure:
         llmstack.deploy({"model": str(result.ref), "registry": vllm_registry["url"], "port": serve_started,
                          "engine": "vllm", "app_name": "vllm-int8", "route_prefix": "/vllm-int8", "num_cpus": 0.5},
