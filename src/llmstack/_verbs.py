@@ -68,46 +68,46 @@ def read_settings(verb: str, cls: type[C], config: Any, overrides: Overrides | N
             file says how to pass a model instead.
     """
     given = dict(inputs or {})
-    found: dict[str, Any] = {}
+    found: dict[str, Any] = {}  # the inputs read from the layers, before the keywords
     source = _config_source(verb, cls, config)
-    where = str(source) if isinstance(source, (str, Path)) else None
-    if given and isinstance(source, (str, Path)):
-        source = _read_yaml(source)
+    where = str(source) if isinstance(source, Path) else None
+    if given and isinstance(source, Path):
+        raw = _read_yaml(source)
+        if isinstance(raw, Mapping) and any(key in raw for key in given):
+            source = raw
     if given and isinstance(source, Mapping):  # the verb's own inputs sit beside the config's fields
         found.update({key: value for key, value in source.items() if key in given})
         source = {key: value for key, value in source.items() if key not in given}
 
-    strings: list[str] = []
-    values: list[tuple[str, Any]] = []
-    if isinstance(overrides, Mapping):
-        values += [(str(key), value) for key, value in overrides.items()]
-    elif isinstance(overrides, str):
+    if isinstance(overrides, str):
         raise ConfigError(f"overrides: expected a list of key.path=value strings or a mapping, got the string "
                           f"{overrides!r}; wrap it in a list")
+    strings: list[str] = []  # key.path=value overrides of the config
+    values: list[tuple[str, Any]] = []  # (key.path, value) settings of the config
+    if isinstance(overrides, Mapping):
+        for key, value in overrides.items():
+            if key in given:
+                found[key] = value
+            else:
+                values.append((str(key), value))
     else:
         for item in overrides or ():
-            key, sep, raw = str(item).partition("=")
+            key, sep, raw_value = str(item).partition("=")
             if sep and key.strip() in given:
-                found[key.strip()] = _parse_scalar(raw)
+                found[key.strip()] = _parse_scalar(raw_value)
             else:
                 strings.append(str(item))
-    for key, value in values:
-        if key in given:
-            found[key] = value
-    values = [(key, value) for key, value in values if key not in given]
     values += _flatten(settings or {})
     found.update({name: value for name, value in given.items() if value is not None})
 
-    from llmstack.config import load_config, to_dict
+    from llmstack.config import load_config
 
+    problems: list[str] = []
+    strings += [override for key, value in values if (override := _as_override(key, value, problems))]
+    if problems:
+        raise ConfigError(problems)
     try:
-        cfg = load_config(cls, source, strings)
-        if values:
-            data = to_dict(cfg)
-            problems = [problem for key, value in values if (problem := _set_path(data, key, value))]
-            if problems:
-                raise ConfigError(problems)
-            cfg = load_config(cls, data)
+        cfg = load_config(cls, source, strings)  # one pass: every problem of every layer reported together
     except ConfigError as exc:
         if where and exc.source is None:
             raise ConfigError(exc.problems, source=where) from None
@@ -174,19 +174,19 @@ def _flatten(settings: Mapping[str, Any], prefix: str = "") -> list[tuple[str, A
     return pairs
 
 
-def _set_path(data: dict[str, Any], key: str, value: Any) -> str | None:
-    """Set ``data[a][b][c] = value`` for ``key`` ``a.b.c``; a problem message when a step is not a mapping."""
-    parts = key.split(".")
-    if not all(parts):
-        return f"{key!r}: expected a key path like training.max_steps"
-    node = data
-    for depth, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            return f"{'.'.join(parts[:depth + 1])}: is a {type(child).__name__}, not a section; cannot set {key}"
-        node = child
-    node[parts[-1]] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) \
-        else value
-    return None
+def _as_override(key: str, value: Any, problems: list[str]) -> str | None:
+    """``key=value`` in the override syntax, the value written as YAML so that it reads back equal."""
+    import yaml
+
+    from llmstack.config import to_dict
+
+    plain = to_dict(value)
+    if isinstance(plain, Path):
+        plain = str(plain)
+    try:
+        text = yaml.safe_dump(plain, default_flow_style=True, width=1 << 30)
+    except yaml.YAMLError:
+        problems.append(f"{key}: a {type(value).__name__} cannot be a config value; give plain data (str, number, "
+                        "bool, list, mapping)")
+        return None
+    return f"{key}={text.removesuffix(chr(10)).removesuffix(chr(10) + '...')}"
