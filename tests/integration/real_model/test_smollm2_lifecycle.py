@@ -45,11 +45,12 @@ def test_smollm2_import_finetune_quantize_validate_deploy(ray_cluster: dict, smo
 
     # A few LoRA steps in the model's own ChatML template (assistant turns masked), merged in its dtype.
     tuned = llmstack.finetune_lora(
-        {"name": "smollm2-qa", "lora": {"rank": 4, "merge": True}, "data": {"block_size": 96, "max_documents": 32},
+        {"name": "smollm2-qa", "base": str(base), "lora": {"rank": 4, "merge": True},
+         "data": {"source": "builtin:stdlib-qa", "block_size": 96, "max_documents": 32},
          "training": {"max_steps": 3, "micro_batch_size": 2, "learning_rate": 1e-4, "warmup_steps": 0,
                       "eval_every": 3, "eval_batches": 1},
          "scaling": {"num_workers": 1}},
-        base=str(base), registry=registry, progress=False)
+        registry=registry, progress=False)
     assert tuned.merged_ref is not None
     assert registry.manifest(tuned.ref).parents == [str(base)]
 

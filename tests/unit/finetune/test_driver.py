@@ -37,7 +37,7 @@ def test_the_driver_reads_the_base_once_before_training(base: dict[str, Any], mo
     monkeypatch.setattr(importlib.import_module("llmstack.train"), "run_training", run_training)
     config = {"lora": {"method": method, "rank": 4}, "scaling": {"num_workers": 1},
               "training": {"max_steps": 1, "micro_batch_size": 4, "eval_batches": 1},
-              "data": {"block_size": 64, "max_documents": 24}, "storage_path": str(tmp_path / "runs")}
+              "data": {"source": "builtin:stdlib-qa", "block_size": 64, "max_documents": 24}, "storage_path": str(tmp_path / "runs")}
     with pytest.raises(_HandedOff):
         finetune_lora(config, base=str(base["ref"]), registry=base["registry"], progress=False)
     # one read for the checks, the target modules and the held-out loss before training; full fine-tuning
