@@ -28,6 +28,7 @@ def test_identical_copy_passes(model_a: Any, tokenizer: Any, held_out: Any, help
 
     report = _run(copy.deepcopy(model_a), model_a, tokenizer, held_out)
     assert report.passed, report.to_text()
+    assert report.ref is None  # an in-memory candidate is no registry version
     dist = report.check("distribution").metrics
     assert dist["mean_kl"] == 0 and dist["top1_agreement"] == 1.0
     assert report.check("perplexity").metrics["relative_change"] == 0

@@ -39,6 +39,7 @@ def test_validate_then_promote_force_and_rollback(reg: Registry, model_a: Any, m
                       eval_data=held_out, progress=False)
     assert report.passed, report.to_text()
     assert (report.candidate, report.baseline) == ("tiny-lm@v2", "tiny-lm@v1")  # the alias was resolved
+    assert report.ref == v2  # the candidate as a registry version, what promote takes
     stored = reg.annotations(v2)
     assert stored["validation"]["passed"] is True and stored[validation_key(v1)]["baseline"] == "tiny-lm@v1"
     event = reg.promote(v2, reason="int8 is faithful")
