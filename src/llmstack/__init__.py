@@ -21,12 +21,6 @@ The verb packages are light; heavy dependencies (torch, ray, transformers) load 
 
 from __future__ import annotations
 
-# The verb packages first: each name below then rebinds the package attribute to the function, for good.
-import llmstack.finetune
-import llmstack.quantize
-import llmstack.registry
-import llmstack.train
-import llmstack.validate
 from llmstack._modules import lazy_exports
 from llmstack.config import (
     AutoscalingConfig,
@@ -42,6 +36,9 @@ from llmstack.config import (
     load_config,
 )
 from llmstack.errors import LLMStackError
+
+# Importing a verb package sets `llmstack.<package>` to the module; the name bound right after replaces it
+# with the function, for good: the package is in sys.modules now, so no later import sets it again.
 from llmstack.finetune import finetune_lora
 from llmstack.quantize import quantize
 from llmstack.registry import ArtifactRef, Registry

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmstack._verbs import Overrides, read_settings
-from llmstack.config import to_dict
+from llmstack.config import load_config, to_dict
 from llmstack.errors import ConfigError, LLMStackError
 from llmstack.finetune.configs import SweepConfig
 from llmstack.finetune.lora import (_register_adapter, check_positions, default_storage, ensure_base_ref,
