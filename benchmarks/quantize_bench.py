@@ -163,7 +163,7 @@ def run_methods(registry: Any, source: str, runs: list[tuple[str, str, dict[str,
     rows: dict[str, Any] = {}
     for label, method, extra in runs:
         t0 = time.perf_counter()
-        result = quantize(source, method, config=merge_sections(common, extra), registry=registry,
+        result = quantize(merge_sections(common, extra), source=source, method=method, registry=registry,
                           name=prefix + re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")[:50])
         reloaded, _ = load_quantized(registry, result.ref)
         reload_ppl = perplexity(reloaded, eval_blocks)
@@ -557,7 +557,7 @@ def real_model(args: argparse.Namespace) -> dict[str, Any]:
     runs = [r for r in REAL_RUNS if not args.only or any(o in r[0] for o in args.only)]
     for label, method, extra in runs:
         t0 = time.perf_counter()
-        result = quantize(str(source), method, config=merge_sections(common, extra), registry=registry,
+        result = quantize(merge_sections(common, extra), source=str(source), method=method, registry=registry,
                           name=re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")[:50])
         model, _ = load_quantized(registry, result.ref)
         models[label] = model

@@ -91,8 +91,8 @@ def main() -> int:
         model = build_model(preset, vocab_size=len(tokenizer), max_seq_len=512, seed=0, tokenizer=tokenizer)
         params = sum(p.numel() for p in model.parameters())
         fp32 = register_model(registry, f"{preset}-lm", model.eval(), tokenizer, kind="model")
-        int8 = quantize(str(fp32), "int8-dynamic", registry=registry, name=f"{preset}-lm-int8",
-                        config={"evaluation": {"enabled": False}}).ref
+        int8 = quantize({"evaluation": {"enabled": False}}, source=str(fp32), method="int8-dynamic", registry=registry,
+                        name=f"{preset}-lm-int8").ref
         apps = {}
         for label, ref in (("fp32", fp32), ("int8", int8)):
             apps[label] = llmstack.deploy({

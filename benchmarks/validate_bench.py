@@ -120,13 +120,13 @@ def real_model(directory: str, methods: list[str]) -> None:
         registry = Registry(str(Path(tmp) / "registry"))
         for method in methods:
             started = time.perf_counter()
-            result = quantize(directory, method, registry=registry, config={"evaluation": {"enabled": False}})
+            result = quantize({"evaluation": {"enabled": False}}, source=directory, method=method, registry=registry)
             print(f"quantized {method} in {time.perf_counter() - started:.0f}s: {result.ref}", flush=True)
             cases.append((f"quantize {method}", load_artifact(str(result.ref), registry=registry).model))
         for label, candidate in cases:
             start = time.perf_counter()
-            report = validate((candidate, base.tokenizer), baseline, eval_data=held_out, probes=probes,
-                              thresholds=REAL_THRESHOLDS, progress=False, store=False)
+            report = validate(REAL_THRESHOLDS, candidate=(candidate, base.tokenizer), baseline=baseline,
+                              eval_data=held_out, probes=probes, progress=False, store=False)
             seconds = time.perf_counter() - start
             checks = {c.name: c for c in report.checks}
             ppl = checks["perplexity"].metrics
@@ -176,8 +176,8 @@ def main() -> None:
     rows = []
     for family, label, level, candidate in tqdm(cases, desc="validate bench"):
         start = time.perf_counter()
-        report = validate((candidate, tokenizer), (base, tokenizer), eval_data=held_out, probes=probes,
-                          thresholds=THRESHOLDS, progress=False)
+        report = validate(THRESHOLDS, candidate=(candidate, tokenizer), baseline=(base, tokenizer),
+                          eval_data=held_out, probes=probes, progress=False)
         seconds = time.perf_counter() - start
         rows.append({"family": family, "case": label, "level": level, "passed": report.passed,
                      "failed": report.failed_checks, "seconds": round(seconds, 2),

@@ -1,5 +1,10 @@
 """The ``llmstack`` command: one verb per public function, ``--config FILE`` plus ``key=value`` overrides.
 
+The model verbs (train, finetune, distill, sweep, quantize, validate, deploy) are generated from one table,
+:data:`VERB_COMMANDS`, and share one shape: ``llmstack VERB [MODEL] [--config FILE] [key.path=value ...]``,
+where ``MODEL`` sets the verb's model key (``llmstack._verbs.MODEL_KEYS``). Releases are top-level:
+``llmstack promote REF`` and ``llmstack rollback NAME``.
+
 User mistakes (anything raising :class:`LLMStackError`, bad arguments) print one line on stderr and
 exit non-zero; only genuine bugs keep their traceback.
 """
@@ -7,9 +12,11 @@ exit non-zero; only genuine bugs keep their traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from llmstack._console import VERBOSE_ENV, announce_ray_logs, ray_init_options, quiet_libraries, set_verbose, verbose
@@ -51,78 +58,64 @@ def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
-# --------------------------------------------------------------------------- verbs
+# --------------------------------------------------------------------------- model verbs
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from llmstack.config import TrainConfig
-    from llmstack.train import train
+@dataclass(frozen=True)
+class VerbCommand:
+    """One model verb of the CLI: ``llmstack NAME [MODEL] [--config FILE] [key.path=value ...]``.
 
-    result = train(_config(TrainConfig, args))
-    print(f"registered {result.ref}  " + "  ".join(f"{k}={_fmt(v)}" for k, v in result.metrics.items()))
+    The command calls ``function(config, registry=..., overrides=[...])``; ``MODEL`` becomes the override of
+    the function's model key (:data:`llmstack._verbs.MODEL_KEYS`), so every verb takes its model alike.
+    """
+
+    name: str  # the CLI verb
+    function: str  # "module:function", imported when the verb runs
+    summary: str  # one line for --help
+    report: Callable[[Any, argparse.Namespace], int]  # prints the result; returns the exit status
+    flags: tuple[tuple[str, str], ...] = ()  # boolean output options of the report: (--flag, help)
+
+    @property
+    def model_key(self) -> str:
+        from llmstack._verbs import MODEL_KEYS
+
+        return MODEL_KEYS[self.function.rpartition(":")[2]]
+
+
+def _metrics(metrics: dict[str, Any]) -> str:
+    return "  ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
+
+
+def _report_registered(result: Any, args: argparse.Namespace) -> int:
+    print(f"registered {result.ref}  {_metrics(result.metrics)}")
     return 0
 
 
-def cmd_finetune(args: argparse.Namespace) -> int:
-    from llmstack.config import FinetuneConfig
-    from llmstack.finetune import finetune_lora
-
-    extra = [f"base={args.base}"] if args.base else []
-    extra += [f"data.source={args.data}"] if args.data else []
-    result = finetune_lora(config=_config(FinetuneConfig, args, extra))
+def _report_finetune(result: Any, args: argparse.Namespace) -> int:
     merged = f"  merged {result.merged_ref}" if result.merged_ref else ""
-    print(f"registered {result.ref} ({result.method} on {result.base}){merged}  "
-          + "  ".join(f"{k}={_fmt(v)}" for k, v in result.metrics.items()))
+    print(f"registered {result.ref} ({result.method} on {result.base}){merged}  {_metrics(result.metrics)}")
     return 0
 
 
-def cmd_distill(args: argparse.Namespace) -> int:
-    from llmstack.finetune import DistillConfig, distill
-
-    extra = [f"teacher={args.teacher}"] if args.teacher else []
-    extra += [f"student={args.student}"] if args.student else []
-    result = distill(config=_config(DistillConfig, args, extra))
-    print(f"registered {result.ref}  " + "  ".join(f"{k}={_fmt(v)}" for k, v in result.metrics.items()))
+def _report_sweep(result: Any, args: argparse.Namespace) -> int:
+    print(f"best trial registered as {result.ref}  {_metrics(result.best)}")
     return 0
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
-    from llmstack.finetune import SweepConfig, sweep
-
-    extra = [f"base={args.base}"] if args.base else []
-    result = sweep(config=_config(SweepConfig, args, extra))
-    print(f"best trial registered as {result.ref}  " + "  ".join(f"{k}={_fmt(v)}" for k, v in result.best.items()))
-    return 0
-
-
-def cmd_quantize(args: argparse.Namespace) -> int:
-    from llmstack.config import QuantizeConfig
-    from llmstack.quantize import quantize
-
-    extra = [f"method={args.method}"] if args.method else []
-    config = _config(QuantizeConfig, args, extra)
-    result = quantize(args.ref, config=config, registry=_registry(args), name=args.name)
+def _report_quantize(result: Any, args: argparse.Namespace) -> int:
     print(result.table())
     print(f"registered {result.ref}")
     return 0
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
-    from llmstack.validate import ValidateConfig, validate
-
-    thresholds = _config(ValidateConfig, args)
-    report = validate(args.candidate, args.baseline, thresholds=thresholds, registry=_registry(args))
+def _report_validate(report: Any, args: argparse.Namespace) -> int:
     print(report.to_json() if args.json else report.to_text())
     return 0 if report.passed else EXIT_GATE_FAILED
 
 
-def cmd_deploy(args: argparse.Namespace) -> int:
+def _report_deploy(deployment: Any, args: argparse.Namespace) -> int:
     import time
 
-    from llmstack.config import ServeConfig
-    from llmstack.serve import deploy
-
-    deployment = deploy(_config(ServeConfig, args))
     print(f"serving {deployment.config.model} at {deployment.url} (Ctrl-C to stop)", flush=True)
     try:
         while True:
@@ -130,6 +123,37 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         deployment.shutdown()
     return 0
+
+
+VERB_COMMANDS: tuple[VerbCommand, ...] = (
+    VerbCommand("train", "llmstack.train:train", "pretrain a model on Ray Train (DDP or FSDP)", _report_registered),
+    VerbCommand("finetune", "llmstack.finetune:finetune_lora",
+                "fine-tune a base model: lora | qlora | dora | bitfit | full", _report_finetune),
+    VerbCommand("distill", "llmstack.finetune:distill", "distil a teacher into a smaller student", _report_registered),
+    VerbCommand("sweep", "llmstack.finetune:sweep", "Ray Tune search over learning rate, rank and alpha (ASHA)",
+                _report_sweep),
+    VerbCommand("quantize", "llmstack.quantize:quantize", "quantize a model and register the result",
+                _report_quantize),
+    VerbCommand("validate", "llmstack.validate:validate",
+                "compare a candidate with a baseline (baseline=REF); exit 1 when the gate fails", _report_validate,
+                flags=(("--json", "print the report as JSON"),)),
+    VerbCommand("deploy", "llmstack.serve.deployments.builder:deploy",
+                "serve a model with an OpenAI-compatible API on Ray Serve", _report_deploy),
+)
+
+
+def run_verb(command: VerbCommand, args: argparse.Namespace) -> int:
+    """Split ``MODEL`` from the ``key.path=value`` words, call the verb, print its result."""
+    from llmstack._modules import import_object
+
+    models = [word for word in args.overrides if "=" not in word]
+    if len(models) > 1:
+        raise LLMStackError(f"{command.name} takes one MODEL, got {len(models)} ({' '.join(models)}); "
+                            "give every other setting as key.path=value")
+    overrides = [f"{command.model_key}={word}" for word in models]
+    overrides += [word for word in args.overrides if "=" in word]
+    result = import_object(command.function)(args.config, registry=args.registry, overrides=overrides)
+    return command.report(result, args)
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -160,7 +184,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
         registry.set_alias(args.name, args.alias, args.version, reason=args.reason)
         print(f"{args.name}@{args.alias} -> {registry.resolve(f'{args.name}@{args.alias}')}")
     elif action == "promote":
-        print(format_history([registry.promote(args.ref, alias=args.alias, force=args.force, reason=args.reason)]))
+        raise LLMStackError(f"`llmstack registry promote` is now `{MOVED['promote']}`")
     elif action == "history":
         events = registry.history(args.name)
         print(format_history(events) if events else f"no alias changes recorded for {args.name}")
@@ -169,6 +193,19 @@ def cmd_registry(args: argparse.Namespace) -> int:
 
         ref = import_model(args.source, name=args.name, registry=registry, dtype=args.dtype)
         print(f"{ref}  ({registry.manifest(ref).extra.get('source', args.source)})")
+    return 0
+
+
+# --------------------------------------------------------------------------- releases: promote, rollback
+
+# Old spellings that now live elsewhere: each is a one-line error naming the new one.
+MOVED = {"promote": "llmstack promote REF [--alias ALIAS] [--force] [--reason TEXT]"}
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from llmstack.registry import format_history
+
+    print(format_history([_registry(args).promote(args.ref, alias=args.alias, force=args.force, reason=args.reason)]))
     return 0
 
 
@@ -319,27 +356,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_overrides: list[argparse.ArgumentParser] = []
 
-    verb("train", cmd_train, "pretrain a model on Ray Train (DDP or FSDP)", config=True)
-    sub = verb("finetune", cmd_finetune, "fine-tune a base model: lora | qlora | dora | bitfit | full", config=True)
-    sub.add_argument("--base", default=None, help="base model: registry ref, local HF directory or hub id")
-    sub.add_argument("--data", default=None, help="instruction data (default: builtin:stdlib-qa)")
-    sub = verb("distill", cmd_distill, "distil a teacher into a smaller student", config=True)
-    sub.add_argument("--teacher", default=None)
-    sub.add_argument("--student", default=None, help="preset:<name> or a model reference")
-    sub = verb("sweep", cmd_sweep, "Ray Tune search over learning rate, rank and alpha (ASHA)", config=True)
-    sub.add_argument("--base", default=None)
-    sub = verb("quantize", cmd_quantize, "quantize a registered model and register the result", config=True)
-    sub.add_argument("ref", help="model to quantize, e.g. tiny-lm@v2")
-    sub.add_argument("--method", default=None, help="int8-weight-only (default) | int8-dynamic | int4-weight-only | "
-                     "int8 | nf4 | fp4 | smoothquant | w8a8")
-    sub.add_argument("--name", default=None, help="registry name of the result (default: <source>-<method>)")
-    sub = verb("validate", cmd_validate, "compare a candidate with a baseline; exit 1 when the gate fails")
-    sub.add_argument("candidate")
-    sub.add_argument("--baseline", required=True)
-    sub.add_argument("--json", action="store_true", help="print the report as JSON")
-    sub.add_argument("--config", default=None, help="YAML file of thresholds (ValidateConfig)")
-    sub.add_argument("overrides", nargs="*", metavar="key=value", help="threshold overrides")
-    verb("deploy", cmd_deploy, "serve a model with an OpenAI-compatible API on Ray Serve", config=True)
+    for command in VERB_COMMANDS:  # one shape: VERB [MODEL] [--config FILE] [key.path=value ...]
+        sub = verb(command.name, functools.partial(run_verb, command), command.summary)
+        sub.set_defaults(takes_model=True)
+        sub.add_argument("--config", default=None, help="YAML config file")
+        sub.add_argument("overrides", nargs="*", metavar="MODEL | key.path=value",
+                         help=f"the model (sets {command.model_key}), then config settings")
+        sub.usage = f"llmstack {command.name} [MODEL] [--config FILE] [key.path=value ...]"
+        sub.epilog = (f"MODEL sets `{command.model_key}` (the same as {command.model_key}=MODEL); key.path=value "
+                      f"words override the config, e.g. `llmstack {command.name} --config FILE a.b=1`")
+        for flag, help_text in command.flags:
+            sub.add_argument(flag, action="store_true", help=help_text)
     sub = verb("quickstart", cmd_quickstart, "run the whole lifecycle on the built-in corpus")
     sub.add_argument("--workdir", default=None, help="where runs and plots go (default: ./runs/quickstart)")
     sub.add_argument("--method", default="int8-weight-only",
@@ -356,11 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     act.add_argument("alias")
     act.add_argument("version", help="a version like v3 or 3")
     act.add_argument("--reason", default=None)
-    act = actions.add_parser("promote", help="move an alias to a version that passed validation")
-    act.add_argument("ref")
-    act.add_argument("--alias", default="production")
-    act.add_argument("--force", action="store_true", help="promote without a passing report (recorded)")
-    act.add_argument("--reason", default=None)
+    act = actions.add_parser("promote", help=f"moved: {MOVED['promote']}", add_help=False)
+    act.add_argument("moved", nargs=argparse.REMAINDER)
     actions.add_parser("history", help="promotions, forced promotions and rollbacks").add_argument("name")
     act = actions.add_parser("import", help="register an outside model (HF directory, hub id or .gguf file)")
     act.add_argument("source", metavar="FILE_OR_DIR", help="model directory, hub id or .gguf file (dequantized)")
@@ -368,6 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
     act.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                      help="GGUF only: float type of the imported weights (default auto: the file's own)")
 
+    sub = verb("promote", cmd_promote, "move an alias (default production) to a version that passed validation")
+    sub.add_argument("ref", help="the version to promote, e.g. tiny-lm@v3")
+    sub.add_argument("--alias", default="production")
+    sub.add_argument("--force", action="store_true", help="promote without a passing report (recorded)")
+    sub.add_argument("--reason", default=None)
     sub = verb("rollback", cmd_rollback, "point an alias (or a running app's routing) back to the previous version")
     sub.add_argument("name", nargs="?", help="registry name whose alias moves back")
     sub.add_argument("--app", default=None, help="roll back a running canary app's routing (no restarts)")
@@ -400,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "larger model); pair with predictive.capacity_tokens_per_s measured for that replica")
     sub.add_argument("--startup-s", type=float, default=None, help="simulator: the replica's start-up time (s)")
     sub.add_argument("--out", default="runs/replay", help="where the JSON and PNG go")
-    for sub in with_overrides:  # after each verb's own positionals, so `quantize REF k=v` parses
+    for sub in with_overrides:  # after each verb's own positionals
         sub.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
 
     sub = verb("canary", cmd_canary, "progressive rollout on a running canary app (serve_configs/canary.yaml)")
@@ -435,16 +464,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _settings_hint(args: argparse.Namespace, extra: Sequence[str]) -> str:
+    """For a model verb given ``--key value``: how to say it as a setting."""
+    flag = next((e for e in extra if e.startswith("--")), None)
+    if not getattr(args, "takes_model", False) or flag is None:
+        return ""
+    key, _, value = flag[2:].partition("=")
+    following = extra[extra.index(flag) + 1] if not value and extra.index(flag) + 1 < len(extra) else "VALUE"
+    return f"; settings are key.path=value words, e.g. {key.replace('-', '_')}={value or following}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    # argparse stops filling positionals at the first option, so `quantize REF --method M k=v` leaves
-    # k=v over: such leftovers are config overrides; anything else is an error.
+    # argparse stops filling positionals at the first option, so `quantize REF --config F k=v` leaves
+    # k=v over: such leftovers are config overrides (or a model verb's MODEL); anything else is an error.
     if extra:
-        if isinstance(getattr(args, "overrides", None), list) and all("=" in e and not e.startswith("-") for e in extra):
+        words = isinstance(getattr(args, "overrides", None), list) and not any(e.startswith("-") for e in extra)
+        if words and (getattr(args, "takes_model", False) or all("=" in e for e in extra)):
             args.overrides.extend(extra)
         else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            parser.error(f"unrecognized arguments: {' '.join(extra)}{_settings_hint(args, extra)}")
     if not getattr(args, "handler", None):
         parser.print_help()
         return EXIT_USER_ERROR

@@ -76,8 +76,9 @@ def _stage_pretrain(ctx: QuickstartContext) -> str:
 def _stage_finetune(ctx: QuickstartContext) -> str:
     from llmstack.finetune import finetune_lora, merge_adapter
 
-    result = finetune_lora(ctx.refs["pretrained"], "builtin:stdlib-qa", {
-        "name": "tiny-lm-lora", "storage_path": str(ctx.workdir / "checkpoints" / ctx.run_id),
+    result = finetune_lora({
+        "name": "tiny-lm-lora", "base": ctx.refs["pretrained"],
+        "storage_path": str(ctx.workdir / "checkpoints" / ctx.run_id),
         "lora": {"method": "lora", "rank": 8, "alpha": 16},
         "training": {"max_steps": ctx.finetune_steps, "micro_batch_size": 8, "learning_rate": 2e-3,
                      "warmup_steps": 10, "eval_every": 40, "checkpoint_every": 0},
@@ -95,7 +96,7 @@ def _stage_quantize(ctx: QuickstartContext) -> str:
 
     # Dynamic int8 (int8 weights, per-call activation scales) keeps decode latency closest to fp32 on a
     # model this small, where SmoothQuant's per-token quantization costs more than its int8 matmuls save.
-    result = quantize(ctx.refs["merged"], ctx.method, registry=ctx.registry, name=SERVED_NAME)
+    result = quantize(source=ctx.refs["merged"], method=ctx.method, registry=ctx.registry, name=SERVED_NAME)
     ctx.refs["quantized"] = str(result.ref)
     tqdm.write(result.table())
     m = result.metrics
@@ -113,7 +114,7 @@ def _stage_gate(ctx: QuickstartContext) -> str:
     holder = registry.aliases(SERVED_NAME).get("production")
     registry.promote(ctx.refs["merged"], alias="production", force=holder is not None,
                      reason="quickstart: fine-tuned model is the baseline")
-    report = validate(ctx.refs["quantized"], production, registry=registry)
+    report = validate(candidate=ctx.refs["quantized"], baseline=production, registry=registry)
     tqdm.write(report.to_text())
     if not report.passed:
         # The gate doing its job: a candidate slower or less faithful than production is not released.

@@ -37,16 +37,17 @@ def registry_with_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_quantize_validate_promote_history_rollback(registry_with_model: Path):
     reg = registry_with_model
-    proc = run(reg, "quantize", "tiny-lm@v1", "--method", "w8a8", "--name", "tiny-lm", "eval_samples=2",
+    proc = run(reg, "quantize", "tiny-lm@v1", "method=w8a8", "name=tiny-lm", "eval_samples=2",
                "speed_prompt_tokens=8", "speed_new_tokens=2", "speed_repeats=1", "calibration_samples=4")
     assert proc.returncode == 0, proc.stderr
     assert "registered tiny-lm@v2" in proc.stdout and "perplexity" in proc.stdout
 
-    proc = run(reg, "validate", "tiny-lm@v2", "--baseline", "tiny-lm@production", "--json")
+    proc = run(reg, "validate", "tiny-lm@v2", "baseline=tiny-lm@production", "--json")
     assert proc.returncode in (0, 1), proc.stderr  # 1 = the gate failed, still a clean report
     assert '"passed"' in proc.stdout
 
-    proc = run(reg, "registry", "promote", "tiny-lm@v2", "--force", "--reason", "cli test")
+    one_line_error(run(reg, "registry", "promote", "tiny-lm@v2", "--force"), "is now `llmstack promote REF")
+    proc = run(reg, "promote", "tiny-lm@v2", "--force", "--reason", "cli test")
     assert proc.returncode == 0, proc.stderr
     history = run(reg, "registry", "history", "tiny-lm").stdout
     assert "v2" in history and "cli test" in history
@@ -59,11 +60,14 @@ def test_quantize_validate_promote_history_rollback(registry_with_model: Path):
 
 def test_stage_verbs_reject_bad_input_in_one_line(registry_with_model: Path):
     reg = registry_with_model
-    one_line_error(run(reg, "quantize", "tiny-lm@v1", "--method", "int3"), "unknown method 'int3'", "known:")
-    one_line_error(run(reg, "quantize", "ghost@v1", "--method", "w8a8"), "ghost")
-    one_line_error(run(reg, "finetune", "--base", "tiny-lm@v1", "lora.rank=0"), "lora.rank: must be >= 1")
-    one_line_error(run(reg, "finetune", "--base", "tiny-lm@v1", "lora.method=adapterz"), "unknown method 'adapterz'")
-    one_line_error(run(reg, "distill", "--teacher", "tiny-lm@v1", "temperature=-1"), "temperature")
-    one_line_error(run(reg, "sweep", "--base", "tiny-lm@v1", "ranks=[]"), "ranks")
-    one_line_error(run(reg, "validate", "tiny-lm@v1", "--baseline", "nothing@v9"), "nothing")
+    one_line_error(run(reg, "quantize", "tiny-lm@v1", "method=int3"), "unknown method 'int3'", "known:")
+    one_line_error(run(reg, "quantize", "ghost@v1", "method=w8a8"), "ghost")
+    one_line_error(run(reg, "quantize", "tiny-lm@v1", "--method", "w8a8"), "e.g. method=w8a8")
+    one_line_error(run(reg, "finetune", "tiny-lm@v1", "lora.rank=0"), "lora.rank: must be >= 1")
+    one_line_error(run(reg, "finetune", "tiny-lm@v1", "lora.method=adapterz"), "unknown method 'adapterz'")
+    one_line_error(run(reg, "finetune", "lora.rank=4"), "base: no base model given")
+    one_line_error(run(reg, "distill", "tiny-lm@v1", "temperature=-1"), "temperature")
+    one_line_error(run(reg, "sweep", "tiny-lm@v1", "ranks=[]"), "ranks")
+    one_line_error(run(reg, "validate", "tiny-lm@v1", "baseline=nothing@v9"), "nothing")
+    one_line_error(run(reg, "validate", "tiny-lm@v1"), "baseline: not given")
     one_line_error(run(reg, "rollback"), "rollback needs a registry NAME")

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
+from llmstack._verbs import read_settings
 from llmstack.config import (
     MOVED_KEYS,
     SERVE_DEPLOYMENT_DEFAULTS,
@@ -167,7 +168,9 @@ def test_every_readme_key_value_example_loads() -> None:
     for verb, cls in (("train", TrainConfig), ("finetune", FinetuneConfig), ("quantize", QuantizeConfig),
                       ("replay", ReplicaAutoscalingConfig)):
         for argv in _readme_commands(verb):
-            load_config(cls, None, _overrides(argv))
+            # quantize's source and name are the verb's inputs, not config keys
+            inputs = {"source": None, "name": None} if verb == "quantize" else None
+            read_settings(verb, cls, None, _overrides(argv), inputs=inputs)
             checked += 1
     for argv in _readme_commands("deploy"):
         source = REPO / argv[argv.index("--config") + 1] if "--config" in argv else None
@@ -177,9 +180,12 @@ def test_every_readme_key_value_example_loads() -> None:
 
 
 def test_every_readme_deploy_dict_and_config_yaml_loads() -> None:
-    calls = re.findall(r"llmstack\.deploy\((\{.*?\})[,)]", README)
-    for call in calls:
-        load_config(ServeConfig, ast.literal_eval(call))
+    calls = re.findall(r"llmstack\.deploy\((.+?)\)(?: as \w+:)?$", README, flags=re.M)
+    for call in calls:  # a config mapping and/or keyword settings, read as deploy() reads them
+        parsed = ast.parse(f"f({call})", mode="eval").body
+        config = ast.literal_eval(parsed.args[0]) if parsed.args else None
+        settings = {kw.arg: ast.literal_eval(kw.value) for kw in parsed.keywords}
+        read_settings("deploy", ServeConfig, config, None, settings)
     configuration = README.split("## Configuration", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```yaml\n(.*?)```", configuration, flags=re.S)
     for block in blocks:

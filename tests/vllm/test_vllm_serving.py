@@ -179,8 +179,9 @@ def test_a_quantized_artifact_is_refused_naming_its_format(vllm_registry: dict[s
     from llmstack.errors import ModelLoadError
     from llmstack.quantize import quantize
 
-    result = quantize(vllm_registry["model"], "int8-dynamic", registry=vllm_registry["registry"],
-                      name="tiny-lm-int8", config={"evaluation": {"samples": 4, "speed_new_tokens": 4, "speed_repeats": 1}})
+    result = quantize({"evaluation": {"samples": 4, "speed_new_tokens": 4, "speed_repeats": 1}},
+                      source=vllm_registry["model"], method="int8-dynamic", registry=vllm_registry["registry"],
+                      name="tiny-lm-int8")
     with pytest.raises(ModelLoadError) as failure:
         llmstack.deploy({"model": str(result.ref), "registry": vllm_registry["url"], "app_name": "vllm-int8",
                          "http": {"port": serve_started, "route_prefix": "/vllm-int8"}, "engine": {"kind": "vllm"},

@@ -5,7 +5,7 @@ Every function takes a base reference and a config and returns a new registry ve
 
 Example:
     >>> from llmstack.finetune import finetune_lora, load_adapter_model
-    >>> result = finetune_lora("tiny-lm@v1", "builtin:stdlib-qa", {"lora": {"method": "lora"}})  # doctest: +SKIP
+    >>> result = finetune_lora(base="tiny-lm@v1", lora={"method": "lora"})  # doctest: +SKIP
     >>> model, tokenizer = load_adapter_model(Registry(), result.ref)  # doctest: +SKIP
 """
 

@@ -13,12 +13,13 @@ trained without a teacher (``alpha=0``).
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmstack.config import load_config, to_dict
+from llmstack._verbs import Overrides, read_settings
+from llmstack.config import to_dict
 from llmstack.errors import ConfigError
 from llmstack.finetune.configs import DistillConfig
 from llmstack.finetune.lora import (check_positions, default_storage, ensure_base_ref, evaluate_in_process,
@@ -150,33 +151,31 @@ def build_student(spec: dict[str, Any]) -> Any:
     return model
 
 
-def distill(teacher: str | None = None, student: str | None = None, data: str | None = None,
-            config: DistillConfig | dict[str, Any] | str | Path | None = None, *,
-            temperature: float | None = None, alpha: float | None = None,
-            registry: Registry | str | None = None, overrides: Iterable[str] = (),
-            progress: bool = True) -> DistillResult:
-    """Distil ``teacher`` into ``student`` on instruction ``data`` and register the student.
+def distill(config: DistillConfig | Mapping[str, Any] | str | Path | None = None, *,
+            registry: Registry | str | None = None, overrides: Overrides = (), progress: bool = True,
+            **settings: Any) -> DistillResult:
+    """Distil the model ``teacher`` into ``student`` on instruction data and register the student.
 
     Args:
-        teacher: registry ref, local HF directory or hub id (overrides ``config.teacher``).
-        student: ``preset:<name>`` for a fresh preset sharing the teacher's tokenizer, or a model
-            ref/directory/hub id with the teacher's vocabulary (overrides ``config.student``).
-        data: instruction source (overrides ``config.data.source``).
-        config: a :class:`DistillConfig`, a dict of its fields, or a YAML path.
-        temperature: softening temperature T > 0 (overrides ``config.temperature``).
-        alpha: weight of the soft loss in [0, 1]; 0 trains on hard labels only, the no-teacher baseline.
-        registry: a Registry or URL.
-        overrides: ``key.path=value`` strings applied on top of ``config``.
+        config: a :class:`DistillConfig`, a mapping of its fields, or a YAML file path (None: defaults).
+        registry: a Registry or URL (default ``config.registry``, then ``$LLMSTACK_REGISTRY``).
+        overrides: ``key.path=value`` strings (or a mapping of key paths to values) applied on top of ``config``.
         progress: show the progress bar.
+        **settings: top-level config keys as values, applied last: ``teacher`` (the model: registry ref, local
+            HF directory or hub id), ``student`` (``preset:<name>`` for a fresh preset sharing the teacher's
+            tokenizer, or a model with the teacher's vocabulary), ``temperature`` (T > 0), ``alpha`` (weight
+            of the soft loss in [0, 1]; 0 trains on hard labels only, the no-teacher baseline).
 
     Returns:
-        A :class:`DistillResult`; the student is registered (kind ``model``) with the teacher in its lineage.
+        A :class:`DistillResult`; ``.ref`` is the student, registered (kind ``model``) with the teacher in its
+        lineage.
 
     Raises:
         ConfigError: no teacher, a student whose tokenizer differs from the teacher's, bad T/alpha.
 
     Example:
-        >>> r = distill("tiny-lm@v1", "preset:tiny", "builtin:stdlib-qa", temperature=2.0, alpha=0.5)  # doctest: +SKIP
+        >>> from llmstack.finetune import distill
+        >>> r = distill(teacher="tiny-lm@v1", student="preset:tiny", temperature=2.0, alpha=0.5)  # doctest: +SKIP
     """
     from llmstack.finetune.data import instruction_tensors
     from llmstack.finetune.methods import count_trainable
@@ -185,17 +184,10 @@ def distill(teacher: str | None = None, student: str | None = None, data: str | 
     from llmstack.train.checkpoint import model_signature
     from llmstack.train.loop import LoopSpec
 
-    extra_overrides = [f"temperature={temperature}"] if temperature is not None else []
-    extra_overrides += [f"alpha={alpha}"] if alpha is not None else []
-    cfg = load_config(DistillConfig, config, [*overrides, *extra_overrides])
-    if teacher is not None:
-        cfg.teacher = str(teacher)
-    if student is not None:
-        cfg.student = str(student)
-    if data is not None:
-        cfg.data.source = str(data)
+    cfg, _ = read_settings("distill", DistillConfig, config, overrides, settings)
     if not cfg.teacher:
-        raise ConfigError("teacher: no teacher model given; pass teacher= or set teacher in the config")
+        raise ConfigError("teacher: no teacher model given; set teacher (distill(teacher=...), `llmstack distill "
+                          "MODEL` or teacher: in the config)")
     reg = open_registry(registry, cfg.registry)
     teacher_ref = ensure_base_ref(cfg.teacher, reg, name=f"{cfg.name}-teacher")
     teacher_model, tokenizer = load_model(str(teacher_ref), registry=reg)

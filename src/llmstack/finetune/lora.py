@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmstack.config import FinetuneConfig, load_config, to_dict
+from llmstack._verbs import Overrides, open_registry, read_settings
+from llmstack.config import FinetuneConfig, to_dict
 from llmstack.errors import ConfigError
 from llmstack.finetune.methods import (ADAPTER_METHODS, METHOD_DESCRIPTIONS, ModelFactory, check_bitsandbytes,
                                        count_trainable, load_base, resolve_target_modules, training_device)
@@ -59,12 +60,6 @@ class FinetuneResult:
 
 
 # --------------------------------------------------------------------------- shared driver helpers
-
-
-def open_registry(registry: Registry | str | None, configured: str | None) -> Registry:
-    from llmstack.registry import Registry
-
-    return registry if isinstance(registry, Registry) else Registry(registry or configured)
 
 
 def ensure_base_ref(source: str, registry: Registry, *, name: str | None = None) -> ArtifactRef:
@@ -140,11 +135,10 @@ def load_trainable(checkpoint_dir: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- finetune_lora()
 
 
-def finetune_lora(base: str | None = None, data: str | None = None,
-                  config: FinetuneConfig | dict[str, Any] | str | Path | None = None, *,
-                  registry: Registry | str | None = None, overrides: Iterable[str] = (),
-                  progress: bool = True) -> FinetuneResult:
-    """Fine-tune ``base`` on instruction ``data`` with the configured method, on Ray Train.
+def finetune_lora(config: FinetuneConfig | Mapping[str, Any] | str | Path | None = None, *,
+                  registry: Registry | str | None = None, overrides: Overrides = (), progress: bool = True,
+                  **settings: Any) -> FinetuneResult:
+    """Fine-tune the model ``base`` on instruction data with the configured method, on Ray Train.
 
     Methods (``lora.method``): ``lora``, ``qlora`` (NF4 base via bitsandbytes, double quantization),
     ``dora``, ``bitfit`` (every bias and normalisation parameter, chosen per architecture by
@@ -154,15 +148,16 @@ def finetune_lora(base: str | None = None, data: str | None = None,
     split of the data gives ``eval_loss`` (and ``eval_loss_before``, the base on the same answers).
 
     Args:
-        base: registry ref, local HF directory or hub id (overrides ``config.base``).
-        data: instruction source, e.g. ``builtin:stdlib-qa`` or a jsonl path (overrides ``config.data.source``).
-        config: a :class:`FinetuneConfig`, a dict of its fields, or a YAML path.
+        config: a :class:`FinetuneConfig`, a mapping of its fields, or a YAML file path (None: defaults).
         registry: a Registry or URL (default ``config.registry``, then ``$LLMSTACK_REGISTRY``).
-        overrides: ``key.path=value`` strings applied on top of ``config``.
+        overrides: ``key.path=value`` strings (or a mapping of key paths to values) applied on top of ``config``.
         progress: show the progress bar.
+        **settings: top-level config keys as values, applied last: ``base="tiny-lm@v1"`` (the model: a
+            registry ref, local HF directory or hub id), ``data={"source": "builtin:stdlib-qa"}``,
+            ``lora={"rank": 8}`` (mappings merge into their section).
 
     Returns:
-        A :class:`FinetuneResult`: the adapter (or, for ``full``, model) ref, registered with the
+        A :class:`FinetuneResult`: ``.ref`` is the adapter (or, for ``full``, model) registered with the
         base as lineage parent, plus metrics; ``merged_ref`` too when ``lora.merge`` is set.
 
     Raises:
@@ -172,22 +167,19 @@ def finetune_lora(base: str | None = None, data: str | None = None,
         ResourceError: qlora where bitsandbytes cannot run (says why); a cluster too small.
 
     Example:
-        >>> result = finetune_lora("tiny-lm@v1", "builtin:stdlib-qa",
-        ...                        {"lora": {"rank": 8}, "training": {"max_steps": 50}})  # doctest: +SKIP
+        >>> import llmstack
+        >>> result = llmstack.finetune_lora(base="tiny-lm@v1", lora={"rank": 8},
+        ...                                 training={"max_steps": 50})  # doctest: +SKIP
         >>> result.ref, result.metrics["eval_loss"] < result.metrics["eval_loss_before"]  # doctest: +SKIP
     """
     from llmstack.finetune.data import instruction_tensors
     from llmstack.train import run_training
     from llmstack.train.checkpoint import model_signature
 
-    cfg = load_config(FinetuneConfig, config, overrides)
-    if base is not None:
-        cfg.base = str(base)
-    if data is not None:
-        cfg.data.source = str(data)
+    cfg, _ = read_settings("finetune_lora", FinetuneConfig, config, overrides, settings)
     if not cfg.base:
-        raise ConfigError("base: no base model given; pass base= or set base in the config "
-                          "(a registry ref such as tiny-lm@v1, a local HF directory or a hub id)")
+        raise ConfigError("base: no base model given; set base (finetune_lora(base=...), `llmstack finetune MODEL` "
+                          "or base: in the config): a registry ref such as tiny-lm@v1, a local HF directory or a hub id")
     method = cfg.lora.method
     if method == "qlora":
         if cfg.scaling.strategy == "fsdp":

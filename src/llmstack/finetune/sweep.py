@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmstack._verbs import Overrides, read_settings
 from llmstack.config import load_config, to_dict
 from llmstack.errors import ConfigError, LLMStackError
 from llmstack.finetune.configs import SweepConfig
@@ -75,19 +76,18 @@ def run_trial(params: dict[str, Any], *, finetune: dict[str, Any], base: str, re
                  progress=False, callbacks=[TuneReportCallback()])
 
 
-def sweep(base: str | None = None, data: str | None = None,
-          config: SweepConfig | dict[str, Any] | str | Path | None = None, *,
-          registry: Registry | str | None = None, overrides: Iterable[str] = (),
-          progress: bool = True) -> SweepResult:
+def sweep(config: SweepConfig | Mapping[str, Any] | str | Path | None = None, *,
+          registry: Registry | str | None = None, overrides: Overrides = (), progress: bool = True,
+          **settings: Any) -> SweepResult:
     """Search learning rate, LoRA rank and alpha with Ray Tune + ASHA; register the best adapter.
 
     Args:
-        base: base model (registry ref, directory or hub id); overrides ``config.base``/``finetune.base``.
-        data: instruction source; overrides ``config.finetune.data.source``.
-        config: a :class:`SweepConfig`, a dict of its fields, or a YAML path.
-        registry: a Registry or URL.
-        overrides: ``key.path=value`` strings applied on top of ``config``.
+        config: a :class:`SweepConfig`, a mapping of its fields, or a YAML file path (None: defaults).
+        registry: a Registry or URL (default ``config.registry``, then ``finetune.registry``).
+        overrides: ``key.path=value`` strings (or a mapping of key paths to values) applied on top of ``config``.
         progress: show Tune's progress table.
+        **settings: top-level config keys as values, applied last: ``base`` (the model: registry ref, directory
+            or hub id; overrides ``finetune.base``), ``ranks=[4, 8]``, ``finetune={"data": {"source": ...}}`` ...
 
     Returns:
         A :class:`SweepResult` with the best adapter's ref and every trial's outcome.
@@ -96,7 +96,8 @@ def sweep(base: str | None = None, data: str | None = None,
         ConfigError: no base, bad search space, or the method is not LoRA-like (lora/qlora/dora).
 
     Example:
-        >>> r = sweep("tiny-lm@v1", "builtin:stdlib-qa", {"search": "grid", "ranks": [4, 8]})  # doctest: +SKIP
+        >>> from llmstack.finetune import sweep
+        >>> r = sweep({"search": "grid", "ranks": [4, 8]}, base="tiny-lm@v1")  # doctest: +SKIP
     """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -106,15 +107,12 @@ def sweep(base: str | None = None, data: str | None = None,
     from llmstack.models import load_model
     from llmstack.train.driver import check_batch, check_cluster, check_training, ensure_ray
 
-    cfg = load_config(SweepConfig, config, overrides)
+    cfg, _ = read_settings("sweep", SweepConfig, config, overrides, settings)
     ft = cfg.finetune
-    if base is not None:
-        cfg.base = str(base)
-    if data is not None:
-        ft.data.source = str(data)
     ft.base = cfg.base or ft.base
     if not ft.base:
-        raise ConfigError("base: no base model given; pass base= or set base in the config")
+        raise ConfigError("base: no base model given; set base (sweep(base=...), `llmstack sweep MODEL` or base: in "
+                          "the config)")
     if ft.lora.method not in ("lora", "qlora", "dora"):
         raise ConfigError(f"finetune.lora.method: a sweep over rank and alpha needs lora, qlora or dora, "
                           f"got {ft.lora.method!r}")

@@ -21,7 +21,7 @@ the source and the result in the same run and records them, with ratios, in the 
 
 Example:
     >>> from llmstack.quantize import quantize, load_quantized
-    >>> result = quantize("tiny-lm@v1", "smoothquant")  # doctest: +SKIP
+    >>> result = quantize(source="tiny-lm@v1", method="smoothquant")  # doctest: +SKIP
     >>> print(result.table())  # doctest: +SKIP
     >>> model, tokenizer = load_quantized(None, result.ref)  # doctest: +SKIP
 """
@@ -33,7 +33,3 @@ from llmstack.quantize._result import QuantizeResult
 
 __all__ = ["QuantizeResult", "is_quantized_dir", "known_methods", "load_any", "load_quantized", "quantize",
            "rebuild_quantized"]
-
-from llmstack._modules import make_callable  # noqa: E402
-
-make_callable(__name__, quantize)

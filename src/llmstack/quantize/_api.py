@@ -10,7 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmstack.config import QuantizeConfig, load_config, to_dict
+from llmstack._verbs import Overrides, open_registry, read_settings
+from llmstack.config import QuantizeConfig, to_dict
 from llmstack.errors import ConfigError, DataError, ResourceError
 from llmstack.quantize._base import LLMSTACK_FORMAT, Recipe, meta_skeleton
 from llmstack.quantize._dispatch import get_backend
@@ -23,9 +24,9 @@ if TYPE_CHECKING:
 DEFAULT_DATA = "builtin:stdlib"
 
 
-def quantize(ref: str | ArtifactRef, method: str | None = None, *,
-             config: QuantizeConfig | Mapping[str, Any] | None = None, calibration: Any = None,
-             registry: Registry | None = None, name: str | None = None) -> QuantizeResult:
+def quantize(config: QuantizeConfig | Mapping[str, Any] | str | Path | None = None, *,
+             source: str | ArtifactRef | Path | None = None, name: str | None = None, calibration: Any = None,
+             registry: Registry | str | None = None, overrides: Overrides = (), **settings: Any) -> QuantizeResult:
     """Quantize a model (a registry version, a directory or a GGUF file) and register the result as a new
     ``quantized`` version.
 
@@ -36,19 +37,22 @@ def quantize(ref: str | ArtifactRef, method: str | None = None, *,
     quantized weights are registered as safetensors with the recipe (``quantization.json``).
 
     Args:
-        ref: registry reference (``name@vN``, ``name@alias``, ``name``), a local model directory or a
-            ``.gguf`` file (imported into the registry once).
-        method: ``int8-weight-only`` | ``int8-dynamic`` | ``int4-weight-only`` (torchao) | ``int8``
-            (LLM.int8) | ``nf4`` | ``fp4`` | ``smoothquant`` | ``w8a8``; overrides ``config.method``
-            (default ``int8-weight-only``). ``dynamic-int8`` (the old torch.ao method) is an alias that runs
-            as ``int8-dynamic``.
-        config: a :class:`~llmstack.config.QuantizeConfig` or a dict of its fields.
+        config: a :class:`~llmstack.config.QuantizeConfig`, a mapping of its fields, or a YAML file path (None:
+            defaults). A mapping or file may also hold ``source`` and ``name``.
+        source: the model: a registry reference (``name@vN``, ``name@alias``, ``name``), a local model
+            directory or a ``.gguf`` file (imported into the registry once).
+        name: registry name of the result (default ``<source name>-<method>``).
         calibration: calibration data for methods that calibrate (``smoothquant``): a data source
             string, a list of texts, a ``Corpus`` or a LongTensor of token blocks ``[n, T]``.
             None: ``config.calibration.data``, else the train split of the source's training corpus
             (``builtin:stdlib`` when unknown); perplexity is measured on the held-out split.
-        registry: where the source lives and the result goes (None: the default registry).
-        name: registry name of the result (default ``<source name>-<method>``).
+        registry: where the source lives and the result goes: a Registry or URL (None: the default registry).
+        overrides: ``key.path=value`` strings (or a mapping of key paths to values) applied on top of ``config``;
+            ``source=...`` and ``name=...`` are accepted here too (the CLI's form).
+        **settings: top-level config keys as values, applied last, e.g. ``method="nf4"`` (``int8-weight-only``
+            (default) | ``int8-dynamic`` | ``int4-weight-only`` (torchao) | ``int8`` (LLM.int8) | ``nf4`` |
+            ``fp4`` | ``smoothquant`` | ``w8a8``; ``dynamic-int8``, the old torch.ao method, runs as
+            ``int8-dynamic``) or ``evaluate=False``.
 
     Returns:
         :class:`QuantizeResult` with the new reference, the metrics and ``table()``.
@@ -61,18 +65,29 @@ def quantize(ref: str | ArtifactRef, method: str | None = None, *,
         ArtifactNotFoundError, ModelLoadError: the source cannot be found or loaded.
 
     Example:
-        >>> result = quantize("tiny-lm@v1", "smoothquant", config={"search_alpha": True})  # doctest: +SKIP
+        >>> import llmstack
+        >>> result = llmstack.quantize(source="tiny-lm@v1", method="smoothquant", search_alpha=True)  # doctest: +SKIP
         >>> print(result.table())  # doctest: +SKIP
+        >>> result.ref  # doctest: +SKIP
+        ArtifactRef(name='tiny-lm-smoothquant', version=1)
     """
     from tqdm.auto import tqdm
 
     from llmstack.models.artifact import describe_artifact, stored_dtype
     from llmstack.models.loading import load_model, load_tokenizer
-    from llmstack.registry import Registry
 
-    cfg = _resolve_config(config, method)
+    cfg, given = read_settings("quantize", QuantizeConfig, config, overrides, settings,
+                               inputs={"source": source, "name": name})
+    ref, name = given["source"], given["name"]
+    if ref is None:
+        raise ConfigError("source: no model given; set source (quantize(source=...), `llmstack quantize MODEL` or "
+                          "source: in the config): a registry ref such as tiny-lm@v1, a model directory or a .gguf file")
+    if cfg.method == "dynamic-int8":
+        warnings.warn("quantize method 'dynamic-int8' (torch.ao.quantization, deprecated by PyTorch) now runs as "
+                      "'int8-dynamic' on torchao; use 'int8-weight-only' (the default) for the most accurate int8",
+                      FutureWarning, stacklevel=2)
     backend = get_backend(cfg.method)
-    registry = registry if registry is not None else Registry()
+    registry = open_registry(registry)
     artifact = describe_artifact(ref, registry=registry)  # resolved once: every step below uses this version
     source_dir, source_ref = artifact.directory, artifact.ref
     source = str(source_ref) if source_ref is not None else str(ref)
@@ -162,26 +177,6 @@ def quantize(ref: str | ArtifactRef, method: str | None = None, *,
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _resolve_config(config: QuantizeConfig | Mapping[str, Any] | None, method: str | None) -> QuantizeConfig:
-    if config is None:
-        data: dict[str, Any] = {}
-    elif isinstance(config, QuantizeConfig):
-        data = to_dict(config)
-    elif isinstance(config, Mapping):
-        data = dict(config)
-    else:
-        raise ConfigError(f"config: expected a QuantizeConfig or a mapping, got {type(config).__name__}")
-    if method is not None:
-        get_backend(method)  # unknown method: ConfigError listing the known ones
-        data["method"] = method
-    cfg = load_config(QuantizeConfig, data)
-    if cfg.method == "dynamic-int8":
-        warnings.warn("quantize method 'dynamic-int8' (torch.ao.quantization, deprecated by PyTorch) now runs as "
-                      "'int8-dynamic' on torchao; use 'int8-weight-only' (the default) for the most accurate int8",
-                      FutureWarning, stacklevel=3)
-    return cfg
 
 
 def _lineage(artifact: Any, source: str) -> dict[str, Any]:

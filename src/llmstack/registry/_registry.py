@@ -599,7 +599,7 @@ class Registry:
             baseline = ArtifactRef(target.name, held)  # type: ignore[arg-type]
             raise ValidationFailedError(
                 f"refusing to promote {target} to {target.name}@{alias}: the alias holds {baseline} and "
-                f"{why}. Run `llmstack validate {target} --baseline {baseline}`, or force the promotion")
+                f"{why}. Run `llmstack validate {target} baseline={baseline}`, or force the promotion")
         forced = force and not gate_ok
         self.verify(target)  # never point production at files that do not match their manifest
         return self._move_alias(target.name, alias, target, expected=held,

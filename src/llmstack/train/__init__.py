@@ -1,15 +1,11 @@
-"""Pretraining on Ray Train: ``train(config) -> TrainResult``.
+"""Pretraining on Ray Train: ``train(config=None, *, registry=None, overrides=(), **settings) -> TrainResult``.
 
 The per-worker loop lives in :mod:`llmstack.train.loop` (shared with fine-tuning: see
 :class:`LoopSpec` and :func:`run_training`); the driver side (cluster, fail-fast checks, progress,
 checkpoints in storage, registration) in :mod:`llmstack.train.driver`.
 """
 
-from llmstack._modules import make_callable
 from llmstack.train.driver import RunOutcome, TrainResult, run_training, train
 from llmstack.train.loop import LoopSpec, causal_lm_loss, run_worker_loop
-
-
-make_callable(__name__, train)
 
 __all__ = ["LoopSpec", "RunOutcome", "TrainResult", "causal_lm_loss", "run_training", "run_worker_loop", "train"]

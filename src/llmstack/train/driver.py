@@ -20,13 +20,14 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmstack._console import announce_ray_logs, ray_init_options
-from llmstack.config import WorkersConfig, TrainConfig, LoopConfig, load_config, to_dict
+from llmstack._verbs import Overrides, open_registry, read_settings
+from llmstack.config import LoopConfig, TrainConfig, WorkersConfig, to_dict
 from llmstack.errors import ConfigError, ResourceError
 from llmstack.train.checkpoint import SIGNATURE_FILE, model_signature, signature_differences
 from llmstack.train.elastic import global_batch_blocks, is_elastic, largest_step_blocks, ray_num_workers, worker_range
@@ -110,9 +111,9 @@ class TrainResult:
 # --------------------------------------------------------------------------- train()
 
 
-def train(config: TrainConfig | dict[str, Any] | str | Path | None = None, *,
-          registry: Registry | str | None = None, overrides: Iterable[str] = (),
-          progress: bool = True) -> TrainResult:
+def train(config: TrainConfig | Mapping[str, Any] | str | Path | None = None, *,
+          registry: Registry | str | None = None, overrides: Overrides = (), progress: bool = True,
+          **settings: Any) -> TrainResult:
     """Pretrain a causal LM on Ray Train and register it.
 
     Connects to the Ray cluster at ``scaling.address`` / ``RAY_ADDRESS`` (or the one already
@@ -120,25 +121,36 @@ def train(config: TrainConfig | dict[str, Any] | str | Path | None = None, *,
     start is checked first: worker count vs cluster, sequence length vs model positions, batch vs
     dataset, storage writability, and a checkpoint directory left by a different model.
 
+    The model is ``model.source`` (a registry ref, local HF directory or hub id to continue pretraining;
+    unset: a fresh ``model.preset``), set like any other key (``llmstack train MODEL`` on the CLI).
+
     Args:
-        config: a :class:`TrainConfig`, a dict of its fields, or a YAML file path.
+        config: a :class:`TrainConfig`, a mapping of its fields, or a YAML file path (None: defaults).
         registry: a :class:`Registry` or URL; default ``config.registry``, then ``$LLMSTACK_REGISTRY``.
-        overrides: ``key.path=value`` strings applied on top of ``config``.
+        overrides: ``key.path=value`` strings (or a mapping of key paths to values) applied on top of ``config``.
         progress: show the progress bar.
+        **settings: top-level config keys as values, applied last, e.g. ``name="my-lm"`` or
+            ``training={"max_steps": 20}`` (merged into the section).
 
     Returns:
-        A :class:`TrainResult` with the registered model ref and the run's metrics.
+        A :class:`TrainResult`: ``.ref`` is the registered model (an :class:`~llmstack.registry.ArtifactRef`),
+        plus the run's metrics and history.
+
+    Raises:
+        ConfigError: bad keys or values (all listed, each by key path), a block size beyond the model's
+            positions, a batch larger than the data.
+        ResourceError: a cluster too small for ``scaling``.
 
     Example:
-        >>> result = train({"training": {"max_steps": 20}, "scaling": {"num_workers": 2}})  # doctest: +SKIP
+        >>> import llmstack
+        >>> result = llmstack.train(name="doc-lm", training={"max_steps": 20},
+        ...                         scaling={"num_workers": 1})  # doctest: +SKIP
         >>> result.ref, result.metrics["eval_loss"]  # doctest: +SKIP
     """
     from llmstack.models import PRESETS, preset_config
-    from llmstack.registry import Registry
 
-    cfg = load_config(TrainConfig, config, overrides)
-    if not isinstance(registry, Registry):
-        registry = Registry(registry or cfg.registry)
+    cfg, _ = read_settings("train", TrainConfig, config, overrides, settings)
+    registry = open_registry(registry, cfg.registry)
 
     # Cheap checks first: no data, no cluster needed.
     source_model = None

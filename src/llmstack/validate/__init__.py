@@ -2,7 +2,7 @@
 
 Example:
     >>> from llmstack.validate import validate
-    >>> report = validate("tiny-lm-int8@v1", "tiny-lm@production")  # doctest: +SKIP
+    >>> report = validate(candidate="tiny-lm-int8@v1", baseline="tiny-lm@production")  # doctest: +SKIP
     >>> report.passed, report.failed_checks  # doctest: +SKIP
 """
 
@@ -12,7 +12,3 @@ from llmstack.validate._validate import DEFAULT_PROBES, IncomparableModelsError,
 
 __all__ = ["DEFAULT_PROBES", "CheckResult", "IncomparableModelsError", "ValidateConfig", "ValidationReport",
            "validate"]
-
-from llmstack._modules import make_callable  # noqa: E402
-
-make_callable(__name__, validate)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llmstack.registry import ArtifactRef
 
 
 @dataclass
@@ -36,7 +39,7 @@ class ValidationReport:
     """Result of :func:`llmstack.validate`: per-check verdicts and an overall pass/fail.
 
     Example:
-        >>> report = validate("tiny-lm@v4", "tiny-lm@production")  # doctest: +SKIP
+        >>> report = validate(candidate="tiny-lm@v4", baseline="tiny-lm@production")  # doctest: +SKIP
         >>> print(report.to_text())  # doctest: +SKIP
     """
 
@@ -50,6 +53,17 @@ class ValidationReport:
     @property
     def passed(self) -> bool:
         return bool(self.checks) and all(c.passed for c in self.checks)
+
+    @property
+    def ref(self) -> ArtifactRef | None:
+        """The candidate as a registry version (the one the report is stored on), or None for a local model."""
+        from llmstack.errors import RegistryError
+        from llmstack.registry import ArtifactRef
+
+        try:
+            return ArtifactRef.concrete(self.candidate)
+        except RegistryError:
+            return None
 
     @property
     def failed_checks(self) -> list[str]:

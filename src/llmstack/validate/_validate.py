@@ -1,4 +1,4 @@
-"""``validate(candidate, baseline)``: the statistical release gate.
+"""``validate(config, *, candidate, baseline)``: the statistical release gate.
 
 Both models see the same probe prompts and the same held-out blocks. The gate runs five checks:
 
@@ -20,10 +20,12 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmstack._verbs import Overrides, open_registry, read_settings
 from llmstack.errors import ConfigError, LLMStackError
 from llmstack.validate._config import ValidateConfig
 from llmstack.validate._loading import LoadedModel, ModelSpec, load_side
@@ -70,48 +72,61 @@ class IncomparableModelsError(LLMStackError, ValueError):
     """The two models cannot be compared (different tokenizers, vocabularies or model families)."""
 
 
-def validate(candidate: ModelSpec, baseline: ModelSpec, *, probes: list[str] | str | None = None,
-             thresholds: ValidateConfig | dict[str, Any] | str | None = None,
-             registry: Registry | None = None, eval_data: Any = None, store: bool = True,
-             progress: bool | None = None) -> ValidationReport:
-    """Compare ``candidate`` with ``baseline`` on the same probes and held-out data.
+def validate(config: ValidateConfig | Mapping[str, Any] | str | Path | None = None, *,
+             candidate: ModelSpec | None = None, baseline: ModelSpec | None = None,
+             registry: Registry | str | None = None, overrides: Overrides = (), probes: list[str] | str | None = None,
+             eval_data: Any = None, store: bool = True, progress: bool | None = None,
+             **settings: Any) -> ValidationReport:
+    """Compare the model ``candidate`` with ``baseline`` on the same probes and held-out data.
 
     Args:
-        candidate: registry ref (``name@vN``, alias, name), a local directory, an
+        config: the gate's thresholds: a :class:`ValidateConfig`, a mapping of its fields, or a YAML file path
+            (None: defaults). A mapping or file may also hold ``candidate`` and ``baseline``.
+        candidate: the model: a registry ref (``name@vN``, alias, name), a local directory, an
             ``llmstack.models.Artifact`` or ``(model, tokenizer)``. Everything but a pair loads through
             ``llmstack.models.load_artifact``: adapters (LoRA, DoRA, BitFit, QLoRA) on the base they were
             trained on (QLoRA's NF4 base), quantized versions rebuilt by ``llmstack.quantize``.
         baseline: same forms; usually the current holder of ``name@production``.
+        registry: where refs resolve and the report is stored: a Registry or URL (None: the default registry).
+        overrides: ``key.path=value`` strings (or a mapping of key paths to values) applied on top of ``config``;
+            ``candidate=...`` and ``baseline=...`` are accepted here too (the CLI's form).
         probes: prompts for the distribution check and generations (None: :data:`DEFAULT_PROBES`),
             or a path / source string read with ``llmstack.data.load_corpus``.
-        thresholds: a :class:`ValidateConfig`, a dict of its fields, or a YAML file.
-        registry: where refs resolve and the report is stored (None: the default registry).
         eval_data: held-out data: None (the eval split of the data config in the candidate's or
             baseline's manifest, else the built-in corpus), a corpus source string, a
             ``DataConfig``/dict, a list of texts, or a ``LongTensor [blocks, tokens]``.
         store: attach the report to the candidate (``annotations['validation']`` and the key
             ``Registry.promote`` looks for) when both sides are registry versions.
         progress: show a progress bar (None: when attached to a terminal).
+        **settings: threshold keys as values, applied last, e.g. ``max_mean_kl=0.1``.
 
     Returns:
-        A :class:`ValidationReport`; ``report.passed`` is the gate's verdict.
+        A :class:`ValidationReport`; ``report.passed`` is the gate's verdict and ``report.ref`` the candidate's
+        :class:`~llmstack.registry.ArtifactRef` (None for a model that is not a registry version).
 
     Raises:
         IncomparableModelsError: different tokenizers, vocabularies or model families.
-        ConfigError: bad thresholds or an empty probe set.
+        ConfigError: bad thresholds, an empty probe set, or no candidate/baseline.
         ArtifactNotFoundError / ModelLoadError: a side cannot be found or loaded.
 
     Example:
-        >>> report = validate("tiny-lm-int8@v1", "tiny-lm@production")  # doctest: +SKIP
+        >>> import llmstack
+        >>> report = llmstack.validate(candidate="tiny-lm-int8@v1", baseline="tiny-lm@production")  # doctest: +SKIP
         >>> print(report.to_text())  # doctest: +SKIP
-        >>> Registry().promote("tiny-lm-int8@v1")  # doctest: +SKIP
+        >>> llmstack.Registry().promote(report.ref)  # doctest: +SKIP
     """
     import torch
     from tqdm.auto import tqdm
 
-    from llmstack.config import load_config
-
-    cfg = load_config(ValidateConfig, thresholds)
+    cfg, given = read_settings("validate", ValidateConfig, config, overrides, settings,
+                               inputs={"candidate": candidate, "baseline": baseline})
+    candidate, baseline = given["candidate"], given["baseline"]
+    missing = [side for side in ("candidate", "baseline") if given[side] is None]
+    if missing:
+        raise ConfigError(f"{' and '.join(missing)}: not given; validate() compares a candidate with a baseline "
+                          "(validate(candidate=..., baseline=...), `llmstack validate MODEL baseline=REF`)")
+    if isinstance(registry, str):
+        registry = open_registry(registry)
     probe_texts = _probe_texts(probes)
     started = time.perf_counter()
     steps = ["load", "probes", "held-out", "generations", "latency"]

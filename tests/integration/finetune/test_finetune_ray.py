@@ -25,7 +25,7 @@ def test_lora_under_fsdp_saves_every_ranks_shard_and_merges(ft_base, small_confi
 
     registry = ft_base["registry"]
     cfg = small_config("lora-fsdp", ft_base["root"], workers=2, strategy="fsdp", merge=True)
-    result = finetune_lora(str(ft_base["ref"]), QA, cfg, registry=registry, progress=False)
+    result = finetune_lora(cfg, base=str(ft_base["ref"]), data={"source": QA}, registry=registry, progress=False)
 
     manifest = registry.manifest(result.ref)
     assert manifest.kind == "adapter" and manifest.parents == [str(ft_base["ref"])]
@@ -51,8 +51,8 @@ def test_lora_under_fsdp_saves_every_ranks_shard_and_merges(ft_base, small_confi
 
 def test_qlora_through_ray_train_and_merge(ft_base, small_config) -> None:
     registry = ft_base["registry"]
-    result = finetune_lora(str(ft_base["ref"]), QA, small_config("qlora", ft_base["root"], method="qlora", merge=True),
-                           registry=registry, progress=False)
+    result = finetune_lora(small_config("qlora", ft_base["root"], method="qlora", merge=True),
+                           base=str(ft_base["ref"]), data={"source": QA}, registry=registry, progress=False)
     assert registry.manifest(result.ref).kind == "adapter"
     assert result.metrics["eval_loss"] < result.metrics["eval_loss_before"]
     merged = registry.manifest(result.merged_ref)
@@ -65,8 +65,8 @@ def test_distill_registers_the_student_with_its_teacher(ft_base, small_config) -
     registry = ft_base["registry"]
     cfg = small_config("student", ft_base["root"])
     cfg.pop("lora")
-    result = distill(str(ft_base["ref"]), "preset:tiny", QA, cfg, temperature=2.0, alpha=0.5,
-                     registry=registry, progress=False)
+    result = distill(cfg, teacher=str(ft_base["ref"]), student="preset:tiny", data={"source": QA},
+                     temperature=2.0, alpha=0.5, registry=registry, progress=False)
     manifest = registry.manifest(result.ref)
     assert manifest.kind == "model" and manifest.parents == [str(ft_base["ref"])]
     assert manifest.extra["distilled_from"] == str(ft_base["ref"])
@@ -78,10 +78,9 @@ def test_two_trial_sweep_stops_the_weak_trial_and_registers_the_best(ft_base, sm
     registry = ft_base["registry"]
     finetune = small_config("unused", ft_base["root"])
     finetune["training"]["eval_every"] = 2  # ASHA rungs at steps 2 and 4
-    result = sweep(str(ft_base["ref"]), QA,
-                   {"name": "swept", "search": "grid", "learning_rates": [3e-3, 1e-4], "ranks": [4], "alphas": [8.0],
+    result = sweep({"name": "swept", "search": "grid", "learning_rates": [3e-3, 1e-4], "ranks": [4], "alphas": [8.0],
                     "grace_period": 1, "reduction_factor": 2, "finetune": finetune},
-                   registry=registry, progress=False)
+                   base=str(ft_base["ref"]), finetune={"data": {"source": QA}}, registry=registry, progress=False)
     assert len(result.trials) == 2
     strong, weak = sorted(result.trials, key=lambda t: -t["learning_rate"])
     assert strong["finished"] and strong["step"] == 4

@@ -45,8 +45,8 @@ def test_smollm2_import_finetune_quantize_validate_deploy(ray_cluster: dict, smo
 
     # A few LoRA steps in the model's own ChatML template (assistant turns masked), merged in its dtype.
     tuned = llmstack.finetune_lora(
-        str(base), "builtin:stdlib-qa",
-        {"name": "smollm2-qa", "lora": {"rank": 4, "merge": True}, "data": {"block_size": 96, "max_documents": 32},
+        {"name": "smollm2-qa", "base": str(base), "lora": {"rank": 4, "merge": True},
+         "data": {"source": "builtin:stdlib-qa", "block_size": 96, "max_documents": 32},
          "training": {"max_steps": 3, "micro_batch_size": 2, "learning_rate": 1e-4, "warmup_steps": 0,
                       "eval_every": 3, "eval_batches": 1},
          "scaling": {"num_workers": 1}},
@@ -55,17 +55,17 @@ def test_smollm2_import_finetune_quantize_validate_deploy(ray_cluster: dict, smo
     assert registry.manifest(tuned.ref).parents == [str(base)]
 
     # The default method, measured against its float source on held-out text.
-    quantized = llmstack.quantize(str(tuned.merged_ref), registry=registry,
-                                  config={"evaluation": {"samples": 4, "speed_repeats": 1, "speed_new_tokens": 4,
-                                                         "speed_prompt_tokens": 16}})
+    quantized = llmstack.quantize({"evaluation": {"samples": 4, "speed_repeats": 1, "speed_new_tokens": 4,
+                                                  "speed_prompt_tokens": 16}},
+                                  source=str(tuned.merged_ref), registry=registry)
     assert registry.manifest(quantized.ref).parents == [str(tuned.merged_ref)]
     assert quantized.metrics["perplexity_ratio"] < 1.02, quantized.table()
 
     # The gate on held-out documents (the fine-tune's own held-out split is a single block here).
-    report = llmstack.validate(str(quantized.ref), str(tuned.merged_ref), registry=registry, progress=False,
-                               eval_data="builtin:stdlib",
-                               thresholds={"max_eval_blocks": 8, "eval_block_size": 96, "latency_requests": 5,
-                                           "latency_repeats": 1, "latency_warmup": 1, "generation_tokens": 8})
+    report = llmstack.validate({"max_eval_blocks": 8, "eval_block_size": 96, "latency_requests": 5,
+                                "latency_repeats": 1, "latency_warmup": 1, "generation_tokens": 8},
+                               candidate=str(quantized.ref), baseline=str(tuned.merged_ref), registry=registry,
+                               progress=False, eval_data="builtin:stdlib")
     assert report.check("perplexity").passed, report.to_text()
 
     with llmstack.deploy({"model": str(quantized.ref), "registry": registry.url, "app_name": "smollm2",

@@ -26,9 +26,9 @@ def test_a_quantized_artifact_serves_on_its_kernels(serve_registry: dict[str, An
     from llmstack.serve.protocol import GenerationRequest, SamplingParams
 
     registry = serve_registry["registry"]
-    result = quantize(serve_registry["model"], method, registry=registry, name=f"tiny-lm-{method}",
-                      config={"evaluation": {"samples": 4, "speed_new_tokens": 4, "speed_repeats": 1},
-                              "torchao": {"float_edge_layers": 0}})  # every decoder linear quantized
+    result = quantize({"evaluation": {"samples": 4, "speed_new_tokens": 4, "speed_repeats": 1},
+                       "torchao": {"float_edge_layers": 0}},  # every decoder linear quantized
+                      source=serve_registry["model"], method=method, registry=registry, name=f"tiny-lm-{method}")
     app = deploy_app(serve_registry, serve_port, model=str(result.ref), app_name=f"q-{method}",
                      route_prefix=f"/q-{method}", response_cache_size=0)
     try:

@@ -80,8 +80,8 @@ def test_student_with_another_tokenizer_is_refused_even_at_equal_size(setup: dic
     GPT2LMHeadModel(config).save_pretrained(student_dir)
     other.save_pretrained(student_dir)
     with pytest.raises(ConfigError) as info:
-        distill(str(setup["teacher_dir"]), str(student_dir), "builtin:stdlib-qa", registry=setup["registry"],
-                overrides=["data.block_size=64"], progress=False)
+        distill(teacher=str(setup["teacher_dir"]), student=str(student_dir), data={"source": "builtin:stdlib-qa"},
+                registry=setup["registry"], overrides=["data.block_size=64"], progress=False)
     message = str(info.value)
     assert "student: the tokenizer of" in message
     assert "tokens differ" in message and "preset:" in message

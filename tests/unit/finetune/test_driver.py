@@ -14,7 +14,8 @@ class _HandedOff(Exception):
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_the_driver_reads_the_base_once_before_training(base: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
                                                         tmp_path: Any, method: str) -> None:
-    import llmstack.train
+    import importlib
+
     from llmstack.finetune.lora import finetune_lora
     from llmstack.models import artifact
 
@@ -32,12 +33,13 @@ def test_the_driver_reads_the_base_once_before_training(base: dict[str, Any], mo
         raise _HandedOff
 
     monkeypatch.setattr(artifact, "_from_pretrained", counting)
-    monkeypatch.setattr(llmstack.train, "run_training", run_training)
+    # the package, where finetune_lora imports run_training from (`llmstack.train` is the train() function)
+    monkeypatch.setattr(importlib.import_module("llmstack.train"), "run_training", run_training)
     config = {"lora": {"method": method, "rank": 4}, "scaling": {"num_workers": 1},
               "training": {"max_steps": 1, "micro_batch_size": 4, "eval_batches": 1},
-              "data": {"block_size": 64, "max_documents": 24}, "storage_path": str(tmp_path / "runs")}
+              "data": {"source": "builtin:stdlib-qa", "block_size": 64, "max_documents": 24}, "storage_path": str(tmp_path / "runs")}
     with pytest.raises(_HandedOff):
-        finetune_lora(str(base["ref"]), "builtin:stdlib-qa", config, registry=base["registry"], progress=False)
+        finetune_lora(config, base=str(base["ref"]), registry=base["registry"], progress=False)
     # one read for the checks, the target modules and the held-out loss before training; full fine-tuning
     # reads it as float32 master weights
     assert reads == [f"{base['ref']}:float32"]

@@ -44,7 +44,7 @@ def test_rank_must_be_positive(base, rank: int) -> None:
     with pytest.raises(ConfigError, match=f"lora.rank: must be >= 1, got {rank}"):
         load_config(FinetuneConfig, {"lora": {"rank": rank}})
     with pytest.raises(ConfigError, match="lora.rank"):  # refused before any data, model or cluster work
-        finetune_lora(str(base["ref"]), "builtin:stdlib-qa", {"lora": {"rank": rank}}, registry=base["registry"])
+        finetune_lora({"lora": {"rank": rank}}, base=str(base["ref"]), registry=base["registry"])
 
 
 def test_bitfit_is_norm_scale_tuning(base) -> None:
@@ -122,7 +122,7 @@ def test_qlora_without_bitsandbytes_says_why(base, monkeypatch) -> None:
     with pytest.raises(ResourceError, match="qlora needs bitsandbytes.*cannot be imported"):
         check_bitsandbytes("cpu")
     with pytest.raises(ResourceError, match="bitsandbytes"):
-        finetune_lora(str(base["ref"]), "builtin:stdlib-qa", {"lora": {"method": "qlora"}}, registry=base["registry"])
+        finetune_lora({"lora": {"method": "qlora"}}, base=str(base["ref"]), registry=base["registry"])
 
 
 def test_qlora_on_a_device_bitsandbytes_cannot_use(base) -> None:
@@ -132,8 +132,8 @@ def test_qlora_on_a_device_bitsandbytes_cannot_use(base) -> None:
 
 def test_qlora_with_fsdp_is_refused(base) -> None:
     with pytest.raises(ConfigError, match="qlora cannot shard 4-bit"):
-        finetune_lora(str(base["ref"]), "builtin:stdlib-qa",
-                      {"lora": {"method": "qlora"}, "scaling": {"strategy": "fsdp"}}, registry=base["registry"])
+        finetune_lora({"lora": {"method": "qlora"}, "scaling": {"strategy": "fsdp"}}, base=str(base["ref"]),
+                      registry=base["registry"])
 
 
 def test_qlora_still_backpropagates_through_the_nf4_base_after_an_eval_forward(base) -> None:

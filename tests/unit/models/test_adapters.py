@@ -85,7 +85,7 @@ def _quickstart_lineage(url: str) -> Any:
         adapter = registry.register("tiny-lm-lora", tmp, kind="adapter", parents=[str(base)])
     merged = merge_adapter(registry, adapter, name="tiny-lm")
     registry.promote(merged, alias="production", force=True, reason="test: the quickstart's lineage")
-    quantized = quantize(str(merged), "int8-dynamic", config={"evaluation": {"enabled": False}}, registry=registry,
+    quantized = quantize({"evaluation": {"enabled": False}}, source=str(merged), method="int8-dynamic", registry=registry,
                          name="tiny-lm")
     registry.promote(quantized.ref, alias="production", force=True, reason="test: the quickstart's lineage")
     return registry

@@ -69,7 +69,7 @@ def test_quantized_version_is_described_and_rebuilt(world: dict[str, Any], helpe
     from llmstack.quantize import load_quantized, quantize
 
     registry = world["registry"]
-    result = quantize(str(world["ref"]), "int8-dynamic", config={"evaluation": {"enabled": False}}, registry=registry,
+    result = quantize({"evaluation": {"enabled": False}}, source=str(world["ref"]), method="int8-dynamic", registry=registry,
                       name="base-int8")
     artifact = describe_artifact("base-int8", registry=registry)
     assert (artifact.kind, artifact.method, artifact.ref) == ("quantized", "int8-dynamic", result.ref)

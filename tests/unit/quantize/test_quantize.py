@@ -35,7 +35,7 @@ def test_dispatcher_and_config_list_the_same_methods() -> None:
 @pytest.mark.parametrize("method", list(CASES))
 def test_round_trip(method: str, quant_registry: Any, held_out: Any) -> None:
     extra, bytes_bound = CASES[method]
-    result = quantize("tiny", method, config=merge_sections(FAST, extra), registry=quant_registry)
+    result = quantize(merge_sections(FAST, extra), source="tiny", method=method, registry=quant_registry)
 
     manifest = quant_registry.manifest(result.ref)
     assert manifest.kind == "quantized"
@@ -64,22 +64,23 @@ def test_round_trip(method: str, quant_registry: Any, held_out: Any) -> None:
 
 
 def test_recipe_details(quant_registry: Any) -> None:
-    sq = quantize("tiny", "smoothquant", config=merge_sections(FAST, {
-        "smoothquant": {"search_alpha": True, "alpha_grid": [0.3, 0.7]}, "evaluation": {"enabled": False}}), registry=quant_registry, name="tiny-sq")
+    sq = quantize(merge_sections(FAST, {"smoothquant": {"search_alpha": True, "alpha_grid": [0.3, 0.7]},
+                                        "evaluation": {"enabled": False}}),
+                  source="tiny", method="smoothquant", registry=quant_registry, name="tiny-sq")
     details = sq.recipe["details"]
     assert details["alpha"] in (0.3, 0.7)
     assert set(details["alpha_search"]["calibration_loss"]) == {"0.3", "0.7"}
     assert details["matmul"] == "torch._int_mm"
     assert "perplexity" not in sq.metrics and "evaluation skipped" in sq.table()
 
-    nf4 = quantize("tiny", "nf4", config={"bitsandbytes": {"block_size": 128}, **NO_EVALUATION}, registry=quant_registry,
+    nf4 = quantize({"bitsandbytes": {"block_size": 128}, **NO_EVALUATION}, source="tiny", method="nf4", registry=quant_registry,
                    name="tiny-nf4-128")
     model, _ = load_quantized(quant_registry, nf4.ref)
     assert model.model.layers[0].self_attn.q_proj.weight.quant_state.blocksize == 128
 
 
 def test_bf16_compute(quant_registry: Any) -> None:
-    result = quantize("tiny", "w8a8", config={**FAST, "dtype": "bfloat16"}, registry=quant_registry,
+    result = quantize({**FAST, "dtype": "bfloat16"}, source="tiny", method="w8a8", registry=quant_registry,
                       name="tiny-w8a8-bf16")
     model, _ = load_quantized(quant_registry, result.ref)
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
@@ -90,7 +91,8 @@ def test_bf16_compute(quant_registry: Any) -> None:
 def test_load_any_handles_plain_and_quantized(quant_registry: Any) -> None:
     plain, _ = load_any("tiny@v1", quant_registry)
     assert isinstance(plain.model.layers[0].self_attn.q_proj, torch.nn.Linear)
-    result = quantize("tiny", "int8-dynamic", config=NO_EVALUATION, registry=quant_registry, name="tiny-dyn")
+    result = quantize(NO_EVALUATION, source="tiny", method="int8-dynamic", registry=quant_registry,
+                      name="tiny-dyn")
     quantized, _ = load_any(str(result.ref), quant_registry)
     assert type(quantized.model.layers[1].self_attn.q_proj.weight).__name__ == "Int8Tensor"  # 0: a float edge layer
     config = json.loads((quant_registry.fetch(result.ref) / "config.json").read_text())
@@ -104,7 +106,8 @@ def test_load_any_handles_plain_and_quantized(quant_registry: Any) -> None:
 
 def test_w8a8_rows_do_not_depend_on_the_batch(quant_registry: Any) -> None:
     """Per-token activation scales: a served sequence decodes the same alone or next to a padded neighbour."""
-    result = quantize("tiny", "w8a8", config=NO_EVALUATION, registry=quant_registry, name="tiny-w8a8-batch")
+    result = quantize(NO_EVALUATION, source="tiny", method="w8a8", registry=quant_registry,
+                      name="tiny-w8a8-batch")
     model, tokenizer = load_quantized(quant_registry, result.ref)
     tokenizer.padding_side = "left"
     kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)

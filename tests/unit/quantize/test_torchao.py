@@ -165,7 +165,7 @@ def test_old_dynamic_int8_versions_load_on_torchao(trained_tiny: tuple[Any, Any]
 
 def test_dynamic_int8_is_an_alias_of_int8_dynamic(quant_registry: Any) -> None:
     with pytest.warns(FutureWarning, match="int8-dynamic"):
-        result = quantize("tiny", "dynamic-int8", config={"evaluation": {"enabled": False}}, registry=quant_registry,
+        result = quantize({"evaluation": {"enabled": False}}, source="tiny", method="dynamic-int8", registry=quant_registry,
                           name="tiny-dyn-alias")
     assert result.recipe["details"]["method"] == "int8-dynamic"
     assert result.recipe["format"] == "torchao"
@@ -181,7 +181,7 @@ def test_default_method_and_dtype_follow_the_source(trained_tiny: tuple[Any, Any
     save_model(copy.deepcopy(model).to(torch.bfloat16), tokenizer, source)
     assert json.loads((source / "config.json").read_text())["dtype"] == "bfloat16"
     registry = Registry(str(tmp_path / "registry"))
-    result = quantize(str(source), config=FAST, registry=registry)
+    result = quantize(FAST, source=str(source), registry=registry)
 
     assert result.method == QuantizeConfig().method == "int8-weight-only"
     assert result.recipe["dtype"] == "bfloat16"

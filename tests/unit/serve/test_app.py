@@ -58,8 +58,8 @@ def test_serves_a_quantized_artifact(small_registry: dict[str, Any]) -> None:
     from llmstack.serve.protocol import GenerationRequest, SamplingParams
 
     registry = small_registry["registry"]
-    result = quantize("tiny-lm@v1", "int8-dynamic", config={"method": "int8-dynamic", "evaluation": {"enabled": False}},
-                      registry=registry, name="tiny-lm-int8")
+    result = quantize({"evaluation": {"enabled": False}}, source="tiny-lm@v1", method="int8-dynamic", registry=registry,
+                      name="tiny-lm-int8")
     ref = str(getattr(result, "ref", None) or "tiny-lm-int8")
     engine = TransformersEngine.from_source(ref, registry=registry, cache_size=0)
     assert registry.manifest(engine.root).kind == "quantized"

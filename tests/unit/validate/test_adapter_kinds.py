@@ -23,12 +23,12 @@ def test_adapter_validates_as_the_model_fine_tuning_trained(tuned: dict[str, Any
     """Issue #12: validate refused BitFit ("not a peft adapter") and put QLoRA on the fp32 base."""
     registry, blocks = tuned["registry"], tuned["data"].eval["input_ids"][:8]
     adapter = tuned[method]["ref"]
-    same = validate(str(adapter), (tuned[method]["model"], tuned["tokenizer"]), registry=registry, probes=PROBES,
-                    eval_data=blocks, thresholds=FAST, progress=False)
+    same = validate(FAST, candidate=str(adapter), baseline=(tuned[method]["model"], tuned["tokenizer"]),
+                    registry=registry, probes=PROBES, eval_data=blocks, progress=False)
     assert same.candidate == f"ad-{method}@v1"
     assert same.check("distribution").metrics["mean_kl"] < 1e-9  # exactly the trained model
-    against_base = validate(adapter, tuned["ref"], registry=registry, probes=PROBES, eval_data=blocks,
-                            thresholds=FAST, progress=False)
+    against_base = validate(FAST, candidate=adapter, baseline=tuned["ref"], registry=registry, probes=PROBES,
+                            eval_data=blocks, progress=False)
     assert (against_base.candidate, against_base.baseline) == (f"ad-{method}@v1", "base@v1")
     assert against_base.check("distribution").metrics["mean_kl"] > 1e-6  # the adapter is applied
     assert "validation" in registry.annotations(adapter)

@@ -19,8 +19,8 @@ PROBES = list(DEFAULT_PROBES[:8])
 def _run(candidate: Any, baseline: Any, tokenizer: Any, held_out: Any, **kw: Any) -> ValidationReport:
     thresholds = {"latency_requests": 8, "latency_repeats": 1, "generation_tokens": 6, "bootstrap_samples": 300,
                   "max_eval_blocks": 16}
-    return validate((candidate, tokenizer), (baseline, tokenizer), probes=PROBES, eval_data=held_out,
-                    thresholds=thresholds, progress=False, **kw)
+    return validate(thresholds, candidate=(candidate, tokenizer), baseline=(baseline, tokenizer), probes=PROBES,
+                    eval_data=held_out, progress=False, **kw)
 
 
 def test_identical_copy_passes(model_a: Any, tokenizer: Any, held_out: Any, helpers: types.ModuleType) -> None:
@@ -28,6 +28,7 @@ def test_identical_copy_passes(model_a: Any, tokenizer: Any, held_out: Any, help
 
     report = _run(copy.deepcopy(model_a), model_a, tokenizer, held_out)
     assert report.passed, report.to_text()
+    assert report.ref is None  # an in-memory candidate is no registry version
     dist = report.check("distribution").metrics
     assert dist["mean_kl"] == 0 and dist["top1_agreement"] == 1.0
     assert report.check("perplexity").metrics["relative_change"] == 0
@@ -88,7 +89,8 @@ def test_different_tokenizer_is_a_clear_error(model_a: Any, tokenizer: Any, held
     other_tok = train_tokenizer(["completely different words here"] * 50 + held_out_texts[:2], vocab_size=300)
     other = build_model("tiny", vocab_size=len(other_tok), tokenizer=other_tok)
     with pytest.raises(IncomparableModelsError, match="different tokenizers"):
-        validate((other, other_tok), (model_a, tokenizer), probes=PROBES, eval_data=held_out, progress=False)
+        validate(candidate=(other, other_tok), baseline=(model_a, tokenizer), probes=PROBES, eval_data=held_out,
+                 progress=False)
 
 
 def test_different_family_is_a_clear_error(model_a: Any, tokenizer: Any, held_out: Any) -> None:
@@ -96,13 +98,14 @@ def test_different_family_is_a_clear_error(model_a: Any, tokenizer: Any, held_ou
 
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_head=2, n_embd=32, n_positions=128))
     with pytest.raises(IncomparableModelsError, match="different model families"):
-        validate((gpt2, tokenizer), (model_a, tokenizer), probes=PROBES, eval_data=held_out, progress=False)
+        validate(candidate=(gpt2, tokenizer), baseline=(model_a, tokenizer), probes=PROBES, eval_data=held_out,
+                 progress=False)
 
 
 @pytest.mark.parametrize("probes", [[], ["   ", ""]])
 def test_empty_probe_set_rejected(model_a: Any, tokenizer: Any, probes: list[str]) -> None:
     with pytest.raises(ConfigError, match="probe set is empty"):
-        validate((model_a, tokenizer), (model_a, tokenizer), probes=probes, progress=False)
+        validate(candidate=(model_a, tokenizer), baseline=(model_a, tokenizer), probes=probes, progress=False)
 
 
 def test_thresholds_checked_all_at_once() -> None:

@@ -35,17 +35,18 @@ def test_validate_then_promote_force_and_rollback(reg: Registry, model_a: Any, m
     with pytest.raises(ValidationFailedError, match="no validation report"):
         reg.promote(v2)
 
-    report = validate("tiny-lm@v2", "tiny-lm@production", registry=reg, probes=PROBES, eval_data=held_out,
-                      thresholds=FAST, progress=False)
+    report = validate(FAST, candidate="tiny-lm@v2", baseline="tiny-lm@production", registry=reg, probes=PROBES,
+                      eval_data=held_out, progress=False)
     assert report.passed, report.to_text()
     assert (report.candidate, report.baseline) == ("tiny-lm@v2", "tiny-lm@v1")  # the alias was resolved
+    assert report.ref == v2  # the candidate as a registry version, what promote takes
     stored = reg.annotations(v2)
     assert stored["validation"]["passed"] is True and stored[validation_key(v1)]["baseline"] == "tiny-lm@v1"
     event = reg.promote(v2, reason="int8 is faithful")
     assert (event["action"], event["from"], event["to"], event["report"]["passed"]) == ("promote", 1, 2, True)
 
-    bad = validate(v3, "tiny-lm@production", registry=reg, probes=PROBES, eval_data=held_out, thresholds=FAST,
-                   progress=False)
+    bad = validate(FAST, candidate=v3, baseline="tiny-lm@production", registry=reg, probes=PROBES,
+                   eval_data=held_out, progress=False)
     assert not bad.passed
     with pytest.raises(ValidationFailedError, match="failed: .*distribution"):
         reg.promote(v3)
@@ -66,7 +67,7 @@ def test_adapter_loads_on_its_base(reg: Registry, model_a: Any, tokenizer: Any, 
     lora = get_peft_model(copy.deepcopy(model_a), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     lora.save_pretrained(str(tmp_path / "adapter"))  # adapter_model.safetensors; B=0 so outputs are unchanged
     adapter = reg.register("tiny-lm-lora", tmp_path / "adapter", kind="adapter", parents=[str(base)])
-    report = validate(adapter, base, registry=reg, probes=PROBES, eval_data=held_out, thresholds=FAST,
+    report = validate(FAST, candidate=adapter, baseline=base, registry=reg, probes=PROBES, eval_data=held_out,
                       progress=False)
     assert report.candidate == "tiny-lm-lora@v1"
     assert report.check("distribution").metrics["mean_kl"] < 1e-9
@@ -90,14 +91,14 @@ def test_quantized_versions_load_through_the_quantize_hook(reg: Registry, model_
 
     monkeypatch.setitem(sys.modules, "llmstack.quantize",
                         types.SimpleNamespace(rebuild_quantized=fake_rebuild_quantized))
-    report = validate(qref, base, registry=reg, probes=PROBES, eval_data=held_out, thresholds=FAST,
+    report = validate(FAST, candidate=qref, baseline=base, registry=reg, probes=PROBES, eval_data=held_out,
                       progress=False)
     assert calls == [(reg.fetch(qref), "tiny-lm-int8@v1")]
     assert report.check("distribution").passed and report.check("perplexity").passed
 
     monkeypatch.setitem(sys.modules, "llmstack.quantize", None)  # the quantize package is unavailable
     with pytest.raises(ModelLoadError, match="quantized model but llmstack.quantize cannot load it"):
-        validate(qref, base, registry=reg, probes=PROBES, eval_data=held_out, progress=False)
+        validate(candidate=qref, baseline=base, registry=reg, probes=PROBES, eval_data=held_out, progress=False)
 
 
 def test_non_model_artifacts_and_missing_versions(reg: Registry, tmp_path: Path, model_a: Any,
@@ -109,9 +110,9 @@ def test_non_model_artifacts_and_missing_versions(reg: Registry, tmp_path: Path,
     tokenizer.save_pretrained(str(tmp_path / "tok"))
     tok_ref = reg.register("tiny-tok", tmp_path / "tok", kind="tokenizer")
     with pytest.raises(ModelLoadError, match="is a tokenizer, not a model"):
-        validate(tok_ref, base, registry=reg, progress=False)
+        validate(candidate=tok_ref, baseline=base, registry=reg, progress=False)
     with pytest.raises(ArtifactNotFoundError):
-        validate("tiny-lm@v9", base, registry=reg, progress=False)
+        validate(candidate="tiny-lm@v9", baseline=base, registry=reg, progress=False)
     with pytest.raises(ArtifactNotFoundError):
         reg.promote("tiny-lm@v9")
 
@@ -123,9 +124,9 @@ def test_held_out_data_comes_from_the_training_config(reg: Registry, model_a: An
     ref = register_model(reg, "tiny-lm", model_a, tokenizer, kind="model",
                          config={"data": {"source": str(corpus), "block_size": 32, "max_documents": 400,
                                           "eval_fraction": 0.2}})
-    report = validate(ref, ref, registry=reg, probes=PROBES, thresholds=FAST, progress=False)
+    report = validate(FAST, candidate=ref, baseline=ref, registry=reg, probes=PROBES, progress=False)
     assert report.info["eval_data"].startswith("eval split of tiny-lm@v1's training data")
     assert report.info["eval_block_tokens"] == 32 and report.passed
     corpus.unlink()  # training data no longer reachable: fall back to the built-in corpus
-    fallback = validate(ref, ref, registry=reg, probes=PROBES, thresholds=FAST, progress=False, store=False)
+    fallback = validate(FAST, candidate=ref, baseline=ref, registry=reg, probes=PROBES, progress=False, store=False)
     assert fallback.info["eval_data"] == "builtin:stdlib eval split"

@@ -16,10 +16,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from llmstack._console import announce_ray_logs, quiet_libraries, ray_init_options, verbose
-from llmstack.config import SERVE_DEPLOYMENT_DEFAULTS, ServeConfig, load_config, merge_sections, to_dict
+from llmstack._verbs import Overrides, read_settings
+from llmstack.config import SERVE_DEPLOYMENT_DEFAULTS, ServeConfig, load_config, to_dict
 from llmstack.errors import ArtifactNotFoundError, ConfigError, ModelLoadError, ResourceError
 
 QUICKSTART_HINT = "run the quickstart first (`make quickstart`) to train and register it"
@@ -192,18 +195,25 @@ class Deployment:
         self.shutdown()
 
 
-def deploy(config: ServeConfig | dict[str, Any] | str | None = None, *, replace: bool = False,
-           timeout_s: float = DEPLOY_TIMEOUT_S, **overrides: Any) -> Deployment:
+def deploy(config: ServeConfig | Mapping[str, Any] | str | Path | None = None, *, registry: Any = None,
+           overrides: Overrides = (), replace: bool = False, timeout_s: float = DEPLOY_TIMEOUT_S,
+           **settings: Any) -> Deployment:
     """Run the llmstack OpenAI-compatible app on Ray Serve and return once it is healthy.
 
     Args:
-        config: a :class:`~llmstack.config.ServeConfig`, a dict, or a YAML path.
+        config: a :class:`~llmstack.config.ServeConfig`, a mapping of its fields, or a YAML file path (a
+            ``serve run`` file works too); None: defaults.
+        registry: a Registry or URL the model resolves in (default ``config.registry``, then ``$LLMSTACK_REGISTRY``).
+        overrides: ``key.path=value`` strings (or a mapping of key paths to values) applied on top of ``config``.
         replace: replace a running app of the same name (otherwise that is an error).
         timeout_s: how long to wait for the replicas to become healthy before failing.
-        **overrides: fields to replace, merged into their sections, e.g. ``http={"port": 8123}``.
+        **settings: top-level config keys as values, applied last; a mapping merges into its section:
+            ``model="tiny-lm@production"`` (a registry ref or a local directory), ``http={"port": 8123}``,
+            ``autoscaling={...}``.
 
     Returns:
-        A :class:`Deployment` with ``.url`` and ``.shutdown()`` (also a context manager).
+        A :class:`Deployment` with ``.url``, ``.config`` (aliases pinned to versions) and ``.shutdown()``
+        (also a context manager).
 
     Raises:
         ResourceError: the replicas cannot be placed on the cluster, the port is taken by another server, or
@@ -213,12 +223,13 @@ def deploy(config: ServeConfig | dict[str, Any] | str | None = None, *, replace:
         ModelLoadError: a replica failed to start (the replica's own error message is included).
 
     Example:
-        >>> with llmstack.deploy({"model": "tiny-lm@production", "http": {"port": 8123}}) as dep:  # doctest: +SKIP
+        >>> import llmstack, requests
+        >>> with llmstack.deploy(model="tiny-lm@production", http={"port": 8123}) as dep:  # doctest: +SKIP
         ...     requests.post(dep.url + "/v1/completions", json={"prompt": "def "}).json()
     """
-    cfg = load_config(ServeConfig, config)
-    if overrides:
-        cfg = load_config(ServeConfig, merge_sections(to_dict(cfg), overrides))
+    cfg, _ = read_settings("deploy", ServeConfig, config, overrides, settings)
+    if registry is not None:
+        cfg = dataclasses.replace(cfg, registry=registry if isinstance(registry, str) else registry.url)
     cfg = resolve_config(cfg)  # pinned once: the app and the returned config name the same versions
     url = run_app(app_for(cfg), cfg, replace=replace, timeout_s=timeout_s,
                   needs=[(replica_resources(cfg), max(cfg.autoscaling.min_replicas, 1)),
