@@ -1,20 +1,23 @@
-"""Health and routing shared by a multi-region app's router replicas: a small named Ray actor, the board.
+"""The routing layer's shared state: one small Serve deployment per app, the board, off the request path.
 
-Each router (ingress) replica keeps its own :class:`~llmstack.serve.regions.policy.RegionRouter` and routes
-on it alone; the board only carries news between replicas, off the request path:
+Each ingress replica routes on its own state (a :class:`~llmstack.serve.regions.policy.RegionRouter`, the
+canary weights it last adopted); the board carries news between replicas and owns what must have one
+owner:
 
-* a manual override (``POST /regions/routing``: policy, SLO, weights) is published by the replica that got
-  it; every other replica adopts the board's latest one on its next sync (last writer wins);
-* an ejection seen by one replica is published and ejects the region on the others at their next sync
-  (each re-admits it through its own probes).
+* regions: a manual override (``POST /regions/routing``: policy, SLO, weights) is published by the replica
+  that got it; every other replica adopts the board's latest one on its next sync (last writer wins); an
+  ejection seen by one replica is published and ejects the region on the others at their next sync (each
+  re-admits it through its own probes);
+* canaries: every canary of the app (its own, or one inside a region) is a
+  :class:`~llmstack.serve.routing.rollout.CanaryScope` here. Replicas send what they saw (finished requests,
+  requests in flight, shadow comparisons) every :data:`EXCHANGE_S` and get back the weights to route on;
+  the board ticks each rollout plan and writes the registry (promote, rollback), never on a request's path.
 
-Why an actor rather than a broadcast: a Serve handle reaches one replica of its choice, never all of them,
-so a replica cannot tell its peers directly. The board is one actor per deployed app (its name carries the
-deploy's id, so a redeploy never adopts an old override), created by the first replica that looks for it
-(soft affinity to that replica's node, no CPU) and owned by it: it goes away with the app. Losing it never
-blocks routing: every call to it is bounded and made from a background task (or the override POST,
-which then says ``shared: false``); replicas keep routing on their local state and recreate the board on a
-later sync, the survivors republishing their current override.
+Why a deployment rather than a broadcast: a Serve handle reaches one replica of its choice, never all of
+them, so a replica cannot tell its peers directly. The board is one replica (no CPU) of the app, so it
+goes away with the app and Serve restarts it if it dies. Losing it never blocks routing: every call to it
+is bounded and made from a background task (or an admin route, which then says so); replicas keep routing
+on their local state, and a restarted board gets the survivors' current override republished.
 """
 
 from __future__ import annotations
@@ -28,20 +31,34 @@ from typing import Any
 
 logger = logging.getLogger("ray.serve")
 
-BOARD_NAMESPACE = "llmstack-regions"
+BOARD = "RoutingBoard"  # the board's deployment name in every app of the routing layer
 STALE_S = 10.0  # an ejection older than this (board time) when a replica first reads it is history, not news
 KEEP_EVENTS = 200
+EXCHANGE_S = 0.1  # how often each replica exchanges canary news with the board
+LIVE_S = 1.0  # a replica that exchanged within this long counts when a change must reach every replica
+SETTLE_TIMEOUT_S = 3.0  # an admin change waits at most this long for the replicas to adopt it
+TICK_S = 0.1  # the rollout plans' control period
 
 
-class RegionBoard:
-    """The shared state (run as a Ray actor): the latest routing override and recent health events."""
+class RoutingBoard:
+    """The shared state (run as the app's ``RoutingBoard`` deployment): region news and the app's canaries.
 
-    def __init__(self) -> None:
+    Args:
+        spec: the app's resolved routing spec (``serve``, ``canary`` and/or ``regions``); None holds region
+            news only (unit tests).
+    """
+
+    def __init__(self, spec: dict[str, Any] | None = None) -> None:
         self.id = uuid.uuid4().hex[:12]
         self.routing: dict[str, Any] | None = None
         self.routing_version = 0
         self.events: list[dict[str, Any]] = []
         self.seq = 0
+        self.spec = spec or {}
+        self.canaries: dict[str, Any] = {}  # scope ("" or a region) -> CanaryScope, built on first use
+        self.adopted: dict[str, tuple[float, dict[str, int]]] = {}  # replica -> (last exchange, scope -> epoch)
+        self._started: asyncio.Task | None = None
+        self._control: asyncio.Task | None = None
 
     def publish_routing(self, routing: dict[str, Any], replica: str) -> dict[str, Any]:
         self.routing_version += 1
@@ -61,28 +78,112 @@ class RegionBoard:
                 "routing": self.routing,
                 "events": [{**e, "age_s": now - e["t"]} for e in self.events if e["seq"] > since]}
 
+    # ------------------------------------------------------------------ canaries
+
+    async def _ready(self) -> None:
+        """Build the canaries of the spec and start the control loop (once, on the first call)."""
+        if self._started is None:
+            self._started = asyncio.ensure_future(self._build())
+        await asyncio.shield(self._started)
+
+    async def _build(self) -> None:
+        from llmstack.serve.routing.rollout import CanaryScope
+
+        app_name = _own_app_name(self.spec.get("serve", {}).get("app_name", ""))
+        scopes = canary_scopes(self.spec)
+        for scope, (data, resource) in scopes.items():
+            self.canaries[scope] = CanaryScope(scope, data, serve=self.spec["serve"], app_name=app_name,
+                                               settled=self.settled, resource=resource)
+        for canary in self.canaries.values():
+            await canary.begin()
+        if self.canaries:
+            self._control = asyncio.get_running_loop().create_task(self._control_loop())
+
+    async def _control_loop(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            for canary in list(self.canaries.values()):
+                await canary.tick()
+
+    async def exchange(self, replica: str, reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """A replica's canary news in, every canary's view out (what it routes on until the next exchange)."""
+        await self._ready()
+        for scope, report in reports.items():
+            if scope in self.canaries:
+                self.canaries[scope].ingest(replica, report)
+        epochs = {scope: int(report.get("epoch", 0)) for scope, report in reports.items()}
+        self.adopted[replica] = (time.monotonic(), epochs)
+        return {scope: canary.view() for scope, canary in self.canaries.items()}
+
+    async def settled(self, scope: str, epoch: int) -> bool:
+        """Wait until every live replica routes on ``epoch`` of ``scope`` (False after SETTLE_TIMEOUT_S)."""
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        while True:
+            now = time.monotonic()
+            live = [epochs for seen, epochs in self.adopted.values() if now - seen < LIVE_S]
+            if all(epochs.get(scope, 0) >= epoch for epochs in live):
+                return True
+            if now > deadline:
+                return False
+            await asyncio.sleep(EXCHANGE_S / 4)
+
+    async def canary(self, scope: str | None, method: str, *args: Any, **kwargs: Any) -> Any:
+        """An admin call on one canary (``scope`` None: the app's only one).
+
+        Raises:
+            CanaryError: the app has no canary there (names the ones it has).
+        """
+        from llmstack.serve.canary.config import CanaryError
+
+        await self._ready()
+        if scope is None and len(self.canaries) == 1:
+            scope = next(iter(self.canaries))
+        if scope not in self.canaries:
+            where = ", ".join(repr(s) if s else "the app's own" for s in self.canaries) or "none"
+            raise CanaryError(f"no canary {'in region ' + repr(scope) if scope else 'here'} "
+                              f"(this app's canaries: {where}); pass the region of one")
+        return await getattr(self.canaries[scope], method)(*args, **kwargs)
+
+    async def scopes(self) -> list[str]:
+        """The app's canaries ("" for the app's own, else region names)."""
+        await self._ready()
+        return list(self.canaries)
+
+
+def _ignore(*args: Any) -> None:
+    return None
+
+
+def _no_board() -> Any:
+    raise ConnectionError("no routing board is connected")
+
 
 class BoardLink:
     """A router replica's side of the board: bounded calls, adopting news, republishing after a board loss.
 
     Args:
-        name: the board actor's name (one per deployed app).
+        name: the board's name in logs and status (one per deployed app).
         replica: this replica's id (its own events are not news to it).
         apply_routing: called with a peer's override ``{policy, slo_p95_s, weights}``.
         apply_ejection: called with ``(region, reason)`` for a peer's fresh ejection.
         local_routing: the override this replica routes on now (republished to a new board).
-        connect: returns the board's handle (tests pass a fake); default: get or create the Ray actor.
+        connect: returns the board's handle (the app's ``RoutingBoard`` deployment; tests pass a fake).
+        reports: the canary news to send on each exchange (scope -> report); apply_views: takes the answer.
     """
 
-    def __init__(self, name: str, replica: str, *, apply_routing: Callable[[dict[str, Any]], None],
-                 apply_ejection: Callable[[str, str], None], local_routing: Callable[[], dict[str, Any]],
-                 connect: Callable[[], Any] | None = None, timeout_s: float = 2.0) -> None:
+    def __init__(self, name: str, replica: str, *, apply_routing: Callable[[dict[str, Any]], None] = _ignore,
+                 apply_ejection: Callable[[str, str], None] = _ignore,
+                 local_routing: Callable[[], dict[str, Any]] = dict, connect: Callable[[], Any] = _no_board,
+                 reports: Callable[[], dict[str, Any]] = dict,
+                 apply_views: Callable[[dict[str, Any]], None] = _ignore, timeout_s: float = 2.0) -> None:
         self.name = name
         self.replica = replica
         self.apply_routing = apply_routing
         self.apply_ejection = apply_ejection
         self.local_routing = local_routing
-        self.connect = connect or self._ray_board
+        self.connect = connect
+        self.reports = reports
+        self.apply_views = apply_views
         self.timeout_s = timeout_s
         self.handle: Any = None
         self.board_id: str | None = None
@@ -92,14 +193,6 @@ class BoardLink:
         self.connected = False
         self.last_error: str | None = None
 
-    def _ray_board(self) -> Any:
-        import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        return ray.remote(RegionBoard).options(name=self.name, namespace=BOARD_NAMESPACE, get_if_exists=True,
-                                               num_cpus=0, scheduling_strategy=here).remote()
-
     async def _call(self, method: str, *args: Any) -> Any:
         if self.handle is None:
             self.handle = await asyncio.wait_for(asyncio.to_thread(self.connect), self.timeout_s)
@@ -108,7 +201,7 @@ class BoardLink:
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
-            self.handle = None  # look it up (or create it) afresh next time
+            self.handle = None  # look it up afresh next time
             self.connected = False
             self.last_error = f"{type(exc).__name__}: {exc}"[:200]
             raise
@@ -162,7 +255,27 @@ class BoardLink:
                 raise
             except Exception as exc:
                 if self.connected or self.last_error is None:
-                    logger.warning("region board %s unreachable (%s); routing on local state", self.name, exc)
+                    logger.warning("routing board %s unreachable (%s); routing on local state", self.name, exc)
+                self.connected = False
+            await asyncio.sleep(period_s)
+
+    async def exchange(self) -> None:
+        """Send the canary news once and adopt the views (raises when the board cannot be reached).
+
+        News that could not be delivered is dropped: the KPIs miss it, routing goes on.
+        """
+        self.apply_views(await self._call("exchange", self.replica, self.reports()))
+
+    async def run_exchange(self, period_s: float = EXCHANGE_S) -> None:
+        """Exchange every ``period_s`` until cancelled; a lost board is retried, never raised."""
+        while True:
+            try:
+                await self.exchange()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.connected or self.last_error is None:
+                    logger.warning("routing board %s unreachable (%s); routing on the last weights", self.name, exc)
                 self.connected = False
             await asyncio.sleep(period_s)
 
@@ -176,11 +289,33 @@ async def _awaitable(ref: Any) -> Any:
 
 
 def board_name(app_name: str, deploy_id: str) -> str:
-    return f"regions-board:{app_name}:{deploy_id}"
+    return f"routing-board:{app_name}:{deploy_id}"
+
+
+def canary_scopes(spec: dict[str, Any]) -> dict[str, tuple[dict[str, Any], str | None]]:
+    """The canaries of a routing spec: scope ("" for the app's own, else the region) -> (its data, its resource)."""
+    scopes: dict[str, tuple[dict[str, Any], str | None]] = {}
+    if spec.get("canary"):
+        scopes[""] = (spec["canary"], None)
+    for name, region in (spec.get("regions") or {}).items():
+        if region.get("canary"):
+            scopes[name] = (region["canary"], region["resource"])
+    return scopes
+
+
+def _own_app_name(configured: str) -> str:
+    """The Serve application this replica belongs to (``serve run`` names it in the YAML, not in the args)."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().app_name
+    except Exception:  # constructed outside a replica (unit tests)
+        return configured
+
 
 
 def replica_id() -> str:
-    """This router replica's Serve id (a random one outside Serve)."""
+    """This ingress replica's Serve id (a random one outside Serve)."""
     try:
         from ray import serve
 

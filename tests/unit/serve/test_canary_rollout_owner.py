@@ -1,4 +1,5 @@
-"""The canary router without Ray: an app whose candidate fails the gate starts, serves stable, and says why."""
+"""A canary's owner on the routing board, without Ray: an app whose candidate fails the gate starts, serves
+stable, and says why; admin calls raise llmstack errors."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from llmstack.config import ServeConfig, to_dict
 from llmstack.errors import ValidationFailedError
 from llmstack.registry import Registry, validation_key
 from llmstack.serve.canary.config import CanaryConfig, CanaryError
-from llmstack.serve.canary.router import CanaryRouter
+from llmstack.serve.routing.rollout import CanaryScope
 
 
 @pytest.fixture
@@ -39,19 +40,21 @@ def router_spec(registry: Registry, *, start: bool) -> dict[str, Any]:
             "versions": versions}
 
 
-async def new_router(spec: dict[str, Any]) -> CanaryRouter:
-    router = CanaryRouter.__new__(CanaryRouter)
-    await router.__init__(spec, {v["name"]: object() for v in spec["versions"]})  # handles are unused here
+async def settled(scope: str, epoch: int) -> bool:
+    return True  # no ingress replicas here to wait for
+
+
+async def new_router(spec: dict[str, Any]) -> CanaryScope:
+    scope = {k: v for k, v in spec.items() if k != "serve"}
+    router = CanaryScope("", scope, serve=spec["serve"], app_name="canary-unit", settled=settled)
+    await router.begin()
     return router
 
 
 def test_start_true_with_a_candidate_failing_the_gate_serves_stable(gated_registry: Registry) -> None:
     async def main() -> dict[str, Any]:
         router = await new_router(router_spec(gated_registry, start=True))
-        try:
-            return await router.status()
-        finally:
-            router._control.cancel()
+        return await router.status()
 
     status = asyncio.run(main())  # crash-looped with a TypeError before (a `kind` key collided in _event)
     assert status["weights"] == {"tiny-lm@v1": 100.0} and status["canary"] is None and not status["running"]
@@ -63,21 +66,18 @@ def test_start_true_with_a_candidate_failing_the_gate_serves_stable(gated_regist
 def test_admin_calls_raise_llmstack_errors(gated_registry: Registry) -> None:
     async def main() -> None:
         router = await new_router(router_spec(gated_registry, start=False))
-        try:
-            with pytest.raises(ValidationFailedError, match="its validation against it failed: perplexity"):
-                await router.start("tiny-lm@v2")
-            with pytest.raises(CanaryError, match="already the stable version"):
-                await router.start("tiny-lm@v1")
-            with pytest.raises(CanaryError, match="no canary is running"):
-                await router.abort_canary()
-            forced = await router.start("tiny-lm@v2", force=True, plan={"steps": [20, 100], "hold_s": 5})
-            assert forced["status"]["weights"] == {"tiny-lm@v2": 20.0, "tiny-lm@v1": 80.0}
-            with pytest.raises(CanaryError, match="already running"):
-                await router.start("tiny-lm@v2", force=True)
-            aborted = await router.abort_canary(reason="test")
-            assert aborted["status"]["weights"] == {"tiny-lm@v1": 100.0}
-            assert aborted["status"]["history"][-1]["state"] == "aborted"
-        finally:
-            router._control.cancel()
+        with pytest.raises(ValidationFailedError, match="its validation against it failed: perplexity"):
+            await router.start("tiny-lm@v2")
+        with pytest.raises(CanaryError, match="already the stable version"):
+            await router.start("tiny-lm@v1")
+        with pytest.raises(CanaryError, match="no canary is running"):
+            await router.abort_canary()
+        forced = await router.start("tiny-lm@v2", force=True, plan={"steps": [20, 100], "hold_s": 5})
+        assert forced["status"]["weights"] == {"tiny-lm@v2": 20.0, "tiny-lm@v1": 80.0}
+        with pytest.raises(CanaryError, match="already running"):
+            await router.start("tiny-lm@v2", force=True)
+        aborted = await router.abort_canary(reason="test")
+        assert aborted["status"]["weights"] == {"tiny-lm@v1": 100.0}
+        assert aborted["status"]["history"][-1]["state"] == "aborted"
 
     asyncio.run(main())
