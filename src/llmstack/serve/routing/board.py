@@ -23,6 +23,7 @@ on their local state, and a restarted board gets the survivors' current override
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -266,9 +267,12 @@ class BoardLink:
         """
         self.apply_views(await self._call("exchange", self.replica, self.reports()))
 
-    async def run_exchange(self, period_s: float = EXCHANGE_S) -> None:
-        """Exchange every ``period_s`` until cancelled; a lost board is retried, never raised."""
+    async def run_exchange(self, period_s: float = EXCHANGE_S, wake: asyncio.Event | None = None) -> None:
+        """Exchange every ``period_s`` (or as soon as ``wake`` is set) until cancelled; a lost board is retried,
+        never raised."""
         while True:
+            if wake is not None:
+                wake.clear()
             try:
                 await self.exchange()
             except asyncio.CancelledError:
@@ -277,7 +281,11 @@ class BoardLink:
                 if self.connected or self.last_error is None:
                     logger.warning("routing board %s unreachable (%s); routing on the last weights", self.name, exc)
                 self.connected = False
-            await asyncio.sleep(period_s)
+            if wake is None:
+                await asyncio.sleep(period_s)
+            else:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(wake.wait(), period_s)
 
     def status(self) -> dict[str, Any]:
         return {"name": self.name, "connected": self.connected, "routing_version": self.routing_version,

@@ -44,10 +44,12 @@ class CanaryEngine:
         clients: version name -> its engine (a ``ServeEngineClient`` over the model deployment).
         connect: makes the engine of a version added at run time from ``(deployment, app)``.
         metrics: the canary part of the layer's metrics (:class:`~llmstack.serve.routing.metrics.CanaryMetrics`).
+        notify: called when a non-stable version answers badly (the board should hear of it now, not later).
     """
 
     def __init__(self, scope: str, spec: dict[str, Any], clients: dict[str, Any], *,
-                 connect: Callable[[str, str], Any], metrics: Any) -> None:
+                 connect: Callable[[str, str], Any], metrics: Any,
+                 notify: Callable[[], None] = lambda: None) -> None:
         self.scope = scope
         refs = {v["name"]: v["ref"] for v in spec["versions"]}
         self.versions = {name: _Version(name=name, ref=refs.get(name), client=client)
@@ -60,6 +62,7 @@ class CanaryEngine:
         self.transitions: dict[str, int] = {}
         self.connect = connect
         self.metrics = metrics
+        self.notify = notify
         self._finished: list[list[Any]] = []  # [version, finished at (monotonic), latency, ttft, error, bad, shadow]
         self._in_flight: dict[int, tuple[str, float]] = {}
         self._next = 0
@@ -154,6 +157,8 @@ class CanaryEngine:
         self._finished.append([version, now, now - started, ttft, error, bad, shadow])
         self.metrics.observe(self.scope, version, latency=now - started, ttft=ttft, error=error, bad=bad,
                              shadow=shadow)
+        if (error or bad) and version != self.stable:
+            self.notify()
 
     def _failed(self, version: _Version, exc: BaseException) -> LLMStackError:
         """The caller's error for a version's failure, marked with the version (header) and its role."""

@@ -48,12 +48,13 @@ class RoutingEngine:
         retry = self.config.retry_after_s
         regions = spec.get("regions") or {}
         self.canary_metrics = CanaryMetrics(in_regions=bool(regions))
+        self._wake: asyncio.Event | None = None  # set: exchange with the board now (a candidate answered badly)
         self.canaries: dict[str, CanaryEngine] = {}
         for scope, (data, _) in canary_scopes(spec).items():
             version_handles = handles["canary"] if scope == "" else handles["regions"][scope]
             clients = {name: ServeEngineClient(h, retry_after_s=retry) for name, h in version_handles.items()}
             self.canaries[scope] = CanaryEngine(scope, data, clients, connect=serve_client(retry),
-                                                metrics=self.canary_metrics)
+                                                metrics=self.canary_metrics, notify=self._evidence)
         connect = (lambda: board) if board is not None else None
         self.regions: RegionEngineClient | None = None
         if regions:
@@ -76,7 +77,12 @@ class RoutingEngine:
         if self.regions is not None:
             self.regions.start_probes()
         if self.link is not None and self.canaries and (self._exchange is None or self._exchange.done()):
-            self._exchange = asyncio.get_running_loop().create_task(self.link.run_exchange(EXCHANGE_S))
+            self._wake = asyncio.Event()
+            self._exchange = asyncio.get_running_loop().create_task(self.link.run_exchange(EXCHANGE_S, self._wake))
+
+    def _evidence(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
 
     def _reports(self) -> dict[str, Any]:
         return {scope: engine.report() for scope, engine in self.canaries.items()}

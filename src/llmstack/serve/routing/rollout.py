@@ -215,7 +215,12 @@ class CanaryScope:
         return c.status(candidate_ref=self.versions[c.candidate].ref)
 
     async def status(self) -> dict[str, Any]:
-        """Versions, weights, per-version KPIs (last window), and the canary in progress or last ended."""
+        """Versions, weights, per-version KPIs (last window), and the canary in progress or last ended.
+
+        Answered once every live ingress replica routes on the current weights, so the counts include every
+        request routed under the previous ones (e.g. to a candidate just rolled back).
+        """
+        await self._settle()
         now = time.monotonic()
         window = self.cfg.thresholds.window_s
         versions = {}
