@@ -61,6 +61,9 @@ def test_start_true_with_a_candidate_failing_the_gate_serves_stable(gated_regist
     refused = [e for e in status["events"] if e["event"] == "start_refused"]
     assert refused and refused[0]["error"] == "ValidationFailedError" and "perplexity" in refused[0]["message"]
     assert status["app"] == "canary-unit" and status["serve"]["api_key"] is None
+    import ray
+
+    assert not ray.is_initialized()  # a status outside a cluster asks nothing of Ray (it started a local one before)
 
 
 def test_admin_calls_raise_llmstack_errors(gated_registry: Registry) -> None:

@@ -276,8 +276,15 @@ class CanaryEngine:
         return stable.cards
 
     async def check_health(self) -> None:
-        """Health of what serves traffic (every version with a weight); raises when one is down."""
-        await asyncio.gather(*(self.versions[n].client.check_health() for n in self.weights if n in self.versions))
+        """Health of what serves traffic (every version with a weight); raises when one is down. A down
+        candidate's error is marked ``canary_candidate`` (the canary's evidence, not its region's)."""
+        stable = self.versions[self.stable]
+        others = [self.versions[n] for n in self.weights if n in self.versions and n != self.stable]
+        results = await asyncio.gather(stable.client.check_health(), *(v.client.check_health() for v in others),
+                                       return_exceptions=True)
+        for version, result in zip([stable, *others], results):
+            if isinstance(result, BaseException):
+                raise self._failed(version, result)
 
     async def abort(self, request_id: str) -> bool:
         """Cancel a request on whichever version holds it."""

@@ -125,7 +125,8 @@ class RegionEngineClient:
             raise
         if not done:
             check.cancel()
-        ok = bool(done) and not check.cancelled() and check.exception() is None
+        ok = bool(done) and not check.cancelled() and (
+            check.exception() is None or getattr(check.exception(), "canary_candidate", False))
         was = self.router.regions[name].healthy
         self.router.probed(name, ok)
         if was != self.router.regions[name].healthy:

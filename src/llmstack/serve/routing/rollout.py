@@ -388,8 +388,11 @@ class CanaryScope:
 def _http_address() -> dict[str, Any]:
     """Host and port Serve's HTTP proxy really listens on (the config's may be overridden by http_options)."""
     try:
+        import ray
         from ray.serve.context import _get_global_client
 
+        if not ray.is_initialized():  # outside a cluster (unit tests): asking would start a local Ray
+            return {}
         http = _get_global_client().http_config
         return {"host": http.host, "port": http.port}
     except Exception:
