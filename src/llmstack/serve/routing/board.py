@@ -177,15 +177,11 @@ class BoardLink:
                  local_routing: Callable[[], dict[str, Any]] = dict, connect: Callable[[], Any] = _no_board,
                  reports: Callable[[], dict[str, Any]] = dict,
                  apply_views: Callable[[dict[str, Any]], None] = _ignore, timeout_s: float = 2.0) -> None:
-        self.name = name
-        self.replica = replica
-        self.apply_routing = apply_routing
-        self.apply_ejection = apply_ejection
-        self.local_routing = local_routing
-        self.connect = connect
-        self.reports = reports
-        self.apply_views = apply_views
-        self.timeout_s = timeout_s
+        self.name, self.replica, self.connect, self.timeout_s = name, replica, connect, timeout_s
+        # region news: a peer's override and ejections in, this replica's override out (to a new board)
+        self.apply_routing, self.apply_ejection, self.local_routing = apply_routing, apply_ejection, local_routing
+        # canary news: this replica's reports out, the canaries' views in
+        self.reports, self.apply_views = reports, apply_views
         self.handle: Any = None
         self.board_id: str | None = None
         self.seen_seq = 0
@@ -249,16 +245,7 @@ class BoardLink:
 
     async def run(self, period_s: float) -> None:
         """Sync every ``period_s`` until cancelled; a lost board is retried, never raised."""
-        while True:
-            try:
-                await self.sync()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if self.connected or self.last_error is None:
-                    logger.warning("routing board %s unreachable (%s); routing on local state", self.name, exc)
-                self.connected = False
-            await asyncio.sleep(period_s)
+        await self._repeat(self.sync, period_s, None, "routing on local state")
 
     async def exchange(self) -> None:
         """Send the canary news once and adopt the views (raises when the board cannot be reached).
@@ -270,16 +257,20 @@ class BoardLink:
     async def run_exchange(self, period_s: float = EXCHANGE_S, wake: asyncio.Event | None = None) -> None:
         """Exchange every ``period_s`` (or as soon as ``wake`` is set) until cancelled; a lost board is retried,
         never raised."""
+        await self._repeat(self.exchange, period_s, wake, "routing on the last weights")
+
+    async def _repeat(self, step: Callable[[], Any], period_s: float, wake: asyncio.Event | None,
+                      meanwhile: str) -> None:
         while True:
             if wake is not None:
                 wake.clear()
             try:
-                await self.exchange()
+                await step()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 if self.connected or self.last_error is None:
-                    logger.warning("routing board %s unreachable (%s); routing on the last weights", self.name, exc)
+                    logger.warning("routing board %s unreachable (%s); %s", self.name, exc, meanwhile)
                 self.connected = False
             if wake is None:
                 await asyncio.sleep(period_s)

@@ -13,7 +13,7 @@ import pytest
 
 from llmstack.config import ServeConfig, to_dict
 from llmstack.errors import RequestError
-from llmstack.registry import Registry, validation_key
+from llmstack.registry import Registry
 from llmstack.serve.canary.config import CanaryConfig
 from llmstack.serve.protocol import (ChoiceDelta, ChoiceOutput, GenerationChunk, GenerationRequest,
                                      GenerationResult, SamplingParams, Timing)
@@ -21,6 +21,8 @@ from llmstack.serve.regions.config import load_regions_config, spec_of
 from llmstack.serve.routing.board import RoutingBoard
 from llmstack.serve.routing.headers import _SLOT, routing_headers
 from llmstack.serve.routing.ingress import RoutingEngine
+
+from .conftest import two_versions
 
 V1, V2 = "tiny-lm@v1", "tiny-lm@v2"
 
@@ -79,15 +81,7 @@ class Handle:
 @pytest.fixture
 def registry(tmp_path: Path) -> Registry:
     """tiny-lm@v1 (production) and tiny-lm@v2, whose validation against v1 passed."""
-    files = tmp_path / "files"
-    files.mkdir()
-    (files / "weights.txt").write_text("not a real model: the gate reads only annotations")
-    registry = Registry(str(tmp_path / "registry"))
-    v1 = registry.register("tiny-lm", files, kind="model")
-    v2 = registry.register("tiny-lm", files, kind="model", parents=[str(v1)])
-    registry.set_alias("tiny-lm", "production", v1)
-    registry.annotate(v2, validation_key(v1), {"passed": True, "baseline": str(v1), "failed_checks": []})
-    return registry
+    return two_versions(tmp_path, v2_passed=True)
 
 
 def canary_scope(serve: dict[str, Any], *, prefix: str = "", **canary: Any) -> dict[str, Any]:

@@ -11,23 +11,17 @@ import pytest
 
 from llmstack.config import ServeConfig, to_dict
 from llmstack.errors import ValidationFailedError
-from llmstack.registry import Registry, validation_key
+from llmstack.registry import Registry
 from llmstack.serve.canary.config import CanaryConfig, CanaryError
 from llmstack.serve.routing.rollout import CanaryScope
+
+from .conftest import two_versions
 
 
 @pytest.fixture
 def gated_registry(tmp_path: Path) -> Registry:
     """tiny-lm@v1 (production) and tiny-lm@v2, whose validation against v1 failed."""
-    files = tmp_path / "files"
-    files.mkdir()
-    (files / "weights.txt").write_text("not a real model: the gate reads only annotations")
-    registry = Registry(str(tmp_path / "registry"))
-    v1 = registry.register("tiny-lm", files, kind="model")
-    v2 = registry.register("tiny-lm", files, kind="model", parents=[str(v1)])
-    registry.set_alias("tiny-lm", "production", v1)
-    registry.annotate(v2, validation_key(v1), {"passed": False, "failed_checks": ["perplexity"]})
-    return registry
+    return two_versions(tmp_path, v2_passed=False)
 
 
 def router_spec(registry: Registry, *, start: bool) -> dict[str, Any]:
