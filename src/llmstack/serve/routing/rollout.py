@@ -29,6 +29,8 @@ from llmstack.serve.canary.kpis import KPIWindow, Observation
 
 logger = logging.getLogger("ray.serve")
 
+ROWS_TTL_S = 1.0  # the KPI rows the replicas show on /metrics are summarized at most this often
+
 
 @dataclass
 class _Version:
@@ -75,6 +77,7 @@ class CanaryScope:
         self.transitions: Counter[str] = Counter()  # canaries started and how they ended
         self._tasks: set[asyncio.Task] = set()
         self._lock = asyncio.Lock()
+        self._rows: tuple[float, dict[str, Any]] = (float("-inf"), {})  # KPI rows for /metrics, and when
 
     async def begin(self) -> None:
         """Start the configured canary (``start: true``); a refused start serves the stable version and says why."""
@@ -121,9 +124,11 @@ class CanaryScope:
         if c is not None and c.running and c.step == -1 and c.plan.shadow_share > 0:
             shadow = {"candidate": c.candidate, "share": c.plan.shadow_share}
         now = time.monotonic()
-        window = self.cfg.thresholds.window_s
-        rows = {n: KPIWindow.summarize([o for o in v.kpi.window(0, now, window) if not o.shadow])
-                for n, v in self.versions.items()}
+        if now - self._rows[0] > ROWS_TTL_S or set(self._rows[1]) != set(self.versions):
+            window = self.cfg.thresholds.window_s
+            self._rows = (now, {n: KPIWindow.summarize([o for o in v.kpi.window(0, now, window) if not o.shadow])
+                                for n, v in self.versions.items()})
+        rows = self._rows[1]
         return {"epoch": self.epoch, "stable": self.stable, "weights": dict(self.weights), "shadow": shadow,
                 "versions": [{"name": v.name, "ref": v.ref, "app": v.app, "deployment": v.deployment}
                              for v in self.versions.values()],

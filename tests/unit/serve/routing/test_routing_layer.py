@@ -153,6 +153,7 @@ def test_a_breach_seen_by_one_replica_rolls_back_on_every_replica(registry: Regi
         finally:
             for loop in loops:
                 loop.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
         board._control.cancel()
 
     asyncio.run(scenario())
@@ -176,6 +177,7 @@ def test_weights_set_by_hand_return_once_every_replica_routes_on_them(registry: 
         finally:
             for loop in loops:
                 loop.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
 
     asyncio.run(scenario())
 
