@@ -8,8 +8,10 @@ one builder path (``builder``) that ``serve.canary`` and ``serve.regions`` assem
 
 May import: ``llmstack.config``, ``errors``, ``registry``, ``serve.protocol``, ``serve.http``,
 ``serve.deployments`` and the pure policy rooms ``serve.canary`` (config, controller, kpis) and
-``serve.regions`` (config, policy, cost). Nothing outside ``serve`` imports it directly: apps are built
-through ``serve.canary`` and ``serve.regions``.
+``serve.regions`` (config, policy, cost). The other way, only their assembly uses it (``canary.builder``,
+``canary.operations``, ``regions.builder``) and ``regions.config`` its header names, so no module imports
+itself back. Nothing outside ``serve`` imports it: apps are built through ``serve.canary`` and
+``serve.regions``.
 
 A canary inside one region is a region whose config carries a ``canary:`` block; its split, plan and
 promotion touch that region only.
