@@ -8,7 +8,7 @@ from typing import Any
 from llmstack.config import ServeConfig, load_config, to_dict
 from llmstack.serve.canary.config import INGRESS, load_canary_config, resolve_canary
 from llmstack.serve.deployments.builder import INGRESS_RESOURCES, replica_resources, run_app
-from llmstack.serve.routing.builder import app_of as routing_app
+from llmstack.serve.routing.builder import app_of as routing_app, delete_with_versions
 
 
 def build_canary_app(args: dict[str, Any] | None = None) -> Any:
@@ -49,17 +49,7 @@ class CanaryDeployment:
         return self.url.rstrip("/") + "/v1"
 
     def shutdown(self) -> None:
-        from ray import serve as _serve
-
-        try:
-            apps = list(_serve.status().applications)
-        except Exception:
-            apps = []
-        for name in [a for a in apps if a.startswith(self.app_name + "--")] + [self.app_name]:
-            try:
-                _serve.delete(name)
-            except Exception:
-                pass
+        delete_with_versions(self.app_name)
 
     def __enter__(self) -> CanaryDeployment:
         return self

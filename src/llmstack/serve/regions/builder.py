@@ -24,7 +24,7 @@ from llmstack.serve.canary.config import resolve_scope
 from llmstack.serve.deployments.builder import (INGRESS_RESOURCES, Deployment, replica_resources, resolve_config,
                                                 run_app)
 from llmstack.serve.regions.config import INGRESS, RegionsConfig, load_regions_config, spec_of
-from llmstack.serve.routing.builder import app_of as routing_app
+from llmstack.serve.routing.builder import app_of as routing_app, delete_with_versions
 
 
 def resolve_regions(args: dict[str, Any] | str | None) -> dict[str, Any]:
@@ -129,6 +129,10 @@ class RegionsDeployment(Deployment):
     """A running multi-region app (a :class:`~llmstack.serve.Deployment`) with its resolved per-region spec."""
 
     spec: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def shutdown(self) -> None:
+        """Delete the application and any version a region's canary added at run time."""
+        delete_with_versions(self.app_name)
 
 
 def deploy_regions(config: dict[str, Any] | str | None = None, *, replace: bool = False,

@@ -93,6 +93,19 @@ def version_deployment(version: dict[str, Any], *, replicas: int | None = 1, nam
     return server_class().options(**options).bind(version["serve"])
 
 
+def delete_with_versions(app_name: str) -> None:
+    """Delete a routed app and the side applications of versions a canary added at run time (``<app>--...``)."""
+    try:
+        apps = list(serve.status().applications)
+    except Exception:
+        apps = []
+    for name in [a for a in apps if a.startswith(app_name + "--")] + [app_name]:
+        try:
+            serve.delete(name)
+        except Exception:  # already gone
+            pass
+
+
 def region_options(options: dict[str, Any], resource: str) -> dict[str, Any]:
     """Model deployment options asking a sliver of the region's marker resource, so Ray places it there only."""
     actor = dict(options["ray_actor_options"])
