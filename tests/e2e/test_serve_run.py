@@ -20,9 +20,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "serve_configs").glob("*.yaml"))
-# multi-region.yaml needs nodes marked with its regions' resources: its own tests below
+# multi-region.yaml and canary-in-region.yaml need nodes marked with their regions' resources: own tests below
 REGION_FILE = REPO / "serve_configs" / "multi-region.yaml"
-PLAIN_CONFIGS = [c for c in CONFIGS if c != REGION_FILE]
+CANARY_IN_REGION_FILE = REPO / "serve_configs" / "canary-in-region.yaml"
+PLAIN_CONFIGS = [c for c in CONFIGS if c not in (REGION_FILE, CANARY_IN_REGION_FILE)]
 
 
 def _free_port() -> int:
@@ -48,7 +49,7 @@ def quickstart_registry(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def test_every_shipped_config_is_covered() -> None:
     assert {c.name for c in PLAIN_CONFIGS} >= {"tiny.yaml", "tiny-lora.yaml"}
-    assert REGION_FILE in CONFIGS
+    assert REGION_FILE in CONFIGS and CANARY_IN_REGION_FILE in CONFIGS
 
 
 @contextlib.contextmanager
@@ -200,6 +201,27 @@ def test_serve_run_multi_region_on_marked_nodes(quickstart_registry: str, tmp_pa
         cli = subprocess.run([sys.executable, "-m", "llmstack", "cost", "--url", base], capture_output=True,
                              text=True, timeout=60)
         assert cli.returncode == 0 and "TOTAL" in cli.stdout, cli.stderr
+
+
+@pytest.mark.slow
+def test_serve_run_canary_in_region_on_marked_nodes(quickstart_registry: str, tmp_path: Path) -> None:
+    """The shipped canary-in-region file on one 2-CPU node holding both regions' markers: eu-west answers with
+    a version header (its canary), us-east without; /canary?region=eu-west shows the plan running."""
+    short = Path(tempfile.mkdtemp(prefix="lsm-"))  # Ray's socket paths must stay short
+    with _marked_cluster(short, {"region:us-east": 1, "region:eu-west": 1},
+                         LLMSTACK_REGISTRY=quickstart_registry, TOKENIZERS_PARALLELISM="false") as address, \
+            _serve_run(CANARY_IN_REGION_FILE, quickstart_registry, tmp_path, address=address,
+                       RAY_TMPDIR=str(short), RAY_AUTH_MODE="token") as (base, _app):
+        seen: dict[str, set] = {}
+        for _ in range(8):  # round robin: both regions answer
+            r = requests.post(base + "/v1/completions", json={"prompt": "def add(a, b):", "max_tokens": 8},
+                              timeout=60)
+            assert r.status_code == 200, r.text
+            seen.setdefault(r.headers["x-llmstack-region"], set()).add(r.headers.get("x-llmstack-version"))
+        assert set(seen) == {"us-east", "eu-west"}
+        assert seen["us-east"] == {None} and None not in seen["eu-west"], seen
+        canary = requests.get(base + "/canary?region=eu-west", timeout=10).json()
+        assert canary["region"] == "eu-west" and canary["canary"]["state"] == "running", canary
 
 
 def test_missing_model_tells_to_run_the_quickstart(tmp_path: Path) -> None:

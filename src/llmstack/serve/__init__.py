@@ -2,7 +2,8 @@
 
 Rooms, each importable on its own: ``engine/`` (inference, no HTTP, no Ray), ``protocol`` (request and
 response models), ``http/`` (the OpenAI FastAPI app), ``deployments/`` (the Serve deployments and the
-app builder), ``canary/`` (progressive releases behind a router).
+app builder), ``routing/`` (the routing layer: region and canary policies in one ingress), ``canary/``
+(progressive releases) and ``regions/`` (multi-region serving), both configurations of ``routing/``.
 
 Example:
     >>> import llmstack

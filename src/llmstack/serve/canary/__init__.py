@@ -1,19 +1,19 @@
-"""Canary releases on Ray Serve: a router in front of model versions, live KPIs, progressive rollout, rollback.
+"""Canary releases on Ray Serve: model versions side by side, live KPIs, progressive rollout, rollback.
 
-Topology (one Serve application, plus one side application per version started at run time)::
+A canary is a policy of the routing layer (:mod:`llmstack.serve.routing`); a canary app is that layer
+with one canary, and a multi-region app may run one inside a region (its ``canary:`` block). Topology
+(one Serve application, plus one side application per version started at run time)::
 
-    HTTP ─▶ CanaryIngress (the OpenAI API of ``http.make_api`` + /canary admin routes, session keys)
-               │  generate(request, key) / stream(request, key) over a DeploymentHandle
-               ▼
-            CanaryRouter ×1 (weights, sticky keys, per-version KPIs, the rollout controller, shadow mirror)
-               │  the engine protocol (``ServeEngineClient``) per version
-               ▼
-            LLMServer "tiny-lm@v1" (stable)      LLMServer "tiny-lm@v2" (candidate)      ...
+    HTTP ─▶ CanaryIngress ×router_replicas (OpenAI API + /canary admin routes; each replica routes by the
+               │  weights, sticky keys, measures KPIs, mirrors shadow traffic)      ▲ KPIs / weights
+               │  the engine protocol (``ServeEngineClient``) per version           ▼ (every 0.1 s)
+               ▼                                                              RoutingBoard ×1 (the rollout
+            LLMServer "tiny-lm@v1" (stable)   LLMServer "tiny-lm@v2" (candidate)   controller; registry writes)
 
 Rooms: ``config`` (versions, plan, thresholds, resolution), ``kpis`` (live windows), ``controller``
-(the rollout state machine, pure, on an injected clock), ``router`` (the deployment that routes and
-owns the controller), ``metrics``, ``ingress`` (HTTP + admin routes), ``builder`` (the app and
-``deploy_canary``), ``operations`` (driver-side calls for the CLI).
+(the rollout state machine, pure, on an injected clock), ``builder`` (the app and ``deploy_canary``),
+``operations`` (driver-side calls for the CLI). May import ``llmstack.config``, ``errors``, ``registry``
+and ``serve.routing`` (builder, board) for assembly and operations.
 
 Example:
     >>> dep = deploy_canary({"stable": "tiny-lm@v1", "candidate": "tiny-lm@v2",

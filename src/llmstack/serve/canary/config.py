@@ -15,8 +15,7 @@ from typing import Any
 from llmstack.config import ServeConfig, load_beside_serve, to_dict
 from llmstack.errors import ArtifactNotFoundError, ConfigError, LLMStackError
 
-ROUTER = "CanaryRouter"
-INGRESS = "CanaryIngress"
+INGRESS = "CanaryIngress"  # the Serve name of a canary app's routing ingress
 VERSION_HEADER = "x-llmstack-version"  # response header: the version that answered
 
 
@@ -126,6 +125,12 @@ class CanaryConfig:
     force: bool = False  # start/promote without a passing validation report (recorded as a forced promotion)
     session_header: str = "x-session-id"  # request header pinning a caller to a version (else the `user` field)
     version_replicas: int = 1  # replicas per version (autoscaling settings apply to the stable version's app only)
+    router_replicas: int = 2  # ingress replicas routing requests (they share weights and KPIs through the board)
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.router_replicas < 1:
+            return [("router_replicas", f"must be >= 1, got {self.router_replicas}")]
+        return []
 
 
 def _split_args(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -217,7 +222,7 @@ def resolve_version(spec: VersionSpec, serve_cfg: ServeConfig, *, taken: set[str
 
 
 def resolve_canary(args: CanaryConfig | dict[str, Any] | str | None) -> dict[str, Any]:
-    """Parse and resolve a canary config into plain data for the router: versions, weights, plan.
+    """Parse and resolve a canary config into plain data for the routing layer: versions, weights, plan.
 
     Raises:
         ConfigError: bad fields; weights not summing to 100 or naming unknown versions.
@@ -228,8 +233,24 @@ def resolve_canary(args: CanaryConfig | dict[str, Any] | str | None) -> dict[str
 
     registry = Registry(serve_cfg.registry) if serve_cfg.registry else Registry()
     serve_cfg = dataclasses.replace(serve_cfg, registry=registry.url)
+    return {"serve": to_dict(serve_cfg), **resolve_scope(cfg, serve_cfg, stable_model=cfg.stable)}
+
+
+def resolve_scope(cfg: CanaryConfig, serve_cfg: ServeConfig, *, stable_model: str, prefix: str = "",
+                  stable_deployment: str | None = None, key: str = "") -> dict[str, Any]:
+    """Pin one canary's versions (the stable one, the candidate, further ones) and check its weights.
+
+    Args:
+        prefix: the region's name for a canary inside a region (names its version deployments).
+        stable_deployment: the stable version's deployment name (a region keeps ``LLMServer-<region>``).
+        key: where this canary sits in the config (``regions.eu-west.canary``), for error messages.
+
+    Raises:
+        ConfigError: weights naming unknown versions or not summing to 100; ``start`` without a candidate.
+        ArtifactNotFoundError: a version's model is not in the registry.
+    """
     taken: set[str] = set()
-    stable = resolve_version(VersionSpec(model=cfg.stable), serve_cfg, taken=taken, role="stable")
+    stable = resolve_version(VersionSpec(model=stable_model), serve_cfg, taken=taken, role="stable")
     versions = [stable]
     candidate = None
     if cfg.candidate:
@@ -237,6 +258,11 @@ def resolve_canary(args: CanaryConfig | dict[str, Any] | str | None) -> dict[str
         versions.append(candidate)
     for i, spec in enumerate(cfg.versions):
         versions.append(resolve_version(spec, serve_cfg, taken=taken, role=f"versions[{i}]"))
+    if prefix:
+        for v in versions:
+            v.deployment = deployment_name(f"{prefix}--{v.name}")
+    if stable_deployment:
+        stable.deployment = stable_deployment
     names = [v.name for v in versions]
     roles = {"stable": stable.name, **({"candidate": candidate.name} if candidate else {})}
     weights = {roles.get(k, k): float(v) for k, v in cfg.weights.items()} or {stable.name: 100.0}
@@ -244,8 +270,12 @@ def resolve_canary(args: CanaryConfig | dict[str, Any] | str | None) -> dict[str
     if cfg.start and candidate is None:
         problems.append("start: needs a `candidate`")
     if problems:
-        raise ConfigError(problems)
-    return {"serve": to_dict(serve_cfg), "canary": to_dict(cfg), "stable": stable.name,
-            "candidate": candidate.name if candidate else None, "weights": weights,
-            "versions": [dataclasses.asdict(v) for v in versions]}
+        raise ConfigError([f"{key}.{p}" if key else p for p in problems])
+    return {"canary": to_dict(cfg), "stable": stable.name, "candidate": candidate.name if candidate else None,
+            "weights": weights, "versions": [dataclasses.asdict(v) for v in versions]}
 
+
+def refusal(ref: str, why: str) -> str:
+    """Why a canary of ``ref`` is refused before it starts (its validation gate fails)."""
+    return (f"refusing to start a canary of {ref}: {why}; a clean plan could not promote it. "
+            "Validate it first, or pass force=True (the promotion is then recorded as forced)")

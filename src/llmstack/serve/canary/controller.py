@@ -79,10 +79,12 @@ class RolloutController:
         return float(self.plan.steps[self.step])
 
     def routed(self, version: str) -> None:
-        """A live request was routed to ``version``."""
-        if self.running and version == self.candidate:
+        """A live request was routed to ``version`` (ingress replicas may report it after the canary ended:
+        it still counts as routed to the candidate, not as evidence for a step)."""
+        if version == self.candidate:
             self.routed_to_candidate += 1
-            self.step_requests += 1
+            if self.running:
+                self.step_requests += 1
 
     def wants_shadow(self, routed: str) -> bool:
         """Mirror this request (routed to ``routed``) to the candidate? Only stable traffic, in the shadow phase."""

@@ -66,7 +66,11 @@ class KPIWindow:
 
     def end(self, token: int, obs: Observation | None) -> None:
         self.in_flight.pop(token, None)
-        if obs is None:  # cancelled by the client: not evidence either way
+        self.record(obs)
+
+    def record(self, obs: Observation | None) -> None:
+        """Book a finished request (None: cancelled by the client, not evidence either way)."""
+        if obs is None:
             self.totals["cancelled"] += 1
             return
         self.obs.append(obs)

@@ -1,9 +1,12 @@
 """Driver-side canary operations on a running app: what ``llmstack canary start|status|promote|abort`` and
-``llmstack rollback --app`` call. Each is a call on the app's router deployment; its errors are llmstack
-errors (CanaryError, ValidationFailedError, ConfigError, ArtifactNotFoundError), raised as themselves."""
+``llmstack rollback --app`` call. Each is a call on the app's routing board (where its canaries live, off
+the request path); its errors are llmstack errors (CanaryError, ValidationFailedError, ConfigError,
+ArtifactNotFoundError), raised as themselves. ``region`` names a region's canary in a multi-region app
+(None: the app's only canary)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from typing import Any
@@ -13,14 +16,32 @@ from ray import serve
 from llmstack._console import announce_ray_logs, ray_init_options
 from llmstack.config import ServeConfig, load_config
 from llmstack.errors import ConfigError, LLMStackError, ValidationFailedError
-from llmstack.serve.canary.builder import version_deployment
-from llmstack.serve.canary.config import (ROUTER, CanaryError, CanaryPlan, CanaryThresholds, VersionSpec,
-                                          check_weights, resolve_version)
-from llmstack.serve.canary.router import refusal
+from llmstack.serve.canary.config import (CanaryError, CanaryPlan, CanaryThresholds, VersionSpec, check_weights,
+                                          refusal, resolve_version)
 from llmstack.serve.deployments.builder import delete_app, wait_running
+from llmstack.serve.routing.board import BOARD
+from llmstack.serve.routing.builder import version_deployment
 
 
-def _router(app_name: str, address: str | None) -> Any:
+class _Canary:
+    """One canary of a running app, reached through the app's board: ``call("status")`` etc."""
+
+    def __init__(self, board: Any, region: str | None) -> None:
+        self.board = board
+        self.region = region
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """An admin call from the driver: its llmstack error (unwrapped from Ray's) is raised as itself."""
+        try:
+            return self.board.canary.remote(self.region, method, *args, **kwargs).result()
+        except Exception as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, LLMStackError):
+                raise cause from None
+            raise
+
+
+def _router(app_name: str, address: str | None, region: str | None = None) -> _Canary:
     import ray
 
     if not ray.is_initialized():
@@ -31,36 +52,26 @@ def _router(app_name: str, address: str | None) -> Any:
     except Exception as exc:
         raise CanaryError(f"Ray Serve is not running on this cluster: {exc}") from None
     app = status.applications.get(app_name)
-    if app is None or ROUTER not in app.deployments:
-        canaries = [n for n, a in status.applications.items() if ROUTER in a.deployments]
-        raise CanaryError(f"no canary app named {app_name!r} is running (canary apps: "
-                          f"{', '.join(canaries) or 'none'}); start one with serve_configs/canary.yaml")
-    return serve.get_deployment_handle(ROUTER, app_name=app_name)
+    if app is None or BOARD not in app.deployments:
+        routed = [n for n, a in status.applications.items() if BOARD in a.deployments]
+        raise CanaryError(f"no canary app named {app_name!r} is running (apps with canaries or regions: "
+                          f"{', '.join(routed) or 'none'}); start one with serve_configs/canary.yaml")
+    return _Canary(serve.get_deployment_handle(BOARD, app_name=app_name), region)
 
 
-def _call(method: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """A router admin call from the driver: its llmstack error (unwrapped from Ray's) is raised as itself."""
-    try:
-        return method.remote(*args, **kwargs).result()
-    except Exception as exc:
-        cause = getattr(exc, "cause", None)
-        if isinstance(cause, LLMStackError):
-            raise cause from None
-        raise
-
-
-def canary_status(*, app_name: str = "llmstack-canary", address: str | None = None) -> dict[str, Any]:
+def canary_status(*, app_name: str = "llmstack-canary", address: str | None = None,
+                  region: str | None = None) -> dict[str, Any]:
     """Status of a running canary app: versions, weights, live KPIs, the rollout in progress.
 
     Example:
         >>> print(format_status(canary_status(app_name="llmstack-canary")))  # doctest: +SKIP
     """
-    return _call(_router(app_name, address).status)
+    return _router(app_name, address, region).call("status")
 
 
 def canary_start(candidate: str, *, app_name: str = "llmstack-canary", plan: dict[str, Any] | None = None,
                  thresholds: dict[str, Any] | None = None, force: bool = False, address: str | None = None,
-                 timeout_s: float = 300.0) -> dict[str, Any]:
+                 timeout_s: float = 300.0, region: str | None = None) -> dict[str, Any]:
     """Start a progressive rollout of ``candidate`` (a registry ref or a deployed version's name).
 
     A ref the app does not serve yet is deployed first, as a side application ``<app>--<version>`` with
@@ -72,8 +83,8 @@ def canary_start(candidate: str, *, app_name: str = "llmstack-canary", plan: dic
         ValidationFailedError: its validation report failed (or is missing) and ``force`` is not set.
         ConfigError: a bad plan or thresholds.
     """
-    router = _router(app_name, address)
-    status = _call(router.status)
+    router = _router(app_name, address, region)
+    status = router.call("status")
     if status["running"]:
         c = status["canary"]
         raise CanaryError(f"a canary of {c['candidate']} is already running in app {app_name!r} ({c['phase']}); "
@@ -82,12 +93,12 @@ def canary_start(candidate: str, *, app_name: str = "llmstack-canary", plan: dic
         load_config(CanaryPlan, plan)
     if thresholds is not None:
         load_config(CanaryThresholds, thresholds)
-    name = router.lookup.remote(candidate).result()
+    name = router.call("lookup", candidate)
     if name is None:
         serve_cfg = load_config(ServeConfig, status["serve"])
         version = resolve_version(VersionSpec(model=candidate), serve_cfg, taken=set(status["versions"]),
                                   role="candidate")
-        name = router.lookup.remote(version.ref or version.name).result()
+        name = router.call("lookup", version.ref or version.name)
         steps = (plan or status["canary_defaults"]["plan"]).get("steps", [1])
         if name is None and version.ref and not force and steps:
             from llmstack.registry import Registry
@@ -96,22 +107,23 @@ def canary_start(candidate: str, *, app_name: str = "llmstack-canary", plan: dic
             if not ok:  # refuse before deploying anything
                 raise ValidationFailedError(refusal(version.ref, why))
         if name is None:
-            side = f"{app_name}--{re.sub(r'[^A-Za-z0-9_.-]+', '-', version.name)}"
+            side = f"{app_name}--{re.sub(r'[^A-Za-z0-9_.-]+', '-', (region + '--' if region else '') + version.name)}"
             version.app = side
-            serve.run_many([serve.RunTarget(version_deployment(version), name=side, route_prefix=None)],
+            deployment = version_deployment(dataclasses.asdict(version), resource=status.get("resource"))
+            serve.run_many([serve.RunTarget(deployment, name=side, route_prefix=None)],
                            wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
             try:
                 wait_running(side, timeout_s=timeout_s, what="version application")
             except BaseException:  # not left registered: a corrected retry must be able to start it
                 delete_app(side)
                 raise
-            _call(router.add_version, version.name, version.ref, side, version.deployment)
+            router.call("add_version", version.name, version.ref, side, version.deployment)
             name = version.name
-    return _call(router.start, name, plan=plan, thresholds=thresholds, force=force)
+    return router.call("start", name, plan=plan, thresholds=thresholds, force=force)
 
 
 def canary_promote(*, app_name: str = "llmstack-canary", force: bool = False, reason: str | None = None,
-                   address: str | None = None) -> dict[str, Any]:
+                   address: str | None = None, region: str | None = None) -> dict[str, Any]:
     """Promote the candidate now: it takes 100% of traffic and the registry alias moves (Registry.promote).
 
     Raises:
@@ -119,31 +131,31 @@ def canary_promote(*, app_name: str = "llmstack-canary", force: bool = False, re
             promotion is recorded as ``force-promote`` in the registry history).
         CanaryError: no canary to promote.
     """
-    return _call(_router(app_name, address).promote, force=force, reason=reason)
+    return _router(app_name, address, region).call("promote", force=force, reason=reason)
 
 
 def canary_abort(*, app_name: str = "llmstack-canary", reason: str | None = None,
-                 address: str | None = None) -> dict[str, Any]:
+                 address: str | None = None, region: str | None = None) -> dict[str, Any]:
     """Abort the running canary: the candidate's share drops to 0 at once; in-flight requests finish."""
-    return _call(_router(app_name, address).abort_canary, reason=reason)
+    return _router(app_name, address, region).call("abort_canary", reason=reason)
 
 
 def rollback_app(*, app_name: str = "llmstack-canary", reason: str | None = None,
-                 address: str | None = None) -> dict[str, Any]:
+                 address: str | None = None, region: str | None = None) -> dict[str, Any]:
     """Route a running app back to its previous version and roll the registry alias back (no restarts).
 
     During a canary this aborts it. Returns ``{"ok", "status", "registry_event"}``.
     """
-    return _call(_router(app_name, address).rollback, reason=reason)
+    return _router(app_name, address, region).call("rollback", reason=reason)
 
 
 def set_weights(weights: dict[str, float], *, app_name: str = "llmstack-canary",
-                address: str | None = None) -> dict[str, Any]:
+                address: str | None = None, region: str | None = None) -> dict[str, Any]:
     """Set a static traffic split between deployed versions. Raises ConfigError unless they sum to 100."""
     problems = check_weights({k: float(v) for k, v in weights.items()}, known=None)
     if problems:
         raise ConfigError(problems)
-    return _call(_router(app_name, address).set_weights, weights)
+    return _router(app_name, address, region).call("set_weights", weights)
 
 
 def format_status(status: dict[str, Any]) -> str:

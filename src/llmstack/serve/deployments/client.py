@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from llmstack.errors import LLMStackError, RequestError, model_not_found
@@ -81,16 +81,12 @@ class ServeEngineClient:
             async for chunk in chunks:
                 yield chunk
 
-    async def _relay(self, responses: Any, *,
-                     on_marker: Callable[[dict], None] | None = None) -> AsyncIterator[GenerationChunk]:
+    async def _relay(self, responses: Any) -> AsyncIterator[GenerationChunk]:
         """Chunks of a streaming Serve response: errors re-raised as llmstack errors, the call cancelled
-        downstream when the consumer stops early. Dict items are markers for ``on_marker``."""
+        downstream when the consumer stops early."""
         finished = False
         try:
             async for item in responses:
-                if on_marker is not None and isinstance(item, dict):
-                    on_marker(item)
-                    continue
                 yield item
             finished = True
         except (GeneratorExit, asyncio.CancelledError):

@@ -1,10 +1,12 @@
-"""Multi-region serving: model replicas pinned per region (Ray nodes marked by a custom resource), one global
-router that picks a region per request by cost, latency or turn, ejects failing regions, retries once
-elsewhere, and counts each answer's cost.
+"""Multi-region serving: model replicas pinned per region (Ray nodes marked by a custom resource), the routing
+layer's region policy in front (:mod:`llmstack.serve.routing`): a region per request by cost, latency or
+turn, failing regions ejected, a request retried once elsewhere, each answer's cost counted. A region may
+carry a canary of its own (its ``canary:`` block).
 
-Rooms: ``config`` (RegionSpec, RoutingConfig, parsing), ``policy`` (the pure router state machine on an
-injected clock), ``cost`` (replica-seconds x price, metrics, the ``llmstack cost`` report), ``ingress``
-(the router deployment: OpenAI API + /regions), ``builder`` (the app, node checks, ``deploy_regions``).
+Rooms: ``config`` (RegionSpec, RoutingConfig, parsing), ``policy`` (the pure region router on an injected
+clock), ``cost`` (replica-seconds x price, metrics, the ``llmstack cost`` report), ``builder`` (resolution,
+node checks, ``deploy_regions``; the app itself is assembled by ``serve.routing``). ``config``, ``policy``
+and ``cost`` are used by ``serve.routing``; ``builder`` uses it.
 
 Example:
     >>> dep = deploy_regions({"model": "tiny-lm@production", "regions": {  # doctest: +SKIP

@@ -1,12 +1,13 @@
-"""Assembling a multi-region app: one model deployment pinned per region, the global router as the ingress.
+"""A multi-region app (the routing layer with a region policy): resolution, node checks, ``deploy_regions``.
 
-Topology (one Serve application)::
+Topology (one Serve application, assembled by :func:`llmstack.serve.routing.builder.app_of`)::
 
     HTTP ─▶ RegionIngress ×router_replicas (OpenAI API + /regions; policy, health, retries, cost;
-               │                          overrides and ejections shared through one small board actor)
-               │  the engine protocol per region (ServeEngineClient)
+               │                          overrides, ejections and canaries shared through the RoutingBoard)
+               │  the engine protocol per region (ServeEngineClient, or a canary's split in its region)
                ├─▶ LLMServer-us-east ×replicas   (ray_actor_options.resources: {"region:us-east": 0.001})
-               └─▶ LLMServer-eu-west ×replicas   (... on the nodes started with --resources '{"region:eu-west": 1}')
+               ├─▶ LLMServer-eu-west ×replicas   (... on the nodes started with --resources '{"region:eu-west": 1}')
+               └─▶ LLMServer-eu-west--<candidate> (a canary in eu-west: its `canary:` block, same nodes)
 
 A region is the set of live Ray nodes holding its custom resource; each replica asks for a sliver of it,
 so Ray places it there and nowhere else. A region without such a node fails the deploy, by name.
@@ -15,27 +16,34 @@ so Ray places it there and nowhere else. A region without such a node fails the 
 from __future__ import annotations
 
 import dataclasses
-import uuid
 from typing import Any
 
 from llmstack.config import ServeConfig, load_config, merge_sections, to_dict
 from llmstack.errors import ResourceError
-from llmstack.serve.deployments.builder import (INGRESS_OPTIONS, INGRESS_RESOURCES, Deployment, replica_resources,
-                                                resolve_config, run_app, server_options)
-from llmstack.serve.regions.config import RegionsConfig, load_regions_config, spec_of
-
-REGION_RESOURCE_SHARE = 0.001  # what one replica asks of its region's marker resource (any node holds 1)
+from llmstack.serve.canary.config import resolve_scope
+from llmstack.serve.deployments.builder import (INGRESS_RESOURCES, Deployment, replica_resources, resolve_config,
+                                                run_app)
+from llmstack.serve.regions.config import INGRESS, RegionsConfig, load_regions_config, spec_of
+from llmstack.serve.routing.builder import app_of as routing_app, delete_with_versions
 
 
 def resolve_regions(args: dict[str, Any] | str | None) -> dict[str, Any]:
-    """Parse the flat args and pin the model (and adapters) once: the spec every region's replicas load.
+    """Parse the flat args and pin the model (and adapters) once: the spec every region's replicas load. A
+    region's ``canary`` is resolved too: the pinned model is its stable version, its candidate pinned beside it.
 
     Raises:
         ConfigError: every bad field, with its key path.
-        ArtifactNotFoundError: the model is not in the registry.
+        ArtifactNotFoundError: the model (or a region's candidate) is not in the registry.
     """
     cfg, serve_cfg = load_regions_config(args)
-    return spec_of(cfg, resolve_config(serve_cfg))
+    serve_cfg = resolve_config(serve_cfg)
+    spec = spec_of(cfg, serve_cfg)
+    for name, region in cfg.regions.items():
+        if region.canary is not None:
+            spec["regions"][name]["canary"] = resolve_scope(
+                region.canary, serve_cfg, stable_model=serve_cfg.model, prefix=name,
+                stable_deployment=spec["regions"][name]["deployment"], key=f"regions.{name}.canary")
+    return spec
 
 
 def build_regions_app(args: dict[str, Any] | None = None) -> Any:
@@ -60,30 +68,26 @@ def build_regions_app(args: dict[str, Any] | None = None) -> Any:
 
 
 def app_of(spec: dict[str, Any]) -> Any:
-    """The Application of a resolved spec: a pinned ``LLMServer`` deployment per region, then the router."""
-    from llmstack.serve.deployments.server import LLMServer
-    from llmstack.serve.regions.ingress import RegionIngress
-
-    cfg = load_config(ServeConfig, spec["serve"])
-    spec = {**spec, "deploy_id": uuid.uuid4().hex[:12]}  # names this deploy's shared board (board.py)
-    handles = {name: LLMServer.options(**region_server_options(cfg, region)).bind(spec["serve"])
-               for name, region in spec["regions"].items()}
-    return RegionIngress.options(**router_options(spec)).bind(handles, spec)
+    """The Application of a resolved spec: the routing layer with a region policy (pinned deployments per
+    region, a region's canary versions beside its stable one) and ``router_replicas`` ingress replicas, spread
+    over nodes by Serve's default (soft) spreading, so a lost node takes one replica, not the entry point."""
+    return routing_app(spec, ingress=INGRESS, replicas=router_replicas(spec))
 
 
-def region_server_options(cfg: ServeConfig, region: dict[str, Any]) -> dict[str, Any]:
-    """``deploy()``'s model options, with a fixed replica count and the region's marker resource."""
-    options = server_options(cfg, name=region["deployment"], replicas=region["replicas"])
-    actor = dict(options["ray_actor_options"])
-    actor["resources"] = {region["resource"]: REGION_RESOURCE_SHARE}
-    options["ray_actor_options"] = actor
-    return options
+def router_replicas(spec: dict[str, Any]) -> int:
+    return int(spec["routing"].get("router_replicas", 2))
 
 
-def router_options(spec: dict[str, Any]) -> dict[str, Any]:
-    """The router's options: ``router_replicas`` replicas, spread over nodes by Serve's default (soft)
-    spreading, so a lost node takes one replica, not the entry point, while a one-node cluster still fits."""
-    return {**INGRESS_OPTIONS, "num_replicas": int(spec["routing"].get("router_replicas", 2))}
+def model_replicas(spec: dict[str, Any]) -> int:
+    """Model replicas of the app, every region's."""
+    return sum(region_replicas(region) for region in spec["regions"].values())
+
+
+def region_replicas(region: dict[str, Any]) -> int:
+    """Model replicas on one region's nodes: its own, plus its canary's further versions."""
+    canary = region.get("canary")
+    extra = (len(canary["versions"]) - 1) * int(canary["canary"]["version_replicas"]) if canary else 0
+    return int(region["replicas"]) + extra
 
 
 def region_nodes(resource: str) -> list[dict[str, Any]]:
@@ -106,8 +110,8 @@ def check_region_nodes(spec: dict[str, Any]) -> None:
             missing.append(f"{name} (resource {region['resource']!r})")
             continue
         total = sum(n["Resources"].get("CPU", 0.0) for n in nodes)
-        if cpus * region["replicas"] > total + 1e-9:
-            small.append(f"{name}: {region['replicas']} x {cpus:g} CPUs asked, its {len(nodes)} node(s) have "
+        if cpus * region_replicas(region) > total + 1e-9:
+            small.append(f"{name}: {region_replicas(region)} x {cpus:g} CPUs asked, its {len(nodes)} node(s) have "
                          f"{total:g}")
     problems = []
     if missing:
@@ -125,6 +129,10 @@ class RegionsDeployment(Deployment):
     """A running multi-region app (a :class:`~llmstack.serve.Deployment`) with its resolved per-region spec."""
 
     spec: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def shutdown(self) -> None:
+        """Delete the application and any version a region's canary added at run time."""
+        delete_with_versions(self.app_name)
 
 
 def deploy_regions(config: dict[str, Any] | str | None = None, *, replace: bool = False,
@@ -155,13 +163,15 @@ def deploy_regions(config: dict[str, Any] | str | None = None, *, replace: bool 
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
     check_region_nodes(spec)
     serve_cfg = load_config(ServeConfig, spec["serve"])
-    replicas = sum(r["replicas"] for r in spec["regions"].values())
-    needs = [(replica_resources(serve_cfg), replicas),
-             (INGRESS_RESOURCES, int(spec["routing"].get("router_replicas", 2)))]
+    needs = [(replica_resources(serve_cfg), model_replicas(spec)), (INGRESS_RESOURCES, router_replicas(spec))]
     url = run_app(app_of(spec), serve_cfg, replace=replace, timeout_s=timeout_s, needs=needs,
                   what="multi-region application")
     return RegionsDeployment(config=serve_cfg, url=url, app_name=serve_cfg.app_name, spec=spec)
 
 
 def _own(cfg: RegionsConfig) -> dict[str, Any]:
-    return {"regions": to_dict(cfg.regions), "routing": to_dict(cfg.routing)}
+    regions = to_dict(cfg.regions)
+    for region in regions.values():  # keys a region's canary takes from the app (refused when given)
+        if region.get("canary"):
+            region["canary"] = {k: v for k, v in region["canary"].items() if k not in ("stable", "router_replicas")}
+    return {"regions": regions, "routing": to_dict(cfg.routing)}

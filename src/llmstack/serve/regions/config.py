@@ -20,12 +20,13 @@ from typing import Any, Literal
 
 from llmstack.config import ServeConfig, load_beside_serve, to_dict
 from llmstack.errors import ConfigError
+from llmstack.serve.canary.config import CanaryConfig
+from llmstack.serve.routing.headers import COST_HEADER, REGION_HEADER, RETRIED_HEADER
 
 POLICIES = ("cost", "latency", "round_robin")
 INGRESS = "RegionIngress"
-REGION_HEADER = "x-llmstack-region"  # response header: the region that answered
-COST_HEADER = "x-llmstack-cost-usd"  # response header: the measured cost of a non-streamed answer
-RETRIED_HEADER = "x-llmstack-retried"  # response header: "1" when the answer came from a second region
+__all__ = ["COST_HEADER", "INGRESS", "POLICIES", "REGION_HEADER", "RETRIED_HEADER", "RegionSpec", "RegionsConfig",
+           "RoutingConfig", "load_regions_config", "spec_of"]
 _NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?")
 
 
@@ -37,6 +38,9 @@ class RegionSpec:
     latency_ms: float = 0.0  # added network round trip from the router to this region (a stand-in on one site)
     replicas: int = 1  # model replicas pinned to this region's nodes
     resource: str | None = None  # the custom resource marking its nodes; None: "region:<name>"
+    # a canary inside this region: the app's `model` is its stable version, `candidate` (and `versions`) run
+    # beside it on this region's nodes; the other regions are untouched. Keys as a canary app's (no `stable`).
+    canary: CanaryConfig | None = None
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
@@ -135,9 +139,26 @@ def load_regions_config(args: dict[str, Any] | str | None) -> tuple[RegionsConfi
     data = dict(args or {})
     own = {k: data.pop(k) for k in ("regions", "routing") if k in data}
     cfg, serve_cfg, problems = load_beside_serve(RegionsConfig, own, data)
+    problems += _region_canary_problems(own.get("regions"))
     if problems:
         raise ConfigError(problems, source=where)
     return cfg, serve_cfg  # type: ignore[return-value]
+
+
+def _region_canary_problems(regions: Any) -> list[str]:
+    """Keys a region's canary cannot take: its stable version is the app's model, its routers the app's."""
+    problems = []
+    for name, region in (regions or {}).items() if isinstance(regions, dict) else ():
+        canary = region.get("canary") if isinstance(region, dict) else None
+        if not isinstance(canary, dict):
+            continue
+        if "stable" in canary:
+            problems.append(f"regions.{name}.canary.stable: a region's stable version is the app's `model`; "
+                            "remove this key")
+        if "router_replicas" in canary:
+            problems.append(f"regions.{name}.canary.router_replicas: the app's routers serve every region; "
+                            "set routing.router_replicas instead")
+    return problems
 
 
 REGIONS_APP_BUILDER = "llmstack.serve.regions:build_regions_app"
@@ -152,4 +173,4 @@ def spec_of(cfg: RegionsConfig, serve_cfg: ServeConfig) -> dict[str, Any]:
     """Plain data for the router: the serve config and each region with its resource and deployment."""
     return {"serve": to_dict(serve_cfg), "routing": to_dict(cfg.routing),
             "regions": {name: {**to_dict(r), "resource": cfg.resource_of(name), "deployment": deployment_name(name)}
-                        for name, r in cfg.regions.items()}}
+                        for name, r in cfg.regions.items()}}  # a region's `canary` is resolved by resolve_regions

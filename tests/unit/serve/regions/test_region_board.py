@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from llmstack.serve.regions.board import RegionBoard
+from llmstack.serve.routing.board import RoutingBoard
 from llmstack.serve.regions.config import load_regions_config, spec_of
-from llmstack.serve.regions.ingress import RegionEngineClient
+from llmstack.serve.routing.regions import RegionEngineClient
 
 from .test_region_client import FakeRegion, request
 
@@ -15,7 +15,7 @@ from .test_region_client import FakeRegion, request
 class Handle:
     """A Ray actor handle's shape over an in-process board; ``down`` makes every call fail."""
 
-    def __init__(self, board: RegionBoard) -> None:
+    def __init__(self, board: RoutingBoard) -> None:
         self.board = board
         self.down = False
 
@@ -48,7 +48,7 @@ def replicas(shared: Handle, n: int = 2) -> list[RegionEngineClient]:
 
 async def synced(n: int = 2) -> tuple[Handle, list[RegionEngineClient]]:
     """``n`` replicas on one board, each past its first sync."""
-    handle = Handle(RegionBoard())
+    handle = Handle(RoutingBoard())
     clients = replicas(handle, n)
     for r in clients:
         await r.board.sync()
@@ -57,7 +57,7 @@ async def synced(n: int = 2) -> tuple[Handle, list[RegionEngineClient]]:
 
 def test_an_override_on_one_replica_reaches_the_other_and_a_late_one() -> None:
     async def scenario() -> None:
-        handle = Handle(RegionBoard())
+        handle = Handle(RoutingBoard())
         one, two, late = replicas(handle, 3)
         for r in (one, two):
             await r.board.sync()
@@ -108,7 +108,7 @@ def test_a_lost_board_never_blocks_routing_and_a_new_one_gets_the_override_again
         two.router.set_weights({"b": 1})
         assert await two.share_routing() is False  # said in the POST's answer as shared: false
         assert (await two.generate(request())).choices[0].text == "b"  # routing goes on, on local state
-        handle.board, handle.down = RegionBoard(), False  # the board came back empty (its owner was lost)
+        handle.board, handle.down = RoutingBoard(), False  # the board came back empty (its owner was lost)
         await two.board.sync()  # republishes its override
         await one.board.sync()
         assert one.router.weights == {"b": 1.0}

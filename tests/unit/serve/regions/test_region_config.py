@@ -60,3 +60,21 @@ def test_shipped_serve_file_parses() -> None:
     assert len(cfg.regions) >= 2
     total = sum(r.replicas for r in cfg.regions.values()) * serve_cfg.replica_resources()["CPU"] + 0.1
     assert total <= 2.0, "the shipped file must fit a 2-CPU machine"
+
+
+def test_a_region_may_carry_a_canary_which_takes_its_stable_version_from_the_app() -> None:
+    cfg, serve_cfg = load_regions_config(str(ROOT / "serve_configs" / "canary-in-region.yaml"))
+    canary = cfg.regions["eu-west"].canary
+    assert canary is not None and canary.candidate == "tiny-lm@latest" and canary.plan.steps == [10, 50, 100]
+    assert cfg.regions["us-east"].canary is None and serve_cfg.model == "tiny-lm@production"
+    replicas = sum(r.replicas + (r.canary.version_replicas if r.canary else 0) for r in cfg.regions.values())
+    assert replicas * serve_cfg.replica_resources()["CPU"] + 2 * 0.1 <= 2.0, "the shipped file must fit a 2-CPU machine"
+    with pytest.raises(ConfigError) as info:
+        load_regions_config({"regions": {"eu-west": {"canary": {
+            "stable": "tiny-lm@v1", "router_replicas": 3, "plan": {"steps": [50, 10]}, "bogus": 1}}}})
+    text = "\n".join(info.value.problems)
+    for expected in ("regions.eu-west.canary.stable: a region's stable version is the app's `model`",
+                     "regions.eu-west.canary.router_replicas: the app's routers serve every region",
+                     "regions.eu-west.canary.plan.steps: must increase strictly",
+                     "regions.eu-west.canary.bogus: unknown key"):
+        assert expected in text, text

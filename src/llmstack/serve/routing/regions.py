@@ -1,12 +1,15 @@
-"""The global router: an OpenAI ingress whose engine picks a region per request, retries once, and keeps costs.
+"""The region policy on the request path: a region per request, retried once elsewhere, costs counted.
 
-:class:`RegionEngineClient` is the engine protocol over one ``LLMServer`` deployment per region. Each
+:class:`RegionEngineClient` is the engine protocol over one engine per region: the region's ``LLMServer``
+deployment, or a :class:`~llmstack.serve.routing.canary.CanaryEngine` when the region runs a canary. Each
 request goes where :class:`~llmstack.serve.regions.policy.RegionRouter` says; its outcome (latency, failure,
 timeout) feeds the router's health, and a probe task checks every region's replicas every
-``probe_interval_s``. The HTTP app is the shared one (:func:`~llmstack.serve.http.make_api`) with
-``/regions`` status and weight routes, the router's metrics appended to ``/metrics`` and the answering
-region (and a non-streamed answer's cost) as response headers. Several router replicas share overrides and
-ejections through :mod:`~llmstack.serve.regions.board` (off the request path).
+``probe_interval_s``. The answering region (and a non-streamed answer's cost) goes into the request's
+routing slot (response headers, :mod:`.headers`). Several ingress replicas share overrides and ejections
+through the board (:mod:`.board`, off the request path).
+
+A canary candidate's failure is the canary's evidence, not the region's: it is retried elsewhere like any
+failure but never counts toward ejecting the region.
 
 Retry rule: a request that failed on a region before any output reached the client (a non-streamed
 request, or a stream whose first chunk had not come) is retried once on another region; never twice,
@@ -17,33 +20,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
-import json
 import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import Request
-from fastapi.responses import JSONResponse
-from ray import serve
-
 from llmstack.config import ServeConfig, load_config
 from llmstack.errors import LLMStackError, RequestError
 from llmstack.serve.deployments.client import ServeEngineClient
-from llmstack.serve.http import error_response, make_api
-from llmstack.serve.http.metrics import append_metrics
-from llmstack.serve.http.middleware import run_with_slot
 from llmstack.serve.protocol import GenerationChunk, GenerationRequest, GenerationResult, ModelCard
-from llmstack.serve.regions.board import BoardLink, board_name, replica_id
-from llmstack.serve.regions.config import COST_HEADER, INGRESS, REGION_HEADER, RETRIED_HEADER
 from llmstack.serve.regions.cost import RegionMetrics, dollars, replica_seconds
 from llmstack.serve.regions.policy import RegionRouter, nearest_rank
+from llmstack.serve.routing.board import BoardLink, board_name, replica_id
+from llmstack.serve.routing.headers import current_slot
 
 logger = logging.getLogger("ray.serve")
-
-_SLOT: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("llmstack_region_slot", default=None)
 HARD_CODES = ("backend_unavailable",)  # the region's backend is gone (dead actor, no replica): eject at once
 
 
@@ -67,16 +59,20 @@ class RegionEngineClient:
         handles: region name -> ``DeploymentHandle`` of its ``LLMServer`` deployment.
         spec: :func:`~llmstack.serve.regions.config.spec_of` data (serve config, routing, regions).
         clock: the router's clock (tests).
+        connect: returns the routing board's handle (the app's ``RoutingBoard`` deployment).
+        engines: region name -> the engine to use instead of a client over its handle (a region's canary).
     """
 
-    def __init__(self, handles: dict[str, Any], spec: dict[str, Any], *, clock: Any = None) -> None:
+    def __init__(self, handles: dict[str, Any], spec: dict[str, Any], *, clock: Any = None,
+                 connect: Any = None, engines: dict[str, Any] | None = None) -> None:
         self.spec = spec
         serve_cfg = load_config(ServeConfig, spec["serve"])
         regions = {name: {**r, "capacity": r["replicas"] * serve_cfg.deployment["max_ongoing_requests"]}
                    for name, r in spec["regions"].items()}
         self.router = RegionRouter(regions, spec["routing"], clock=clock)
         self.cfg = self.router.cfg
-        self.clients = {name: ServeEngineClient(h, retry_after_s=serve_cfg.http.retry_after_s)
+        engines = engines or {}
+        self.clients = {name: engines.get(name) or ServeEngineClient(h, retry_after_s=serve_cfg.http.retry_after_s)
                         for name, h in handles.items()}
         self.replica = replica_id()
         self.metrics = RegionMetrics(self.replica, int(spec["routing"].get("router_replicas", 1)))
@@ -85,7 +81,8 @@ class RegionEngineClient:
         self._probe_tasks: dict[str, asyncio.Task] = {}
         self.board = None if not spec.get("deploy_id") else BoardLink(
             board_name(serve_cfg.app_name, spec["deploy_id"]), self.replica, apply_routing=self._adopt_routing,
-            apply_ejection=self._peer_ejected, local_routing=self.routing_now)
+            apply_ejection=self._peer_ejected, local_routing=self.routing_now,
+            **({"connect": connect} if connect is not None else {}))
         self._board_task: asyncio.Task | None = None
         self._board_calls: set[asyncio.Task] = set()
 
@@ -128,7 +125,8 @@ class RegionEngineClient:
             raise
         if not done:
             check.cancel()
-        ok = bool(done) and not check.cancelled() and check.exception() is None
+        ok = bool(done) and not check.cancelled() and (
+            check.exception() is None or getattr(check.exception(), "canary_candidate", False))
         was = self.router.regions[name].healthy
         self.router.probed(name, ok)
         if was != self.router.regions[name].healthy:
@@ -324,6 +322,10 @@ class RegionEngineClient:
             return _Attempt(error, retryable=True)
         error = exc if isinstance(exc, LLMStackError) else RequestError(
             f"region {name} failed: {type(exc).__name__}", status_code=500, type="server_error")
+        if getattr(error, "canary_candidate", False):  # the canary's evidence, not the region's
+            self.router.released(name)
+            self.metrics.requests.labels(name, "failed").inc()
+            return _Attempt(error, retryable=error.status_code >= 500)
         if error.status_code < 500:  # the caller's mistake: the same on every region
             self.router.released(name)
             self.metrics.requests.labels(name, "client_error").inc()
@@ -357,10 +359,10 @@ class RegionEngineClient:
             self.metrics.retries.labels(tried[-1], choice.region).inc()
         if not choice.slo_met:
             self.metrics.slo_missed.labels(choice.region).inc()
-        slot = _SLOT.get()
-        if slot is not None:
-            slot["region"] = choice.region
-            slot["retried"] = bool(tried)
+        slot = current_slot()
+        slot["region"] = choice.region
+        slot["retried"] = bool(tried)
+        slot.pop("version", None)  # a region's canary names its version when it routes
 
     def _answered(self, name: str, model: str, request: GenerationRequest, timing: Any, cached: bool,
                   prompt_tokens: int, completion_tokens: int) -> None:
@@ -369,9 +371,8 @@ class RegionEngineClient:
         adapter = request.model if request.model != model else ""
         self.metrics.answered(name, model, adapter, seconds=seconds, cost=cost, prompt_tokens=prompt_tokens,
                               completion_tokens=completion_tokens)
-        slot = _SLOT.get()
-        if slot is not None:
-            slot["cost"] = slot.get("cost", 0.0) + cost
+        slot = current_slot()
+        slot["cost"] = slot.get("cost", 0.0) + cost
 
     async def abort(self, request_id: str) -> bool:
         results = await asyncio.gather(*(c.abort(request_id) for c in self.clients.values()), return_exceptions=True)
@@ -409,87 +410,3 @@ def _unavailable(exc: BaseException | None) -> LLMStackError:
     if isinstance(exc, LLMStackError):
         return exc
     return RequestError("no region answered", status_code=503, type="service_unavailable", code="no_region")
-
-
-class _RegionHeaders:
-    """ASGI middleware: the answering region (and a non-streamed answer's cost) as response headers."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        await run_with_slot(self.app, scope, receive, send, _SLOT, {}, _region_headers)
-
-
-def _region_headers(slot: dict[str, Any]) -> list[tuple[bytes, bytes]]:
-    if not slot.get("region"):
-        return []
-    extra = [(REGION_HEADER.encode(), str(slot["region"]).encode())]
-    if slot.get("retried"):
-        extra.append((RETRIED_HEADER.encode(), b"1"))
-    if "cost" in slot:
-        extra.append((COST_HEADER.encode(), f"{slot['cost']:.9f}".encode()))
-    return extra
-
-
-def region_api(engine: RegionEngineClient, config: ServeConfig) -> Any:
-    """The OpenAI app over ``engine`` plus ``GET /regions``, ``POST /regions/routing`` and the router's metrics."""
-    app = make_api(engine, config)
-
-    @app.get("/regions", summary="Regions: health, p95, in flight, prices, the policy and recent events")
-    async def regions_status() -> JSONResponse:
-        return JSONResponse(json.loads(json.dumps({"ok": True, **engine.status()}, default=str)))
-
-    @app.post("/regions/routing", summary="Change routing now: {policy?, slo_p95_s?, weights?} "
-              "(weights {} clears the manual override)")
-    async def regions_routing(request: Request) -> JSONResponse:
-        try:
-            body = json.loads(await request.body() or b"{}")
-        except ValueError:
-            return error_response(RequestError("request body is not valid JSON", code="invalid_json"))
-        if not isinstance(body, dict) or set(body) - {"policy", "slo_p95_s", "weights"}:
-            return error_response(RequestError("expected a JSON object with policy, slo_p95_s and/or weights",
-                                               param="body"))
-        weights = body.get("weights")
-        if weights is not None and not isinstance(weights, dict):
-            return error_response(RequestError("weights: a mapping of region to share is required",
-                                               param="weights"))
-        try:
-            engine.router.set_routing(policy=body.get("policy"), slo_p95_s=body.get("slo_p95_s"))
-            if weights is not None:
-                engine.router.set_weights(weights)
-        except (LLMStackError, TypeError, ValueError) as exc:
-            return error_response(exc if isinstance(exc, LLMStackError) else RequestError(str(exc)))
-        shared = await engine.share_routing()  # the other router replicas adopt it on their next sync
-        return JSONResponse(json.loads(json.dumps({"ok": True, "shared": shared, **engine.status()}, default=str)))
-
-    async def router_metrics() -> str:
-        return engine.metrics.render(engine.router)
-
-    append_metrics(app, router_metrics, summary="Prometheus metrics (with per-region cost, tokens and health)")
-    app.add_middleware(_RegionHeaders)
-    app.router.on_startup.append(engine.start_probes)
-    return app
-
-
-@serve.deployment(name=INGRESS)
-@serve.ingress()
-class RegionIngress:
-    """HTTP ingress of a multi-region app: the OpenAI API, routing each request to a region."""
-
-    def __init__(self, handles: dict[str, Any], spec: dict[str, Any]) -> None:
-        self.config = load_config(ServeConfig, spec["serve"])
-        self.engine = RegionEngineClient(handles, spec)
-
-    def __serve_build_asgi_app__(self) -> Any:
-        return region_api(self.engine, self.config)
-
-    async def probe_now(self) -> dict[str, bool]:
-        """One probe round now (tests and benchmarks)."""
-        return await self.engine.probe_all()
-
-    async def status(self) -> dict[str, Any]:
-        return self.engine.status()
