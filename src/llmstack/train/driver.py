@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmstack._console import announce_ray_logs, ray_init_options
+from llmstack._ray import LOCAL_OBJECT_STORE_BYTES, connect, start_local, worker_runtime_env
 from llmstack.config import ScalingConfig, TrainConfig, TrainingConfig, load_config, to_dict
 from llmstack.errors import ConfigError, ResourceError
 from llmstack.train.checkpoint import SIGNATURE_FILE, model_signature, signature_differences
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 # Environment forwarded from the driver to every worker (test hooks and tokenizer settings).
 _FORWARDED_ENV = ("LLMSTACK_FAULT_AT_STEP", "LLMSTACK_FAULT_FLAG", "LLMSTACK_FAULT_RANK", "HF_HUB_OFFLINE",
                   "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
-_LOCAL_OBJECT_STORE_BYTES = 512 * 1024 * 1024
 
 
 @dataclass
@@ -395,10 +394,8 @@ def ensure_ray(scaling: ScalingConfig) -> None:
     if ray.is_initialized():
         return
     address = scaling.address or os.environ.get("RAY_ADDRESS")
-    env = {"TOKENIZERS_PARALLELISM": "false"}
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, **ray_init_options())
-        announce_ray_logs()
+        connect(address, runtime_env=worker_runtime_env())
         return
     cpus = os.cpu_count() or 1
     needed = scaling.num_workers * scaling.cpus_per_worker
@@ -408,9 +405,7 @@ def ensure_ray(scaling: ScalingConfig) -> None:
             f"{needed:g} CPUs but this machine has {cpus}; lower scaling.num_workers or scaling.cpus_per_worker, "
             "or connect to a larger cluster with scaling.address / RAY_ADDRESS")
     # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
-    ray.init(num_cpus=cpus, object_store_memory=_LOCAL_OBJECT_STORE_BYTES, include_dashboard=True,
-             runtime_env={"env_vars": env}, **ray_init_options())
-    announce_ray_logs()
+    start_local(cpus, LOCAL_OBJECT_STORE_BYTES, runtime_env=worker_runtime_env())
 
 
 def check_cluster(scaling: ScalingConfig) -> None:

@@ -4,13 +4,12 @@ errors (CanaryError, ValidationFailedError, ConfigError, ArtifactNotFoundError),
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any
 
 from ray import serve
 
-from llmstack._console import announce_ray_logs, ray_init_options
+from llmstack._ray import connect
 from llmstack.config import ServeConfig, load_config
 from llmstack.errors import ConfigError, LLMStackError, ValidationFailedError
 from llmstack.serve.canary.builder import version_deployment
@@ -21,11 +20,7 @@ from llmstack.serve.deployments.builder import delete_app, wait_running
 
 
 def _router(app_name: str, address: str | None) -> Any:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto", **ray_init_options())
-        announce_ray_logs()
+    connect(address, require_running=True)
     try:
         status = serve.status()
     except Exception as exc:

@@ -500,13 +500,10 @@ def _own_app_name(configured: str) -> str:
 
 def _http_address() -> dict[str, Any]:
     """Host and port Serve's HTTP proxy really listens on (the config's may be overridden by http_options)."""
-    try:
-        from ray.serve.context import _get_global_client
+    from llmstack._ray import serve_http_address
 
-        http = _get_global_client().http_config
-        return {"host": http.host, "port": http.port}
-    except Exception:
-        return {}
+    http = serve_http_address()
+    return {"host": http[0], "port": http[1]} if http else {}
 
 
 def refusal(ref: str, why: str) -> str:
