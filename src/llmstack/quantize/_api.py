@@ -66,8 +66,8 @@ def quantize(ref: str | ArtifactRef, method: str | None = None, *,
     """
     from tqdm.auto import tqdm
 
-    from llmstack.models.artifact import describe_artifact, stored_dtype
-    from llmstack.models.loading import load_model, load_tokenizer
+    from llmstack.models.artifact import describe_artifact, load_artifact, stored_dtype
+    from llmstack.models.loading import load_tokenizer
     from llmstack.registry import Registry
 
     cfg = _resolve_config(config, method)
@@ -112,7 +112,7 @@ def quantize(ref: str | ArtifactRef, method: str | None = None, *,
             bar.set_postfix_str(message[:60])
 
         step(0)
-        model, _ = load_model(artifact, dtype=cfg.dtype, with_tokenizer=False)
+        model = load_artifact(artifact, dtype=cfg.dtype, with_tokenizer=False).model
         from llmstack.quantize._int8 import decoder_linear_names
 
         layer_names = decoder_linear_names(model)

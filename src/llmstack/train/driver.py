@@ -144,9 +144,10 @@ def train(config: TrainConfig | dict[str, Any] | str | Path | None = None, *,
         positions = cfg.model.max_seq_len or PRESETS[cfg.model.preset]["max_position_embeddings"]
         where = f"model.preset={cfg.model.preset}"
     else:
-        from llmstack.models import load_model
+        from llmstack.models import load_artifact
 
-        source_model = load_model(cfg.model.source, registry=registry, dtype=cfg.model.dtype, with_tokenizer=False)[0]
+        source_model = load_artifact(cfg.model.source, registry=registry, dtype=cfg.model.dtype,
+                                     with_tokenizer=False).model
         # max_position_embeddings (GPT-2's n_positions maps to it); None: no learned limit (ALiBi...).
         positions = getattr(source_model.config, "max_position_embeddings", None)
         where = f"model.source={cfg.model.source}"
@@ -488,29 +489,29 @@ def default_storage_path(registry: Any) -> str:
 def _tokenizer(cfg: TrainConfig, registry: Registry, source_model: Any) -> tuple[Any, ArtifactRef | None]:
     """The tokenizer to use (None: let data preparation train one) and its registry ref if it has one."""
     if cfg.data.tokenizer:
-        from llmstack.models import load_tokenizer, resolve_model_source
+        from llmstack.models import describe_artifact, load_tokenizer
 
-        resolved = resolve_model_source(cfg.data.tokenizer, registry=registry)
-        tokenizer = load_tokenizer(str(resolved.directory))
-        ref = resolved.ref
+        artifact = describe_artifact(cfg.data.tokenizer, registry=registry)
+        tokenizer = load_tokenizer(artifact)
+        ref = artifact.ref
         if ref is None:
             ref = register_tokenizer(registry, f"{cfg.name}-tokenizer", tokenizer, corpus=None,
                                      vocab_size=len(tokenizer))
         return tokenizer, ref
     if source_model is not None and cfg.model.source:
-        from llmstack.models import load_tokenizer, resolve_model_source
+        from llmstack.models import describe_artifact, load_tokenizer
 
-        resolved = resolve_model_source(cfg.model.source, registry=registry)
-        return load_tokenizer(str(resolved.directory)), resolved.ref
+        artifact = describe_artifact(cfg.model.source, registry=registry)
+        return load_tokenizer(artifact), artifact.ref
     return None, None
 
 
 def _source_ref(source: str | None, registry: Registry) -> ArtifactRef | None:
     if not source:
         return None
-    from llmstack.models import resolve_model_source
+    from llmstack.models import describe_artifact
 
-    return resolve_model_source(source, registry=registry).ref
+    return describe_artifact(source, registry=registry).ref
 
 
 def register_tokenizer(registry: Registry, name: str, tokenizer: Any, *, corpus: Any, vocab_size: int) -> ArtifactRef:
