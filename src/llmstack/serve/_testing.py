@@ -141,11 +141,13 @@ def serve_http_port(host: str = "127.0.0.1") -> int:
     from ray import serve
 
     from llmstack._ray import free_port, serve_http_address
+    from llmstack.errors import ResourceError
 
     running = serve_http_address()
     if running is None:  # Serve not started on this cluster yet
         serve.start(http_options={"host": host, "port": free_port(host)})
         running = serve_http_address()
     if running is None:
-        raise RuntimeError("Serve started but its controller reports no HTTP address")
+        raise ResourceError(f"Serve was started on {host} but its controller reports no HTTP address; "
+                            "check the Serve controller's log in the Ray session directory")
     return running[1]
