@@ -28,6 +28,9 @@ Example:
 
 Loading goes through :func:`llmstack.models.load_artifact`; this package registers the loader that
 rebuilds its versions there (:func:`~llmstack.quantize._io.load_recipe_model`) when it is imported.
+
+May import: ``llmstack.config``, ``errors``, ``registry``, ``data`` and ``models``; nothing imports it
+but the facade, the CLI and the quickstart (``llmstack.models`` finds it by name, see QUANTIZED_LOADER_PACKAGES).
 """
 
 from llmstack.models.artifact import register_quantized_loader
