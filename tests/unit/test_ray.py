@@ -125,3 +125,11 @@ def test_importing_it_does_not_import_ray() -> None:
     code = "import sys, llmstack._ray as r; assert not r.is_connected(); print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_private_serve_calls_were_checked_against_the_installed_ray() -> None:
+    """Upgrading Ray fails here until serve_client / serve_http_address / serve_applications / announce_ray_logs
+    are re-read against the new release and CHECKED_RAY_VERSION is moved."""
+    from importlib.metadata import version
+
+    assert version("ray") == _ray.CHECKED_RAY_VERSION
