@@ -3,7 +3,8 @@
 Ray, Serve and Train write their logs to files under the Ray session directory either way; by default
 they are not also copied to this console (their INFO lines would bury the progress bars), and the path
 is printed once instead (:func:`llmstack._ray.announce_ray_logs`). ``LLMSTACK_VERBOSE=1`` (the CLI's
-``--verbose``) copies them here again and keeps the libraries' warnings. The variable, not a module flag, so that Ray jobs and subprocesses agree.
+``--verbose``) copies them here again and keeps the libraries' warnings. The variable, not a module flag,
+so that Ray jobs and subprocesses agree.
 """
 
 from __future__ import annotations
