@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import subprocess
 import sys
@@ -133,3 +134,39 @@ def test_the_private_serve_calls_were_checked_against_the_installed_ray() -> Non
     from importlib.metadata import version
 
     assert version("ray") == _ray.CHECKED_RAY_VERSION
+
+
+class _FakeRay:
+    """Stands in for the ``ray`` module: records ``ray.init`` calls, optionally failing to connect."""
+
+    def __init__(self, *, initialized: bool = False, refuse: bool = False) -> None:
+        self.initialized, self.refuse, self.calls = initialized, refuse, []
+
+    def is_initialized(self) -> bool:
+        return self.initialized
+
+    def init(self, **kwargs: object) -> None:
+        self.calls.append(kwargs)
+        if self.refuse:
+            raise ConnectionError("Could not find any running Ray instance")
+        self.initialized = True
+
+
+def test_connect_passes_the_resolved_address_and_the_console_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.2:6379")
+    monkeypatch.setenv("LLMSTACK_VERBOSE", "1")  # no log-folder announcement to reach into Ray for
+    assert _ray.connect(runtime_env=_ray.worker_runtime_env()) is True
+    assert fake.calls == [{"address": "10.0.0.2:6379", "log_to_driver": True, "logging_level": logging.INFO,
+                           "runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}}]
+    assert _ray.connect("elsewhere:6379") is False and len(fake.calls) == 1  # already connected: untouched
+
+
+def test_connect_to_no_running_cluster_names_the_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _FakeRay(refuse=True)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ResourceError, match=r"no Ray cluster answers at 'auto' .*RAY_ADDRESS"):
+        _ray.connect(require_running=True)
+    assert "runtime_env" not in fake.calls[0]  # none asked for, none passed
