@@ -832,7 +832,8 @@ def main() -> int:
 
     torch.set_num_threads(1)
     from llmstack.autoscale import read_trace
-    from llmstack.autoscale.calibration import calibrate_replica_model, replica_capacity
+    from llmstack.autoscale.calibration import replica_capacity
+    from llmstack.serve.engine.calibration import calibrate_replica_model
     from llmstack.serve._testing import make_registry
     from llmstack.serve.engine import TransformersEngine
 

@@ -353,13 +353,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from llmstack.finetune.data import instruction_tensors
-    from llmstack.models import count_parameters, load_model
+    from llmstack.models import count_parameters, load_artifact
 
     started = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix="llmstack-ftbench-"))
     registry, ref, tokenizer, pretraining = build_base(root, args.layers, args.vocab, args.block,
                                                       pretrain_steps=args.pretrain_steps, threads=args.threads)
-    base_params = count_parameters(load_model(str(ref), registry=registry, with_tokenizer=False)[0])
+    base_params = count_parameters(load_artifact(str(ref), registry=registry, with_tokenizer=False).model)
     log(f"base: small preset with {args.layers} layers, {base_params / 1e6:.1f}M parameters ({ref})")
     tensors = instruction_tensors(QA, tokenizer, max_length=args.block, max_rows=args.rows)
     data_path = root / "data.safetensors"

@@ -177,14 +177,14 @@ def decode_bandwidth(threads: int, tokenizer: Any, registry: Any, refs: dict[str
     import torch
 
     from llmstack.serve.engine.kv import new_cache
-    from llmstack.serve.engine.loading import load_served_model
+    from llmstack.models import load_artifact
 
     torch.set_num_threads(threads)
     out: dict[str, Any] = {"threads": threads, "steps": steps}
     bandwidths = [read_bandwidth(threads)]
     ids = torch.tensor([tokenizer("def parse_config(path):", add_special_tokens=False)["input_ids"]])
     for label, ref in refs.items():
-        model = load_served_model(ref, registry=registry).model.eval()
+        model = load_artifact(ref, registry=registry).model.eval()
         per_step = weight_bytes_per_step(model)
         rates = []
         with torch.inference_mode():

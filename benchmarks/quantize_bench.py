@@ -111,10 +111,10 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
     eval_blocks = _eval_blocks(registry, source)
     rows = run_methods(registry, source, runs, common, eval_blocks, prefix="")
 
-    from llmstack.models import load_model, load_tokenizer
+    from llmstack.models import load_artifact, load_tokenizer
     from llmstack.quantize._evaluate import perplexity
 
-    fp32, _ = load_model(source, registry=registry)
+    fp32 = load_artifact(source, registry=registry).model
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     baselines = {"fp32": perplexity(fp32, eval_blocks), "bf16": perplexity(bf16, eval_blocks)}
     for row in rows.values():
@@ -155,9 +155,10 @@ def inject_outliers(model: Any, *, channels: list[int], factor: float) -> None:
 
 def run_methods(registry: Any, source: str, runs: list[tuple[str, str, dict[str, Any]]], common: dict[str, Any],
                 eval_blocks: Any, *, prefix: str) -> dict[str, Any]:
-    """quantize() -> registry -> load_quantized() for each run; perplexity as recorded and after reload."""
+    """quantize() -> registry -> load_artifact() for each run; perplexity as recorded and after reload."""
     from llmstack.config import merge_sections
-    from llmstack.quantize import load_quantized, quantize
+    from llmstack.models import load_artifact
+    from llmstack.quantize import quantize
     from llmstack.quantize._evaluate import perplexity
 
     rows: dict[str, Any] = {}
@@ -165,7 +166,7 @@ def run_methods(registry: Any, source: str, runs: list[tuple[str, str, dict[str,
         t0 = time.perf_counter()
         result = quantize(merge_sections(common, extra), source=source, method=method, registry=registry,
                           name=prefix + re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")[:50])
-        reloaded, _ = load_quantized(registry, result.ref)
+        reloaded = load_artifact(result.ref, registry=registry).model
         reload_ppl = perplexity(reloaded, eval_blocks)
         m = result.metrics
         rows[label] = {"method": method, "config": extra, "ref": str(result.ref),
@@ -344,7 +345,7 @@ def markdown(results: dict[str, Any]) -> str:
              f"perplexity on {acc['eval_blocks'][0]} blocks of {acc['eval_blocks'][1]} tokens of its training "
              f"run's eval split; fp32 source {acc['baselines']['fp32']:.3f}, bf16 copy "
              f"{acc['baselines']['bf16']:.3f}. Each row went through `quantize()` -> registry -> "
-             "`load_quantized()`; the reloaded model's perplexity is shown too.", "",
+             "`load_artifact()`; the reloaded model's perplexity is shown too.", "",
              "| method | ppl | ppl / fp32 | ppl / bf16 | reloaded ppl | layer bytes / fp32 | model bytes / fp32 |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for label, r in acc["methods"].items():
@@ -443,7 +444,7 @@ def findings(results: dict[str, Any]) -> list[str]:
 
 REAL_JSON = HERE / "results" / "quantize_real.json"
 REAL_PLOT = HERE / "results" / "quantize_real.png"
-# (label, method, config): every row goes through the public quantize() -> registry -> load_quantized()
+# (label, method, config): every row goes through the public quantize() -> registry -> load_artifact()
 REAL_RUNS: list[tuple[str, str, dict[str, Any]]] = [
     ("int8-weight-only", "int8-weight-only", {}),
     ("int8-weight-only, bf16 compute", "int8-weight-only", {"torchao": {"weight_only_compute": "bfloat16"}}),
@@ -530,7 +531,8 @@ def real_model(args: argparse.Namespace) -> dict[str, Any]:
 
     from llmstack.data import load_corpus, pack_corpus
     from llmstack.config import merge_sections
-    from llmstack.quantize import load_quantized, quantize
+    from llmstack.models import load_artifact
+    from llmstack.quantize import quantize
     from llmstack.quantize._evaluate import model_bytes, perplexity
     from llmstack.quantize._int8 import decoder_linear_names
     from llmstack.registry import Registry
@@ -559,7 +561,7 @@ def real_model(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         result = quantize(merge_sections(common, extra), source=str(source), method=method, registry=registry,
                           name=re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")[:50])
-        model, _ = load_quantized(registry, result.ref)
+        model = load_artifact(result.ref, registry=registry).model
         models[label] = model
         rows[label] = {"method": method, "config": extra, **model_bytes(model, layers),
                        "file_bytes": sum(p.stat().st_size for p in registry.fetch(result.ref).glob("*.safetensors")),
@@ -629,7 +631,7 @@ def real_markdown(results: dict[str, Any]) -> str:
              f"{'AMX' if env['cpu']['amx'] else 'no AMX'}: {' '.join(env['cpu']['flags'])}).", "",
              f"Perplexity on {real['eval_blocks'][0]} held-out blocks of {real['eval_blocks'][1]} tokens "
              f"({real['eval_data']} eval split; calibration from its train split); every quantized row went "
-             "through `quantize()` -> registry -> `load_quantized()`. Decode: batch 1, greedy, "
+             "through `quantize()` -> registry -> `load_artifact()`. Decode: batch 1, greedy, "
              f"{real['new_tokens']} tokens after a {real['prompt_tokens']}-token prompt, every model advanced one "
              "step in turn, median step. Bytes: tensors in memory (layers = the decoder linears).", "",
              "| method | ppl | ppl / fp32 | model bytes / fp32 | layer bytes / fp32 | file MB | decode tok/s | "

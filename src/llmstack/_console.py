@@ -2,20 +2,19 @@
 
 Ray, Serve and Train write their logs to files under the Ray session directory either way; by default
 they are not also copied to this console (their INFO lines would bury the progress bars), and the path
-is printed once instead. ``LLMSTACK_VERBOSE=1`` (the CLI's ``--verbose``) copies them here again and
-keeps the libraries' warnings. The variable, not a module flag, so that Ray jobs and subprocesses agree.
+is printed once instead (:func:`llmstack._ray.announce_ray_logs`). ``LLMSTACK_VERBOSE=1`` (the CLI's
+``--verbose``) copies them here again and keeps the libraries' warnings. The variable, not a module flag,
+so that Ray jobs and subprocesses agree.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
 import warnings
 from typing import Any
 
 VERBOSE_ENV = "LLMSTACK_VERBOSE"
-_announced = False
 
 # Loggers whose INFO lines repeat what the progress bars already say, and library warnings that a user
 # can do nothing about (bitsandbytes' optional `kernels` package, transformers' renamed attributes).
@@ -52,23 +51,4 @@ def ray_init_options() -> dict[str, Any]:
     return {"log_to_driver": verbose(), "logging_level": logging.INFO if verbose() else logging.WARNING}
 
 
-def announce_ray_logs() -> None:
-    """Once per process, when quiet: say where Ray's logs went."""
-    global _announced
-    if _announced or verbose():
-        return
-    _announced = True
-    quiet_libraries()
-    try:
-        import ray
-
-        node = ray._private.worker.global_worker.node  # noqa: SLF001 - the only way to this session's log dir
-        where = node.get_logs_dir_path() if node is not None else None
-    except Exception:  # noqa: BLE001 - a remote cluster: its logs are on its head node
-        where = None
-    where = where or "the Ray head node's session directory (/tmp/ray/session_latest/logs)"
-    print(f"llmstack: Ray and Serve logs go to {where} (--verbose or {VERBOSE_ENV}=1 prints them here)",
-          file=sys.stderr, flush=True)
-
-
-__all__ = ["VERBOSE_ENV", "announce_ray_logs", "quiet_libraries", "ray_init_options", "set_verbose", "verbose"]
+__all__ = ["VERBOSE_ENV", "quiet_libraries", "ray_init_options", "set_verbose", "verbose"]

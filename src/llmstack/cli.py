@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from llmstack._console import VERBOSE_ENV, announce_ray_logs, ray_init_options, quiet_libraries, set_verbose, verbose
+from llmstack._console import VERBOSE_ENV, quiet_libraries, set_verbose, verbose
 from llmstack.errors import LLMStackError
 
 EXIT_USER_ERROR = 2
@@ -313,12 +313,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     probe = None
     if args.app:
-        import os
+        from llmstack._ray import connect
 
-        import ray
-
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", **ray_init_options())
-        announce_ray_logs()
+        connect(require_running=True)
         probe = serve_replica_probe(args.app)
     result = replay(trace, args.url, model=args.model, speedup=args.speedup, ttft_slo_s=auto.predictive.ttft_slo_s,
                     max_requests=args.max_requests, max_duration_s=args.max_duration,

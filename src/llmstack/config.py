@@ -91,6 +91,25 @@ class DataConfig:
         return problems
 
 
+# The instruction-data vocabulary these configs check; llmstack.data (which imports this module) uses it too.
+#: Row fields ``data.columns`` may rename columns to (the formats llmstack.data.formats recognises).
+INSTRUCTION_FIELDS = ("messages", "conversations", "prompt", "completion", "response", "system", "instruction",
+                      "input", "output", "text")
+#: Chat templates known by name (their text is in llmstack.data.chat_templates).
+CHAT_TEMPLATE_NAMES = ("chatml", "llmstack")
+
+
+def check_columns(columns: Mapping[str, Any]) -> list[str]:
+    """Problems of a ``data.columns`` mapping (keys must be :data:`INSTRUCTION_FIELDS`, values column names)."""
+    problems = []
+    for canonical, column in columns.items():
+        if canonical not in INSTRUCTION_FIELDS:
+            problems.append(f"unknown field {canonical!r}; map one of {', '.join(INSTRUCTION_FIELDS)} to a column name")
+        if not isinstance(column, str) or not column:
+            problems.append(f"{canonical}: expected a column name, got {column!r}")
+    return problems
+
+
 @dataclass
 class InstructionDataConfig(DataConfig):
     """Fine-tuning data: DataConfig plus how rows become chats and which tokens are learned."""
@@ -101,17 +120,14 @@ class InstructionDataConfig(DataConfig):
     train_on_inputs: bool = False  # learn every token (prompts too), not only the assistant's answers
 
     def check(self) -> Problems:
-        from llmstack.data.formats import check_columns
-
         problems = super().check()
         problems += [("columns", problem) for problem in check_columns(self.columns)]
         if self.chat_template is not None:
-            from llmstack.data.chat_templates import TEMPLATE_NAMES
-
             value = self.chat_template
-            if not (value in TEMPLATE_NAMES or "{{" in value or "{%" in value or Path(value).expanduser().is_file()):
+            known = CHAT_TEMPLATE_NAMES
+            if not (value in known or "{{" in value or "{%" in value or Path(value).expanduser().is_file()):
                 problems.append(("chat_template", f"{value!r} is neither a known template "
-                                                  f"({', '.join(TEMPLATE_NAMES)}) nor an existing Jinja file"))
+                                                  f"({', '.join(known)}) nor an existing Jinja file"))
         return problems
 
 

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from llmstack import _console
+from llmstack import _console, _ray
 from llmstack.cli import build_parser
 
 
@@ -29,8 +29,8 @@ def test_every_verb_takes_verbose(argv: list[str]) -> None:
 
 def test_the_log_folder_is_named_once(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setenv(_console.VERBOSE_ENV, "")  # recorded, so set_verbose cannot leak past the test
-    monkeypatch.setattr(_console, "_announced", False)
-    _console.announce_ray_logs()
-    _console.announce_ray_logs()
+    monkeypatch.setattr(_ray, "_announced", False)
+    _ray.announce_ray_logs()
+    _ray.announce_ray_logs()
     err = capsys.readouterr().err
     assert err.count("Ray and Serve logs go to") == 1 and "--verbose" in err

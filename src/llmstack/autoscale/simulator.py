@@ -46,7 +46,8 @@ CONTROL_INTERVAL_S = 0.1  # Ray Serve's RAY_SERVE_CONTROL_LOOP_INTERVAL_S defaul
 
 @dataclasses.dataclass(frozen=True)
 class ReplicaModel:
-    """Costs of one model replica, measured on the engine (see ``calibration.calibrate_replica_model``)."""
+    """Costs of one model replica, measured on the engine
+    (see ``llmstack.serve.engine.calibration.calibrate_replica_model``)."""
 
     prefill_tokens_per_s: float  # prompt tokens per second in one prefill pass
     decode_step_s: float  # one decode step with one sequence

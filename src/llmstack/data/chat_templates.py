@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from llmstack.config import CHAT_TEMPLATE_NAMES
 from llmstack.data.instructions import IGNORE_INDEX
 from llmstack.data.tokenizer import ASSISTANT, CHAT_TEMPLATE, END, SYSTEM, USER
 from llmstack.errors import DataError
@@ -38,7 +39,7 @@ NAMED_TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
     "chatml": (CHATML_TEMPLATE, ("<|im_start|>", "<|im_end|>")),
     "llmstack": (CHAT_TEMPLATE, (SYSTEM, USER, ASSISTANT, END)),
 }
-TEMPLATE_NAMES = tuple(NAMED_TEMPLATES)
+TEMPLATE_NAMES = CHAT_TEMPLATE_NAMES  # the config checks data.chat_template against these names
 
 
 def resolve_chat_template(value: str, tokenizer: Any | None = None) -> str:

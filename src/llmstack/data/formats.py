@@ -25,11 +25,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from llmstack.config import INSTRUCTION_FIELDS, check_columns
 from llmstack.errors import DataError
 
-# Names data.columns may map to (the fields of the table above).
-CANONICAL_FIELDS = ("messages", "conversations", "prompt", "completion", "response", "system", "instruction",
-                    "input", "output", "text")
+# Names data.columns may map to (the fields of the table above); the config owns the list and checks it.
+CANONICAL_FIELDS = INSTRUCTION_FIELDS
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "model": "assistant", "system": "system"}
 FORMATS_HINT = ("expected messages, conversations (ShareGPT), prompt/response, prompt/completion (TRL), "
@@ -173,12 +173,4 @@ def _response(row: Mapping[str, Any], key: str, where: str) -> str:
     return value
 
 
-def check_columns(columns: Mapping[str, Any]) -> list[str]:
-    """Problems of a ``data.columns`` mapping (keys must be canonical fields, values column names)."""
-    problems = []
-    for canonical, column in columns.items():
-        if canonical not in CANONICAL_FIELDS:
-            problems.append(f"unknown field {canonical!r}; map one of {', '.join(CANONICAL_FIELDS)} to a column name")
-        if not isinstance(column, str) or not column:
-            problems.append(f"{canonical}: expected a column name, got {column!r}")
-    return problems
+__all__ = ["CANONICAL_FIELDS", "FORMATS_HINT", "SHAREGPT_ROLES", "apply_columns", "check_columns", "normalize_row"]

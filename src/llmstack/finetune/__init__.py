@@ -4,12 +4,13 @@
 Every function takes a base reference and a config and returns a new registry version with lineage.
 
 Example:
-    >>> from llmstack.finetune import finetune_lora, load_adapter_model
+    >>> from llmstack.finetune import finetune_lora
+    >>> from llmstack.models import load_artifact
     >>> result = finetune_lora(base="tiny-lm@v1", lora={"method": "lora"})  # doctest: +SKIP
-    >>> model, tokenizer = load_adapter_model(Registry(), result.ref)  # doctest: +SKIP
+    >>> loaded = load_artifact(result.ref)  # the base with the adapter attached  # doctest: +SKIP
 """
 
-from llmstack.finetune.adapters import load_adapter_model, merge_adapter, merged_model
+from llmstack.finetune.adapters import merge_adapter, merged_model
 from llmstack.finetune.configs import DistillConfig, SweepConfig
 from llmstack.finetune.distill import DistillLoss, DistillResult, distill
 from llmstack.finetune.lora import FinetuneResult, finetune_lora
@@ -27,7 +28,6 @@ __all__ = [
     "check_bitsandbytes",
     "distill",
     "finetune_lora",
-    "load_adapter_model",
     "merge_adapter",
     "merged_model",
     "sweep",

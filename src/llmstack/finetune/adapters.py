@@ -1,4 +1,5 @@
-"""Adapter artifacts: write them from a checkpoint, load them onto their base, merge them.
+"""Adapter artifacts: write them from a checkpoint, describe them on their base, merge them (loading:
+``llmstack.models.load_artifact(adapter_ref, base=...)``).
 
 An adapter version in the registry is a directory::
 
@@ -23,8 +24,7 @@ from llmstack.models.adapters import ADAPTER_INFO_FILE, NORM_SCALES_FILE, weight
 from llmstack.models.nf4 import NF4_SETTINGS
 
 __all__ = ["ADAPTER_INFO_FILE", "NORM_SCALES_FILE", "adapter_manifest", "base_weight_hashes", "describe_adapter",
-           "load_adapter_model", "merge_adapter", "merged_model", "model_signature_of", "weight_hashes",
-           "write_adapter"]
+           "merge_adapter", "merged_model", "model_signature_of", "weight_hashes", "write_adapter"]
 
 if TYPE_CHECKING:
     from llmstack.models.artifact import Artifact
@@ -125,53 +125,13 @@ def describe_adapter(registry: Registry, adapter_ref: ArtifactRef | str, *, base
     Raises:
         ModelLoadError: not an adapter, no lineage, or ``base`` is not the model it was trained on.
     """
-    from llmstack.models.adapters import check_adapter_base
-    from llmstack.models.artifact import describe_artifact, nf4_base_of, rebased
+    from llmstack.models.artifact import adapter_on, describe_artifact
 
     adapter = describe_artifact(adapter_manifest(registry, adapter_ref).ref, registry=registry)
-    if base is None:
-        return adapter
-    offered = describe_artifact(base, registry=registry)
-    if adapter.method == "qlora" and offered.kind == "model":
-        offered = nf4_base_of(offered, adapter=adapter.label)
-    check_adapter_base(adapter, offered)
-    return rebased(adapter, offered)
+    return adapter if base is None else adapter_on(adapter, describe_artifact(base, registry=registry))
 
 
 # --------------------------------------------------------------------------- loading and merging
-
-
-def load_adapter_model(registry: Registry, adapter_ref: ArtifactRef | str, *, base: str | None = None,
-                       dequantize: bool = False) -> tuple[Any, Any]:
-    """Load ``(model, tokenizer)``: the adapter's base with the adapter applied, ready for inference.
-
-    The base is the adapter's lineage parent unless ``base`` is given, and then it must be that
-    same model (see :func:`describe_adapter`). QLoRA adapters run on an NF4 base as trained
-    (``dequantize=True``: on the dequantized copy instead, in the base's stored dtype, which needs
-    bitsandbytes only to dequantize). BitFit adapters overwrite the base's biases and norm parameters.
-
-    Args:
-        registry: where the adapter (and its base) are registered.
-        adapter_ref: the adapter version, e.g. ``"tiny-lm-lora@v2"``.
-        base: optional base override (registry ref or local directory), checked against lineage.
-        dequantize: QLoRA only: load the base as dequantized NF4 weights (in the base's stored dtype).
-
-    Returns:
-        ``(model, tokenizer)`` in eval mode; for peft methods ``model`` is a ``PeftModel``.
-
-    Raises:
-        ModelLoadError: not an adapter, no lineage, or a base it was not trained on.
-
-    Example:
-        >>> model, tokenizer = load_adapter_model(Registry(), "tiny-lm-lora@v1")  # doctest: +SKIP
-    """
-    from llmstack.models.artifact import load_artifact
-
-    adapter = describe_adapter(registry, adapter_ref, base=base)
-    if adapter.method == "qlora" and dequantize:
-        return _on_dequantized_base(adapter)
-    loaded = load_artifact(adapter)
-    return loaded.model, loaded.tokenizer
 
 
 def _on_dequantized_base(adapter: Artifact, *, dtype: str = "auto") -> tuple[Any, Any]:

@@ -79,9 +79,9 @@ class DistillLoss:
 
     def teacher_model(self, device: Any) -> Any:
         if self._model is None:
-            from llmstack.models import load_model
+            from llmstack.models import load_artifact
 
-            model, _ = load_model(self.teacher, registry=self.registry, with_tokenizer=False)
+            model = load_artifact(self.teacher, registry=self.registry, with_tokenizer=False).model
             for param in model.parameters():
                 param.requires_grad_(False)
             self._model = model.eval().to(device)
@@ -142,10 +142,10 @@ def build_student(spec: dict[str, Any]) -> Any:
         model = build_preset_model(spec["preset"], vocab_size=spec["vocab_size"], max_seq_len=spec["max_seq_len"],
                                    seed=spec["seed"], **spec["special"])
     else:
-        from llmstack.models import load_model
+        from llmstack.models import load_artifact
 
         # trained: float32 master weights whatever the source's stored dtype (the teacher stays as stored)
-        model, _ = load_model(spec["source"], registry=spec["registry"], dtype="float32", with_tokenizer=False)
+        model = load_artifact(spec["source"], registry=spec["registry"], dtype="float32", with_tokenizer=False).model
     for param in model.parameters():
         param.requires_grad_(True)
     return model
@@ -179,7 +179,7 @@ def distill(config: DistillConfig | Mapping[str, Any] | str | Path | None = None
     """
     from llmstack.finetune.data import instruction_tensors
     from llmstack.finetune.methods import count_trainable
-    from llmstack.models import PRESETS, load_model, preset_config
+    from llmstack.models import PRESETS, load_artifact, preset_config
     from llmstack.train import run_training
     from llmstack.train.checkpoint import model_signature
     from llmstack.train.loop import LoopSpec
@@ -190,7 +190,8 @@ def distill(config: DistillConfig | Mapping[str, Any] | str | Path | None = None
                           "MODEL` or teacher: in the config)")
     reg = open_registry(registry, cfg.registry)
     teacher_ref = ensure_base_ref(cfg.teacher, reg, name=f"{cfg.name}-teacher")
-    teacher_model, tokenizer = load_model(str(teacher_ref), registry=reg)
+    teacher = load_artifact(str(teacher_ref), registry=reg)
+    teacher_model, tokenizer = teacher.model, teacher.tokenizer
     check_positions(teacher_model.config, cfg.data.block_size, f"teacher {teacher_ref}")
     teacher_vocab = teacher_model.config.vocab_size
     teacher_params = sum(p.numel() for p in teacher_model.parameters())
@@ -209,7 +210,8 @@ def distill(config: DistillConfig | Mapping[str, Any] | str | Path | None = None
         student_config = preset_config(preset, vocab_size=teacher_vocab, **special)
     else:
         student_ref = ensure_base_ref(cfg.student, reg, name=f"{cfg.name}-student-init")
-        student_model, student_tokenizer = load_model(str(student_ref), registry=reg)
+        student = load_artifact(str(student_ref), registry=reg)
+        student_model, student_tokenizer = student.model, student.tokenizer
         student_config = student_model.config
         del student_model
         check_same_tokenizer(tokenizer, student_tokenizer, teacher=str(teacher_ref), student=str(student_ref))

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 from llmstack._verbs import Overrides, open_registry, read_settings
 from llmstack.config import FinetuneConfig, to_dict
 from llmstack.errors import ConfigError
-from llmstack.finetune.methods import (ADAPTER_METHODS, METHOD_DESCRIPTIONS, ModelFactory, check_bitsandbytes,
-                                       count_trainable, load_base, resolve_target_modules, training_device)
+from llmstack.finetune.methods import (ADAPTER_METHODS, METHOD_DESCRIPTIONS, ModelFactory, base_artifact,
+                                       check_bitsandbytes, count_trainable, resolve_target_modules, training_device,
+                                       training_dtype)
 
 if TYPE_CHECKING:
     from llmstack.registry import ArtifactRef, Registry
@@ -190,9 +191,13 @@ def finetune_lora(config: FinetuneConfig | Mapping[str, Any] | str | Path | None
 
     # The base, as a registry version (its lineage parent), read once here: the checks that need its
     # config, the target modules and the held-out loss before training all use this one copy.
+    from llmstack.models import load_artifact
+
     base_ref = ensure_base_ref(cfg.base, reg)  # an outside base is registered under its own name
-    base_model, tokenizer = load_base(str(base_ref), registry=reg, method=method,
-                                      device=training_device(method, use_gpu=cfg.scaling.use_gpu))
+    base = load_artifact(base_artifact(str(base_ref), registry=reg, method=method),
+                         dtype=training_dtype(method, "auto"),
+                         device=training_device(method, use_gpu=cfg.scaling.use_gpu))
+    base_model, tokenizer = base.model, base.tokenizer
     check_positions(base_model.config, cfg.data.block_size, str(base_ref))
     targets = None
     if method in ("lora", "qlora", "dora"):

@@ -16,14 +16,17 @@ object that Ray Train workers call to build the same model on every rank.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmstack.config import FINETUNE_METHODS, FinetuneMethodConfig
 from llmstack.errors import ConfigError
 from llmstack.models.nf4 import check_bitsandbytes
 
+if TYPE_CHECKING:
+    from llmstack.models.artifact import Artifact, LoadedArtifact
+
 __all__ = ["ADAPTER_METHODS", "METHOD_DESCRIPTIONS", "PEFT_METHODS", "ModelFactory", "apply_method",
-           "check_bitsandbytes", "count_trainable", "linear_module_names", "load_base", "norm_parameter_names",
+           "base_artifact", "check_bitsandbytes", "count_trainable", "linear_module_names", "norm_parameter_names",
            "peft_lora_config", "resolve_target_modules", "training_device", "training_dtype"]
 
 PEFT_METHODS = ("lora", "qlora", "dora")  # saved as peft adapters
@@ -182,21 +185,21 @@ def training_device(method: str, *, use_gpu: bool) -> str:
     return "cpu"
 
 
-def load_base(source: str, *, registry: Any = None, method: str = "lora", device: str = "cpu",
-              dtype: str = "auto") -> tuple[Any, Any]:
-    """``(model, tokenizer)`` of the base to fine-tune: NF4 (float32 compute) for ``qlora``, else in
-    :func:`training_dtype` (``dtype="auto"``: the frozen base as stored, trained weights in float32)."""
-    from llmstack.models.artifact import describe_artifact, load_artifact_tokenizer, load_weights, nf4_base_of
+def base_artifact(source: str, *, registry: Any = None, method: str = "lora") -> Artifact:
+    """The base to fine-tune with ``method``, described: its NF4 form for ``qlora`` (quantized as it loads).
+
+    Load it with :func:`llmstack.models.load_artifact` in :func:`training_dtype` (QLoRA: on the training
+    device, see :func:`training_device`).
+
+    Raises:
+        ConfigError: ``source`` is not a model (an adapter, a quantized version, a tokenizer).
+    """
+    from llmstack.models.artifact import describe_artifact, nf4_base_of
 
     artifact = describe_artifact(source, registry=registry)
     if artifact.kind != "model":
         raise ConfigError(f"base: {artifact.label} is a {artifact.kind}, expected a model")
-    if method == "qlora":
-        artifact = nf4_base_of(artifact, adapter="being trained")
-    model = load_weights(artifact, dtype=training_dtype(method, dtype),
-                         device=device if method == "qlora" else "cpu")
-    model.eval()
-    return model, load_artifact_tokenizer(artifact)
+    return nf4_base_of(artifact, adapter="being trained") if method == "qlora" else artifact
 
 
 def peft_lora_config(lora: FinetuneMethodConfig, target_modules: list[str], *, method: str,
@@ -277,17 +280,20 @@ class ModelFactory:
 
     dtype: str = "auto"  # base weights dtype (see training_dtype); auto: as stored
 
-    def load(self) -> tuple[Any, Any]:
-        """``(base model, tokenizer)`` as this method starts from: one read of the base's files."""
-        return load_base(self.base, registry=self.registry, method=self.method,
-                         device=training_device(self.method, use_gpu=self.use_gpu), dtype=self.dtype)
+    def load(self) -> LoadedArtifact:
+        """The base (model and tokenizer) as this method starts from: one read of the base's files."""
+        from llmstack.models.artifact import load_artifact
+
+        device = training_device(self.method, use_gpu=self.use_gpu) if self.method == "qlora" else "cpu"
+        return load_artifact(base_artifact(self.base, registry=self.registry, method=self.method),
+                             dtype=training_dtype(self.method, self.dtype), device=device)
 
     def apply(self, model: Any) -> Any:
         """``model`` (from :meth:`load`) made trainable the configured way."""
         return apply_method(model, self.method, self.lora, target_modules=self.target_modules, seed=self.seed)
 
     def __call__(self) -> Any:
-        return self.apply(self.load()[0])
+        return self.apply(self.load().model)
 
 
 def count_trainable(model: Any) -> tuple[int, int]:

@@ -104,7 +104,7 @@ def sweep(config: SweepConfig | Mapping[str, Any] | str | Path | None = None, *,
 
     from llmstack.finetune.data import instruction_tensors
     from llmstack.finetune.methods import check_bitsandbytes, resolve_target_modules
-    from llmstack.models import load_model
+    from llmstack.models import load_artifact
     from llmstack.train.driver import check_batch, check_cluster, check_training, ensure_ray
 
     cfg, _ = read_settings("sweep", SweepConfig, config, overrides, settings)
@@ -120,7 +120,8 @@ def sweep(config: SweepConfig | Mapping[str, Any] | str | Path | None = None, *,
         check_bitsandbytes("cuda" if ft.scaling.use_gpu else "cpu")
     reg = open_registry(registry, cfg.registry or ft.registry)
     base_ref = ensure_base_ref(ft.base, reg)  # an outside base is registered under its own name
-    base_model, tokenizer = load_model(str(base_ref), registry=reg)
+    base = load_artifact(str(base_ref), registry=reg)
+    base_model, tokenizer = base.model, base.tokenizer
     check_positions(base_model.config, ft.data.block_size, str(base_ref))
     targets = resolve_target_modules(base_model, ft.lora.target_modules)
     base_config = base_model.config

@@ -5,7 +5,13 @@ directory, an fsspec URL or a hub id, and is it a full model, an adapter (LoRA, 
 or a quantized model?" A registry alias is resolved to ``name@vN`` here and never again: the
 :class:`Artifact` it returns is pinned, and an adapter's ``base`` is the pinned version it was
 trained on (for QLoRA the NF4 base that training used). :func:`load_artifact` turns an artifact
-into a model and tokenizer in eval mode. Weights are read as safetensors only; nothing unpickles.
+into a model and tokenizer in eval mode: the one loader every stage uses, with one result type
+(:class:`LoadedArtifact`). Weights are read as safetensors only; nothing unpickles.
+
+Quantized versions are rebuilt by the backend that wrote them. This package does not import
+:mod:`llmstack.quantize` (which imports it): a backend registers itself with
+:func:`register_quantized_loader`, and the first quantized artifact to load looks the loaders up,
+importing the packages named in :data:`QUANTIZED_LOADER_PACKAGES` by name only then.
 
 Registry versions are read from :meth:`Registry.fetch`, which hands out a folder holding exactly the
 manifest's files (it refuses one with anything else in it), so nothing outside the manifest loads.
@@ -23,6 +29,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -73,11 +80,21 @@ class Artifact:
 
 @dataclass
 class LoadedArtifact:
-    """An artifact with its weights loaded."""
+    """What :func:`load_artifact` returns: the model and tokenizer, with the artifact they came from."""
 
     artifact: Artifact
     model: Any  # eval mode; for an adapter: the base with the adapter applied (attached as "default")
     tokenizer: Any  # None when loaded with ``with_tokenizer=False``
+
+    @property
+    def label(self) -> str:
+        """How messages name it: ``name@vN``, else what the caller named."""
+        return self.artifact.label
+
+    @property
+    def ref(self) -> ArtifactRef | None:
+        """The pinned registry version, None for a directory, URL or hub id."""
+        return self.artifact.ref
 
 
 # --------------------------------------------------------------------------- describing
@@ -328,30 +345,61 @@ def _fetch_hub(repo_id: str) -> Path:
 
 
 def load_artifact(source: str | os.PathLike[str] | ArtifactRef | Artifact, *, registry: Registry | None = None,
-                  dtype: str = AUTO_DTYPE, with_tokenizer: bool = True) -> LoadedArtifact:
-    """Load what ``source`` names (see :func:`describe_artifact`) for inference, in eval mode.
+                  base: str | os.PathLike[str] | ArtifactRef | Artifact | None = None, dtype: str = AUTO_DTYPE,
+                  device: str = "cpu", with_tokenizer: bool = True) -> LoadedArtifact:
+    """Load what ``source`` names (see :func:`describe_artifact`) for inference or training, in eval mode.
 
     Every kind fine-tuning and quantization produce loads: full and merged models (in ``dtype``;
     ``"auto"``, the default, is the dtype the model's ``config.json`` records, float32 when it records
-    none); quantized versions, rebuilt from their recipe by :mod:`llmstack.quantize` (their dtype is the
-    recipe's); adapters on the base they were trained on, attached as ``"default"`` (LoRA, DoRA,
+    none); quantized versions, rebuilt from their recipe by the backend that wrote them (their dtype is
+    the recipe's); adapters on the base they were trained on, attached as ``"default"`` (LoRA, DoRA,
     BitFit; QLoRA on its NF4 base). An adapter's tokenizer is its own when its files hold one,
     else its base's.
 
+    Args:
+        source: a registry reference, directory, ``.gguf`` file, fsspec URL, hub id or described artifact.
+        registry: where registry references resolve (None: the default registry).
+        base: adapters only: run on this base instead of the recorded one; it must hold the weights the
+            adapter was trained on (:func:`~llmstack.models.check_adapter_base`).
+        dtype: ``"auto"`` or a float dtype name (``float32``, ``bf16``...).
+        device: where the weights go (``"cpu"``, ``"cuda"``...).
+        with_tokenizer: False leaves ``tokenizer`` None (one read fewer).
+
     Raises:
         ArtifactNotFoundError: a registry reference names nothing.
-        ModelLoadError: not loadable as a model (the message names what was found), or ``dtype`` is not
-            one this machine can compute in.
+        ModelLoadError: not loadable as a model (the message names what was found), an adapter offered a
+            base it was not trained on, ``base`` given for something other than an adapter, or ``dtype``
+            is not one this machine can compute in.
 
     Example:
         >>> loaded = load_artifact("tiny-lm@production")  # doctest: +SKIP
         >>> loaded.model(**loaded.tokenizer("def ", return_tensors="pt")).logits.shape  # doctest: +SKIP
     """
     artifact = describe_artifact(source, registry=registry)
-    model = load_weights(artifact, dtype=dtype)
+    if base is not None:
+        artifact = adapter_on(artifact, describe_artifact(base, registry=registry))
+    model = load_weights(artifact, dtype=dtype, device=device)
     tokenizer = load_artifact_tokenizer(artifact) if with_tokenizer else None
     model.eval()
     return LoadedArtifact(artifact, model, tokenizer)
+
+
+def adapter_on(adapter: Artifact, base: Artifact) -> Artifact:
+    """``adapter`` pinned to run on ``base`` once checked to be the model it was trained on (a QLoRA adapter: on
+    ``base``'s NF4 form).
+
+    Raises:
+        ModelLoadError: ``adapter`` is not an adapter, or ``base`` is not the model it was trained on.
+    """
+    from llmstack.models.adapters import check_adapter_base
+
+    if adapter.kind != "adapter":
+        raise ModelLoadError(f"{adapter.label} is a {adapter.kind}, not an adapter; only adapters load on another "
+                             "base (leave base unset to load it as it is)")
+    if adapter.method == "qlora" and base.kind == "model":
+        base = nf4_base_of(base, adapter=adapter.label)
+    check_adapter_base(adapter, base)
+    return rebased(adapter, base)
 
 
 def stored_dtype(directory: Path) -> str:
@@ -440,14 +488,45 @@ def _from_pretrained(artifact: Artifact, dtype: str) -> Any:
         raise ModelLoadError(f"cannot load model from {artifact.label}: {exc}") from None
 
 
+# --------------------------------------------------------------------------- quantized loaders
+
+#: ``loader(directory, where)`` -> the quantized model saved in ``directory``, or None when it is not one the
+#: loader's backend wrote (``where`` names the artifact in messages).
+QuantizedLoader = Callable[[Path, str], Any]
+#: Packages that register quantized loaders when imported; imported by name on the first quantized load,
+#: so importing llmstack.models never imports them (they import llmstack.models).
+QUANTIZED_LOADER_PACKAGES: tuple[str, ...] = ("llmstack.quantize",)
+_QUANTIZED_LOADERS: dict[str, QuantizedLoader] = {}
+
+
+def register_quantized_loader(name: str, loader: QuantizedLoader) -> None:
+    """Let :func:`load_artifact` rebuild quantized versions with ``loader`` (first match wins, in registration
+    order; registering a ``name`` again replaces its loader in place)."""
+    _QUANTIZED_LOADERS[name] = loader
+
+
+def quantized_loaders() -> dict[str, QuantizedLoader]:
+    """The registered loaders, importing :data:`QUANTIZED_LOADER_PACKAGES` first (once each)."""
+    import importlib
+
+    for package in QUANTIZED_LOADER_PACKAGES:
+        try:
+            importlib.import_module(package)
+        except ImportError:  # an optional backend package without its extras: its artifacts say so below
+            continue
+    return _QUANTIZED_LOADERS
+
+
 def _rebuild_quantized(artifact: Artifact) -> Any:
-    """Quantized versions are rebuilt by their backend; quantize is imported only now (no import cycle)."""
-    try:
-        from llmstack.quantize import rebuild_quantized
-    except ImportError as exc:
-        raise ModelLoadError(f"{artifact.label} is a quantized model but llmstack.quantize cannot load it ({exc}); "
-                             "install the quantization extras or use the float model") from None
-    return rebuild_quantized(artifact.directory, where=artifact.label)
+    """The quantized model of ``artifact``, from the first registered loader that recognises its directory."""
+    loaders = quantized_loaders()
+    for loader in loaders.values():
+        model = loader(artifact.directory, artifact.label)
+        if model is not None:
+            return model
+    raise ModelLoadError(f"{artifact.label} is a quantized model ({artifact.method}) that no registered loader "
+                         f"rebuilds (registered: {', '.join(loaders) or 'none'}); import the package whose backend "
+                         "wrote it before loading, or load the float model it was made from")
 
 
 def load_artifact_tokenizer(artifact: Artifact) -> Any:

@@ -1,58 +1,28 @@
-"""Saving and registering models, and the pair-returning loaders kept for existing callers.
+"""Saving and registering models, loading a tokenizer alone, and dtype helpers.
 
-What a source is and how it loads is decided in :mod:`llmstack.models.artifact`; ``load_model``,
-``load_tokenizer`` and ``resolve_model_source`` are thin wrappers over it.
+What a source is and how it loads is decided in :mod:`llmstack.models.artifact` (``load_artifact``).
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmstack.errors import RegistryError
-from llmstack.models.artifact import Artifact, describe_artifact, load_artifact, load_artifact_tokenizer
+from llmstack.models.artifact import Artifact, describe_artifact, load_artifact_tokenizer
 
 if TYPE_CHECKING:
     from llmstack.registry import ArtifactRef, Registry
 
 
-@dataclass
-class ResolvedSource:
-    """Where a model source pointed: a local directory and, for registry refs, the exact ref."""
-
-    directory: Path
-    ref: ArtifactRef | None = None
-    hub_id: str | None = None
-
-
-def resolve_model_source(source: str, *, registry: Registry | None = None) -> ResolvedSource:
-    """Turn ``source`` into a local directory: see :func:`llmstack.models.describe_artifact`."""
-    artifact = describe_artifact(str(source), registry=registry)
-    hub_id = artifact.source if artifact.identity.startswith("hub:") else None
-    return ResolvedSource(directory=artifact.directory, ref=artifact.ref, hub_id=hub_id)
-
-
 def load_tokenizer(source: str | Path | ArtifactRef | Artifact, *, registry: Registry | None = None) -> Any:
-    """A ``transformers`` fast tokenizer from a registry ref, a directory or a hub id (an adapter's: its base's)."""
-    return load_artifact_tokenizer(describe_artifact(_as_source(source), registry=registry))
-
-
-def load_model(source: str | Path | ArtifactRef | Artifact, *, registry: Registry | None = None,
-               dtype: str = "auto", with_tokenizer: bool = True) -> tuple[Any, Any]:
-    """Load ``(model, tokenizer)`` for inference or further training: :func:`load_artifact` as a pair.
-
-    Example:
-        >>> model, tokenizer = load_model("tiny-lm@production")  # doctest: +SKIP
-    """
-    loaded = load_artifact(_as_source(source), registry=registry, dtype=dtype, with_tokenizer=with_tokenizer)
-    return loaded.model, loaded.tokenizer
-
-
-def _as_source(source: str | Path | ArtifactRef | Artifact) -> str | ArtifactRef | Artifact:
-    return str(source) if isinstance(source, Path) else source
+    """A ``transformers`` fast tokenizer from what ``source`` names (an adapter's: its own, else its base's);
+    for tokenizer-only artifacts, and where the weights are not wanted. Models load with
+    :func:`~llmstack.models.load_artifact`."""
+    source = str(source) if isinstance(source, Path) else source
+    return load_artifact_tokenizer(describe_artifact(source, registry=registry))
 
 
 def save_model(model: Any, tokenizer: Any, directory: str | Path) -> Path:

@@ -20,16 +20,25 @@ Non-quantized parameters (embeddings, norms, ``lm_head``) stay in the source's s
 the source and the result in the same run and records them, with ratios, in the manifest metrics.
 
 Example:
-    >>> from llmstack.quantize import quantize, load_quantized
+    >>> from llmstack.models import load_artifact
+    >>> from llmstack.quantize import quantize
     >>> result = quantize(source="tiny-lm@v1", method="smoothquant")  # doctest: +SKIP
     >>> print(result.table())  # doctest: +SKIP
-    >>> model, tokenizer = load_quantized(None, result.ref)  # doctest: +SKIP
+    >>> loaded = load_artifact(result.ref)  # doctest: +SKIP
+
+Loading goes through :func:`llmstack.models.load_artifact`; this package registers the loader that
+rebuilds its versions there (:func:`~llmstack.quantize._io.load_recipe_model`) when it is imported.
+
+May import: ``llmstack.config``, ``errors``, ``registry``, ``data`` and ``models``; nothing imports it
+but the facade, the CLI and the quickstart (``llmstack.models`` finds it by name, see QUANTIZED_LOADER_PACKAGES).
 """
 
+from llmstack.models.artifact import register_quantized_loader
 from llmstack.quantize._api import quantize
 from llmstack.quantize._dispatch import known_methods
-from llmstack.quantize._io import is_quantized_dir, load_any, load_quantized, rebuild_quantized
+from llmstack.quantize._io import is_quantized_dir, load_recipe_model, rebuild_quantized
 from llmstack.quantize._result import QuantizeResult
 
-__all__ = ["QuantizeResult", "is_quantized_dir", "known_methods", "load_any", "load_quantized", "quantize",
-           "rebuild_quantized"]
+register_quantized_loader("llmstack.quantize", load_recipe_model)
+
+__all__ = ["QuantizeResult", "is_quantized_dir", "known_methods", "quantize", "rebuild_quantized"]

@@ -73,8 +73,8 @@ def quantize(config: QuantizeConfig | Mapping[str, Any] | str | Path | None = No
     """
     from tqdm.auto import tqdm
 
-    from llmstack.models.artifact import describe_artifact, stored_dtype
-    from llmstack.models.loading import load_model, load_tokenizer
+    from llmstack.models.artifact import describe_artifact, load_artifact, stored_dtype
+    from llmstack.models.loading import load_tokenizer
 
     cfg, given = read_settings("quantize", QuantizeConfig, config, overrides, settings,
                                inputs={"source": source, "name": name})
@@ -127,7 +127,7 @@ def quantize(config: QuantizeConfig | Mapping[str, Any] | str | Path | None = No
             bar.set_postfix_str(message[:60])
 
         step(0)
-        model, _ = load_model(artifact, dtype=cfg.dtype, with_tokenizer=False)
+        model = load_artifact(artifact, dtype=cfg.dtype, with_tokenizer=False).model
         from llmstack.quantize._int8 import decoder_linear_names
 
         layer_names = decoder_linear_names(model)

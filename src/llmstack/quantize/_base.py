@@ -90,8 +90,8 @@ def save_int8_model(model: Any, directory: Path, *, method: str) -> None:
 
     Plain ``transformers.from_pretrained`` does NOT understand this format: transformers 5 only warns
     about the unknown ``quant_method`` and would load the int8 tensors as float weights without their
-    scales. Load these directories with :func:`llmstack.quantize.load_any` / ``load_quantized`` or
-    :func:`llmstack.models.load_model`, which all route on ``quantization.json``.
+    scales. Load these directories with :func:`llmstack.models.load_artifact`, which routes on
+    ``quantization.json`` to the loader this package registers.
     """
     from safetensors.torch import save_model
 
@@ -99,7 +99,7 @@ def save_int8_model(model: Any, directory: Path, *, method: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     config = model.config.to_dict()
     config["quantization_config"] = {"quant_method": f"llmstack-{method}",
-                                     "note": "load with llmstack.quantize.load_quantized / load_any"}
+                                     "note": "load with llmstack.models.load_artifact"}
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(str(directory))

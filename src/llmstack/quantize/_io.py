@@ -1,21 +1,20 @@
-"""Loading quantized versions: the backend rebuild that :mod:`llmstack.models` calls, and two public wrappers.
+"""Rebuilding quantized versions: the loader this package registers with :mod:`llmstack.models`.
 
-``llmstack.models.load_artifact`` decides what a source is and calls :func:`rebuild_quantized` for a
-directory with a ``quantization.json``; this module imports nothing of ``llmstack.models`` at import
-time, so the two packages do not import each other in a cycle.
+``llmstack.models.load_artifact`` (the one loader) decides what a source is; for a quantized version it
+asks the registered loaders, and :func:`load_recipe_model` (registered by ``llmstack.quantize`` on import)
+rebuilds a directory with a ``quantization.json``. llmstack.models never imports this package, so the
+two do not import each other in a cycle.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from llmstack.errors import ModelLoadError
 from llmstack.quantize._base import read_recipe
 
-if TYPE_CHECKING:
-    from llmstack.registry import ArtifactRef, Registry
 
 
 def is_quantized_dir(directory: str | Path) -> bool:
@@ -57,45 +56,9 @@ def rebuild_quantized(directory: str | Path, *, where: str | None = None) -> Any
     return model
 
 
-def load_quantized(registry: Registry | None, ref: str | ArtifactRef) -> tuple[Any, Any]:
-    """Load a quantized registry version as ``(model, tokenizer)``, ready for ``generate``.
-
-    Args:
-        registry: the registry holding ``ref`` (None: the default registry).
-        ref: ``name@vN``, ``name@alias`` or ``name`` (latest) of a version of kind ``quantized``.
-
-    Raises:
-        ArtifactNotFoundError: no such version.
-        ModelLoadError: the version is not a quantized model, or cannot be rebuilt.
-
-    Example:
-        >>> model, tokenizer = load_quantized(Registry(), "tiny-lm-int8@v1")  # doctest: +SKIP
-        >>> ids = tokenizer("def ", return_tensors="pt").input_ids
-        >>> model.generate(ids, max_new_tokens=8)  # doctest: +SKIP
-    """
-    from llmstack.models.artifact import describe_artifact, load_artifact
-    from llmstack.registry import Registry
-
-    registry = registry or Registry()
-    artifact = describe_artifact(registry.resolve(ref), registry=registry)
-    if artifact.kind != "quantized":
-        raise ModelLoadError(f"{artifact.label} is a {artifact.kind}, not a quantized model; load it with "
-                             "llmstack.models.load_artifact")
-    loaded = load_artifact(artifact)
-    return loaded.model, loaded.tokenizer
-
-
-def load_any(source: str | ArtifactRef, registry: Registry | None = None, *,
-             dtype: str = "float32") -> tuple[Any, Any]:
-    """Load ``(model, tokenizer)`` whether ``source`` is quantized or a plain float model.
-
-    The same as ``llmstack.models.load_artifact(source, registry=registry, dtype=dtype)``: quantized
-    versions are rebuilt from their recipe (``dtype`` then comes from the recipe).
-
-    Example:
-        >>> model, tokenizer = load_any("tiny-lm@production")  # doctest: +SKIP
-    """
-    from llmstack.models.artifact import load_artifact
-
-    loaded = load_artifact(source, registry=registry, dtype=dtype)
-    return loaded.model, loaded.tokenizer
+def load_recipe_model(directory: Path, where: str) -> Any | None:
+    """The quantized loader registered with :func:`llmstack.models.register_quantized_loader`: the model rebuilt
+    from ``directory``'s ``quantization.json`` (None when it has none: another loader's format)."""
+    if read_recipe(Path(directory)) is None:
+        return None
+    return rebuild_quantized(directory, where=where)

@@ -324,7 +324,7 @@ def save_torchao_model(model: Any, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     config = model.config.to_dict()
     config["quantization_config"] = {"quant_method": "llmstack-torchao",
-                                     "note": "load with llmstack.quantize.load_quantized / load_any"}
+                                     "note": "load with llmstack.models.load_artifact"}
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(str(directory))

@@ -18,7 +18,7 @@ from llmstack._modules import lazy_exports
 # Public names, loaded on first use so that `import llmstack` stays fast (no ray/torch/fastapi here).
 _LAZY = {
     "llmstack.serve.deployments.builder": ("build_app", "deploy", "Deployment", "resolve_config"),
-    "llmstack.serve.engine": ("Engine", "EngineProtocol", "TransformersEngine", "load_served_model"),
+    "llmstack.serve.engine": ("Engine", "EngineProtocol", "TransformersEngine"),
     "llmstack.serve.http": ("make_api",),
     "llmstack.serve.deployments.client": ("ServeEngineClient",),
     "llmstack.serve.deployments.ingress": ("OpenAIIngress",),

@@ -138,17 +138,16 @@ def serve_http_port(host: str = "127.0.0.1") -> int:
 
     A cluster has one Serve HTTP port and ``deploy()`` refuses any other, so tests and demos sharing a cluster
     ask for this one (call it with Ray initialised)."""
-    import socket
-
     from ray import serve
-    from ray.serve.context import _get_global_client
 
-    try:
-        return int(_get_global_client(raise_if_no_controller_running=True).http_config.port)
-    except Exception:  # Serve not started on this cluster yet
-        pass
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        port = sock.getsockname()[1]
-    serve.start(http_options={"host": host, "port": port})
-    return int(_get_global_client().http_config.port)
+    from llmstack._ray import free_port, serve_http_address
+    from llmstack.errors import ResourceError
+
+    running = serve_http_address()
+    if running is None:  # Serve not started on this cluster yet
+        serve.start(http_options={"host": host, "port": free_port(host)})
+        running = serve_http_address()
+    if running is None:
+        raise ResourceError(f"Serve was started on {host} but its controller reports no HTTP address; "
+                            "check the Serve controller's log in the Ray session directory")
+    return running[1]

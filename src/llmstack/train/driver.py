@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmstack._console import announce_ray_logs, ray_init_options
+from llmstack._ray import LOCAL_OBJECT_STORE_BYTES, connect, start_local, worker_runtime_env
 from llmstack._verbs import Overrides, open_registry, read_settings
 from llmstack.config import LoopConfig, TrainConfig, WorkersConfig, to_dict
 from llmstack.errors import ConfigError, ResourceError
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 # Environment forwarded from the driver to every worker (test hooks and tokenizer settings).
 _FORWARDED_ENV = ("LLMSTACK_FAULT_AT_STEP", "LLMSTACK_FAULT_FLAG", "LLMSTACK_FAULT_RANK", "HF_HUB_OFFLINE",
                   "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
-_LOCAL_OBJECT_STORE_BYTES = 512 * 1024 * 1024
 
 
 @dataclass
@@ -158,9 +157,10 @@ def train(config: TrainConfig | Mapping[str, Any] | str | Path | None = None, *,
         positions = cfg.model.max_seq_len or PRESETS[cfg.model.preset]["max_position_embeddings"]
         where = f"model.preset={cfg.model.preset}"
     else:
-        from llmstack.models import load_model
+        from llmstack.models import load_artifact
 
-        source_model = load_model(cfg.model.source, registry=registry, dtype=cfg.model.dtype, with_tokenizer=False)[0]
+        source_model = load_artifact(cfg.model.source, registry=registry, dtype=cfg.model.dtype,
+                                     with_tokenizer=False).model
         # max_position_embeddings (GPT-2's n_positions maps to it); None: no learned limit (ALiBi...).
         positions = getattr(source_model.config, "max_position_embeddings", None)
         where = f"model.source={cfg.model.source}"
@@ -414,10 +414,8 @@ def ensure_ray(scaling: WorkersConfig) -> None:
     if ray.is_initialized():
         return
     address = scaling.address or os.environ.get("RAY_ADDRESS")
-    env = {"TOKENIZERS_PARALLELISM": "false"}
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, **ray_init_options())
-        announce_ray_logs()
+        connect(address, runtime_env=worker_runtime_env())
         return
     cpus = os.cpu_count() or 1
     needed = worker_range(scaling.num_workers)[0] * scaling.cpus_per_worker  # elastic: min must fit
@@ -427,9 +425,7 @@ def ensure_ray(scaling: WorkersConfig) -> None:
             f"{needed:g} CPUs but this machine has {cpus}; lower scaling.num_workers or scaling.cpus_per_worker, "
             "or connect to a larger cluster with scaling.address / RAY_ADDRESS")
     # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
-    ray.init(num_cpus=cpus, object_store_memory=_LOCAL_OBJECT_STORE_BYTES, include_dashboard=True,
-             runtime_env={"env_vars": env}, **ray_init_options())
-    announce_ray_logs()
+    start_local(cpus, LOCAL_OBJECT_STORE_BYTES, runtime_env=worker_runtime_env())
 
 
 def check_cluster(scaling: WorkersConfig) -> None:
@@ -514,29 +510,29 @@ def default_storage_path(registry: Any) -> str:
 def _tokenizer(cfg: TrainConfig, registry: Registry, source_model: Any) -> tuple[Any, ArtifactRef | None]:
     """The tokenizer to use (None: let data preparation train one) and its registry ref if it has one."""
     if cfg.data.tokenizer:
-        from llmstack.models import load_tokenizer, resolve_model_source
+        from llmstack.models import describe_artifact, load_tokenizer
 
-        resolved = resolve_model_source(cfg.data.tokenizer, registry=registry)
-        tokenizer = load_tokenizer(str(resolved.directory))
-        ref = resolved.ref
+        artifact = describe_artifact(cfg.data.tokenizer, registry=registry)
+        tokenizer = load_tokenizer(artifact)
+        ref = artifact.ref
         if ref is None:
             ref = register_tokenizer(registry, f"{cfg.name}-tokenizer", tokenizer, corpus=None,
                                      vocab_size=len(tokenizer))
         return tokenizer, ref
     if source_model is not None and cfg.model.source:
-        from llmstack.models import load_tokenizer, resolve_model_source
+        from llmstack.models import describe_artifact, load_tokenizer
 
-        resolved = resolve_model_source(cfg.model.source, registry=registry)
-        return load_tokenizer(str(resolved.directory)), resolved.ref
+        artifact = describe_artifact(cfg.model.source, registry=registry)
+        return load_tokenizer(artifact), artifact.ref
     return None, None
 
 
 def _source_ref(source: str | None, registry: Registry) -> ArtifactRef | None:
     if not source:
         return None
-    from llmstack.models import resolve_model_source
+    from llmstack.models import describe_artifact
 
-    return resolve_model_source(source, registry=registry).ref
+    return describe_artifact(source, registry=registry).ref
 
 
 def register_tokenizer(registry: Registry, name: str, tokenizer: Any, *, corpus: Any, vocab_size: int) -> ArtifactRef:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmstack.finetune import distill, finetune_lora, load_adapter_model, sweep
-from llmstack.models import load_model
+from llmstack.finetune import distill, finetune_lora, sweep
+from llmstack.models import load_artifact
 
 pytestmark = pytest.mark.ray
 QA = "builtin:stdlib-qa"
@@ -43,8 +43,9 @@ def test_lora_under_fsdp_saves_every_ranks_shard_and_merges(ft_base, small_confi
 
     merged = registry.manifest(result.merged_ref)
     assert merged.kind == "model" and merged.parents == [str(result.ref), str(ft_base["ref"])]
-    with_adapter, tokenizer = load_adapter_model(registry, result.ref)
-    merged_model, _ = load_model(str(result.merged_ref), registry=registry)
+    loaded = load_artifact(result.ref, registry=registry)
+    with_adapter, tokenizer = loaded.model, loaded.tokenizer
+    merged_model = load_artifact(str(result.merged_ref), registry=registry).model
     torch.testing.assert_close(_logits(merged_model, tokenizer), _logits(with_adapter, tokenizer),
                                rtol=1e-4, atol=1e-4)
 
@@ -57,7 +58,7 @@ def test_qlora_through_ray_train_and_merge(ft_base, small_config) -> None:
     assert result.metrics["eval_loss"] < result.metrics["eval_loss_before"]
     merged = registry.manifest(result.merged_ref)
     assert merged.extra["merge"].startswith("adapter folded into the dequantized NF4 base")
-    model, _ = load_model(str(result.merged_ref), registry=registry)
+    model = load_artifact(str(result.merged_ref), registry=registry).model
     assert not any(type(m).__name__ == "Linear4bit" for m in model.modules())
 
 
@@ -89,5 +90,5 @@ def test_two_trial_sweep_stops_the_weak_trial_and_registers_the_best(ft_base, sm
     manifest = registry.manifest(result.ref)
     assert manifest.kind == "adapter" and manifest.parents == [str(ft_base["ref"])]
     assert len(manifest.extra["sweep"]["trials"]) == 2
-    model, _ = load_adapter_model(registry, result.ref)
+    model = load_artifact(result.ref, registry=registry).model
     assert model is not None

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from llmstack.errors import ResourceError
-from llmstack.serve.deployments.builder import INGRESS_CPUS, _app_resources, check_placement
+from llmstack._ray import app_resources, check_placement
+from llmstack.serve.deployments.builder import INGRESS_CPUS
 
 pytestmark = pytest.mark.ray
 
@@ -32,10 +33,10 @@ def test_replacing_an_app_counts_what_its_replicas_hold(main_app) -> None:
     deployments = serve.status().applications["main"].deployments
     model = int(deployments["LLMServer"].replica_states.get("RUNNING", 0))
     ingress = int(deployments["OpenAIIngress"].replica_states.get("RUNNING", 0))
-    held = _app_resources("main")
+    held = app_resources("main")
     assert held.get("CPU") == pytest.approx(0.5 * model + INGRESS_CPUS * ingress)  # main_app: num_cpus 0.5
     assert not held.get("GPU")
-    assert _app_resources("no-such-app") == {}
+    assert app_resources("no-such-app") == {}
 
     ask = ray.available_resources().get("CPU", 0.0) + held["CPU"] / 2  # over what is free, within what main frees
     with pytest.raises(ResourceError, match="ask for .* CPUs"):

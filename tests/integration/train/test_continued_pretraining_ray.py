@@ -25,7 +25,7 @@ def test_gpt2_directory_continues_pretraining_and_is_registered(ray_cluster, tmp
     import torch
     from transformers import AutoTokenizer
 
-    from llmstack.models import load_model
+    from llmstack.models import load_artifact
     from llmstack.registry import Registry
     from llmstack.train import train
 
@@ -41,8 +41,9 @@ def test_gpt2_directory_continues_pretraining_and_is_registered(ray_cluster, tmp
     registry = Registry(str(tmp_path / "registry"))
     manifest = registry.manifest(result.ref)
     assert manifest.kind == "model" and str(result.tokenizer_ref) in manifest.parents
-    trained, tokenizer = load_model(str(result.ref), registry=registry)
-    original = load_model(str(source), with_tokenizer=False)[0]
+    loaded = load_artifact(str(result.ref), registry=registry)
+    trained, tokenizer = loaded.model, loaded.tokenizer
+    original = load_artifact(str(source), with_tokenizer=False).model
     assert type(trained).__name__ == "GPT2LMHeadModel" and trained.config.n_positions == 64
     assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(str(source)).get_vocab()  # the model's own
     start, end = original.state_dict(), trained.state_dict()

@@ -128,7 +128,7 @@ def _s3fs(s3_server):
 def test_fsdp_on_s3_survives_a_killed_worker_and_matches_ddp(fsdp_s3_run, ddp_run, workspace, s3_server):
     from transformers import AutoModelForCausalLM
 
-    from llmstack.models import load_model
+    from llmstack.models import load_artifact
 
     result = fsdp_s3_run
     assert len(result.recoveries) == 1
@@ -148,7 +148,7 @@ def test_fsdp_on_s3_survives_a_killed_worker_and_matches_ddp(fsdp_s3_run, ddp_ru
     assert {"model.safetensors", "optimizer.safetensors", "rng_rank0.safetensors", "rng_rank1.safetensors",
             "state.json", "config.json"} <= {p.name for p in local.iterdir()}
     checkpoint = AutoModelForCausalLM.from_pretrained(str(local), use_safetensors=True)
-    registered, _ = load_model(str(result.ref), registry=_registry(workspace))
+    registered = load_artifact(str(result.ref), registry=_registry(workspace)).model
     for (name, a), (_, b) in zip(checkpoint.state_dict().items(), registered.state_dict().items()):
         assert a.shape == b.shape and bool((a == b).all()), name
 

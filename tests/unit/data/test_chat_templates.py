@@ -190,3 +190,11 @@ def test_plain_rows_need_no_template(tokenizer) -> None:
     assert completion["labels"][: len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)
     assert completion["labels"][len(prompt_ids):] == completion["input_ids"][len(prompt_ids):]
     assert text["labels"] == text["input_ids"] == [*tok("import json")["input_ids"], tok.eos_token_id]
+
+
+def test_the_config_knows_every_named_template() -> None:
+    """InstructionDataConfig checks data.chat_template against the config's list; it names exactly these."""
+    from llmstack.config import CHAT_TEMPLATE_NAMES
+    from llmstack.data.chat_templates import NAMED_TEMPLATES
+
+    assert tuple(NAMED_TEMPLATES) == CHAT_TEMPLATE_NAMES

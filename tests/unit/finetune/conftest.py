@@ -49,12 +49,12 @@ def register(base: dict[str, Any], run: dict[str, Any], name: str) -> Any:
     from llmstack.config import FinetuneConfig
     from llmstack.finetune.lora import _register_adapter, load_trainable
     from llmstack.finetune.methods import resolve_target_modules
-    from llmstack.models import load_model
+    from llmstack.models import load_artifact
 
     factory = run["factory"]
     cfg = FinetuneConfig(name=name, base=str(base["ref"]))
     cfg.lora = factory.lora
-    model, _ = load_model(str(base["ref"]), registry=base["registry"])
+    model = load_artifact(str(base["ref"]), registry=base["registry"]).model
     targets = resolve_target_modules(model, None) if factory.method != "bitfit" else None
     return _register_adapter(base["registry"], cfg, factory, load_trainable(run["checkpoint"]), base["ref"],
                              model.config, targets, {"eval_loss": run["after"]}, base["data"].fingerprint,

@@ -75,11 +75,11 @@ def test_columns_template_override_and_train_on_inputs(base, tmp_path) -> None:
 
 
 def test_distillation_loss(base) -> None:
-    from llmstack.models import build_model, load_model
+    from llmstack.models import build_model, load_artifact
 
     batch = {k: v[:4] for k, v in base["data"].train.items()}
     teacher = DistillLoss(registry=base["registry"], teacher=str(base["ref"]), temperature=2.0, alpha=1.0)
-    same = load_model(str(base["ref"]), registry=base["registry"])[0].train()
+    same = load_artifact(str(base["ref"]), registry=base["registry"]).model.train()
     assert float(teacher(same, batch)) == pytest.approx(0.0, abs=1e-3)  # KL of a model to itself
     student = build_model("tiny", vocab_size=same.config.vocab_size, max_seq_len=128, seed=7).train()
     soft = float(teacher(student, batch))

@@ -18,14 +18,14 @@ from llmstack.finetune.distill import DistillLoss, check_same_tokenizer, distill
 def setup(tmp_path_factory: pytest.TempPathFactory, architecture_dir: Any, architecture_tokenizer: Any) -> dict:
     from llmstack.finetune.data import instruction_tensors
     from llmstack.finetune.lora import ensure_base_ref
-    from llmstack.models import load_model
+    from llmstack.models import load_artifact
     from llmstack.registry import Registry
 
     root = tmp_path_factory.mktemp("distill-arch")
     registry = Registry(str(root / "registry"))
     teacher_dir = architecture_dir("qwen2")
     ref = ensure_base_ref(str(teacher_dir), registry, name="qwen2-teacher")
-    teacher = load_model(str(ref), registry=registry, with_tokenizer=False)[0]
+    teacher = load_artifact(str(ref), registry=registry, with_tokenizer=False).model
     data = instruction_tensors("builtin:stdlib-qa", architecture_tokenizer, max_length=64, max_rows=16)
     batch = {k: v[:4] for k, v in data.train.items()}
     return {"registry": registry, "ref": ref, "teacher": teacher, "teacher_dir": teacher_dir, "batch": batch,

@@ -16,9 +16,9 @@ DECODER_LINEARS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_p
 
 
 def _fresh(base):
-    from llmstack.models import load_model
+    from llmstack.models import load_artifact
 
-    return load_model(str(base["ref"]), registry=base["registry"])[0]
+    return load_artifact(str(base["ref"]), registry=base["registry"]).model
 
 
 def test_default_targets_are_every_decoder_linear(base) -> None:
@@ -85,9 +85,10 @@ def test_bitfit_changes_only_norm_scales(base, trained) -> None:
 
 
 def test_qlora_base_is_nf4(base) -> None:
-    from llmstack.finetune.methods import load_base
+    from llmstack.finetune.methods import base_artifact
+    from llmstack.models import load_artifact
 
-    model, _ = load_base(str(base["ref"]), registry=base["registry"], method="qlora")
+    model = load_artifact(base_artifact(str(base["ref"]), registry=base["registry"], method="qlora")).model
     kinds = {type(m).__name__ for m in model.modules()}
     assert "Linear4bit" in kinds
     quant = model.model.layers[0].self_attn.q_proj.weight.quant_state
@@ -100,18 +101,18 @@ def test_qlora_base_lets_go_of_the_fp32_weights_file(base) -> None:
     import gc
     from pathlib import Path
 
-    from llmstack.finetune.methods import load_base
-    from llmstack.models import resolve_model_source
+    from llmstack.finetune.methods import base_artifact
+    from llmstack.models import describe_artifact, load_artifact
 
-    weights = str(Path(resolve_model_source(str(base["ref"]), registry=base["registry"]).directory).resolve())
+    weights = str(Path(describe_artifact(str(base["ref"]), registry=base["registry"]).directory).resolve())
 
     def mapped() -> bool:
         gc.collect()
         return weights in Path("/proc/self/maps").read_text()
 
-    model, _ = load_base(str(base["ref"]), registry=base["registry"], method="qlora")
+    model = load_artifact(base_artifact(str(base["ref"]), registry=base["registry"], method="qlora")).model
     assert not mapped()
-    fp32, _ = load_base(str(base["ref"]), registry=base["registry"], method="lora")
+    fp32 = load_artifact(base_artifact(str(base["ref"]), registry=base["registry"], method="lora")).model
     assert mapped()  # the check can see a mapping: the fp32 base keeps viewing its file
     del fp32, model
 
@@ -167,7 +168,7 @@ def test_full_fine_tune_registers_a_model_with_the_base_as_parent(base, trained)
 
     from llmstack.config import FinetuneConfig
     from llmstack.finetune.lora import _register_full, load_trainable
-    from llmstack.models import load_model
+    from llmstack.models import load_artifact
 
     run = trained("full")
     ref = _register_full(base["registry"], FinetuneConfig(name="full-ft"), run["factory"],
@@ -175,7 +176,7 @@ def test_full_fine_tune_registers_a_model_with_the_base_as_parent(base, trained)
                          base["data"].fingerprint, {"method": "full"})
     manifest = base["registry"].manifest(ref)
     assert manifest.kind == "model" and manifest.parents == [str(base["ref"])]
-    model, _ = load_model(str(ref), registry=base["registry"])
+    model = load_artifact(str(ref), registry=base["registry"]).model
     tuned = load_trainable(run["checkpoint"])
     name = "model.layers.0.mlp.up_proj.weight"
     assert torch.equal(model.state_dict()[name], tuned[name])

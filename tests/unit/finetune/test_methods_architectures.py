@@ -46,9 +46,9 @@ def _model(architecture: str, method: str, architecture_dir: Any, architecture_t
         from llmstack.models.nf4 import load_nf4_model
 
         return load_nf4_model(architecture_dir(architecture))
-    from llmstack.models import load_model
+    from llmstack.models import load_artifact
 
-    return load_model(str(architecture_dir(architecture)), with_tokenizer=False)[0]
+    return load_artifact(str(architecture_dir(architecture)), with_tokenizer=False).model
 
 
 def _backward(model: Any, tokenizer: Any) -> torch.Tensor:
@@ -91,9 +91,9 @@ def test_method_trains_exactly_its_parameters(architecture: str, method: str, ar
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_bitfit_choice_per_architecture(architecture: str, architecture_dir: Any) -> None:
-    from llmstack.models import load_model
+    from llmstack.models import load_artifact
 
-    model = load_model(str(architecture_dir(architecture)), with_tokenizer=False)[0]
+    model = load_artifact(str(architecture_dir(architecture)), with_tokenizer=False).model
     plan = bitfit_plan(model)
     biases, norms, classes = BITFIT[architecture]
     assert (len(plan.bias_names), len(plan.norm_names), plan.norm_classes) == (biases, norms, classes)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llmstack.errors import ArtifactNotFoundError, IntegrityError, LLMStackError, ModelLoadError
-from llmstack.models import Artifact, describe_artifact, load_artifact, load_model
+from llmstack.models import Artifact, describe_artifact, load_artifact
 
 
 def test_registry_alias_is_resolved_once_and_pinned(world: dict[str, Any]) -> None:
@@ -66,7 +66,7 @@ def test_adapters_load_as_the_model_fine_tuning_left(world: dict[str, Any], runs
 
 
 def test_quantized_version_is_described_and_rebuilt(world: dict[str, Any], helpers: Any) -> None:
-    from llmstack.quantize import load_quantized, quantize
+    from llmstack.quantize import quantize, rebuild_quantized
 
     registry = world["registry"]
     result = quantize({"evaluation": {"enabled": False}}, source=str(world["ref"]), method="int8-dynamic", registry=registry,
@@ -74,7 +74,7 @@ def test_quantized_version_is_described_and_rebuilt(world: dict[str, Any], helpe
     artifact = describe_artifact("base-int8", registry=registry)
     assert (artifact.kind, artifact.method, artifact.ref) == ("quantized", "int8-dynamic", result.ref)
     loaded = load_artifact(artifact)
-    reference, _ = load_quantized(registry, result.ref)
+    reference = rebuild_quantized(registry.fetch(result.ref))  # the backend's own rebuild, not through models
     torch.testing.assert_close(helpers.logits(loaded.model, world), helpers.logits(reference, world))
     directory = describe_artifact(str(registry.fetch(result.ref)))  # the same files as a plain directory
     assert (directory.kind, directory.method, directory.ref) == ("quantized", "int8-dynamic", None)
@@ -159,15 +159,17 @@ def test_fsspec_url_of_an_adapter_directory(world: dict[str, Any], adapter_refs:
                                helpers.logits(load_artifact("ad-lora@v1", registry=registry).model, world))
 
 
-def test_load_model_and_resolve_model_source_are_thin_wrappers(world: dict[str, Any], adapter_refs: Any) -> None:
-    from llmstack.models import resolve_model_source
-
+def test_an_adapter_loads_on_a_base_offered_in_place_of_its_own(world: dict[str, Any], adapter_refs: Any,
+                                                                  tmp_path: Path) -> None:
     registry = world["registry"]
-    resolved = resolve_model_source("base@production", registry=registry)
-    assert (resolved.ref, resolved.directory, resolved.hub_id) == (world["ref"], registry.fetch(world["ref"]), None)
-    model, tokenizer = load_model("ad-bitfit@v1", registry=registry)
-    loaded = load_artifact("ad-bitfit@v1", registry=registry)
-    assert isinstance(loaded.artifact, Artifact) and len(tokenizer) == len(loaded.tokenizer)
+    adapter_refs("bitfit")
+    same = shutil.copytree(registry.fetch(world["ref"]), tmp_path / "same-weights")
+    on_copy = load_artifact("ad-bitfit@v1", registry=registry, base=str(same))
+    assert on_copy.artifact.base.directory == same and on_copy.ref == registry.resolve("ad-bitfit@v1")
+    own = load_artifact("ad-bitfit@v1", registry=registry)
+    assert isinstance(own.artifact, Artifact) and own.label == "ad-bitfit@v1"
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, loaded.model(ids).logits)
+        torch.testing.assert_close(on_copy.model(ids).logits, own.model(ids).logits)
+    with pytest.raises(ModelLoadError, match="base@v1 is a model, not an adapter; only adapters load on another base"):
+        load_artifact("base@v1", registry=registry, base=str(same))

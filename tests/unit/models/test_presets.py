@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llmstack.errors import ConfigError, ModelLoadError
-from llmstack.models import build_model, count_parameters, load_model, preset_config, save_model
+from llmstack.models import build_model, count_parameters, load_artifact, preset_config, save_model
 
 
 @pytest.mark.parametrize("name, low, high", [("tiny", 1e6, 5e6), ("small", 1e7, 1e8), ("base", 1e8, 2e8)])
@@ -39,7 +39,7 @@ def test_save_and_load_local_directory_is_safetensors(tmp_path):
     save_model(model, None, tmp_path / "m")
     assert (tmp_path / "m" / "model.safetensors").is_file()
     assert not list((tmp_path / "m").glob("*.bin"))
-    loaded, _ = load_model(tmp_path / "m", with_tokenizer=False)
+    loaded = load_artifact(tmp_path / "m", with_tokenizer=False).model
     ids = torch.randint(0, 256, (1, 8))
     model.eval()
     assert torch.allclose(model(ids).logits, loaded(ids).logits, atol=1e-6)
@@ -49,10 +49,10 @@ def test_directory_without_safetensors_is_refused(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "pytorch_model.bin").write_bytes(b"not a pickle you want to load")
     with pytest.raises(ModelLoadError, match="safetensors only"):
-        load_model(tmp_path, with_tokenizer=False)
+        load_artifact(tmp_path, with_tokenizer=False)
 
 
 def test_hub_id_offline_says_how_to_pass_a_local_directory(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match=r"cannot fetch hub model 'someorg/some-model'.*local directory"):
-        load_model("someorg/some-model")
+        load_artifact("someorg/some-model")

@@ -15,12 +15,12 @@ from llmstack.quantize import quantize
 @pytest.fixture
 def no_work(monkeypatch: pytest.MonkeyPatch, quant_registry: Any) -> Any:
     """Fails the test if quantize() loads the float weights or writes to the registry."""
-    import llmstack.models.loading as loading
+    import llmstack.models.artifact as loading
 
     def forbidden(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("quantize() started work before rejecting its input")
 
-    monkeypatch.setattr(loading, "load_model", forbidden)
+    monkeypatch.setattr(loading, "load_artifact", forbidden)
     monkeypatch.setattr(quant_registry, "register", forbidden)
     return quant_registry
 
@@ -45,9 +45,9 @@ def test_bad_config_values_are_reported_together(no_work: Any) -> None:
 def test_already_quantized_source(quant_registry: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     result = quantize({"evaluation": {"enabled": False}}, source="tiny", method="w8a8", registry=quant_registry,
                       name="tiny-q-src")
-    import llmstack.models.loading as loading
+    import llmstack.models.artifact as loading
 
-    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(loading, "load_artifact", lambda *a, **k: pytest.fail("work started"))
     with pytest.raises(ConfigError, match="already quantized.*tiny@v1"):
         quantize(source=str(result.ref), method="int8", registry=quant_registry)
     # the same for a bare directory that holds a quantized model
@@ -84,9 +84,9 @@ def test_architecture_without_rmsnorm_before_projections(quant_registry: Any, tr
                                       num_attention_heads=2, intermediate_size=64, eos_token_id=tokenizer.eos_token_id,
                                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id))
     ref = _register_dir(quant_registry, "olmo", olmo, tokenizer)
-    import llmstack.models.loading as loading
+    import llmstack.models.artifact as loading
 
-    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(loading, "load_artifact", lambda *a, **k: pytest.fail("work started"))
     with pytest.raises(ConfigError, match="no RMSNorm input_layernorm"):
         quantize(source=ref, method="smoothquant", registry=quant_registry)
 
@@ -99,9 +99,9 @@ def test_architecture_without_decoder_linears(quant_registry: Any, trained_tiny:
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64,
                                       eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id))
     ref = _register_dir(quant_registry, "gpt2ish", gpt2, tokenizer)
-    import llmstack.models.loading as loading
+    import llmstack.models.artifact as loading
 
-    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(loading, "load_artifact", lambda *a, **k: pytest.fail("work started"))
     for method in ("w8a8", "smoothquant", "int8", "int8-dynamic"):
         with pytest.raises(ConfigError, match="model.layers"):
             quantize(source=ref, method=method, registry=quant_registry)

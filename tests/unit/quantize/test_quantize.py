@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from llmstack.config import QUANTIZE_METHODS, merge_sections
-from llmstack.quantize import known_methods, load_any, load_quantized, quantize
+from llmstack.models import load_artifact
+from llmstack.quantize import known_methods, quantize
 from llmstack.quantize._evaluate import perplexity
 
 from .conftest import FAST, NO_EVALUATION
@@ -52,8 +53,9 @@ def test_round_trip(method: str, quant_registry: Any, held_out: Any) -> None:
     assert m["perplexity_ratio"] < 1.15  # a trained model survives every method
     assert m["file_bytes"] < m["source_model_bytes"] * 0.5
 
-    model, tokenizer = load_quantized(quant_registry, result.ref)
+    loaded = load_artifact(result.ref, registry=quant_registry)
     # the loaded weights are the evaluated ones: same held-out perplexity as recorded at quantize time
+    model, tokenizer = loaded.model, loaded.tokenizer
     assert perplexity(model, held_out) == pytest.approx(m["perplexity"], rel=1e-3)
     ids = tokenizer("def open(path", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
@@ -75,40 +77,39 @@ def test_recipe_details(quant_registry: Any) -> None:
 
     nf4 = quantize({"bitsandbytes": {"block_size": 128}, **NO_EVALUATION}, source="tiny", method="nf4", registry=quant_registry,
                    name="tiny-nf4-128")
-    model, _ = load_quantized(quant_registry, nf4.ref)
+    model = load_artifact(nf4.ref, registry=quant_registry).model
     assert model.model.layers[0].self_attn.q_proj.weight.quant_state.blocksize == 128
 
 
 def test_bf16_compute(quant_registry: Any) -> None:
     result = quantize({**FAST, "dtype": "bfloat16"}, source="tiny", method="w8a8", registry=quant_registry,
                       name="tiny-w8a8-bf16")
-    model, _ = load_quantized(quant_registry, result.ref)
+    model = load_artifact(result.ref, registry=quant_registry).model
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
     assert model.model.layers[0].mlp.up_proj.weight_scale.dtype == torch.float32  # scales stay fp32
     assert result.metrics["perplexity_ratio"] < 1.1
 
 
-def test_load_any_handles_plain_and_quantized(quant_registry: Any) -> None:
-    plain, _ = load_any("tiny@v1", quant_registry)
+def test_load_artifact_handles_plain_and_quantized(quant_registry: Any) -> None:
+    plain = load_artifact("tiny@v1", registry=quant_registry, dtype="float32").model
     assert isinstance(plain.model.layers[0].self_attn.q_proj, torch.nn.Linear)
     result = quantize(NO_EVALUATION, source="tiny", method="int8-dynamic", registry=quant_registry,
                       name="tiny-dyn")
-    quantized, _ = load_any(str(result.ref), quant_registry)
+    quantized = load_artifact(str(result.ref), registry=quant_registry, dtype="float32").model
     assert type(quantized.model.layers[1].self_attn.q_proj.weight).__name__ == "Int8Tensor"  # 0: a float edge layer
     config = json.loads((quant_registry.fetch(result.ref) / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "llmstack-torchao"
-    # the generic model loader routes quantized versions through their recipe too
-    from llmstack.models import load_model
-
-    via_models, _ = load_model(str(result.ref), registry=quant_registry)
-    assert type(via_models.model.layers[2].mlp.down_proj.weight).__name__ == "Int8Tensor"
+    # a plain directory of the same files routes through its recipe too
+    via_directory = load_artifact(str(quant_registry.fetch(result.ref))).model
+    assert type(via_directory.model.layers[2].mlp.down_proj.weight).__name__ == "Int8Tensor"
 
 
 def test_w8a8_rows_do_not_depend_on_the_batch(quant_registry: Any) -> None:
     """Per-token activation scales: a served sequence decodes the same alone or next to a padded neighbour."""
     result = quantize(NO_EVALUATION, source="tiny", method="w8a8", registry=quant_registry,
                       name="tiny-w8a8-batch")
-    model, tokenizer = load_quantized(quant_registry, result.ref)
+    loaded = load_artifact(result.ref, registry=quant_registry)
+    model, tokenizer = loaded.model, loaded.tokenizer
     tokenizer.padding_side = "left"
     kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     batch = model.generate(**tokenizer(["def open(path, mode", "x"], return_tensors="pt", padding=True), **kwargs)

@@ -50,7 +50,7 @@ def test_build_app_returns_an_application(small_registry: dict[str, Any]) -> Non
 
 
 def test_serves_a_quantized_artifact(small_registry: dict[str, Any]) -> None:
-    """quantize() output (kind "quantized") loads through load_quantized and batches like a float model."""
+    """quantize() output (kind "quantized") loads through load_artifact and batches like a float model."""
     import asyncio
 
     from llmstack.quantize import quantize

@@ -23,9 +23,9 @@ LAYER_CLASS = {"llama": "LlamaDecoderLayer", "qwen2": "Qwen2DecoderLayer", "mist
 
 
 def _source(architecture_dir: Any, architecture: str) -> Any:
-    from llmstack.models import load_model
+    from llmstack.models import load_artifact
 
-    return load_model(str(architecture_dir(architecture)), with_tokenizer=False)[0]
+    return load_artifact(str(architecture_dir(architecture)), with_tokenizer=False).model
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -121,7 +121,7 @@ def test_tokenizer_defaults_to_the_sources_and_packing_uses_it(architecture_dir:
 
     from llmstack.data import prepare_training_data
     from llmstack.finetune.lora import ensure_base_ref
-    from llmstack.models import load_model
+    from llmstack.models import load_artifact
     from llmstack.registry import Registry
 
     registry = Registry(str(tmp_path / "registry"))
@@ -130,7 +130,7 @@ def test_tokenizer_defaults_to_the_sources_and_packing_uses_it(architecture_dir:
     for source, expected_ref in ((str(directory), None), (str(ref), str(ref))):
         cfg = _config(source, tmp_path / "registry", block_size=32)
         assert cfg.data.tokenizer is None
-        model = load_model(source, registry=registry, with_tokenizer=False)[0]
+        model = load_artifact(source, registry=registry, with_tokenizer=False).model
         tokenizer, tokenizer_ref = _tokenizer(cfg, registry, model)
         assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(str(directory)).get_vocab()
         assert (str(tokenizer_ref) if tokenizer_ref else None) == expected_ref

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import sys
 import types
 from pathlib import Path
 from typing import Any
@@ -75,9 +74,11 @@ def test_adapter_loads_on_its_base(reg: Registry, model_a: Any, tokenizer: Any, 
     assert "validation" in reg.annotations(adapter)
 
 
-def test_quantized_versions_load_through_the_quantize_hook(reg: Registry, model_a: Any, tokenizer: Any,
-                                                           held_out: Any, helpers: types.ModuleType,
-                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_quantized_versions_load_through_the_registered_loader(reg: Registry, model_a: Any, tokenizer: Any,
+                                                               held_out: Any, helpers: types.ModuleType,
+                                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmstack.models import artifact as artifact_module
+
     base = register_model(reg, "tiny-lm", model_a, tokenizer, kind="model")
     (tmp_path / "q").mkdir()
     (tmp_path / "q" / "quantization.json").write_text('{"method": "fake"}')
@@ -85,19 +86,20 @@ def test_quantized_versions_load_through_the_quantize_hook(reg: Registry, model_
     qref = reg.register("tiny-lm-int8", tmp_path / "q", kind="quantized", parents=[str(base)])
     calls = []
 
-    def fake_rebuild_quantized(directory: Path, *, where: str) -> Any:
+    def fake_loader(directory: Path, where: str) -> Any:
         calls.append((Path(directory), where))
         return helpers.fake_int8(model_a)
 
-    monkeypatch.setitem(sys.modules, "llmstack.quantize",
-                        types.SimpleNamespace(rebuild_quantized=fake_rebuild_quantized))
+    monkeypatch.setattr(artifact_module, "QUANTIZED_LOADER_PACKAGES", ())  # only what this test registers
+    monkeypatch.setattr(artifact_module, "_QUANTIZED_LOADERS", {"fake": fake_loader})
     report = validate(FAST, candidate=qref, baseline=base, registry=reg, probes=PROBES, eval_data=held_out,
                       progress=False)
     assert calls == [(reg.fetch(qref), "tiny-lm-int8@v1")]
     assert report.check("distribution").passed and report.check("perplexity").passed
 
-    monkeypatch.setitem(sys.modules, "llmstack.quantize", None)  # the quantize package is unavailable
-    with pytest.raises(ModelLoadError, match="quantized model but llmstack.quantize cannot load it"):
+    monkeypatch.setattr(artifact_module, "_QUANTIZED_LOADERS", {})  # no backend registered
+    with pytest.raises(ModelLoadError, match=r"candidate: tiny-lm-int8@v1 is a quantized model \(fake\) that no "
+                                             r"registered loader rebuilds"):
         validate(candidate=qref, baseline=base, registry=reg, probes=PROBES, eval_data=held_out, progress=False)
 
 

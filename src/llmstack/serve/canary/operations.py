@@ -7,13 +7,12 @@ ArtifactNotFoundError), raised as themselves. ``region`` names a region's canary
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from typing import Any
 
 from ray import serve
 
-from llmstack._console import announce_ray_logs, ray_init_options
+from llmstack._ray import connect
 from llmstack.config import ServeConfig, load_config
 from llmstack.errors import ConfigError, LLMStackError, ValidationFailedError
 from llmstack.serve.canary.config import (CanaryError, CanaryPlan, CanaryThresholds, VersionSpec, check_weights,
@@ -42,11 +41,7 @@ class _Canary:
 
 
 def _router(app_name: str, address: str | None, region: str | None = None) -> _Canary:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto", **ray_init_options())
-        announce_ray_logs()
+    connect(address, require_running=True)
     try:
         status = serve.status()
     except Exception as exc:

@@ -20,10 +20,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from llmstack._console import announce_ray_logs, quiet_libraries, ray_init_options, verbose
+from llmstack._console import quiet_libraries, verbose
+from llmstack._ray import (ReplicaNeeds, check_placement, check_port_free, connect, loopback_host,
+                           serve_applications, serve_http_address, wait_running, worker_runtime_env)
 from llmstack._verbs import Overrides, read_settings
 from llmstack.config import SERVE_DEPLOYMENT_DEFAULTS, ServeConfig, load_config, to_dict
-from llmstack.errors import ArtifactNotFoundError, ConfigError, ModelLoadError, ResourceError
+from llmstack.errors import ArtifactNotFoundError, ConfigError, ResourceError
 
 QUICKSTART_HINT = "run the quickstart first (`make quickstart`) to train and register it"
 DEPLOY_TIMEOUT_S = 300.0  # replicas not healthy by then: deploy() fails, naming what is pending
@@ -248,13 +250,9 @@ def run_app(app: Any, cfg: ServeConfig, *, replace: bool = False, timeout_s: flo
     app serves, an app of the same name (unless ``replace``), and a replica that fails to start (its own
     error in the message; the failed app is deleted so a corrected retry can start).
     """
-    import ray
     from ray import serve
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, **ray_init_options(),
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-        announce_ray_logs()
+    connect(runtime_env=worker_runtime_env())
     if not verbose():  # importing Serve set its logger back to INFO
         quiet_libraries()
     existing = _running_apps()
@@ -262,11 +260,11 @@ def run_app(app: Any, cfg: ServeConfig, *, replace: bool = False, timeout_s: flo
         raise ConfigError(f"app_name: an application named {cfg.app_name!r} is already running on this cluster; "
                           "shut it down, pick another app_name, or pass replace=True")
     check_placement(needs, freed=cfg.app_name if cfg.app_name in existing else None)
-    http = _serve_http()
+    http = serve_http_address()
     if http is None:  # Serve starts here: the port must be ours to take
         check_port_free(cfg.http.host, cfg.http.port)
         serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
-        http = _serve_http() or (cfg.http.host, cfg.http.port)
+        http = serve_http_address() or (cfg.http.host, cfg.http.port)
     else:
         check_serve_port(cfg.http.port, http[1], cfg.app_name)
     check_route_prefix(cfg.http.route_prefix, cfg.app_name)
@@ -284,7 +282,7 @@ def run_app(app: Any, cfg: ServeConfig, *, replace: bool = False, timeout_s: flo
         delete_app(cfg.app_name)
         raise
     host, port = http
-    host = "127.0.0.1" if host in ("0.0.0.0", "", None) else host
+    host = loopback_host(host)
     prefix = "" if cfg.http.route_prefix == "/" else cfg.http.route_prefix.rstrip("/")
     return f"http://{host}:{port}{prefix}"
 
@@ -296,17 +294,6 @@ def _running_apps() -> list[str]:
         return list(serve.status().applications)
     except Exception:  # Serve not started on this cluster
         return []
-
-
-def _serve_http() -> tuple[str, int] | None:
-    """Host and port of the Serve already running on this cluster (None: not started)."""
-    try:
-        from ray.serve.context import _get_global_client
-
-        http = _get_global_client(raise_if_no_controller_running=True).http_config
-        return http.host, http.port
-    except Exception:
-        return None
 
 
 def check_serve_port(asked: int, held: int, app_name: str) -> None:
@@ -334,20 +321,9 @@ def _prefix_taken(route_prefix: str, other: str, app_name: str) -> ConfigError:
                        f"{app_name!r} cannot take it; pick another route_prefix, or shut {other!r} down first")
 
 
-def _serve_applications() -> dict[str, Any]:
-    """The Serve controller's details of each application on this cluster (empty when Serve is not running)."""
-    try:
-        from ray.serve.context import _get_global_client
-
-        details = _get_global_client(raise_if_no_controller_running=True).get_serve_details()
-    except Exception:
-        return {}
-    return details.get("applications") or {}
-
-
 def _route_prefixes() -> dict[str, str]:
     """The route prefix of each application on this cluster's Serve (empty when Serve is not running)."""
-    return {name: app.get("route_prefix") for name, app in _serve_applications().items()
+    return {name: app.get("route_prefix") for name, app in serve_applications().items()
             if app.get("route_prefix") is not None and app.get("status") != "DELETING"}
 
 
@@ -363,124 +339,9 @@ def delete_app(app_name: str) -> None:
         logging.getLogger(__name__).warning("could not delete the failed application %r: %s", app_name, exc)
 
 
-def check_port_free(host: str, port: int) -> None:
-    """Raise ResourceError when another process (or another Ray cluster's Serve) already listens on the port."""
-    import socket
-
-    probe_host = "127.0.0.1" if host in ("0.0.0.0", "", None) else host
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        if sock.connect_ex((probe_host, port)) == 0:
-            raise ResourceError(f"port {port} on {probe_host} is already in use by another server (another "
-                                "deploy() or Ray cluster?); stop it or choose another `port`")
-
-
-ReplicaNeeds = list[tuple[dict[str, float], int]]  # (Ray resources per replica, replicas)
-_RESOURCE_FIELDS = {"CPU": "deployment.ray_actor_options.num_cpus", "GPU": "deployment.ray_actor_options.num_gpus"}
-
-
 def replica_resources(cfg: ServeConfig) -> dict[str, float]:
     """The Ray resources one model replica asks for (as ``server_options`` sets them)."""
     return cfg.replica_resources()
 
 
 INGRESS_RESOURCES = {"CPU": INGRESS_CPUS}
-
-
-def check_placement(needs: ReplicaNeeds, *, freed: str | None = None) -> None:
-    """Raise ResourceError naming what was asked and what the cluster has when replicas cannot be placed.
-
-    ``needs`` holds (resources per replica, replicas), keyed by Ray resource (``CPU``, ``GPU``). Each replica
-    must fit on one node, and all of them in what is free now plus what the app being replaced
-    (``freed``) holds. Every shortfall is named in one message.
-    """
-    import ray
-
-    needs = [(res, count) for res, count in needs if count > 0 and any(res.values())]
-    if not needs:
-        return
-    asked: dict[str, float] = {}
-    for resources, count in needs:
-        for name, amount in resources.items():
-            if amount:
-                asked[name] = asked.get(name, 0.0) + amount * count
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    free, total = ray.available_resources(), ray.cluster_resources()
-    released = _app_resources(freed) if freed else {}
-    problems = []
-    for name, amount in asked.items():
-        field = _RESOURCE_FIELDS.get(name, name)
-        available = free.get(name, 0.0) + released.get(name, 0.0)
-        plan = " + ".join(f"{count} x {res[name]:g}" for res, count in needs if res.get(name))
-        if amount > available + 1e-9:
-            fix = (f"set {field}: 0 to serve on CPUs, or add GPU nodes" if name == "GPU"
-                   else f"lower {field} or autoscaling.min_replicas, or stop other apps")
-            problems.append(f"its replicas ask for {amount:g} {name}s ({field}: {plan}) but the cluster has "
-                            f"{available:g} of {total.get(name, 0.0):g} free; {fix}")
-            continue
-        biggest = max(res.get(name, 0.0) for res, _ in needs)
-        largest = max((node.get(name, 0.0) for node in nodes), default=0.0)
-        if biggest > largest + 1e-9:
-            hint = " (compute threads are set by engine.num_threads, independently)" if name == "CPU" else ""
-            problems.append(f"a replica asks for {biggest:g} {name}s ({field}) but the largest node has "
-                            f"{largest:g}; lower {field}{hint}")
-    if not problems:
-        for resources, _ in needs:  # each resource fits somewhere: does the whole replica fit on one node?
-            wanted = {k: v for k, v in resources.items() if v}
-            if not any(all(node.get(k, 0.0) + 1e-9 >= v for k, v in wanted.items()) for node in nodes):
-                shape = ", ".join(f"{v:g} {k}" for k, v in wanted.items())
-                problems.append(f"no node has {shape} at once for one replica")
-    if problems:
-        raise ResourceError("cannot place the app: " + "; ".join(problems))
-
-
-def _app_resources(app_name: str) -> dict[str, float]:
-    """Ray resources held by the replicas of ``app_name`` (what replacing it frees), from the Serve controller."""
-    held: dict[str, float] = {}
-    app = _serve_applications().get(app_name) or {}  # Serve not running: nothing to free
-    for deployment in (app.get("deployments") or {}).values():
-        replicas = len(deployment.get("replicas") or [])
-        for name, amount in (deployment.get("required_resources") or {}).items():
-            held[name] = held.get(name, 0.0) + float(amount) * replicas
-    return held
-
-
-def wait_running(app_name: str, *, timeout_s: float, what: str = "application") -> None:
-    """Wait until ``app_name`` is RUNNING; raise with the replica's own error when it fails to deploy."""
-    import time
-
-    from ray import serve
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        state = serve.status().applications.get(app_name)
-        status = str(getattr(state, "status", "")) if state is not None else ""
-        if status.endswith("RUNNING"):
-            return
-        if status.endswith("DEPLOY_FAILED") or status.endswith("UNHEALTHY"):
-            raise ModelLoadError(f"the Serve {what} {app_name!r} failed to start: {_failure_message(state)}")
-        if time.monotonic() > deadline:
-            raise ResourceError(f"the Serve {what} {app_name!r} did not become healthy within {timeout_s:.0f} s: "
-                                f"{_failure_message(state) or 'replicas still starting'}")
-        time.sleep(0.25)
-
-
-def _failure_message(state: Any) -> str:
-    """The most specific message Serve holds for a failing app: its deployments' messages (the replica's error)."""
-    if state is None:
-        return ""
-    parts = []
-    for name, dep in (getattr(state, "deployments", None) or {}).items():
-        message = (getattr(dep, "message", "") or "").strip()
-        if message:
-            parts.append(f"{name}: {_last_error_line(message)}")
-    return "; ".join(parts) or (getattr(state, "message", "") or "").strip()
-
-
-def _last_error_line(message: str) -> str:
-    """The user-facing line of a Serve failure message (the exception line at the end of a traceback)."""
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    for line in reversed(lines):
-        if "Error" in line or "Exception" in line:
-            return line[:500]
-    return (lines[-1] if lines else message)[:500]

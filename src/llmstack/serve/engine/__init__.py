@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from llmstack.serve.engine.base import Engine
 from llmstack.serve.engine.cache import ResponseCache
-from llmstack.serve.engine.loading import AdapterSpec, LoadedModel, load_served_model, resolve_adapters
+from llmstack.serve.engine.loading import AdapterSpec, LoadedModel, resolve_adapters
 from llmstack.serve.engine.preparation import RequestPreparer
 from llmstack.serve.engine.protocol import EngineProtocol
 from llmstack.serve.engine.transformers import TransformersEngine
 from llmstack.serve.engine.work import Work
 
 __all__ = ["AdapterSpec", "Engine", "EngineProtocol", "LoadedModel", "RequestPreparer", "ResponseCache",
-           "TransformersEngine", "Work", "load_served_model", "resolve_adapters"]
+           "TransformersEngine", "Work", "resolve_adapters"]

@@ -1,5 +1,6 @@
-"""What an engine serves: the base model (loaded through ``llmstack.models.load_artifact``) and the adapters it
-may load on it (described and base-checked up front, their weights loaded lazily).
+"""What an engine serves: the base model (loaded by ``llmstack.models.load_artifact``, the one loader, and
+wrapped by :meth:`LoadedModel.of_artifact`) and the adapters it may load on it (described and base-checked
+up front, their weights loaded lazily).
 
 Every kind fine-tuning and quantization produce serves: full, merged and quantized models; LoRA, DoRA,
 BitFit and QLoRA adapters (an adapter named as the model loads on the base it was trained on, a QLoRA
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from llmstack.errors import ModelLoadError
 
 if TYPE_CHECKING:
-    from llmstack.models import Artifact
+    from llmstack.models import Artifact, LoadedArtifact
     from llmstack.registry import Registry
 
 
@@ -50,6 +51,12 @@ def dir_identity(path: Path) -> str:
 
 @dataclass
 class LoadedModel:
+    """What an engine serves: a model and tokenizer with the ids and cache identity it serves them under.
+
+    Built from :func:`llmstack.models.load_artifact`'s result by :meth:`of_artifact`, or in memory (tests,
+    benchmarks) with ``artifact`` None.
+    """
+
     model: Any
     tokenizer: Any
     model_id: str  # served id
@@ -59,19 +66,20 @@ class LoadedModel:
     source: str | None = None  # what the config named (e.g. name@production), accepted as a model id
     artifact: Artifact | None = None  # what was loaded (None: built in memory)
 
+    @classmethod
+    def of_artifact(cls, loaded: LoadedArtifact, *, source: str | None = None) -> LoadedModel:
+        """Serve ``loaded`` (from :func:`llmstack.models.load_artifact`) under its artifact's name.
 
-def load_served_model(source: str, *, registry: Registry | None = None, dtype: str = "auto") -> LoadedModel:
-    """Load what ``source`` names for serving (see the module docstring)."""
-    from llmstack.models import load_artifact
-
-    loaded = load_artifact(source, registry=registry, dtype=dtype)
-    artifact = loaded.artifact
-    if artifact.kind not in ("model", "quantized", "adapter"):
-        raise ModelLoadError(f"{artifact.label} is a {artifact.kind!r} artifact; serve a model, adapter or "
-                             "quantized artifact")
-    root = str(artifact.ref) if artifact.ref is not None else str(artifact.directory)
-    return LoadedModel(loaded.model, loaded.tokenizer, artifact.name, root, artifact.identity, source=source,
-                       artifact=artifact)
+        Raises:
+            ModelLoadError: the artifact is a tokenizer alone (serve a model, adapter or quantized version).
+        """
+        artifact = loaded.artifact
+        if artifact.kind not in ("model", "quantized", "adapter"):
+            raise ModelLoadError(f"{artifact.label} is a {artifact.kind!r} artifact; serve a model, adapter or "
+                                 "quantized artifact")
+        root = str(artifact.ref) if artifact.ref is not None else str(artifact.directory)
+        return cls(loaded.model, loaded.tokenizer, artifact.name, root, artifact.identity, source=source,
+                   artifact=artifact)
 
 
 def resolve_adapters(entries: Iterable[str], *, registry: Registry | None, base: Artifact | None = None,

@@ -23,7 +23,7 @@ from llmstack.errors import RequestError
 from llmstack.serve.engine.adapters import AdapterSlots
 from llmstack.serve.engine.base import Engine
 from llmstack.serve.engine.batch import StepStats
-from llmstack.serve.engine.loading import AdapterSpec, LoadedModel, load_served_model, resolve_adapters
+from llmstack.serve.engine.loading import AdapterSpec, LoadedModel, resolve_adapters
 from llmstack.serve.engine.output import assemble
 from llmstack.serve.engine.preparation import RequestPreparer, eos_token_ids
 from llmstack.serve.engine.prefix_cache import PrefixCache
@@ -44,7 +44,7 @@ class TransformersEngine(Engine):
     prefix caches); their step statistics land in :attr:`stats`.
 
     Args:
-        loaded: the model, tokenizer and identity from :func:`load_served_model`.
+        loaded: the model, tokenizer and identity (:meth:`LoadedModel.of_artifact`).
         adapters: adapters served on the same base, loaded lazily by :meth:`load_adapter`.
         default_max_tokens: used when a request gives no ``max_tokens``.
         max_tokens_limit: largest ``max_tokens`` accepted.
@@ -106,7 +106,9 @@ class TransformersEngine(Engine):
                     dtype: str = "auto", storage_options: dict[str, Any] | None = None,
                     **limits: Any) -> TransformersEngine:
         """Load ``source`` (registry ref or directory) and the ``adapters`` entries, then build the engine."""
-        loaded = load_served_model(source, registry=registry, dtype=dtype)
+        from llmstack.models import load_artifact
+
+        loaded = LoadedModel.of_artifact(load_artifact(source, registry=registry, dtype=dtype), source=source)
         specs = resolve_adapters(adapters, registry=registry, base=loaded.artifact, storage_options=storage_options)
         return cls(loaded, adapters=specs, **limits)
 

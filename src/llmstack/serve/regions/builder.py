@@ -151,16 +151,13 @@ def deploy_regions(config: dict[str, Any] | str | None = None, *, replace: bool 
     Example:
         >>> dep = deploy_regions("serve_configs/multi-region.yaml", http={"port": 8123})  # doctest: +SKIP
     """
-    import os
-
-    import ray
+    from llmstack._ray import connect, worker_runtime_env
 
     if isinstance(config, str):
         cfg, serve_cfg = load_regions_config(config)
         config = {**to_dict(serve_cfg), **_own(cfg)}
     spec = resolve_regions(merge_sections(config or {}, overrides))
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
+    connect(runtime_env=worker_runtime_env())
     check_region_nodes(spec)
     serve_cfg = load_config(ServeConfig, spec["serve"])
     needs = [(replica_resources(serve_cfg), model_replicas(spec)), (INGRESS_RESOURCES, router_replicas(spec))]

@@ -389,17 +389,13 @@ class CanaryScope:
             logger.warning("canary %r: not every ingress replica confirmed epoch %d in time", self.scope, self.epoch)
 
 
-
-
 def _http_address() -> dict[str, Any]:
     """Host and port Serve's HTTP proxy really listens on (the config's may be overridden by http_options)."""
-    try:
-        import ray
-        from ray.serve.context import _get_global_client
+    import ray
 
-        if not ray.is_initialized():  # outside a cluster (unit tests): asking would start a local Ray
-            return {}
-        http = _get_global_client().http_config
-        return {"host": http.host, "port": http.port}
-    except Exception:
+    from llmstack._ray import serve_http_address
+
+    if not ray.is_initialized():  # outside a cluster (unit tests): asking would start a local Ray
         return {}
+    http = serve_http_address()
+    return {"host": http[0], "port": http[1]} if http else {}
