@@ -30,6 +30,7 @@ Reproduce: python benchmarks/regions_bench.py          (about 5 minutes on 2 CPU
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -386,7 +387,10 @@ def _s(value: float | None, digits: int = 1) -> str:
 
 
 def main() -> int:
-    if "--report-only" in sys.argv:  # re-render the section and the PNG from the last run's regions.json
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--report-only", action="store_true",
+                        help="re-render the section and the PNG from the last run's regions.json")
+    if parser.parse_args().report_only:
         results = json.loads((RESULTS / "regions.json").read_text())
         write_section("regions", report(results, plot(results["failover"], results["cycles"],
                                                      RESULTS / "regions_timeline.png")))
