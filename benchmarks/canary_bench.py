@@ -64,7 +64,7 @@ def registry_with_versions(url: str) -> dict[str, Any]:
     return {"registry": reg, **refs}
 
 
-def closed_loop(url: str, seconds: float, threads: int) -> dict[str, float]:
+def timed_load(url: str, seconds: float, threads: int) -> dict[str, float]:
     return run_for(canary_load(url, threads=threads), seconds)
 
 
@@ -143,7 +143,7 @@ def main() -> int:
     app = canary.app_name
     broken = serve.get_deployment_handle("LLMServer-broken", app_name=app)
     broken.set_fault.remote(None).result()
-    closed_loop(canary.url, 4, args.threads)  # warm every path (weights 100% stable: warms v1 only)
+    timed_load(canary.url, 4, args.threads)  # warm every path (weights 100% stable: warms v1 only)
     from llmstack.serve.protocol import GenerationRequest, SamplingParams
 
     for name in ("LLMServer-tiny-lm-v2", "LLMServer-broken"):
@@ -158,8 +158,8 @@ def main() -> int:
     log("1. router overhead: plain app vs canary app (stable 100%)")
     overhead = {"plain": [], "canary": []}
     for _ in range(2):  # interleaved, so drift hits both alike
-        overhead["plain"].append(closed_loop(plain.url, 8, args.threads))
-        overhead["canary"].append(closed_loop(canary.url, 8, args.threads))
+        overhead["plain"].append(timed_load(plain.url, 8, args.threads))
+        overhead["canary"].append(timed_load(canary.url, 8, args.threads))
     agg = {k: {m: statistics.median(r[m] for r in v) for m in ("rps", "p50_ms", "p95_ms")}
            for k, v in overhead.items()}
     agg["p50_ratio"] = agg["canary"]["p50_ms"] / agg["plain"]["p50_ms"]
@@ -225,7 +225,7 @@ def main() -> int:
                             RESULTS / "canary_timeline.png")
 
     log("5. shadow mode (50% mirrored, answers discarded)")
-    base = closed_loop(canary.url, 6, args.threads)
+    base = timed_load(canary.url, 6, args.threads)
     with canary_load(canary.url, threads=args.threads) as load:
         canary_start(V2, app_name=app, plan={"steps": [], "shadow_share": 0.5, "shadow_hold_s": 6,
                                              "min_requests": 1})

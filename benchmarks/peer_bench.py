@@ -3,7 +3,7 @@
 The `small` preset (random init, BPE 4096) is saved once as a HF directory; vLLM-CPU serves that directory in
 fp32, llmstack's ``deploy()`` serves the same files registered in a registry (fp32) and their
 ``quantize(..., "int8-dynamic")`` artifact. Every request asks for exactly ``--max-tokens`` greedy tokens
-(``ignore_eos`` and ``min_tokens``); ``clients`` closed-loop asyncio clients (serve_bench's own client).
+(``ignore_eos`` and ``min_tokens``); ``clients`` closed-loop asyncio clients (the harness's client, serve_bench's too).
 The three servers are measured interleaved in rounds, the order rotating per round, and each ratio is taken
 within its round. Only the server being measured holds the CPUs: vLLM's processes are paused (SIGSTOP) while
 llmstack runs, and llmstack's replicas sit idle while vLLM runs.
