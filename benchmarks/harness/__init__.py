@@ -5,8 +5,8 @@ puts this folder's parent on ``sys.path``):
 
 - ``log``      timestamped progress lines (``logger("serve-bench")``)
 - ``env``      quiet offline defaults for every bench, machine description (CPU name, load average), free ports
-- ``timing``   percentiles, steady-state means, wall-clock timers
-- ``report``   RESULTS.md sections, markdown tables, side-by-side ratios, results JSON
+- ``timing``   percentiles, the steady-state median of step times
+- ``report``   RESULTS.md sections, markdown tables (side-by-side columns), results JSON
 - ``plots``    matplotlib set up for PNG output without a display
 - ``loadgen``  the HTTP load generators (``llmstack.serve.loadgen``, shared with the integration tests,
                plus the count-bounded asyncio client)

@@ -1,4 +1,4 @@
-"""Reporting: RESULTS.md sections, markdown tables, side-by-side ratios, results JSON."""
+"""Reporting: RESULTS.md sections, markdown tables, results JSON."""
 
 from __future__ import annotations
 
@@ -49,7 +49,3 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]], *, alig
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return lines
 
-
-def ratio(value: float, baseline: float) -> float:
-    """``value / baseline`` side by side with its baseline (nan when the baseline is 0)."""
-    return value / baseline if baseline else float("nan")
