@@ -38,10 +38,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import cpu_name, free_port, write_section  # noqa: E402
+from harness import RESULTS_DIR as RESULTS
+from harness import cpu_name, load_average, logger, write_json, write_section
+from harness.cluster import start_ray, start_serve
+from harness.plots import pyplot
 
-HERE = Path(__file__).parent
-RESULTS = HERE / "results"
 TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "azure_llm_2023_code.csv"
 TRACE_CREDIT = ("Azure LLM inference trace 2023 (code), CC-BY 4.0: Patel et al., \"Splitwise: Efficient generative "
                 "LLM inference using phase splitting\", ISCA 2024")
@@ -53,10 +54,7 @@ LIVE_MAX_REPLICAS = 3
 # and burst shape in a quarter of the time, a load this 2-core machine can carry (x8 without thinning overloaded it).
 LIVE_WINDOW_START_S, LIVE_WINDOW_S, LIVE_SPEEDUP, LIVE_THIN = 2100.0, 600.0, 4.0, 4
 LIVE_OUTPUT_CAP = 64
-
-
-def log(msg: str) -> None:
-    print(f"[autoscale-bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+log = logger("autoscale-bench")
 
 
 # --------------------------------------------------------------------------- policy configs
@@ -362,11 +360,7 @@ def plot_hour(name: str, headline: dict[str, Any], peak_n: int, best_key: str) -
 
 def plot_frontier(name: str, static_runs: dict, reactive_runs: dict, predictive_runs: dict,
                   clairvoyant_runs: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     xs = [r.metrics["replica_seconds"] / 3600 for r in static_runs.values()]
     ax.plot(xs, [r.metrics["slo_attainment"] for r in static_runs.values()], "o-", color="tab:blue",
@@ -439,13 +433,6 @@ def _live_attempt(attempt: dict[str, Any]) -> str:
             + ", as the simulator of that window does: "
             + " < ".join(sorted(attempt["window_sim"], key=lambda k: attempt["window_sim"][k]["replica_seconds"]))
             + "), and its start-up, inflated by the other sessions' load, is not used above.")
-
-
-def _load_average() -> list[float] | None:
-    try:
-        return [round(x, 1) for x in __import__("os").getloadavg()]
-    except OSError:
-        return None
 
 
 def _targets(st: dict[str, Any]) -> dict[str, Any]:
@@ -729,11 +716,8 @@ def run_live(info: dict[str, Any], engine_model: Any, window: Any) -> tuple[dict
     from llmstack.autoscale.calibration import replica_capacity
 
     # address="local": a cluster of its own, never one another session started on this machine.
-    ray.init(address="local", num_cpus=LIVE_MAX_REPLICAS + 1, object_store_memory=300_000_000, include_dashboard=False,
-             log_to_driver=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false",
-                                                            "OMP_NUM_THREADS": "1"}})
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_ray(LIVE_MAX_REPLICAS + 1, address="local", object_store_memory=300_000_000)
+    port = start_serve()
     # Capacity for the live predictive policy comes from a provisional model (start-up guessed 5 s);
     # the simulator comparison uses the start-up measured here.
     capacity_window = replica_capacity(engine_model, ttft_slo_s=SLO_S, context_tokens=window.context_tokens,
@@ -784,11 +768,11 @@ def add_live(info: dict[str, Any], engine_model: Any, window: Any, began: float)
     # start-up and overhead measured live, i.e. the machine as the live runs found it.
     model = dataclasses.replace(engine_model, startup_s=round(startup_s, 2), request_overhead_s=round(overhead_s, 4))
     cal["live_replica_model"], cal["live_calibrated"] = model.to_dict(), True
-    cal["live_load_average"] = _load_average()
+    cal["live_load_average"] = load_average()
     cal["startup_samples_s"] = sorted(s for run in live_runs.values() for s in run["startup_s"])
     results["window_sim"] = window_simulation(results, window, model)
     results["live_wall_s"] = round(time.perf_counter() - began, 1)
-    path.write_text(json.dumps(results, indent=1, default=str))
+    write_json(path, results, default=str)
     write_section("autoscale", markdown(results))
     log(f"live part done in {results['live_wall_s']:.0f} s")
     return 0
@@ -870,7 +854,7 @@ def main() -> int:
                                        generated_tokens=window.generated_tokens)
     results["calibration"] = {"replica_model": model.to_dict(), "replica_model_file": args.replica_model,
                               "this_run_engine_calibration": this_run_model.to_dict(),
-                              "load_average": _load_average(), "capacity_hour": capacity_hour,
+                              "load_average": load_average(), "capacity_hour": capacity_hour,
                               "capacity_window": capacity_window, "startup_samples_s": sorted(
                                   s for run in live_runs.values() for s in run["startup_s"])}
     log(f"capacity: hour mix {capacity_hour:.0f} tokens/s, live mix {capacity_window:.0f} tokens/s")
@@ -893,7 +877,7 @@ def main() -> int:
                                                          / max(1e-9, hour.duration_s), 1)}
     results["studies"]["scaled"] = study("scaled", hour, scaled, capacity_scaled, SCALED_MAX_REPLICAS)
     results["wall_s"] = time.perf_counter() - began
-    (RESULTS / "autoscale.json").write_text(json.dumps(results, indent=1, default=str))
+    write_json(RESULTS / "autoscale.json", results, default=str)
     write_section("autoscale", markdown(results))
     log(f"done in {results['wall_s']:.0f} s")
     return 0

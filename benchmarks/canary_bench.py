@@ -20,7 +20,6 @@ Reproduce: python benchmarks/canary_bench.py            (about 4-5 minutes on 2 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -30,23 +29,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import free_port, pct, write_section  # noqa: E402
-
-
-HERE = Path(__file__).parent
-RESULTS = HERE / "results"
-sys.path.insert(0, str(HERE.parent / "tests" / "integration" / "canary"))
-from canary_helpers import Load, wait_healthy  # noqa: E402  (the tests' load generator)
-import faults  # noqa: E402  (the tests' fault injection, pickled by value for the Ray workers)
-import ray.cloudpickle  # noqa: E402
-
-ray.cloudpickle.register_pickle_by_value(faults)
+from harness import RESULTS_DIR as RESULTS
+from harness import logger, pct, write_json, write_section
+from harness.cluster import start_ray, start_serve
+from harness.loadgen import CompletionLoad, run_for
+from harness.peers import wait_healthy
+from harness.plots import pyplot
 
 V1, V2 = "tiny-lm@v1", "tiny-lm@v2"
+# The test-only fault-injecting deployment (llmstack.serve._faults), as a version's deployment class.
+FAULTY = "llmstack.serve._faults:FaultInjectingLLMServer"
+log = logger("canary-bench")
 
 
-def log(msg: str) -> None:
-    print(f"[canary-bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+def canary_load(url: str, *, threads: int) -> CompletionLoad:
+    """The canary load: ``threads`` closed-loop clients, 8 sampled tokens (temperature 0.8) per request."""
+    return CompletionLoad(url, threads=threads, max_tokens=8, temperature=0.8)
 
 
 def registry_with_versions(url: str) -> dict[str, Any]:
@@ -66,13 +64,8 @@ def registry_with_versions(url: str) -> dict[str, Any]:
     return {"registry": reg, **refs}
 
 
-def closed_loop(url: str, seconds: float, threads: int) -> dict[str, float]:
-    with Load(url, threads=threads) as load:
-        time.sleep(seconds)
-    ok = [s for s in load.samples if s.status == 200]
-    lat = [s.done - s.sent for s in ok]
-    return {"requests": len(load.samples), "failed": len(load.samples) - len(ok), "rps": len(ok) / seconds,
-            "p50_ms": 1000 * pct(lat, 50), "p95_ms": 1000 * pct(lat, 95)}
+def timed_load(url: str, seconds: float, threads: int) -> dict[str, float]:
+    return run_for(canary_load(url, threads=threads), seconds)
 
 
 def wait_state(app: str, timeout: float) -> dict[str, Any]:
@@ -89,10 +82,7 @@ def wait_state(app: str, timeout: float) -> dict[str, Any]:
 
 def plot_timeline(samples: list[Any], marks: dict[str, float], path: Path) -> bool:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         return False
     t0 = min(s.sent for s in samples)
@@ -133,10 +123,8 @@ def main() -> int:
     import llmstack
     from llmstack.serve.canary import (canary_abort, canary_start, canary_status, deploy_canary, rollback_app)
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_ray(4)
+    port = start_serve()
     tmp = tempfile.mkdtemp(prefix="canary-bench-")
     info = registry_with_versions(os.path.join(tmp, "registry"))
     reg = info["registry"]
@@ -150,7 +138,7 @@ def main() -> int:
                              "http": {"port": port, "route_prefix": "/plain"}})
     canary = deploy_canary({**common, "stable": "tiny-lm@production", "candidate": V2,
                             "versions": [{"name": "broken", "model": info["v3"],
-                                          "deployment": "faults:FaultInjectingLLMServer",
+                                          "deployment": FAULTY,
                                           "deployment_args": {"fault": "raise", "delay_s": 2.0}}],
                             "app_name": "bench-canary", "http": {"port": port, "route_prefix": "/canary"},
                             "thresholds": {"window_s": 30}})
@@ -159,7 +147,7 @@ def main() -> int:
     app = canary.app_name
     broken = serve.get_deployment_handle("LLMServer-broken", app_name=app)
     broken.set_fault.remote(None).result()
-    closed_loop(canary.url, 4, args.threads)  # warm every path (weights 100% stable: warms v1 only)
+    timed_load(canary.url, 4, args.threads)  # warm every path (weights 100% stable: warms v1 only)
     from llmstack.serve.protocol import GenerationRequest, SamplingParams
 
     for name in ("LLMServer-tiny-lm-v2", "LLMServer-broken"):
@@ -174,8 +162,8 @@ def main() -> int:
     log("1. router overhead: plain app vs canary app (stable 100%)")
     overhead = {"plain": [], "canary": []}
     for _ in range(2):  # interleaved, so drift hits both alike
-        overhead["plain"].append(closed_loop(plain.url, 8, args.threads))
-        overhead["canary"].append(closed_loop(canary.url, 8, args.threads))
+        overhead["plain"].append(timed_load(plain.url, 8, args.threads))
+        overhead["canary"].append(timed_load(canary.url, 8, args.threads))
     agg = {k: {m: statistics.median(r[m] for r in v) for m in ("rps", "p50_ms", "p95_ms")}
            for k, v in overhead.items()}
     agg["p50_ratio"] = agg["canary"]["p50_ms"] / agg["plain"]["p50_ms"]
@@ -190,7 +178,7 @@ def main() -> int:
     for fault in ("raise", "garbage", "slow"):
         for r in range(args.repeats):
             broken.set_fault.remote(fault).result()
-            with Load(canary.url, threads=args.threads) as load:
+            with canary_load(canary.url, threads=args.threads) as load:
                 time.sleep(1.5)
                 t_start = time.time()
                 canary_start("broken", app_name=app, force=True,
@@ -212,7 +200,7 @@ def main() -> int:
     results["faults"] = faults
 
     log("3. healthy candidate through the plan, then 4. manual rollback, under load")
-    with Load(canary.url, threads=args.threads) as load:
+    with canary_load(canary.url, threads=args.threads) as load:
         time.sleep(1.0)
         t_plan = time.time()
         canary_start(V2, app_name=app, plan={"steps": [5, 25, 50, 100], "hold_s": 3.0, "min_requests": 3})
@@ -241,8 +229,8 @@ def main() -> int:
                             RESULTS / "canary_timeline.png")
 
     log("5. shadow mode (50% mirrored, answers discarded)")
-    base = closed_loop(canary.url, 6, args.threads)
-    with Load(canary.url, threads=args.threads) as load:
+    base = timed_load(canary.url, 6, args.threads)
+    with canary_load(canary.url, threads=args.threads) as load:
         canary_start(V2, app_name=app, plan={"steps": [], "shadow_share": 0.5, "shadow_hold_s": 6,
                                              "min_requests": 1})
         time.sleep(6.0)
@@ -268,8 +256,7 @@ def main() -> int:
     serve.shutdown()
     ray.shutdown()
     results["wall_s"] = time.time() - t_begin
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "canary.json").write_text(json.dumps(results, indent=2, default=str))
+    write_json("canary", results, indent=2, default=str)
 
     def fmean(fault: str, key: str) -> float:
         return statistics.mean(r[key] for r in faults[fault] if r[key] is not None)

@@ -41,10 +41,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _common import cpu_name, free_port, pct, write_section
+from harness import RESULTS_DIR as RESULTS
+from harness import cpu_name, logger, pct, write_json, write_section
+from harness.cluster import start_ray, start_serve
+from harness.loadgen import ClosedLoop, post_completion
+from harness.plots import pyplot
 
-HERE = Path(__file__).parent
-RESULTS = HERE / "results"
 APP = "chaos"
 PROMPTS = [f"line {i}:" for i in range(0, 60, 5)] + ["def add(a, b):", "The quick brown", "import os"]
 MAX_TOKENS = 8
@@ -52,10 +54,7 @@ RECOVERY_WINDOW_S = 2.0  # "back at baseline": a window this long with no failur
 RECOVERY_SHARE = 0.6  # ... at least this share of the pre-fault success rate (other tenants make it noisy)
 BIN_S = 0.5  # timeline bin
 # Tried against the shipped INGRESS_OPTIONS (1 replica, Serve's 10 s default health check period).
-
-
-def log(msg: str) -> None:
-    print(f"[chaos-bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+log = logger("chaos-bench")
 
 
 # --------------------------------------------------------------------------- load and answer checks
@@ -116,8 +115,9 @@ def record_answers(url: str) -> dict[str, str]:
 
 
 @dataclass
-class Load:
-    """Closed-loop clients posting greedy completions back to back, each 200 checked against ``answers``."""
+class Load(ClosedLoop):
+    """Closed-loop clients (the harness's load generator) posting greedy completions back to back
+    (``start()`` ... ``stop()``), each 200 checked against ``answers``."""
 
     url: str
     answers: dict[str, str]
@@ -125,49 +125,18 @@ class Load:
     kind: str = "steady"
     samples: list[Sample] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _workers: list[threading.Thread] = field(default_factory=list)
 
-    def _run(self, worker: int) -> None:
-        import requests
-
-        session = requests.Session()
-        n = worker * 7
-        while not self._stop.is_set():
-            prompt = PROMPTS[n % len(PROMPTS)]
-            n += 1
-            sent = time.time()
-            try:
-                r = session.post(self.url + "/v1/completions", json=completion_body(prompt), timeout=60)
-            except requests.RequestException:
-                self.samples.append(Sample(self.kind, sent, time.time(), 0))
-                session = requests.Session()
-                continue
-            done = time.time()
-            try:
-                body = r.json()
-            except ValueError:
-                body = None
-            if r.status_code == 200:
-                problem = answer_problem(body, self.answers[prompt])
-                if problem:
-                    self.problems.append(f"{prompt!r}: {problem}")
-                self.samples.append(Sample(self.kind, sent, done, 200, wrong=problem is not None))
-            else:
-                code = (body or {}).get("error", {}).get("code") if isinstance(body, dict) else None
-                self.samples.append(Sample(self.kind, sent, done, r.status_code, error_code=code))
-
-    def start(self) -> Load:
-        for i in range(self.threads):
-            thread = threading.Thread(target=self._run, args=(i,), daemon=True)
-            thread.start()
-            self._workers.append(thread)
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        for thread in self._workers:
-            thread.join(timeout=90)
+    def next_sample(self, session: Any, worker: int, n: int) -> Sample:
+        prompt = PROMPTS[(worker * 7 + n - 1) % len(PROMPTS)]
+        answer = post_completion(session, self.url, completion_body(prompt), timeout=60)
+        if answer.status == 0:
+            session.close()  # a fresh connection for the next request
+        if answer.status != 200:
+            return Sample(self.kind, answer.sent, answer.done, answer.status, error_code=answer.error_code)
+        problem = answer_problem(answer.body, self.answers[prompt])
+        if problem:
+            self.problems.append(f"{prompt!r}: {problem}")
+        return Sample(self.kind, answer.sent, answer.done, 200, wrong=problem is not None)
 
 
 # --------------------------------------------------------------------------- faults
@@ -477,10 +446,7 @@ def train_kill(workdir: Path, *, steps: int, fault_at: int, checkpoint_every: in
 def plot_timelines(rows: dict[str, dict[str, Any]], path: Path) -> bool:
     """One panel per scenario: requests answered ok / failed per second (by answer time), fault marked."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         return False
     fig, axes = plt.subplots(len(rows), 1, figsize=(9, 1.9 * len(rows)), squeeze=False)
@@ -620,11 +586,9 @@ def main() -> int:
     from llmstack.serve.deployments.builder import HEALTH_CHECK_PERIOD_S
 
     # The dashboard serves the state API (replica pids here; Ray Train's placement-group cleaner).
-    ray.init(num_cpus=4, object_store_memory=300_000_000, include_dashboard=True, log_to_driver=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
+    start_ray(4, object_store_memory=300_000_000, include_dashboard=True)
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address  # other clusters run on this machine
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = start_serve()
     workdir = Path(tempfile.mkdtemp(prefix="chaos-bench-"))
     info = make_registry(str(workdir / "registry"), adapters=0)
     common = {"registry": info["registry"].url, "model": "tiny-lm@production", "app_name": APP,
@@ -707,8 +671,7 @@ def main() -> int:
     serve.shutdown()
     ray.shutdown()
     results["wall_s"] = time.time() - t_begin
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(results, indent=1, default=str))
+    write_json(RESULTS / f"{args.out}.json", results, default=str)
     plotted = bool(rows) and plot_timelines(rows, RESULTS / f"{args.out}_timeline.png")
     command = "python benchmarks/chaos_bench.py" + (" --quick" if args.quick else "")
     if args.out == "chaos" and not only and "baseline" in rows:

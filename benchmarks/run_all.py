@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__).parse_args()  # no options: --help only
     failed = []
     for script in sorted(HERE.glob("*_bench.py")):
         print(f"== {script.name}", flush=True)

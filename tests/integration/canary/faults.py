@@ -1,63 +1,8 @@
-"""TEST/FAULT INJECTION ONLY: a model deployment that misbehaves on purpose, to exercise canary rollback.
+"""TEST/FAULT INJECTION ONLY: the fault-injecting deployment, importable as ``faults`` by the canary tests.
 
-Used by the canary integration tests and benchmarks/canary_bench.py. Ray workers cannot import this
-test folder, so the conftest registers this module to be pickled by value.
+It lives in ``llmstack.serve._faults`` so that benchmarks/canary_bench.py can use it without importing tests/.
 """
 
-from __future__ import annotations
+from llmstack.serve._faults import FAULTS, FaultInjectingLLMServer
 
-import asyncio
-from collections.abc import AsyncIterator
-from typing import Any
-
-from llmstack.serve.deployments.server import LLMServer
-from llmstack.serve.protocol import GenerationChunk, GenerationRequest, GenerationResult
-
-FAULTS = ("raise", "garbage", "slow")
-
-_BaseServer: Any = LLMServer.func_or_class
-
-
-class FaultInjectingLLMServer(_BaseServer):  # type: ignore[misc, valid-type]
-    """TEST/FAULT INJECTION ONLY: an ``LLMServer`` that misbehaves on purpose, to exercise canary rollback.
-
-    ``raise``: every generation raises; ``garbage``: outputs are replaced by one repeated token;
-    ``slow``: every request waits ``delay_s`` first. A canary version runs it with
-    ``{"deployment": "faults:FaultInjectingLLMServer", "deployment_args": {"fault": "raise"}}``.
-    """
-
-    def __init__(self, config: dict[str, Any], fault: str | None = None, delay_s: float = 2.0) -> None:
-        super().__init__(config)
-        self.fault = fault
-        self.delay_s = delay_s
-
-    async def set_fault(self, fault: str | None, delay_s: float | None = None) -> None:
-        """TEST/FAULT INJECTION ONLY: switch the injected fault (None: behave) without a restart."""
-        if fault is not None and fault not in FAULTS:
-            raise ValueError(f"fault must be one of {FAULTS} or None, got {fault!r}")
-        self.fault = fault
-        if delay_s is not None:
-            self.delay_s = delay_s
-
-    async def _before(self) -> None:
-        if self.fault == "slow":
-            await asyncio.sleep(self.delay_s)
-        elif self.fault == "raise":
-            raise RuntimeError("injected fault (test only): this version raises on every request")
-
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
-        await self._before()
-        result = await super().generate(request)
-        if self.fault == "garbage" and isinstance(result, GenerationResult):
-            for choice in result.choices:
-                n = max(8, len(choice.token_ids))
-                choice.text, choice.token_ids = "\ufffd" * n, [0] * n
-        return result
-
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        await self._before()
-        async for item in super().stream(request):
-            if self.fault == "garbage" and isinstance(item, GenerationChunk):
-                for delta in item.deltas:
-                    delta.text, delta.token_ids = "\ufffd" * max(1, len(delta.token_ids)), [0] * len(delta.token_ids)
-            yield item
+__all__ = ["FAULTS", "FaultInjectingLLMServer"]

@@ -26,8 +26,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from region_cluster import (Load, RegionCluster, get_json, log, node_resources, post_json,  # noqa: E402
-                            replica_nodes, replica_views, wait_for)
+from region_cluster import Load, log  # noqa: E402
+
+from llmstack.serve._region_cluster import (RegionCluster, get_json, node_resources, post_json, replica_nodes,
+                                            replica_views, wait_for)
 
 REGIONS = {
     "us-east": {"price_per_replica_hour": 3.0, "latency_ms": 0},
