@@ -89,7 +89,7 @@ def serve_args(registry: str, port: int) -> dict[str, Any]:
 
 def costs(url: str) -> dict[str, Any]:
     """The app's cost counters, summed over every router replica (each counts what it routed)."""
-    from llmstack.serve.regions.cost import app_cost
+    from llmstack.serve.routing.cost import app_cost
 
     return app_cost(url)
 

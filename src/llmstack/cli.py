@@ -242,7 +242,7 @@ def cmd_canary(args: argparse.Namespace) -> int:
 
 
 def cmd_cost(args: argparse.Namespace) -> int:
-    from llmstack.serve.regions.cost import app_cost, format_cost
+    from llmstack.serve.routing.cost import app_cost, format_cost
 
     report = app_cost(args.url, api_key=args.api_key)
     if args.json:

@@ -91,7 +91,7 @@ def test_old_keys_in_a_file_and_in_overrides_are_all_reported_at_once(tmp_path: 
 
 def test_old_keys_are_refused_beside_a_canary_and_a_regions_app() -> None:
     from llmstack.serve.canary import load_canary_config
-    from llmstack.serve.regions.config import load_regions_config
+    from llmstack.serve.routing.regions_config import load_regions_config
 
     with pytest.raises(ConfigError, match=r"num_threads: moved to engine\.num_threads"):
         load_canary_config({"stable": "tiny-lm@v1", "candidate": "tiny-lm@v2", "num_threads": 1})
@@ -102,7 +102,7 @@ def test_old_keys_are_refused_beside_a_canary_and_a_regions_app() -> None:
 @pytest.mark.parametrize("path", SERVE_CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_serve_config_loads_in_the_new_shape(path: Path) -> None:
     from llmstack.serve.canary import load_canary_config
-    from llmstack.serve.regions.config import REGIONS_APP_BUILDER, load_regions_config
+    from llmstack.serve.routing.regions_config import REGIONS_APP_BUILDER, load_regions_config
 
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     builder = data["applications"][0]["import_path"]

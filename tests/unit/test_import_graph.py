@@ -16,6 +16,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).resolve().parents[2] / "src"
 PACKAGE = "llmstack"
 FACADE = "<llmstack facade>"
@@ -58,25 +60,29 @@ def _imported(node: ast.Import | ast.ImportFrom, module: str, is_package: bool) 
     return [f"{prefix}.{alias.name}" for alias in node.names]
 
 
-def _node_of(dotted: str, top_levels: set[str]) -> str | None:
-    """The top-level llmstack package of a dotted name; the facade for names of the root package itself."""
-    parts = dotted.split(".")
-    if parts[0] != PACKAGE:
+def _node_of(dotted: str, rooms: set[str], package: str) -> str | None:
+    """The room (subpackage or module) of ``package`` a dotted name is in; the facade for ``package`` itself;
+    None outside ``package``."""
+    parts, depth = dotted.split("."), len(package.split("."))
+    if parts[:depth] != package.split("."):
         return None
-    if len(parts) > 1 and parts[1] in top_levels:
-        return parts[1]
+    if len(parts) > depth and parts[depth] in rooms:
+        return parts[depth]
     return FACADE
 
 
 def import_edges(src: Path = SRC, package: str = PACKAGE) -> list[Edge]:
-    """Every import from one top-level package of ``package`` into another, with where it is written."""
-    root = src / package
-    top_levels = {p.stem if p.is_file() else p.name for p in root.iterdir()
-                  if (p.is_file() and p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").is_file()}
+    """Every import from one room of ``package`` (a top-level subpackage or module) into another, with where it
+    is written. ``package`` may be nested (``llmstack.serve``): its rooms are then its own subpackages."""
+    root = src.joinpath(*package.split("."))
+    depth = len(package.split("."))
+    rooms = {p.stem if p.is_file() else p.name for p in root.iterdir()
+             if (p.is_file() and p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").is_file()}
     edges = []
     for path in sorted(root.rglob("*.py")):
         module = _module_name(path, src)
-        source = module.split(".")[1] if "." in module else FACADE
+        parts = module.split(".")
+        source = parts[depth] if len(parts) > depth else FACADE
         if source == FACADE:  # the facade may import anything
             continue
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
@@ -85,7 +91,7 @@ def import_edges(src: Path = SRC, package: str = PACKAGE) -> list[Edge]:
             if not isinstance(node, (ast.Import, ast.ImportFrom)) or id(node) in hidden:
                 continue
             for dotted in _imported(node, module, path.name == "__init__.py"):
-                target = _node_of(dotted, top_levels)
+                target = _node_of(dotted, rooms, package)
                 if target is not None and target != source:
                     edges.append(Edge(source, target, f"{path.relative_to(src)}:{node.lineno}"))
     return edges
@@ -141,10 +147,19 @@ def test_no_import_cycle_between_llmstack_packages() -> None:
     assert not found, "import cycles between llmstack packages:\n" + "\n".join(_explain(g, edges) for g in found)
 
 
-def test_no_package_imports_the_facade() -> None:
-    """``llmstack/__init__`` imports the packages; a package importing it back would close a cycle through it."""
-    offending = [e for e in import_edges() if e.target == FACADE]
-    assert not offending, "\n".join(f"{e.source} imports the llmstack facade ({e.where})" for e in offending)
+def test_no_import_cycle_between_the_rooms_of_serve() -> None:
+    """Inside ``llmstack.serve`` too: engine, http, deployments, routing and the canary/regions faces."""
+    edges = import_edges(package="llmstack.serve")
+    assert {e.source for e in edges} >= {"engine", "http", "deployments", "routing", "canary"}
+    found = cycles(edges)
+    assert not found, "import cycles inside llmstack.serve:\n" + "\n".join(_explain(g, edges) for g in found)
+
+
+@pytest.mark.parametrize("package", [PACKAGE, "llmstack.serve"])
+def test_no_room_imports_its_facade(package: str) -> None:
+    """A package's ``__init__`` imports its rooms; a room importing it back would close a cycle through it."""
+    offending = [e for e in import_edges(package=package) if e.target == FACADE]
+    assert not offending, "\n".join(f"{e.source} imports the {package} facade ({e.where})" for e in offending)
 
 
 def test_the_checker_finds_a_cycle_through_a_function_level_import(tmp_path: Path) -> None:

@@ -160,7 +160,7 @@ def run(out: dict[str, Any], workdir: Path) -> None:
         # router is replaced): deploy_regions(replace=True) cannot count what the old app frees without a dashboard
         from ray import serve
 
-        from llmstack.serve.regions.builder import app_of, resolve_regions
+        from llmstack.serve.routing.regions_app import app_of, resolve_regions
 
         spec = resolve_regions(serve_args(registry, rc.http_port, routing={**ROUTING, "router_replicas": 2}))
         serve.run(app_of(spec), name=APP, route_prefix="/")

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from llmstack.serve.canary.config import CanaryPlan, CanaryThresholds
-from llmstack.serve.canary.controller import PROMOTE, RolloutController
-from llmstack.serve.canary.kpis import KPIWindow, Observation
+from llmstack.serve.routing.canary_config import CanaryPlan, CanaryThresholds
+from llmstack.serve.routing.controller import PROMOTE, RolloutController
+from llmstack.serve.routing.kpis import KPIWindow, Observation
 
 STABLE, CAND = "tiny-lm@v1", "tiny-lm@v2"
 

@@ -10,10 +10,11 @@ with one canary, and a multi-region app may run one inside a region (its ``canar
                ▼                                                              RoutingBoard ×1 (the rollout
             LLMServer "tiny-lm@v1" (stable)   LLMServer "tiny-lm@v2" (candidate)   controller; registry writes)
 
-Rooms: ``config`` (versions, plan, thresholds, resolution), ``kpis`` (live windows), ``controller``
-(the rollout state machine, pure, on an injected clock), ``builder`` (the app and ``deploy_canary``),
-``operations`` (driver-side calls for the CLI). May import ``llmstack.config``, ``errors``, ``registry``
-and ``serve.routing`` (builder, board) for assembly and operations.
+This package is the public face of canaries; the code lives in the routing layer: ``routing.canary_config``
+(versions, plan, thresholds, resolution), ``routing.kpis`` (live windows), ``routing.controller`` (the rollout
+state machine, pure, on an injected clock), ``routing.canary_app`` (the app and ``deploy_canary``; the
+``import_path`` ``llmstack.serve.canary:build_canary_app`` of serve_configs/canary.yaml) and
+``routing.canary_operations`` (driver-side calls for the CLI). May import: ``serve.routing`` only.
 
 Example:
     >>> dep = deploy_canary({"stable": "tiny-lm@v1", "candidate": "tiny-lm@v2",
@@ -24,12 +25,12 @@ Example:
 
 from __future__ import annotations
 
-from llmstack.serve.canary.builder import CanaryDeployment, build_canary_app, deploy_canary
-from llmstack.serve.canary.config import (CanaryConfig, CanaryError, CanaryPlan, CanaryThresholds, VersionSpec,
-                                          load_canary_config, resolve_canary)
-from llmstack.serve.canary.kpis import is_degenerate
-from llmstack.serve.canary.operations import (canary_abort, canary_promote, canary_start, canary_status,
-                                              format_status, rollback_app, set_weights)
+from llmstack.serve.routing.canary_app import CanaryDeployment, build_canary_app, deploy_canary
+from llmstack.serve.routing.canary_config import (CanaryConfig, CanaryError, CanaryPlan, CanaryThresholds,
+                                                  VersionSpec, load_canary_config, resolve_canary)
+from llmstack.serve.routing.canary_operations import (canary_abort, canary_promote, canary_start, canary_status,
+                                                      format_status, rollback_app, set_weights)
+from llmstack.serve.routing.kpis import is_degenerate
 
 __all__ = [
     "CanaryConfig", "CanaryDeployment", "CanaryError", "CanaryPlan", "CanaryThresholds", "VersionSpec",

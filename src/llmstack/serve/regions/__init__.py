@@ -3,10 +3,11 @@ layer's region policy in front (:mod:`llmstack.serve.routing`): a region per req
 turn, failing regions ejected, a request retried once elsewhere, each answer's cost counted. A region may
 carry a canary of its own (its ``canary:`` block).
 
-Rooms: ``config`` (RegionSpec, RoutingConfig, parsing), ``policy`` (the pure region router on an injected
-clock), ``cost`` (replica-seconds x price, metrics, the ``llmstack cost`` report), ``builder`` (resolution,
-node checks, ``deploy_regions``; the app itself is assembled by ``serve.routing``). ``config``, ``policy``
-and ``cost`` are used by ``serve.routing``; ``builder`` uses it.
+This package is the public face of multi-region serving; the code lives in the routing layer:
+``routing.regions_config`` (RegionSpec, RoutingConfig, parsing), ``routing.region_policy`` (the pure region
+router on an injected clock), ``routing.cost`` (replica-seconds x price, metrics, the ``llmstack cost``
+report) and ``routing.regions_app`` (resolution, node checks, ``deploy_regions``; the ``import_path``
+``llmstack.serve.regions:build_regions_app``). May import: ``serve.routing`` only.
 
 Example:
     >>> dep = deploy_regions({"model": "tiny-lm@production", "regions": {  # doctest: +SKIP
@@ -19,10 +20,10 @@ from __future__ import annotations
 from llmstack._modules import lazy_exports
 
 _LAZY = {
-    "llmstack.serve.regions.config": ("RegionSpec", "RegionsConfig", "RoutingConfig", "load_regions_config"),
-    "llmstack.serve.regions.policy": ("RegionRouter",),
-    "llmstack.serve.regions.cost": ("cost_report", "format_cost"),
-    "llmstack.serve.regions.builder": ("build_regions_app", "check_region_nodes", "deploy_regions", "resolve_regions", "RegionsDeployment"),
+    "llmstack.serve.routing.regions_config": ("RegionSpec", "RegionsConfig", "RoutingConfig", "load_regions_config"),
+    "llmstack.serve.routing.region_policy": ("RegionRouter",),
+    "llmstack.serve.routing.cost": ("cost_report", "format_cost"),
+    "llmstack.serve.routing.regions_app": ("build_regions_app", "check_region_nodes", "deploy_regions", "resolve_regions", "RegionsDeployment"),
 }
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY)

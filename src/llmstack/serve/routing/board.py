@@ -1,6 +1,6 @@
 """The routing layer's shared state: one small Serve deployment per app, the board, off the request path.
 
-Each ingress replica routes on its own state (a :class:`~llmstack.serve.regions.policy.RegionRouter`, the
+Each ingress replica routes on its own state (a :class:`~llmstack.serve.routing.region_policy.RegionRouter`, the
 canary weights it last adopted); the board carries news between replicas and owns what must have one
 owner:
 
@@ -134,7 +134,7 @@ class RoutingBoard:
         Raises:
             CanaryError: the app has no canary there (names the ones it has).
         """
-        from llmstack.serve.canary.config import CanaryError
+        from llmstack.serve.routing.canary_config import CanaryError
 
         await self._ready()
         if scope is None and len(self.canaries) == 1:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmstack.errors import LLMStackError, RequestError
-from llmstack.serve.canary.kpis import is_degenerate
+from llmstack.serve.routing.kpis import is_degenerate
 from llmstack.serve.deployments.client import ServeEngineClient
 from llmstack.serve.protocol import GenerationChunk, GenerationRequest, GenerationResult, ModelCard
 from llmstack.serve.routing.headers import current_slot

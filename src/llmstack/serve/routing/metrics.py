@@ -3,7 +3,7 @@
 Canary metrics (``llmstack_canary_*``): per-version requests, outcomes, latency and TTFT counted by this
 replica; weights, KPI gauges and transitions as the board last reported them (the same on every replica).
 A canary inside a region labels its series with ``region`` as well. Region metrics (``llmstack_region_*``)
-are :class:`~llmstack.serve.regions.cost.RegionMetrics`.
+are :class:`~llmstack.serve.routing.cost.RegionMetrics`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 :class:`RegionEngineClient` is the engine protocol over one engine per region: the region's ``LLMServer``
 deployment, or a :class:`~llmstack.serve.routing.canary.CanaryEngine` when the region runs a canary. Each
-request goes where :class:`~llmstack.serve.regions.policy.RegionRouter` says; its outcome (latency, failure,
+request goes where :class:`~llmstack.serve.routing.region_policy.RegionRouter` says; its outcome (latency, failure,
 timeout) feeds the router's health, and a probe task checks every region's replicas every
 ``probe_interval_s``. The answering region (and a non-streamed answer's cost) goes into the request's
 routing slot (response headers, :mod:`.headers`). Several ingress replicas share overrides and ejections
@@ -30,8 +30,8 @@ from llmstack.config import ServeConfig, load_config
 from llmstack.errors import LLMStackError, RequestError
 from llmstack.serve.deployments.client import ServeEngineClient
 from llmstack.serve.protocol import GenerationChunk, GenerationRequest, GenerationResult, ModelCard
-from llmstack.serve.regions.cost import RegionMetrics, dollars, replica_seconds
-from llmstack.serve.regions.policy import RegionRouter, nearest_rank
+from llmstack.serve.routing.cost import RegionMetrics, dollars, replica_seconds
+from llmstack.serve.routing.region_policy import RegionRouter, nearest_rank
 from llmstack.serve.routing.board import BoardLink, board_name, replica_id
 from llmstack.serve.routing.headers import current_slot
 
@@ -57,7 +57,7 @@ class RegionEngineClient:
 
     Args:
         handles: region name -> ``DeploymentHandle`` of its ``LLMServer`` deployment.
-        spec: :func:`~llmstack.serve.regions.config.spec_of` data (serve config, routing, regions).
+        spec: :func:`~llmstack.serve.routing.regions_config.spec_of` data (serve config, routing, regions).
         clock: the router's clock (tests).
         connect: returns the routing board's handle (the app's ``RoutingBoard`` deployment).
         engines: region name -> the engine to use instead of a client over its handle (a region's canary).

@@ -3,7 +3,7 @@
 It lives in the routing board (:mod:`.board`), one per canary (the app's own, or a region's). Ingress
 replicas route on the weights it publishes and send it what they saw (finished requests, requests in
 flight, shadow comparisons) every :data:`~.board.EXCHANGE_S`; it feeds those to the KPI windows and the
-:class:`~llmstack.serve.canary.controller.RolloutController`, ticks the plan, and moves the registry alias
+:class:`~llmstack.serve.routing.controller.RolloutController`, ticks the plan, and moves the registry alias
 (``Registry.promote`` / ``rollback``) here, never while a request waits. A weight change made by hand
 (start, promote, abort, rollback, weights) returns once every live ingress replica routes on it.
 """
@@ -22,10 +22,10 @@ from typing import Any
 from llmstack.config import ServeConfig, load_config, to_dict
 from llmstack.errors import ArtifactNotFoundError, ConfigError, LLMStackError, ValidationFailedError
 from llmstack.registry import ArtifactRef
-from llmstack.serve.canary.config import (CanaryConfig, CanaryError, CanaryPlan, CanaryThresholds, check_weights,
+from llmstack.serve.routing.canary_config import (CanaryConfig, CanaryError, CanaryPlan, CanaryThresholds, check_weights,
                                           refusal)
-from llmstack.serve.canary.controller import PROMOTE, RolloutController
-from llmstack.serve.canary.kpis import KPIWindow, Observation
+from llmstack.serve.routing.controller import PROMOTE, RolloutController
+from llmstack.serve.routing.kpis import KPIWindow, Observation
 
 logger = logging.getLogger("ray.serve")
 
@@ -46,7 +46,7 @@ class CanaryScope:
     """The state of one canary (``scope`` "" for a canary app, else the region's name).
 
     Args:
-        spec: the scope's resolved data (:func:`~llmstack.serve.canary.config.resolve_scope`).
+        spec: the scope's resolved data (:func:`~llmstack.serve.routing.canary_config.resolve_scope`).
         serve: the app's ServeConfig as a dict; app_name: the Serve application it belongs to.
         settled: awaited after a weight change by hand: returns once the ingress replicas route on it.
         resource: the region's marker resource (versions added at run time are pinned to it).

@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from llmstack.serve.routing.board import RoutingBoard
-from llmstack.serve.regions.config import load_regions_config, spec_of
+from llmstack.serve.routing.regions_config import load_regions_config, spec_of
 from llmstack.serve.routing.regions import RegionEngineClient
 
 from .test_region_client import FakeRegion, request

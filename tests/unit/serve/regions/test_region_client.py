@@ -11,7 +11,7 @@ import pytest
 from llmstack.errors import RequestError
 from llmstack.serve.protocol import (ChoiceDelta, ChoiceOutput, GenerationChunk, GenerationRequest,
                                      GenerationResult, SamplingParams, Timing)
-from llmstack.serve.regions.config import load_regions_config, spec_of
+from llmstack.serve.routing.regions_config import load_regions_config, spec_of
 from llmstack.serve.routing.regions import RegionEngineClient
 
 UNAVAILABLE = RequestError("model backend unavailable (ActorDiedError); retry shortly", status_code=503,

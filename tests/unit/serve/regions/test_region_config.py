@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from llmstack.errors import ConfigError
-from llmstack.serve.regions.config import load_regions_config, spec_of
+from llmstack.serve.routing.regions_config import load_regions_config, spec_of
 
 ROOT = Path(__file__).resolve().parents[4]
 

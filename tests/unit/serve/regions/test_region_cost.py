@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from llmstack.serve.protocol import Timing
-from llmstack.serve.regions.cost import RegionMetrics, cost_report, dollars, format_cost, replica_seconds
-from llmstack.serve.regions.policy import RegionRouter
+from llmstack.serve.routing.cost import RegionMetrics, cost_report, dollars, format_cost, replica_seconds
+from llmstack.serve.routing.region_policy import RegionRouter
 
 
 def test_replica_seconds_share_the_batch_and_cache_is_free() -> None:

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from llmstack.errors import ConfigError, RequestError
-from llmstack.serve.regions.policy import RegionRouter
+from llmstack.serve.routing.region_policy import RegionRouter
 
 REGIONS = {
     "us-east": {"price_per_replica_hour": 3.0, "latency_ms": 0, "capacity": 4},

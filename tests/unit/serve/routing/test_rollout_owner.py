@@ -12,7 +12,7 @@ import pytest
 from llmstack.config import ServeConfig, to_dict
 from llmstack.errors import ValidationFailedError
 from llmstack.registry import Registry
-from llmstack.serve.canary.config import CanaryConfig, CanaryError
+from llmstack.serve.routing.canary_config import CanaryConfig, CanaryError
 from llmstack.serve.routing.rollout import CanaryScope
 
 from .conftest import two_versions

@@ -14,10 +14,10 @@ import pytest
 from llmstack.config import ServeConfig, to_dict
 from llmstack.errors import RequestError
 from llmstack.registry import Registry
-from llmstack.serve.canary.config import CanaryConfig
+from llmstack.serve.routing.canary_config import CanaryConfig
 from llmstack.serve.protocol import (ChoiceDelta, ChoiceOutput, GenerationChunk, GenerationRequest,
                                      GenerationResult, SamplingParams, Timing)
-from llmstack.serve.regions.config import load_regions_config, spec_of
+from llmstack.serve.routing.regions_config import load_regions_config, spec_of
 from llmstack.serve.routing.board import RoutingBoard
 from llmstack.serve.routing.headers import _SLOT, routing_headers
 from llmstack.serve.routing.ingress import RoutingEngine

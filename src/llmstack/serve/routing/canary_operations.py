@@ -15,7 +15,7 @@ from ray import serve
 from llmstack._ray import connect
 from llmstack.config import ServeConfig, load_config
 from llmstack.errors import ConfigError, LLMStackError, ValidationFailedError
-from llmstack.serve.canary.config import (CanaryError, CanaryPlan, CanaryThresholds, VersionSpec, check_weights,
+from llmstack.serve.routing.canary_config import (CanaryError, CanaryPlan, CanaryThresholds, VersionSpec, check_weights,
                                           refusal, resolve_version)
 from llmstack.serve.deployments.builder import delete_app, wait_running
 from llmstack.serve.routing.board import BOARD

@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any
 
 from llmstack.config import ServeConfig, load_config, merge_sections, to_dict
-from llmstack.serve.canary.config import INGRESS, load_canary_config, resolve_canary
+from llmstack.serve.routing.canary_config import INGRESS, load_canary_config, resolve_canary
 from llmstack.serve.deployments.builder import INGRESS_RESOURCES, replica_resources, run_app
 from llmstack.serve.routing.builder import app_of as routing_app, delete_with_versions
 

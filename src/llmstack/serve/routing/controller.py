@@ -19,8 +19,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from llmstack.config import to_dict
-from llmstack.serve.canary.config import CanaryPlan, CanaryThresholds
-from llmstack.serve.canary.kpis import KPIWindow, Observation, percentile
+from llmstack.serve.routing.canary_config import CanaryPlan, CanaryThresholds
+from llmstack.serve.routing.kpis import KPIWindow, Observation, percentile
 
 RUNNING = "running"
 PROMOTE = "promote"  # what tick() returns when the plan is done and the alias should move

@@ -72,7 +72,7 @@ class RegionRouter:
 
     Args:
         regions: name -> mapping with ``price_per_replica_hour``, ``latency_ms`` and ``capacity``.
-        routing: a :class:`~llmstack.serve.regions.config.RoutingConfig` as a dict (or the object).
+        routing: a :class:`~llmstack.serve.routing.regions_config.RoutingConfig` as a dict (or the object).
         clock: seconds, monotonic (tests pass a fake).
         rng: the random source of weighted draws.
 
@@ -88,7 +88,7 @@ class RegionRouter:
         import time
 
         from llmstack.config import load_config
-        from llmstack.serve.regions.config import RoutingConfig
+        from llmstack.serve.routing.regions_config import RoutingConfig
 
         self.cfg = routing if isinstance(routing, RoutingConfig) else load_config(RoutingConfig, dict(routing))
         self.clock = clock or time.monotonic
@@ -309,7 +309,7 @@ class RegionRouter:
         import dataclasses
 
         from llmstack.errors import ConfigError
-        from llmstack.serve.regions.config import POLICIES
+        from llmstack.serve.routing.regions_config import POLICIES
 
         problems = []
         if policy is not None and policy not in POLICIES:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from llmstack.config import ServeConfig, load_beside_serve, to_dict
 from llmstack.errors import ConfigError
-from llmstack.serve.canary.config import CanaryConfig
+from llmstack.serve.routing.canary_config import CanaryConfig
 from llmstack.serve.routing.headers import COST_HEADER, REGION_HEADER, RETRIED_HEADER
 
 POLICIES = ("cost", "latency", "round_robin")

@@ -20,10 +20,10 @@ from typing import Any
 
 from llmstack.config import ServeConfig, load_config, merge_sections, to_dict
 from llmstack.errors import ResourceError
-from llmstack.serve.canary.config import resolve_scope
+from llmstack.serve.routing.canary_config import resolve_scope
 from llmstack.serve.deployments.builder import (INGRESS_RESOURCES, Deployment, replica_resources, resolve_config,
                                                 run_app)
-from llmstack.serve.regions.config import INGRESS, RegionsConfig, load_regions_config, spec_of
+from llmstack.serve.routing.regions_config import INGRESS, RegionsConfig, load_regions_config, spec_of
 from llmstack.serve.routing.builder import app_of as routing_app, delete_with_versions
 
 
