@@ -12,6 +12,7 @@ facade: it may import any package, and no package may import it (only its submod
 from __future__ import annotations
 
 import ast
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,3 +180,30 @@ def test_the_checker_finds_a_cycle_through_a_function_level_import(tmp_path: Pat
     assert {(e.source, e.target, e.where) for e in edges} == {
         ("a", "b", "llmstack/a/__init__.py:1"), ("b", "a", "llmstack/b/impl.py:2"), ("d", "c", "llmstack/d.py:1")}
     assert "b -> a  (llmstack/b/impl.py:2)" in _explain(["a", "b"], edges)
+
+
+def _declared_imports(package_dir: Path) -> set[str] | None:
+    """The rooms a package's docstring allows it to import: the ``May import:`` sentence, names in double
+    backticks (None when the docstring has no such sentence)."""
+    doc = ast.get_docstring(ast.parse((package_dir / "__init__.py").read_text(encoding="utf-8"))) or ""
+    if "May import:" not in doc:
+        return None
+    sentence = doc.split("May import:", 1)[1].split(".\n", 1)[0].split("(checked by", 1)[0]
+    return {name.split(".")[-1] for name in re.findall(r"``([\w.]+)``", sentence)}
+
+
+def test_every_package_imports_only_what_its_docstring_declares() -> None:
+    root = SRC / PACKAGE
+    packages = sorted(p for p in root.iterdir() if (p / "__init__.py").is_file())
+    edges = import_edges()
+    problems = []
+    for package in packages:
+        declared = _declared_imports(package)
+        if declared is None:
+            problems.append(f"{package.name}: its docstring has no `May import:` sentence")
+            continue
+        for edge in sorted((e for e in edges if e.source == package.name), key=lambda e: e.where):
+            if edge.target not in declared:
+                problems.append(f"{package.name} imports {edge.target} ({edge.where}); its docstring allows "
+                                f"{', '.join(sorted(declared))}")
+    assert not problems, "\n".join(problems)

@@ -7,6 +7,8 @@
 
 Only light modules load here: Ray is imported when a simulation or a probe needs it, httpx by :func:`replay`.
 
+May import: ``config``, ``errors`` (checked by tests/unit/test_import_graph.py).
+
 Example:
     >>> from llmstack.autoscale import read_trace, simulate  # doctest: +SKIP
     >>> simulate(read_trace("trace.csv"), ReplicaAutoscalingConfig(max_replicas=8, policy="predictive"))  # doctest: +SKIP

@@ -1,5 +1,7 @@
 """Offline corpora, tokenizer training, dataset loading, packing and the chat/instruction format.
 
+May import: ``config``, ``errors``, ``models`` (checked by tests/unit/test_import_graph.py).
+
 Example:
     >>> from llmstack.data import load_corpus, train_tokenizer, pack_corpus
     >>> corpus = load_corpus("builtin:stdlib", max_documents=50)

@@ -3,6 +3,9 @@
 
 Every function takes a base reference and a config and returns a new registry version with lineage.
 
+May import: ``_verbs``, ``config``, ``data``, ``errors``, ``models``, ``train`` (checked by
+tests/unit/test_import_graph.py).
+
 Example:
     >>> from llmstack.finetune import finetune_lora
     >>> from llmstack.models import load_artifact

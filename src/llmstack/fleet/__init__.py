@@ -7,6 +7,8 @@
 
 Pure Python: nothing here imports Ray.
 
+May import: ``errors`` (checked by tests/unit/test_import_graph.py).
+
 Example:
     >>> from llmstack.fleet import ClusterSetup, NodeType, generate_day, simulate
     >>> jobs = generate_day(seed=0, jobs_per_day=40)

@@ -4,6 +4,8 @@ The same files run in both places: ``train.yaml`` with ``llmstack train`` and as
 ``serve_configs/tiny.yaml`` with ``serve run`` and as a RayService. Secrets stay in Kubernetes
 Secrets: the manifest only names them.
 
+May import: ``config``, ``errors``, ``serve`` (checked by tests/unit/test_import_graph.py).
+
 Example:
     >>> from llmstack.k8s import render_manifest, manifest_yaml
     >>> svc = render_manifest("serve", "serve_configs/tiny.yaml", image="ghcr.io/acme/llmstack:0.1",

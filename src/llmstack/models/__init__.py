@@ -7,6 +7,8 @@ the artifact), live adapter operations, presets, GGUF import.
 May import: ``llmstack.errors`` and ``llmstack.registry``; never a stage package (data, train, finetune,
 quantize, validate, serve), which all import this one. Quantized versions load through loaders their
 backend registers (:func:`register_quantized_loader`).
+
+May import: ``errors``, ``registry`` (checked by tests/unit/test_import_graph.py).
 """
 
 from llmstack.models.adapters import adapter_context, attach_adapter, check_adapter_base, detach_adapter

@@ -19,6 +19,8 @@ Non-quantized parameters (embeddings, norms, ``lm_head``) stay in the source's s
 ``quantize()`` also measures held-out perplexity, bytes in memory and prefill/decode tokens/s of
 the source and the result in the same run and records them, with ratios, in the manifest metrics.
 
+May import: ``_verbs``, ``config``, ``data``, ``errors``, ``models`` (checked by tests/unit/test_import_graph.py).
+
 Example:
     >>> from llmstack.models import load_artifact
     >>> from llmstack.quantize import quantize

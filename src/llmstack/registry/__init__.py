@@ -1,5 +1,7 @@
 """Versioned artifact registry on fsspec: immutable ``name@vN`` versions, manifests, aliases, lineage.
 
+May import: ``errors`` (checked by tests/unit/test_import_graph.py).
+
 Example:
     >>> from llmstack.registry import Registry
     >>> reg = Registry("memory://registry-doc")

@@ -5,6 +5,9 @@ response models), ``http/`` (the OpenAI FastAPI app), ``deployments/`` (the Serv
 app builder), ``routing/`` (the routing layer: region and canary policies in one ingress), ``canary/``
 (progressive releases) and ``regions/`` (multi-region serving), both configurations of ``routing/``.
 
+May import: ``_console``, ``_modules``, ``_ray``, ``_verbs``, ``autoscale``, ``config``, ``data``, ``errors``,
+``models``, ``registry`` (checked by tests/unit/test_import_graph.py).
+
 Example:
     >>> import llmstack
     >>> with llmstack.deploy({"model": "tiny-lm@production", "http": {"port": 8123}}) as dep:  # doctest: +SKIP

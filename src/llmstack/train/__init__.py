@@ -3,6 +3,9 @@
 The per-worker loop lives in :mod:`llmstack.train.loop` (shared with fine-tuning: see
 :class:`LoopSpec` and :func:`run_training`); the driver side (cluster, fail-fast checks, progress,
 checkpoints in storage, registration) in :mod:`llmstack.train.driver`.
+
+May import: ``_ray``, ``_verbs``, ``config``, ``data``, ``errors``, ``models`` (checked by
+tests/unit/test_import_graph.py).
 """
 
 from llmstack.train.driver import RunOutcome, TrainResult, run_training, train

@@ -1,5 +1,8 @@
 """The release gate: statistical comparison of a candidate model with a baseline.
 
+May import: ``_verbs``, ``config``, ``data``, ``errors``, ``models``, ``registry`` (checked by
+tests/unit/test_import_graph.py).
+
 Example:
     >>> from llmstack.validate import validate
     >>> report = validate(candidate="tiny-lm-int8@v1", baseline="tiny-lm@production")  # doctest: +SKIP
