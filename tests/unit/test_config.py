@@ -83,3 +83,18 @@ def test_malformed_overrides():
         load_config(TrainConfig, None, ["training.max_steps=ten"])
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(TrainConfig, None, ["training=3"])
+
+
+def test_a_section_given_in_part_keeps_its_parent_defaults() -> None:
+    """Fine-tuning's own defaults for its sections (the instruction corpus, 100 steps) survive a partial section:
+    before, ``data.block_size=64`` silently switched the data to the pretraining corpus and 200 steps."""
+    from llmstack.config import FinetuneConfig
+
+    default = FinetuneConfig()
+    for given in ({"data": {"block_size": 64}, "training": {"learning_rate": 1e-4}},):
+        cfg = load_config(FinetuneConfig, given)
+        assert cfg.data.source == default.data.source == "builtin:stdlib-qa" and cfg.data.block_size == 64
+        assert cfg.training.max_steps == default.training.max_steps and cfg.training.learning_rate == 1e-4
+    cfg = load_config(FinetuneConfig, None, ["data.block_size=64", "training.learning_rate=0.0001"])
+    assert (cfg.data.source, cfg.data.block_size, cfg.training.max_steps) == (default.data.source, 64,
+                                                                               default.training.max_steps)
