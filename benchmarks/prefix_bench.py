@@ -32,11 +32,11 @@ def build_engine(preset: str) -> Any:
     import torch
 
     from llmstack.serve._testing import tiny_model
-    from llmstack.serve.engine import LoadedModel, TransformersEngine
+    from llmstack.serve.engine import ServedModel, TransformersEngine
 
     torch.set_num_threads(1)  # what a replica gets by default on this machine
     model, tokenizer = tiny_model(seed=0, max_seq_len=1024, preset=preset)
-    return TransformersEngine(LoadedModel(model, tokenizer, "bench", "bench@v1", f"bench::{preset}"),
+    return TransformersEngine(ServedModel(model, tokenizer, "bench", "bench@v1", f"bench::{preset}"),
                               max_tokens_limit=512, cache_size=0, prefix_cache_mb=64)
 
 

@@ -65,10 +65,10 @@ def direct_generate_baseline(model: Any, tokenizer: Any, n: int, max_tokens: int
 
 def direct_engine_latency(model: Any, tokenizer: Any, n: int, max_tokens: int) -> dict[str, float]:
     """The engine in-process (no HTTP, no Ray): the same work a replica does for one request."""
-    from llmstack.serve.engine import LoadedModel, TransformersEngine
+    from llmstack.serve.engine import ServedModel, TransformersEngine
     from llmstack.serve.protocol import GenerationRequest, SamplingParams
 
-    engine = TransformersEngine(LoadedModel(model, tokenizer, "tiny-lm", "tiny-lm@v1", "bench"), cache_size=0)
+    engine = TransformersEngine(ServedModel(model, tokenizer, "tiny-lm", "tiny-lm@v1", "bench"), cache_size=0)
     latencies = []
 
     async def run() -> None:
@@ -86,10 +86,10 @@ def direct_engine_latency(model: Any, tokenizer: Any, n: int, max_tokens: int) -
 
 def engine_batching(model: Any, tokenizer: Any, max_tokens: int, rounds: int) -> dict[str, float]:
     """In-process engine: 16 requests decoded as one batch vs one at a time (no HTTP, no Ray)."""
-    from llmstack.serve.engine import LoadedModel, TransformersEngine
+    from llmstack.serve.engine import ServedModel, TransformersEngine
     from llmstack.serve.protocol import GenerationRequest, SamplingParams
 
-    engine = TransformersEngine(LoadedModel(model, tokenizer, "tiny-lm", "tiny-lm@v1", "bench"), cache_size=0)
+    engine = TransformersEngine(ServedModel(model, tokenizer, "tiny-lm", "tiny-lm@v1", "bench"), cache_size=0)
 
     def requests() -> list[Any]:
         return [GenerationRequest(model="tiny-lm", prompt=PROMPTS[i], sampling=SamplingParams(

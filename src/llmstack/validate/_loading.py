@@ -20,8 +20,9 @@ ModelSpec = Any  # str | ArtifactRef | Artifact | tuple[model, tokenizer]
 
 
 @dataclass
-class LoadedModel:
-    """A model ready for scoring, with where it came from."""
+class ComparedModel:
+    """One side of a comparison, ready for scoring: :func:`llmstack.models.load_artifact`'s result, or a model
+    given in memory (``artifact`` None)."""
 
     model: Any
     tokenizer: Any
@@ -31,7 +32,7 @@ class LoadedModel:
     artifact: Artifact | None = None
 
 
-def load_side(spec: ModelSpec, *, registry: Registry | None, role: str) -> LoadedModel:
+def load_side(spec: ModelSpec, *, registry: Registry | None, role: str) -> ComparedModel:
     """Load ``spec`` for validation (``role`` is "candidate" or "baseline", for messages)."""
     from llmstack.models import Artifact, load_artifact
     from llmstack.registry import ArtifactRef, Registry
@@ -41,7 +42,7 @@ def load_side(spec: ModelSpec, *, registry: Registry | None, role: str) -> Loade
             raise ModelLoadError(f"{role}: expected (model, tokenizer), got a tuple of {len(spec)}")
         model, tokenizer = spec
         model.eval()
-        return LoadedModel(model, tokenizer, label=f"<{role} in memory>")
+        return ComparedModel(model, tokenizer, label=f"<{role} in memory>")
     if not isinstance(spec, (str, ArtifactRef, Artifact)):
         raise ModelLoadError(f"{role}: expected a registry reference, a directory or (model, tokenizer); "
                              f"got {type(spec).__name__}")
@@ -53,5 +54,5 @@ def load_side(spec: ModelSpec, *, registry: Registry | None, role: str) -> Loade
         raise ModelLoadError(f"{role}: {exc}") from None
     artifact = loaded.artifact
     manifest = registry.manifest(artifact.ref) if artifact.ref is not None and registry is not None else None
-    return LoadedModel(loaded.model, loaded.tokenizer, label=artifact.label, ref=artifact.ref, manifest=manifest,
+    return ComparedModel(loaded.model, loaded.tokenizer, label=artifact.label, ref=artifact.ref, manifest=manifest,
                        artifact=artifact)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from llmstack._verbs import Overrides, open_registry, read_settings
 from llmstack.errors import ConfigError, LLMStackError
 from llmstack.validate._config import ValidateConfig
-from llmstack.validate._loading import LoadedModel, ModelSpec, load_side
+from llmstack.validate._loading import ComparedModel, ModelSpec, load_side
 from llmstack.validate._report import CheckResult, ValidationReport
 from llmstack.validate._stats import distribution_shift, ks_test, latency_test, perplexity_bootstrap
 
@@ -198,7 +198,7 @@ def _encode(tokenizer: Any, text: str) -> Any:
     return tokenizer(text, return_tensors="pt")["input_ids"][0]  # [T]
 
 
-def _check_comparable(cand: LoadedModel, base: LoadedModel) -> None:
+def _check_comparable(cand: ComparedModel, base: ComparedModel) -> None:
     """Refuse comparisons whose numbers would mean nothing."""
     base_type = getattr(getattr(base.model, "config", None), "model_type", None)
     cand_type = getattr(getattr(cand.model, "config", None), "model_type", None)
@@ -227,7 +227,7 @@ def _output_size(model: Any) -> int | None:
     return getattr(config, "vocab_size", None)
 
 
-def _eval_blocks(eval_data: Any, tokenizer: Any, cand: LoadedModel, base: LoadedModel,
+def _eval_blocks(eval_data: Any, tokenizer: Any, cand: ComparedModel, base: ComparedModel,
                  cfg: ValidateConfig) -> tuple[Any, dict[str, Any]]:
     """Held-out token blocks ``[n, T]`` shared by both models, and a note on where they came from."""
     import torch
@@ -265,7 +265,7 @@ def _pack_texts(texts: list[str], tokenizer: Any, length: int) -> Any:
     return torch.tensor(stream[: n * length], dtype=torch.long).view(n, length)
 
 
-def _packed_eval(eval_data: Any, tokenizer: Any, cand: LoadedModel, base: LoadedModel,
+def _packed_eval(eval_data: Any, tokenizer: Any, cand: ComparedModel, base: ComparedModel,
                  length: int) -> tuple[Any, dict[str, Any]]:
     """The eval split of a data config: the manifest's own (truly held out) or the built-in corpus."""
     from llmstack.config import DataConfig, load_config
@@ -480,7 +480,7 @@ def _config_dict(cfg: ValidateConfig) -> dict[str, Any]:
     return to_dict(cfg)
 
 
-def _store(report: ValidationReport, cand: LoadedModel, base: LoadedModel, registry: Registry | None) -> None:
+def _store(report: ValidationReport, cand: ComparedModel, base: ComparedModel, registry: Registry | None) -> None:
     """Attach the report to the candidate: as the latest validation and keyed by baseline for promote()."""
     from llmstack.registry import Registry, validation_key
 

@@ -24,7 +24,7 @@ def adapter_dirs(tiny: tuple[Any, Any], tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture
 def engine(tiny: tuple[Any, Any], adapter_dirs: list[Any]) -> Any:
-    from llmstack.serve.engine import AdapterSpec, LoadedModel, TransformersEngine
+    from llmstack.serve.engine import AdapterSpec, ServedModel, TransformersEngine
     from llmstack.serve.engine.loading import dir_identity
 
     model, tokenizer = tiny
@@ -32,7 +32,7 @@ def engine(tiny: tuple[Any, Any], adapter_dirs: list[Any]) -> Any:
     # A fresh copy of the model per test: adapters wrap the model in place.
     import copy
 
-    engine = TransformersEngine(LoadedModel(copy.deepcopy(model), tokenizer, "tiny", "tiny@v1", "test::tiny@v1"),
+    engine = TransformersEngine(ServedModel(copy.deepcopy(model), tokenizer, "tiny", "tiny@v1", "test::tiny@v1"),
                                 adapters=adapters, max_tokens_limit=64, cache_size=0)
     yield engine
     engine.shutdown()

@@ -11,14 +11,14 @@ from typing import Any
 import httpx
 import pytest
 
-from llmstack.serve.engine import LoadedModel, TransformersEngine
+from llmstack.serve.engine import ServedModel, TransformersEngine
 from llmstack.serve.http import make_api
 
 
 @pytest.fixture(scope="module")
 def api(tiny: tuple[Any, Any]) -> Any:
     model, tokenizer = tiny
-    engine = TransformersEngine(LoadedModel(copy.deepcopy(model), tokenizer, "tiny", "tiny@v1", "test::tiny@v1"),
+    engine = TransformersEngine(ServedModel(copy.deepcopy(model), tokenizer, "tiny", "tiny@v1", "test::tiny@v1"),
                                 max_tokens_limit=64, cache_size=0, aliases=["tiny@production"])
     yield make_api(engine, {"engine": {"default_max_tokens": 24}})
     engine.shutdown()

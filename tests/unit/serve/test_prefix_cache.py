@@ -17,12 +17,12 @@ MODELS = ["tiny", "lora-0", "lora-1"]  # the base model and both adapters
 
 @pytest.fixture
 def cached_engine(tiny: tuple[Any, Any], adapter_dirs: list[Any]) -> Any:
-    from llmstack.serve.engine import AdapterSpec, LoadedModel, TransformersEngine
+    from llmstack.serve.engine import AdapterSpec, ServedModel, TransformersEngine
     from llmstack.serve.engine.loading import dir_identity
 
     model, tokenizer = tiny
     adapters = [AdapterSpec(f"lora-{i}", str(d), dir_identity(d)) for i, d in enumerate(adapter_dirs)]
-    engine = TransformersEngine(LoadedModel(copy.deepcopy(model), tokenizer, "tiny", "tiny@v1", "test::tiny@v1"),
+    engine = TransformersEngine(ServedModel(copy.deepcopy(model), tokenizer, "tiny", "tiny@v1", "test::tiny@v1"),
                                 adapters=adapters, max_tokens_limit=64, cache_size=0, prefix_cache_mb=4)
     yield engine
     engine.shutdown()

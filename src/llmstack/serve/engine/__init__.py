@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from llmstack.serve.engine.base import Engine
 from llmstack.serve.engine.cache import ResponseCache
-from llmstack.serve.engine.loading import AdapterSpec, LoadedModel, resolve_adapters
+from llmstack.serve.engine.loading import AdapterSpec, ServedModel, resolve_adapters
 from llmstack.serve.engine.preparation import RequestPreparer
 from llmstack.serve.engine.protocol import EngineProtocol
 from llmstack.serve.engine.transformers import TransformersEngine
 from llmstack.serve.engine.work import Work
 
-__all__ = ["AdapterSpec", "Engine", "EngineProtocol", "LoadedModel", "RequestPreparer", "ResponseCache",
+__all__ = ["AdapterSpec", "Engine", "EngineProtocol", "ServedModel", "RequestPreparer", "ResponseCache",
            "TransformersEngine", "Work", "resolve_adapters"]

@@ -1,5 +1,5 @@
 """What an engine serves: the base model (loaded by ``llmstack.models.load_artifact``, the one loader, and
-wrapped by :meth:`LoadedModel.of_artifact`) and the adapters it may load on it (described and base-checked
+wrapped by :meth:`ServedModel.of_artifact`) and the adapters it may load on it (described and base-checked
 up front, their weights loaded lazily).
 
 Every kind fine-tuning and quantization produce serves: full, merged and quantized models; LoRA, DoRA,
@@ -50,7 +50,7 @@ def dir_identity(path: Path) -> str:
 
 
 @dataclass
-class LoadedModel:
+class ServedModel:
     """What an engine serves: a model and tokenizer with the ids and cache identity it serves them under.
 
     Built from :func:`llmstack.models.load_artifact`'s result by :meth:`of_artifact`, or in memory (tests,
@@ -67,7 +67,7 @@ class LoadedModel:
     artifact: Artifact | None = None  # what was loaded (None: built in memory)
 
     @classmethod
-    def of_artifact(cls, loaded: LoadedArtifact, *, source: str | None = None) -> LoadedModel:
+    def of_artifact(cls, loaded: LoadedArtifact, *, source: str | None = None) -> ServedModel:
         """Serve ``loaded`` (from :func:`llmstack.models.load_artifact`) under its artifact's name.
 
         Raises:

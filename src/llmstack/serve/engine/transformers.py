@@ -23,7 +23,7 @@ from llmstack.errors import RequestError
 from llmstack.serve.engine.adapters import AdapterSlots
 from llmstack.serve.engine.base import Engine
 from llmstack.serve.engine.batch import StepStats
-from llmstack.serve.engine.loading import AdapterSpec, LoadedModel, resolve_adapters
+from llmstack.serve.engine.loading import AdapterSpec, ServedModel, resolve_adapters
 from llmstack.serve.engine.output import assemble
 from llmstack.serve.engine.preparation import RequestPreparer, eos_token_ids
 from llmstack.serve.engine.prefix_cache import PrefixCache
@@ -44,7 +44,7 @@ class TransformersEngine(Engine):
     prefix caches); their step statistics land in :attr:`stats`.
 
     Args:
-        loaded: the model, tokenizer and identity (:meth:`LoadedModel.of_artifact`).
+        loaded: the model, tokenizer and identity (:meth:`ServedModel.of_artifact`).
         adapters: adapters served on the same base, loaded lazily by :meth:`load_adapter`.
         default_max_tokens: used when a request gives no ``max_tokens``.
         max_tokens_limit: largest ``max_tokens`` accepted.
@@ -55,7 +55,7 @@ class TransformersEngine(Engine):
 
     group_batching: ClassVar[bool] = True
 
-    def __init__(self, loaded: LoadedModel, *, adapters: Iterable[AdapterSpec] = (), default_max_tokens: int = 64,
+    def __init__(self, loaded: ServedModel, *, adapters: Iterable[AdapterSpec] = (), default_max_tokens: int = 64,
                  max_tokens_limit: int = 512, max_n: int = 4, cache_size: int = 256,
                  aliases: Iterable[str] = (), max_batch_rows: int | None = None,
                  prefix_cache_mb: float = 0) -> None:
@@ -108,7 +108,7 @@ class TransformersEngine(Engine):
         """Load ``source`` (registry ref or directory) and the ``adapters`` entries, then build the engine."""
         from llmstack.models import load_artifact
 
-        loaded = LoadedModel.of_artifact(load_artifact(source, registry=registry, dtype=dtype), source=source)
+        loaded = ServedModel.of_artifact(load_artifact(source, registry=registry, dtype=dtype), source=source)
         specs = resolve_adapters(adapters, registry=registry, base=loaded.artifact, storage_options=storage_options)
         return cls(loaded, adapters=specs, **limits)
 
