@@ -262,6 +262,7 @@ class BoardLink:
     async def _repeat(self, step: Callable[[], Any], period_s: float, wake: asyncio.Event | None,
                       meanwhile: str) -> None:
         while True:
+            _raise_if_cancelled()
             if wake is not None:
                 wake.clear()
             try:
@@ -281,6 +282,15 @@ class BoardLink:
     def status(self) -> dict[str, Any]:
         return {"name": self.name, "connected": self.connected, "routing_version": self.routing_version,
                 "last_error": self.last_error}
+
+
+def _raise_if_cancelled() -> None:
+    """Stop a loop whose task was asked to stop: Python 3.11's ``asyncio.wait_for`` drops a cancellation that
+    arrives as the awaited call finishes, which left an exchange loop running forever after ``cancel()``."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python >= 3.11
+    if cancelling is not None and cancelling():
+        raise asyncio.CancelledError
 
 
 async def _awaitable(ref: Any) -> Any:
