@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 _FORWARDED_ENV = ("LLMSTACK_FAULT_AT_STEP", "LLMSTACK_FAULT_FLAG", "LLMSTACK_FAULT_RANK", "HF_HUB_OFFLINE",
                   "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
 _LOCAL_OBJECT_STORE_BYTES = 512 * 1024 * 1024
+SUBMITTED_AT_ENV = "LLMSTACK_SUBMITTED_AT"  # epoch seconds a Ray Job was submitted (set by llmstack.fleet.jobs)
 
 
 @dataclass
@@ -59,6 +60,9 @@ class RunOutcome:
         wall_time_s: seconds spent in ``trainer.fit()``.
         cost: what the run used: ``worker_hours`` (wall time x workers), ``cpu_hours``, ``gpu_hours``
             and, with ``scaling.price_per_worker_hour``, ``cost_usd``.
+        usage: ``worker_seconds`` held by the worker groups, ``busy_worker_seconds`` inside optimizer
+            steps, ``worker_utilisation`` and ``queue_wait_s`` (submission, or the request for workers,
+            to the first worker group; see :func:`~llmstack.train.progress.worker_usage`).
     """
 
     checkpoint_dir: Path
@@ -71,6 +75,7 @@ class RunOutcome:
     wall_time_s: float = 0.0
     temporary: bool = False
     cost: dict[str, float] = field(default_factory=dict)
+    usage: dict[str, float] = field(default_factory=dict)
 
     def cleanup(self) -> None:
         """Remove the local copy of a remote checkpoint."""
@@ -253,6 +258,7 @@ def final_metrics(outcome: RunOutcome) -> dict[str, Any]:
     metrics["train_time_s"] = round(outcome.wall_time_s, 2)
     metrics["recoveries"] = len(outcome.recoveries)
     metrics.update(outcome.cost)  # worker/CPU/GPU hours and cost_usd: in the manifest, so in the lineage
+    metrics.update(outcome.usage)  # worker-seconds held and busy, queue wait
     return metrics
 
 
@@ -307,7 +313,7 @@ def run_training(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[str
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from llmstack.train.loop import train_loop_per_worker
-    from llmstack.train.progress import MetricsLog, Pump, start_bus
+    from llmstack.train.progress import MetricsLog, Pump, start_bus, worker_usage
 
     storage = storage if isinstance(storage, Storage) else resolve_storage(storage, storage_options)
     check_training(training, scaling)
@@ -318,6 +324,8 @@ def run_training(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[str
     ensure_ray(scaling)
     check_cluster(scaling)
 
+    # Queue wait counts from the Ray Job's submission (llmstack jobs submit), else from this request for workers.
+    queued_since = float(os.environ.get(SUBMITTED_AT_ENV) or time.time())
     bus = start_bus()
     storage_path, storage_filesystem = storage.for_ray()
     env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
@@ -359,6 +367,8 @@ def run_training(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[str
                 print(f"llmstack: could not write {action.__name__} output to {run_path}: {exc}")
         ray.kill(bus, no_restart=True)
     wall = time.perf_counter() - started
+    usage = worker_usage(log.worker_groups, busy_worker_seconds=log.busy_worker_seconds, ended_at=time.time(),
+                         queued_since=queued_since)
     resumed_from_step = log.initial_resume
     if result.checkpoint is None:
         raise RuntimeError(f"run {run_name} finished without a checkpoint in {storage.url}")
@@ -374,7 +384,7 @@ def run_training(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[str
     return RunOutcome(checkpoint_dir=local, checkpoint_path=storage.url_of(checkpoint_fs_path),
                       run_dir=storage.url_of(run_path), metrics=metrics, history=list(log.history),
                       recoveries=list(log.recoveries), wall_time_s=wall, temporary=temporary,
-                      resumed_from_step=resumed_from_step, cost=run_cost(wall, scaling))
+                      resumed_from_step=resumed_from_step, cost=run_cost(wall, scaling), usage=usage)
 
 
 def _ray_scaling(scaling: ScalingConfig) -> Any:

@@ -198,6 +198,7 @@ def run_worker_loop(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[
     """
     import torch
 
+    entered_at = time.time()  # this worker group's start (its worker-seconds begin here)
     session = session or LocalSession()
     rank, world_size = parallel.world()
     device = parallel.resolve_device(use_gpu)
@@ -229,7 +230,7 @@ def run_worker_loop(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[
             ckpt.set_rng_state(restored["rng"])
         state = restored["state"]
     if rank == 0:  # every start, restored or not: the driver counts restarts from these
-        session.log({"event": "started", "step": state["step"]})
+        session.log({"event": "started", "step": state["step"], "time": entered_at, "workers": world_size})
 
     # 2. Data: this worker's disjoint shard, recomputed from (step, rank), so resuming needs no state.
     micro = training.micro_batch_size
