@@ -185,6 +185,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig())  # MLflow (defined at the end)
 
 
 @dataclass
@@ -223,6 +224,7 @@ class FinetuneConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     packing: bool = False  # pack several instruction examples into each data.block_size row
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options of storage_path
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig())  # MLflow (defined at the end)
 
 
 @dataclass
@@ -724,6 +726,17 @@ def serve_app_args(data: Any, *, source: str | None = None, import_path: str = S
     return flat
 
 
+@dataclass
+class TrackingConfig:
+    """Experiment tracking of train/finetune runs (``tracking:`` in their configs)."""
+
+    mlflow_uri: str | None = None  # MLflow tracking URI: a path (file store) or a server URL; None: off
+    experiment: str = "llmstack"  # MLflow experiment the runs are logged under
+
+    def check(self) -> Problems:
+        return [] if self.experiment.strip() else [("experiment", "must not be empty")]
+
+
 __all__ = [
     "AutoscalingConfig",
     "DataConfig",
@@ -734,6 +747,7 @@ __all__ = [
     "QuantizeConfig",
     "ScalingConfig",
     "ServeConfig",
+    "TrackingConfig",
     "TrainConfig",
     "TrainingConfig",
     "apply_overrides",

@@ -18,7 +18,8 @@ def _address_option(parser: argparse.ArgumentParser) -> None:
                         help="the cluster's dashboard URL, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS)")
 
 
-def add_jobs_parser(verbs: Any, *, parser_class: type[argparse.ArgumentParser] | None = None) -> argparse.ArgumentParser:
+def add_jobs_parser(verbs: Any, *,
+                    parser_class: type[argparse.ArgumentParser] | None = None) -> argparse.ArgumentParser:
     """Add the ``jobs`` verb and its actions to ``verbs`` (the main parser's subparsers)."""
     sub = verbs.add_parser("jobs", help="training and fine-tuning runs as Ray Jobs on a running cluster",
                            description="training and fine-tuning runs as Ray Jobs on a running cluster")

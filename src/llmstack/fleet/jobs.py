@@ -39,7 +39,8 @@ JobKind = Literal["train", "finetune"]
 KINDS: tuple[str, ...] = ("train", "finetune")
 CONFIG_FILE = "config.yaml"
 _REGISTERED = re.compile(r"^registered (\S+@v\d+)", re.M)
-_FORWARDED_ENV = ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "LLMSTACK_VERBOSE", "LLMSTACK_REGISTRY")
+# Not TOKENIZERS_PARALLELISM: ray.init in the job sets it, and Ray refuses a key set twice.
+_FORWARDED_ENV = ("HF_HUB_OFFLINE", "LLMSTACK_VERBOSE", "LLMSTACK_REGISTRY")
 
 
 @dataclass
@@ -199,7 +200,8 @@ def submit_job(config: str | Path | dict[str, Any], *, kind: str | None = None, 
             entrypoint=f"python -m llmstack {chosen} --config {CONFIG_FILE}",
             submission_id=submission_id,
             runtime_env={"working_dir": directory, "env_vars": job_env},
-            metadata={"llmstack_kind": chosen, "llmstack_name": cfg.name, "llmstack_submitted_at": f"{submitted_at:.3f}"},
+            metadata={"llmstack_kind": chosen, "llmstack_name": cfg.name,
+                      "llmstack_submitted_at": f"{submitted_at:.3f}"},
         )
     return submission_id
 
@@ -227,6 +229,8 @@ def check_job_fits(scaling: Any, nodes: list[dict[str, float]]) -> None:
     add are not known here; on a cluster that has none of the needed size yet, submit with a node of
     that size up (or ``ray job submit`` directly).
     """
+    if not nodes:  # a cluster still starting: nothing to judge by yet
+        return
     need = {"CPU": float(scaling.cpus_per_worker)}
     if scaling.use_gpu:
         need["GPU"] = 1.0

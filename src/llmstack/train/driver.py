@@ -199,29 +199,34 @@ def train(config: TrainConfig | dict[str, Any] | str | Path | None = None, *,
     from llmstack.train.loop import LoopSpec
 
     spec = LoopSpec(model_factory=factory, signature=model_signature(model_config))
-    outcome = run_training(spec, {"input_ids": packed.train}, {"input_ids": packed.eval} if len(packed.eval) else None,
-                           training=cfg.training, scaling=cfg.scaling, run_name=cfg.name, storage=storage,
-                           fs=fs, progress=progress)
-    try:
-        model = factory()
-        from safetensors.torch import load_file
+    from llmstack.train.tracking import track_run
 
-        model.load_state_dict(load_file(str(outcome.checkpoint_dir / "model.safetensors")))
-        metrics = final_metrics(outcome)
-        parents = [str(tokenizer_ref)]
-        source_ref = _source_ref(cfg.model.source, registry)
-        if source_ref is not None and str(source_ref) not in parents:
-            parents.append(str(source_ref))
-        from llmstack.models import register_model
+    with track_run(cfg.tracking, run_name=cfg.name, params=to_dict(cfg), kind="train") as tracker:
+        outcome = run_training(spec, {"input_ids": packed.train},
+                               {"input_ids": packed.eval} if len(packed.eval) else None, training=cfg.training,
+                               scaling=cfg.scaling, run_name=cfg.name, storage=storage,
+                               fs=fs, progress=progress, on_record=tracker.log_step)
+        try:
+            model = factory()
+            from safetensors.torch import load_file
 
-        ref = register_model(registry, cfg.name, model, tokenizer, kind="model", parents=parents,
-                             config=to_dict(cfg), metrics=metrics, data_fingerprint=packed.fingerprint,
-                             extra={"run_dir": outcome.run_dir, "checkpoint": outcome.checkpoint_path,
-                                    "corpus": corpus.name, "corpus_fingerprint": corpus.fingerprint,
-                                    "train_blocks": int(len(packed.train)), "eval_blocks": int(len(packed.eval)),
-                                    "recoveries": outcome.recoveries, "model_signature": spec.signature})
-    finally:
-        outcome.cleanup()
+            model.load_state_dict(load_file(str(outcome.checkpoint_dir / "model.safetensors")))
+            metrics = final_metrics(outcome)
+            parents = [str(tokenizer_ref)]
+            source_ref = _source_ref(cfg.model.source, registry)
+            if source_ref is not None and str(source_ref) not in parents:
+                parents.append(str(source_ref))
+            from llmstack.models import register_model
+
+            ref = register_model(registry, cfg.name, model, tokenizer, kind="model", parents=parents,
+                                 config=to_dict(cfg), metrics=metrics, data_fingerprint=packed.fingerprint,
+                                 extra={"run_dir": outcome.run_dir, "checkpoint": outcome.checkpoint_path,
+                                        "corpus": corpus.name, "corpus_fingerprint": corpus.fingerprint,
+                                        "train_blocks": int(len(packed.train)), "eval_blocks": int(len(packed.eval)),
+                                        "recoveries": outcome.recoveries, "model_signature": spec.signature})
+        finally:
+            outcome.cleanup()
+        tracker.finish(metrics, registry_version=str(ref))
     return TrainResult(ref=ref, metrics=metrics, history=outcome.history, run_dir=outcome.run_dir,
                        checkpoint_path=outcome.checkpoint_path, tokenizer_ref=tokenizer_ref,
                        recoveries=outcome.recoveries, resumed_from_step=outcome.resumed_from_step)

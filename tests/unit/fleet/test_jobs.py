@@ -63,6 +63,7 @@ def test_a_worker_larger_than_every_node_fails_naming_the_resources() -> None:
         check_job_fits(ScalingConfig(cpus_per_worker=4), nodes)
     with pytest.raises(ResourceError, match=r"needs CPU 1, GPU 1 .* has CPU 2, GPU 0"):
         check_job_fits(ScalingConfig(cpus_per_worker=1, use_gpu=True), nodes)
+    check_job_fits(ScalingConfig(cpus_per_worker=64), [])  # no node registered yet: nothing to judge by
 
 
 def test_the_ray_token_is_sent_unless_auth_is_disabled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
