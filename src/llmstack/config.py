@@ -154,6 +154,7 @@ class ScalingConfig:
     max_failures: int = 0  # worker failures tolerated before the run fails
     address: str | None = None  # Ray address; None: RAY_ADDRESS, else a bounded local cluster
     price_per_worker_hour: float | None = None  # $ per worker-hour (its share of an instance); set: runs record cost_usd
+    elastic_resize_interval_s: float = 60.0  # elastic runs: how often a healthy run checks whether it can grow
 
     def check(self) -> Problems:
         problems: Problems = []
@@ -170,6 +171,8 @@ class ScalingConfig:
         _at_least(problems, self, "max_failures", -1)
         if not self.cpus_per_worker > 0:
             problems.append(("cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}"))
+        if not self.elastic_resize_interval_s >= 0:
+            problems.append(("elastic_resize_interval_s", f"must be >= 0, got {self.elastic_resize_interval_s}"))
         if self.price_per_worker_hour is not None and not self.price_per_worker_hour > 0:
             problems.append(("price_per_worker_hour", f"must be > 0, got {self.price_per_worker_hour}"))
         return problems

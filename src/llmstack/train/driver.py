@@ -37,7 +37,8 @@ if TYPE_CHECKING:
     from llmstack.train.loop import LoopSpec
 
 # Environment forwarded from the driver to every worker (test hooks and tokenizer settings).
-_FORWARDED_ENV = ("LLMSTACK_FAULT_AT_STEP", "LLMSTACK_FAULT_FLAG", "LLMSTACK_FAULT_RANK", "HF_HUB_OFFLINE",
+_FORWARDED_ENV = ("LLMSTACK_FAULT_AT_STEP", "LLMSTACK_FAULT_FLAG", "LLMSTACK_FAULT_RANK", "LLMSTACK_STEP_DELAY_S",
+                  "HF_HUB_OFFLINE",
                   "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
 _LOCAL_OBJECT_STORE_BYTES = 512 * 1024 * 1024
 SUBMITTED_AT_ENV = "LLMSTACK_SUBMITTED_AT"  # epoch seconds a Ray Job was submitted (set by llmstack.fleet.jobs)
@@ -400,7 +401,8 @@ def _ray_scaling(scaling: ScalingConfig) -> Any:
         resources["GPU"] = 1.0
     # [min, max] -> Ray Train's elastic (min, max): start on what fits, grow and shrink at restarts.
     return RayScalingConfig(num_workers=ray_num_workers(scaling.num_workers), use_gpu=scaling.use_gpu,
-                            resources_per_worker=resources)
+                            resources_per_worker=resources,
+                            elastic_resize_monitor_interval_s=scaling.elastic_resize_interval_s)
 
 
 # --------------------------------------------------------------------------- cluster and checks

@@ -285,6 +285,7 @@ def run_worker_loop(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[
         if rank == 0:
             session.log(record)
         _maybe_inject_fault(step, rank, world_size)
+        _maybe_pace()
         do_checkpoint = final or (training.checkpoint_every > 0 and step % training.checkpoint_every == 0)
         if do_checkpoint:
             with tempfile.TemporaryDirectory(prefix="llmstack-ckpt-") as tmp:
@@ -414,6 +415,14 @@ def _load_weights(model: Any, weights: dict[str, Any], *, trainable_only: bool) 
     if unexpected or (missing and not trainable_only):
         raise RuntimeError(f"checkpoint does not match the model: missing {sorted(missing)[:5]}, "
                            f"unexpected {sorted(unexpected)[:5]}")
+
+
+def _maybe_pace() -> None:
+    """Test hook: sleep ``LLMSTACK_STEP_DELAY_S`` seconds after each step (outside its timing), so that a test of
+    cluster events (a node joining or lost) finds the run still going on a fast machine."""
+    delay = float(os.environ.get("LLMSTACK_STEP_DELAY_S") or 0.0)
+    if delay > 0:
+        time.sleep(delay)
 
 
 def _maybe_inject_fault(step: int, rank: int, world_size: int) -> None:
