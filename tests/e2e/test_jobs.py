@@ -137,6 +137,8 @@ def test_jobs_submit_list_status_logs_stop(tmp_path: Path, monkeypatch: pytest.M
         status = llmstack_cli("jobs", "status", job_id, "--json", "--address", address, env=env)
         assert json.loads(status.stdout)["registered"] == "jobs-lm@v1", status.stderr
         assert wait_for_job(long_id, timeout_s=120).status == "STOPPED"
+        unknown = llmstack_cli("jobs", "status", "no-such-job", "--address", address, env=env)
+        assert unknown.returncode == 2 and f"no job 'no-such-job' on the cluster at {address}" in unknown.stderr
         listing = llmstack_cli("jobs", "list", "--json", "--address", address, env=env)
         listed = {job["job_id"]: job for job in json.loads(listing.stdout)}
         assert listed[job_id]["status"] == "SUCCEEDED" and listed[long_id]["status"] == "STOPPED"

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import yaml
 
-from llmstack.errors import ConfigError, ResourceError
+from llmstack.errors import ConfigError, LLMStackError, ResourceError
 from llmstack.train.driver import SUBMITTED_AT_ENV  # run_training reads it: queue wait from the submission
 
 JobKind = Literal["train", "finetune"]
@@ -276,7 +276,8 @@ def _details(client: Any, job_id: str) -> Any:
         return client.get_job_info(job_id)
     except RuntimeError as exc:
         if "does not exist" in str(exc) or "404" in str(exc):
-            raise ConfigError(f"job id: no job {job_id!r} on this cluster; `llmstack jobs list` shows them") from None
+            raise LLMStackError(f"no job {job_id!r} on the cluster at {client.get_address()}; `llmstack jobs list` "
+                                "shows its jobs", status_code=404, type="not_found_error") from None
         raise
 
 
