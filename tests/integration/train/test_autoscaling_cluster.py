@@ -91,6 +91,10 @@ def train_workers(dashboard: str) -> list[dict[str, Any]]:
     return [a for a in state(dashboard, "actors") if a["class_name"] == "RayTrainWorker" and a["state"] == "ALIVE"]
 
 
+def two_or_none(workers: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    return workers if len(workers) == 2 else None
+
+
 def wait_for(predicate: Any, what: str, *, timeout_s: float, driver: subprocess.Popen | None = None) -> Any:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -179,8 +183,8 @@ def test_elastic_run_grows_on_a_new_node_and_shrinks_on_a_lost_one(tmp_path: Pat
         try:
             wait_for(lambda: len(train_workers(dashboard)) == 1, "first worker group", timeout_s=120, driver=driver)
             # The run asks for its max: the autoscaler adds a node, the run restarts on both at a checkpoint.
-            pair = wait_for(lambda: (w := train_workers(dashboard)) if len(w) == 2 else None,
-                            "growth to two workers", timeout_s=120, driver=driver)
+            pair = wait_for(lambda: two_or_none(train_workers(dashboard)), "growth to two workers", timeout_s=120,
+                            driver=driver)
             assert len(worker_nodes(dashboard)) == 2
             killed_node = pair[-1]["node_id"]
             kill_raylet(killed_node, temp_dir)
