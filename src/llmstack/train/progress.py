@@ -31,9 +31,12 @@ class MetricsBus:
 
 
 def start_bus() -> Any:
+    """The metrics actor, on the driver's node: a worker node an elastic run loses must not take it along."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0)(MetricsBus).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(num_cpus=0, scheduling_strategy=here)(MetricsBus).remote()
 
 
 class MetricsLog:

@@ -197,6 +197,7 @@ def test_elastic_run_grows_on_a_new_node_and_shrinks_on_a_lost_one(tmp_path: Pat
             output.seek(0)
             log = output.read()
             output.close()
+            print(log[-8000:])  # shown when the test fails
     assert driver.returncode == 0, log[-4000:]
     assert "registered elastic-lm@v1" in log, log[-4000:]
 
