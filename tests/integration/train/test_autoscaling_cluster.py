@@ -148,6 +148,20 @@ def autoscaling_cluster(env: dict[str, str]) -> Iterator[tuple[str, str, str]]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def controller_errors(temp_dir: str) -> str:
+    """What Ray Train's controller logged about a failed control-loop step (its traceback), from the session logs."""
+    found = []
+    for path in sorted(Path(temp_dir).glob("session_*/logs/*")):
+        with contextlib.suppress(OSError):
+            text = path.read_text(errors="replace")
+            at = text.find("Error in control loop iteration")
+            if at < 0:
+                at = text.find("ControllerError")
+            if at >= 0:
+                found.append(f"--- {path.name}\n{text[at:at + 6000]}")
+    return "\n".join(found) or "(no controller error in the session logs)"
+
+
 def kill_raylet(node_id: str, session_root: str) -> int:
     """SIGKILL the raylet of fake node ``node_id`` (found by the node id the provider gave it); its pid."""
     import psutil
@@ -198,6 +212,8 @@ def test_elastic_run_grows_on_a_new_node_and_shrinks_on_a_lost_one(tmp_path: Pat
             log = output.read()
             output.close()
             print(log[-8000:])  # shown when the test fails
+            if driver.returncode:
+                print(controller_errors(temp_dir))
     assert driver.returncode == 0, log[-4000:]
     assert "registered elastic-lm@v1" in log, log[-4000:]
 
