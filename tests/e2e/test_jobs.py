@@ -96,7 +96,7 @@ def llmstack_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess
 
 @pytest.mark.slow
 def test_jobs_submit_list_status_logs_stop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from llmstack.fleet import job_status, stop_job, submit_job, wait_for_job
+    from llmstack.fleet import job_status, submit_job, wait_for_job
 
     home = tmp_path / "home"
     (home / ".ray").mkdir(parents=True)
