@@ -164,9 +164,9 @@ def controller_errors(temp_dir: str) -> str:
     for path in sorted(Path(temp_dir).glob("session_*/logs/*")):
         with contextlib.suppress(OSError):
             text = path.read_text(errors="replace")
-            at = text.find("Error in control loop iteration")
-            if at < 0:
-                at = text.find("ControllerError")
+            at = -1
+            for needle in ("Error in control loop iteration", "ControllerError", "MetricsBus", "Traceback"):
+                at = text.find(needle) if at < 0 else at
             if at >= 0:
                 found.append(f"--- {path.name}\n{text[at:at + 6000]}")
     return "\n".join(found) or "(no controller error in the session logs)"
@@ -227,8 +227,12 @@ def test_elastic_run_grows_on_a_new_node_and_shrinks_on_a_lost_one(tmp_path: Pat
             log = output.read()
             output.close()
             print(log[-8000:])  # shown when the test fails
-            if driver.returncode:
-                print(controller_errors(temp_dir))
+            print(controller_errors(temp_dir))
+            with contextlib.suppress(Exception):  # where each actor of the run lived, and how it ended
+                for actor in state(dashboard, "actors"):
+                    if actor["class_name"] in ("MetricsBus", "RayTrainWorker", "TrainController"):
+                        print("actor", actor["class_name"], actor["state"], actor["node_id"][-6:], actor.get("pid"))
+                print("nodes", [(n["node_id"][-6:], n["state"], n["is_head_node"]) for n in state(dashboard, "nodes")])
     assert driver.returncode == 0, log[-4000:]
     assert "registered elastic-lm@v1" in log, log[-4000:]
 
@@ -238,8 +242,11 @@ def test_elastic_run_grows_on_a_new_node_and_shrinks_on_a_lost_one(tmp_path: Pat
     assert manifest.metrics["step"] == MAX_STEPS
     recoveries = manifest.extra["recoveries"]
     assert len(recoveries) >= 2, recoveries  # the resize to two, and the lost node
-    assert all(r["steps_lost"] <= CHECKPOINT_EVERY for r in recoveries), recoveries
+    # Each restart resumes from a checkpoint: at most the steps since the last committed one are lost. Ray Train
+    # commits a reported checkpoint at its controller's next poll of the workers (every 2 s), so a node lost
+    # right after a report can also cost that report's checkpoint: under two intervals, never more.
     assert all(r["resumed_from_step"] % CHECKPOINT_EVERY == 0 for r in recoveries), recoveries
+    assert all(r["steps_lost"] < 2 * CHECKPOINT_EVERY for r in recoveries), recoveries
     assert 0 < manifest.metrics["busy_worker_seconds"] < manifest.metrics["worker_seconds"]
 
     # The final trajectory: one worker, then two, then one again after the node was lost.
