@@ -458,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--k8s-config", default=None, help="YAML of manifest options (pod sizes, GPUs, Secrets)")
     render.add_argument("-o", "--output", default=None, help="write the manifest here instead of stdout")
     render.add_argument("overrides", nargs="*", metavar="key.path=value", help="config and k8s.* overrides")
+    from llmstack.fleet.cli import add_jobs_parser  # `llmstack jobs submit|list|status|logs|stop`
+
+    add_jobs_parser(verbs, parser_class=_Parser)
     return parser
 
 

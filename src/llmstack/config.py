@@ -179,6 +179,7 @@ class WorkersConfig:
     max_failures: int = 0  # worker failures tolerated before the run fails
     address: str | None = None  # Ray address; None: RAY_ADDRESS, else a bounded local cluster
     price_per_worker_hour: float | None = None  # $ per worker-hour (its share of an instance); set: runs record cost_usd
+    elastic_resize_interval_s: float = 60.0  # elastic runs: how often a healthy run checks whether it can grow
 
     def check(self) -> Problems:
         problems: Problems = []
@@ -195,6 +196,8 @@ class WorkersConfig:
         _at_least(problems, self, "max_failures", -1)
         if not self.cpus_per_worker > 0:
             problems.append(("cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}"))
+        if not self.elastic_resize_interval_s >= 0:
+            problems.append(("elastic_resize_interval_s", f"must be >= 0, got {self.elastic_resize_interval_s}"))
         if self.price_per_worker_hour is not None and not self.price_per_worker_hour > 0:
             problems.append(("price_per_worker_hour", f"must be > 0, got {self.price_per_worker_hour}"))
         return problems
@@ -210,6 +213,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     training: LoopConfig = field(default_factory=LoopConfig)
     scaling: WorkersConfig = field(default_factory=WorkersConfig)
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig())  # MLflow (defined at the end)
 
 
 @dataclass
@@ -250,6 +254,7 @@ class FinetuneConfig:
     scaling: WorkersConfig = field(default_factory=WorkersConfig)
     packing: bool = False  # pack several instruction examples into each data.block_size row
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options of storage_path
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig())  # MLflow (defined at the end)
 
 
 @dataclass
@@ -1020,6 +1025,17 @@ def serve_app_args(data: Any, *, source: str | None = None, import_path: str = S
     return flat
 
 
+@dataclass
+class TrackingConfig:
+    """Experiment tracking of train/finetune runs (``tracking:`` in their configs)."""
+
+    mlflow_uri: str | None = None  # MLflow tracking URI: a path (file store) or a server URL; None: off
+    experiment: str = "llmstack"  # MLflow experiment the runs are logged under
+
+    def check(self) -> Problems:
+        return [] if self.experiment.strip() else [("experiment", "must not be empty")]
+
+
 __all__ = [
     "BitsAndBytesConfig",
     "CalibrationConfig",
@@ -1039,6 +1055,7 @@ __all__ = [
     "ServeConfig",
     "SmoothQuantConfig",
     "TorchaoConfig",
+    "TrackingConfig",
     "TrainConfig",
     "VllmConfig",
     "WorkersConfig",

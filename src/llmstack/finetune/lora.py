@@ -223,24 +223,29 @@ def finetune_lora(config: FinetuneConfig | Mapping[str, Any] | str | Path | None
     from llmstack.train.loop import LoopSpec
 
     spec = LoopSpec(model_factory=factory, checkpoint_trainable_only=method != "full", signature=signature)
-    outcome = run_training(spec, tensors.train, tensors.eval, training=cfg.training, scaling=cfg.scaling,
-                           run_name=cfg.name, storage=default_storage(reg, cfg.storage_path),
-                           storage_options=cfg.storage_options or None, progress=progress,
-                           desc=f"finetune {method}")
-    try:
-        metrics = summarize(outcome, before=before, trainable=trainable, total=total)
-        extra = {"method": method, "description": METHOD_DESCRIPTIONS[method], "run_dir": outcome.run_dir,
-                 "checkpoint": outcome.checkpoint_path, "target_modules": targets, "packing": cfg.packing,
-                 "train_rows": tensors.num_train_rows, "eval_rows": tensors.num_eval_rows,
-                 "data_source": cfg.data.source, "recoveries": outcome.recoveries}
-        weights = load_trainable(outcome.checkpoint_dir)
-        if method == "full":
-            ref = _register_full(reg, cfg, factory, weights, tokenizer, base_ref, metrics, tensors.fingerprint, extra)
-        else:
-            ref = _register_adapter(reg, cfg, factory, weights, base_ref, base_config, targets, metrics,
-                                    tensors.fingerprint, extra)
-    finally:
-        outcome.cleanup()
+    from llmstack.train.tracking import track_run
+
+    with track_run(cfg.tracking, run_name=cfg.name, params=to_dict(cfg), kind=f"finetune {method}") as tracker:
+        outcome = run_training(spec, tensors.train, tensors.eval, training=cfg.training, scaling=cfg.scaling,
+                               run_name=cfg.name, storage=default_storage(reg, cfg.storage_path),
+                               storage_options=cfg.storage_options or None, progress=progress,
+                               desc=f"finetune {method}", on_record=tracker.log_step)
+        try:
+            metrics = summarize(outcome, before=before, trainable=trainable, total=total)
+            extra = {"method": method, "description": METHOD_DESCRIPTIONS[method], "run_dir": outcome.run_dir,
+                     "checkpoint": outcome.checkpoint_path, "target_modules": targets, "packing": cfg.packing,
+                     "train_rows": tensors.num_train_rows, "eval_rows": tensors.num_eval_rows,
+                     "data_source": cfg.data.source, "recoveries": outcome.recoveries}
+            weights = load_trainable(outcome.checkpoint_dir)
+            if method == "full":
+                ref = _register_full(reg, cfg, factory, weights, tokenizer, base_ref, metrics, tensors.fingerprint,
+                                     extra)
+            else:
+                ref = _register_adapter(reg, cfg, factory, weights, base_ref, base_config, targets, metrics,
+                                        tensors.fingerprint, extra)
+        finally:
+            outcome.cleanup()
+        tracker.finish(metrics, registry_version=str(ref))
     merged = None
     if cfg.lora.merge and method in ADAPTER_METHODS:
         from llmstack.finetune.adapters import merge_adapter

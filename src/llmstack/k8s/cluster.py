@@ -12,7 +12,7 @@ from typing import Any
 
 from llmstack.config import WorkersConfig
 from llmstack.k8s.builders import API_KEY_ENV
-from llmstack.k8s.options import K8sOptions, WorkerGroup, split_secret_ref
+from llmstack.k8s.options import AutoscalingOptions, K8sOptions, WorkerGroup, split_secret_ref
 
 HEAD_PORTS = (("gcs-server", 6379), ("dashboard", 8265), ("client", 10001))
 STORAGE_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")  # env names, also the keys in the Secret
@@ -30,8 +30,13 @@ class WorkerShape:
     gpus: int
 
 
-def train_worker_shape(scaling: WorkersConfig, worker: WorkerGroup, problems: list[str]) -> WorkerShape:
-    """Pods for ``scaling.num_workers`` Ray Train workers: each takes ``cpus_per_worker`` CPUs and, on GPU, one GPU."""
+def train_worker_shape(scaling: WorkersConfig, worker: WorkerGroup, problems: list[str], *,
+                       autoscaling: AutoscalingOptions | None = None) -> WorkerShape:
+    """Pods for ``scaling.num_workers`` Ray Train workers: each takes ``cpus_per_worker`` CPUs and, on GPU, one GPU.
+
+    Fixed: pods for the max, always. With ``autoscaling`` (KubeRay's autoscaler on): pods for the min kept,
+    up to pods for the max (or the given ``min_replicas`` / ``max_replicas``).
+    """
     gpus = worker.gpus if worker.gpus is not None else (1 if scaling.use_gpu else 0)
     if scaling.use_gpu and gpus == 0:
         problems.append("k8s.worker.gpus: scaling.use_gpu is true (one GPU per Ray Train worker) "
@@ -49,13 +54,21 @@ def train_worker_shape(scaling: WorkersConfig, worker: WorkerGroup, problems: li
         problems.append(f"k8s.worker.cpu: {cpu:g} CPUs per pod cannot hold its {max(per_pod, 1)} worker(s) "
                         f"at scaling.cpus_per_worker={scaling.cpus_per_worker:g}")
         per_pod = 0
-    workers = scaling.num_workers if isinstance(scaling.num_workers, int) else max(scaling.num_workers)  # [min, max]
+    fewest, workers = (scaling.num_workers,) * 2 if isinstance(scaling.num_workers, int) else scaling.num_workers
     replicas = worker.replicas if worker.replicas is not None else math.ceil(workers / max(per_pod, 1))
     if per_pod and replicas * per_pod < workers:
         unit = "GPU" if scaling.use_gpu else "worker slot"
         problems.append(f"k8s.worker.replicas: {replicas} pod(s) x {per_pod} {unit}(s) provide {replicas * per_pod}, "
                         f"but scaling.num_workers={scaling.num_workers} needs {workers}")
-    return WorkerShape(min_replicas=replicas, max_replicas=replicas, cpu=cpu, gpus=gpus)
+    if autoscaling is None:
+        return WorkerShape(min_replicas=replicas, max_replicas=replicas, cpu=cpu, gpus=gpus)
+    # Autoscaled: the pods of the run's min are kept, those of its max are the ceiling.
+    low = autoscaling.min_replicas if autoscaling.min_replicas is not None else math.ceil(fewest / max(per_pod, 1))
+    high = autoscaling.max_replicas if autoscaling.max_replicas is not None else max(replicas, low)
+    if per_pod and high * per_pod < fewest:
+        problems.append(f"k8s.autoscaling.max_replicas: {high} pod(s) x {per_pod} worker slot(s) can never hold the "
+                        f"{fewest} worker(s) scaling.num_workers={scaling.num_workers} starts with")
+    return WorkerShape(min_replicas=min(low, high), max_replicas=high, cpu=cpu, gpus=gpus)
 
 
 def serve_worker_shape(*, replica_cpus: float, replica_gpus: float, min_model_replicas: int,

@@ -15,10 +15,12 @@ import yaml
 from llmstack.errors import ConfigError
 from llmstack.k8s import cluster
 from llmstack.k8s.builders import BUILDERS
-from llmstack.k8s.options import JobOptions, K8sOptions, ServiceOptions, load_k8s_options, split_overrides
+from llmstack.k8s.options import (AutoscalingOptions, JobOptions, K8sOptions, ServiceOptions, load_k8s_options,
+                                  split_overrides)
 from llmstack.k8s.stage import JOB_KINDS, KINDS, Stage, job_entrypoint, load_stage
 
 API_VERSION = "ray.io/v1"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 # The job's runtime env; Train V2 runs its controller without a CPU, so a num-cpus 0 head is enough.
 RUNTIME_ENV_VARS = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1", "RAY_TRAIN_V2_ENABLED": "1"}
 
@@ -93,7 +95,9 @@ def write_manifest(manifest: Mapping[str, Any], path: str | Path) -> Path:
 
 def _ray_job(stage: Stage, opts: K8sOptions, problems: list[str]) -> dict[str, Any]:
     cfg = stage.config
-    shape = cluster.train_worker_shape(cfg.scaling, opts.worker, problems)
+    autoscale = _job_autoscaling(cfg.scaling, opts, problems)
+    shape = cluster.train_worker_shape(cfg.scaling, opts.worker, problems,
+                                       autoscaling=opts.autoscaling if autoscale else None)
     env = cluster.pod_env(opts, with_api_key=False)
     runtime_env = {**opts.job.runtime_env}
     runtime_env["env_vars"] = {**RUNTIME_ENV_VARS, **(runtime_env.get("env_vars") or {})}
@@ -106,10 +110,27 @@ def _ray_job(stage: Stage, opts: K8sOptions, problems: list[str]) -> dict[str, A
         "submissionMode": "K8sJobMode",
         "rayClusterSpec": _cluster_spec(cluster.head_group(opts, env), cluster.worker_group(opts, shape, env)),
     }
+    if autoscale:  # Ray Train's pending worker demand adds pods; idle ones go after the timeout
+        spec["rayClusterSpec"]["enableInTreeAutoscaling"] = True
+        spec["rayClusterSpec"]["autoscalerOptions"] = {"idleTimeoutSeconds": opts.autoscaling.idle_timeout_s,
+                                                       "upscalingMode": opts.autoscaling.upscaling_mode}
     if opts.job.active_deadline_s is not None:
         spec["activeDeadlineSeconds"] = opts.job.active_deadline_s
     name = opts.name or _dns_name(f"{cfg.name}-{stage.kind}")
-    return _resource("RayJob", name, opts, stage.kind, spec)
+    manifest = _resource("RayJob", name, opts, stage.kind, spec)
+    if opts.queue:  # Kueue admits the job (its whole cluster) from this LocalQueue
+        manifest["metadata"]["labels"][KUEUE_QUEUE_LABEL] = opts.queue
+    return manifest
+
+
+def _job_autoscaling(scaling: Any, opts: K8sOptions, problems: list[str]) -> bool:
+    """Whether the RayJob's cluster autoscales: as asked, else for an elastic run that no Kueue queue admits."""
+    elastic = not isinstance(scaling.num_workers, int) and scaling.num_workers[0] < scaling.num_workers[1]
+    enabled = opts.autoscaling.enabled if opts.autoscaling.enabled is not None else elastic and not opts.queue
+    if enabled and opts.queue:
+        problems.append(f"k8s.queue: Kueue admits a RayJob's cluster at a fixed size and refuses one with "
+                        f"enableInTreeAutoscaling; set k8s.autoscaling.enabled=false or drop k8s.queue={opts.queue}")
+    return enabled
 
 
 def _ray_service(stage: Stage, opts: K8sOptions, problems: list[str]) -> dict[str, Any]:
@@ -160,7 +181,9 @@ def _options_the_kind_cannot_express(kind: str, opts: K8sOptions) -> list[str]:
         extra = ["k8s.api_key_secret: a RayJob serves no API; the API key belongs to `k8s render serve`"] \
             if opts.api_key_secret else []
     else:
-        changed = _changed("job", opts.job, JobOptions())
+        changed = _changed("job", opts.job, JobOptions()) + _changed("autoscaling", opts.autoscaling,
+                                                                    AutoscalingOptions())
+        changed += ["queue"] if opts.queue else []
         what = f"a RayJob (train/finetune) option; a RayService ({kind}) runs until deleted and cannot express it"
         extra = []
     return [f"k8s.{path}: {what}" for path in changed] + extra

@@ -92,6 +92,29 @@ class JobOptions:
 
 
 @dataclass
+class AutoscalingOptions:
+    """KubeRay's in-tree autoscaler on a RayJob's cluster (train, finetune): pending Ray Train demand adds pods."""
+
+    enabled: bool | None = None  # None: on for an elastic run (scaling.num_workers: [min, max]) outside a Kueue queue
+    min_replicas: int | None = None  # worker pods kept; None: the pods scaling.num_workers' min needs
+    max_replicas: int | None = None  # worker pods at most; None: the pods its max needs
+    idle_timeout_s: int = 60  # autoscalerOptions.idleTimeoutSeconds: an idle worker pod is removed after this
+    upscaling_mode: Literal["Default", "Aggressive", "Conservative"] = "Default"  # autoscalerOptions.upscalingMode
+
+    def check(self) -> Problems:
+        problems: Problems = []
+        for name in ("min_replicas", "max_replicas"):
+            value = getattr(self, name)
+            if value is not None and value < (0 if name == "min_replicas" else 1):
+                problems.append((name, f"must be >= {0 if name == 'min_replicas' else 1}, got {value}"))
+        if self.min_replicas is not None and self.max_replicas is not None and self.min_replicas > self.max_replicas:
+            problems.append(("min_replicas", f"must be <= max_replicas ({self.max_replicas}), got {self.min_replicas}"))
+        if self.idle_timeout_s < 0:
+            problems.append(("idle_timeout_s", f"must be >= 0, got {self.idle_timeout_s}"))
+        return problems
+
+
+@dataclass
 class ServiceOptions:
     """RayService-only settings (serve, canary)."""
 
@@ -124,6 +147,8 @@ class K8sOptions:
     worker: WorkerGroup = field(default_factory=WorkerGroup)
     job: JobOptions = field(default_factory=JobOptions)
     service: ServiceOptions = field(default_factory=ServiceOptions)
+    autoscaling: AutoscalingOptions = field(default_factory=AutoscalingOptions)  # RayJob's cluster (train, finetune)
+    queue: str | None = None  # Kueue LocalQueue of a RayJob: the label kueue.x-k8s.io/queue-name; None: no Kueue
 
     def check(self) -> Problems:
         problems: Problems = []
@@ -138,6 +163,8 @@ class K8sOptions:
             problems.append(("name", f"must be a lowercase DNS label of at most 47 characters, got {self.name!r}"))
         if self.api_key_secret is not None and _secret_ref_problem(self.api_key_secret):
             problems.append(("api_key_secret", _secret_ref_problem(self.api_key_secret)))
+        if self.queue is not None and not NAMESPACE.match(self.queue):
+            problems.append(("queue", f"must name a Kueue LocalQueue (a lowercase DNS label), got {self.queue!r}"))
         if self.storage_secret is not None and not DNS_SUBDOMAIN.match(self.storage_secret):
             problems.append(("storage_secret", f"must name a Secret (a DNS name), got {self.storage_secret!r}"))
         for env_name in self.env:

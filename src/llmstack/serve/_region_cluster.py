@@ -42,7 +42,6 @@ class RegionCluster:
         self.head_cpus = head_cpus
 
     def start(self) -> RegionCluster:
-        import ray
         from ray.cluster_utils import Cluster
 
         self.cluster = Cluster(initialize_head=True, head_node_args={
@@ -53,7 +52,9 @@ class RegionCluster:
                                "health_check_failure_threshold": 3, "health_check_initial_delay_ms": 1000}})
         for name in self.regions:
             self.add(name)
-        ray.init(address=self.cluster.address, log_to_driver=False, runtime_env={"env_vars": {
+        from llmstack._ray import connect
+
+        connect(self.cluster.address, runtime_env={"env_vars": {
             "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}})
         from ray import serve
 

@@ -38,8 +38,10 @@ if TYPE_CHECKING:
     from llmstack.train.loop import LoopSpec
 
 # Environment forwarded from the driver to every worker (test hooks and tokenizer settings).
-_FORWARDED_ENV = ("LLMSTACK_FAULT_AT_STEP", "LLMSTACK_FAULT_FLAG", "LLMSTACK_FAULT_RANK", "HF_HUB_OFFLINE",
+_FORWARDED_ENV = ("LLMSTACK_FAULT_AT_STEP", "LLMSTACK_FAULT_FLAG", "LLMSTACK_FAULT_RANK", "LLMSTACK_STEP_DELAY_S",
+                  "HF_HUB_OFFLINE",
                   "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+SUBMITTED_AT_ENV = "LLMSTACK_SUBMITTED_AT"  # epoch seconds a Ray Job was submitted (set by llmstack.fleet.jobs)
 
 
 @dataclass
@@ -59,6 +61,9 @@ class RunOutcome:
         wall_time_s: seconds spent in ``trainer.fit()``.
         cost: what the run used: ``worker_hours`` (wall time x workers), ``cpu_hours``, ``gpu_hours``
             and, with ``scaling.price_per_worker_hour``, ``cost_usd``.
+        usage: ``worker_seconds`` held by the worker groups, ``busy_worker_seconds`` inside optimizer
+            steps, ``worker_utilisation`` and ``queue_wait_s`` (submission, or the request for workers,
+            to the first worker group; see :func:`~llmstack.train.progress.worker_usage`).
     """
 
     checkpoint_dir: Path
@@ -71,6 +76,7 @@ class RunOutcome:
     wall_time_s: float = 0.0
     temporary: bool = False
     cost: dict[str, float] = field(default_factory=dict)
+    usage: dict[str, float] = field(default_factory=dict)
 
     def cleanup(self) -> None:
         """Remove the local copy of a remote checkpoint."""
@@ -206,29 +212,34 @@ def train(config: TrainConfig | Mapping[str, Any] | str | Path | None = None, *,
     from llmstack.train.loop import LoopSpec
 
     spec = LoopSpec(model_factory=factory, signature=model_signature(model_config))
-    outcome = run_training(spec, {"input_ids": packed.train}, {"input_ids": packed.eval} if len(packed.eval) else None,
-                           training=cfg.training, scaling=cfg.scaling, run_name=cfg.name, storage=storage,
-                           fs=fs, progress=progress)
-    try:
-        model = factory()
-        from safetensors.torch import load_file
+    from llmstack.train.tracking import track_run
 
-        model.load_state_dict(load_file(str(outcome.checkpoint_dir / "model.safetensors")))
-        metrics = final_metrics(outcome)
-        parents = [str(tokenizer_ref)]
-        source_ref = _source_ref(cfg.model.source, registry)
-        if source_ref is not None and str(source_ref) not in parents:
-            parents.append(str(source_ref))
-        from llmstack.models import register_model
+    with track_run(cfg.tracking, run_name=cfg.name, params=to_dict(cfg), kind="train") as tracker:
+        outcome = run_training(spec, {"input_ids": packed.train},
+                               {"input_ids": packed.eval} if len(packed.eval) else None, training=cfg.training,
+                               scaling=cfg.scaling, run_name=cfg.name, storage=storage,
+                               fs=fs, progress=progress, on_record=tracker.log_step)
+        try:
+            model = factory()
+            from safetensors.torch import load_file
 
-        ref = register_model(registry, cfg.name, model, tokenizer, kind="model", parents=parents,
-                             config=to_dict(cfg), metrics=metrics, data_fingerprint=packed.fingerprint,
-                             extra={"run_dir": outcome.run_dir, "checkpoint": outcome.checkpoint_path,
-                                    "corpus": corpus.name, "corpus_fingerprint": corpus.fingerprint,
-                                    "train_blocks": int(len(packed.train)), "eval_blocks": int(len(packed.eval)),
-                                    "recoveries": outcome.recoveries, "model_signature": spec.signature})
-    finally:
-        outcome.cleanup()
+            model.load_state_dict(load_file(str(outcome.checkpoint_dir / "model.safetensors")))
+            metrics = final_metrics(outcome)
+            parents = [str(tokenizer_ref)]
+            source_ref = _source_ref(cfg.model.source, registry)
+            if source_ref is not None and str(source_ref) not in parents:
+                parents.append(str(source_ref))
+            from llmstack.models import register_model
+
+            ref = register_model(registry, cfg.name, model, tokenizer, kind="model", parents=parents,
+                                 config=to_dict(cfg), metrics=metrics, data_fingerprint=packed.fingerprint,
+                                 extra={"run_dir": outcome.run_dir, "checkpoint": outcome.checkpoint_path,
+                                        "corpus": corpus.name, "corpus_fingerprint": corpus.fingerprint,
+                                        "train_blocks": int(len(packed.train)), "eval_blocks": int(len(packed.eval)),
+                                        "recoveries": outcome.recoveries, "model_signature": spec.signature})
+        finally:
+            outcome.cleanup()
+        tracker.finish(metrics, registry_version=str(ref))
     return TrainResult(ref=ref, metrics=metrics, history=outcome.history, run_dir=outcome.run_dir,
                        checkpoint_path=outcome.checkpoint_path, tokenizer_ref=tokenizer_ref,
                        recoveries=outcome.recoveries, resumed_from_step=outcome.resumed_from_step)
@@ -265,6 +276,7 @@ def final_metrics(outcome: RunOutcome) -> dict[str, Any]:
     metrics["train_time_s"] = round(outcome.wall_time_s, 2)
     metrics["recoveries"] = len(outcome.recoveries)
     metrics.update(outcome.cost)  # worker/CPU/GPU hours and cost_usd: in the manifest, so in the lineage
+    metrics.update(outcome.usage)  # worker-seconds held and busy, queue wait
     return metrics
 
 
@@ -319,7 +331,7 @@ def run_training(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[str
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from llmstack.train.loop import train_loop_per_worker
-    from llmstack.train.progress import MetricsLog, Pump, start_bus
+    from llmstack.train.progress import MetricsLog, Pump, start_bus, worker_usage
 
     storage = storage if isinstance(storage, Storage) else resolve_storage(storage, storage_options)
     check_training(training, scaling)
@@ -330,6 +342,8 @@ def run_training(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[str
     ensure_ray(scaling)
     check_cluster(scaling)
 
+    # Queue wait counts from the Ray Job's submission (llmstack jobs submit), else from this request for workers.
+    queued_since = float(os.environ.get(SUBMITTED_AT_ENV) or time.time())
     bus = start_bus()
     storage_path, storage_filesystem = storage.for_ray()
     env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
@@ -371,6 +385,8 @@ def run_training(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[str
                 print(f"llmstack: could not write {action.__name__} output to {run_path}: {exc}")
         ray.kill(bus, no_restart=True)
     wall = time.perf_counter() - started
+    usage = worker_usage(log.worker_groups, busy_worker_seconds=log.busy_worker_seconds, ended_at=time.time(),
+                         queued_since=queued_since)
     resumed_from_step = log.initial_resume
     if result.checkpoint is None:
         raise RuntimeError(f"run {run_name} finished without a checkpoint in {storage.url}")
@@ -386,7 +402,7 @@ def run_training(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[str
     return RunOutcome(checkpoint_dir=local, checkpoint_path=storage.url_of(checkpoint_fs_path),
                       run_dir=storage.url_of(run_path), metrics=metrics, history=list(log.history),
                       recoveries=list(log.recoveries), wall_time_s=wall, temporary=temporary,
-                      resumed_from_step=resumed_from_step, cost=run_cost(wall, scaling))
+                      resumed_from_step=resumed_from_step, cost=run_cost(wall, scaling), usage=usage)
 
 
 def _ray_scaling(scaling: WorkersConfig) -> Any:
@@ -397,7 +413,8 @@ def _ray_scaling(scaling: WorkersConfig) -> Any:
         resources["GPU"] = 1.0
     # [min, max] -> Ray Train's elastic (min, max): start on what fits, grow and shrink at restarts.
     return RayScalingConfig(num_workers=ray_num_workers(scaling.num_workers), use_gpu=scaling.use_gpu,
-                            resources_per_worker=resources)
+                            resources_per_worker=resources,
+                            elastic_resize_monitor_interval_s=scaling.elastic_resize_interval_s)
 
 
 # --------------------------------------------------------------------------- cluster and checks

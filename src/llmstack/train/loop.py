@@ -198,6 +198,7 @@ def run_worker_loop(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[
     """
     import torch
 
+    entered_at = time.time()  # this worker group's start (its worker-seconds begin here)
     session = session or LocalSession()
     rank, world_size = parallel.world()
     device = parallel.resolve_device(use_gpu)
@@ -229,7 +230,7 @@ def run_worker_loop(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[
             ckpt.set_rng_state(restored["rng"])
         state = restored["state"]
     if rank == 0:  # every start, restored or not: the driver counts restarts from these
-        session.log({"event": "started", "step": state["step"]})
+        session.log({"event": "started", "step": state["step"], "time": entered_at, "workers": world_size})
 
     # 2. Data: this worker's disjoint shard, recomputed from (step, rank), so resuming needs no state.
     micro = training.micro_batch_size
@@ -284,6 +285,7 @@ def run_worker_loop(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[
         if rank == 0:
             session.log(record)
         _maybe_inject_fault(step, rank, world_size)
+        _maybe_pace()
         do_checkpoint = final or (training.checkpoint_every > 0 and step % training.checkpoint_every == 0)
         if do_checkpoint:
             with tempfile.TemporaryDirectory(prefix="llmstack-ckpt-") as tmp:
@@ -413,6 +415,14 @@ def _load_weights(model: Any, weights: dict[str, Any], *, trainable_only: bool) 
     if unexpected or (missing and not trainable_only):
         raise RuntimeError(f"checkpoint does not match the model: missing {sorted(missing)[:5]}, "
                            f"unexpected {sorted(unexpected)[:5]}")
+
+
+def _maybe_pace() -> None:
+    """Test hook: sleep ``LLMSTACK_STEP_DELAY_S`` seconds after each step (outside its timing), so that a test of
+    cluster events (a node joining or lost) finds the run still going on a fast machine."""
+    delay = float(os.environ.get("LLMSTACK_STEP_DELAY_S") or 0.0)
+    if delay > 0:
+        time.sleep(delay)
 
 
 def _maybe_inject_fault(step: int, rank: int, world_size: int) -> None:

@@ -31,9 +31,12 @@ class MetricsBus:
 
 
 def start_bus() -> Any:
+    """The metrics actor, on the driver's node: a worker node an elastic run loses must not take it along."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0)(MetricsBus).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(num_cpus=0, scheduling_strategy=here)(MetricsBus).remote()
 
 
 class MetricsLog:
@@ -59,6 +62,8 @@ class MetricsLog:
         self.recoveries: list[dict[str, Any]] = []
         self.initial_resume: int | None = None  # checkpoint step this call started from (rerun of a run name)
         self._starts = 0  # worker-group starts seen: the first one, then one per restart
+        self.worker_groups: list[dict[str, Any]] = []  # each start: {"time", "workers", "step"}
+        self.busy_worker_seconds = 0.0  # sum of step time x workers over every step that arrived (replays too)
         self._max_step = max((r.get("step", 0) for r in self.history), default=0)
         self._lock = threading.Lock()
         self.bar = tqdm(total=total, desc=desc, unit="step", disable=not show, dynamic_ncols=True)
@@ -84,6 +89,9 @@ class MetricsLog:
                 if record.get("event") == "started":
                     step = int(record["step"])
                     self._starts += 1
+                    if "time" in record:
+                        self.worker_groups.append({"time": float(record["time"]), "workers": int(record["workers"]),
+                                                   "step": step})
                     if self._starts == 1:
                         self.initial_resume = step or None
                     else:
@@ -97,6 +105,7 @@ class MetricsLog:
                     self.bar.refresh()
                     continue
                 step = int(record["step"])
+                self.busy_worker_seconds += float(record.get("step_time_s", 0.0)) * int(record.get("workers", 1))
                 self.history = [r for r in self.history if r.get("step", 0) < step]
                 self.history.append(record)
                 self._max_step = max(self._max_step, step)
@@ -149,6 +158,36 @@ class MetricsLog:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def worker_usage(worker_groups: list[dict[str, Any]], *, busy_worker_seconds: float, ended_at: float,
+                 queued_since: float) -> dict[str, float]:
+    """What a run's workers did: held, busy and how long the run queued before its first worker group.
+
+    Args:
+        worker_groups: each worker group's start ``{"time": epoch s, "workers": n}``, in order; a group
+            holds its workers until the next one starts (or ``ended_at``).
+        busy_worker_seconds: time inside optimizer steps x workers.
+        ended_at: epoch seconds the run ended.
+        queued_since: epoch seconds the run was submitted (a Ray Job) or asked for workers.
+
+    Returns:
+        ``worker_seconds``, ``busy_worker_seconds``, ``worker_utilisation`` (busy / held) and
+        ``queue_wait_s`` (first worker group's start - ``queued_since``); empty without any group.
+
+    Example:
+        >>> worker_usage([{"time": 10.0, "workers": 1}, {"time": 20.0, "workers": 2}], busy_worker_seconds=24.0,
+        ...              ended_at=30.0, queued_since=4.0)
+        {'worker_seconds': 30.0, 'busy_worker_seconds': 24.0, 'worker_utilisation': 0.8, 'queue_wait_s': 6.0}
+    """
+    if not worker_groups:
+        return {}
+    groups = sorted(worker_groups, key=lambda g: g["time"])
+    ends = [g["time"] for g in groups[1:]] + [max(ended_at, groups[-1]["time"])]
+    held = sum((end - g["time"]) * g["workers"] for g, end in zip(groups, ends))
+    return {"worker_seconds": round(held, 3), "busy_worker_seconds": round(busy_worker_seconds, 3),
+            "worker_utilisation": round(busy_worker_seconds / held, 4) if held > 0 else 0.0,
+            "queue_wait_s": round(max(0.0, groups[0]["time"] - queued_since), 3)}
 
 
 class Pump:

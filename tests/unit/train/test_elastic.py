@@ -47,6 +47,11 @@ def test_min_max_maps_to_ray_trains_elastic_scaling_config() -> None:
     assert elastic.resources_per_worker == {"CPU": 2.0}
     fixed = _ray_scaling(WorkersConfig(num_workers=2))
     assert fixed.num_workers == 2 and not fixed.elasticity_enabled
+    assert elastic.elastic_resize_monitor_interval_s == 60.0  # Ray's default unless asked
+    quick = _ray_scaling(WorkersConfig(num_workers=[1, 2], elastic_resize_interval_s=5.0))
+    assert quick.elastic_resize_monitor_interval_s == 5.0
+    with pytest.raises(ConfigError, match=r"scaling\.elastic_resize_interval_s: must be >= 0, got -1"):
+        load_config(TrainConfig, {"scaling": {"elastic_resize_interval_s": -1}})
 
 
 @pytest.mark.parametrize(("global_batch", "world", "micro", "expected"), [

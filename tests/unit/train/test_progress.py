@@ -47,3 +47,21 @@ def test_a_rerun_of_the_run_name_starts_from_its_checkpoint_without_a_recovery(t
     log = new_log(tmp_path)
     log.consume([started(4), *steps(5, 6)])
     assert log.initial_resume == 4 and log.recoveries == []
+
+
+def test_worker_usage_counts_held_and_busy_worker_seconds_across_a_resize(tmp_path: Path) -> None:
+    from llmstack.train.progress import worker_usage
+
+    log = new_log(tmp_path)
+    # One worker from t=100 for two 3 s steps, then a group of two from t=110 for two 2 s steps.
+    log.consume([{"event": "started", "step": 0, "time": 100.0, "workers": 1},
+                 *({"step": n, "loss": 1.0, "step_time_s": 3.0, "workers": 1} for n in (1, 2)),
+                 {"event": "started", "step": 2, "time": 110.0, "workers": 2},
+                 *({"step": n, "loss": 1.0, "step_time_s": 2.0, "workers": 2} for n in (3, 4))])
+    assert log.busy_worker_seconds == 3.0 * 2 + 2.0 * 2 * 2
+    usage = worker_usage(log.worker_groups, busy_worker_seconds=log.busy_worker_seconds, ended_at=120.0,
+                         queued_since=95.0)
+    assert usage["worker_seconds"] == 10.0 * 1 + 10.0 * 2
+    assert usage["worker_utilisation"] == round(14.0 / 30.0, 4)
+    assert usage["queue_wait_s"] == 5.0
+    assert worker_usage([], busy_worker_seconds=0.0, ended_at=1.0, queued_since=0.0) == {}

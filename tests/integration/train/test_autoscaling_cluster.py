@@ -1,0 +1,272 @@
+"""An elastic ``[1, 2]`` run on Ray's real autoscaler over fake local nodes: it starts on the one worker node up,
+grows to two workers when the autoscaler adds a node for its demand, shrinks back to one when that node's raylet
+is killed, and finishes having lost at most one checkpoint interval at each restart.
+
+The cluster is what ``ray.cluster_utils.AutoscalingCluster`` builds (``ray start --head --autoscaling-config``
+with ``RAY_FAKE_CLUSTER=1``: the v1 autoscaler over ``FakeMultiNodeProvider``, whose nodes are local raylets),
+started here directly because that helper cannot be used as is: ``AutoscalingCluster.start()`` and
+``shutdown()`` run ``ray stop --force`` (every Ray process of the machine, other clusters included), it
+reads ``fake_multi_node/example.yaml``, which the Ray 2.60 wheel does not ship, and its provider dials
+port 6379. The head runs in its own process group (``--block``) on this test's ports; the fake nodes are
+its descendants, so the cluster ends with that group. This process never calls ``ray.init``: it reads
+the cluster through the dashboard's state API, so it runs beside the session's shared cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+
+import llmstack
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+SRC = Path(llmstack.__file__).resolve().parents[1]
+GCS_PORT, DASHBOARD_PORT = 8850, 8851
+OTHER_PORTS = {"--ray-client-server-port": 8852, "--dashboard-agent-listen-port": 8853,
+               "--dashboard-agent-grpc-port": 8854, "--metrics-export-port": 8855, "--runtime-env-agent-port": 8856,
+               "--node-manager-port": 8857, "--object-manager-port": 8858}
+NODE_OBJECT_STORE = 100 * 1024 * 1024
+CHECKPOINT_EVERY = 5
+MAX_STEPS = 100
+CONFIG: dict[str, Any] = {
+    "name": "elastic-lm",
+    "data": {"max_documents": 200, "vocab_size": 512, "block_size": 64},
+    "training": {"max_steps": MAX_STEPS, "micro_batch_size": 2, "warmup_steps": 1, "eval_every": MAX_STEPS,
+                 "eval_batches": 1, "checkpoint_every": CHECKPOINT_EVERY},
+    # Restarts (a resize or the lost node) are not failures, the killed workers are: room for a few.
+    "scaling": {"num_workers": [1, 2], "max_failures": 3, "elastic_resize_interval_s": 3},
+}
+
+
+def autoscaling_config(gcs_address: str) -> dict[str, Any]:
+    """A head with no CPUs (driver and Train controller only) and up to two 1-CPU worker nodes, one kept up."""
+    return {
+        "cluster_name": "llmstack-elastic-test",
+        "max_workers": 2,
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 0.1,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": gcs_address},
+        "auth": {},
+        "docker": {},
+        "head_node_type": "ray.head.default",
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+            "cpu1": {"resources": {"CPU": 1, "object_store_memory": NODE_OBJECT_STORE}, "node_config": {},
+                     "min_workers": 1, "max_workers": 2},
+        },
+        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False, "rsync_exclude": [],
+        "rsync_filter": [], "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+    }
+
+
+def state(dashboard: str, resource: str) -> list[dict[str, Any]]:
+    response = requests.get(f"{dashboard}/api/v0/{resource}", params={"limit": 10000, "detail": "false"}, timeout=10)
+    response.raise_for_status()
+    return response.json()["data"]["result"]["result"]
+
+
+def worker_nodes(dashboard: str) -> list[dict[str, Any]]:
+    return [n for n in state(dashboard, "nodes") if n["state"] == "ALIVE" and not n["is_head_node"]]
+
+
+def train_workers(dashboard: str) -> list[dict[str, Any]]:
+    return [a for a in state(dashboard, "actors") if a["class_name"] == "RayTrainWorker" and a["state"] == "ALIVE"]
+
+
+def read_history(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's metrics.jsonl as the driver last wrote it (every 10 s while it runs); [] before the first write."""
+    records = []
+    with contextlib.suppress(OSError):
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+    return records
+
+
+def two_or_none(workers: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    return workers if len(workers) == 2 else None
+
+
+def wait_for(predicate: Any, what: str, *, timeout_s: float, driver: subprocess.Popen | None = None) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(requests.RequestException, KeyError, ValueError):
+            value = predicate()
+            if value:
+                return value
+        if driver is not None and driver.poll() is not None:
+            pytest.fail(f"the training run ended (rc {driver.returncode}) before {what}")
+        assert time.monotonic() < deadline, f"no {what} within {timeout_s:.0f} s"
+        time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def autoscaling_cluster(env: dict[str, str]) -> Iterator[tuple[str, str, str]]:
+    """The head with the autoscaler; yields (GCS address, dashboard URL, temp dir) once a worker node is up."""
+    import psutil
+    from ray._private.services import get_node_ip_address
+
+    gcs_address = f"{get_node_ip_address()}:{GCS_PORT}"
+    temp_dir = tempfile.mkdtemp(prefix="rayauto-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    config_path = Path(temp_dir) / "autoscaling.json"
+    config_path.write_text(json.dumps(autoscaling_config(gcs_address)))
+    log = open(os.path.join(temp_dir, "head.log"), "wb")
+    ports = [str(x) for pair in OTHER_PORTS.items() for x in pair]
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--autoscaling-config={config_path}", "--num-cpus", "0",
+         "--object-store-memory", str(NODE_OBJECT_STORE), "--port", str(GCS_PORT), "--dashboard-port",
+         str(DASHBOARD_PORT), "--include-dashboard", "true", "--temp-dir", temp_dir, "--disable-usage-stats", *ports],
+        env={**env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"},
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    dashboard = f"http://127.0.0.1:{DASHBOARD_PORT}"
+    try:
+        wait_for(lambda: head.poll() is None and worker_nodes(dashboard), "worker node from the autoscaler",
+                 timeout_s=120)
+        yield gcs_address, dashboard, temp_dir
+    finally:
+        group = [p for p in psutil.Process(head.pid).children(recursive=True)] if head.poll() is None else []
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)  # --block: the head stops what it started
+        try:
+            head.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
+        for process in group:  # descendants that left the group (none expected): by their ids
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def controller_errors(temp_dir: str) -> str:
+    """What Ray Train's controller logged about a failed control-loop step (its traceback), from the session logs."""
+    found = []
+    for path in sorted(Path(temp_dir).glob("session_*/logs/*")):
+        with contextlib.suppress(OSError):
+            text = path.read_text(errors="replace")
+            at = -1
+            for needle in ("Error in control loop iteration", "ControllerError", "MetricsBus", "Traceback"):
+                at = text.find(needle) if at < 0 else at
+            if at >= 0:
+                found.append(f"--- {path.name}\n{text[at:at + 6000]}")
+    return "\n".join(found) or "(no controller error in the session logs)"
+
+
+def kill_raylet(node_id: str, session_root: str) -> int:
+    """SIGKILL the raylet of fake node ``node_id`` (found by the node id the provider gave it); its pid."""
+    import psutil
+
+    for process in psutil.process_iter(["name", "cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            cmdline = " ".join(process.info["cmdline"] or [])
+            if "raylet" not in (process.info["name"] or "") or session_root not in cmdline:
+                continue
+            if node_id in cmdline or process.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id:
+                process.kill()
+                return process.pid
+    raise AssertionError(f"no raylet process of node {node_id}")
+
+
+def test_elastic_run_grows_on_a_new_node_and_shrinks_on_a_lost_one(tmp_path: Path) -> None:
+    from llmstack.data.builtin import cache_root
+
+    registry, runs, mlruns = tmp_path / "registry", tmp_path / "runs", tmp_path / "mlruns"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+    env.update({"PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "PYTHONPATH": str(SRC),
+                "LLMSTACK_CACHE": str(cache_root()), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+                "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"})
+    config = tmp_path / "elastic.yaml"
+    config.write_text(yaml.safe_dump({**CONFIG, "registry": str(registry), "storage_path": str(runs),
+                                      "tracking": {"mlflow_uri": str(mlruns)}}))
+    with autoscaling_cluster(env) as (gcs_address, dashboard, temp_dir):
+        assert len(worker_nodes(dashboard)) == 1  # min_workers: the one node up before any demand
+        output = open(tmp_path / "driver.log", "w+")
+        driver = subprocess.Popen([sys.executable, "-m", "llmstack", "train", "--config", str(config)],
+                                  env={**env, "RAY_ADDRESS": gcs_address, "LLMSTACK_STEP_DELAY_S": "0.4"},
+                                  stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for(lambda: len(train_workers(dashboard)) == 1, "first worker group", timeout_s=120, driver=driver)
+            # The run asks for its max: the autoscaler adds a node, the run restarts on both at a checkpoint.
+            pair = wait_for(lambda: two_or_none(train_workers(dashboard)), "growth to two workers", timeout_s=120,
+                            driver=driver)
+            assert len(worker_nodes(dashboard)) == 2
+            # Lose the node once the pair trains (Ray Train 2.60 fails the whole run, not the group, when a node
+            # dies while a worker group is still starting): a step of two workers is in the metrics file.
+            wait_for(lambda: any(r.get("workers") == 2 for r in read_history(runs / "elastic-lm")),
+                     "a step on two workers", timeout_s=90, driver=driver)
+            pair = train_workers(dashboard)
+            killed_node = pair[-1]["node_id"]
+            kill_raylet(killed_node, temp_dir)
+            wait_for(lambda: killed_node not in {n["node_id"] for n in worker_nodes(dashboard)},
+                     "lost node marked dead", timeout_s=60, driver=driver)
+            driver.wait(timeout=300)
+        finally:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+            output.seek(0)
+            log = output.read()
+            output.close()
+            print(log[-8000:])  # shown when the test fails
+            print(controller_errors(temp_dir))
+            with contextlib.suppress(Exception):  # where each actor of the run lived, and how it ended
+                for actor in state(dashboard, "actors"):
+                    if actor["class_name"] in ("MetricsBus", "RayTrainWorker", "TrainController"):
+                        print("actor", actor["class_name"], actor["state"], actor["node_id"][-6:], actor.get("pid"))
+                print("nodes", [(n["node_id"][-6:], n["state"], n["is_head_node"]) for n in state(dashboard, "nodes")])
+    assert driver.returncode == 0, log[-4000:]
+    assert "registered elastic-lm@v1" in log, log[-4000:]
+
+    from llmstack.registry import Registry
+
+    manifest = Registry(str(registry)).manifest("elastic-lm@v1")
+    assert manifest.metrics["step"] == MAX_STEPS
+    recoveries = manifest.extra["recoveries"]
+    assert len(recoveries) >= 2, recoveries  # the resize to two, and the lost node
+    # Each restart resumes from a checkpoint: at most the steps since the last committed one are lost. Ray Train
+    # commits a reported checkpoint at its controller's next poll of the workers (every 2 s), so a node lost
+    # right after a report can also cost that report's checkpoint: under two intervals, never more.
+    assert all(r["resumed_from_step"] % CHECKPOINT_EVERY == 0 for r in recoveries), recoveries
+    assert all(r["steps_lost"] < 2 * CHECKPOINT_EVERY for r in recoveries), recoveries
+    assert 0 < manifest.metrics["busy_worker_seconds"] < manifest.metrics["worker_seconds"]
+
+    # The final trajectory: one worker, then two, then one again after the node was lost.
+    history = read_history(runs / "elastic-lm")
+    assert [r["step"] for r in history] == list(range(1, MAX_STEPS + 1))
+    sizes = [r["workers"] for r in history]
+    changes = [size for i, size in enumerate(sizes) if i == 0 or size != sizes[i - 1]]
+    assert changes[:3] == [1, 2, 1], changes
+    # The global batch stays the full-size run's: accumulation doubles on one worker.
+    assert {r["grad_accum_steps"] for r in history if r["workers"] == 1} == {2}
+    assert {r["grad_accum_steps"] for r in history if r["workers"] == 2} == {1}
+
+    # The same run in MLflow: per-step metrics and the version it registered.
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=str(mlruns))
+    (run,) = client.search_runs([client.get_experiment_by_name("llmstack").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["llmstack.registry_version"] == "elastic-lm@v1"
+    assert run.data.params["scaling.num_workers"] == "[1, 2]"
+    logged_sizes = {m.value for m in client.get_metric_history(run.info.run_id, "workers")}
+    assert logged_sizes == {1.0, 2.0}
+    assert run.data.metrics["final.step"] == MAX_STEPS
