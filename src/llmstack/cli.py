@@ -117,18 +117,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    import time
-
+    """Serve until Ctrl-C or SIGTERM; both drain (503 to new requests, live streams finish within
+    graceful_shutdown_timeout_s) and exit 0."""
     from llmstack.config import ServeConfig
     from llmstack.serve import deploy
 
     deployment = deploy(_config(ServeConfig, args))
-    print(f"serving {deployment.config.model} at {deployment.url} (Ctrl-C to stop)", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        deployment.shutdown()
+    print(f"serving {deployment.config.model} at {deployment.url} (Ctrl-C or SIGTERM to drain and stop)", flush=True)
+    deployment.wait()
     return 0
 
 
@@ -338,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--json", action="store_true", help="print the report as JSON")
     sub.add_argument("--config", default=None, help="YAML file of thresholds (ValidateConfig)")
     sub.add_argument("overrides", nargs="*", metavar="key=value", help="threshold overrides")
-    verb("deploy", cmd_deploy, "serve a model with an OpenAI-compatible API on Ray Serve", config=True)
+    verb("deploy", cmd_deploy, "serve a model with an OpenAI-compatible API on Ray Serve; SIGTERM or "
+         "Ctrl-C drains it (new requests 503, live streams finish) and exits 0", config=True)
     sub = verb("quickstart", cmd_quickstart, "run the whole lifecycle on the built-in corpus")
     sub.add_argument("--workdir", default=None, help="where runs and plots go (default: ./runs/quickstart)")
     sub.add_argument("--method", default="int8-weight-only",

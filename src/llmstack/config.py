@@ -375,9 +375,13 @@ class ServeConfig:
     vllm_enforce_eager: bool = True  # engine vllm: no torch.compile / CUDA graphs (fast start-up; GPUs: false)
     vllm_engine_kwargs: dict[str, Any] = field(default_factory=dict)  # engine vllm: more vLLM AsyncEngineArgs,
     # passed verbatim (e.g. block_size, swap_space); not those llmstack sets from the keys above
+    graceful_shutdown_timeout_s: float = 5.0  # on SIGTERM/Ctrl-C/replica stop: how long live requests may finish
+    # (new ones get 503); streams still running then end with an SSE error event and [DONE]
 
     def check(self) -> Problems:
         problems: Problems = []
+        if not self.graceful_shutdown_timeout_s >= 0:
+            problems.append(("graceful_shutdown_timeout_s", f"must be >= 0, got {self.graceful_shutdown_timeout_s}"))
         if not self.vllm_kv_cache_gb > 0:
             problems.append(("vllm_kv_cache_gb", f"must be > 0, got {self.vllm_kv_cache_gb}"))
         _at_least(problems, self, "vllm_max_model_len", 1)

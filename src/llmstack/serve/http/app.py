@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmstack.config import ServeConfig, load_config
 from llmstack.errors import LLMStackError, RequestError, model_not_found
+from llmstack.serve.http.drain import Drain
 from llmstack.serve.http.errors import as_request_error, error_response, validation_error
 from llmstack.serve.http.guard import RequestGuard
 from llmstack.serve.http.logprobs import chat_logprobs, completion_logprobs
@@ -64,6 +65,8 @@ def make_api(engine: Any, config: ServeConfig | dict[str, Any] | None = None) ->
     app.add_middleware(RequestGuard, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes)
     app.state.metrics = metrics
     app.state.engine = engine
+    drain = Drain(retry_after_s=cfg.retry_after_s)
+    app.state.drain = drain
 
     @app.exception_handler(LLMStackError)
     async def _llmstack_error(_: Request, exc: LLMStackError) -> JSONResponse:
@@ -93,17 +96,18 @@ def make_api(engine: Any, config: ServeConfig | dict[str, Any] | None = None) ->
             return UNKNOWN_MODEL
 
     async def call(route: str, model: str, fn: Callable[[], Awaitable[Response]]) -> Response:
-        """Count, time and error-map one request; enforce the request timeout. ``model`` is the metric label."""
+        """Count, time and error-map one request; enforce the request timeout and the drain. ``model`` is the
+        metric label."""
+        if drain.draining:
+            metrics.requests.labels(route, model, "503").inc()
+            return error_response(drain.refusal())
         start = time.perf_counter()
         gauge = metrics.in_flight.labels(model)
         gauge.inc()
+        drain.admit()
         streaming = False
         try:
-            try:
-                response = await asyncio.wait_for(fn(), timeout=cfg.request_timeout_s)
-            except asyncio.TimeoutError:
-                raise RequestError(f"generation did not finish within {cfg.request_timeout_s} s and was cancelled",
-                                  status_code=504, type="timeout_error", code="timeout") from None
+            response = await _answer(fn)
             streaming = isinstance(response, StreamingResponse)
         except Exception as exc:  # noqa: BLE001 - llmstack's errors and anything else (Ray's load shedding: 503)
             error = as_request_error(exc)
@@ -114,6 +118,7 @@ def make_api(engine: Any, config: ServeConfig | dict[str, Any] | None = None) ->
         finally:
             if not streaming:
                 gauge.dec()
+                drain.release()
         metrics.requests.labels(route, model, str(response.status_code)).inc()
         if streaming:  # in flight (and timed) until the last event is sent or the client leaves
             inner = response.body_iterator
@@ -124,6 +129,7 @@ def make_api(engine: Any, config: ServeConfig | dict[str, Any] | None = None) ->
                         yield part
                 finally:
                     gauge.dec()
+                    drain.release()
                     metrics.latency.labels(route, model).observe(time.perf_counter() - start)
 
             response.body_iterator = tracked()
@@ -131,8 +137,29 @@ def make_api(engine: Any, config: ServeConfig | dict[str, Any] | None = None) ->
             metrics.latency.labels(route, model).observe(time.perf_counter() - start)
         return response
 
+    async def _answer(fn: Callable[[], Awaitable[Response]]) -> Response:
+        """``await fn()`` within the request timeout (504) and the drain deadline (503), cancelling it past them."""
+        task = asyncio.ensure_future(fn())
+        stop = asyncio.ensure_future(drain.deadline_event().wait())
+        try:
+            done, _ = await asyncio.wait([task, stop], timeout=cfg.request_timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.wait([task])
+        if task in done:
+            return task.result()
+        if stop in done:
+            raise drain.refusal()
+        raise RequestError(f"generation did not finish within {cfg.request_timeout_s} s and was cancelled",
+                           status_code=504, type="timeout_error", code="timeout")
+
     @app.get("/health", summary="Liveness of the API and its model backend")
     async def health() -> JSONResponse:
+        if drain.draining:  # a load balancer stops routing here
+            return error_response(drain.refusal())
         try:
             await asyncio.wait_for(engine.check_health(), timeout=10)
         except Exception as exc:
@@ -167,7 +194,8 @@ def make_api(engine: Any, config: ServeConfig | dict[str, Any] | None = None) ->
         if body.stream:
             return await call("completions", label,
                               lambda: stream_response(engine, requests, model, completion_chunk(body, prompts),
-                                                       cfg, metrics, body.stream_options, label=label))
+                                                       cfg, metrics, body.stream_options, label=label,
+                                                       drain=drain))
         return await call("completions", label,
                           lambda: _complete(engine, requests, model, body, prompts, metrics, label))
 
@@ -183,7 +211,7 @@ def make_api(engine: Any, config: ServeConfig | dict[str, Any] | None = None) ->
         if body.stream:
             return await call("chat", label, lambda: stream_response(engine, requests, model, chat_chunk(),
                                                                       cfg, metrics, body.stream_options,
-                                                                      label=label))
+                                                                      label=label, drain=drain))
         return await call("chat", label, lambda: _chat(engine, requests[0], model, metrics, label))
 
     return app
