@@ -31,7 +31,7 @@ class Drain:
         self.draining = False
         self.deadline: float | None = None  # time.monotonic() at which live requests are ended
         self.live = 0  # requests admitted and not yet answered in full
-        self._deadline_reached: asyncio.Event | None = None
+        self.grace_over = False  # the deadline passed: what is still live is ended
         self._idle: asyncio.Event | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._streams: set[asyncio.Queue] = set()  # event queues of live SSE streams: told at the deadline
@@ -47,13 +47,13 @@ class Drain:
         self._update_idle()
 
     def _end_grace(self) -> None:
-        self.deadline_event().set()
+        self.grace_over = True
         for queue in list(self._streams):
             queue.put_nowait(DEADLINE)
 
     def watch(self, queue: asyncio.Queue) -> None:
         """Put :data:`DEADLINE` into ``queue`` (a stream's event queue) when the grace period ends."""
-        if self.deadline_event().is_set():
+        if self.grace_over:
             queue.put_nowait(DEADLINE)
         self._streams.add(queue)
 
@@ -71,12 +71,6 @@ class Drain:
         return RequestError("The server shut down before this stream finished (its grace period ended); the "
                             "tokens sent so far are valid, retry for the rest.", status_code=503,
                             type="service_unavailable", code=SHUTTING_DOWN)
-
-    def deadline_event(self) -> asyncio.Event:
-        """Set once the grace period has ended (created lazily on the serving loop)."""
-        if self._deadline_reached is None:
-            self._deadline_reached = asyncio.Event()
-        return self._deadline_reached
 
     def admit(self) -> None:
         """Count one request as live (call :meth:`release` when it is answered in full)."""

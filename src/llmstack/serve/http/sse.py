@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 
 from llmstack.config import ServeConfig
 from llmstack.errors import RequestError
+from llmstack.serve.http.admission import Admission
 from llmstack.serve.http.drain import DEADLINE, Drain
 from llmstack.serve.http.errors import as_request_error
 from llmstack.serve.http.logprobs import chat_logprobs, completion_logprobs
@@ -51,11 +52,12 @@ def chat_chunk() -> ChunkRenderer:
 async def stream_response(engine: Any, requests: list[GenerationRequest], model: str, render: ChunkRenderer,
                           cfg: ServeConfig, metrics: ServeMetrics,
                           stream_options: dict[str, Any] | None, *, label: str | None = None,
-                          drain: Drain | None = None) -> StreamingResponse:
+                          drain: Drain | None = None, admission: Admission | None = None) -> StreamingResponse:
     """Start the streams, wait for each one's first chunk (so errors still get a status code), then SSE.
 
     ``label`` is the metrics' model label (default ``model``; the app passes it bounded to served names).
-    ``drain``: a stream still running when its grace period ends gets an SSE error event and ``[DONE]``."""
+    ``drain``: a stream still running when its grace period ends gets an SSE error event and ``[DONE]``.
+    ``admission`` is told of every token received (its throughput estimate)."""
     label = model if label is None else label
     start = time.perf_counter()
     deadline = time.monotonic() + cfg.request_timeout_s
@@ -98,6 +100,7 @@ async def stream_response(engine: Any, requests: list[GenerationRequest], model:
         seen_first: set[int] = set()
         open_streams = len(tasks)
         ttft_recorded = False
+        first_at, steps = time.monotonic(), 0  # decode steps seen (admission's time per step)
         try:
             while open_streams:
                 entry = await queue.get()
@@ -116,6 +119,9 @@ async def stream_response(engine: Any, requests: list[GenerationRequest], model:
                                              type="timeout_error", code="timeout")
                     yield f"data: {json.dumps(error.to_openai())}\n\n"
                     return
+                if admission is not None:
+                    admission.received(sum(len(d.token_ids) or 1 for d in item.deltas))
+                    steps += index == 0
                 if not ttft_recorded and any(d.text for d in item.deltas):
                     metrics.ttft.labels(label).observe(time.perf_counter() - start)
                     ttft_recorded = True
@@ -133,6 +139,8 @@ async def stream_response(engine: Any, requests: list[GenerationRequest], model:
                     if item.timing is not None and not item.cached:
                         metrics.queue_wait.labels(label).observe(item.timing.queue_s)
                         metrics.batch_size.labels(label).observe(item.timing.batch_size)
+            if admission is not None:
+                admission.observed_steps(time.monotonic() - first_at, steps)
             if include_usage:
                 yield "data: " + json.dumps({"id": rid, "object": CHAT_OBJECT if chat else COMPLETION_OBJECT,
                                              "created": created,
