@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llmstack.config import ServeConfig, load_config
 from llmstack.errors import LLMStackError, RequestError, model_not_found
 from llmstack.serve.http.admission import Admission, Ticket
+from llmstack.serve.http.cluster_metrics import in_ray_worker
 from llmstack.serve.http.drain import Drain
 from llmstack.serve.http.errors import as_request_error, error_response, validation_error
 from llmstack.serve.http.guard import RequestGuard
@@ -62,7 +63,7 @@ def make_api(engine: Any, config: ServeConfig | dict[str, Any] | None = None) ->
         >>> app = make_api(TransformersEngine.from_source("tiny-lm@production"))  # doctest: +SKIP
     """
     cfg = config if isinstance(config, ServeConfig) else load_config(ServeConfig, config or {})
-    metrics = ServeMetrics()
+    metrics = ServeMetrics(cluster_app=cfg.app_name if in_ray_worker() else None)
     app = FastAPI(title="llmstack OpenAI-compatible API", version="1", docs_url="/docs", redoc_url=None)
     app.add_middleware(RequestGuard, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes)
     app.state.metrics = metrics
@@ -188,7 +189,7 @@ def make_api(engine: Any, config: ServeConfig | dict[str, Any] | None = None) ->
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def prometheus() -> Response:
-        body, content_type = metrics.render()
+        body, content_type = await metrics.render_served()
         return Response(body, media_type=content_type)
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERROR_RESPONSES)

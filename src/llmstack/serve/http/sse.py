@@ -119,9 +119,9 @@ async def stream_response(engine: Any, requests: list[GenerationRequest], model:
                                              type="timeout_error", code="timeout")
                     yield f"data: {json.dumps(error.to_openai())}\n\n"
                     return
+                steps += index == 0
                 if admission is not None:
                     admission.received(sum(len(d.token_ids) or 1 for d in item.deltas))
-                    steps += index == 0
                 if not ttft_recorded and any(d.text for d in item.deltas):
                     metrics.ttft.labels(label).observe(time.perf_counter() - start)
                     ttft_recorded = True
@@ -139,6 +139,8 @@ async def stream_response(engine: Any, requests: list[GenerationRequest], model:
                     if item.timing is not None and not item.cached:
                         metrics.queue_wait.labels(label).observe(item.timing.queue_s)
                         metrics.batch_size.labels(label).observe(item.timing.batch_size)
+            if steps >= 2:
+                metrics.time_per_token.labels(label).observe((time.monotonic() - first_at) / (steps - 1))
             if admission is not None:
                 admission.observed_steps(time.monotonic() - first_at, steps)
             if include_usage:
