@@ -108,7 +108,7 @@ def make_api(engine: Any, config: ServeConfig | dict[str, Any] | None = None) ->
             if drain.draining:
                 raise drain.refusal()
             ticket = admission.admit(_token_budget(requests, cfg),
-                                     steps=max(r.sampling.max_tokens or cfg.default_max_tokens for r in requests))
+                                     steps=max(_steps(r, cfg) for r in requests))
         except RequestError as refused:
             if refused.code == "overloaded":
                 metrics.shed.labels(model).inc()
@@ -257,8 +257,13 @@ def _prompts(prompt: Any) -> list[str | list[int]]:
 
 
 def _token_budget(requests: list[GenerationRequest], cfg: ServeConfig) -> int:
-    """The most tokens ``requests`` may generate: what admission queues them by."""
-    return sum(r.sampling.n * (r.sampling.max_tokens or cfg.default_max_tokens) for r in requests)
+    """The most tokens ``requests`` may generate: what admission queues them by (within the server's limits:
+    a request over them is the engine's 400, not an overload)."""
+    return sum(min(r.sampling.n, cfg.max_n) * _steps(r, cfg) for r in requests)
+
+
+def _steps(request: GenerationRequest, cfg: ServeConfig) -> int:
+    return min(request.sampling.max_tokens or cfg.default_max_tokens, cfg.max_tokens_limit)
 
 
 async def _complete(engine: Any, requests: list[GenerationRequest], model: str, body: CompletionRequest,

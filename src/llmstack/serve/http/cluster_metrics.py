@@ -4,8 +4,9 @@ Each ingress replica records its metrics twice: in its own Prometheus registry (
 without Ray) and through ``ray.util.metrics`` (tagged with the app's name), which every node's Ray metrics
 agent exports with each worker's series apart. ``/metrics`` reads every alive node's agent, keeps this
 app's ``llmstack_*`` series, drops the per-worker labels and sums the rest: the cluster's totals, the same
-whichever replica answers, so a counter never goes backwards between scrapes. The values lag by Ray's
-metrics report interval (a few seconds). Each ``llmstack_*`` family is also served under the name a vLLM
+whichever replica answers. The answering replica's own series come from its registry (always current);
+the other replicas' lag by Ray's metrics report interval (a few seconds), so with several replicas the
+totals are exact, and the same from every replica, once the agents have exported. Each ``llmstack_*`` family is also served under the name a vLLM
 dashboard reads (``vllm:num_requests_running``, ``vllm:e2e_request_latency_seconds``, ...), its ``model``
 label as vLLM's ``model_name``.
 """
@@ -102,19 +103,21 @@ def agent_urls() -> list[str]:
             for node in ray.nodes() if node.get("Alive") and node.get("MetricsExportPort")]
 
 
-async def cluster_text(app: str, urls: list[str]) -> str:
+async def cluster_text(app: str, urls: list[str], *, own: Any, worker_id: str) -> str:
     """This app's ``llmstack_*`` series summed over every worker of every node, as Prometheus text (with the
-    vLLM-named copies)."""
+    vLLM-named copies). This replica's own series (worker ``worker_id``) come from ``own`` (its registry),
+    always current; the other replicas' as their agents last exported them."""
     import httpx
 
     async with httpx.AsyncClient(timeout=3.0) as client:
         replies = await asyncio.gather(*[client.get(url) for url in urls], return_exceptions=True)
     texts = [r.text for r in replies if not isinstance(r, BaseException) and r.status_code == 200]
-    return aggregate(texts, app)
+    return aggregate(texts, app, own=list(own.collect()), worker_id=worker_id)
 
 
-def aggregate(texts: list[str], app: str) -> str:
-    """Sum the ``ray_llmstack_*`` samples of ``app`` in ``texts`` (agent exports) over worker labels."""
+def aggregate(texts: list[str], app: str, *, own: list[Any] = (), worker_id: str | None = None) -> str:  # type: ignore[assignment]
+    """Sum the ``ray_llmstack_*`` samples of ``app`` in ``texts`` (agent exports) over worker labels, with the
+    series of worker ``worker_id`` replaced by ``own`` (prometheus_client metric families of that worker)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     kinds: dict[str, tuple[str, str]] = {}  # family -> (type, help)
@@ -126,10 +129,17 @@ def aggregate(texts: list[str], app: str) -> str:
             name = family.name[len(RAY_PREFIX):]
             kinds.setdefault(name, (family.type, family.documentation))
             for sample in family.samples:
-                if sample.labels.get("app") != app:
+                if sample.labels.get("app") != app or (own and sample.labels.get("WorkerId") == worker_id):
                     continue
                 labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k not in WORKER_LABELS))
                 sums[name][(sample.name[len(RAY_PREFIX):], labels)] += sample.value
+    for family in own:
+        kinds.setdefault(family.name, (family.type, family.documentation))
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            labels = tuple(sorted(sample.labels.items()))
+            sums[family.name][(sample.name, labels)] += sample.value
     lines: list[str] = []
     for name in sorted(sums):
         kind, documentation = kinds[name]

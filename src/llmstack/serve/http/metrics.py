@@ -66,7 +66,8 @@ class ServeMetrics:
 
             for attr, buckets in (("requests", None), ("prompt_tokens", None), ("completion_tokens", None),
                                   ("in_flight", None), ("latency", LATENCY_BUCKETS), ("ttft", LATENCY_BUCKETS),
-                                  ("time_per_token", LATENCY_BUCKETS),
+                                  ("time_per_token", LATENCY_BUCKETS), ("queue_wait", LATENCY_BUCKETS),
+                                  ("batch_size", BATCH_BUCKETS),
                                   ("cache_hits", None), ("prefix_queries", None), ("prefix_hits", None),
                                   ("prefix_hit_tokens", None), ("shed", None)):
                 setattr(self, attr, mirror(getattr(self, attr), cluster_app, buckets))
@@ -110,8 +111,12 @@ class ServeMetrics:
 
         import asyncio
 
+        import ray
+
         urls = await asyncio.to_thread(agent_urls)  # a GCS call: kept off the replica's event loop
-        return (await cluster_text(self.cluster_app, urls)).encode(), CONTENT_TYPE_LATEST
+        text = await cluster_text(self.cluster_app, urls, own=self.registry,
+                                  worker_id=ray.get_runtime_context().get_worker_id())
+        return text.encode(), CONTENT_TYPE_LATEST
 
 
 def append_metrics(app: Any, extra: Any, *, summary: str = "Prometheus metrics") -> None:
