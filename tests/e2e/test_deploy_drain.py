@@ -50,10 +50,12 @@ def test_sigterm_drains_live_streams_and_exits_cleanly(tiny_registry: str, tmp_p
     env.update(RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")]))
     log_path = tmp_path / "deploy.log"
+    # A long request timeout: admission must not shed the long stream (the drain is under test here).
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "llmstack", "deploy", "model=tiny-lm@production", f"registry={tiny_registry}",
-             f"port={PORT}", "max_tokens_limit=200", "graceful_shutdown_timeout_s=4", "num_cpus=0.5"],
+             f"port={PORT}", "max_tokens_limit=200", "graceful_shutdown_timeout_s=4", "num_cpus=0.5",
+             "request_timeout_s=600"],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{PORT}"
     try:
