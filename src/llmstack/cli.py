@@ -114,14 +114,10 @@ def _report_validate(report: Any, args: argparse.Namespace) -> int:
 
 
 def _report_deploy(deployment: Any, args: argparse.Namespace) -> int:
-    import time
-
-    print(f"serving {deployment.config.model} at {deployment.url} (Ctrl-C to stop)", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        deployment.shutdown()
+    """Serve until Ctrl-C or SIGTERM; both drain (503 to new requests, live streams finish within
+    deployment.graceful_shutdown_timeout_s) and exit 0."""
+    print(f"serving {deployment.config.model} at {deployment.url} (Ctrl-C or SIGTERM to drain and stop)", flush=True)
+    deployment.wait()
     return 0
 
 
@@ -138,7 +134,8 @@ VERB_COMMANDS: tuple[VerbCommand, ...] = (
                 "compare a candidate with a baseline (baseline=REF); exit 1 when the gate fails", _report_validate,
                 flags=(("--json", "print the report as JSON"),)),
     VerbCommand("deploy", "llmstack.serve.deployments.builder:deploy",
-                "serve a model with an OpenAI-compatible API on Ray Serve", _report_deploy),
+                "serve a model with an OpenAI-compatible API on Ray Serve; SIGTERM or Ctrl-C drains it "
+                "(new requests 503, live streams finish) and exits 0", _report_deploy),
 )
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -86,14 +86,17 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
     return app_for(resolve_config(args or {}))
 
 
-def app_for(cfg: ServeConfig) -> Any:
-    """The Serve ``Application`` of an already resolved config (every ref pinned once, by the caller)."""
+def app_for(cfg: ServeConfig, *, drain_board: Any = None) -> Any:
+    """The Serve ``Application`` of an already resolved config (every ref pinned once, by the caller).
+
+    ``drain_board``: the :class:`~llmstack.serve.deployments.drain.DrainBoard` actor whose signal drains the
+    ingress replicas (deploy() passes it; SIGTERM to the deploying process sets it)."""
     from llmstack.serve.deployments.ingress import OpenAIIngress
     from llmstack.serve.deployments.server import LLMServer
 
     config = to_dict(cfg)
     server = LLMServer.options(**server_options(cfg)).bind(config)
-    return OpenAIIngress.options(**ingress_options(cfg)).bind(server, config)
+    return OpenAIIngress.options(**ingress_options(cfg)).bind(server, config, drain_board)
 
 
 # The ingress and router are light: they must never be what keeps an app from being placed.
@@ -157,13 +160,16 @@ def autoscaling_options(cfg: ServeConfig) -> dict[str, Any]:
 class Deployment:
     """A running llmstack Serve application: its base URL, config and a way to stop it.
 
-    Use as a context manager to shut it down on exit.
+    Use as a context manager to shut it down on exit. SIGTERM to the process drains it first
+    (:mod:`llmstack.serve.deployments.drain`).
     """
 
     config: ServeConfig
     url: str  # base URL, e.g. http://127.0.0.1:8000 (OpenAI clients use url + "/v1")
     app_name: str
     handle: Any = dataclasses.field(repr=False, default=None)
+    board: Any = dataclasses.field(repr=False, default=None)  # the app's DrainBoard actor
+    ingress_replicas: int = 1
 
     @property
     def openai_base_url(self) -> str:
@@ -171,22 +177,44 @@ class Deployment:
 
     def shutdown(self) -> None:
         """Delete the application (its replicas stop); Serve and Ray keep running."""
+        import ray
         from ray import serve
 
+        from llmstack.serve.deployments import drain
+
+        drain.forget(self)
+        if not ray.is_initialized():  # Ray already shut down (a drained process): nothing left to delete
+            return
         try:
             serve.delete(self.app_name)
         except Exception:  # already gone
             pass
+        if self.board is not None:
+            try:
+                ray.kill(self.board)
+            except Exception:  # already gone
+                pass
+            self.board = None
+
+    def drain(self) -> None:
+        """Stop admitting (503 + Retry-After), let live requests finish within the config's
+        ``graceful_shutdown_timeout_s`` (streams still running then end with an SSE error event and
+        ``[DONE]``), then delete the application."""
+        from llmstack.serve.deployments.drain import drain_apps
+
+        drain_apps([self])
 
     def wait(self) -> None:
-        """Block until interrupted (Ctrl-C), then shut down: how a CLI keeps the app in the foreground."""
+        """Block until Ctrl-C or SIGTERM, then drain and shut down: how a CLI keeps the app in the foreground.
+
+        SIGTERM drains every app this process deployed and exits the process with status 0."""
         import time
 
         try:
             while True:
                 time.sleep(1)
         except KeyboardInterrupt:
-            pass
+            self.drain()
         finally:
             self.shutdown()
 
@@ -233,18 +261,27 @@ def deploy(config: ServeConfig | Mapping[str, Any] | str | Path | None = None, *
     if registry is not None:
         cfg = dataclasses.replace(cfg, registry=registry if isinstance(registry, str) else registry.url)
     cfg = resolve_config(cfg)  # pinned once: the app and the returned config name the same versions
-    url = run_app(app_for(cfg), cfg, replace=replace, timeout_s=timeout_s,
+    from llmstack.serve.deployments import drain
+
+    boards: list[Any] = []  # created once the cluster is connected, just before the app starts
+    url = run_app(lambda: app_for(cfg, drain_board=boards[0]), cfg, replace=replace, timeout_s=timeout_s,
                   needs=[(replica_resources(cfg), max(cfg.autoscaling.min_replicas, 1)),
-                         (INGRESS_RESOURCES, ingress_replicas(cfg))])
-    return Deployment(config=cfg, url=url, app_name=cfg.app_name)
+                         (INGRESS_RESOURCES, ingress_replicas(cfg))],
+                  before_start=lambda: boards.append(drain.create_board(cfg.app_name)))
+    deployment = Deployment(config=cfg, url=url, app_name=cfg.app_name, ingress_replicas=ingress_replicas(cfg),
+                            board=boards[0])
+    drain.register(deployment)
+    return deployment
 
 
 
 def run_app(app: Any, cfg: ServeConfig, *, replace: bool = False, timeout_s: float = DEPLOY_TIMEOUT_S,
-            needs: ReplicaNeeds = (), what: str = "application") -> str:  # type: ignore[assignment]
+            needs: ReplicaNeeds = (), what: str = "application",
+            before_start: Callable[[], Any] | None = None) -> str:  # type: ignore[assignment]
     """Start ``app`` as ``cfg.app_name`` on the connected (or a new local) Ray cluster; returns its base URL.
 
-    Fails fast instead of waiting forever: replicas that cannot be placed (``needs``: Ray resources per
+    ``app`` is an ``Application`` or a function returning one, called after ``before_start`` (which may
+    create actors the app is bound to). Fails fast instead of waiting forever: replicas that cannot be placed (``needs``: Ray resources per
     replica and replica counts, see :func:`check_placement`), an HTTP port held by another process or
     Ray cluster, a port other than the one this cluster's Serve already serves on, a route prefix another
     app serves, an app of the same name (unless ``replace``), and a replica that fails to start (its own
@@ -268,6 +305,10 @@ def run_app(app: Any, cfg: ServeConfig, *, replace: bool = False, timeout_s: flo
     else:
         check_serve_port(cfg.http.port, http[1], cfg.app_name)
     check_route_prefix(cfg.http.route_prefix, cfg.app_name)
+    if before_start is not None:  # e.g. the drain board, handed to the ingress replicas
+        before_start()
+    if not isinstance(app, serve.Application):  # a builder: the app is built now, after before_start
+        app = app()
     try:
         serve.run_many([serve.RunTarget(app, name=cfg.app_name, route_prefix=cfg.http.route_prefix)],
                        wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)

@@ -25,6 +25,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmstack.config import ServeConfig, load_config
 from llmstack.errors import LLMStackError, RequestError, model_not_found
+from llmstack.serve.http.admission import Admission, Ticket
+from llmstack.serve.http.cluster_metrics import in_ray_worker
+from llmstack.serve.http.drain import Drain
 from llmstack.serve.http.errors import as_request_error, error_response, validation_error
 from llmstack.serve.http.guard import RequestGuard
 from llmstack.serve.http.logprobs import chat_logprobs, completion_logprobs
@@ -46,6 +49,7 @@ from llmstack.serve.protocol import (
 )
 
 MAX_PROMPTS = 32  # prompts in one /v1/completions request
+ADMISSION_CHECK_S = 0.25  # how often a request waiting for its answer is re-checked against the timeout
 
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 503, 504)
@@ -59,11 +63,15 @@ def make_api(engine: Any, config: ServeConfig | dict[str, Any] | None = None) ->
         >>> app = make_api(TransformersEngine.from_source("tiny-lm@production"))  # doctest: +SKIP
     """
     cfg = config if isinstance(config, ServeConfig) else load_config(ServeConfig, config or {})
-    metrics = ServeMetrics()
+    metrics = ServeMetrics(cluster_app=cfg.app_name if in_ray_worker() else None)
     app = FastAPI(title="llmstack OpenAI-compatible API", version="1", docs_url="/docs", redoc_url=None)
     app.add_middleware(RequestGuard, api_key=cfg.http.api_key, max_body_bytes=cfg.http.max_body_bytes)
     app.state.metrics = metrics
     app.state.engine = engine
+    drain = Drain(retry_after_s=cfg.http.retry_after_s)
+    app.state.drain = drain
+    admission = Admission(request_timeout_s=cfg.http.request_timeout_s, retry_after_s=cfg.http.retry_after_s)
+    app.state.admission = admission
 
     @app.exception_handler(LLMStackError)
     async def _llmstack_error(_: Request, exc: LLMStackError) -> JSONResponse:
@@ -92,18 +100,27 @@ def make_api(engine: Any, config: ServeConfig | dict[str, Any] | None = None) ->
         except Exception:  # the backend cannot list its models: the request fails anyway
             return UNKNOWN_MODEL
 
-    async def call(route: str, model: str, fn: Callable[[], Awaitable[Response]]) -> Response:
-        """Count, time and error-map one request; enforce the request timeout. ``model`` is the metric label."""
+    async def call(route: str, model: str, fn: Callable[[], Awaitable[Response]], requests: list[GenerationRequest],
+                   ) -> Response:
+        """Count, time and error-map one request; admit it by time; enforce the request timeout and the drain.
+        ``model`` is the metric label."""
+        try:
+            if drain.draining:
+                raise drain.refusal()
+            ticket = admission.admit(_token_budget(requests, cfg),
+                                     steps=max(_steps(r, cfg) for r in requests))
+        except RequestError as refused:
+            if refused.code == "overloaded":
+                metrics.shed.labels(model).inc()
+            metrics.requests.labels(route, model, str(refused.status_code)).inc()
+            return error_response(refused)
         start = time.perf_counter()
         gauge = metrics.in_flight.labels(model)
         gauge.inc()
+        drain.admit()
         streaming = False
         try:
-            try:
-                response = await asyncio.wait_for(fn(), timeout=cfg.http.request_timeout_s)
-            except asyncio.TimeoutError:
-                raise RequestError(f"generation did not finish within {cfg.http.request_timeout_s} s and was cancelled",
-                                  status_code=504, type="timeout_error", code="timeout") from None
+            response = await _answer(fn, ticket)
             streaming = isinstance(response, StreamingResponse)
         except Exception as exc:  # noqa: BLE001 - llmstack's errors and anything else (Ray's load shedding: 503)
             error = as_request_error(exc)
@@ -114,6 +131,8 @@ def make_api(engine: Any, config: ServeConfig | dict[str, Any] | None = None) ->
         finally:
             if not streaming:
                 gauge.dec()
+                drain.release()
+                admission.finish(ticket)
         metrics.requests.labels(route, model, str(response.status_code)).inc()
         if streaming:  # in flight (and timed) until the last event is sent or the client leaves
             inner = response.body_iterator
@@ -124,6 +143,8 @@ def make_api(engine: Any, config: ServeConfig | dict[str, Any] | None = None) ->
                         yield part
                 finally:
                     gauge.dec()
+                    drain.release()
+                    admission.finish(ticket)
                     metrics.latency.labels(route, model).observe(time.perf_counter() - start)
 
             response.body_iterator = tracked()
@@ -131,8 +152,35 @@ def make_api(engine: Any, config: ServeConfig | dict[str, Any] | None = None) ->
             metrics.latency.labels(route, model).observe(time.perf_counter() - start)
         return response
 
+    async def _answer(fn: Callable[[], Awaitable[Response]], ticket: Ticket) -> Response:
+        """``await fn()`` within the request timeout (504) and the drain deadline (503), cancelling it past them.
+        While it has not answered (a stream: not started) it is shed with 503 + Retry-After as soon as
+        admission predicts it cannot finish within the timeout."""
+        task = asyncio.ensure_future(fn())
+        give_up_at = time.monotonic() + cfg.http.request_timeout_s
+        refusal: RequestError | None = None
+        try:
+            while refusal is None:
+                remaining = give_up_at - time.monotonic()
+                if remaining <= 0:
+                    break
+                done, _ = await asyncio.wait([task], timeout=min(ADMISSION_CHECK_S, remaining))
+                if done:
+                    return task.result()
+                refusal = drain.refusal() if drain.grace_over else admission.refusal(ticket)
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.wait([task])
+        if refusal is not None:
+            raise refusal
+        raise RequestError(f"generation did not finish within {cfg.http.request_timeout_s} s and was cancelled",
+                           status_code=504, type="timeout_error", code="timeout")
+
     @app.get("/health", summary="Liveness of the API and its model backend")
     async def health() -> JSONResponse:
+        if drain.draining:  # a load balancer stops routing here
+            return error_response(drain.refusal())
         try:
             await asyncio.wait_for(engine.check_health(), timeout=10)
         except Exception as exc:
@@ -141,7 +189,7 @@ def make_api(engine: Any, config: ServeConfig | dict[str, Any] | None = None) ->
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def prometheus() -> Response:
-        body, content_type = metrics.render()
+        body, content_type = await metrics.render_served()
         return Response(body, media_type=content_type)
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERROR_RESPONSES)
@@ -167,9 +215,11 @@ def make_api(engine: Any, config: ServeConfig | dict[str, Any] | None = None) ->
         if body.stream:
             return await call("completions", label,
                               lambda: stream_response(engine, requests, model, completion_chunk(body, prompts),
-                                                       cfg, metrics, body.stream_options, label=label))
+                                                       cfg, metrics, body.stream_options, label=label,
+                                                       drain=drain, admission=admission), requests)
         return await call("completions", label,
-                          lambda: _complete(engine, requests, model, body, prompts, metrics, label))
+                          lambda: _complete(engine, requests, model, body, prompts, metrics, label, admission),
+                          requests)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERROR_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -183,8 +233,10 @@ def make_api(engine: Any, config: ServeConfig | dict[str, Any] | None = None) ->
         if body.stream:
             return await call("chat", label, lambda: stream_response(engine, requests, model, chat_chunk(),
                                                                       cfg, metrics, body.stream_options,
-                                                                      label=label))
-        return await call("chat", label, lambda: _chat(engine, requests[0], model, metrics, label))
+                                                                      label=label, drain=drain,
+                                                                      admission=admission), requests)
+        return await call("chat", label, lambda: _chat(engine, requests[0], model, metrics, label, admission),
+                          requests)
 
     return app
 
@@ -204,9 +256,20 @@ def _prompts(prompt: Any) -> list[str | list[int]]:
 
 
 
+def _token_budget(requests: list[GenerationRequest], cfg: ServeConfig) -> int:
+    """The most tokens ``requests`` may generate: what admission queues them by (within the server's limits:
+    a request over them is the engine's 400, not an overload)."""
+    return sum(min(r.sampling.n, cfg.engine.max_n) * _steps(r, cfg) for r in requests)
+
+
+def _steps(request: GenerationRequest, cfg: ServeConfig) -> int:
+    return min(request.sampling.max_tokens or cfg.engine.default_max_tokens, cfg.engine.max_tokens_limit)
+
+
 async def _complete(engine: Any, requests: list[GenerationRequest], model: str, body: CompletionRequest,
-                    prompts: list[Any], metrics: ServeMetrics, label: str) -> JSONResponse:
+                    prompts: list[Any], metrics: ServeMetrics, label: str, admission: Admission) -> JSONResponse:
     results = await _gather([engine.generate(r) for r in requests])
+    admission.received(sum(result.completion_tokens for result in results))
     n = body.n
     choices = []
     for i, (result, prompt) in enumerate(zip(results, prompts)):
@@ -224,8 +287,9 @@ async def _complete(engine: Any, requests: list[GenerationRequest], model: str, 
 
 
 async def _chat(engine: Any, request: GenerationRequest, model: str, metrics: ServeMetrics,
-                label: str) -> JSONResponse:
+                label: str, admission: Admission) -> JSONResponse:
     result = await engine.generate(request)
+    admission.received(result.completion_tokens)
     metrics.observe_result(label, prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
                            timing=result.timing, cached=result.cached,
                            prefix_cached_tokens=result.prefix_cached_tokens)

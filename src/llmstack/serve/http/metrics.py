@@ -20,9 +20,13 @@ def model_label(model: str, cards: Iterable[Any]) -> str:
 
 
 class ServeMetrics:
-    """Requests, tokens, in-flight requests (queue depth), latency, time to first token, batch sizes."""
+    """Requests, tokens, in-flight requests (queue depth), latency, time to first token, batch sizes.
 
-    def __init__(self) -> None:
+    ``cluster_app``: also record through Ray's metrics system under this app's name, and render the cluster's
+    totals (:mod:`llmstack.serve.http.cluster_metrics`); None (outside Ray): this process's own registry.
+    """
+
+    def __init__(self, cluster_app: str | None = None) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
@@ -38,6 +42,9 @@ class ServeMetrics:
                                  ["route", "model"], buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("llmstack_time_to_first_token_seconds", "Arrival to first generated token",
                               ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.time_per_token = Histogram("llmstack_time_per_output_token_seconds",
+                                        "Seconds between a stream's tokens (decode step time seen by a client)",
+                                        ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_wait = Histogram("llmstack_queue_wait_seconds", "Arrival to the start of the request's batch",
                                     ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("llmstack_batch_size", "Sequences decoded together with a request",
@@ -53,6 +60,17 @@ class ServeMetrics:
                                          registry=r)
         self.shed = Counter("llmstack_requests_shed", "Requests refused because the queue was full",
                             ["model"], registry=r)
+        self.cluster_app = cluster_app
+        if cluster_app is not None:
+            from llmstack.serve.http.cluster_metrics import mirror
+
+            for attr, buckets in (("requests", None), ("prompt_tokens", None), ("completion_tokens", None),
+                                  ("in_flight", None), ("latency", LATENCY_BUCKETS), ("ttft", LATENCY_BUCKETS),
+                                  ("time_per_token", LATENCY_BUCKETS), ("queue_wait", LATENCY_BUCKETS),
+                                  ("batch_size", BATCH_BUCKETS),
+                                  ("cache_hits", None), ("prefix_queries", None), ("prefix_hits", None),
+                                  ("prefix_hit_tokens", None), ("shed", None)):
+                setattr(self, attr, mirror(getattr(self, attr), cluster_app, buckets))
 
     def observe_result(self, model: str, *, prompt_tokens: int, completion_tokens: int, timing: Any,
                        cached: bool, prefix_cached_tokens: int | None = None) -> None:
@@ -78,9 +96,27 @@ class ServeMetrics:
             self.prefix_hit_tokens.labels(model).inc(cached_tokens)
 
     def render(self) -> tuple[bytes, str]:
+        """This process's own metrics."""
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    async def render_served(self) -> tuple[bytes, str]:
+        """What /metrics serves: the cluster's totals when recording through Ray, else :meth:`render`."""
+        if self.cluster_app is None:
+            return self.render()
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        from llmstack.serve.http.cluster_metrics import agent_urls, cluster_text
+
+        import asyncio
+
+        import ray
+
+        urls = await asyncio.to_thread(agent_urls)  # a GCS call: kept off the replica's event loop
+        text = await cluster_text(self.cluster_app, urls, own=self.registry,
+                                  worker_id=ray.get_runtime_context().get_worker_id())
+        return text.encode(), CONTENT_TYPE_LATEST
 
 
 def append_metrics(app: Any, extra: Any, *, summary: str = "Prometheus metrics") -> None:
@@ -94,7 +130,7 @@ def append_metrics(app: Any, extra: Any, *, summary: str = "Prometheus metrics")
     own = app.state.metrics
 
     async def metrics_route() -> Response:
-        body, content_type = own.render()
+        body, content_type = await own.render_served()
         return Response(body + (await extra()).encode(), media_type=content_type)
 
     app.router.routes[:] = [r for r in app.router.routes if not (isinstance(r, APIRoute) and r.path == "/metrics")]

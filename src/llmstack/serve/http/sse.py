@@ -13,6 +13,8 @@ from fastapi.responses import StreamingResponse
 
 from llmstack.config import ServeConfig
 from llmstack.errors import RequestError
+from llmstack.serve.http.admission import Admission
+from llmstack.serve.http.drain import DEADLINE, Drain
 from llmstack.serve.http.errors import as_request_error
 from llmstack.serve.http.logprobs import chat_logprobs, completion_logprobs
 from llmstack.serve.http.metrics import ServeMetrics
@@ -49,10 +51,13 @@ def chat_chunk() -> ChunkRenderer:
 
 async def stream_response(engine: Any, requests: list[GenerationRequest], model: str, render: ChunkRenderer,
                           cfg: ServeConfig, metrics: ServeMetrics,
-                          stream_options: dict[str, Any] | None, *, label: str | None = None) -> StreamingResponse:
+                          stream_options: dict[str, Any] | None, *, label: str | None = None,
+                          drain: Drain | None = None, admission: Admission | None = None) -> StreamingResponse:
     """Start the streams, wait for each one's first chunk (so errors still get a status code), then SSE.
 
-    ``label`` is the metrics' model label (default ``model``; the app passes it bounded to served names)."""
+    ``label`` is the metrics' model label (default ``model``; the app passes it bounded to served names).
+    ``drain``: a stream still running when its grace period ends gets an SSE error event and ``[DONE]``.
+    ``admission`` is told of every token received (its throughput estimate)."""
     label = model if label is None else label
     start = time.perf_counter()
     deadline = time.monotonic() + cfg.http.request_timeout_s
@@ -73,7 +78,7 @@ async def stream_response(engine: Any, requests: list[GenerationRequest], model:
 
     async def events() -> AsyncIterator[str]:
         finals: list[GenerationChunk] = []  # each stream's last chunk: the usage chunk sums them
-        queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        queue: asyncio.Queue[Any] = asyncio.Queue()  # (stream index, chunk | error | None) or DEADLINE
 
         async def pump(index: int, stream: AsyncIterator[GenerationChunk], first: GenerationChunk | None) -> None:
             try:
@@ -90,12 +95,20 @@ async def stream_response(engine: Any, requests: list[GenerationRequest], model:
                 await queue.put((index, None))
 
         tasks = [asyncio.ensure_future(pump(i, s, f)) for i, (s, f) in enumerate(zip(streams, firsts))]
+        if drain is not None:
+            drain.watch(queue)
         seen_first: set[int] = set()
         open_streams = len(tasks)
         ttft_recorded = False
+        first_at, steps = time.monotonic(), 0  # decode steps seen (admission's time per step)
         try:
             while open_streams:
-                index, item = await queue.get()
+                entry = await queue.get()
+                if entry is DEADLINE and drain is not None:  # the server shuts down: end this stream cleanly
+                    yield f"data: {json.dumps(drain.deadline_error().to_openai())}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                index, item = entry
                 if item is None:
                     open_streams -= 1
                     continue
@@ -106,6 +119,9 @@ async def stream_response(engine: Any, requests: list[GenerationRequest], model:
                                              type="timeout_error", code="timeout")
                     yield f"data: {json.dumps(error.to_openai())}\n\n"
                     return
+                steps += index == 0
+                if admission is not None:
+                    admission.received(sum(len(d.token_ids) or 1 for d in item.deltas))
                 if not ttft_recorded and any(d.text for d in item.deltas):
                     metrics.ttft.labels(label).observe(time.perf_counter() - start)
                     ttft_recorded = True
@@ -123,6 +139,10 @@ async def stream_response(engine: Any, requests: list[GenerationRequest], model:
                     if item.timing is not None and not item.cached:
                         metrics.queue_wait.labels(label).observe(item.timing.queue_s)
                         metrics.batch_size.labels(label).observe(item.timing.batch_size)
+            if steps >= 2:
+                metrics.time_per_token.labels(label).observe((time.monotonic() - first_at) / (steps - 1))
+            if admission is not None:
+                admission.observed_steps(time.monotonic() - first_at, steps)
             if include_usage:
                 yield "data: " + json.dumps({"id": rid, "object": CHAT_OBJECT if chat else COMPLETION_OBJECT,
                                              "created": created,
@@ -130,6 +150,8 @@ async def stream_response(engine: Any, requests: list[GenerationRequest], model:
                                              "usage": Usage.of(finals).model_dump()}) + "\n\n"
             yield "data: [DONE]\n\n"
         finally:  # client disconnected or done: stop every generation still running
+            if drain is not None:
+                drain.unwatch(queue)
             for task in tasks:
                 task.cancel()
             for stream in streams:

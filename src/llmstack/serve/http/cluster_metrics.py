@@ -1,0 +1,163 @@
+"""/metrics that add up across ingress replicas and nodes, through Ray's metrics system.
+
+Each ingress replica records its metrics twice: in its own Prometheus registry (unit tests, a process
+without Ray) and through ``ray.util.metrics`` (tagged with the app's name), which every node's Ray metrics
+agent exports with each worker's series apart. ``/metrics`` reads every alive node's agent, keeps this
+app's ``llmstack_*`` series, drops the per-worker labels and sums the rest: the cluster's totals, the same
+whichever replica answers. The answering replica's own series come from its registry (always current);
+the other replicas' lag by Ray's metrics report interval (a few seconds), so with several replicas the
+totals are exact, and the same from every replica, once the agents have exported. Each ``llmstack_*`` family is also served under the name a vLLM
+dashboard reads (``vllm:num_requests_running``, ``vllm:e2e_request_latency_seconds``, ...), its ``model``
+label as vLLM's ``model_name``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from typing import Any
+
+RAY_PREFIX = "ray_"
+WORKER_LABELS = {"Component", "NodeAddress", "SessionName", "Version", "WorkerId", "otel_scope_name",
+                 "otel_scope_schema_url", "otel_scope_version", "JobId", "ReplicaId", "instance", "app"}
+VLLM_NAMES = {  # llmstack family -> the vLLM family it also appears as
+    "llmstack_requests_in_flight": "vllm:num_requests_running",
+    "llmstack_time_to_first_token_seconds": "vllm:time_to_first_token_seconds",
+    "llmstack_time_per_output_token_seconds": "vllm:time_per_output_token_seconds",
+    "llmstack_request_latency_seconds": "vllm:e2e_request_latency_seconds",
+    "llmstack_prompt_tokens": "vllm:prompt_tokens",
+    "llmstack_completion_tokens": "vllm:generation_tokens",
+    "llmstack_prefix_cache_queries": "vllm:prefix_cache_queries",
+    "llmstack_prefix_cache_hits": "vllm:prefix_cache_hits",
+}
+
+
+def in_ray_worker() -> bool:
+    """True inside a Ray worker (a Serve replica): where Ray's metrics agent collects what is recorded."""
+    import sys
+
+    if "ray" not in sys.modules:
+        return False
+    import ray
+
+    try:
+        return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+    except Exception:  # noqa: BLE001 - no runtime context: not a worker
+        return False
+
+
+class Mirror:
+    """A prometheus_client metric whose every update is also recorded through ``ray.util.metrics``."""
+
+    def __init__(self, local: Any, ray_metric: Any, app: str, kind: str) -> None:
+        self.local, self.ray_metric, self.app, self.kind = local, ray_metric, app, kind
+        self._labelnames = tuple(local._labelnames)
+
+    def labels(self, *values: str) -> _MirrorChild:
+        tags = {**dict(zip(self._labelnames, (str(v) for v in values))), "app": self.app}
+        return _MirrorChild(self.local.labels(*values), self.ray_metric, tags, self.kind)
+
+
+class _MirrorChild:
+    def __init__(self, local: Any, ray_metric: Any, tags: dict[str, str], kind: str) -> None:
+        self.local, self.ray_metric, self.tags, self.kind = local, ray_metric, tags, kind
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.local.inc(amount)
+        if self.kind == "gauge":
+            self.ray_metric.set(self.local._value.get(), tags=self.tags)
+        elif amount:
+            self.ray_metric.inc(amount, tags=self.tags)
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.local.dec(amount)
+        self.ray_metric.set(self.local._value.get(), tags=self.tags)
+
+    def observe(self, value: float) -> None:
+        self.local.observe(value)
+        self.ray_metric.observe(value, tags=self.tags)
+
+
+def mirror(local: Any, app: str, buckets: tuple[float, ...] | None = None) -> Mirror:
+    """``local`` (a prometheus_client Counter, Gauge or Histogram) mirrored to a Ray metric of the same name."""
+    from ray.util import metrics as ray_metrics
+
+    kind = local._type  # "counter" | "gauge" | "histogram"
+    tag_keys = (*local._labelnames, "app")
+    name = local._name + ("_total" if kind == "counter" else "")
+    if kind == "counter":
+        remote = ray_metrics.Counter(name, description=local._documentation, tag_keys=tag_keys)
+    elif kind == "gauge":
+        remote = ray_metrics.Gauge(name, description=local._documentation, tag_keys=tag_keys)
+    else:
+        remote = ray_metrics.Histogram(name, description=local._documentation, boundaries=list(buckets or ()),
+                                       tag_keys=tag_keys)
+    return Mirror(local, remote, app, kind)
+
+
+def agent_urls() -> list[str]:
+    """The Prometheus endpoint of every alive node's Ray metrics agent."""
+    import ray
+
+    return [f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+            for node in ray.nodes() if node.get("Alive") and node.get("MetricsExportPort")]
+
+
+async def cluster_text(app: str, urls: list[str], *, own: Any, worker_id: str) -> str:
+    """This app's ``llmstack_*`` series summed over every worker of every node, as Prometheus text (with the
+    vLLM-named copies). This replica's own series (worker ``worker_id``) come from ``own`` (its registry),
+    always current; the other replicas' as their agents last exported them."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=3.0) as client:
+        replies = await asyncio.gather(*[client.get(url) for url in urls], return_exceptions=True)
+    texts = [r.text for r in replies if not isinstance(r, BaseException) and r.status_code == 200]
+    return aggregate(texts, app, own=list(own.collect()), worker_id=worker_id)
+
+
+def aggregate(texts: list[str], app: str, *, own: list[Any] = (), worker_id: str | None = None) -> str:  # type: ignore[assignment]
+    """Sum the ``ray_llmstack_*`` samples of ``app`` in ``texts`` (agent exports) over worker labels, with the
+    series of worker ``worker_id`` replaced by ``own`` (prometheus_client metric families of that worker)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    kinds: dict[str, tuple[str, str]] = {}  # family -> (type, help)
+    sums: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = defaultdict(lambda: defaultdict(float))
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            if not family.name.startswith(RAY_PREFIX + "llmstack_"):
+                continue
+            name = family.name[len(RAY_PREFIX):]
+            kinds.setdefault(name, (family.type, family.documentation))
+            for sample in family.samples:
+                if sample.labels.get("app") != app or (own and sample.labels.get("WorkerId") == worker_id):
+                    continue
+                labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k not in WORKER_LABELS))
+                sums[name][(sample.name[len(RAY_PREFIX):], labels)] += sample.value
+    for family in own:
+        kinds.setdefault(family.name, (family.type, family.documentation))
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            labels = tuple(sorted(sample.labels.items()))
+            sums[family.name][(sample.name, labels)] += sample.value
+    lines: list[str] = []
+    for name in sorted(sums):
+        kind, documentation = kinds[name]
+        for family, rename in ((name, None), (VLLM_NAMES.get(_base(name)), "model_name")):
+            if family is None:
+                continue
+            lines += [f"# HELP {family} {documentation}", f"# TYPE {family} {kind}"]
+            for (sample, labels), value in sorted(sums[name].items()):
+                sample = family + sample[len(name):]
+                shown = [(rename if k == "model" and rename else k, v) for k, v in labels]
+                label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in shown)
+                lines.append(f"{sample}{{{label_text}}} {value!r}" if label_text else f"{sample} {value!r}")
+    return "\n".join(lines) + "\n"
+
+
+def _base(name: str) -> str:
+    return name[:-len("_total")] if name.endswith("_total") else name
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
