@@ -232,6 +232,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct TCP ports the OS reports free on ``host`` now (e.g. for a `ray start` of its own)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port(host)
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
 # --------------------------------------------------------------------------- placement
 
 ReplicaNeeds = Sequence[tuple[Mapping[str, float], int]]  # (Ray resources per replica, replicas)

@@ -37,8 +37,9 @@ def registry_with_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_quantize_validate_promote_history_rollback(registry_with_model: Path):
     reg = registry_with_model
-    proc = run(reg, "quantize", "tiny-lm@v1", "method=w8a8", "name=tiny-lm", "eval_samples=2",
-               "speed_prompt_tokens=8", "speed_new_tokens=2", "speed_repeats=1", "calibration_samples=4")
+    proc = run(reg, "quantize", "tiny-lm@v1", "method=w8a8", "name=tiny-lm", "evaluation.samples=2",
+               "evaluation.speed_prompt_tokens=8", "evaluation.speed_new_tokens=2", "evaluation.speed_repeats=1",
+               "calibration.samples=4")
     assert proc.returncode == 0, proc.stderr
     assert "registered tiny-lm@v2" in proc.stdout and "perplexity" in proc.stdout
 

@@ -23,15 +23,16 @@ import requests
 import yaml
 
 import llmstack
+from llmstack._ray import free_ports
 from llmstack.fleet.jobs import auth_headers
 
 BIN = Path(sys.executable).parent
 SRC = Path(llmstack.__file__).resolve().parents[1]  # the llmstack under test, also for the jobs' drivers
-# Ports of this test's head node (a range no other test uses).
-GCS_PORT, DASHBOARD_PORT = 8840, 8841
-OTHER_PORTS = {"--ray-client-server-port": 8842, "--dashboard-agent-listen-port": 8843,
-               "--dashboard-agent-grpc-port": 8844, "--metrics-export-port": 8845,
-               "--runtime-env-agent-port": 8846, "--node-manager-port": 8847, "--object-manager-port": 8848}
+# Ports of this test's head node.
+GCS_PORT, DASHBOARD_PORT, *_SPARE = free_ports(9)  # free now: clones of the suite may run side by side
+OTHER_PORTS = dict(zip(("--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                        "--metrics-export-port", "--runtime-env-agent-port", "--node-manager-port",
+                        "--object-manager-port"), _SPARE))
 CONFIG = {
     "kind": "train",
     "name": "jobs-lm",

@@ -32,15 +32,16 @@ import requests
 import yaml
 
 import llmstack
+from llmstack._ray import free_ports
 
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 SRC = Path(llmstack.__file__).resolve().parents[1]
-GCS_PORT, DASHBOARD_PORT = 8850, 8851
-OTHER_PORTS = {"--ray-client-server-port": 8852, "--dashboard-agent-listen-port": 8853,
-               "--dashboard-agent-grpc-port": 8854, "--metrics-export-port": 8855, "--runtime-env-agent-port": 8856,
-               "--node-manager-port": 8857, "--object-manager-port": 8858}
+GCS_PORT, DASHBOARD_PORT, *_SPARE = free_ports(9)  # free now: clones of the suite may run side by side
+OTHER_PORTS = dict(zip(("--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                        "--metrics-export-port", "--runtime-env-agent-port", "--node-manager-port",
+                        "--object-manager-port"), _SPARE))
 NODE_OBJECT_STORE = 100 * 1024 * 1024
 CHECKPOINT_EVERY = 5
 MAX_STEPS = 100
