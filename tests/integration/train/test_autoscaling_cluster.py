@@ -34,7 +34,7 @@ import yaml
 import llmstack
 from llmstack._ray import free_ports
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.own_cluster]  # `make test-fleet` (kept out of `make test`: ~3 min)
 
 BIN = Path(sys.executable).parent
 SRC = Path(llmstack.__file__).resolve().parents[1]
