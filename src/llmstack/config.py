@@ -161,10 +161,8 @@ class LoopConfig:
             problems.append(("learning_rate", f"must be > 0, got {self.learning_rate}"))
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             problems.append(("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}"))
-        if self.weight_decay < 0:
-            problems.append(("weight_decay", f"must be >= 0, got {self.weight_decay}"))
-        if self.grad_clip < 0:
-            problems.append(("grad_clip", f"must be >= 0, got {self.grad_clip}"))
+        for name in ("weight_decay", "grad_clip"):
+            _at_least(problems, self, name, 0)
         return problems
 
 
@@ -355,11 +353,11 @@ class QuantizeConfig:
     # source load dtype; non-quantized parts and compute use it (None: the dtype the source is stored in)
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     seq_len: int = 128  # tokens per calibration / evaluation block
-    torchao: TorchaoConfig = field(default_factory=TorchaoConfig)
-    bitsandbytes: BitsAndBytesConfig = field(default_factory=BitsAndBytesConfig)
-    smoothquant: SmoothQuantConfig = field(default_factory=SmoothQuantConfig)
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    evaluation: QuantizeEvaluationConfig = field(default_factory=QuantizeEvaluationConfig)
+    torchao: TorchaoConfig = field(default_factory=TorchaoConfig)  # int8-weight-only, int8-dynamic, int4-weight-only
+    bitsandbytes: BitsAndBytesConfig = field(default_factory=BitsAndBytesConfig)  # int8 (LLM.int8), nf4, fp4
+    smoothquant: SmoothQuantConfig = field(default_factory=SmoothQuantConfig)  # smoothquant, w8a8
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)  # data the activation scales see
+    evaluation: QuantizeEvaluationConfig = field(default_factory=QuantizeEvaluationConfig)  # the result vs its source
 
     def check(self) -> Problems:
         problems: Problems = []
