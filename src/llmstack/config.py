@@ -518,6 +518,7 @@ class EngineConfig:
     max_n: int = 4  # cap on choices per request
     max_adapters_per_replica: int = 4  # LRU bound on loaded adapters
     num_threads: int | None = None  # torch threads per replica; None: the node's cores shared by max_replicas
+    prepack_weights: bool = True  # linear weights packed once for oneDNN (fp32/bf16 models served without adapters)
     vllm: VllmConfig = field(default_factory=VllmConfig)
 
     def check(self) -> Problems:

@@ -51,6 +51,7 @@ class TransformersEngine(Engine):
         max_n: cap on choices per request.
         cache_size: entries of the response cache (0 disables it).
         prefix_cache_mb: memory for the prefix cache's KV blocks (0 disables it).
+        prepack_weights: hold linear weights prepacked for oneDNN (:mod:`.kernels`) when no adapters are served.
     """
 
     group_batching: ClassVar[bool] = True
@@ -58,7 +59,7 @@ class TransformersEngine(Engine):
     def __init__(self, loaded: ServedModel, *, adapters: Iterable[AdapterSpec] = (), default_max_tokens: int = 64,
                  max_tokens_limit: int = 512, max_n: int = 4, cache_size: int = 256,
                  aliases: Iterable[str] = (), max_batch_rows: int | None = None,
-                 prefix_cache_mb: float = 0) -> None:
+                 prefix_cache_mb: float = 0, prepack_weights: bool = False) -> None:
         import torch
 
         from llmstack.models.kv_cache import cache_kwarg
@@ -71,6 +72,13 @@ class TransformersEngine(Engine):
         self._adapters = AdapterSlots(loaded.model, adapters, stats=self.stats, on_unload=self._forget_adapter)
         self._config = loaded.model.config
         loaded.model.eval()
+        # Adapters wrap nn.Linear (peft): a model that may carry one keeps its plain layers.
+        may_carry_adapter = bool(self._adapters.specs) or loaded.adapter_dir is not None or (
+            loaded.artifact is not None and loaded.artifact.kind == "adapter")
+        if prepack_weights and not may_carry_adapter:
+            from llmstack.serve.engine.kernels import prepack_linears
+
+            self.stats["packed_linears"] = prepack_linears(loaded.model)
         self.preparer = RequestPreparer(
             loaded.tokenizer, model_id=loaded.model_id, root=loaded.root, identity=loaded.identity,
             source=loaded.source, aliases=aliases, adapters=self._adapters.specs,
@@ -126,7 +134,7 @@ class TransformersEngine(Engine):
             max_n=cfg.engine.max_n,
             cache_size=cfg.engine.response_cache_size, aliases=cfg.model_aliases,
             max_batch_rows=cfg.engine.max_batch_size,
-            prefix_cache_mb=cfg.engine.prefix_cache_mb)
+            prefix_cache_mb=cfg.engine.prefix_cache_mb, prepack_weights=cfg.engine.prepack_weights)
 
     # ------------------------------------------------------------------ protocol
 
