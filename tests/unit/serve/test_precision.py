@@ -1,5 +1,5 @@
-"""engine.dtype: bf16 serving equals fp32 serving on a trained tiny model, logits and sampling stay fp32,
-auto follows the stored dtype, and a dtype the CPU lacks the instructions for is refused (flags faked)."""
+"""engine.dtype: bf16 serving chooses the tokens fp32 serving does, logits and sampling stay fp32, auto follows
+the stored dtype, and a dtype the CPU lacks the instructions for is refused (CPU flags faked)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ import torch
 
 from llmstack.config import ServeConfig, load_config
 from llmstack.errors import ConfigError, ModelLoadError
-from llmstack.serve.engine import TransformersEngine
-from llmstack.serve.engine import precision
+from llmstack.serve.engine import TransformersEngine, precision
 from llmstack.serve.protocol import GenerationRequest, SamplingParams
 
 AVX2_ONLY = frozenset({"fpu", "sse4_2", "avx", "avx2", "fma", "f16c"})
@@ -52,7 +51,8 @@ def _weights_dtype(engine: TransformersEngine) -> torch.dtype:
     return next(engine.model.parameters()).dtype
 
 
-def test_bf16_greedy_equals_fp32_with_fp32_logits_and_sampling(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bf16_greedy_equals_fp32_with_fp32_logits_and_sampling(model_dir: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from llmstack.serve.engine import batch
 
     fp32 = TransformersEngine.from_source(str(model_dir), dtype="float32", cache_size=0)
@@ -110,9 +110,17 @@ def test_auto_serves_the_stored_dtype_and_float16_as_bfloat16(stored: str, serve
         engine.shutdown()
 
 
-def test_engine_dtype_config_is_accepted_and_typos_name_the_key() -> None:
-    assert load_config(ServeConfig, {"engine": {"dtype": "bfloat16"}}).engine.dtype == "bfloat16"
-    assert load_config(ServeConfig, {}).engine.dtype == "auto"
+def test_engine_dtype_config_is_accepted_served_and_typos_name_the_key(model_dir: Path, tmp_path: Path) -> None:
+    cfg = load_config(ServeConfig, {"model": str(model_dir), "registry": str(tmp_path / "registry"),
+                                    "engine": {"dtype": "bfloat16"}})
+    assert cfg.engine.dtype == "bfloat16" and load_config(ServeConfig, {}).engine.dtype == "auto"
+    threads = torch.get_num_threads()
+    engine = TransformersEngine.from_config(cfg)  # what a replica runs
+    try:
+        assert _weights_dtype(engine) == torch.bfloat16
+    finally:
+        engine.shutdown()
+        torch.set_num_threads(threads)
     with pytest.raises(ConfigError, match=r"engine\.dtype: must be one of .*'bfloat16'.*got 'bfloat61'"):
         load_config(ServeConfig, {"engine": {"dtype": "bfloat61"}})
 
