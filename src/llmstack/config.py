@@ -519,6 +519,9 @@ class EngineConfig:
     max_adapters_per_replica: int = 4  # LRU bound on loaded adapters
     num_threads: int | None = None  # torch threads per replica; None: the node's cores shared by max_replicas
     prepack_weights: bool = True  # linear weights packed once for oneDNN (fp32/bf16 models served without adapters)
+    # weights and compute dtype of kind transformers (logits, sampling: float32); auto: the model's stored dtype
+    # (float16 runs as bfloat16); one the CPU lacks the instructions for is refused at start-up
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     vllm: VllmConfig = field(default_factory=VllmConfig)
 
     def check(self) -> Problems:

@@ -10,7 +10,9 @@ the most sensitive on SmolLM2); ``keep_float`` names more layers by pattern.
   (symmetric, scale ``max|w| / 127``: no weight is clipped); activations stay float, the matmul
   multiplies by the int8 weight cast to the compute dtype and rescales per channel. With
   ``weight_only_compute: bfloat16`` the same tensors run on aten's CPU int8 weight-only kernel
-  (``_weight_int8pack_mm``) with bf16 activations: faster at decode, activations rounded to bf16.
+  (``_weight_int8pack_mm``) with bf16 activations: faster at decode, activations rounded to bf16. A bf16
+  model's layers always run there (torchao's eager path casts the whole int8 weight to bf16 per call); a
+  float32 model's default path casts it to float32 per call (aten has no fast fp32-activation int8 kernel).
 * ``int8-dynamic``: the same int8 weights plus per-token dynamic symmetric int8 activations
   (``Int8DynamicActivationInt8WeightConfig``'s scheme); int8 x int8 -> int32 matmul. Replaces the
   old ``dynamic-int8`` (``torch.ao.quantization``'s fbgemm kernel with *one* activation scale per
@@ -220,7 +222,10 @@ class TorchaoBackend:
         details: dict[str, Any] = {"method": method, "keep_float": keep, "torchao": _torchao_version()}
         if method.startswith("int8"):
             dynamic = method == "int8-dynamic"
-            bf16 = not dynamic and config.torchao.weight_only_compute == "bfloat16"
+            model_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+            # a bf16 model's weight-only layers take aten's fused kernel too (torchao's eager path would cast the
+            # whole int8 weight to bf16 at every call)
+            bf16 = not dynamic and (config.torchao.weight_only_compute == "bfloat16" or model_dtype == torch.bfloat16)
             for name in names:
                 module = model.get_submodule(name)
                 _set_weight(module, int8_weight(module.weight, dynamic_activations=dynamic))
@@ -393,8 +398,8 @@ def load_torchao_model(directory: Path, recipe: dict[str, Any]) -> Any:
             raise ValueError(f"{directory}: unexpected tensors {sorted(parts)} for {name}.weight")
         if details.get("compute_dtype"):
             _compute_in(module, getattr(torch, details["compute_dtype"]), io_dtype)
-        if details.get("int8pack"):
-            _use_int8pack(module)
+        if details.get("int8pack") or (io_dtype == torch.bfloat16 and details.get("method") == "int8-weight-only"):
+            _use_int8pack(module)  # bf16 versions saved before int8pack was their default take it too
     _load_rest(model, tensors, {f"{n}.weight" for n in layers}, directory)
     model.eval()
     return model

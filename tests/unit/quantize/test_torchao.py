@@ -95,8 +95,9 @@ def test_tied_embeddings_are_stored_once_and_retied(lm_head: bool, trained_tiny:
     assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys
     assert ("lm_head.weight.qdata" in keys) == lm_head
     loaded = load_artifact(str(tmp_path)).model
-    with torch.inference_mode():
-        assert torch.equal(loaded(ids).logits, before)
+    with torch.inference_mode():  # close, not equal: .to(bf16) also rounded the rotary buffers the reload keeps fp32
+        after = loaded(ids).logits
+    assert float((after.float() - before.float()).norm() / before.float().norm()) < 0.01
     assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == (not lm_head)
 
 
@@ -193,3 +194,37 @@ def test_default_method_and_dtype_follow_the_source(trained_tiny: tuple[Any, Any
     assert loaded.model.model.norm.weight.dtype == torch.bfloat16
     assert loaded.model.model.layers[1].mlp.up_proj.weight.scale.dtype == torch.float32  # scales stay fp32
     assert result.metrics["perplexity_ratio"] < 1.05
+
+
+def test_bf16_int8_weight_only_runs_the_fused_int8pack_kernel(trained_tiny: tuple[Any, Any], tmp_path: Path) -> None:
+    """A bf16 model's int8-weight-only layers take aten's fused kernel (torchao's eager path would cast each whole
+    int8 weight to bf16 at every call), also when loaded from a version whose recipe predates that default."""
+    from llmstack.models import load_artifact
+    from llmstack.quantize.torchao_backend import _int8pack_forward
+
+    model, tokenizer = trained_tiny
+    bf16_model = copy.deepcopy(model).to(torch.bfloat16)
+    ids = tokenizer(["def open(path, mode):", "import os"], return_tensors="pt", padding=True).input_ids
+    with torch.inference_mode():
+        float_logits = bf16_model(ids).logits.float()
+    quantized = _quantize_and_save(bf16_model, tokenizer, "int8-weight-only", {}, tmp_path)
+    layer = quantized.model.layers[1].mlp.down_proj
+    assert getattr(layer.forward, "__func__", None) is _int8pack_forward
+    with torch.inference_mode():
+        x = torch.randn(3, layer.in_features, dtype=torch.bfloat16)
+        eager = torch.nn.functional.linear(x, layer.weight)  # torchao's per-call cast path, same int8 weights
+        assert float((layer(x).float() - eager.float()).norm() / eager.float().norm()) < 0.01
+        before = quantized(ids).logits
+    assert before.dtype == torch.bfloat16
+    assert float((before.float() - float_logits).norm() / float_logits.norm()) < 0.05
+
+    recipe_path = tmp_path / "quantization.json"
+    recipe = json.loads(recipe_path.read_text())
+    assert recipe["details"]["int8pack"] is True
+    recipe["details"]["int8pack"] = False  # as written before bf16 models took the kernel by default
+    recipe_path.write_text(json.dumps(recipe))
+    loaded = load_artifact(str(tmp_path)).model
+    assert getattr(loaded.model.layers[1].mlp.down_proj.forward, "__func__", None) is _int8pack_forward
+    with torch.inference_mode():  # close, not equal: .to(bf16) also rounded the rotary buffers the reload keeps fp32
+        after = loaded(ids).logits
+    assert float((after.float() - before.float()).norm() / before.float().norm()) < 0.01

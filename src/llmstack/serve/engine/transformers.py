@@ -113,10 +113,17 @@ class TransformersEngine(Engine):
     def from_source(cls, source: str, *, registry: Registry | None = None, adapters: Iterable[str] = (),
                     dtype: str = "auto", storage_options: dict[str, Any] | None = None,
                     **limits: Any) -> TransformersEngine:
-        """Load ``source`` (registry ref or directory) and the ``adapters`` entries, then build the engine."""
-        from llmstack.models import load_artifact
+        """Load ``source`` (registry ref or directory) and the ``adapters`` entries, then build the engine.
 
-        loaded = ServedModel.of_artifact(load_artifact(source, registry=registry, dtype=dtype), source=source)
+        ``dtype`` (``engine.dtype``): ``auto`` serves the stored dtype (float16 as bfloat16); one this CPU cannot
+        compute in is refused (:mod:`.precision`).
+        """
+        from llmstack.models import describe_artifact, load_artifact
+        from llmstack.serve.engine.precision import resolve_engine_dtype
+
+        artifact = describe_artifact(source, registry=registry, storage_options=storage_options)
+        dtype = resolve_engine_dtype(artifact, dtype)
+        loaded = ServedModel.of_artifact(load_artifact(artifact, registry=registry, dtype=dtype), source=source)
         specs = resolve_adapters(adapters, registry=registry, base=loaded.artifact, storage_options=storage_options)
         return cls(loaded, adapters=specs, **limits)
 
@@ -130,6 +137,7 @@ class TransformersEngine(Engine):
         torch.set_num_threads(cfg.compute_threads())
         return cls.from_source(
             cfg.model, registry=Registry(cfg.registry) if cfg.registry else Registry(), adapters=cfg.adapters,
+            dtype=cfg.engine.dtype,
             default_max_tokens=cfg.engine.default_max_tokens, max_tokens_limit=cfg.engine.max_tokens_limit,
             max_n=cfg.engine.max_n,
             cache_size=cfg.engine.response_cache_size, aliases=cfg.model_aliases,
