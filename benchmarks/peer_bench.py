@@ -70,11 +70,11 @@ def measure(url: str, model: str, clients: int, requests_each: int, max_tokens: 
     return result
 
 
-def time_to_first_token(url: str, model: str, prompt: str, repeats: int = 3) -> float:
-    """Median seconds to the first streamed token of ``prompt`` (one client, 4 tokens asked, each request its own
-    seed so no response cache answers)."""
+def time_to_first_token(url: str, model: str, prompts: list[str]) -> float:
+    """Median seconds to the first streamed token over ``prompts`` (one client, 4 tokens asked each). The prompts
+    share no prefix, so neither side's prefix cache answers: each is a full prefill."""
     times = []
-    for k in range(repeats):
+    for k, prompt in enumerate(prompts):
         result = asyncio.run(closed_loop(url, clients=1, requests_per_client=1, max_tokens=4, stream=True,
                                          seed_base=1000 + k, prompts=[prompt], extra={"model": model}))
         if result["ok"] != 1 or result["ttft_p50_s"] is None:
@@ -87,17 +87,22 @@ def requests_for(clients: int) -> int:
     return 6 if clients == 1 else 3  # per client: 384 tokens alone, 3072 tokens at 16 clients
 
 
-def long_prompt(tokenizer: Any, tokens: int) -> str:
-    """Real English text cut to exactly ``tokens`` tokens of ``tokenizer`` (the built-in corpus, repeated)."""
+def long_prompts(tokenizer: Any, tokens: int, count: int) -> list[str]:
+    """``count`` texts of exactly ``tokens`` tokens of ``tokenizer``, cut from different places of the built-in
+    corpus (no shared prefix)."""
     from llmstack.data import load_corpus
 
     text = " ".join(load_corpus("builtin:stdlib").documents)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:tokens]
-    prompt = tokenizer.decode(ids)
-    while len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) > tokens:  # decode/encode may not round-trip
-        ids = ids[:-1]
+    all_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    prompts = []
+    for k in range(count):
+        ids = all_ids[k * tokens + 7 * k:(k + 1) * tokens + 7 * k]
         prompt = tokenizer.decode(ids)
-    return prompt
+        while len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) > tokens:  # may not round-trip
+            ids = ids[:-1]
+            prompt = tokenizer.decode(ids)
+        prompts.append(prompt)
+    return prompts
 
 
 # --------------------------------------------------------------------------- decode bandwidth and profile
@@ -298,7 +303,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="peer-bench-"))
     model_dir, registry, ref, int8 = prepare_model(args, workdir)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    prompt = long_prompt(tokenizer, TTFT_PROMPT_TOKENS)
+    ttft_prompts = long_prompts(tokenizer, TTFT_PROMPT_TOKENS, 3)  # the same 3 for every server (own caches)
     log(f"model dir {model_dir}; int8 artifact {int8} ({args.int8_method})")
 
     log("starting vLLM-CPU at " + ", ".join(dtypes) + " (its start-up compiles; minutes on 2 cores)")
@@ -344,7 +349,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     vllms[server].pause()
             return fn(*target(server))
 
-        ttft = {s: one(s, lambda url, model: time_to_first_token(url, model, prompt)) for s in servers}
+        ttft = {s: one(s, lambda url, model: time_to_first_token(url, model, ttft_prompts)) for s in servers}
         log("TTFT at a 512-token prompt: " + ", ".join(f"{s} {v * 1000:.0f} ms" for s, v in ttft.items()))
         for server in servers:  # one warm pass at full load before the rounds
             one(server, lambda url, model: measure(url, model, max(client_counts), 1, mt))
@@ -476,7 +481,7 @@ def markdown(results: dict[str, Any]) -> str:
         "", "Load average (1 min) at the start of each round: "
         + ", ".join(f"{r['loadavg_start'][0]:.1f}" for r in results["rounds"]) + "."]
     lines += ["", f"**Time to first token, {results['ttft_prompt_tokens']}-token prompt** (streamed, one client, "
-              "median of 3):", ""]
+              "median of 3 prompts sharing no prefix, so no prefix cache answers):", ""]
     lines += markdown_table([s for s in servers], [[f"{results['ttft_s'][s] * 1000:.0f} ms" for s in servers]])
     bw = results.get("bandwidth")
     if bw:

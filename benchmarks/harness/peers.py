@@ -48,6 +48,8 @@ def peer_argv(args: argparse.Namespace) -> list[str]:
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if options.get("action") == "store_true":
             argv += [flag] if value else []
+        elif value is None:  # its default: left out
+            continue
         else:
             argv += [flag, str(value)]
     return argv
