@@ -60,6 +60,8 @@ class ServeMetrics:
                                          registry=r)
         self.shed = Counter("llmstack_requests_shed", "Requests refused because the queue was full",
                             ["model"], registry=r)
+        self.resumed = Counter("llmstack_resumed_requests", "Requests resumed on another replica after theirs died",
+                               ["model"], registry=r)
         self.cluster_app = cluster_app
         if cluster_app is not None:
             from llmstack.serve.http.cluster_metrics import mirror
@@ -69,12 +71,14 @@ class ServeMetrics:
                                   ("time_per_token", LATENCY_BUCKETS), ("queue_wait", LATENCY_BUCKETS),
                                   ("batch_size", BATCH_BUCKETS),
                                   ("cache_hits", None), ("prefix_queries", None), ("prefix_hits", None),
-                                  ("prefix_hit_tokens", None), ("shed", None)):
+                                  ("prefix_hit_tokens", None), ("shed", None), ("resumed", None)):
                 setattr(self, attr, mirror(getattr(self, attr), cluster_app, buckets))
 
     def observe_result(self, model: str, *, prompt_tokens: int, completion_tokens: int, timing: Any,
-                       cached: bool, prefix_cached_tokens: int | None = None) -> None:
+                       cached: bool, prefix_cached_tokens: int | None = None, resumed: int = 0) -> None:
         self.observe_prefix(model, prefix_cached_tokens)
+        if resumed:
+            self.resumed.labels(model).inc()
         self.prompt_tokens.labels(model).inc(prompt_tokens)
         self.completion_tokens.labels(model).inc(completion_tokens)
         if cached:

@@ -118,6 +118,7 @@ async def stream_response(engine: Any, requests: list[GenerationRequest], model:
                         error = RequestError("generation timed out and was cancelled", status_code=504,
                                              type="timeout_error", code="timeout")
                     yield f"data: {json.dumps(error.to_openai())}\n\n"
+                    yield "data: [DONE]\n\n"  # the stream ends cleanly: clients stop reading here
                     return
                 steps += index == 0
                 if admission is not None:
@@ -136,6 +137,8 @@ async def stream_response(engine: Any, requests: list[GenerationRequest], model:
                     if item.cached:
                         metrics.cache_hits.labels(label).inc()
                     metrics.observe_prefix(label, item.prefix_cached_tokens)
+                    if item.resumed:
+                        metrics.resumed.labels(label).inc()
                     if item.timing is not None and not item.cached:
                         metrics.queue_wait.labels(label).observe(item.timing.queue_s)
                         metrics.batch_size.labels(label).observe(item.timing.batch_size)
