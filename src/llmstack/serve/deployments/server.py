@@ -24,6 +24,7 @@ from ray import serve
 from llmstack._modules import import_object
 from llmstack.config import ServeConfig, load_config
 from llmstack.errors import LLMStackError, RequestError
+from llmstack.serve.deployments.replica_metrics import ReplicaMetrics
 from llmstack.serve.engine.base import Engine, WorkDecoder
 from llmstack.serve.engine.output import assemble
 from llmstack.serve.engine.work import Work
@@ -85,6 +86,10 @@ class LLMServer:
         self.config = cfg
         self.engine: Engine = engine_class(engine or cfg.engine.kind).from_config(cfg)
         engine_ = self.engine
+        from llmstack.serve.http.cluster_metrics import in_ray_worker
+
+        self.metrics = ReplicaMetrics(engine_.model_id, capacity_tokens=cfg.engine.max_batch_size * engine_.max_model_len,
+                                      cluster_app=cfg.app_name if in_ray_worker() else None)
         self._batched: WorkDecoder | None = None  # None: the engine decodes each request itself
         if engine_.group_batching:
             async def decode(works: list[Work]) -> AsyncIterator[list[Any]]:
@@ -132,7 +137,9 @@ class LLMServer:
 
     async def _chunks(self, work: Work) -> AsyncIterator[GenerationChunk]:
         try:
-            async for chunk in self.engine.run(work, decode=self._batched, before_decode=self._before_decode):
+            chunks = self.engine.run(work, decode=self._batched, before_decode=self._before_decode)
+            async for chunk in self.metrics.track(chunks, prompt_tokens=len(work.prompt_ids),
+                                                  sequences=work.request.sampling.n):
                 yield chunk
         except LLMStackError:
             raise
@@ -151,7 +158,7 @@ class LLMServer:
 
     async def stats(self) -> dict[str, Any]:
         """Counters for tests and benchmarks: requests, cancellations, tokens, adapters, cache."""
-        return self.engine.replica_stats()
+        return {**self.engine.replica_stats(), **self.metrics.snapshot()}
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)

@@ -58,7 +58,7 @@ class Row:
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)  # per id, when asked
 
     def __post_init__(self) -> None:
-        resumed = self.work.resumed_ids
+        resumed = getattr(self.work, "resumed_ids", None)  # a bare Row (tests) may have no Work
         if resumed:  # continue the row an earlier replica began: its ids, their text already sent
             self.ids = list(resumed)
             self.ids_sent = len(resumed)
