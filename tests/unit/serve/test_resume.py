@@ -178,3 +178,19 @@ def test_resume_ids_are_checked(engine: Any) -> None:
         engine.prepare(_request(prompt="x", resume_token_ids=[1] * 12))
     work = engine.prepare(_request(prompt="x", resume_token_ids=[5, 6]))
     assert work.prompt_ids[-2:] == [5, 6] and work.max_tokens == 10
+
+
+def test_only_an_actor_death_inside_rays_wrappers_counts_as_a_lost_replica() -> None:
+    from ray.exceptions import ActorUnavailableError, RayTaskError
+    from ray.serve.exceptions import BackPressureError, RayServeException
+
+    from llmstack.serve.deployments.client import replica_died
+
+    wrapped = RayServeException("upstream crashed")
+    wrapped.__cause__ = _actor_died()
+    task_error = RayTaskError("stream", "traceback", _actor_died())
+    assert replica_died(_actor_died()) and replica_died(wrapped) and replica_died(task_error)
+    assert replica_died(ActorUnavailableError("unreachable", b"\x00" * 16))
+    assert not replica_died(RequestError("bad prompt"))
+    assert not replica_died(BackPressureError(num_queued_requests=1, max_queued_requests=1))
+    assert not replica_died(RuntimeError("a bug"))
