@@ -157,3 +157,33 @@ def test_a_non_streamed_request_whose_replica_is_killed_is_answered(paced_app: s
     assert response.json()["usage"] == whole.json()["usage"]
     assert _wait_for_resumed(paced_app, before + 1) >= before + 1
     _wait_for_two_replicas()
+
+
+def _family_total(url: str, family: str) -> float | None:
+    """The sum of ``family``'s samples in the cluster's /metrics (None: the family is absent)."""
+    lines = [line for line in requests.get(url + "/metrics", timeout=30).text.splitlines()
+             if line.startswith(family + "{") or line.startswith(family + " ")]
+    return sum(float(line.split()[-1]) for line in lines) if lines else None
+
+
+def test_a_stream_the_client_leaves_and_the_replica_gauges_reach_the_cluster_metrics(paced_app: str) -> None:
+    """Through Ray's metrics agents: the abort (with its tokens) and the model replicas' gauges under vLLM's names."""
+    before = _family_total(paced_app, "llmstack_requests_aborted_total") or 0.0
+    with requests.post(paced_app + "/v1/completions", json={**BODY, "stream": True}, stream=True,
+                       timeout=180) as response:
+        assert response.status_code == 200
+        for i, _ in enumerate(line for line in response.iter_lines() if line):
+            if i == 2:
+                break  # the client leaves after three events
+    deadline = time.time() + 60  # the ingress notices the disconnect; agents export every few seconds
+    while time.time() < deadline and (_family_total(paced_app, "llmstack_requests_aborted_total") or 0) <= before:
+        time.sleep(1)
+    assert (_family_total(paced_app, "llmstack_requests_aborted_total") or 0) == before + 1
+    assert (_family_total(paced_app, "llmstack_aborted_completion_tokens_total") or 0) >= 3
+    deadline = time.time() + 60
+    while time.time() < deadline and _family_total(paced_app, "vllm:gpu_cache_usage_perc") is None:
+        time.sleep(1)
+    usage = _family_total(paced_app, "vllm:gpu_cache_usage_perc")
+    waiting = _family_total(paced_app, "vllm:num_requests_waiting")
+    assert usage is not None and 0 <= usage <= 1, usage  # the mean over the replicas, idle or not
+    assert waiting is not None and waiting >= 0, waiting
