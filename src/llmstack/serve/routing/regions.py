@@ -72,7 +72,10 @@ class RegionEngineClient:
         self.router = RegionRouter(regions, spec["routing"], clock=clock)
         self.cfg = self.router.cfg
         engines = engines or {}
-        self.clients = {name: engines.get(name) or ServeEngineClient(h, retry_after_s=serve_cfg.http.retry_after_s)
+        # A failed request moves to another region (which resumes a started stream): resuming it inside a region
+        # whose node died would wait for replicas that may never come back.
+        self.clients = {name: engines.get(name) or ServeEngineClient(h, retry_after_s=serve_cfg.http.retry_after_s,
+                                                                     resume_attempts=0)
                         for name, h in handles.items()}
         self.replica = replica_id()
         self.metrics = RegionMetrics(self.replica, int(spec["routing"].get("router_replicas", 1)))
