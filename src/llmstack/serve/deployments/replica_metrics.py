@@ -8,7 +8,6 @@ app's name, so the ingress's cluster-wide ``/metrics`` serves them (as ``vllm:nu
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 from llmstack.serve.protocol import GenerationChunk
 

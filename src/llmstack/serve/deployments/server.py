@@ -5,6 +5,8 @@ failures are raised as llmstack errors (``RequestError`` and friends), which pic
 status code and OpenAI fields, so the caller re-raises exactly what the engine said.
 
 The engine is any :class:`~llmstack.serve.engine.Engine`; the replica calls nothing outside that contract.
+Each replica reports the requests waiting for their first token and the KV its running sequences hold
+(:class:`~llmstack.serve.deployments.replica_metrics.ReplicaMetrics`).
 
 Batching, for an engine with ``group_batching``: ``@serve.batch`` collects up to ``max_batch_size``
 requests (waiting at most ``batch_wait_timeout_s``) and hands them to the engine's ``run_batch``, an
@@ -28,6 +30,7 @@ from llmstack.serve.deployments.replica_metrics import ReplicaMetrics
 from llmstack.serve.engine.base import Engine, WorkDecoder
 from llmstack.serve.engine.output import assemble
 from llmstack.serve.engine.work import Work
+from llmstack.serve.http.cluster_metrics import in_ray_worker
 from llmstack.serve.protocol import GenerationChunk, GenerationRequest, GenerationResult, ModelCard
 
 logger = logging.getLogger("ray.serve")
@@ -86,9 +89,9 @@ class LLMServer:
         self.config = cfg
         self.engine: Engine = engine_class(engine or cfg.engine.kind).from_config(cfg)
         engine_ = self.engine
-        from llmstack.serve.http.cluster_metrics import in_ray_worker
-
-        self.metrics = ReplicaMetrics(engine_.model_id, capacity_tokens=cfg.engine.max_batch_size * engine_.max_model_len,
+        # requests waiting and KV held, for the ingress's cluster-wide /metrics (vllm:num_requests_waiting, ...)
+        self.metrics = ReplicaMetrics(engine_.model_id,
+                                      capacity_tokens=cfg.engine.max_batch_size * engine_.max_model_len,
                                       cluster_app=cfg.app_name if in_ray_worker() else None)
         self._batched: WorkDecoder | None = None  # None: the engine decodes each request itself
         if engine_.group_batching:
