@@ -15,7 +15,7 @@ from typing import Any
 from llmstack.serve.deployments.server import LLMServer
 from llmstack.serve.protocol import GenerationChunk, GenerationRequest, GenerationResult
 
-FAULTS = ("raise", "garbage", "slow")
+FAULTS = ("raise", "garbage", "slow", "paced")
 
 _BaseServer: Any = LLMServer.func_or_class
 
@@ -24,7 +24,9 @@ class FaultInjectingLLMServer(_BaseServer):  # type: ignore[misc, valid-type]
     """TEST/FAULT INJECTION ONLY: an ``LLMServer`` that misbehaves on purpose, to exercise canary rollback.
 
     ``raise``: every generation raises; ``garbage``: outputs are replaced by one repeated token;
-    ``slow``: every request waits ``delay_s`` first. A canary version runs it with
+    ``slow``: every request waits ``delay_s`` first; ``paced``: every streamed chunk waits ``delay_s`` before it
+    is sent and a non-streamed request waits ``delay_s`` per token it may generate (so a test can kill a replica
+    while a request is surely in flight). A canary version runs it with
     ``{"deployment": "faults:FaultInjectingLLMServer", "deployment_args": {"fault": "raise"}}``.
     """
 
@@ -49,6 +51,8 @@ class FaultInjectingLLMServer(_BaseServer):  # type: ignore[misc, valid-type]
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         await self._before()
+        if self.fault == "paced":
+            await asyncio.sleep(self.delay_s * (request.sampling.max_tokens or 1))
         result = await super().generate(request)
         if self.fault == "garbage" and isinstance(result, GenerationResult):
             for choice in result.choices:
@@ -62,4 +66,6 @@ class FaultInjectingLLMServer(_BaseServer):  # type: ignore[misc, valid-type]
             if self.fault == "garbage" and isinstance(item, GenerationChunk):
                 for delta in item.deltas:
                     delta.text, delta.token_ids = "\ufffd" * max(1, len(delta.token_ids)), [0] * len(delta.token_ids)
+            if self.fault == "paced":
+                await asyncio.sleep(self.delay_s)
             yield item

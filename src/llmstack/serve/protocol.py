@@ -55,6 +55,11 @@ class GenerationRequest(BaseModel):
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     request_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     arrival_time: float = Field(default_factory=time.time)
+    # A resumed request (its first replica died): the ids already delivered and the characters of text they
+    # showed. The engine continues after the tokenized prompt plus these ids; they count against ``max_tokens``
+    # and in ``completion_tokens``, and text held back for them (a split character) is sent first (n must be 1).
+    resume_token_ids: list[int] = Field(default_factory=list)
+    resume_text_chars: int = Field(default=0, ge=0)
 
 
 class TokenLogprob(BaseModel):
@@ -92,6 +97,7 @@ class GenerationResult(BaseModel):
     timing: Timing = Field(default_factory=Timing)
     cached: bool = False  # served from the response cache
     prefix_cached_tokens: int | None = None  # prompt tokens reused from the prefix cache (None: cache off)
+    resumed: int = 0  # times the request was resumed on another replica after one died
 
 
 class ChoiceDelta(BaseModel):
@@ -114,6 +120,7 @@ class GenerationChunk(BaseModel):
     timing: Timing | None = None
     cached: bool = False
     prefix_cached_tokens: int | None = None  # on the last chunk: prompt tokens reused from the prefix cache
+    resumed: int = 0  # on the last chunk: times the stream was resumed on another replica after one died
 
 
 class ModelCard(BaseModel):

@@ -129,6 +129,9 @@ def run(out: dict[str, Any], workdir: Path) -> None:
         after_kill = get_json(url, "/regions")
         out["kill_at"] = t_kill
         out["failover_samples"] = [s.__dict__ for s in load.samples]
+        out["resumed_after_kill"] = sum(  # streams that continued on another region (they answer 200)
+            float(line.split()[-1]) for line in __import__("requests").get(url + "/metrics", timeout=30).text
+            .splitlines() if line.startswith("llmstack_resumed_requests_total"))
         out["status_after_kill"] = after_kill
 
         # --- re-admission: a new eu-west node; Serve restarts the replica there; probes re-admit it

@@ -5,6 +5,8 @@ failures are raised as llmstack errors (``RequestError`` and friends), which pic
 status code and OpenAI fields, so the caller re-raises exactly what the engine said.
 
 The engine is any :class:`~llmstack.serve.engine.Engine`; the replica calls nothing outside that contract.
+Each replica reports the requests waiting for their first token and the KV its running sequences hold
+(:class:`~llmstack.serve.deployments.replica_metrics.ReplicaMetrics`).
 
 Batching, for an engine with ``group_batching``: ``@serve.batch`` collects up to ``max_batch_size``
 requests (waiting at most ``batch_wait_timeout_s``) and hands them to the engine's ``run_batch``, an
@@ -24,9 +26,11 @@ from ray import serve
 from llmstack._modules import import_object
 from llmstack.config import ServeConfig, load_config
 from llmstack.errors import LLMStackError, RequestError
+from llmstack.serve.deployments.replica_metrics import ReplicaMetrics
 from llmstack.serve.engine.base import Engine, WorkDecoder
 from llmstack.serve.engine.output import assemble
 from llmstack.serve.engine.work import Work
+from llmstack.serve.http.cluster_metrics import in_ray_worker
 from llmstack.serve.protocol import GenerationChunk, GenerationRequest, GenerationResult, ModelCard
 
 logger = logging.getLogger("ray.serve")
@@ -85,6 +89,10 @@ class LLMServer:
         self.config = cfg
         self.engine: Engine = engine_class(engine or cfg.engine.kind).from_config(cfg)
         engine_ = self.engine
+        # requests waiting and KV held, for the ingress's cluster-wide /metrics (vllm:num_requests_waiting, ...)
+        self.metrics = ReplicaMetrics(engine_.model_id,
+                                      capacity_tokens=cfg.engine.max_batch_size * engine_.max_model_len,
+                                      cluster_app=cfg.app_name if in_ray_worker() else None)
         self._batched: WorkDecoder | None = None  # None: the engine decodes each request itself
         if engine_.group_batching:
             async def decode(works: list[Work]) -> AsyncIterator[list[Any]]:
@@ -132,7 +140,9 @@ class LLMServer:
 
     async def _chunks(self, work: Work) -> AsyncIterator[GenerationChunk]:
         try:
-            async for chunk in self.engine.run(work, decode=self._batched, before_decode=self._before_decode):
+            chunks = self.engine.run(work, decode=self._batched, before_decode=self._before_decode)
+            async for chunk in self.metrics.track(chunks, prompt_tokens=len(work.prompt_ids),
+                                                  sequences=work.request.sampling.n):
                 yield chunk
         except LLMStackError:
             raise
@@ -151,7 +161,7 @@ class LLMServer:
 
     async def stats(self) -> dict[str, Any]:
         """Counters for tests and benchmarks: requests, cancellations, tokens, adapters, cache."""
-        return self.engine.replica_stats()
+        return {**self.engine.replica_stats(), **self.metrics.snapshot()}
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)

@@ -31,7 +31,7 @@ def chunk_of(tokenizer: Any, work: Work, now: float) -> GenerationChunk:
         firsts = [row.first_token_time for row in rows if row.first_token_time is not None]
         arrival = work.request.arrival_time
         chunk.finished = True
-        chunk.prompt_tokens = len(work.prompt_ids)
+        chunk.prompt_tokens = work.prompt_tokens
         chunk.prefix_cached_tokens = work.prefix_cached_tokens
         chunk.completion_tokens = sum(len(row.ids) + int(row.eos) for row in rows)
         chunk.timing = Timing(queue_s=max(0.0, (work.started or now) - arrival),
@@ -117,7 +117,7 @@ def assemble(chunks: list[GenerationChunk], work: Work) -> GenerationResult:
         request_id=work.request.request_id, model=work.request.model,
         choices=[ChoiceOutput(index=i, text=texts[i], token_ids=ids[i], finish_reason=reasons[i], logprobs=logprobs[i])
                  for i in range(n)],
-        prompt_tokens=last.prompt_tokens if last else len(work.prompt_ids),
+        prompt_tokens=last.prompt_tokens if last else work.prompt_tokens,
         completion_tokens=last.completion_tokens if last else 0,
         timing=(last.timing if last and last.timing else Timing()), cached=bool(last and last.cached),
         prefix_cached_tokens=last.prefix_cached_tokens if last else None)

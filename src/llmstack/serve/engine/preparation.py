@@ -91,6 +91,7 @@ class RequestPreparer:
         prompt_param = "prompt" if request.messages is None else "messages"
         if not prompt_ids:
             raise RequestError("the prompt is empty", param=prompt_param)
+        resumed = self.check_resume(request)
         limit = self.max_model_len
         if len(prompt_ids) >= limit:
             raise RequestError(
@@ -107,11 +108,30 @@ class RequestPreparer:
                     f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the prompt, {max_tokens} for the "
                     f"completion). Reduce the prompt or max_tokens.", param="max_tokens",
                     code="context_length_exceeded")
-        work = Work(request, prompt_ids, max_tokens, adapter)
-        if params.deterministic and self.cache.capacity > 0:
+        if resumed:  # continue after the delivered ids, which count against max_tokens
+            if len(resumed) >= max_tokens:
+                raise RequestError(f"resume_token_ids has {len(resumed)} ids, not fewer than the request's "
+                                   f"{max_tokens} max_tokens: nothing is left to generate", param="resume_token_ids")
+            prompt_ids, max_tokens = prompt_ids + resumed, max_tokens - len(resumed)
+        work = Work(request, prompt_ids, max_tokens, adapter, resumed_ids=resumed)
+        if params.deterministic and self.cache.capacity > 0 and not resumed:  # its result is a continuation
             adapter_identity = self.adapters[adapter].identity if adapter else None
             work.cache_key = ResponseCache.key(self.identity, adapter_identity, prompt_ids, params, max_tokens)
         return work
+
+    def check_resume(self, request: GenerationRequest) -> list[int]:
+        """The ids a resumed request continues after (checked against the vocabulary; n must be 1)."""
+        resumed = list(request.resume_token_ids)
+        if not resumed:
+            return resumed
+        if request.sampling.n != 1:
+            raise RequestError(f"only a request with n=1 can be resumed, got n={request.sampling.n}",
+                               param="resume_token_ids")
+        bad = [t for t in resumed if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestError(f"resume_token_ids must be in [0, {self.vocab_size}), got {bad[:5]}",
+                               param="resume_token_ids")
+        return resumed
 
     def check_sampling(self, params: SamplingParams) -> None:
         """Refuse sampling parameters outside the engine's limits, naming the parameter."""

@@ -471,8 +471,8 @@ class VllmEngine(Engine):
         completion_tokens = sum(len(c.token_ids) for c in choices.values()) + eos_counted
         self.stats["generated_tokens"] += completion_tokens
         chunk.finished = True
-        chunk.prompt_tokens = len(work.prompt_ids)
-        chunk.completion_tokens = completion_tokens
+        chunk.prompt_tokens = work.prompt_tokens
+        chunk.completion_tokens = completion_tokens + len(work.resumed_ids)  # as the transformers engine counts
         chunk.prefix_cached_tokens = int(output.num_cached_tokens or 0) if self.prefix_caching else None
         chunk.timing = Timing(ttft_s=(first_token_at - arrival) if first_token_at else None, total_s=now - arrival,
                               batch_size=len(choices))

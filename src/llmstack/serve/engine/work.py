@@ -23,6 +23,14 @@ class Work:
     reported: bool = False  # its last chunk went out
     batch_size: int = 0  # most sequences decoded together with it
     prefix_cached_tokens: int | None = None  # prompt tokens whose KV came from the prefix cache (None: not asked)
+    # A resumed request's ids delivered by an earlier replica: the tail of ``prompt_ids`` (prefilled) and the
+    # head of its row's ``ids`` (penalties, limits, text and usage count them); ``max_tokens`` is what is left.
+    resumed_ids: list[int] = field(default_factory=list)
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The request's own prompt, without the ids of a resume."""
+        return len(self.prompt_ids) - len(self.resumed_ids)
 
 
 @dataclass(eq=False)
@@ -48,4 +56,14 @@ class Row:
     eos: bool = False  # ended on an end-of-sequence token (counted, not shown)
     first_token_time: float | None = None
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)  # per id, when asked
+
+    def __post_init__(self) -> None:
+        resumed = getattr(self.work, "resumed_ids", None)  # a bare Row (tests) may have no Work
+        if resumed:  # continue the row an earlier replica began: its ids, their text already sent
+            self.ids = list(resumed)
+            self.ids_sent = len(resumed)
+            self.max_tokens += len(resumed)
+            self.emitted = self.work.request.resume_text_chars
+            if self.params.logprobs is not None:  # aligned with ids; the resumed ones are never sent again
+                self.logprobs = [(0.0, [])] * len(resumed)
 

@@ -275,7 +275,7 @@ async def _complete(engine: Any, requests: list[GenerationRequest], model: str, 
     for i, (result, prompt) in enumerate(zip(results, prompts)):
         metrics.observe_result(label, prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
                                timing=result.timing, cached=result.cached,
-                               prefix_cached_tokens=result.prefix_cached_tokens)
+                               prefix_cached_tokens=result.prefix_cached_tokens, resumed=result.resumed)
         for choice in result.choices:
             echoed = prompt if body.echo and isinstance(prompt, str) else ""
             choices.append(CompletionChoice(index=i * n + choice.index, text=echoed + choice.text,
@@ -292,7 +292,7 @@ async def _chat(engine: Any, request: GenerationRequest, model: str, metrics: Se
     admission.received(result.completion_tokens)
     metrics.observe_result(label, prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
                            timing=result.timing, cached=result.cached,
-                           prefix_cached_tokens=result.prefix_cached_tokens)
+                           prefix_cached_tokens=result.prefix_cached_tokens, resumed=result.resumed)
     response = ChatCompletionResponse(
         id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model,
         choices=[ChatChoice(index=c.index, message=ChatChoiceMessage(content=c.text), finish_reason=c.finish_reason,

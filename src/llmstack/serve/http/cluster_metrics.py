@@ -27,9 +27,13 @@ VLLM_NAMES = {  # llmstack family -> the vLLM family it also appears as
     "llmstack_request_latency_seconds": "vllm:e2e_request_latency_seconds",
     "llmstack_prompt_tokens": "vllm:prompt_tokens",
     "llmstack_completion_tokens": "vllm:generation_tokens",
-    "llmstack_prefix_cache_queries": "vllm:prefix_cache_queries",
-    "llmstack_prefix_cache_hits": "vllm:prefix_cache_hits",
+    # vLLM counts its prefix cache in tokens: queried prompt tokens and the tokens found cached
+    "llmstack_prefix_cache_query_tokens": "vllm:prefix_cache_queries",
+    "llmstack_prefix_cache_hit_tokens": "vllm:prefix_cache_hits",
+    "llmstack_requests_waiting": "vllm:num_requests_waiting",
+    "llmstack_kv_cache_usage_perc": "vllm:gpu_cache_usage_perc",
 }
+AVERAGED_SUFFIX = "_perc"  # a fraction per replica (KV usage): the cluster's value is the mean, not the sum
 
 
 def in_ray_worker() -> bool:
@@ -72,6 +76,10 @@ class _MirrorChild:
     def dec(self, amount: float = 1.0) -> None:
         self.local.dec(amount)
         self.ray_metric.set(self.local._value.get(), tags=self.tags)
+
+    def set(self, value: float) -> None:
+        self.local.set(value)
+        self.ray_metric.set(value, tags=self.tags)
 
     def observe(self, value: float) -> None:
         self.local.observe(value)
@@ -122,6 +130,7 @@ def aggregate(texts: list[str], app: str, *, own: list[Any] = (), worker_id: str
 
     kinds: dict[str, tuple[str, str]] = {}  # family -> (type, help)
     sums: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = defaultdict(lambda: defaultdict(float))
+    counts: dict[tuple[str, tuple[tuple[str, str], ...]], int] = defaultdict(int)  # samples summed (for means)
     for text in texts:
         for family in text_string_to_metric_families(text):
             if not family.name.startswith(RAY_PREFIX + "llmstack_"):
@@ -133,6 +142,7 @@ def aggregate(texts: list[str], app: str, *, own: list[Any] = (), worker_id: str
                     continue
                 labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k not in WORKER_LABELS))
                 sums[name][(sample.name[len(RAY_PREFIX):], labels)] += sample.value
+                counts[(sample.name[len(RAY_PREFIX):], labels)] += 1
     for family in own:
         kinds.setdefault(family.name, (family.type, family.documentation))
         for sample in family.samples:
@@ -140,6 +150,10 @@ def aggregate(texts: list[str], app: str, *, own: list[Any] = (), worker_id: str
                 continue
             labels = tuple(sorted(sample.labels.items()))
             sums[family.name][(sample.name, labels)] += sample.value
+            counts[(sample.name, labels)] += 1
+    for name in sums:
+        if name.endswith(AVERAGED_SUFFIX):
+            sums[name] = defaultdict(float, {key: value / max(1, counts[key]) for key, value in sums[name].items()})
     lines: list[str] = []
     for name in sorted(sums):
         kind, documentation = kinds[name]

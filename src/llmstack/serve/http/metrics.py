@@ -58,8 +58,17 @@ class ServeMetrics:
         self.prefix_hit_tokens = Counter("llmstack_prefix_cache_hit_tokens",
                                          "Prompt tokens whose KV states came from the prefix cache", ["model"],
                                          registry=r)
+        self.prefix_query_tokens = Counter("llmstack_prefix_cache_query_tokens",
+                                           "Prompt tokens looked up in the prefix cache", ["model"], registry=r)
+        self.aborted = Counter("llmstack_requests_aborted",
+                               "Streams the client left before they finished", ["model"], registry=r)
+        self.aborted_tokens = Counter("llmstack_aborted_completion_tokens",
+                                      "Tokens generated for streams the client left (not in completion_tokens)",
+                                      ["model"], registry=r)
         self.shed = Counter("llmstack_requests_shed", "Requests refused because the queue was full",
                             ["model"], registry=r)
+        self.resumed = Counter("llmstack_resumed_requests", "Requests resumed on another replica after theirs died",
+                               ["model"], registry=r)
         self.cluster_app = cluster_app
         if cluster_app is not None:
             from llmstack.serve.http.cluster_metrics import mirror
@@ -69,12 +78,15 @@ class ServeMetrics:
                                   ("time_per_token", LATENCY_BUCKETS), ("queue_wait", LATENCY_BUCKETS),
                                   ("batch_size", BATCH_BUCKETS),
                                   ("cache_hits", None), ("prefix_queries", None), ("prefix_hits", None),
-                                  ("prefix_hit_tokens", None), ("shed", None)):
+                                  ("prefix_hit_tokens", None), ("prefix_query_tokens", None),
+                                  ("aborted", None), ("aborted_tokens", None), ("shed", None), ("resumed", None)):
                 setattr(self, attr, mirror(getattr(self, attr), cluster_app, buckets))
 
     def observe_result(self, model: str, *, prompt_tokens: int, completion_tokens: int, timing: Any,
-                       cached: bool, prefix_cached_tokens: int | None = None) -> None:
-        self.observe_prefix(model, prefix_cached_tokens)
+                       cached: bool, prefix_cached_tokens: int | None = None, resumed: int = 0) -> None:
+        self.observe_prefix(model, prefix_cached_tokens, prompt_tokens=prompt_tokens)
+        if resumed:
+            self.resumed.labels(model).inc()
         self.prompt_tokens.labels(model).inc(prompt_tokens)
         self.completion_tokens.labels(model).inc(completion_tokens)
         if cached:
@@ -86,14 +98,22 @@ class ServeMetrics:
                 self.queue_wait.labels(model).observe(timing.queue_s)
                 self.batch_size.labels(model).observe(timing.batch_size)
 
-    def observe_prefix(self, model: str, cached_tokens: int | None) -> None:
-        """One prompt's prefix-cache lookup (None: the cache was not asked, e.g. a response-cache hit)."""
+    def observe_prefix(self, model: str, cached_tokens: int | None, *, prompt_tokens: int | None = None) -> None:
+        """One prompt's prefix-cache lookup (None: the cache was not asked, e.g. a response-cache hit) of its
+        ``prompt_tokens`` (vLLM counts queries in tokens)."""
         if cached_tokens is None:
             return
         self.prefix_queries.labels(model).inc()
+        if prompt_tokens is not None:
+            self.prefix_query_tokens.labels(model).inc(prompt_tokens)
         if cached_tokens:
             self.prefix_hits.labels(model).inc()
             self.prefix_hit_tokens.labels(model).inc(cached_tokens)
+
+    def observe_aborted(self, model: str, generated_tokens: int) -> None:
+        """A stream the client left before it finished, with the tokens generated for it so far."""
+        self.aborted.labels(model).inc()
+        self.aborted_tokens.labels(model).inc(generated_tokens)
 
     def render(self) -> tuple[bytes, str]:
         """This process's own metrics."""

@@ -101,10 +101,13 @@ async def stream_response(engine: Any, requests: list[GenerationRequest], model:
         open_streams = len(tasks)
         ttft_recorded = False
         first_at, steps = time.monotonic(), 0  # decode steps seen (admission's time per step)
+        unfinished_tokens: dict[int, int] = {}  # per stream not finished yet: tokens sent (aborted, if it is left)
+        ended = False  # the server ended the response (done, error or shutdown): the client did not leave
         try:
             while open_streams:
                 entry = await queue.get()
                 if entry is DEADLINE and drain is not None:  # the server shuts down: end this stream cleanly
+                    ended = True
                     yield f"data: {json.dumps(drain.deadline_error().to_openai())}\n\n"
                     yield "data: [DONE]\n\n"
                     return
@@ -117,9 +120,13 @@ async def stream_response(engine: Any, requests: list[GenerationRequest], model:
                     if isinstance(item, asyncio.TimeoutError):
                         error = RequestError("generation timed out and was cancelled", status_code=504,
                                              type="timeout_error", code="timeout")
+                    ended = True
                     yield f"data: {json.dumps(error.to_openai())}\n\n"
+                    yield "data: [DONE]\n\n"  # the stream ends cleanly: clients stop reading here
                     return
                 steps += index == 0
+                unfinished_tokens[index] = unfinished_tokens.get(index, 0) + sum(len(d.token_ids)
+                                                                                 for d in item.deltas)
                 if admission is not None:
                     admission.received(sum(len(d.token_ids) or 1 for d in item.deltas))
                 if not ttft_recorded and any(d.text for d in item.deltas):
@@ -130,15 +137,19 @@ async def stream_response(engine: Any, requests: list[GenerationRequest], model:
                 for event in render(rid, created, item, index * n, first):
                     yield f"data: {json.dumps(event)}\n\n"
                 if item.finished:
+                    unfinished_tokens.pop(index, None)
                     finals.append(item)
                     metrics.prompt_tokens.labels(label).inc(item.prompt_tokens)
                     metrics.completion_tokens.labels(label).inc(item.completion_tokens)
                     if item.cached:
                         metrics.cache_hits.labels(label).inc()
-                    metrics.observe_prefix(label, item.prefix_cached_tokens)
+                    metrics.observe_prefix(label, item.prefix_cached_tokens, prompt_tokens=item.prompt_tokens)
+                    if item.resumed:
+                        metrics.resumed.labels(label).inc()
                     if item.timing is not None and not item.cached:
                         metrics.queue_wait.labels(label).observe(item.timing.queue_s)
                         metrics.batch_size.labels(label).observe(item.timing.batch_size)
+            ended = True
             if steps >= 2:
                 metrics.time_per_token.labels(label).observe((time.monotonic() - first_at) / (steps - 1))
             if admission is not None:
@@ -150,6 +161,8 @@ async def stream_response(engine: Any, requests: list[GenerationRequest], model:
                                              "usage": Usage.of(finals).model_dump()}) + "\n\n"
             yield "data: [DONE]\n\n"
         finally:  # client disconnected or done: stop every generation still running
+            if not ended:
+                metrics.observe_aborted(label, sum(unfinished_tokens.values()))
             if drain is not None:
                 drain.unwatch(queue)
             for task in tasks:

@@ -72,7 +72,10 @@ class RegionEngineClient:
         self.router = RegionRouter(regions, spec["routing"], clock=clock)
         self.cfg = self.router.cfg
         engines = engines or {}
-        self.clients = {name: engines.get(name) or ServeEngineClient(h, retry_after_s=serve_cfg.http.retry_after_s)
+        # A failed request moves to another region (which resumes a started stream): resuming it inside a region
+        # whose node died would wait for replicas that may never come back.
+        self.clients = {name: engines.get(name) or ServeEngineClient(h, retry_after_s=serve_cfg.http.retry_after_s,
+                                                                     resume_attempts=0)
                         for name, h in handles.items()}
         self.replica = replica_id()
         self.metrics = RegionMetrics(self.replica, int(spec["routing"].get("router_replicas", 1)))
@@ -221,19 +224,34 @@ class RegionEngineClient:
         return result
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """The request's chunks from one region; a retryable failure moves it (once) to another region: from the
+        start if nothing was sent, else as a continuation after the ids already delivered (n=1), so the client
+        sees one stream."""
         self.start_probes()
         tried: list[str] = []
+        delivered: list[int] = []  # ids sent to the caller, and the characters of their text
+        chars = 0
+        current = request
         while True:
             name = self._next_region(tried)
             started = False
             try:
-                async with contextlib.aclosing(self._stream_on(name, request)) as chunks:
+                async with contextlib.aclosing(self._stream_on(name, current)) as chunks:
                     async for chunk in chunks:
                         started = True
+                        chunk.resumed += current is not request
+                        for delta in chunk.deltas:
+                            delivered += delta.token_ids
+                            chars += len(delta.text)
                         yield chunk
                 return
             except _Attempt as failure:
-                if failure.retryable and not started and len(tried) == 1 and self._another(tried):
+                resumable = not started or request.sampling.n == 1
+                if failure.retryable and resumable and len(tried) == 1 and self._another(tried):
+                    if started:
+                        current = request.model_copy(update={
+                            "resume_token_ids": request.resume_token_ids + delivered,
+                            "resume_text_chars": request.resume_text_chars + chars})
                     continue
                 raise failure.error from None
 

@@ -28,6 +28,7 @@ class FakeRegion:
         self.calls = 0
         self.hang = False
         self.probe_hang = False  # the health check never answers (a dead node's actor)
+        self.streamed: list[GenerationRequest] = []
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         self.calls += 1
@@ -42,11 +43,13 @@ class FakeRegion:
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         self.calls += 1
+        self.streamed.append(request)
         for i in range(3):
             if self.fail is not None and i >= self.chunks_first:
                 raise self.fail
             yield GenerationChunk(request_id=request.request_id, model="tiny-lm",
-                                  deltas=[ChoiceDelta(index=0, text=f"{self.name}{i}")], finished=i == 2,
+                                  deltas=[ChoiceDelta(index=0, text=f"{self.name}{i}", token_ids=[10 + i])],
+                                  finished=i == 2,
                                   prompt_tokens=4 if i == 2 else 0, completion_tokens=3 if i == 2 else 0,
                                   timing=Timing(total_s=0.1) if i == 2 else None)
 
@@ -112,7 +115,7 @@ def test_timeout_is_a_failure_and_retried() -> None:
     assert client.router.regions["a"].failures == 1
 
 
-def test_stream_not_started_is_retried_started_stream_is_not() -> None:
+def test_stream_not_started_is_retried_started_stream_continues_on_another_region() -> None:
     async def collect(c: RegionEngineClient) -> list[str]:
         return [d.text for chunk in [x async for x in c.stream(request())] for d in chunk.deltas]
 
@@ -128,9 +131,18 @@ def test_stream_not_started_is_retried_started_stream_is_not() -> None:
         async for chunk in client.stream(request()):
             got.extend(d.text for d in chunk.deltas)
 
+    run(partial())  # region a dies after one chunk: the stream continues on b after what a delivered
+    assert got == ["a0", "b0", "b1", "b2"] and fakes["b"].calls == 1
+    continuation = fakes["b"].streamed[0]
+    assert continuation.resume_token_ids == [10] and continuation.resume_text_chars == len("a0")
+
+    client, fakes = make(weights={"a": 1})  # still one other region at most: b failing too ends the stream
+    for fake in fakes.values():
+        fake.fail, fake.chunks_first = UNAVAILABLE, 1
+    got.clear()
     with pytest.raises(RequestError):
         run(partial())
-    assert got == ["a0"] and fakes["b"].calls == 0
+    assert got == ["a0", "b0"]
 
 
 def test_cost_and_tokens_are_counted_per_region() -> None:
