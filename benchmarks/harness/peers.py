@@ -31,7 +31,8 @@ PEER_FLAGS: dict[str, dict[str, Any]] = {
     "--model-dir": {"default": None, "help": "HF model directory both sides serve (default: SmolLM2-135M-Instruct, "
                     "imported from the GGUF of benchmarks/real_model.py)"},
     "--dtypes": {"default": "float32,bfloat16", "help": "float types served by both sides"},
-    "--int8-method": {"default": "int8-dynamic", "help": "llmstack's int8 quantize() method (on the fp32 weights)"},
+    "--int8-method": {"default": "int8-weight-only", "help": "llmstack's int8 quantize() method (on the fp32 weights; "
+                      "int8-weight-only runs bf16 activations on aten's fused int8 kernel)"},
 }
 
 
