@@ -32,7 +32,7 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 PROMPT_WORDS = "the quick brown fox jumps over the lazy dog while a careful engineer measures every step".split()
 
 
-def build_engine(model_dir: str, dtype: str, *, compiled: bool, threads: int) -> Any:
+def build_engine(model_dir: str, dtype: str, *, compiled: bool, threads: int, freezing: bool = False) -> Any:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -42,7 +42,8 @@ def build_engine(model_dir: str, dtype: str, *, compiled: bool, threads: int) ->
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, DTYPES[dtype]))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return TransformersEngine(ServedModel(model.eval(), tokenizer, "bench", "bench@v1", f"bench::{dtype}"),
-                              cache_size=0, max_tokens_limit=512, compile_decode=compiled)
+                              cache_size=0, max_tokens_limit=512, compile_decode=compiled,
+                              compile_freezing=freezing)
 
 
 def prompts(batch: int) -> list[str]:
@@ -75,9 +76,10 @@ def step_times(engine: Any, batch: int, steps: int) -> list[float]:
     return times
 
 
-def measure_steps(model_dir: str, dtype: str, batch: int, steps: int, rounds: int, threads: int) -> dict[str, Any]:
+def measure_steps(model_dir: str, dtype: str, batch: int, steps: int, rounds: int, threads: int,
+                  freezing: bool) -> dict[str, Any]:
     eager = build_engine(model_dir, dtype, compiled=False, threads=threads)
-    compiled = build_engine(model_dir, dtype, compiled=True, threads=threads)
+    compiled = build_engine(model_dir, dtype, compiled=True, threads=threads, freezing=freezing)
     started = time.perf_counter()
     step_times(compiled, batch, 2)  # compiles (or loads from the cache) outside the timed rounds
     warmup_s = time.perf_counter() - started
@@ -91,7 +93,7 @@ def measure_steps(model_dir: str, dtype: str, batch: int, steps: int, rounds: in
     stats = compiled.replica_stats()
     eager.shutdown()
     compiled.shutdown()
-    return {"dtype": dtype, "batch": batch, "steps": steps, "rounds": rounds,
+    return {"dtype": dtype, "batch": batch, "steps": steps, "rounds": rounds, "freezing": freezing,
             "eager_ms": round(statistics.median(p[0] for p in pairs), 2),
             "compiled_ms": round(statistics.median(p[1] for p in pairs), 2),
             "ratio": round(statistics.median(p[0] / p[1] for p in pairs), 3),  # > 1: compiled faster
@@ -125,7 +127,7 @@ def measure_startup(model_dir: str, dtype: str, threads: int) -> dict[str, Any]:
 
 
 def section(results: dict[str, Any], command: str) -> str:
-    rows = [[f"{r['dtype']} batch {r['batch']}", r["eager_ms"], r["compiled_ms"], f"{r['ratio']:.2f}x",
+    rows = [[f"{r['dtype']} batch {r['batch']}{' frozen' if r.get('freezing') else ''}", r["eager_ms"], r["compiled_ms"], f"{r['ratio']:.2f}x",
              r["compiles"], r["compile_fallbacks"]] for r in results["steps"]]
     lines = [f"## {SECTION}", "",
              f"`{command}` on {results['cpu']} ({results['threads']} threads, load average {results['load']}): "
@@ -152,6 +154,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--freezing", default="off", choices=("off", "on", "both"),
+                        help="inductor freezing (weights folded, prepacked) on the compiled engine")
     parser.add_argument("--startup-dtypes", default="fp32", help="dtypes whose cold/warm start-up is measured")
     parser.add_argument("--startup-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="print, leave RESULTS.md and results/ alone")
@@ -163,7 +167,9 @@ def main() -> None:
                                "steps": [], "startup": []}
     for dtype in args.dtypes.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
-            results["steps"].append(measure_steps(args.model, dtype, batch, args.steps, args.rounds, args.threads))
+            for freezing in {"off": (False,), "on": (True,), "both": (False, True)}[args.freezing]:
+                results["steps"].append(measure_steps(args.model, dtype, batch, args.steps, args.rounds,
+                                                      args.threads, freezing))
     for dtype in filter(None, args.startup_dtypes.split(",")):
         results["startup"].append(measure_startup(args.model, dtype, args.threads))
     results["load"] = load_average()

@@ -54,6 +54,7 @@ class TransformersEngine(Engine):
         prefix_cache_mb: memory for the prefix cache's KV blocks (0 disables it).
         compile_decode: decode steps through ``torch.compile`` over KV buckets (:mod:`.compiled`).
         kv_buckets: the KV capacities of the compiled path (None: powers of two from 128 to the max length).
+        compile_freezing: inductor's freezing on the compiled path (weights folded and prepacked).
     """
 
     group_batching: ClassVar[bool] = True
@@ -62,7 +63,7 @@ class TransformersEngine(Engine):
                  max_tokens_limit: int = 512, max_n: int = 4, cache_size: int = 256,
                  aliases: Iterable[str] = (), max_batch_rows: int | None = None,
                  prefix_cache_mb: float = 0, compile_decode: bool = False,
-                 kv_buckets: Sequence[int] | None = None) -> None:
+                 kv_buckets: Sequence[int] | None = None, compile_freezing: bool = False) -> None:
         import torch
 
         from llmstack.models.kv_cache import cache_kwarg
@@ -103,7 +104,8 @@ class TransformersEngine(Engine):
             elif self._adapters.specs or loaded.adapter_dir is not None or (
                     loaded.artifact is not None and loaded.artifact.kind == "adapter"):
                 unsupported = "adapters (their weights switch per batch)"
-            self._decoder = CompiledDecoder(loaded.model, stats=self.stats, unsupported=unsupported)
+            self._decoder = CompiledDecoder(loaded.model, stats=self.stats, unsupported=unsupported,
+                                            freezing=compile_freezing)
         # Grad mode is per thread: switch it off in the one thread that runs the model, never in the caller's.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmstack-engine",
                                            initializer=torch.set_grad_enabled, initargs=(False,))
