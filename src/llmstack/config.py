@@ -503,6 +503,17 @@ class VllmConfig:
         return problems
 
 
+def kv_bucket_problem(buckets: Sequence[Any]) -> str | None:
+    """What is wrong with a KV bucket list on its own (``engine.kv_buckets``: increasing positive ints), or None."""
+    if not buckets:
+        return "must list at least one capacity (or leave it unset for powers of two)"
+    if not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in buckets):
+        return f"must be positive ints, got {list(buckets)}"
+    if any(a >= b for a, b in zip(buckets, buckets[1:])):
+        return f"must be strictly increasing, got {list(buckets)}"
+    return None
+
+
 @dataclass
 class EngineConfig:
     """``engine``: what decodes in each model replica and how it batches, caches and bounds requests."""
@@ -522,6 +533,8 @@ class EngineConfig:
     # weights and compute dtype of kind transformers (logits, sampling: float32); auto: the model's stored dtype
     # (float16 runs as bfloat16); one the CPU lacks the instructions for is refused at start-up
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    compile: bool = False  # transformers engine: decode steps through torch.compile over kv_buckets
+    kv_buckets: list[int] | None = None  # KV capacities of the compiled decode step; None: 128, 256, ... max len
     vllm: VllmConfig = field(default_factory=VllmConfig)
 
     def check(self) -> Problems:
@@ -536,6 +549,10 @@ class EngineConfig:
         cores = os.cpu_count() or 1
         if self.num_threads is not None and not 1 <= self.num_threads <= cores:
             problems.append(("num_threads", f"must be in [1, {cores}] (this machine's cores), got {self.num_threads}"))
+        if self.kv_buckets is not None:
+            problem = kv_bucket_problem(self.kv_buckets)
+            if problem is not None:
+                problems.append(("kv_buckets", problem))
         return problems
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -23,6 +23,7 @@ from llmstack.errors import RequestError
 from llmstack.serve.engine.adapters import AdapterSlots
 from llmstack.serve.engine.base import Engine
 from llmstack.serve.engine.batch import StepStats
+from llmstack.serve.engine.compiled import STAT_KEYS, CompiledDecoder, check_buckets
 from llmstack.serve.engine.loading import AdapterSpec, ServedModel, resolve_adapters
 from llmstack.serve.engine.output import assemble
 from llmstack.serve.engine.preparation import RequestPreparer, eos_token_ids
@@ -52,6 +53,9 @@ class TransformersEngine(Engine):
         cache_size: entries of the response cache (0 disables it).
         prefix_cache_mb: memory for the prefix cache's KV blocks (0 disables it).
         prepack_weights: hold linear weights prepacked for oneDNN (:mod:`.kernels`) when no adapters are served.
+        compile_decode: decode steps through ``torch.compile`` over KV buckets (:mod:`.compiled`).
+        kv_buckets: the KV capacities of the compiled path (None: powers of two from 128 to the max length).
+        compile_freezing: inductor's freezing on the compiled path (weights folded and prepacked).
     """
 
     group_batching: ClassVar[bool] = True
@@ -59,7 +63,8 @@ class TransformersEngine(Engine):
     def __init__(self, loaded: ServedModel, *, adapters: Iterable[AdapterSpec] = (), default_max_tokens: int = 64,
                  max_tokens_limit: int = 512, max_n: int = 4, cache_size: int = 256,
                  aliases: Iterable[str] = (), max_batch_rows: int | None = None,
-                 prefix_cache_mb: float = 0, prepack_weights: bool = False) -> None:
+                 prefix_cache_mb: float = 0, prepack_weights: bool = False, compile_decode: bool = False,
+                 kv_buckets: Sequence[int] | None = None, compile_freezing: bool = False) -> None:
         import torch
 
         from llmstack.models.kv_cache import cache_kwarg
@@ -93,6 +98,21 @@ class TransformersEngine(Engine):
         self._tokenizer_identity = tokenizer_identity(self.tokenizer)
         self.eos_ids = eos_token_ids(self.tokenizer, getattr(loaded.model, "generation_config", None), self._config)
         self.device = next(loaded.model.parameters()).device
+        self._kv_buckets: tuple[int, ...] = ()
+        self._decoder: CompiledDecoder | None = None
+        for name in STAT_KEYS:
+            self.stats[name] = 0
+        if compile_decode:
+            self._kv_buckets = check_buckets(kv_buckets, self.preparer.max_model_len)
+            unsupported = None
+            if not growing:
+                unsupported = f"{type(loaded.model).__name__} builds its own KV cache"
+            elif self.contiguous_prefill:
+                unsupported = "sliding-window attention layers"
+            elif may_carry_adapter:
+                unsupported = "adapters (their weights switch per batch)"
+            self._decoder = CompiledDecoder(loaded.model, stats=self.stats, unsupported=unsupported,
+                                            freezing=compile_freezing)
         # Grad mode is per thread: switch it off in the one thread that runs the model, never in the caller's.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmstack-engine",
                                            initializer=torch.set_grad_enabled, initargs=(False,))
@@ -142,7 +162,8 @@ class TransformersEngine(Engine):
             max_n=cfg.engine.max_n,
             cache_size=cfg.engine.response_cache_size, aliases=cfg.model_aliases,
             max_batch_rows=cfg.engine.max_batch_size,
-            prefix_cache_mb=cfg.engine.prefix_cache_mb, prepack_weights=cfg.engine.prepack_weights)
+            prefix_cache_mb=cfg.engine.prefix_cache_mb, prepack_weights=cfg.engine.prepack_weights,
+            compile_decode=cfg.engine.compile, kv_buckets=cfg.engine.kv_buckets)
 
     # ------------------------------------------------------------------ protocol
 
@@ -188,7 +209,7 @@ class TransformersEngine(Engine):
         """An empty KV cache for a prefill (None: let the model build its own)."""
         from llmstack.serve.engine.kv import new_cache
 
-        return new_cache(self._config)
+        return new_cache(self._config, self._kv_buckets if self._decoder is not None and self._decoder.active else ())
 
     def prefix_namespace(self, adapter: str | None, load_name: str | None = None) -> str:
         """What prefix-cache keys share with the weights they were computed under: model version, tokenizer,
@@ -244,6 +265,15 @@ class TransformersEngine(Engine):
         import torch
 
         cache = inputs.pop("cache", None)
+        decoder = self._decoder
+        if decoder is not None and decoder.active and adapter is None and cache is not None \
+                and inputs["input_ids"].shape[1] == 1:
+            from transformers.modeling_outputs import CausalLMOutputWithPast
+
+            with torch.inference_mode():
+                logits = decoder.decode(cache, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"])
+            if logits is not None:
+                return CausalLMOutputWithPast(logits=logits, cache=cache)
         if cache is not None:
             inputs[self._cache_kwarg] = cache
         with torch.inference_mode(), self._adapters.select(adapter):  # grad mode is per thread
