@@ -243,11 +243,11 @@ def test_elastic_run_grows_on_a_new_node_and_shrinks_on_a_lost_one(tmp_path: Pat
     assert manifest.metrics["step"] == MAX_STEPS
     recoveries = manifest.extra["recoveries"]
     assert len(recoveries) >= 2, recoveries  # the resize to two, and the lost node
-    # Each restart resumes from a checkpoint: at most the steps since the last committed one are lost. Ray Train
-    # commits a reported checkpoint at its controller's next poll of the workers (every 2 s), so a node lost
-    # right after a report can also cost that report's checkpoint: under two intervals, never more.
+    # Each restart resumes from a checkpoint and loses at most one checkpoint interval: the loop trains past a
+    # checkpoint only once Ray Train's controller has committed it, so the latest committed one is never more
+    # than an interval behind the last step the lost workers reached.
     assert all(r["resumed_from_step"] % CHECKPOINT_EVERY == 0 for r in recoveries), recoveries
-    assert all(r["steps_lost"] < 2 * CHECKPOINT_EVERY for r in recoveries), recoveries
+    assert all(r["steps_lost"] <= CHECKPOINT_EVERY for r in recoveries), recoveries
     assert 0 < manifest.metrics["busy_worker_seconds"] < manifest.metrics["worker_seconds"]
 
     # The final trajectory: one worker, then two, then one again after the node was lost.
