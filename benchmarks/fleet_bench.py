@@ -213,7 +213,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {s['utilisation']:.1%} | {versus} "
             f"| {s['completion_median_s'] / 60:.1f} / {s['completion_p95_s'] / 60:.1f} "
             f"| {s['queue_wait_median_s']:.0f} / {s['queue_wait_p95_s']:.0f} | {s['resizes']} / {s.get('moves', 0)} |")
-    lines += ["", "Where the provisioned slot-time that is not stepping goes (seed 0; slot-hours, share of provisioned):",
+    lines += ["", "Where the provisioned slot-time that is not stepping goes (seed 0; slot-hours, share of "
+              "provisioned):",
               "", "| setup | nodes booting | nodes up, idle (idle timeout) | worker groups (re)starting "
               "| free slots beside running jobs |", "|---|---|---|---|---|"]
     for name, s in head["figures"].items():
