@@ -1,6 +1,6 @@
 """Fleet benchmark: a day of training and fine-tuning jobs on one cluster, four provisioning setups.
 
-``--part sim`` (the only part so far) generates a day of job arrivals (llmstack.fleet.generate_day: diurnal
+``--part sim`` generates a day of job arrivals (llmstack.fleet.generate_day: diurnal
 submissions, heavy-tailed run times, mostly small jobs, after Jeon et al. ATC'19, Weng et al. NSDI'22 and
 Hu et al. SC'21) and replays it through llmstack.fleet.simulate in four setups:
 
@@ -17,7 +17,12 @@ worker restart cost) shows what the figures depend on. The simulator runs each d
 Writes benchmarks/results/fleet.json, fleet_trace.csv (the seed-0 day), fleet_sim.png (nodes and busy
 workers over the day) and the ``## fleet (simulated)`` section of benchmarks/RESULTS.md.
 
-Reproduce: python benchmarks/fleet_bench.py --part sim     (about 1.5 minutes on 2 busy CPU cores)
+``--part live`` runs the first setups on a short slice of the seed-0 day (4 jobs from 09:00, shrunk to 30-90 s and
+at most 2 workers) on a local autoscaling Ray cluster (llmstack.fleet.local_cluster: 1-3 one-CPU worker nodes)
+and writes fleet_live.json and the ``## fleet (live)`` section.
+
+Reproduce: python benchmarks/fleet_bench.py --part sim     (about 2 minutes on 2 busy CPU cores)
+           flock /tmp/llmstack-ray.lock python benchmarks/fleet_bench.py --part live   (about 8 minutes)
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -273,21 +279,167 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --------------------------------------------------------------------------- --part live
+
+LIVE_NODES = (2, 3)  # worker nodes of the autoscaling setups (min, max; 2: see run_live_setup); static: 3 up
+LIVE_TIME_SCALE = 60.0  # a minute of the trace is a second live
+LIVE_RUNTIME_S = (15.0, 30.0)  # a live job's run time on its max workers (scaled from the trace, clipped)
+LIVE_STEP_S = 0.4  # assumed seconds per step of the live job's batch on one worker: sizes the step counts
+LIVE_IDLE_TIMEOUT_S = 10.0
+LIVE_SETUP_TIMEOUT_S = 130.0
+LIVE_DATA = {"max_documents": 200, "vocab_size": 512, "block_size": 64}
+
+
+def live_slice(jobs: list[Job], *, count: int = 4, from_s: float = 9 * 3600.0) -> list[dict[str, Any]]:
+    """``count`` consecutive trace jobs from ``from_s`` (working hours), shrunk to the local cluster: arrivals
+    ``LIVE_TIME_SCALE`` times closer, at most 2 workers, run times scaled and clipped to ``LIVE_RUNTIME_S``."""
+    picked = [job for job in jobs if job.arrival_s >= from_s][:count]
+    first = picked[0].arrival_s
+    rows = []
+    for index, job in enumerate(picked):
+        max_workers = min(job.max_workers, 2)
+        runtime_s = min(max(job.runtime_s(job.max_workers, SCALING_EFFICIENCY) / LIVE_TIME_SCALE, LIVE_RUNTIME_S[0]),
+                        LIVE_RUNTIME_S[1])
+        steps = max(10, round(runtime_s * (1 + SCALING_EFFICIENCY * (max_workers - 1)) / LIVE_STEP_S))
+        rows.append({"name": f"live-{index}", "trace_job": job.job_id, "offset_s": (job.arrival_s - first) / LIVE_TIME_SCALE,
+                     "max_workers": max_workers, "steps": steps})
+    return rows
+
+
+def live_config(row: dict[str, Any], *, elastic: bool, registry: Path, runs: Path) -> dict[str, Any]:
+    workers: Any = [1, row["max_workers"]] if elastic and row["max_workers"] > 1 else row["max_workers"]
+    steps = row["steps"]
+    return {"name": row["name"], "registry": str(registry), "storage_path": str(runs), "data": dict(LIVE_DATA),
+            "training": {"max_steps": steps, "micro_batch_size": 4, "grad_accum_steps": 2, "warmup_steps": 1,
+                         "eval_every": steps, "eval_batches": 1, "checkpoint_every": max(5, steps // 5)},
+            "scaling": {"num_workers": workers, "max_failures": 3, "elastic_resize_interval_s": 3}}
+
+
+def run_live_setup(name: str, rows: list[dict[str, Any]], *, workdir: Path) -> dict[str, Any]:
+    """Start a local autoscaling cluster for ``name``, submit the slice at its offsets, sample nodes and Train
+    workers every second until every job ends; the jobs' own metrics come from their registry manifests.
+
+    The autoscaling setups keep 2 nodes up, not 1: llmstack's ``check_cluster`` refuses a fixed-size job that needs
+    more CPUs than the cluster has now, so a 2-worker fixed job on a 1-node autoscaling cluster fails at start
+    instead of asking the autoscaler for its second node.
+    """
+    from llmstack.data.builtin import cache_root
+    from llmstack.fleet import job_status, submit_job
+    from llmstack.fleet.local_cluster import local_autoscaling_cluster, train_workers, worker_nodes
+    from llmstack.registry import Registry
+
+    static, elastic = name == SETUP_NAMES[0], name == SETUP_NAMES[2]
+    registry, runs = workdir / "registry", workdir / "runs"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+    env.update({"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "LLMSTACK_CACHE": str(cache_root()),
+                "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
+                "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # this process's job client, for the cluster it starts
+    low, high = LIVE_NODES
+    samples: list[tuple[float, int, int]] = []
+    ids: dict[str, str] = {}
+    with local_autoscaling_cluster(min_nodes=high if static else low, max_nodes=high, env=env,
+                                   idle_timeout_s=LIVE_IDLE_TIMEOUT_S) as cluster:
+        started = time.time()
+        pending = sorted(rows, key=lambda row: row["offset_s"])
+        records: dict[str, Any] = {}
+        while time.time() - started < LIVE_SETUP_TIMEOUT_S:
+            now = time.time() - started
+            while pending and pending[0]["offset_s"] <= now:
+                row = pending.pop(0)
+                ids[row["name"]] = submit_job(live_config(row, elastic=elastic, registry=registry, runs=runs),
+                                              kind="train", address=cluster.dashboard)
+            try:
+                samples.append((now, len(worker_nodes(cluster.dashboard)), len(train_workers(cluster.dashboard))))
+                records = {n: job_status(i, address=cluster.dashboard) for n, i in ids.items()}
+            except Exception as exc:  # a slow state API answer: skip this sample
+                log(f"{name}: sample skipped ({type(exc).__name__})")
+            if not pending and records and all(r.status in ("SUCCEEDED", "FAILED", "STOPPED")
+                                               for r in records.values()):
+                break
+            time.sleep(1.0)
+        ended = time.time() - started
+    node_s = sum((b[0] - a[0]) * a[1] for a, b in zip(samples, samples[1:]))
+    busy_workers_s = sum((b[0] - a[0]) * a[2] for a, b in zip(samples, samples[1:]))
+    jobs = []
+    for row in rows:
+        record = records.get(row["name"])
+        entry: dict[str, Any] = {**row, "status": record.status if record else "NOT SUBMITTED"}
+        if record is not None and record.status == "SUCCEEDED":
+            metrics = Registry(str(registry)).manifest(f"{row['name']}@v1").metrics
+            entry.update({k: metrics.get(k) for k in ("worker_seconds", "busy_worker_seconds", "queue_wait_s")})
+            entry["completion_s"] = (record.end_time or 0.0) - (record.submitted_at or 0.0)
+        jobs.append(entry)
+    done = [job for job in jobs if job["status"] == "SUCCEEDED"]
+    busy = sum(job["busy_worker_seconds"] or 0.0 for job in done)
+    completions = sorted(job["completion_s"] for job in done)
+    return {"setup": name, "jobs": jobs, "jobs_done": len(done), "wall_s": ended, "node_s": node_s,
+            "busy_worker_s": busy, "train_worker_actor_s": busy_workers_s,
+            "utilisation": busy / node_s if node_s else 0.0,
+            "completion_median_s": statistics.median(completions) if completions else math.nan,
+            "queue_wait_median_s": statistics.median(job["queue_wait_s"] or 0.0 for job in done) if done else math.nan,
+            "series": samples}
+
+
+def run_live() -> dict[str, Any]:
+    import tempfile
+
+    started = time.perf_counter()
+    rows = live_slice(generate_day(seed=SEEDS[0], jobs_per_day=JOBS_PER_DAY, scaling_efficiency=SCALING_EFFICIENCY))
+    log("live slice: " + ", ".join(f"{r['name']} at +{r['offset_s']:.0f} s, {r['max_workers']} workers, "
+                                   f"{r['steps']} steps" for r in rows))
+    setups_run = []
+    for name in SETUP_NAMES[:3]:
+        with tempfile.TemporaryDirectory(prefix="fleet-live-") as workdir:
+            result = run_live_setup(name, rows, workdir=Path(workdir))
+        log(f"{name}: {result['jobs_done']}/{len(rows)} jobs, util {result['utilisation']:.0%}, "
+            f"node-s {result['node_s']:.0f}, median completion {result['completion_median_s']:.0f} s")
+        setups_run.append(result)
+    return {"part": "live", "slice": rows, "nodes": list(LIVE_NODES), "idle_timeout_s": LIVE_IDLE_TIMEOUT_S,
+            "setups": setups_run, "wall_s": time.perf_counter() - started}
+
+
+def live_markdown(results: dict[str, Any]) -> str:
+    low, high = results["nodes"]
+    lines = ["## fleet (live)", "",
+             f"The same three setups on a real local autoscaling cluster (`llmstack.fleet.local_cluster`: Ray's "
+             f"autoscaler over its fake multi-node provider; a head with no CPUs and {low}-{high} one-CPU worker "
+             f"nodes, idle timeout {results['idle_timeout_s']:.0f} s; static keeps {high} up), each running "
+             f"{len(results['slice'])} jobs of the seed-0 trace from 09:00 (arrivals {LIVE_TIME_SCALE:.0f}x closer, "
+             "at most 2 workers, tiny preset, submitted with `llmstack.fleet.submit_job`). Node-seconds are "
+             "sampled each second from the state API over the setup's span (first submission to last job end); "
+             "busy worker-seconds are the jobs' own (time inside optimizer steps, from their registry manifests). "
+             "Fake nodes join in seconds (a cloud node takes minutes), and the 2 shared CPU cores of this machine "
+             "run every node, driver and worker, so these figures show the ranking, not the simulator's levels.",
+             "", "| setup | jobs done | span (s) | node-s | busy worker-s | utilisation | completion median (s) "
+             "| queue wait median (s) |", "|---|---|---|---|---|---|---|---|"]
+    for s in results["setups"]:
+        lines.append(f"| {s['setup']} | {s['jobs_done']}/{len(s['jobs'])} | {s['wall_s']:.0f} | {s['node_s']:.0f} "
+                     f"| {s['busy_worker_s']:.0f} | {s['utilisation']:.1%} | {s['completion_median_s']:.0f} "
+                     f"| {s['queue_wait_median_s']:.0f} |")
+    lines += ["", "Jobs: " + "; ".join(f"{r['name']} ({r['trace_job']}) at +{r['offset_s']:.0f} s, "
+                                       f"{r['max_workers']} worker(s), {r['steps']} steps" for r in results["slice"]),
+              "", f"Reproduce: `PYTHONPATH=src python benchmarks/fleet_bench.py --part live` under "
+              f"`flock /tmp/llmstack-ray.lock` (ran in {results['wall_s']:.0f} s here). JSON: "
+              "`benchmarks/results/fleet_live.json`."]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--part", choices=("sim",), default="sim",
-                        help="sim: the simulator on generated days (the live AutoscalingCluster part is not built yet)")
-    parser.add_argument("--render-only", action="store_true", help="re-render RESULTS.md from fleet.json")
+    parser.add_argument("--part", choices=("sim", "live"), default="sim",
+                        help="sim: the simulator on generated days; live: a slice of the trace on a local "
+                             "autoscaling Ray cluster (starts Ray: run it under the shared lock)")
+    parser.add_argument("--render-only", action="store_true", help="re-render RESULTS.md from the part's JSON")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    if args.render_only:
-        results = json.loads((RESULTS / "fleet.json").read_text())
-    else:
-        results = run_sim()
-        (RESULTS / "fleet.json").write_text(json.dumps(results, indent=1, default=_json_default))
-        results = json.loads((RESULTS / "fleet.json").read_text())
-    write_section("fleet (simulated)", markdown(results))
-    log(f"wrote {RESULTS / 'fleet.json'}, fleet_sim.png and the RESULTS.md section")
+    name, run, render, section = (("fleet.json", run_sim, markdown, "fleet (simulated)") if args.part == "sim" else
+                                  ("fleet_live.json", run_live, live_markdown, "fleet (live)"))
+    if not args.render_only:
+        (RESULTS / name).write_text(json.dumps(run(), indent=1, default=_json_default))
+    results = json.loads((RESULTS / name).read_text())
+    write_section(section, render(results))
+    log(f"wrote {RESULTS / name} and the RESULTS.md section {section!r}")
     return 0
 
 
