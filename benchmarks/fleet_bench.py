@@ -32,6 +32,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import statistics
 import sys
 import time
@@ -284,7 +285,7 @@ def markdown(results: dict[str, Any]) -> str:
 LIVE_NODES = (2, 3)  # worker nodes of the autoscaling setups (min, max; 2: see run_live_setup); static: 3 up
 LIVE_TIME_SCALE = 60.0  # a minute of the trace is a second live
 LIVE_RUNTIME_S = (15.0, 30.0)  # a live job's run time on its max workers (scaled from the trace, clipped)
-LIVE_STEP_S = 0.4  # assumed seconds per step of the live job's batch on one worker: sizes the step counts
+LIVE_STEP_S = 0.15  # assumed seconds per step of the live job's batch on one worker: sizes the step counts
 LIVE_IDLE_TIMEOUT_S = 10.0
 LIVE_SETUP_TIMEOUT_S = 130.0
 LIVE_DATA = {"max_documents": 200, "vocab_size": 512, "block_size": 64}
@@ -316,17 +317,24 @@ def live_config(row: dict[str, Any], *, elastic: bool, registry: Path, runs: Pat
 
 
 def run_live_setup(name: str, rows: list[dict[str, Any]], *, workdir: Path) -> dict[str, Any]:
-    """Start a local autoscaling cluster for ``name``, submit the slice at its offsets, sample nodes and Train
-    workers every second until every job ends; the jobs' own metrics come from their registry manifests.
+    """Start a local autoscaling cluster for ``name``, start the slice's runs at their offsets, sample nodes and
+    Train workers every second until every run ends; the runs' own metrics come from their registry manifests.
 
-    The autoscaling setups keep 2 nodes up, not 1: llmstack's ``check_cluster`` refuses a fixed-size job that needs
-    more CPUs than the cluster has now, so a 2-worker fixed job on a 1-node autoscaling cluster fails at start
+    Each run is ``python -m llmstack train`` started here with ``RAY_ADDRESS`` (what a Ray Job's entrypoint
+    runs), not through the job API: on the fake multi-node cluster every fake node's runtime-env agent shares the
+    head's session directory, and one of them deleted a job's unpacked working directory under its running driver.
+    The autoscaling setups keep 2 nodes up, not 1: llmstack's ``check_cluster`` refuses a fixed-size run that needs
+    more CPUs than the cluster has now, so a 2-worker fixed run on a 1-node autoscaling cluster fails at start
     instead of asking the autoscaler for its second node.
     """
+    import subprocess
+
+    import yaml
+
     from llmstack.data.builtin import cache_root
-    from llmstack.fleet import job_status, submit_job
     from llmstack.fleet.local_cluster import local_autoscaling_cluster, train_workers, worker_nodes
     from llmstack.registry import Registry
+    from llmstack.train.driver import SUBMITTED_AT_ENV
 
     static, elastic = name == SETUP_NAMES[0], name == SETUP_NAMES[2]
     registry, runs = workdir / "registry", workdir / "runs"
@@ -334,41 +342,61 @@ def run_live_setup(name: str, rows: list[dict[str, Any]], *, workdir: Path) -> d
     env.update({"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "LLMSTACK_CACHE": str(cache_root()),
                 "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
                 "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # this process's job client, for the cluster it starts
     low, high = LIVE_NODES
     samples: list[tuple[float, int, int]] = []
-    ids: dict[str, str] = {}
+    drivers: dict[str, tuple[subprocess.Popen, float, Any]] = {}  # name -> (process, submitted at, log file)
+    ended_at: dict[str, float] = {}
     with local_autoscaling_cluster(min_nodes=high if static else low, max_nodes=high, env=env,
                                    idle_timeout_s=LIVE_IDLE_TIMEOUT_S) as cluster:
         started = time.time()
         pending = sorted(rows, key=lambda row: row["offset_s"])
-        records: dict[str, Any] = {}
-        while time.time() - started < LIVE_SETUP_TIMEOUT_S:
-            now = time.time() - started
-            while pending and pending[0]["offset_s"] <= now:
-                row = pending.pop(0)
-                ids[row["name"]] = submit_job(live_config(row, elastic=elastic, registry=registry, runs=runs),
-                                              kind="train", address=cluster.dashboard)
-            try:
-                samples.append((now, len(worker_nodes(cluster.dashboard)), len(train_workers(cluster.dashboard))))
-                records = {n: job_status(i, address=cluster.dashboard) for n, i in ids.items()}
-            except Exception as exc:  # a slow state API answer: skip this sample
-                log(f"{name}: sample skipped ({type(exc).__name__})")
-            if not pending and records and all(r.status in ("SUCCEEDED", "FAILED", "STOPPED")
-                                               for r in records.values()):
-                break
-            time.sleep(1.0)
+        try:
+            while time.time() - started < LIVE_SETUP_TIMEOUT_S:
+                now = time.time() - started
+                while pending and pending[0]["offset_s"] <= now:
+                    row = pending.pop(0)
+                    config = workdir / f"{row['name']}.yaml"
+                    config.write_text(yaml.safe_dump(live_config(row, elastic=elastic, registry=registry, runs=runs)))
+                    output = open(workdir / f"{row['name']}.log", "w+")
+                    submitted = time.time()
+                    process = subprocess.Popen(
+                        [sys.executable, "-m", "llmstack", "train", "--config", str(config)],
+                        env={**env, "RAY_ADDRESS": cluster.gcs_address, SUBMITTED_AT_ENV: f"{submitted:.3f}"},
+                        stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+                    drivers[row["name"]] = (process, submitted, output)
+                for run_name, (process, _, _) in drivers.items():
+                    if process.poll() is not None and run_name not in ended_at:
+                        ended_at[run_name] = time.time()
+                try:
+                    samples.append((now, len(worker_nodes(cluster.dashboard)), len(train_workers(cluster.dashboard))))
+                except Exception as exc:  # a slow state API answer: skip this sample
+                    log(f"{name}: sample skipped ({type(exc).__name__})")
+                if not pending and len(ended_at) == len(rows):
+                    break
+                time.sleep(1.0)
+        finally:
+            for process, _, _ in drivers.values():
+                if process.poll() is None:
+                    os.killpg(process.pid, signal.SIGKILL)
         ended = time.time() - started
     node_s = sum((b[0] - a[0]) * a[1] for a, b in zip(samples, samples[1:]))
     busy_workers_s = sum((b[0] - a[0]) * a[2] for a, b in zip(samples, samples[1:]))
     jobs = []
     for row in rows:
-        record = records.get(row["name"])
-        entry: dict[str, Any] = {**row, "status": record.status if record else "NOT SUBMITTED"}
-        if record is not None and record.status == "SUCCEEDED":
-            metrics = Registry(str(registry)).manifest(f"{row['name']}@v1").metrics
-            entry.update({k: metrics.get(k) for k in ("worker_seconds", "busy_worker_seconds", "queue_wait_s")})
-            entry["completion_s"] = (record.end_time or 0.0) - (record.submitted_at or 0.0)
+        entry: dict[str, Any] = {**row, "status": "NOT STARTED"}
+        if row["name"] in drivers:
+            process, submitted, output = drivers[row["name"]]
+            entry["status"] = "SUCCEEDED" if process.returncode == 0 else f"FAILED (rc {process.returncode})"
+            output.seek(0)
+            text = output.read()
+            output.close()
+            if process.returncode == 0:
+                metrics = Registry(str(registry)).manifest(f"{row['name']}@v1").metrics
+                entry.update({k: metrics.get(k) for k in ("worker_seconds", "busy_worker_seconds", "queue_wait_s",
+                                                          "recoveries")})
+                entry["completion_s"] = ended_at[row["name"]] - submitted
+            else:
+                entry["log_tail"] = text[-1500:]
         jobs.append(entry)
     done = [job for job in jobs if job["status"] == "SUCCEEDED"]
     busy = sum(job["busy_worker_seconds"] or 0.0 for job in done)
@@ -394,6 +422,9 @@ def run_live() -> dict[str, Any]:
             result = run_live_setup(name, rows, workdir=Path(workdir))
         log(f"{name}: {result['jobs_done']}/{len(rows)} jobs, util {result['utilisation']:.0%}, "
             f"node-s {result['node_s']:.0f}, median completion {result['completion_median_s']:.0f} s")
+        for job in result["jobs"]:
+            if job.get("log_tail"):
+                log(f"{job['name']} {job['status']}: ...{job['log_tail'][-600:]}")
         setups_run.append(result)
     return {"part": "live", "slice": rows, "nodes": list(LIVE_NODES), "idle_timeout_s": LIVE_IDLE_TIMEOUT_S,
             "setups": setups_run, "wall_s": time.perf_counter() - started}
@@ -406,7 +437,7 @@ def live_markdown(results: dict[str, Any]) -> str:
              f"autoscaler over its fake multi-node provider; a head with no CPUs and {low}-{high} one-CPU worker "
              f"nodes, idle timeout {results['idle_timeout_s']:.0f} s; static keeps {high} up), each running "
              f"{len(results['slice'])} jobs of the seed-0 trace from 09:00 (arrivals {LIVE_TIME_SCALE:.0f}x closer, "
-             "at most 2 workers, tiny preset, submitted with `llmstack.fleet.submit_job`). Node-seconds are "
+             "at most 2 workers, tiny preset; each run is `python -m llmstack train` with `RAY_ADDRESS`, the entrypoint a Ray Job runs). Node-seconds are "
              "sampled each second from the state API over the setup's span (first submission to last job end); "
              "busy worker-seconds are the jobs' own (time inside optimizer steps, from their registry manifests). "
              "Fake nodes join in seconds (a cloud node takes minutes), and the 2 shared CPU cores of this machine "

@@ -390,7 +390,7 @@ class _Simulation:
         return [target.node_id] if mine <= room else []
 
     def _move_off_drained_node(self, state: _RunningJob, now: float) -> bool:
-        """At a checkpoint, restart ``state``'s workers on the drain target beside other jobs instead."""
+        """At a checkpoint, restart the workers ``state`` has on the drain target on free slots beside other jobs."""
         leave = self._nodes_to_leave(state, now)
         if not leave:
             return False
