@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from llmstack.config import FinetuneConfig, InstructionDataConfig, WorkersConfig, LoopConfig, _at_least
+from llmstack.config import (FinetuneConfig, InstructionDataConfig, LoopConfig, TrackingConfig, WorkersConfig,
+                             _at_least)
 
 Problems = list[tuple[str, str]]
 
@@ -30,6 +31,7 @@ class DistillConfig:
     training: LoopConfig = field(
         default_factory=lambda: LoopConfig(max_steps=100, learning_rate=2e-3, warmup_steps=10))
     scaling: WorkersConfig = field(default_factory=WorkersConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow, as for train and finetune
 
     def check(self) -> Problems:
         problems: Problems = []
@@ -48,6 +50,7 @@ class SweepConfig:
     base: str | None = None  # base model (overrides finetune.base)
     registry: str | None = None  # registry URL
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # the template every trial starts from
+    # MLflow: finetune.tracking (one parent run for the sweep, a nested child run per trial)
     learning_rates: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])  # values searched
     ranks: list[int] = field(default_factory=lambda: [4, 8, 16])  # LoRA ranks searched
     alphas: list[float] = field(default_factory=lambda: [8.0, 16.0, 32.0])  # LoRA alphas searched

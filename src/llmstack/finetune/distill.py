@@ -244,24 +244,29 @@ def distill(config: DistillConfig | Mapping[str, Any] | str | Path | None = None
     signature = {**model_signature(student_config), "distill_teacher": str(teacher_ref),
                  "temperature": cfg.temperature, "alpha": cfg.alpha}
     spec = LoopSpec(model_factory=factory, loss_fn=loss_fn, signature=signature)
-    outcome = run_training(spec, tensors.train, tensors.eval, training=cfg.training, scaling=cfg.scaling,
-                           run_name=cfg.name, storage=default_storage(reg, cfg.storage_path),
-                           storage_options=cfg.storage_options or None, progress=progress, desc="distill")
-    try:
-        metrics = summarize(outcome, before=before, trainable=trainable, total=total)
-        metrics.update(teacher_eval_loss=teacher_eval, teacher_params=teacher_params,
-                       student_to_teacher_params=total / max(teacher_params, 1))
-        model = factory()
-        model.load_state_dict(load_trainable(outcome.checkpoint_dir))
-        model.eval()
-        from llmstack.models import register_model
+    from llmstack.train.tracking import track_run
 
-        ref = register_model(reg, cfg.name, model, tokenizer, kind="model", parents=parents, config=to_dict(cfg),
-                             metrics=metrics, data_fingerprint=tensors.fingerprint,
-                             extra={"distilled_from": str(teacher_ref), "temperature": cfg.temperature,
-                                    "alpha": cfg.alpha, "student": cfg.student, "run_dir": outcome.run_dir,
-                                    "checkpoint": outcome.checkpoint_path})
-    finally:
-        outcome.cleanup()
+    with track_run(cfg.tracking, run_name=cfg.name, params=to_dict(cfg), kind="distill") as tracker:
+        outcome = run_training(spec, tensors.train, tensors.eval, training=cfg.training, scaling=cfg.scaling,
+                               run_name=cfg.name, storage=default_storage(reg, cfg.storage_path),
+                               storage_options=cfg.storage_options or None, progress=progress, desc="distill",
+                               on_record=tracker.log_step)
+        try:
+            metrics = summarize(outcome, before=before, trainable=trainable, total=total)
+            metrics.update(teacher_eval_loss=teacher_eval, teacher_params=teacher_params,
+                           student_to_teacher_params=total / max(teacher_params, 1))
+            model = factory()
+            model.load_state_dict(load_trainable(outcome.checkpoint_dir))
+            model.eval()
+            from llmstack.models import register_model
+
+            ref = register_model(reg, cfg.name, model, tokenizer, kind="model", parents=parents, config=to_dict(cfg),
+                                 metrics=metrics, data_fingerprint=tensors.fingerprint,
+                                 extra={"distilled_from": str(teacher_ref), "temperature": cfg.temperature,
+                                        "alpha": cfg.alpha, "student": cfg.student, "run_dir": outcome.run_dir,
+                                        "checkpoint": outcome.checkpoint_path})
+        finally:
+            outcome.cleanup()
+        tracker.finish(metrics, registry_version=str(ref))
     return DistillResult(ref=ref, teacher=teacher_ref, metrics=metrics, history=outcome.history,
                          run_dir=outcome.run_dir, checkpoint_path=outcome.checkpoint_path)

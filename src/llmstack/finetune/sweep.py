@@ -11,6 +11,7 @@ trials in its manifest.
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -53,8 +54,12 @@ class SweepResult:
 
 
 def run_trial(params: dict[str, Any], *, finetune: dict[str, Any], base: str, registry: Any,
-              targets: list[str] | None, tensors: Any, run_prefix: str, storage: str) -> None:
-    """One Tune trial: a Ray Train fine-tuning run with this trial's learning rate, rank and alpha."""
+              targets: list[str] | None, tensors: Any, run_prefix: str, storage: str,
+              parent_run_id: str | None = None) -> None:
+    """One Tune trial: a Ray Train fine-tuning run with this trial's learning rate, rank and alpha.
+
+    With ``finetune.tracking.mlflow_uri`` set it is an MLflow run nested under the sweep's (``parent_run_id``).
+    """
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -62,6 +67,7 @@ def run_trial(params: dict[str, Any], *, finetune: dict[str, Any], base: str, re
     from llmstack.finetune.methods import ModelFactory
     from llmstack.train import run_training
     from llmstack.train.loop import LoopSpec
+    from llmstack.train.tracking import track_run
 
     cfg = load_config(FinetuneConfig, finetune, [f"training.learning_rate={params['learning_rate']}",
                                                  f"lora.rank={params['rank']}", f"lora.alpha={params['alpha']}"])
@@ -70,10 +76,14 @@ def run_trial(params: dict[str, Any], *, finetune: dict[str, Any], base: str, re
                            target_modules=targets, seed=cfg.training.seed, use_gpu=cfg.scaling.use_gpu)
     spec = LoopSpec(model_factory=factory, checkpoint_trainable_only=True,
                     signature={"base": base, "rank": cfg.lora.rank, "alpha": cfg.lora.alpha})
-    # Every eval report of the Train run reaches Tune (ASHA's input); the final one carries the checkpoint path.
-    run_training(spec, tensors.train, tensors.eval, training=cfg.training, scaling=cfg.scaling,
-                 run_name=f"{run_prefix}-{trial_id}", storage=storage, storage_options=cfg.storage_options or None,
-                 progress=False, callbacks=[TuneReportCallback()])
+    run_name = f"{run_prefix}-{trial_id}"
+    with track_run(cfg.tracking, run_name=run_name, params=to_dict(cfg), kind="sweep trial",
+                   parent_run_id=parent_run_id) as tracker:
+        # Every eval report of the Train run reaches Tune (ASHA's input); the final one carries the checkpoint path.
+        outcome = run_training(spec, tensors.train, tensors.eval, training=cfg.training, scaling=cfg.scaling,
+                               run_name=run_name, storage=storage, storage_options=cfg.storage_options or None,
+                               progress=False, callbacks=[TuneReportCallback()], on_record=tracker.log_step)
+        tracker.finish(outcome.metrics)
 
 
 def sweep(config: SweepConfig | Mapping[str, Any] | str | Path | None = None, *,
@@ -100,7 +110,6 @@ def sweep(config: SweepConfig | Mapping[str, Any] | str | Path | None = None, *,
         >>> r = sweep({"search": "grid", "ranks": [4, 8]}, base="tiny-lm@v1")  # doctest: +SKIP
     """
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     from llmstack.finetune.data import instruction_tensors
     from llmstack.finetune.methods import check_bitsandbytes, resolve_target_modules
@@ -143,9 +152,30 @@ def sweep(config: SweepConfig | Mapping[str, Any] | str | Path | None = None, *,
                  "alpha": tune.choice(list(cfg.alphas))}
     storage = default_storage(reg, ft.storage_path)
     run_prefix = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if ft.tracking.mlflow_uri and "://" not in ft.tracking.mlflow_uri:  # a file store: trials run in other dirs
+        ft.tracking.mlflow_uri = os.path.abspath(ft.tracking.mlflow_uri)
+    from llmstack.train.tracking import track_run
+
+    with track_run(ft.tracking, run_name=cfg.name, params=to_dict(cfg), kind="sweep") as tracker:
+        ref, best, trials = _run_sweep(cfg, ft, space, reg, base_ref=base_ref, base_config=base_config,
+                                       targets=targets, tensors=tensors, storage=storage, run_prefix=run_prefix,
+                                       progress=progress, tracker=tracker)
+        tracker.finish({**{k: best[k] for k in ("eval_loss", "loss", "step") if best.get(k) is not None},
+                        **{f"best_{k}": best[k] for k in PARAMS}}, registry_version=str(ref))
+    return SweepResult(ref=ref, base=base_ref, best=best, trials=trials)
+
+
+def _run_sweep(cfg: SweepConfig, ft: Any, space: dict[str, Any], reg: Registry, *, base_ref: ArtifactRef,
+               base_config: Any, targets: list[str] | None, tensors: Any, storage: str, run_prefix: str,
+               progress: bool, tracker: Any) -> tuple[ArtifactRef, dict[str, Any], list[dict[str, Any]]]:
+    """Run the Tune trials, register the best one's adapter: (its ref, the best trial, every trial)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, finetune=to_dict(ft), base=str(base_ref), registry=reg, targets=targets,
-                             tensors=tensors, run_prefix=run_prefix, storage=storage),
+                             tensors=tensors, run_prefix=run_prefix, storage=storage,
+                             parent_run_id=tracker.run_id),
         {"CPU": 0, "memory": 1 << 20})  # no CPU: the trial's Ray Train workers take them; 1 MiB keeps a bundle
     scheduler = ASHAScheduler(time_attr="step", max_t=ft.training.max_steps,
                               grace_period=min(cfg.grace_period * ft.training.eval_every, ft.training.max_steps),
@@ -166,10 +196,13 @@ def sweep(config: SweepConfig | Mapping[str, Any] | str | Path | None = None, *,
         params = {k: (result.config or {}).get(k) for k in PARAMS}
         # Finished = reached the last step; its report carries the final checkpoint's path.
         finished = metrics.get("step") == ft.training.max_steps and bool(metrics.get("checkpoint_path"))
-        trials.append({**params, "step": metrics.get("step"), "eval_loss": metrics.get("eval_loss"),
-                       "loss": metrics.get("loss"), "finished": finished, "stopped_early": not finished and
-                       result.error is None, "error": str(result.error).splitlines()[0] if result.error else None,
+        trials.append({**params, "trial_id": metrics.get("trial_id"), "step": metrics.get("step"),
+                       "eval_loss": metrics.get("eval_loss"), "loss": metrics.get("loss"), "finished": finished,
+                       "stopped_early": not finished and result.error is None,
+                       "error": str(result.error).splitlines()[0] if result.error else None,
                        "checkpoint_path": metrics.get("checkpoint_path")})
+    tracker.settle_children({f"{run_prefix}-{t['trial_id']}": {"llmstack.trial_outcome": _outcome(t)}
+                             for t in trials if t["trial_id"]})
     done = [t for t in trials if t["finished"] and t.get(cfg.metric) is not None]
     if not done:
         errors = "; ".join(t["error"] for t in trials if t["error"]) or (
@@ -179,7 +212,11 @@ def sweep(config: SweepConfig | Mapping[str, Any] | str | Path | None = None, *,
     best = min(done, key=lambda t: t[cfg.metric])
     ref = _register_best(reg, cfg, best, base_ref=base_ref, base_config=base_config, targets=targets,
                          tensors=tensors, trials=trials, storage_options=ft.storage_options)
-    return SweepResult(ref=ref, base=base_ref, best=best, trials=trials)
+    return ref, best, trials
+
+
+def _outcome(trial: dict[str, Any]) -> str:
+    return "finished" if trial["finished"] else "stopped_early" if trial["stopped_early"] else "error"
 
 
 def _seeded_search(cfg: SweepConfig) -> Any:

@@ -4,12 +4,14 @@
 - :func:`generate_day`: a seedable day of arrivals shaped like published GPU-cluster studies.
 - :func:`submit_job`, :func:`list_jobs`, :func:`job_status`, :func:`job_logs`, :func:`stop_job`: training and
   fine-tuning runs as Ray Jobs on a running cluster (``llmstack jobs ...``).
+- :mod:`llmstack.fleet.local_cluster`: a local autoscaling Ray cluster (Ray's autoscaler over fake nodes) for
+  tests and the live benchmark.
 - :func:`simulate`: replays jobs through a :class:`ClusterSetup` (Ray's autoscaler rules, fixed or elastic
   jobs) and returns a :class:`FleetResult` (node-seconds, utilisation, completion times, time series).
 
 Nothing here imports Ray until a job is submitted or followed.
 
-May import: ``config``, ``errors``, ``train`` (checked by tests/unit/test_import_graph.py).
+May import: ``_ray``, ``config``, ``errors``, ``train`` (checked by tests/unit/test_import_graph.py).
 
 Example:
     >>> from llmstack.fleet import ClusterSetup, NodeType, generate_day, simulate

@@ -7,7 +7,11 @@ The clock advances in ``tick_s`` steps. Each tick, in this order:
    backfill, as pending Ray placement groups do): a **fixed** job only with its whole set of
    ``max_workers`` bundles, an **elastic** job with as many as are free once that is ``>= min_workers``;
 3. an elastic job below ``max_workers`` that stands at a checkpoint grows onto free slots (Ray Train
-   restarts its worker group from that checkpoint: ``restart_s`` without stepping);
+   restarts its worker group from that checkpoint: ``restart_s`` without stepping); with ``consolidate``,
+   an elastic job at a checkpoint that has workers on the *drain target* (the up node with the fewest busy
+   slots, when the other busy nodes have room for all of them) restarts them there instead, so that node
+   empties and the idle timeout takes it (live, a node drain: Ray Train's preemption notice, a checkpoint,
+   and the worker group restarted on the other nodes);
 4. every ``autoscaler_interval_s`` the autoscaler (Ray's rules, as in its resource-demand scheduler)
    bin-packs the pending bundles (queued jobs' bundles and the missing ones of elastic jobs below
    their max: Ray Train's elastic policy requests ``max_workers``) first onto free slots of up and
@@ -73,6 +77,7 @@ class ClusterSetup:
     idle_timeout_s: float = 300.0  # Ray's idle_timeout_minutes default is 5
     autoscaler_interval_s: float = 5.0  # Ray's autoscaler update interval
     restart_s: float = 0.0  # worker-group (re)start before the first step after a start, grow or shrink
+    consolidate: bool = False  # elastic jobs leave the emptiest busy node at checkpoints (needs elastic)
     scaling_efficiency: float = 0.9  # each added worker adds this fraction of one worker's throughput
     tick_s: float = 1.0
     sample_s: float = 60.0  # time-series resolution
@@ -85,6 +90,10 @@ class ClusterSetup:
             raise ConfigError("tick_s, sample_s and autoscaler_interval_s must be > 0")
         if not 0 < self.scaling_efficiency <= 1:
             raise ConfigError(f"scaling_efficiency must be in (0, 1], got {self.scaling_efficiency}")
+        if self.consolidate and not (self.elastic and self.autoscaling):
+            raise ConfigError(f"setup {self.name!r}: consolidate=True moves elastic workers so that the autoscaler "
+                              f"can remove a node; set elastic=True and autoscaling=True, got "
+                              f"elastic={self.elastic}, autoscaling={self.autoscaling}")
 
 
 @dataclasses.dataclass
@@ -97,6 +106,7 @@ class JobOutcome:
     finish_s: float | None = None
     lost_steps: float = 0.0  # steps redone after node losses
     resizes: int = 0  # elastic grows and shrinks
+    moves: int = 0  # restarts that moved workers off a drained node (consolidation)
     workers_seen: list[int] = dataclasses.field(default_factory=list)  # worker count at each (re)start
 
     @property
@@ -121,6 +131,8 @@ class FleetResult:
     busy_slot_s: float  # accelerator-slot-seconds spent stepping
     jobs: list[JobOutcome]
     series: dict[str, list[float]]  # t_s, nodes, ready_nodes, busy_workers, queued_jobs, running_jobs
+    booting_node_s: float = 0.0  # node-seconds between launch and joining (part of idle_node_s)
+    restarting_slot_s: float = 0.0  # slot-seconds held by worker groups (re)starting, not stepping
 
     @property
     def utilisation(self) -> float:
@@ -136,11 +148,13 @@ class FleetResult:
             "setup": self.setup, "jobs": len(self.jobs), "jobs_done": len(done), "end_s": self.end_s,
             "node_s": self.node_s, "idle_node_s": self.idle_node_s, "busy_worker_s": self.busy_worker_s,
             "provisioned_slot_s": self.provisioned_slot_s, "busy_slot_s": self.busy_slot_s,
+            "booting_node_s": self.booting_node_s, "restarting_slot_s": self.restarting_slot_s,
             "utilisation": self.utilisation,
             "completion_median_s": _quantile(completion, 0.5), "completion_p95_s": _quantile(completion, 0.95),
             "queue_wait_median_s": _quantile(waits, 0.5), "queue_wait_p95_s": _quantile(waits, 0.95),
             "lost_steps": sum(job.lost_steps for job in self.jobs),
             "resizes": sum(job.resizes for job in self.jobs),
+            "moves": sum(job.moves for job in self.jobs),
         }
 
 
@@ -176,7 +190,7 @@ class _RunningJob:
     steps_done: float = 0.0
     checkpoint_step: float = 0.0
     stepping_from_s: float = 0.0  # (re)start finishes: no steps before this
-    at_boundary: bool = False  # stopped at a checkpoint to grow
+    at_boundary: bool = False  # stopped at a checkpoint to grow or move
 
 
 def check_fits(jobs: Sequence[Job], setup: ClusterSetup) -> None:
@@ -227,6 +241,7 @@ class _Simulation:
         self.unfinished = len(jobs)
         self.node_s = self.idle_node_s = self.provisioned_slot_s = 0.0
         self.busy_worker_s = self.busy_slot_s = 0.0
+        self.booting_node_s = self.restarting_slot_s = 0.0
         self.accounted_until_s = 0.0
         self.series: dict[str, list[float]] = {key: [] for key in
                                                ("t_s", "nodes", "ready_nodes", "busy_workers", "queued_jobs",
@@ -271,7 +286,8 @@ class _Simulation:
         end_s = max(self.accounted_until_s, setup.horizon_s,
                     *(outcome.finish_s or 0.0 for outcome in self.outcomes))
         return FleetResult(setup.name, end_s, self.node_s, self.idle_node_s, self.provisioned_slot_s,
-                           self.busy_worker_s, self.busy_slot_s, self.outcomes, self.series)
+                           self.busy_worker_s, self.busy_slot_s, self.outcomes, self.series,
+                           booting_node_s=self.booting_node_s, restarting_slot_s=self.restarting_slot_s)
 
     def _settled(self) -> bool:
         if not self.setup.autoscaling:
@@ -287,10 +303,12 @@ class _Simulation:
     def _placeable(self, job: Job, now: float) -> int:
         return sum(node.free_slots // job.worker_slots for node in self._ready_nodes(now))
 
-    def _place(self, state: _RunningJob, count: int, now: float) -> None:
-        """Put ``count`` workers on up nodes, fullest first (Ray's PACK strategy)."""
+    def _place(self, state: _RunningJob, count: int, now: float, *, avoid: Sequence[int] = ()) -> None:
+        """Put ``count`` workers on up nodes (not those in ``avoid``), fullest first (Ray's PACK strategy)."""
         slots = state.job.worker_slots
         for node in sorted(self._ready_nodes(now), key=lambda n: (n.free_slots, n.node_id)):
+            if node.node_id in avoid:
+                continue
             while count and node.free_slots >= slots:
                 node.used_slots += slots
                 state.workers.append(node.node_id)
@@ -338,15 +356,50 @@ class _Simulation:
         for state in self.running:
             job = state.job
             at_checkpoint = state.at_boundary or abs(state.steps_done - state.checkpoint_step) < _EPSILON
-            if not at_checkpoint or len(state.workers) >= job.max_workers:
+            if not at_checkpoint:
                 continue
             extra = min(self._placeable(job, now), job.max_workers - len(state.workers))
             if extra > 0:
                 self._place(state, extra, now)
                 state.outcome.resizes += 1
                 self._begin_stepping(state, now)
-            else:
+            elif not (state.at_boundary and self._move_off_drained_node(state, now)):
                 state.at_boundary = False  # the slots went elsewhere: carry on stepping
+
+    def _drain_target(self, now: float) -> _Node | None:
+        """The node to empty (consolidation): the up node with the fewest busy slots, when other jobs' nodes
+        have room for all its workers; None when no node can be emptied that way."""
+        occupied = [node for node in self._ready_nodes(now) if node.used_slots]
+        if len(occupied) < 2:
+            return None
+        target = min(occupied, key=lambda node: (node.used_slots, -node.node_id))
+        room = sum(node.free_slots for node in occupied if node is not target)
+        return target if target.used_slots <= room else None
+
+    def _nodes_to_leave(self, state: _RunningJob, now: float) -> list[int]:
+        """The drain target's id when ``state`` has workers there and they fit beside other jobs, else []."""
+        if not self.setup.consolidate:
+            return []
+        target = self._drain_target(now)
+        if target is None or target.node_id not in state.workers:
+            return []
+        slots = state.job.worker_slots
+        mine = state.workers.count(target.node_id)
+        room = sum(node.free_slots // slots for node in self._ready_nodes(now)
+                   if node.used_slots and node is not target)
+        return [target.node_id] if mine <= room else []
+
+    def _move_off_drained_node(self, state: _RunningJob, now: float) -> bool:
+        """At a checkpoint, restart the workers ``state`` has on the drain target on free slots beside other jobs."""
+        leave = self._nodes_to_leave(state, now)
+        if not leave:
+            return False
+        moved = sum(1 for node_id in state.workers if node_id in leave)
+        self._release(state, now, node_ids=leave)
+        self._place(state, moved, now, avoid=leave)
+        state.outcome.moves += 1
+        self._begin_stepping(state, now)
+        return True
 
     # -- stepping ----------------------------------------------------------------------------------
 
@@ -360,9 +413,12 @@ class _Simulation:
             rate = speedup(workers, self.setup.scaling_efficiency) / job.step_s  # steps per second
             available = now + dt - start
             target = min(job.steps, state.steps_done + rate * available)
-            could_grow = (self.setup.elastic and workers < job.max_workers and self._placeable(job, now) > 0)
             next_checkpoint = (math.floor(state.steps_done / job.checkpoint_steps + _EPSILON) + 1) * job.checkpoint_steps
-            if could_grow and target >= next_checkpoint - _EPSILON and next_checkpoint < job.steps:
+            crosses = target >= next_checkpoint - _EPSILON and next_checkpoint < job.steps
+            could_grow = crosses and self.setup.elastic and (
+                (workers < job.max_workers and self._placeable(job, now) > 0)
+                or bool(self._nodes_to_leave(state, now)))
+            if could_grow:
                 target = next_checkpoint
                 state.at_boundary = True
             elapsed = (target - state.steps_done) / rate
@@ -469,6 +525,13 @@ class _Simulation:
             self.provisioned_slot_s += node.node_type.worker_slots * dt
             if node.used_slots == 0:
                 self.idle_node_s += dt
+            booting = min(dt, node.ready_s - now)
+            if booting > 0:
+                self.booting_node_s += booting
+        for state in self.running:
+            restarting = min(dt, state.stepping_from_s - now)
+            if restarting > 0:
+                self.restarting_slot_s += restarting * len(state.workers) * state.job.worker_slots
 
     def _sample(self, now: float) -> None:
         stepping = sum(len(s.workers) for s in self.running if s.stepping_from_s <= now + _EPSILON)

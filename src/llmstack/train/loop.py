@@ -163,10 +163,19 @@ class RaySession(Session):
             self.bus.push.remote(record)  # fire and forget
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, name: str | None) -> None:
+        """Report, and after a checkpoint wait until Ray Train has committed it.
+
+        ``ray.train.report`` returns once the checkpoint is uploaded, but Ray Train's controller registers it
+        only at its next poll of the workers (every 2 s); a restart reads the latest *registered* checkpoint.
+        Training on past an uncommitted checkpoint lets a node lost in that window cost two checkpoint
+        intervals; waiting here (at most one poll) bounds what any restart loses to one interval.
+        """
         import ray.train
 
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None)
+        if checkpoint is not None:
+            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
 
 # --------------------------------------------------------------------------- the loop

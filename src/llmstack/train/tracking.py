@@ -3,7 +3,8 @@
 One MLflow run per llmstack run: the config as params (flattened key paths such as
 ``training.max_steps``), every per-step record as metrics at its step (logged from the driver as records
 arrive, so it works the same for DDP, FSDP, elastic and restarted runs), the final metrics, and the
-registry version produced as the tag ``llmstack.registry_version``. A path is an MLflow file store; any
+registry version produced as the tag ``llmstack.registry_version``. A sweep is a parent run whose trials are
+nested child runs (MLflow's ``mlflow.parentRunId`` tag). A path is an MLflow file store; any
 ``http(s)://`` (or other MLflow) URI is a tracking server. A server that does not answer costs one
 warning: the run goes on and its metrics stay where they always are (``metrics.jsonl`` in the run
 directory and the registry manifest).
@@ -29,6 +30,7 @@ from typing import Any
 from llmstack.config import TrackingConfig
 
 REGISTRY_VERSION_TAG = "llmstack.registry_version"
+PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own tag for a nested run (the UI shows it under its parent)
 _SKIPPED_RECORD_KEYS = ("step", "time", "event")
 _PROBE_TIMEOUT_S = 3.0
 _PARAM_VALUE_LIMIT = 6000  # MLflow's longest param value
@@ -70,11 +72,15 @@ class Tracker:
     def finish(self, metrics: Mapping[str, Any], *, registry_version: str | None = None) -> None:
         """Final metrics and the registry version the run produced."""
 
+    def settle_children(self, tags_by_name: Mapping[str, Mapping[str, str]]) -> None:
+        """Tag this run's child runs by run name; end those still running as KILLED (stopped from outside)."""
+
 
 class MlflowTracker(Tracker):
     """One MLflow run; after the first failed call it warns once and stops calling MLflow."""
 
-    def __init__(self, uri: str, *, experiment: str, run_name: str, params: Mapping[str, Any], kind: str) -> None:
+    def __init__(self, uri: str, *, experiment: str, run_name: str, params: Mapping[str, Any], kind: str,
+                 parent_run_id: str | None = None) -> None:
         self.uri = uri
         self.run_id: str | None = None
         self._failed = False  # one warning, then no more MLflow calls
@@ -85,7 +91,7 @@ class MlflowTracker(Tracker):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         if is_server_uri(uri) and not self._answers():
             return
-        self._call(lambda: self._start(experiment, run_name, params, kind))
+        self._call(lambda: self._start(experiment, run_name, params, kind, parent_run_id))
 
     @property
     def active(self) -> bool:
@@ -118,14 +124,17 @@ class MlflowTracker(Tracker):
             except Exception as exc:  # noqa: BLE001 - tracking must never fail the run
                 self._give_up(exc)
 
-    def _start(self, experiment: str, run_name: str, params: Mapping[str, Any], kind: str) -> None:
+    def _start(self, experiment: str, run_name: str, params: Mapping[str, Any], kind: str,
+               parent_run_id: str | None) -> None:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
         self._client = MlflowClient(tracking_uri=self.uri)
         found = self._client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found is not None else self._client.create_experiment(experiment)
-        run = self._client.create_run(experiment_id, run_name=run_name, tags={"llmstack.kind": kind})
+        self._experiment_id = experiment_id
+        tags = {"llmstack.kind": kind, **({PARENT_RUN_TAG: parent_run_id} if parent_run_id else {})}
+        run = self._client.create_run(experiment_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
         items = [Param(k, v) for k, v in flatten_params(params).items()]
         for start in range(0, len(items), _BATCH_LIMIT):
@@ -157,6 +166,23 @@ class MlflowTracker(Tracker):
         self._call(lambda: self._client.log_batch(self.run_id, metrics=final, tags=tags))
         self._end("FINISHED")
 
+    def settle_children(self, tags_by_name: Mapping[str, Mapping[str, str]]) -> None:
+        if not self.active:
+            return
+        from mlflow.entities import RunTag
+
+        def settle() -> None:
+            children = self._client.search_runs([self._experiment_id],
+                                                filter_string=f"tags.`{PARENT_RUN_TAG}` = '{self.run_id}'")
+            for child in children:
+                tags = [RunTag(k, v) for k, v in tags_by_name.get(child.info.run_name, {}).items()]
+                if tags:
+                    self._client.log_batch(child.info.run_id, tags=tags)
+                if child.info.status == "RUNNING":
+                    self._client.set_terminated(child.info.run_id, "KILLED")
+
+        self._call(settle)
+
     def _end(self, status: str) -> None:
         if self.active:
             run_id = self.run_id
@@ -165,16 +191,18 @@ class MlflowTracker(Tracker):
 
 
 @contextlib.contextmanager
-def track_run(tracking: TrackingConfig, *, run_name: str, params: Mapping[str, Any], kind: str) -> Iterator[Tracker]:
+def track_run(tracking: TrackingConfig, *, run_name: str, params: Mapping[str, Any], kind: str,
+              parent_run_id: str | None = None) -> Iterator[Tracker]:
     """A :class:`Tracker` for one run: MLflow when ``tracking.mlflow_uri`` is set, else one that does nothing.
 
-    The MLflow run ends FINISHED after :meth:`Tracker.finish`, FAILED if the block raises.
+    The MLflow run ends FINISHED after :meth:`Tracker.finish`, FAILED if the block raises. ``parent_run_id``
+    nests it under another run (a sweep's trial under the sweep).
     """
     if not tracking.mlflow_uri:
         yield Tracker()
         return
     tracker = MlflowTracker(tracking.mlflow_uri, experiment=tracking.experiment, run_name=run_name, params=params,
-                            kind=kind)
+                            kind=kind, parent_run_id=parent_run_id)
     try:
         yield tracker
     except BaseException:
@@ -183,5 +211,5 @@ def track_run(tracking: TrackingConfig, *, run_name: str, params: Mapping[str, A
     tracker._end("FINISHED")  # a block that returned without finish(): still a finished run
 
 
-__all__ = ["REGISTRY_VERSION_TAG", "MlflowTracker", "MlflowUnavailableWarning", "Tracker", "flatten_params",
-           "track_run"]
+__all__ = ["PARENT_RUN_TAG", "REGISTRY_VERSION_TAG", "MlflowTracker", "MlflowUnavailableWarning", "Tracker",
+           "flatten_params", "track_run"]

@@ -62,23 +62,44 @@ def test_qlora_through_ray_train_and_merge(ft_base, small_config) -> None:
     assert not any(type(m).__name__ == "Linear4bit" for m in model.modules())
 
 
+def _mlflow_runs(uri: Path) -> tuple:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=str(uri))
+    runs = client.search_runs([client.get_experiment_by_name("llmstack").experiment_id])
+    return client, {run.info.run_name: run for run in runs}
+
+
 def test_distill_registers_the_student_with_its_teacher(ft_base, small_config) -> None:
+    from llmstack.train.tracking import REGISTRY_VERSION_TAG
+
     registry = ft_base["registry"]
     cfg = small_config("student", ft_base["root"])
     cfg.pop("lora")
+    mlruns = ft_base["root"] / "mlruns-distill"
     result = distill(cfg, teacher=str(ft_base["ref"]), student="preset:tiny", data={"source": QA},
-                     temperature=2.0, alpha=0.5, registry=registry, progress=False)
+                     temperature=2.0, alpha=0.5, registry=registry, progress=False,
+                     tracking={"mlflow_uri": str(mlruns)})
     manifest = registry.manifest(result.ref)
     assert manifest.kind == "model" and manifest.parents == [str(ft_base["ref"])]
     assert manifest.extra["distilled_from"] == str(ft_base["ref"])
     assert manifest.config["temperature"] == 2.0 and manifest.config["alpha"] == 0.5
     assert result.metrics["eval_loss"] < result.metrics["eval_loss_before"]
+    # The same run in MLflow, as train and finetune log theirs.
+    client, runs = _mlflow_runs(mlruns)
+    run = runs["student"]
+    assert run.info.status == "FINISHED" and run.data.tags["llmstack.kind"] == "distill"
+    assert run.data.tags[REGISTRY_VERSION_TAG] == str(result.ref) and run.data.params["temperature"] == "2.0"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert run.data.metrics["final.eval_loss"] == pytest.approx(result.metrics["eval_loss"])
 
 
 def test_two_trial_sweep_stops_the_weak_trial_and_registers_the_best(ft_base, small_config) -> None:
     registry = ft_base["registry"]
     finetune = small_config("unused", ft_base["root"])
     finetune["training"]["eval_every"] = 2  # ASHA rungs at steps 2 and 4
+    mlruns = ft_base["root"] / "mlruns-sweep"
+    finetune["tracking"] = {"mlflow_uri": str(mlruns)}
     result = sweep({"name": "swept", "search": "grid", "learning_rates": [3e-3, 1e-4], "ranks": [4], "alphas": [8.0],
                     "grace_period": 1, "reduction_factor": 2, "finetune": finetune},
                    base=str(ft_base["ref"]), finetune={"data": {"source": QA}}, registry=registry, progress=False)
@@ -92,3 +113,16 @@ def test_two_trial_sweep_stops_the_weak_trial_and_registers_the_best(ft_base, sm
     assert len(manifest.extra["sweep"]["trials"]) == 2
     model = load_artifact(result.ref, registry=registry).model
     assert model is not None
+    # MLflow: the sweep's run, and one nested run per trial with its per-step metrics and how it ended.
+    from llmstack.train.tracking import PARENT_RUN_TAG, REGISTRY_VERSION_TAG
+
+    client, runs = _mlflow_runs(mlruns)
+    parent = runs.pop("swept")
+    assert parent.info.status == "FINISHED" and parent.data.tags[REGISTRY_VERSION_TAG] == str(result.ref)
+    assert parent.data.metrics["final.best_learning_rate"] == 3e-3
+    assert len(runs) == 2 and all(r.data.tags[PARENT_RUN_TAG] == parent.info.run_id for r in runs.values())
+    by_rate = {float(r.data.params["training.learning_rate"]): r for r in runs.values()}
+    assert by_rate[3e-3].data.tags["llmstack.trial_outcome"] == "finished"
+    assert [m.step for m in client.get_metric_history(by_rate[3e-3].info.run_id, "loss")] == [1, 2, 3, 4]
+    assert by_rate[1e-4].data.tags["llmstack.trial_outcome"] == "stopped_early"
+    assert by_rate[1e-4].info.status != "RUNNING"

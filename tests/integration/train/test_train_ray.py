@@ -115,6 +115,26 @@ def fsdp_s3_run(ray_cluster, workspace, s3_server, ddp_run):
     return result
 
 
+def test_worker_lost_right_after_a_checkpoint_resumes_from_that_checkpoint(ray_cluster, workspace):
+    """The worker dies one step after checkpoint 4 was reported, before Ray Train's controller (polling every
+    2 s) could have registered it unless the loop waited for that: the restart must resume from step 4, not from
+    scratch (a loss of one step, not of more than a checkpoint interval)."""
+    from llmstack.train import train
+
+    flag = workspace / "fault-after-checkpoint"
+    saved = {k: os.environ.get(k) for k in ("LLMSTACK_FAULT_AT_STEP", "LLMSTACK_FAULT_FLAG")}
+    os.environ.update({"LLMSTACK_FAULT_AT_STEP": "5", "LLMSTACK_FAULT_FLAG": str(flag)})
+    try:
+        result = train(_config(workspace, "tiny-lost-after-checkpoint", training={"max_steps": 6, "eval_every": 6},
+                               scaling={"num_workers": 1, "max_failures": 1}), progress=False)
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    assert flag.exists()  # the worker really died
+    assert [(r["resumed_from_step"], r["steps_lost"]) for r in result.recoveries] == [(4, 1)]
+    assert [r["step"] for r in result.history] == list(range(1, 7))
+
+
 def _s3(s3_server) -> dict:
     return {"storage_path": f"s3://{s3_server['bucket']}/runs", "storage_options": s3_server["storage_options"]}
 

@@ -132,9 +132,10 @@ def test_a_generated_day_drains_in_every_setup_and_the_books_balance() -> None:
     jobs = generate_day(seed=5, jobs_per_day=60)
     node_type = NodeType("node8", worker_slots=8, max_nodes=6)
     stepped = sum(job.max_workers * job.runtime_s(job.max_workers, 0.9) for job in jobs)
-    for autoscaling, elastic in ((False, False), (True, False), (True, True)):
+    for autoscaling, elastic, consolidate in ((False, False, False), (True, False, False), (True, True, False),
+                                              (True, True, True)):
         setup = ClusterSetup("day", (node_type,), autoscaling=autoscaling, elastic=elastic, restart_s=30.0,
-                             horizon_s=86_400.0)
+                             horizon_s=86_400.0, consolidate=consolidate)
         result = simulate(jobs, setup)
         assert all(job.finish_s is not None for job in result.jobs)
         assert result.busy_slot_s <= result.provisioned_slot_s == result.node_s * 8
@@ -142,3 +143,41 @@ def test_a_generated_day_drains_in_every_setup_and_the_books_balance() -> None:
         assert all(job.queue_wait_s >= 0 and job.completion_s >= job.queue_wait_s for job in result.jobs)
         if not elastic:  # every job steps its whole run on max_workers: the work is the trace's own
             assert result.busy_worker_s == pytest.approx(stepped, rel=1e-9)
+
+
+def test_consolidation_moves_a_job_off_the_emptiest_node_at_its_checkpoint_and_the_node_goes() -> None:
+    # 2-slot nodes, start-up 10 s, restart 5 s, idle timeout 20 s. a (1 worker), b (2 workers, 20 steps) and c
+    # (1 worker, checkpoint every 15 steps) arrive at 0: two nodes launched at 0, up at 10; a on node 0, b on
+    # both, c on node 1; all step from 15. b ends at 25, leaving a alone on node 0 and c alone on node 1.
+    # Consolidating, c reaches its checkpoint at 30 on node 1 (the drain target: the newer of two equally busy
+    # nodes), restarts on node 0's free slot (stepping from 35, done at 120) and node 1 goes at 30 + 20.
+    jobs = [_job("a", steps=100), _job("b", steps=20, min_workers=2, max_workers=2),
+            _job("c", steps=100, checkpoint_steps=15)]
+    options = {"slots": 2, "max_nodes": 2, "startup_s": 10.0, "idle_timeout_s": 20.0, "restart_s": 5.0,
+               "elastic": True}
+    plain = simulate(jobs, _setup(**options))
+    packed = simulate(jobs, _setup(**options, consolidate=True))
+    assert [job.finish_s for job in plain.jobs] == [115.0, 25.0, 115.0]
+    assert plain.node_s == 2 * 135.0  # both nodes until the last job ends (115) plus the idle timeout
+    a, b, c = packed.jobs
+    assert (c.moves, c.workers_seen, c.lost_steps, c.finish_s) == (1, [1, 1], 0.0, 120.0)
+    assert (a.moves, a.finish_s, b.finish_s) == (0, 115.0, 25.0)
+    assert packed.node_s == 50.0 + 140.0  # node 1 until 50, node 0 until c ends (120) plus the idle timeout
+    assert packed.busy_worker_s == plain.busy_worker_s
+    assert packed.utilisation > plain.utilisation
+
+
+def test_consolidation_needs_an_elastic_autoscaling_setup() -> None:
+    from llmstack.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="consolidate=True .* got elastic=False, autoscaling=True"):
+        _setup(consolidate=True)
+
+
+def test_booting_and_restarting_time_are_counted_apart() -> None:
+    # One 2-slot node up at 60; a two-worker job (restart 30 s) steps from 90 to 140 (100 steps at 2/s).
+    result = simulate([_job("a", steps=100, min_workers=2, max_workers=2)],
+                      _setup(slots=2, startup_s=60.0, restart_s=30.0))
+    assert result.booting_node_s == 60.0
+    assert result.restarting_slot_s == 2 * 30.0
+    assert result.busy_slot_s == pytest.approx(2 * 50.0)

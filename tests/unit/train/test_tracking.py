@@ -88,3 +88,43 @@ def test_tracking_off_touches_nothing(tmp_path: Path, monkeypatch: pytest.Monkey
         tracker.log_step(records(1)[0])
         tracker.finish({"loss": 1.0}, registry_version="x@v1")
     assert list(tmp_path.iterdir()) == []  # no ./mlruns appeared
+
+
+def test_trials_nest_under_their_sweep_and_settling_tags_them_and_ends_the_ones_left_running(tmp_path: Path) -> None:
+    from llmstack.train.tracking import PARENT_RUN_TAG
+
+    uri = str(tmp_path / "mlruns")
+    tracking = TrackingConfig(mlflow_uri=uri)
+    with track_run(tracking, run_name="sweep", params={"ranks": [4]}, kind="sweep") as parent:
+        with track_run(tracking, run_name="sweep-t1", params={"lora": {"rank": 4}}, kind="sweep trial",
+                       parent_run_id=parent.run_id) as trial:
+            trial.log_step(records(1)[0])
+            trial.finish({"loss": 1.0, "step": 1})
+        # A trial stopped from outside (ASHA): its process ends without closing its MLflow run.
+        stopped = track_run(tracking, run_name="sweep-t2", params={}, kind="sweep trial",
+                            parent_run_id=parent.run_id)
+        stopped.__enter__()
+        parent.settle_children({"sweep-t1": {"llmstack.trial_outcome": "finished"},
+                                "sweep-t2": {"llmstack.trial_outcome": "stopped_early"}})
+        parent.finish({"eval_loss": 0.5, "best_rank": 4}, registry_version="sweep@v1")
+    client = MlflowClient(tracking_uri=uri)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("llmstack").experiment_id])}
+    assert set(runs) == {"sweep", "sweep-t1", "sweep-t2"}
+    sweep_id = runs["sweep"].info.run_id
+    assert PARENT_RUN_TAG not in runs["sweep"].data.tags
+    assert all(runs[name].data.tags[PARENT_RUN_TAG] == sweep_id for name in ("sweep-t1", "sweep-t2"))
+    assert (runs["sweep-t1"].info.status, runs["sweep-t1"].data.tags["llmstack.trial_outcome"]) == ("FINISHED",
+                                                                                                    "finished")
+    assert (runs["sweep-t2"].info.status, runs["sweep-t2"].data.tags["llmstack.trial_outcome"]) == ("KILLED",
+                                                                                                    "stopped_early")
+    assert runs["sweep"].data.tags[REGISTRY_VERSION_TAG] == "sweep@v1"
+    assert runs["sweep"].data.metrics["final.best_rank"] == 4
+
+
+def test_distill_and_sweep_configs_take_a_tracking_section() -> None:
+    from llmstack.finetune.configs import DistillConfig, SweepConfig
+
+    distill = load_config(DistillConfig, {"tracking": {"mlflow_uri": "/tmp/mlruns", "experiment": "kd"}})
+    sweep = load_config(SweepConfig, {"finetune": {"tracking": {"mlflow_uri": "/tmp/mlruns"}}})
+    assert (distill.tracking.mlflow_uri, distill.tracking.experiment) == ("/tmp/mlruns", "kd")
+    assert sweep.finetune.tracking.mlflow_uri == "/tmp/mlruns"
