@@ -52,7 +52,8 @@ class TransformersEngine(Engine):
         max_n: cap on choices per request.
         cache_size: entries of the response cache (0 disables it).
         prefix_cache_mb: memory for the prefix cache's KV blocks (0 disables it).
-        prepack_weights: hold linear weights prepacked for oneDNN (:mod:`.kernels`) when no adapters are served.
+        prepack_weights: hold linear weights prepacked for oneDNN (:mod:`.kernels`) when no adapters are served
+            and the decode step is not compiled.
         compile_decode: decode steps through ``torch.compile`` over KV buckets (:mod:`.compiled`).
         kv_buckets: the KV capacities of the compiled path (None: powers of two from 128 to the max length).
         compile_freezing: inductor's freezing on the compiled path (weights folded and prepacked).
@@ -77,10 +78,11 @@ class TransformersEngine(Engine):
         self._adapters = AdapterSlots(loaded.model, adapters, stats=self.stats, on_unload=self._forget_adapter)
         self._config = loaded.model.config
         loaded.model.eval()
-        # Adapters wrap nn.Linear (peft): a model that may carry one keeps its plain layers.
+        # Adapters wrap nn.Linear (peft): a model that may carry one keeps its plain layers. The compiled path
+        # traces plain layers (inductor packs them itself with compile_freezing).
         may_carry_adapter = bool(self._adapters.specs) or loaded.adapter_dir is not None or (
             loaded.artifact is not None and loaded.artifact.kind == "adapter")
-        if prepack_weights and not may_carry_adapter:
+        if prepack_weights and not may_carry_adapter and not compile_decode:
             from llmstack.serve.engine.kernels import prepack_linears
 
             self.stats["packed_linears"] = prepack_linears(loaded.model)
