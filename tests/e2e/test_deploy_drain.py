@@ -17,6 +17,7 @@ import requests
 
 REPO = Path(__file__).resolve().parents[2]
 from llmstack._ray import free_port
+from llmstack.serve._testing import wait_healthy
 
 PORT = free_port()  # this test's own process starts its own Ray cluster and Serve on this port
 STREAMS = 4
@@ -61,16 +62,7 @@ def test_sigterm_drains_live_streams_and_exits_cleanly(tiny_registry: str, tmp_p
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{PORT}"
     try:
-        deadline = time.time() + 240
-        while True:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            assert time.time() < deadline, "deploy did not become healthy\n" + log_path.read_text()[-3000:]
-            try:
-                if requests.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
+        wait_healthy(base, 240, period=0.5, process=proc, log_path=log_path)
         # Streams of 2 and (the last) 16 sequences of 200 tokens: the last cannot finish at once, so the drain
         # lasts long enough to be seen; each may end either way (finished, or ended at the deadline). Kept small:
         # on a busy 2-core machine Ray's workers (niceness 15) decode slowly.

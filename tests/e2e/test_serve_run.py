@@ -12,11 +12,12 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import requests
 import yaml
+
+from llmstack.serve._testing import wait_healthy
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "serve_configs").glob("*.yaml"))
@@ -70,7 +71,7 @@ def _serve_run(config: Path, registry: str, tmp_path: Path, *, address: str = "l
     proc = subprocess.Popen([str(serve_bin), "run", "--address", address, str(patched)], cwd=REPO, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_healthy(base, proc, tmp_path / "serve.log")
+        wait_healthy(base, 150, period=0.5, process=proc, log_path=tmp_path / "serve.log")
         yield base, app
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -233,15 +234,3 @@ def test_missing_model_tells_to_run_the_quickstart(tmp_path: Path) -> None:
     assert "make quickstart" in result.stderr
 
 
-def _wait_healthy(base: str, proc: Any, log: Path, timeout: float = 150) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"serve run exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(base + "/health", timeout=5).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"not healthy after {timeout}s:\n{log.read_text()[-3000:]}")

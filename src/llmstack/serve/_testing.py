@@ -151,3 +151,32 @@ def serve_http_port(host: str = "127.0.0.1") -> int:
         raise ResourceError(f"Serve was started on {host} but its controller reports no HTTP address; "
                             "check the Serve controller's log in the Ray session directory")
     return running[1]
+
+
+def wait_healthy(url: str, timeout: float = 120, *, period: float = 0.3, process: Any = None,
+                 log_path: str | Path | None = None) -> None:
+    """Wait until ``url``/health answers 200 (tests, benchmarks, demos). A ``process`` that exits first fails at
+    once; a failure quotes the end of ``log_path``.
+
+    Raises:
+        RuntimeError: ``process`` exited before the server was healthy.
+        TimeoutError: not healthy within ``timeout`` seconds.
+    """
+    import time
+
+    import requests
+
+    def log_tail() -> str:
+        return f"\n{Path(log_path).read_text(errors='replace')[-3000:]}" if log_path else ""
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{url}: the server exited with {process.returncode}" + log_tail())
+        try:
+            if requests.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(period)
+    raise TimeoutError(f"{url} not healthy after {timeout} s" + log_tail())

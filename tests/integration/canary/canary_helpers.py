@@ -8,21 +8,12 @@ from typing import Any
 
 import requests
 
+from llmstack.serve._testing import wait_healthy  # noqa: F401 - the canary tests import it from here
 from llmstack.serve.loadgen import ClosedLoop
 
 VERSION_HEADER = "x-llmstack-version"
 
 
-def wait_healthy(url: str, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if requests.get(url + "/health", timeout=5).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"{url} did not become healthy")
 
 
 @dataclass

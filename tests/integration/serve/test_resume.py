@@ -16,6 +16,8 @@ import pytest
 import requests
 from serve_helpers import serve_config
 
+from llmstack.serve._testing import wait_healthy
+
 pytestmark = pytest.mark.ray
 
 APP = "resume-it"
@@ -42,17 +44,11 @@ def paced_app(serve_registry: dict[str, Any], serve_port: int) -> Iterator[str]:
     serve.run(OpenAIIngress.options(**ingress_options(cfg)).bind(server, config), name=APP,
               route_prefix=f"/{APP}", blocking=False)
     url = f"http://127.0.0.1:{serve_port}/{APP}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if requests.get(url + "/health", timeout=5).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(0.3)
-    else:
+    try:
+        wait_healthy(url)
+    except TimeoutError:
         serve.delete(APP)
-        raise AssertionError("the paced app did not become healthy")
+        raise
     yield url
     serve.delete(APP)
 
