@@ -131,7 +131,9 @@ def test_worker_lost_right_after_a_checkpoint_resumes_from_that_checkpoint(ray_c
         for key, value in saved.items():
             os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
     assert flag.exists()  # the worker really died
-    assert [(r["resumed_from_step"], r["steps_lost"]) for r in result.recoveries] == [(4, 1)]
+    # Step 5's own report may or may not reach the driver before the worker dies (a busy machine): 1 or 0 lost.
+    assert [r["resumed_from_step"] for r in result.recoveries] == [4]
+    assert [r["steps_lost"] for r in result.recoveries] in ([0], [1])
     assert [r["step"] for r in result.history] == list(range(1, 7))
 
 
