@@ -140,3 +140,55 @@ def test_a_stream_the_client_leaves_is_counted_aborted_with_its_tokens() -> None
     assert values[("llmstack_requests_aborted_total", (("model", "tiny"),))] == 1.0
     assert values[("llmstack_aborted_completion_tokens_total", (("model", "tiny"),))] == 6.0  # 3 chunks of 2
     assert ("llmstack_requests_aborted_total", (("model", "tiny"),)) not in _values(finished.render()[0].decode())
+
+
+def test_an_agent_that_stops_answering_counts_with_its_last_good_export(monkeypatch: Any) -> None:
+    """A busy node's metrics agent that misses the scrape timeout must not make the cluster total step back."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from prometheus_client import CollectorRegistry
+
+    from llmstack.serve.http import cluster_metrics
+
+    export = ("# TYPE ray_llmstack_requests_total counter\n"
+              'ray_llmstack_requests_total{WorkerId="other",app="a",route="completions",status="200"} 9.0\n')
+    stalled = threading.Event()
+
+    class Agent(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            if stalled.is_set():
+                stalled.wait(2.0)  # longer than the scrape timeout below
+                self.send_response(503)
+                self.end_headers()
+                return
+            body = export.encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Agent)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(cluster_metrics, "AGENT_TIMEOUT_S", 0.5)
+    url = f"http://127.0.0.1:{server.server_port}/metrics"
+    last_good: dict[str, str] = {}
+    labels = (("route", "completions"), ("status", "200"))
+    try:
+        def total() -> float:
+            text = asyncio.run(cluster_metrics.cluster_text("a", [url], own=CollectorRegistry(), worker_id="me",
+                                                            last_good=last_good))
+            return _values(text).get(("llmstack_requests_total", labels), 0.0)
+
+        assert total() == 9.0
+        stalled.set()
+        assert total() == 9.0  # the agent timed out: its last export still counts
+        assert asyncio.run(cluster_metrics.cluster_text("a", [], own=CollectorRegistry(), worker_id="me",
+                                                        last_good=last_good)) == "\n"
+        assert last_good == {}  # a node that left is forgotten
+    finally:
+        stalled.clear()
+        server.shutdown()

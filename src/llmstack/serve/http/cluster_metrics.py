@@ -33,6 +33,7 @@ VLLM_NAMES = {  # llmstack family -> the vLLM family it also appears as
     "llmstack_requests_waiting": "vllm:num_requests_waiting",
     "llmstack_kv_cache_usage_perc": "vllm:gpu_cache_usage_perc",
 }
+AGENT_TIMEOUT_S = 5.0  # per metrics-agent scrape; a slower agent counts with its last good export
 AVERAGED_SUFFIX = "_perc"  # a fraction per replica (KV usage): the cluster's value is the mean, not the sum
 
 
@@ -111,15 +112,26 @@ def agent_urls() -> list[str]:
             for node in ray.nodes() if node.get("Alive") and node.get("MetricsExportPort")]
 
 
-async def cluster_text(app: str, urls: list[str], *, own: Any, worker_id: str) -> str:
+async def cluster_text(app: str, urls: list[str], *, own: Any, worker_id: str,
+                       last_good: dict[str, str] | None = None) -> str:
     """This app's ``llmstack_*`` series summed over every worker of every node, as Prometheus text (with the
     vLLM-named copies). This replica's own series (worker ``worker_id``) come from ``own`` (its registry),
-    always current; the other replicas' as their agents last exported them."""
+    always current; the other replicas' as their agents last exported them. An agent that does not answer in
+    time (a busy node) counts with its last good export from ``last_good`` (updated here), so a slow agent
+    never makes a cluster total step back."""
     import httpx
 
-    async with httpx.AsyncClient(timeout=3.0) as client:
+    last_good = {} if last_good is None else last_good
+    async with httpx.AsyncClient(timeout=AGENT_TIMEOUT_S) as client:
         replies = await asyncio.gather(*[client.get(url) for url in urls], return_exceptions=True)
-    texts = [r.text for r in replies if not isinstance(r, BaseException) and r.status_code == 200]
+    texts = []
+    for url, reply in zip(urls, replies):
+        if not isinstance(reply, BaseException) and reply.status_code == 200:
+            last_good[url] = reply.text
+        if url in last_good:
+            texts.append(last_good[url])
+    for gone in set(last_good) - set(urls):  # a node that left the cluster
+        del last_good[gone]
     return aggregate(texts, app, own=list(own.collect()), worker_id=worker_id)
 
 

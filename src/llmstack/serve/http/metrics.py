@@ -70,6 +70,7 @@ class ServeMetrics:
         self.resumed = Counter("llmstack_resumed_requests", "Requests resumed on another replica after theirs died",
                                ["model"], registry=r)
         self.cluster_app = cluster_app
+        self.agent_exports: dict[str, str] = {}  # metrics-agent URL -> its last good export (see cluster_text)
         if cluster_app is not None:
             from llmstack.serve.http.cluster_metrics import mirror
 
@@ -135,7 +136,8 @@ class ServeMetrics:
 
         urls = await asyncio.to_thread(agent_urls)  # a GCS call: kept off the replica's event loop
         text = await cluster_text(self.cluster_app, urls, own=self.registry,
-                                  worker_id=ray.get_runtime_context().get_worker_id())
+                                  worker_id=ray.get_runtime_context().get_worker_id(),
+                                  last_good=self.agent_exports)
         return text.encode(), CONTENT_TYPE_LATEST
 
 
