@@ -530,6 +530,9 @@ class EngineConfig:
     max_adapters_per_replica: int = 4  # LRU bound on loaded adapters
     num_threads: int | None = None  # torch threads per replica; None: the node's cores shared by max_replicas
     prepack_weights: bool = True  # linear weights packed once for oneDNN (fp32/bf16, no adapters, compile off)
+    # LLaMA-family models (llama, mistral without sliding window, qwen2) run a lean forward of fused projections
+    # instead of transformers' modules (no adapters, compile off; other models keep transformers' forward)
+    lean_forward: bool = True
     # weights and compute dtype of kind transformers (logits, sampling: float32); auto: the model's stored dtype
     # (float16 runs as bfloat16); one the CPU lacks the instructions for is refused at start-up
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

@@ -2,34 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import copy
 from typing import Any
 
 import pytest
 import torch
 
-from llmstack.serve.engine import AdapterSpec, ServedModel, TransformersEngine
+from engine_helpers import greedy, served
+
+from llmstack.serve.engine import AdapterSpec
 from llmstack.serve.engine.kernels import PackedLinear, packing_supported, prepack_linears
 from llmstack.serve.engine.loading import dir_identity
-from llmstack.serve.protocol import GenerationRequest, SamplingParams
 
 pytestmark = pytest.mark.skipif(packing_supported(torch.float32) is not None, reason="no oneDNN fp32 packing here")
-
-
-def greedy(engine: TransformersEngine, prompts: list[str], max_tokens: int = 16) -> list[list[int]]:
-    async def all_of() -> list[Any]:
-        return await asyncio.gather(*[engine.generate(GenerationRequest(
-            model=engine.model_id, prompt=p, sampling=SamplingParams(max_tokens=max_tokens, temperature=0)))
-            for p in prompts])
-
-    return [r.choices[0].token_ids for r in asyncio.run(all_of())]
-
-
-def served(tiny: tuple[Any, Any], **kwargs: Any) -> TransformersEngine:
-    model, tokenizer = tiny
-    return TransformersEngine(ServedModel(copy.deepcopy(model), tokenizer, "tiny", "tiny@v1", "test::tiny@v1"),
-                              cache_size=0, **kwargs)
 
 
 def test_packed_layers_give_the_plain_layers_logits(tiny: tuple[Any, Any]) -> None:

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,8 @@ from llmstack.serve.engine.prefix_cache import PrefixCache
 from llmstack.serve.engine.scheduler import Group, Scheduler
 from llmstack.serve.engine.work import Work
 from llmstack.serve.protocol import GenerationChunk, GenerationRequest, GenerationResult
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from llmstack.config import ServeConfig
@@ -54,6 +57,8 @@ class TransformersEngine(Engine):
         prefix_cache_mb: memory for the prefix cache's KV blocks (0 disables it).
         prepack_weights: hold linear weights prepacked for oneDNN (:mod:`.kernels`) when no adapters are served
             and the decode step is not compiled.
+        lean_forward: run LLaMA-family models through :class:`.lean.LeanForward` (fused projections, no
+            transformers module overhead) under the same conditions; other models keep transformers' forward.
         compile_decode: decode steps through ``torch.compile`` over KV buckets (:mod:`.compiled`).
         kv_buckets: the KV capacities of the compiled path (None: powers of two from 128 to the max length).
         compile_freezing: inductor's freezing on the compiled path (weights folded and prepacked).
@@ -65,7 +70,8 @@ class TransformersEngine(Engine):
                  max_tokens_limit: int = 512, max_n: int = 4, cache_size: int = 256,
                  aliases: Iterable[str] = (), max_batch_rows: int | None = None,
                  prefix_cache_mb: float = 0, prepack_weights: bool = False, compile_decode: bool = False,
-                 kv_buckets: Sequence[int] | None = None, compile_freezing: bool = False) -> None:
+                 kv_buckets: Sequence[int] | None = None, compile_freezing: bool = False,
+                 lean_forward: bool = False) -> None:
         import torch
 
         from llmstack.models.kv_cache import cache_kwarg
@@ -82,6 +88,18 @@ class TransformersEngine(Engine):
         # traces plain layers (inductor packs them itself with compile_freezing).
         may_carry_adapter = bool(self._adapters.specs) or loaded.adapter_dir is not None or (
             loaded.artifact is not None and loaded.artifact.kind == "adapter")
+        growing = new_cache(self._config) is not None  # else the model's own cache: no prefix reuse, no merging
+        self._lean: Any = None
+        self.stats["lean_forward"] = 0
+        if lean_forward and not may_carry_adapter and not compile_decode and growing:
+            from llmstack.serve.engine.lean import LeanForward, lean_unsupported
+
+            reason = lean_unsupported(loaded.model)
+            if reason is None:  # before packing: the lean forward fuses the plain projections, then packs them
+                self._lean = LeanForward(loaded.model, pack=prepack_weights)
+                self.stats["lean_forward"] = 1
+            else:
+                log.info("transformers' forward serves this model: %s", reason)
         if prepack_weights and not may_carry_adapter and not compile_decode:
             from llmstack.serve.engine.kernels import prepack_linears
 
@@ -93,7 +111,6 @@ class TransformersEngine(Engine):
             max_model_len=int(getattr(self._config, "max_position_embeddings", 0) or 2048),
             default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit, max_n=max_n,
             cache_size=cache_size)
-        growing = new_cache(self._config) is not None  # else the model's own cache: no prefix reuse, no merging
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 and growing else None
         # Sliding-window masks count cache columns: a row's cached and new prompt tokens must then be adjacent.
         self.contiguous_prefill = has_sliding_window(self._config)
@@ -165,7 +182,7 @@ class TransformersEngine(Engine):
             cache_size=cfg.engine.response_cache_size, aliases=cfg.model_aliases,
             max_batch_rows=cfg.engine.max_batch_size,
             prefix_cache_mb=cfg.engine.prefix_cache_mb, prepack_weights=cfg.engine.prepack_weights,
-            compile_decode=cfg.engine.compile, kv_buckets=cfg.engine.kv_buckets)
+            compile_decode=cfg.engine.compile, kv_buckets=cfg.engine.kv_buckets, lean_forward=cfg.engine.lean_forward)
 
     # ------------------------------------------------------------------ protocol
 
@@ -257,7 +274,8 @@ class TransformersEngine(Engine):
 
     def replica_stats(self) -> dict[str, Any]:
         """Counters for tests and benchmarks (``LLMServer.stats``): requests, tokens, adapters, cache, kernels."""
-        linears = Counter(type(m).__name__ for m in self.model.modules() if "Linear" in type(m).__name__)
+        modules = [*self.model.modules(), *(self._lean.modules() if self._lean is not None else ())]
+        linears = Counter(type(m).__name__ for m in modules if "Linear" in type(m).__name__)
         return {**self.stats, "loaded_adapters": self.loaded_adapters(),
                 "cache_hits": self.cache.hits, "cache_misses": self.cache.misses,
                 "linear_modules": dict(linears)}  # which kernels the replica really runs (int8, 4-bit, float)
@@ -276,6 +294,12 @@ class TransformersEngine(Engine):
                 logits = decoder.decode(cache, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"])
             if logits is not None:
                 return CausalLMOutputWithPast(logits=logits, cache=cache)
+        if self._lean is not None and adapter is None and cache is not None:
+            from transformers.modeling_outputs import CausalLMOutputWithPast
+
+            with torch.inference_mode():
+                logits = self._lean(inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"], cache)
+            return CausalLMOutputWithPast(logits=logits, cache=cache)
         if cache is not None:
             inputs[self._cache_kwarg] = cache
         with torch.inference_mode(), self._adapters.select(adapter):  # grad mode is per thread
