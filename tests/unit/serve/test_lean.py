@@ -127,3 +127,20 @@ def test_an_engine_with_adapters_keeps_transformers_forward(tiny: tuple[Any, Any
         assert engine.stats["lean_forward"] == 0
     finally:
         engine.shutdown()
+
+
+def test_int8_weight_only_layers_fuse_on_the_int8_kernel(tmp_path: Any) -> None:
+    """A bf16 int8-weight-only model (quantize's torchao backend): q/k/v and gate/up fuse into one int8 matmul
+    each, with transformers' logits over the same quantized layers."""
+    from llmstack.config import QuantizeConfig
+    from llmstack.quantize.torchao_backend import BACKEND
+
+    model = llama(num_hidden_layers=4).to(torch.bfloat16)  # the first and last stay float (quantize's default)
+    config = QuantizeConfig(method="int8-weight-only", dtype="bfloat16")
+    quantized, _ = BACKEND.quantize(model, method="int8-weight-only", source_dir=tmp_path, config=config,
+                                    calibration=None, progress=lambda _m: None)
+    lean = LeanForward(copy.deepcopy(quantized))
+    kinds = [m.kind for m in lean.modules() if isinstance(m, FusedLinear)]
+    assert kinds == ["float"] * 4 + ["int8pack"] * 8 + ["float"] * 4, kinds
+    for expected, got in decode_both(quantized, pack=True):
+        torch.testing.assert_close(got.float(), expected.float(), atol=0.02, rtol=0.02)

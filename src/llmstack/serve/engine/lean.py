@@ -58,34 +58,65 @@ def lean_unsupported(model: Any) -> str | None:
 class FusedLinear(torch.nn.Module):
     """Several linear layers that read the same input, as one matmul: outputs concatenated in order.
 
-    Plain float weights are concatenated (and prepacked for oneDNN when ``pack``); other layers (quantized
-    kernels, tensor-subclass weights) stay separate modules whose outputs are concatenated.
+    Plain float weights are concatenated (and prepacked for oneDNN when ``pack``), so are int8 weight-only layers
+    on aten's int8 kernel; other layers (other quantized kernels and tensor-subclass weights) stay separate
+    modules whose outputs are concatenated.
     """
 
     def __init__(self, linears: list[Any], *, pack: bool) -> None:
         super().__init__()
         self.out_features = [int(m.out_features) for m in linears]
-        plain = all(type(m) is torch.nn.Linear and type(m.weight) in PLAIN_WEIGHTS for m in linears)
-        self.parts = None if plain else torch.nn.ModuleList(linears)
+        self.kind = _fusable_kind(linears)
+        self.parts = torch.nn.ModuleList(linears) if self.kind == "parts" else None
         self.packed = False
-        if plain:
+        if self.kind == "parts":
+            return
+        if self.kind == "int8pack":  # int8-weight-only on bf16 (quantize/torchao_backend.py): int8 rows and scales
+            weight = torch.cat([m.weight.qdata for m in linears])
+            self.register_buffer("scale", torch.cat([m.weight.scale.reshape(-1) for m in linears]).float(),
+                                 persistent=False)
+            self.register_buffer("unit_scale", torch.ones(weight.shape[0], dtype=torch.bfloat16), persistent=False)
+        else:
             weight = torch.cat([m.weight.detach() for m in linears])
-            biases = [m.bias for m in linears]
-            bias = None if all(b is None for b in biases) else torch.cat([
-                b.detach() if b is not None else weight.new_zeros(m.out_features) for b, m in zip(biases, linears)])
             self.packed = pack and weight.device.type == "cpu" and packing_supported(weight.dtype) is None
             if self.packed:
                 weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-            self.register_buffer("weight", weight, persistent=False)
-            self.register_buffer("bias", bias, persistent=False)
+        biases = [m.bias for m in linears]
+        bias = None if all(b is None for b in biases) else torch.cat([
+            b.detach() if b is not None else torch.zeros(m.out_features, dtype=_bias_dtype(biases))
+            for b, m in zip(biases, linears)])
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.parts is not None:
             outputs = [part(x) for part in self.parts]
             return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+        if self.kind == "int8pack":
+            rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+            y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.unit_scale).float().mul_(self.scale)
+            if self.bias is not None:
+                y = y + self.bias.float()
+            return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+
+def _fusable_kind(linears: list[Any]) -> str:
+    """``float`` (plain float weights: concatenated), ``int8pack`` (int8 weight-only layers on aten's int8
+    kernel: int8 rows and scales concatenated) or ``parts`` (anything else: each layer runs as it is)."""
+    if all(type(m) is torch.nn.Linear and type(m.weight) in PLAIN_WEIGHTS for m in linears):
+        dtypes = {m.weight.dtype for m in linears}
+        return "float" if len(dtypes) == 1 and next(iter(dtypes)).is_floating_point else "parts"
+    if all(type(m) is torch.nn.Linear and getattr(m, "_llmstack_unit_scale", None) is not None
+           and getattr(m.weight, "qdata", None) is not None for m in linears):
+        return "int8pack"
+    return "parts"
+
+
+def _bias_dtype(biases: list[Any]) -> torch.dtype:
+    return next(b.dtype for b in biases if b is not None)
 
 
 class _Layer:
