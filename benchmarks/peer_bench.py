@@ -136,23 +136,31 @@ def _timed(fn: Any) -> float:
     return time.perf_counter() - start
 
 
-def weight_bytes_per_step(model: Any) -> int:
-    """Bytes of weights one decode step reads: every linear layer's weight (float, packed float or packed int8)
-    and norm; of the embedding table only the rows of the batch's tokens, so it is left out unless tied to the
-    output head."""
+def weight_bytes_per_step(engine: Any) -> int:
+    """Bytes of weights one decode step of ``engine`` reads: every linear layer's weight (float, packed float,
+    fused or int8) and norm; of the embedding table only the rows of the batch's tokens, so it is left out unless
+    tied to the output head."""
     import torch
 
     from llmstack.serve.engine.kernels import PackedLinear
+    from llmstack.serve.engine.lean import FusedLinear
 
+    model = engine.model
+    lean = engine._lean  # noqa: SLF001 - the fused projections live outside the model
     total, seen = 0, set()
     embed = model.get_input_embeddings()
     tied = getattr(model.config, "tie_word_embeddings", False)
     packed_head = isinstance(model.get_output_embeddings(), PackedLinear)
-    for module in model.modules():
+    for module in [*model.modules(), *(lean.modules() if lean is not None else ())]:
         if module is embed and (not tied or packed_head):  # a packed head holds its own copy of the table
             continue
         if isinstance(module, PackedLinear):
             total += module.in_features * module.out_features * module.packed_weight.element_size()
+            continue
+        if isinstance(module, FusedLinear):
+            if module.parts is None:  # else its parts count as the layers they are
+                total += module.in_features * sum(module.out_features) * module.weight.element_size()
+                total += 0 if module.kind != "int8pack" else module.scale.numel() * module.scale.element_size()
             continue
         weight = getattr(module, "weight", None)
         if callable(weight):  # torch.ao dynamic quantized linear: packed int8 weight
@@ -176,28 +184,33 @@ def decode_bandwidth(threads: int, model_dir: Path, int8_ref: str, registry: Any
     import torch
 
     from llmstack.serve.engine import TransformersEngine
-    from llmstack.serve.engine.kv import new_cache
 
     torch.set_num_threads(threads)
     out: dict[str, Any] = {"threads": threads, "steps": steps}
     gemv = [gemv_bandwidth(threads)]
     sources = {SHORT[d]: (str(model_dir), d) for d in dtypes} | {"int8": (int8_ref, "auto")}
     for label, (source, dtype) in sources.items():
-        engine = TransformersEngine.from_source(source, registry=registry, dtype=dtype, prepack_weights=True)
-        model = engine.model
-        ids = torch.tensor([engine.tokenizer("def parse_config(path):", add_special_tokens=False)["input_ids"]])
+        engine = TransformersEngine.from_source(source, registry=registry, dtype=dtype, prepack_weights=True,
+                                                lean_forward=True)  # as deploy() serves it
+        prompt = engine.tokenizer("def parse_config(path):", add_special_tokens=False)["input_ids"]
         rates = []
         with torch.inference_mode():
             for _ in range(3):
-                cache = new_cache(model.config)
-                logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+                cache = engine.new_cache()
+                ids, mask = torch.tensor([prompt]), torch.ones((1, len(prompt)), dtype=torch.long)
+                positions = torch.arange(len(prompt))[None]
+                logits = engine.forward(None, input_ids=ids, attention_mask=mask, position_ids=positions,
+                                        use_cache=True, logits_to_keep=1, cache=cache).logits
                 start = time.perf_counter()
                 for _ in range(steps):
-                    nxt = logits[:, -1].argmax(-1, keepdim=True)
-                    logits = model(input_ids=nxt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+                    mask = torch.cat([mask, mask[:, :1]], dim=1)
+                    positions = positions[:, -1:] + 1
+                    logits = engine.forward(None, input_ids=logits[:, -1].argmax(-1, keepdim=True),
+                                            attention_mask=mask, position_ids=positions, use_cache=True,
+                                            logits_to_keep=1, cache=cache).logits
                 rates.append(steps / (time.perf_counter() - start))
-        out[label] = {"weight_bytes_per_step": weight_bytes_per_step(model), "steps_per_s": max(rates),
-                      "all_steps_per_s": rates}
+        out[label] = {"weight_bytes_per_step": weight_bytes_per_step(engine), "steps_per_s": max(rates),
+                      "all_steps_per_s": rates, "lean_forward": engine.stats["lean_forward"]}
         engine.shutdown()
         gemv.append(gemv_bandwidth(threads))
     out["gemv_bytes_per_s"] = max(max(g["linear"], g["packed"]) for g in gemv)
@@ -209,14 +222,18 @@ def decode_bandwidth(threads: int, model_dir: Path, int8_ref: str, registry: Any
     return out
 
 
+PROFILE_VARIANTS = (  # label, engine.prepack_weights, engine.lean_forward
+    ("transformers, plain weights", False, False), ("transformers, packed weights", True, False),
+    ("lean forward (served)", True, True))
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise", "quantized::linear_dynamic",
               "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu")
 
 
 def step_profile(threads: int, model_dir: Path, dtypes: list[str], batch_sizes: list[int],
                  tokens: int = 24) -> list[dict[str, Any]]:
-    """Where an in-process decode step's wall time goes, with plain and packed linear weights: ms per step in
-    matmuls, attention, other torch ops, and the rest (the engine's Python: sampling, scheduling, detokenizing)."""
+    """Where an in-process decode step's wall time goes, through transformers' forward with plain and with packed
+    linear weights, and through the lean forward (what deploy() serves): ms per step in matmuls, attention, other
+    torch ops, and the rest (Python: the model's module code, sampling, scheduling, detokenizing)."""
     import torch
 
     from llmstack.serve.engine import TransformersEngine
@@ -225,9 +242,9 @@ def step_profile(threads: int, model_dir: Path, dtypes: list[str], batch_sizes: 
     torch.set_num_threads(threads)
     rows = []
     for dtype in dtypes:
-        for packed in (False, True):
+        for variant, packed, lean in PROFILE_VARIANTS:
             engine = TransformersEngine.from_source(str(model_dir), dtype=dtype, prepack_weights=packed,
-                                                    cache_size=0, max_batch_rows=max(batch_sizes))
+                                                    lean_forward=lean, cache_size=0, max_batch_rows=max(batch_sizes))
 
             async def batch(size: int, engine: Any = engine) -> None:
                 await asyncio.gather(*[engine.generate(GenerationRequest(
@@ -259,10 +276,10 @@ def step_profile(threads: int, model_dir: Path, dtypes: list[str], batch_sizes: 
                 # torch ops run on the engine thread; what is left of the wall time is its Python
                 ms = {k: 1000 * v / passes for k, v in ops.items()}
                 ms["engine Python"] = max(0.0, 1000 * wall / passes - sum(ms.values()))
-                rows.append({"dtype": dtype, "packed": packed, "batch": size, "passes": passes,
+                rows.append({"dtype": dtype, "variant": variant, "packed": packed, "batch": size, "passes": passes,
                              "ms_per_step": 1000 * wall / passes, "ms": ms,
                              "tokens_per_s": size * tokens / wall})
-                log(f"profile {dtype} packed={packed} batch {size}: {1000 * wall / passes:.1f} ms/step "
+                log(f"profile {dtype} {variant} batch {size}: {1000 * wall / passes:.1f} ms/step "
                     + ", ".join(f"{k} {v:.1f}" for k, v in ms.items()))
             engine.shutdown()
     return rows
@@ -471,8 +488,8 @@ def markdown(results: dict[str, Any]) -> str:
              f"that directory (`--dtype D --max-model-len {VLLM_MAX_MODEL_LEN}`, `VLLM_CPU_KVCACHE_SPACE=2`, otherwise "
              "its defaults); llmstack's `deploy()` serves the same files from its registry at `engine.dtype: D`, and "
              f"their `quantize(..., \"{results['int8_method']}\")` artifact (one replica each, default threads, "
-             "`max_batch_size` 16, response cache off, linear weights prepacked: `engine.prepack_weights`, the "
-             "default). Same asyncio HTTP client, non-streamed completions of exactly "
+             "`max_batch_size` 16, response cache off, linear weights prepacked and LLaMA models through the lean "
+             "forward: `engine.prepack_weights`, `engine.lean_forward`, the defaults). Same asyncio HTTP client, non-streamed completions of exactly "
              f"{results['max_tokens']} greedy tokens (`ignore_eos`, `min_tokens`), closed loop; requests per client: "
              f"{results['requests_each']}. Rounds rotate the server order; a vLLM server is paused (SIGSTOP) while "
              "another server is measured, llmstack's replicas are idle while vLLM is; both at niceness 0. Medians "
@@ -517,14 +534,19 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["", "**Where a decode step's time goes** (in process, the engine's `generate` with "
                   "`max_batch_rows` = the batch, 24 tokens per request, torch profiler; ms per forward pass, the "
                   "prefill included; \"engine Python\" is the wall time left after the torch ops: sampling, "
-                  "scheduling, detokenizing, HF's module code). Ray/HTTP add what separates the served figures "
+                  "scheduling, detokenizing, transformers' module code). Ray/HTTP add what separates the served figures "
                   "above from the in-process tokens/s here.", ""]
         lines += markdown_table(
-            ["dtype", "linear weights", "batch", "ms/step"] + parts + ["tok/s in process"],
-            [[SHORT[row["dtype"]], "packed" if row["packed"] else "plain", str(row["batch"]),
+            ["dtype", "forward", "batch", "ms/step"] + parts + ["tok/s in process"],
+            [[SHORT[row["dtype"]], _variant(row), str(row["batch"]),
               f"{row['ms_per_step']:.1f}"] + [f"{row['ms'][p]:.1f}" for p in parts] + [f"{row['tokens_per_s']:.0f}"]
              for row in prof])
     return "\n".join(lines)
+
+
+def _variant(row: dict[str, Any]) -> str:
+    """A profile row's forward (rows from before the lean forward name only their weights)."""
+    return row.get("variant") or f"transformers, {'packed' if row['packed'] else 'plain'} weights"
 
 
 def main(args: argparse.Namespace) -> int:

@@ -65,6 +65,7 @@ class FusedLinear(torch.nn.Module):
 
     def __init__(self, linears: list[Any], *, pack: bool) -> None:
         super().__init__()
+        self.in_features = int(linears[0].in_features)
         self.out_features = [int(m.out_features) for m in linears]
         self.kind = _fusable_kind(linears)
         self.parts = torch.nn.ModuleList(linears) if self.kind == "parts" else None
