@@ -1,8 +1,8 @@
 """Training and fine-tuning runs as Ray Jobs on a running cluster (Ray's Job Submission SDK).
 
 :func:`submit_job` validates a ``train`` or ``finetune`` config here, checks that one worker fits some
-node of the cluster, and submits ``python -m llmstack <kind> --config config.yaml`` with the resolved
-config shipped as the job's ``working_dir``. The job registers its result in the registry exactly as
+node of the cluster, and submits ``python -m llmstack.fleet.job_entry <kind>`` (``llmstack <kind> --config``)
+with the resolved config in the job's environment (:mod:`llmstack.fleet.job_entry` says why not a working_dir). The job registers its result in the registry exactly as
 ``llmstack train`` / ``llmstack finetune`` do; its metrics (worker-seconds, busy worker-seconds, queue
 wait from this submission) land in the registered version's manifest. :func:`list_jobs`,
 :func:`job_status`, :func:`job_logs` and :func:`stop_job` follow the job.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import time
 import uuid
 from collections.abc import Iterable
@@ -33,11 +32,11 @@ from typing import Any, Literal
 import yaml
 
 from llmstack.errors import ConfigError, LLMStackError, ResourceError
+from llmstack.fleet.job_entry import JOB_CONFIG_ENV
 from llmstack.train.driver import SUBMITTED_AT_ENV  # run_training reads it: queue wait from the submission
 
 JobKind = Literal["train", "finetune"]
 KINDS: tuple[str, ...] = ("train", "finetune")
-CONFIG_FILE = "config.yaml"
 _REGISTERED = re.compile(r"^registered (\S+@v\d+)", re.M)
 # Not TOKENIZERS_PARALLELISM: ray.init in the job sets it, and Ray refuses a key set twice.
 _FORWARDED_ENV = ("HF_HUB_OFFLINE", "LLMSTACK_VERBOSE", "LLMSTACK_REGISTRY")
@@ -194,15 +193,13 @@ def submit_job(config: str | Path | dict[str, Any], *, kind: str | None = None, 
     job_env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
     job_env.update(env or {})
     job_env[SUBMITTED_AT_ENV] = f"{submitted_at:.3f}"
-    with tempfile.TemporaryDirectory(prefix="llmstack-job-") as directory:
-        (Path(directory) / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-        client.submit_job(
-            entrypoint=f"python -m llmstack {chosen} --config {CONFIG_FILE}",
-            submission_id=submission_id,
-            runtime_env={"working_dir": directory, "env_vars": job_env},
-            metadata={"llmstack_kind": chosen, "llmstack_name": cfg.name,
-                      "llmstack_submitted_at": f"{submitted_at:.3f}"},
-        )
+    job_env[JOB_CONFIG_ENV] = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    client.submit_job(
+        entrypoint=f"python -m llmstack.fleet.job_entry {chosen}",
+        submission_id=submission_id,
+        runtime_env={"env_vars": job_env},
+        metadata={"llmstack_kind": chosen, "llmstack_name": cfg.name, "llmstack_submitted_at": f"{submitted_at:.3f}"},
+    )
     return submission_id
 
 

@@ -68,6 +68,8 @@ def test_two_jobs_share_an_autoscaling_cluster_that_grows_for_them(tmp_path: Pat
             assert time.monotonic() < deadline, {j: job_status(j).status for j in [*jobs.values(), too_big]}
             time.sleep(1)
         logs = {job_id: job_logs(job_id) for job_id in records}
+        for job_id, text in logs.items():  # shown when the test fails
+            print(f"----- {job_id} {records[job_id].status}\n{text[-6000:]}")
 
     for name, job_id in jobs.items():
         assert records[job_id].status == "SUCCEEDED", logs[job_id][-3000:]

@@ -111,3 +111,17 @@ def test_only_a_real_autoscalers_node_types_count_not_the_readonly_mirror() -> N
                                     "pendingNodes": [["10.0.0.2", "cpu1", "setting-up"]]}}
     assert autoscaler_node_types(scaling) == {"ray.head.default", "cpu1"}
     assert autoscaler_node_types(None) == set() and autoscaler_node_types({}) == set()
+
+
+def test_the_job_entrypoint_runs_the_verb_on_the_config_from_its_environment(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from llmstack.fleet.job_entry import JOB_CONFIG_ENV
+    from llmstack.fleet.job_entry import main as job_entry
+
+    monkeypatch.delenv(JOB_CONFIG_ENV, raising=False)
+    assert job_entry(["train"]) == 2
+    assert f"config in {JOB_CONFIG_ENV} (got arguments ['train'], 0 characters" in capsys.readouterr().err
+    # The config reaches `llmstack train --config FILE`: its validation names the misspelt key.
+    monkeypatch.setenv(JOB_CONFIG_ENV, yaml.safe_dump({"name": "lm", "training": {"max_step": 3}}))
+    assert job_entry(["train"]) == 2
+    assert "training.max_step" in capsys.readouterr().err
