@@ -60,6 +60,7 @@ class NodeGroup:
         return min(counts) if counts else 0
 
     def describe(self) -> str:
+        """``name (CPU 2, GPU 1; up to 3 nodes)``: what a message shows of the type."""
         offered = ", ".join(f"{name} {amount:g}" for name, amount in sorted(self.resources.items())
                             if name in ("CPU", "GPU") or not name.startswith(("memory", "object_store")))
         count = "no limit" if self.max_count == UNLIMITED else f"up to {self.max_count}"
@@ -73,7 +74,7 @@ class AutoscalerLimits:
     node_types: tuple[NodeGroup, ...]
     max_nodes: int = UNLIMITED  # the v1 config's top-level max_workers: all worker nodes together
     max_resources: Mapping[str, float] = field(default_factory=dict)  # cluster-wide resource caps
-    source: str = ""  # where they were read (for messages)
+    source: str = ""  # where they were read: the GCS, or the autoscaling config file's path
 
     @property
     def scales(self) -> bool:
