@@ -159,8 +159,8 @@ def limits_from_autoscaling_config(config: Mapping[str, Any], source: str = "") 
         if name == head:  # the one head node
             types.append(NodeGroup(name, resources, max_count=1, min_count=1, head=True))
         else:
-            types.append(NodeGroup(name, resources, max_count=int(spec.get("max_workers", config.get("max_workers", 0))),
-                                  min_count=int(spec.get("min_workers", 0))))
+            most = int(spec.get("max_workers", config.get("max_workers", 0)))
+            types.append(NodeGroup(name, resources, max_count=most, min_count=int(spec.get("min_workers", 0))))
     max_nodes = config.get("max_workers")
     return AutoscalerLimits(tuple(types), UNLIMITED if max_nodes is None else int(max_nodes), source=source)
 

@@ -1,9 +1,10 @@
 """Training and fine-tuning runs as Ray Jobs on a running cluster (Ray's Job Submission SDK).
 
 :func:`submit_job` validates a ``train`` or ``finetune`` config here, checks that one worker fits some
-node of the cluster, and submits ``python -m llmstack.fleet.job_entry <kind>`` (``llmstack <kind> --config``)
-with the resolved config in the job's environment (:mod:`llmstack.fleet.job_entry` says why not a working_dir). The job registers its result in the registry exactly as
-``llmstack train`` / ``llmstack finetune`` do; its metrics (worker-seconds, busy worker-seconds, queue
+node of the cluster (or a node type its autoscaler can add), and submits ``python -m llmstack.fleet.job_entry
+<kind>`` (``llmstack <kind> --config``) with the resolved config in the job's environment
+(:mod:`llmstack.fleet.job_entry` says why not a working_dir). The job registers its result in the registry
+exactly as ``llmstack train`` / ``llmstack finetune`` do; its metrics (worker-seconds, busy worker-seconds, queue
 wait from this submission) land in the registered version's manifest. :func:`list_jobs`,
 :func:`job_status`, :func:`job_logs` and :func:`stop_job` follow the job.
 
