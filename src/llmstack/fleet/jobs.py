@@ -1,9 +1,10 @@
 """Training and fine-tuning runs as Ray Jobs on a running cluster (Ray's Job Submission SDK).
 
 :func:`submit_job` validates a ``train`` or ``finetune`` config here, checks that one worker fits some
-node of the cluster, and submits ``python -m llmstack <kind> --config config.yaml`` with the resolved
-config shipped as the job's ``working_dir``. The job registers its result in the registry exactly as
-``llmstack train`` / ``llmstack finetune`` do; its metrics (worker-seconds, busy worker-seconds, queue
+node of the cluster (or a node type its autoscaler can add), and submits ``python -m llmstack.fleet.job_entry
+<kind>`` (``llmstack <kind> --config``) with the resolved config in the job's environment
+(:mod:`llmstack.fleet.job_entry` says why not a working_dir). The job registers its result in the registry
+exactly as ``llmstack train`` / ``llmstack finetune`` do; its metrics (worker-seconds, busy worker-seconds, queue
 wait from this submission) land in the registered version's manifest. :func:`list_jobs`,
 :func:`job_status`, :func:`job_logs` and :func:`stop_job` follow the job.
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import time
 import uuid
 from collections.abc import Iterable
@@ -33,11 +33,11 @@ from typing import Any, Literal
 import yaml
 
 from llmstack.errors import ConfigError, LLMStackError, ResourceError
+from llmstack.fleet.job_entry import JOB_CONFIG_ENV
 from llmstack.train.driver import SUBMITTED_AT_ENV  # run_training reads it: queue wait from the submission
 
 JobKind = Literal["train", "finetune"]
 KINDS: tuple[str, ...] = ("train", "finetune")
-CONFIG_FILE = "config.yaml"
 _REGISTERED = re.compile(r"^registered (\S+@v\d+)", re.M)
 # Not TOKENIZERS_PARALLELISM: ray.init in the job sets it, and Ray refuses a key set twice.
 _FORWARDED_ENV = ("HF_HUB_OFFLINE", "LLMSTACK_VERBOSE", "LLMSTACK_REGISTRY")
@@ -188,21 +188,19 @@ def submit_job(config: str | Path | dict[str, Any], *, kind: str | None = None, 
 
     chosen, cfg = resolve_job_config(config, kind=kind, overrides=overrides, registry=registry)
     client = connect(address)
-    check_job_fits(cfg.scaling, node_resources(client))
+    check_job_fits(cfg.scaling, node_resources(client), autoscaling=autoscaler_adds_nodes(client))
     submission_id = submission_id or f"{chosen}-{cfg.name}-{uuid.uuid4().hex[:8]}"
     submitted_at = time.time()
     job_env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
     job_env.update(env or {})
     job_env[SUBMITTED_AT_ENV] = f"{submitted_at:.3f}"
-    with tempfile.TemporaryDirectory(prefix="llmstack-job-") as directory:
-        (Path(directory) / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-        client.submit_job(
-            entrypoint=f"python -m llmstack {chosen} --config {CONFIG_FILE}",
-            submission_id=submission_id,
-            runtime_env={"working_dir": directory, "env_vars": job_env},
-            metadata={"llmstack_kind": chosen, "llmstack_name": cfg.name,
-                      "llmstack_submitted_at": f"{submitted_at:.3f}"},
-        )
+    job_env[JOB_CONFIG_ENV] = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    client.submit_job(
+        entrypoint=f"python -m llmstack.fleet.job_entry {chosen}",
+        submission_id=submission_id,
+        runtime_env={"env_vars": job_env},
+        metadata={"llmstack_kind": chosen, "llmstack_name": cfg.name, "llmstack_submitted_at": f"{submitted_at:.3f}"},
+    )
     return submission_id
 
 
@@ -221,20 +219,51 @@ def node_resources(client: Any) -> list[dict[str, float]]:
             for node in nodes if node.get("state") == "ALIVE"]
 
 
-def check_job_fits(scaling: Any, nodes: list[dict[str, float]]) -> None:
+def autoscaler_node_types(status: dict[str, Any] | None) -> set[str]:
+    """The node type names in the v1 autoscaler's report (``/api/cluster_status``), the readonly mirror's left out.
+
+    A cluster without an autoscaling config runs a readonly autoscaler that names every node ``node_<id>``;
+    any other name is a node type of a real autoscaler (``ray start --autoscaling-config``, ``ray up``, KubeRay).
+    Read from the values (node name -> type, pending nodes), which the dashboard leaves as they are (it
+    camel-cases keys).
+    """
+    from ray.autoscaler._private.util import format_readonly_node_type
+
+    status = status or {}
+    report = status.get("autoscalerReport") or status.get("autoscaler_report") or {}
+    mapping = report.get("nodeTypeMapping") or report.get("node_type_mapping") or {}
+    pending = report.get("pendingNodes") or report.get("pending_nodes") or []
+    names = set(mapping.values()) | {entry[1] for entry in pending if len(entry) > 1}
+    readonly = format_readonly_node_type("")
+    return {name for name in names if not (name.startswith(readonly) and len(name) > len(readonly) + 16)}
+
+
+def autoscaler_adds_nodes(client: Any) -> bool:
+    """Whether the cluster's autoscaler can add nodes of its own node types (False when unknown)."""
+    import requests
+
+    try:
+        response = requests.get(f"{client.get_address()}/api/cluster_status", headers=auth_headers(), timeout=30)
+        response.raise_for_status()
+        return bool(autoscaler_node_types(response.json()["data"].get("clusterStatus")))
+    except (requests.RequestException, KeyError, ValueError):
+        return False
+
+
+def check_job_fits(scaling: Any, nodes: list[dict[str, float]], *, autoscaling: bool = False) -> None:
     """Refuse a job none of whose workers could ever be placed: no node has the CPUs (and GPU) of one worker.
 
     Checks one worker against each node's total resources, not what is free now: a busy cluster queues
-    the job, an impossible request fails here instead of waiting forever. Nodes an autoscaler may still
-    add are not known here; on a cluster that has none of the needed size yet, submit with a node of
-    that size up (or ``ray job submit`` directly).
+    the job, an impossible request fails here instead of waiting forever. On an ``autoscaling`` cluster
+    a node the autoscaler can still add may hold it: the job's driver then judges it by the autoscaler's
+    node types (``check_cluster``, :mod:`llmstack.fleet.capacity`) and fails at its start when none can.
     """
     if not nodes:  # a cluster still starting: nothing to judge by yet
         return
     need = {"CPU": float(scaling.cpus_per_worker)}
     if scaling.use_gpu:
         need["GPU"] = 1.0
-    if any(all(node.get(name, 0.0) >= amount for name, amount in need.items()) for node in nodes):
+    if autoscaling or any(all(node.get(name, 0.0) >= amount for name, amount in need.items()) for node in nodes):
         return
     largest = ", ".join(f"{name} {max((n.get(name, 0.0) for n in nodes), default=0.0):g}" for name in need)
     wanted = ", ".join(f"{name} {amount:g}" for name, amount in need.items())
@@ -314,5 +343,6 @@ def wait_for_job(job_id: str, *, address: str | None = None, timeout_s: float = 
         time.sleep(poll_s)
 
 
-__all__ = ["JobRecord", "auth_headers", "check_job_fits", "connect", "job_kind", "job_logs", "job_status",
-           "list_jobs", "node_resources", "resolve_job_config", "stop_job", "submit_job", "wait_for_job"]
+__all__ = ["JobRecord", "auth_headers", "autoscaler_adds_nodes", "autoscaler_node_types", "check_job_fits", "connect",
+           "job_kind", "job_logs", "job_status", "list_jobs", "node_resources", "resolve_job_config", "stop_job",
+           "submit_job", "wait_for_job"]

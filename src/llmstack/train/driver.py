@@ -34,6 +34,7 @@ from llmstack.train.elastic import global_batch_blocks, is_elastic, largest_step
 from llmstack.train.storage import Storage, probe, resolve_storage
 
 if TYPE_CHECKING:
+    from llmstack.fleet.capacity import AutoscalerLimits
     from llmstack.registry import ArtifactRef, Registry
     from llmstack.train.loop import LoopSpec
 
@@ -446,10 +447,39 @@ def ensure_ray(scaling: WorkersConfig) -> None:
 
 
 def check_cluster(scaling: WorkersConfig) -> None:
-    """Fail before any worker starts if the cluster cannot place the requested workers."""
+    """Fail before any worker starts if the cluster can never place the requested workers.
+
+    A fixed cluster must hold the run's minimum workers now. On an autoscaling cluster the run's demand is what
+    adds nodes, so it is refused only when no node type can hold one worker or all node types at their max
+    cannot hold the minimum (:mod:`llmstack.fleet.capacity`).
+    """
     import ray
 
+    from llmstack.fleet.capacity import read_autoscaler_limits
+
+    limits = read_autoscaler_limits()
     resources = ray.cluster_resources()
+    if limits is not None and limits.scales:
+        check_autoscaling_fit(scaling, limits)
+    else:
+        check_fixed_fit(scaling, resources)
+
+
+def check_autoscaling_fit(scaling: WorkersConfig, limits: AutoscalerLimits) -> None:
+    """Refuse a run no node type the autoscaler can add will ever hold, naming what it asks and what they offer."""
+    from llmstack.fleet.capacity import fit_problem, worker_shape
+
+    fewest = worker_range(scaling.num_workers)[0]
+    problem = fit_problem(worker_shape(scaling.cpus_per_worker, scaling.use_gpu), fewest=fewest, limits=limits)
+    if problem:
+        raise ResourceError(
+            f"scaling.num_workers={scaling.num_workers} (scaling.cpus_per_worker={scaling.cpus_per_worker:g}"
+            f"{', scaling.use_gpu=true' if scaling.use_gpu else ''}) can never run on this autoscaling cluster: "
+            f"{problem}; lower scaling.num_workers or scaling.cpus_per_worker, or add a larger node type")
+
+
+def check_fixed_fit(scaling: WorkersConfig, resources: Mapping[str, float]) -> None:
+    """Refuse a run whose minimum workers the cluster's current resources cannot hold."""
     cpus = float(resources.get("CPU", 0.0))
     fewest = worker_range(scaling.num_workers)[0]  # an elastic run starts on its min
     needed = fewest * scaling.cpus_per_worker
@@ -573,5 +603,6 @@ def register_tokenizer(registry: Registry, name: str, tokenizer: Any, *, corpus:
             data_fingerprint=getattr(corpus, "fingerprint", None))
 
 
-__all__ = ["RunOutcome", "TrainResult", "check_batch", "check_cluster", "check_signature", "check_training",
+__all__ = ["RunOutcome", "TrainResult", "check_autoscaling_fit", "check_batch", "check_cluster", "check_fixed_fit",
+           "check_signature", "check_training",
            "default_storage_path", "ensure_ray", "final_metrics", "run_cost", "run_training", "train"]

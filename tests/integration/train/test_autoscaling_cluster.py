@@ -23,13 +23,10 @@ import pytest
 import requests
 import yaml
 
-import llmstack
-from llmstack.fleet.local_cluster import local_autoscaling_cluster, state, train_workers, worker_nodes
+from llmstack.fleet.local_cluster import driver_env, local_autoscaling_cluster, state, train_workers, worker_nodes
 
 pytestmark = [pytest.mark.slow, pytest.mark.own_cluster]  # `make test-fleet` (kept out of `make test`: ~3 min)
 
-BIN = Path(sys.executable).parent
-SRC = Path(llmstack.__file__).resolve().parents[1]
 CHECKPOINT_EVERY = 5
 MAX_STEPS = 100
 CONFIG: dict[str, Any] = {
@@ -99,13 +96,8 @@ def kill_raylet(node_id: str, session_root: str) -> int:
 
 
 def test_elastic_run_grows_on_a_new_node_and_shrinks_on_a_lost_one(tmp_path: Path) -> None:
-    from llmstack.data.builtin import cache_root
-
     registry, runs, mlruns = tmp_path / "registry", tmp_path / "runs", tmp_path / "mlruns"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
-    env.update({"PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "PYTHONPATH": str(SRC),
-                "LLMSTACK_CACHE": str(cache_root()), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-                "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"})
+    env = driver_env()
     config = tmp_path / "elastic.yaml"
     config.write_text(yaml.safe_dump({**CONFIG, "registry": str(registry), "storage_path": str(runs),
                                       "tracking": {"mlflow_uri": str(mlruns)}}))

@@ -12,7 +12,7 @@ import yaml
 from llmstack.cli import main
 from llmstack.config import WorkersConfig
 from llmstack.errors import ConfigError, ResourceError
-from llmstack.fleet.jobs import auth_headers, check_job_fits, job_kind, resolve_job_config
+from llmstack.fleet.jobs import auth_headers, autoscaler_node_types, check_job_fits, job_kind, resolve_job_config
 
 
 def closed_port() -> int:
@@ -94,3 +94,34 @@ def test_submit_reports_config_problems_before_connecting(tmp_path: Path, capsys
     # The address is never reached: the missing kind is reported first.
     assert main(["jobs", "submit", "--config", str(path), "--address", f"http://127.0.0.1:{closed_port()}"]) == 2
     assert "kind: must be one of train, finetune" in capsys.readouterr().err
+
+
+def test_a_worker_larger_than_every_node_now_is_left_to_the_driver_when_an_autoscaler_adds_nodes() -> None:
+    nodes = [{"CPU": 0.0}]  # an autoscaling cluster's head, no worker node up yet
+    with pytest.raises(ResourceError):
+        check_job_fits(WorkersConfig(cpus_per_worker=1), nodes)
+    check_job_fits(WorkersConfig(cpus_per_worker=1), nodes, autoscaling=True)  # check_cluster judges node types
+
+
+def test_only_a_real_autoscalers_node_types_count_not_the_readonly_mirror() -> None:
+    readonly = {"autoscalerReport": {"activeNodes": {"nodeAb12": 1},
+                                     "nodeTypeMapping": {"ab12" * 14: "node_" + "ab12" * 14}, "pendingNodes": []}}
+    assert autoscaler_node_types(readonly) == set()  # a fixed cluster's monitor mirrors each node as node_<id>
+    scaling = {"autoscalerReport": {"nodeTypeMapping": {"c0ffee" * 9: "ray.head.default"},
+                                    "pendingNodes": [["10.0.0.2", "cpu1", "setting-up"]]}}
+    assert autoscaler_node_types(scaling) == {"ray.head.default", "cpu1"}
+    assert autoscaler_node_types(None) == set() and autoscaler_node_types({}) == set()
+
+
+def test_the_job_entrypoint_runs_the_verb_on_the_config_from_its_environment(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from llmstack.fleet.job_entry import JOB_CONFIG_ENV
+    from llmstack.fleet.job_entry import main as job_entry
+
+    monkeypatch.delenv(JOB_CONFIG_ENV, raising=False)
+    assert job_entry(["train"]) == 2
+    assert f"config in {JOB_CONFIG_ENV} (got arguments ['train'], 0 characters" in capsys.readouterr().err
+    # The config reaches `llmstack train --config FILE`: its validation names the misspelt key.
+    monkeypatch.setenv(JOB_CONFIG_ENV, yaml.safe_dump({"name": "lm", "training": {"max_step": 3}}))
+    assert job_entry(["train"]) == 2
+    assert "training.max_step" in capsys.readouterr().err
