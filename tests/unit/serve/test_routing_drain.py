@@ -14,8 +14,11 @@ import httpx
 import pytest
 
 from llmstack.config import ServeConfig, to_dict
+from llmstack.errors import RequestError
 from llmstack.serve.deployments.drain import DrainBoard
-from llmstack.serve.protocol import ChoiceDelta, GenerationChunk, GenerationRequest, GenerationResult, ModelCard
+from llmstack.serve.http.admission import Admission
+from llmstack.serve.protocol import (ChoiceDelta, ChoiceOutput, GenerationChunk, GenerationRequest, GenerationResult,
+                                     ModelCard, Timing)
 from llmstack.serve.routing.canary_config import CanaryConfig
 from llmstack.serve.routing.ingress import RoutingEngine, routing_api
 from llmstack.serve.routing.regions_config import load_regions_config, spec_of
@@ -43,7 +46,15 @@ class PacedVersion:
                                                           finish_reason="length" if last else None)])
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        raise NotImplementedError
+        self.started += 1
+        async with self.slot:
+            steps = request.sampling.max_tokens or 1
+            await asyncio.sleep(self.step_s * steps)
+            return GenerationResult(request_id=request.request_id, model="tiny-lm", prompt_tokens=1,
+                                    completion_tokens=steps, timing=Timing(queue_s=0.0, total_s=self.step_s * steps,
+                                                                          batch_size=1),
+                                    choices=[ChoiceOutput(index=0, text="t" * steps, token_ids=[7] * steps,
+                                                          finish_reason="length")])
 
     async def models(self) -> list[ModelCard]:
         return [ModelCard(id="tiny-lm")]
@@ -95,12 +106,12 @@ def canary_engine(registry_dir: Path, step_s: float, **http: Any) -> RoutingEngi
     return engine
 
 
-def regions_engine(registry_dir: Path, step_s: float, **http: Any) -> RoutingEngine:
+def regions_engine(registry_dir: Path, step_s: float, attempt_timeout_s: float = 30.0, **http: Any) -> RoutingEngine:
     """A two-region app's engine (one region with a canary of its own), each backend a paced fake."""
     cfg, serve_cfg = load_regions_config({**_serve(registry_dir, **http),
                                           "regions": {"a": {"price_per_replica_hour": 1.0},
                                                       "b": {"price_per_replica_hour": 2.0}},
-                                          "routing": {"policy": "round_robin"}})
+                                          "routing": {"policy": "round_robin", "attempt_timeout_s": attempt_timeout_s}})
     spec = spec_of(cfg, serve_cfg)
     spec["regions"]["b"]["canary"] = _canary_scope(spec["serve"], prefix="b--")
     engine = RoutingEngine({"regions": {"a": None, "b": {V1: None, V2: None}}}, spec)
@@ -190,3 +201,44 @@ def test_the_routing_ingress_sheds_a_burst_by_predicted_time(kind: str, tmp_path
         observed = engine.canaries[""].report()["obs"]
         assert len(observed) == statuses.count(200)
         assert not any(error for _, _, _, _, error, _, _ in observed), observed
+
+
+def test_a_regions_app_admits_only_what_its_attempt_timeout_lets_the_regions_answer(tmp_path: Path) -> None:
+    # Each region answers one request at a time in 0.2 s (10 tokens x 20 ms): 60 requests are ~6 s of work. The
+    # request timeout (60 s) would admit them all, but a region attempt must answer within 3 s or it times out
+    # as the region's failure and retries into a 504: admission bounds the answer by the attempt timeout too.
+    engine = regions_engine(tmp_path, step_s=0.02, attempt_timeout_s=3.0, request_timeout_s=60)
+    assert engine.attempt_timeout_s == 3.0 and canary_engine(tmp_path, 0.02).attempt_timeout_s is None
+
+    async def main() -> list[httpx.Response]:
+        async with _client(routing_api(engine, None)) as c:
+            body = {"model": "tiny-lm", "prompt": "x", "max_tokens": 10}
+            return list(await asyncio.gather(*[c.post("/v1/completions", json=body) for _ in range(60)]))
+
+    responses = asyncio.run(main())
+    statuses = [r.status_code for r in responses]
+    assert 504 not in statuses and set(statuses) <= {200, 503}, statuses
+    assert statuses.count(200) >= 5 and statuses.count(503) >= 5, statuses
+    for r in responses:
+        if r.status_code == 503:
+            assert int(r.headers["Retry-After"]) >= 1 and r.json()["error"]["code"] == "overloaded"
+            assert "attempt timeout" in r.json()["error"]["message"]
+    for name, state in engine.regions.router.regions.items():  # type: ignore[union-attr]
+        totals = dict(state.totals)
+        assert state.healthy and totals.get("failed", 0) == 0 and totals.get("ejections", 0) == 0, (name, totals)
+
+
+def test_the_attempt_timeout_bounds_a_streams_start_and_a_whole_answer() -> None:
+    def measured(**limits: float) -> Admission:  # 100 tokens/s measured, 5 s of work queued
+        admission = Admission(request_timeout_s=100.0, **limits)
+        admission._rate_busy_s, admission._rate_tokens, admission.pending_tokens = 1.0, 100.0, 500.0
+        return admission
+
+    assert measured(attempt_timeout_s=10.0).admit(400, steps=400, streamed=True)  # starts at ~5 s, ends ~9 s
+    with pytest.raises(RequestError) as whole:  # its whole answer would come at ~11 s: past 0.9 x 10 s
+        measured(attempt_timeout_s=10.0).admit(600, steps=600)
+    assert whole.value.status_code == 503 and "10 s router's attempt timeout" in whole.value.message
+    with pytest.raises(RequestError) as late:  # a stream that would start only at ~5 s: past 0.9 x 5 s
+        measured(attempt_timeout_s=5.0).admit(1, steps=1, streamed=True)
+    assert "start answering" in late.value.message and late.value.headers["Retry-After"] == "1"
+    assert measured().admit(600, steps=600)  # no router: only the request timeout counts

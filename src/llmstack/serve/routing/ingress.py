@@ -64,7 +64,9 @@ class RoutingEngine:
                                               engines=dict(self.canaries))
             self.top: Any = self.regions
             self.link = self.regions.board
+            self.attempt_timeout_s: float | None = self.regions.cfg.attempt_timeout_s  # bounds admission too
         else:
+            self.attempt_timeout_s = None
             self.top = self.canaries[""]
             self.link = None if board is None else BoardLink(
                 board_name(self.config.app_name, spec.get("deploy_id", "")), replica_id(), connect=connect)
