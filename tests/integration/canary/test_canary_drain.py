@@ -30,7 +30,8 @@ def paced_canary(ray_cluster: dict, canary_registry: dict[str, Any]) -> Iterator
 
     dep = deploy_canary({
         "stable": "tiny-lm@production", "registry": canary_registry["url"],
-        "versions": [{"name": PACED, "model": "tiny-lm@v2", "deployment": "llmstack.serve._faults:FaultInjectingLLMServer",
+        "versions": [{"name": PACED, "model": "tiny-lm@v2",
+                      "deployment": "llmstack.serve._faults:FaultInjectingLLMServer",
                       "deployment_args": {"fault": "paced", "delay_s": DELAY_S}}],
         "weights": {"stable": 0, PACED: 100}, "router_replicas": 1,
         "app_name": "canary-drain", "http": {"route_prefix": "/canary-drain", "port": serve_http_port(),

@@ -178,7 +178,6 @@ class Deployment:
     def shutdown(self) -> None:
         """Delete the application (its replicas stop); Serve and Ray keep running."""
         import ray
-        from ray import serve
 
         from llmstack.serve.deployments import drain
 
