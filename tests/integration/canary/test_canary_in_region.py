@@ -108,3 +108,23 @@ def test_the_region_splits_the_other_is_untouched_and_the_canary_is_promoted(
     assert region_status["regions"]["us-east"]["healthy"] and region_status["regions"]["eu-west"]["healthy"]
     metrics = requests.get(app.url + "/metrics", timeout=10).text
     assert 'llmstack_canary_weight_percent{region="eu-west",version="tiny-lm@v2"} 100.0' in metrics
+
+
+def test_every_router_of_the_region_app_follows_its_drain_board(region_canary_app: Any) -> None:
+    """The last test of this module: it drains the app (the fixture then deletes it). What SIGTERM to the
+    deploying process does: the board starts the drain; both router replicas refuse new requests (503 +
+    Retry-After, OpenAI shape), answer /health with 503 and, having nothing live, report idle."""
+    import ray
+
+    app = region_canary_app
+    assert app.ingress_replicas == 2 and app.board is not None
+    ray.get(app.board.start.remote(60.0), timeout=30)
+    deadline = time.time() + 30
+    while ray.get(app.board.idle_replicas.remote(), timeout=30) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    assert ray.get(app.board.idle_replicas.remote(), timeout=30) == 2  # both routers drained
+    for _ in range(4):  # whichever router the proxy picks
+        refused = requests.post(app.url + "/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=30)
+        assert refused.status_code == 503 and int(refused.headers["Retry-After"]) >= 1
+        assert refused.json()["error"]["code"] == "shutting_down"
+    assert requests.get(app.url + "/health", timeout=30).status_code == 503

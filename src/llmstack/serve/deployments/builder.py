@@ -178,23 +178,28 @@ class Deployment:
     def shutdown(self) -> None:
         """Delete the application (its replicas stop); Serve and Ray keep running."""
         import ray
-        from ray import serve
 
         from llmstack.serve.deployments import drain
 
         drain.forget(self)
         if not ray.is_initialized():  # Ray already shut down (a drained process): nothing left to delete
             return
-        try:
-            serve.delete(self.app_name)
-        except Exception:  # already gone
-            pass
+        self.delete_app()
         if self.board is not None:
             try:
                 ray.kill(self.board)
             except Exception:  # already gone
                 pass
             self.board = None
+
+    def delete_app(self) -> None:
+        """Delete the Serve application (a routed app also deletes the versions it added at run time)."""
+        from ray import serve
+
+        try:
+            serve.delete(self.app_name)
+        except Exception:  # already gone
+            pass
 
     def drain(self) -> None:
         """Stop admitting (503 + Retry-After), let live requests finish within the config's
@@ -263,15 +268,26 @@ def deploy(config: ServeConfig | Mapping[str, Any] | str | Path | None = None, *
     cfg = resolve_config(cfg)  # pinned once: the app and the returned config name the same versions
     from llmstack.serve.deployments import drain
 
-    boards: list[Any] = []  # created once the cluster is connected, just before the app starts
-    url = run_app(lambda: app_for(cfg, drain_board=boards[0]), cfg, replace=replace, timeout_s=timeout_s,
-                  needs=[(replica_resources(cfg), max(cfg.autoscaling.min_replicas, 1)),
-                         (INGRESS_RESOURCES, ingress_replicas(cfg))],
-                  before_start=lambda: boards.append(drain.create_board(cfg.app_name)))
+    needs = [(replica_resources(cfg), max(cfg.autoscaling.min_replicas, 1)), (INGRESS_RESOURCES, ingress_replicas(cfg))]
+    url, board = run_draining_app(lambda board: app_for(cfg, drain_board=board), cfg, replace=replace,
+                                  timeout_s=timeout_s, needs=needs)
     deployment = Deployment(config=cfg, url=url, app_name=cfg.app_name, ingress_replicas=ingress_replicas(cfg),
-                            board=boards[0])
+                            board=board)
     drain.register(deployment)
     return deployment
+
+
+def run_draining_app(build: Callable[[Any], Any], cfg: ServeConfig, **run_options: Any) -> tuple[str, Any]:
+    """:func:`run_app` for an app whose ingress follows a drain board (plain, canary and multi-region apps alike):
+    the app's :class:`~llmstack.serve.deployments.drain.DrainBoard` is created once the cluster is connected and
+    handed to ``build(board)``, which returns the Application. Returns the base URL and the board; register
+    the returned deployment with :func:`llmstack.serve.deployments.drain.register` so SIGTERM drains it."""
+    from llmstack.serve.deployments import drain
+
+    boards: list[Any] = []
+    url = run_app(lambda: build(boards[0]), cfg, before_start=lambda: boards.append(drain.create_board(cfg.app_name)),
+                  **run_options)
+    return url, boards[0]
 
 
 

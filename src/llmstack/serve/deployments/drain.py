@@ -1,7 +1,8 @@
 """Drain an app on SIGTERM: every ingress replica stops admitting, live streams finish, then Serve stops.
 
-The process that called :func:`~llmstack.serve.deploy` owns one :class:`DrainBoard` actor per app (named
-after it). Each ingress replica follows the board (:func:`follow_drain`): a long-poll that returns when the
+The process that called :func:`~llmstack.serve.deploy` (or ``deploy_canary``, ``deploy_regions``: every app's
+ingress is :func:`~llmstack.serve.deployments.ingress.ingress_api`'s) owns one :class:`DrainBoard` actor per app
+(named after it). Each ingress replica follows the board (:func:`follow_drain`): a long-poll that returns when the
 drain starts, so all replicas, however many, start draining at once without polling. Each replica reports
 back once it has no live request (or its grace period ended); the deploying process then deletes the app.
 

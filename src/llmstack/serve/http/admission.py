@@ -8,6 +8,11 @@ times the measured time per step of a stream: batched decoding runs a sequence n
 it is refused at once, and a request still waiting to start is re-checked as the estimate improves (a
 burst arrives before any throughput is measured), so it is shed with 503 + Retry-After rather than
 waiting into a 504. Nothing is refused before a throughput has been measured.
+
+Behind a router whose backend attempts have their own limit (a multi-region app's ``attempt_timeout_s``: a
+whole answer, or a stream's first chunk, must arrive within it), ``attempt_timeout_s`` bounds the predicted
+answer (non-streamed) or start (streamed) too: past it the router would time the attempt out as the
+region's failure and the client would get a 504.
 """
 
 from __future__ import annotations
@@ -32,14 +37,17 @@ class Ticket:
     arrived: float
     ahead: float  # tokens queued before this request when it arrived
     done_at_arrival: float  # the estimator's token counter then
+    streamed: bool = False  # answered as a stream: only its first chunk is bound by the attempt timeout
     finished: bool = False
 
 
 class Admission:
     """Time-based admission of one ingress (single event loop; not thread-safe)."""
 
-    def __init__(self, *, request_timeout_s: float, retry_after_s: float = 1.0) -> None:
+    def __init__(self, *, request_timeout_s: float, retry_after_s: float = 1.0,
+                 attempt_timeout_s: float | None = None) -> None:
         self.request_timeout_s = request_timeout_s
+        self.attempt_timeout_s = attempt_timeout_s  # the backend router's limit per attempt (None: none)
         self.retry_after_s = retry_after_s
         self.pending_tokens = 0.0  # budgets of live requests
         self.live = 0
@@ -78,12 +86,12 @@ class Admission:
             self.step_s = sample if self.step_s is None else 0.8 * self.step_s + 0.2 * sample
 
     # ------------------------------------------------------------------ admission
-    def admit(self, tokens: int, steps: int = 1) -> Ticket:
+    def admit(self, tokens: int, steps: int = 1, *, streamed: bool = False) -> Ticket:
         """A ticket for a request of ``tokens`` token budget needing up to ``steps`` decode steps, or the 503
         when it could not finish in time."""
         self._advance()
         ticket = Ticket(tokens=max(1, tokens), steps=max(1, steps), arrived=time.monotonic(),
-                        ahead=self.pending_tokens, done_at_arrival=self.tokens_done)
+                        ahead=self.pending_tokens, done_at_arrival=self.tokens_done, streamed=streamed)
         refusal = self.refusal(ticket)
         if refusal is not None:
             raise refusal
@@ -93,24 +101,38 @@ class Admission:
 
     def predicted_finish_s(self, ticket: Ticket) -> float | None:
         """Seconds from the ticket's arrival to its predicted end (None: no throughput measured yet)."""
+        predicted = self._predicted(ticket)
+        return None if predicted is None else predicted[1]
+
+    def _predicted(self, ticket: Ticket) -> tuple[float, float] | None:
+        """Seconds from the ticket's arrival to its predicted start and end (None: no throughput measured yet)."""
         rate = self.throughput()
         if rate is None:
             return None
         ahead = max(0.0, ticket.ahead - (self.tokens_done - ticket.done_at_arrival))
         own = ticket.steps * self.step_s if self.step_s is not None else ticket.tokens / rate  # batched: per step
-        return (time.monotonic() - ticket.arrived) + ahead / rate + own
+        start = (time.monotonic() - ticket.arrived) + ahead / rate
+        return start, start + own
 
     def refusal(self, ticket: Ticket) -> RequestError | None:
-        """The 503 for ``ticket`` when it is predicted to end past the timeout, else None."""
-        finish = self.predicted_finish_s(ticket)
-        if finish is None or finish <= SAFETY * self.request_timeout_s:
+        """The 503 for ``ticket`` when it is predicted to end past the timeout (or to answer past the attempt
+        timeout: its first chunk when streamed), else None."""
+        predicted = self._predicted(ticket)
+        if predicted is None:
             return None
-        excess = finish - SAFETY * self.request_timeout_s
-        retry = max(self.retry_after_s, min(excess, self.request_timeout_s))
-        return RequestError(f"The server is overloaded: this request would finish in about {finish:.0f} s, past "
-                            f"the {self.request_timeout_s:g} s request timeout. Retry shortly.", status_code=503,
-                            type="server_overloaded", code="overloaded",
-                            headers={"Retry-After": str(max(1, math.ceil(retry)))})
+        start, finish = predicted
+        limits = [(finish, self.request_timeout_s, "finish", "request timeout")]
+        if self.attempt_timeout_s is not None:
+            limits.append((start if ticket.streamed else finish, self.attempt_timeout_s,
+                           "start answering" if ticket.streamed else "finish", "router's attempt timeout"))
+        for at, limit, what, timeout in limits:
+            if at > SAFETY * limit:
+                retry = max(self.retry_after_s, min(at - SAFETY * limit, limit))
+                return RequestError(f"The server is overloaded: this request would {what} in about {at:.0f} s, "
+                                    f"past the {limit:g} s {timeout}. Retry shortly.", status_code=503,
+                                    type="server_overloaded", code="overloaded",
+                                    headers={"Retry-After": str(max(1, math.ceil(retry)))})
+        return None
 
     def finish(self, ticket: Ticket) -> None:
         """The request is answered (or failed): its budget leaves the queue."""

@@ -70,7 +70,8 @@ def make_api(engine: Any, config: ServeConfig | dict[str, Any] | None = None) ->
     app.state.engine = engine
     drain = Drain(retry_after_s=cfg.http.retry_after_s)
     app.state.drain = drain
-    admission = Admission(request_timeout_s=cfg.http.request_timeout_s, retry_after_s=cfg.http.retry_after_s)
+    admission = Admission(request_timeout_s=cfg.http.request_timeout_s, retry_after_s=cfg.http.retry_after_s,
+                          attempt_timeout_s=getattr(engine, "attempt_timeout_s", None))  # a router's, if any
     app.state.admission = admission
 
     @app.exception_handler(LLMStackError)
@@ -101,14 +102,14 @@ def make_api(engine: Any, config: ServeConfig | dict[str, Any] | None = None) ->
             return UNKNOWN_MODEL
 
     async def call(route: str, model: str, fn: Callable[[], Awaitable[Response]], requests: list[GenerationRequest],
-                   ) -> Response:
+                   *, streamed: bool = False) -> Response:
         """Count, time and error-map one request; admit it by time; enforce the request timeout and the drain.
         ``model`` is the metric label."""
         try:
             if drain.draining:
                 raise drain.refusal()
             ticket = admission.admit(_token_budget(requests, cfg),
-                                     steps=max(_steps(r, cfg) for r in requests))
+                                     steps=max(_steps(r, cfg) for r in requests), streamed=streamed)
         except RequestError as refused:
             if refused.code == "overloaded":
                 metrics.shed.labels(model).inc()
@@ -216,7 +217,7 @@ def make_api(engine: Any, config: ServeConfig | dict[str, Any] | None = None) ->
             return await call("completions", label,
                               lambda: stream_response(engine, requests, model, completion_chunk(body, prompts),
                                                        cfg, metrics, body.stream_options, label=label,
-                                                       drain=drain, admission=admission), requests)
+                                                       drain=drain, admission=admission), requests, streamed=True)
         return await call("completions", label,
                           lambda: _complete(engine, requests, model, body, prompts, metrics, label, admission),
                           requests)
@@ -234,7 +235,8 @@ def make_api(engine: Any, config: ServeConfig | dict[str, Any] | None = None) ->
             return await call("chat", label, lambda: stream_response(engine, requests, model, chat_chunk(),
                                                                       cfg, metrics, body.stream_options,
                                                                       label=label, drain=drain,
-                                                                      admission=admission), requests)
+                                                                      admission=admission), requests,
+                              streamed=True)
         return await call("chat", label, lambda: _chat(engine, requests[0], model, metrics, label, admission),
                           requests)
 

@@ -29,7 +29,7 @@ BOARD_OPTIONS: dict[str, Any] = {"name": BOARD, "num_replicas": 1, "max_ongoing_
                                  "ray_actor_options": {"num_cpus": 0.0}, "health_check_period_s": 10}
 
 
-def app_of(spec: dict[str, Any], *, ingress: str, replicas: int) -> Any:
+def app_of(spec: dict[str, Any], *, ingress: str, replicas: int, drain_board: Any = None) -> Any:
     """The Application of a resolved routing spec.
 
     Args:
@@ -37,6 +37,8 @@ def app_of(spec: dict[str, Any], *, ingress: str, replicas: int) -> Any:
             (a multi-region app; a region may carry its own ``canary`` scope).
         ingress: the ingress deployment's name (``CanaryIngress``, ``RegionIngress``).
         replicas: ingress replicas.
+        drain_board: the app's :class:`~llmstack.serve.deployments.drain.DrainBoard` actor, whose signal drains
+            the ingress replicas (None: ``serve run``, whose shutdown is Serve's own).
     """
     from llmstack.serve.routing.ingress import RoutingIngress
 
@@ -57,7 +59,7 @@ def app_of(spec: dict[str, Any], *, ingress: str, replicas: int) -> Any:
                 handles["regions"][name] = server_class().options(**options).bind(spec["serve"])
     board = serve.deployment(RoutingBoard).options(**BOARD_OPTIONS).bind(spec)
     return RoutingIngress.options(**{**INGRESS_OPTIONS, "name": ingress, "num_replicas": replicas}).bind(
-        handles, spec, board)
+        handles, spec, board, drain_board)
 
 
 def scope_deployments(scope: dict[str, Any], *, app_name: str, region: dict[str, Any] | None = None) -> dict[str, Any]:

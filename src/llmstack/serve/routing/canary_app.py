@@ -7,7 +7,8 @@ from typing import Any
 
 from llmstack.config import ServeConfig, load_config, merge_sections, to_dict
 from llmstack.serve.routing.canary_config import INGRESS, load_canary_config, resolve_canary
-from llmstack.serve.deployments.builder import INGRESS_RESOURCES, replica_resources, run_app
+from llmstack.serve.deployments.builder import INGRESS_RESOURCES, Deployment, replica_resources, run_draining_app
+from llmstack.serve.deployments import drain
 from llmstack.serve.routing.builder import app_of as routing_app, delete_with_versions
 
 
@@ -26,9 +27,14 @@ def build_canary_app(args: dict[str, Any] | None = None) -> Any:
     return app_of(resolve_canary(args or {}))
 
 
-def app_of(spec: dict[str, Any]) -> Any:
-    """The canary ``Application`` of an already resolved spec (so every version is pinned exactly once)."""
-    return routing_app(routing_spec(spec), ingress=INGRESS, replicas=int(spec["canary"]["router_replicas"]))
+def app_of(spec: dict[str, Any], *, drain_board: Any = None) -> Any:
+    """The canary ``Application`` of an already resolved spec (so every version is pinned exactly once);
+    ``drain_board``: the app's ``DrainBoard`` (``deploy_canary``'s), whose signal drains the ingress replicas."""
+    return routing_app(routing_spec(spec), ingress=INGRESS, replicas=router_replicas(spec), drain_board=drain_board)
+
+
+def router_replicas(spec: dict[str, Any]) -> int:
+    return int(spec["canary"]["router_replicas"])
 
 
 def routing_spec(spec: dict[str, Any]) -> dict[str, Any]:
@@ -37,25 +43,14 @@ def routing_spec(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 @dataclasses.dataclass
-class CanaryDeployment:
-    """A running canary app: base URL, app name; ``shutdown()`` also removes versions added at run time."""
+class CanaryDeployment(Deployment):
+    """A running canary app (a :class:`~llmstack.serve.Deployment`: ``url``, ``drain()``, SIGTERM drains it);
+    ``shutdown()`` also removes versions added at run time."""
 
-    url: str
-    app_name: str
-    spec: dict[str, Any]
+    spec: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    @property
-    def openai_base_url(self) -> str:
-        return self.url.rstrip("/") + "/v1"
-
-    def shutdown(self) -> None:
+    def delete_app(self) -> None:
         delete_with_versions(self.app_name)
-
-    def __enter__(self) -> CanaryDeployment:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
 
 
 def deploy_canary(config: dict[str, Any] | str | None = None, **overrides: Any) -> CanaryDeployment:
@@ -71,7 +66,11 @@ def deploy_canary(config: dict[str, Any] | str | None = None, **overrides: Any) 
     spec = resolve_canary(merge_sections(config or {}, overrides))  # resolved once: @latest names one version
     serve_cfg = load_config(ServeConfig, spec["serve"])
     needs = [(replica_resources(serve_cfg), len(spec["versions"])),
-             (INGRESS_RESOURCES, int(spec["canary"]["router_replicas"]))]
-    url = run_app(app_of(spec), serve_cfg, what="canary application", needs=needs)
-    return CanaryDeployment(url=url, app_name=serve_cfg.app_name, spec=spec)
+             (INGRESS_RESOURCES, router_replicas(spec))]
+    url, board = run_draining_app(lambda board: app_of(spec, drain_board=board), serve_cfg,
+                                  what="canary application", needs=needs)
+    deployment = CanaryDeployment(config=serve_cfg, url=url, app_name=serve_cfg.app_name, spec=spec, board=board,
+                                  ingress_replicas=router_replicas(spec))
+    drain.register(deployment)  # SIGTERM to this process drains it
+    return deployment
 

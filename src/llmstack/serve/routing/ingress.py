@@ -22,7 +22,8 @@ from ray import serve
 from llmstack.config import ServeConfig, load_config
 from llmstack.errors import LLMStackError, RequestError
 from llmstack.serve.deployments.client import ServeEngineClient
-from llmstack.serve.http import error_response, make_api
+from llmstack.serve.deployments.ingress import ingress_api
+from llmstack.serve.http import error_response
 from llmstack.serve.http.metrics import append_metrics
 from llmstack.serve.protocol import GenerationChunk, GenerationRequest, GenerationResult, ModelCard
 from llmstack.serve.routing.board import EXCHANGE_S, BoardLink, board_name, canary_scopes, replica_id
@@ -63,7 +64,9 @@ class RoutingEngine:
                                               engines=dict(self.canaries))
             self.top: Any = self.regions
             self.link = self.regions.board
+            self.attempt_timeout_s: float | None = self.regions.cfg.attempt_timeout_s  # bounds admission too
         else:
+            self.attempt_timeout_s = None
             self.top = self.canaries[""]
             self.link = None if board is None else BoardLink(
                 board_name(self.config.app_name, spec.get("deploy_id", "")), replica_id(), connect=connect)
@@ -116,9 +119,13 @@ class RoutingEngine:
         return text + (self.canary_metrics.render(self.canaries) if self.canaries else "")
 
 
-def routing_api(engine: RoutingEngine, board: Any) -> Any:
-    """The OpenAI app over ``engine`` with the admin routes of its policies, its metrics and its middleware."""
-    app = make_api(engine, engine.config)
+def routing_api(engine: RoutingEngine, board: Any, drain_board: Any = None) -> Any:
+    """The OpenAI app over ``engine`` with the admin routes of its policies, its metrics and its middleware.
+
+    Like every ingress (:func:`~llmstack.serve.deployments.ingress.ingress_api`) it admits by predicted time
+    and drains when ``drain_board`` (the app's ``DrainBoard``, from ``deploy_canary``/``deploy_regions``) says so.
+    """
+    app = ingress_api(engine, engine.config, drain_board)
     if engine.canaries:
         _add_canary_routes(app, board)
     if engine.regions is not None:
@@ -242,12 +249,14 @@ class RoutingIngress:
     Its Serve name is the app kind's (``CanaryIngress``, ``RegionIngress``); it runs N replicas.
     """
 
-    def __init__(self, handles: dict[str, Any], spec: dict[str, Any], board: Any = None) -> None:
+    def __init__(self, handles: dict[str, Any], spec: dict[str, Any], board: Any = None,
+                 drain_board: Any = None) -> None:
         self.engine = RoutingEngine(handles, spec, board)
         self.board = board
+        self.drain_board = drain_board  # the DrainBoard actor of deploy_canary/deploy_regions; None: `serve run`
 
     def __serve_build_asgi_app__(self) -> Any:
-        return routing_api(self.engine, self.board)
+        return routing_api(self.engine, self.board, self.drain_board)
 
     async def probe_now(self) -> dict[str, bool]:
         """One probe round of every region now (tests and benchmarks)."""

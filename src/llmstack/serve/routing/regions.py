@@ -302,13 +302,13 @@ class RegionEngineClient:
         waiting.add(task)
         try:
             done, _ = await asyncio.wait({task}, timeout=self.cfg.attempt_timeout_s)
-        except asyncio.CancelledError:  # the caller gave up
-            task.cancel()
+        except asyncio.CancelledError:  # the caller gave up (left, or shed by the ingress's admission)
+            await _cancelled(task)
             raise
         finally:
             waiting.discard(task)
         if not done:
-            task.cancel()
+            await _cancelled(task)
             raise asyncio.TimeoutError
         if task.cancelled():
             raise _Evicted(name)
@@ -428,3 +428,11 @@ def _unavailable(exc: BaseException | None) -> LLMStackError:
     if isinstance(exc, LLMStackError):
         return exc
     return RequestError("no region answered", status_code=503, type="service_unavailable", code="no_region")
+
+
+async def _cancelled(task: asyncio.Future) -> None:
+    """Cancel ``task`` (a stream's pending ``__anext__``) and wait until it has stopped: closing the stream while
+    it still runs raises RuntimeError, which would count a caller's cancellation (a client that left, a request
+    the ingress shed by admission) or a timeout as the region's failure."""
+    task.cancel()
+    await asyncio.wait({task})

@@ -22,8 +22,9 @@ from llmstack.config import ServeConfig, load_config, merge_sections, to_dict
 from llmstack.errors import ResourceError
 from llmstack.serve.routing.canary_config import resolve_scope
 from llmstack.serve.deployments.builder import (INGRESS_RESOURCES, Deployment, replica_resources, resolve_config,
-                                                run_app)
+                                                run_draining_app)
 from llmstack.serve.routing.regions_config import INGRESS, RegionsConfig, load_regions_config, spec_of
+from llmstack.serve.deployments import drain
 from llmstack.serve.routing.builder import app_of as routing_app, delete_with_versions
 
 
@@ -67,11 +68,12 @@ def build_regions_app(args: dict[str, Any] | None = None) -> Any:
     return app_of(spec)
 
 
-def app_of(spec: dict[str, Any]) -> Any:
+def app_of(spec: dict[str, Any], *, drain_board: Any = None) -> Any:
     """The Application of a resolved spec: the routing layer with a region policy (pinned deployments per
     region, a region's canary versions beside its stable one) and ``router_replicas`` ingress replicas, spread
-    over nodes by Serve's default (soft) spreading, so a lost node takes one replica, not the entry point."""
-    return routing_app(spec, ingress=INGRESS, replicas=router_replicas(spec))
+    over nodes by Serve's default (soft) spreading, so a lost node takes one replica, not the entry point.
+    ``drain_board``: the app's ``DrainBoard`` (``deploy_regions``'s), whose signal drains the ingress replicas."""
+    return routing_app(spec, ingress=INGRESS, replicas=router_replicas(spec), drain_board=drain_board)
 
 
 def router_replicas(spec: dict[str, Any]) -> int:
@@ -130,7 +132,7 @@ class RegionsDeployment(Deployment):
 
     spec: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    def shutdown(self) -> None:
+    def delete_app(self) -> None:
         """Delete the application and any version a region's canary added at run time."""
         delete_with_versions(self.app_name)
 
@@ -161,9 +163,12 @@ def deploy_regions(config: dict[str, Any] | str | None = None, *, replace: bool 
     check_region_nodes(spec)
     serve_cfg = load_config(ServeConfig, spec["serve"])
     needs = [(replica_resources(serve_cfg), model_replicas(spec)), (INGRESS_RESOURCES, router_replicas(spec))]
-    url = run_app(app_of(spec), serve_cfg, replace=replace, timeout_s=timeout_s, needs=needs,
-                  what="multi-region application")
-    return RegionsDeployment(config=serve_cfg, url=url, app_name=serve_cfg.app_name, spec=spec)
+    url, board = run_draining_app(lambda board: app_of(spec, drain_board=board), serve_cfg, replace=replace,
+                                  timeout_s=timeout_s, needs=needs, what="multi-region application")
+    deployment = RegionsDeployment(config=serve_cfg, url=url, app_name=serve_cfg.app_name, spec=spec, board=board,
+                                   ingress_replicas=router_replicas(spec))
+    drain.register(deployment)  # SIGTERM to this process drains it
+    return deployment
 
 
 def _own(cfg: RegionsConfig) -> dict[str, Any]:

@@ -44,6 +44,8 @@ class FakeRegion:
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         self.calls += 1
         self.streamed.append(request)
+        if self.hang:  # no first chunk
+            await asyncio.sleep(10)
         for i in range(3):
             if self.fail is not None and i >= self.chunks_first:
                 raise self.fail
@@ -113,6 +115,37 @@ def test_timeout_is_a_failure_and_retried() -> None:
     fakes["a"].hang = True
     assert run(client.generate(request())).choices[0].text == "b"
     assert client.router.regions["a"].failures == 1
+
+
+def test_a_stream_without_a_first_chunk_times_out_as_a_timeout() -> None:
+    async def collect(c: RegionEngineClient) -> list[str]:
+        return [d.text for chunk in [x async for x in c.stream(request())] for d in chunk.deltas]
+
+    client, fakes = make(weights={"a": 1}, attempt_timeout_s=0.05)
+    fakes["a"].hang = True
+    assert run(collect(client)) == ["b0", "b1", "b2"]  # retried on b
+    fakes["b"].hang = True
+    with pytest.raises(RequestError) as info:  # before the fix: closing the running stream made it a 500
+        run(collect(client))
+    assert info.value.status_code == 504 and info.value.code == "region_timeout"
+
+
+def test_a_stream_the_caller_cancels_before_its_first_chunk_is_no_failure() -> None:
+    # What the ingress does to a request its admission sheds while it waits, or to one whose client left.
+    client, fakes = make(weights={"a": 1}, attempt_timeout_s=30)
+    fakes["a"].hang = True
+
+    async def cancel_waiting() -> None:
+        task = asyncio.ensure_future(anext(aiter(client.stream(request()))))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.wait({task})
+        assert task.cancelled()
+
+    for _ in range(3):  # more than eject_after_failures (2)
+        run(cancel_waiting())
+    region = client.router.regions["a"]
+    assert region.healthy and region.failures == 0 and fakes["b"].calls == 0
 
 
 def test_stream_not_started_is_retried_started_stream_continues_on_another_region() -> None:
