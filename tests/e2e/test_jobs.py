@@ -76,7 +76,7 @@ def head_node(env: dict[str, str]) -> Iterator[str]:
                 log.flush()
                 pytest.fail("ray start --head exited: " + Path(log.name).read_text(errors="replace")[-2000:])
             assert time.monotonic() < deadline, "the Ray head node did not come up within 120 s"
-            time.sleep(1)
+            time.sleep(0.25)
         yield address
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -127,17 +127,17 @@ def test_jobs_submit_list_status_logs_stop(tmp_path: Path, monkeypatch: pytest.M
         deadline = time.monotonic() + 240
         while job_status(long_id).status == "PENDING":
             assert time.monotonic() < deadline, "the second job never started"
-            time.sleep(1)
+            time.sleep(0.25)
         stop = llmstack_cli("jobs", "stop", long_id, env={**env, "RAY_ADDRESS": address})
         assert stop.returncode == 0 and "stop requested" in stop.stdout, stop.stderr
 
-        record = wait_for_job(job_id, timeout_s=420)
+        record = wait_for_job(job_id, timeout_s=420, poll_s=0.5)
         logs = llmstack_cli("jobs", "logs", job_id, "--address", address, env=env)
         assert record.status == "SUCCEEDED", logs.stdout[-3000:]
         assert record.registered == "jobs-lm@v1" and "registered jobs-lm@v1" in logs.stdout
         status = llmstack_cli("jobs", "status", job_id, "--json", "--address", address, env=env)
         assert json.loads(status.stdout)["registered"] == "jobs-lm@v1", status.stderr
-        assert wait_for_job(long_id, timeout_s=120).status == "STOPPED"
+        assert wait_for_job(long_id, timeout_s=120, poll_s=0.5).status == "STOPPED"
         unknown = llmstack_cli("jobs", "status", "no-such-job", "--address", address, env=env)
         assert unknown.returncode == 2 and f"no job 'no-such-job' on the cluster at {address}" in unknown.stderr
         listing = llmstack_cli("jobs", "list", "--json", "--address", address, env=env)

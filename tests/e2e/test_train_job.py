@@ -120,7 +120,7 @@ def _head_node(start_line: str, env: dict[str, str]) -> Iterator[str]:
                 log.flush()
                 pytest.fail("ray start --head exited: " + Path(log.name).read_text(errors="replace")[-2000:])
             assert time.monotonic() < deadline, "the Ray head node did not come up within 120 s"
-            time.sleep(1)
+            time.sleep(0.25)
         yield address
     finally:
         _signal_group(head.pid, signal.SIGTERM)  # --block: the head tears down the processes it started
@@ -181,7 +181,7 @@ def test_readme_ray_job_submit_llmstack_train(auth_mode: str, tmp_path: Path) ->
         while (status := requests.get(f"{address}/api/jobs/{submission_id}", headers=headers,
                                       timeout=10).json()["status"]) not in {"SUCCEEDED", "FAILED", "STOPPED"}:
             assert time.monotonic() < deadline, f"job still {status} after 480 s"
-            time.sleep(2)
+            time.sleep(0.5)
         output = subprocess.run(["ray", "job", "logs", "--address", address, submission_id], capture_output=True,
                                 text=True, timeout=60, env=env)
         assert status == "SUCCEEDED", (output.stdout + output.stderr)[-3000:]

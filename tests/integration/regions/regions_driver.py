@@ -66,6 +66,13 @@ def sequential(url: str, model: str, n: int) -> list[str | None]:
     return regions
 
 
+def wait_for_value(read: Any, timeout: float, period: float = 0.25) -> Any:
+    """The first truthy value ``read()`` returns within ``timeout`` seconds (None: none did)."""
+    seen: list[Any] = []
+    wait_for(lambda: seen.append(read()) or seen[-1], timeout=timeout, period=period)
+    return seen[-1] if seen and seen[-1] else None
+
+
 def run(out: dict[str, Any], workdir: Path) -> None:
     from llmstack.errors import ResourceError
     from llmstack.serve._testing import make_registry
@@ -121,11 +128,16 @@ def run(out: dict[str, Any], workdir: Path) -> None:
         post_json(url, "/regions/routing", {"policy": "round_robin", "slo_p95_s": ROUTING["slo_p95_s"]})
 
         # --- failover: kill eu-west's node under load (round robin spreads load over every region)
+        # Waits on outcomes, not fixed sleeps: the load is kept on until every region has answered it, then
+        # until eu-west is ejected and a few requests sent after the ejection have been answered.
         with Load(url, model, threads=3, stream_threads=1) as load:
-            time.sleep(5)
+            wait_for(lambda: {s.region for s in load.samples if s.status == 200} >= set(REGIONS), timeout=30)
             t_kill = rc.kill("eu-west")
             log("eu-west killed")
-            time.sleep(12)
+            ejected_at = wait_for_value(lambda: None if (eu := get_json(url, "/regions")["regions"]["eu-west"])[
+                "healthy"] else eu["ejected_at_wall"], timeout=30)
+            log(f"eu-west ejected {ejected_at - t_kill:.1f} s after the kill" if ejected_at else "eu-west not ejected")
+            wait_for(lambda: sum(s.sent > (ejected_at or t_kill) + 0.5 for s in list(load.samples)) >= 6, timeout=30)
         after_kill = get_json(url, "/regions")
         out["kill_at"] = t_kill
         out["failover_samples"] = [s.__dict__ for s in load.samples]
@@ -141,7 +153,9 @@ def run(out: dict[str, Any], workdir: Path) -> None:
         with Load(url, model, threads=2) as load:
             waited = wait_for(lambda: get_json(url, "/regions")["regions"]["eu-west"]["healthy"], timeout=150)
             out["readmit_wait_s"] = waited
-            time.sleep(4)
+            if waited is not None:  # until the re-admitted region has answered
+                wait_for(lambda: any(s.region == "eu-west" and s.status == 200 for s in list(load.samples)),
+                         timeout=30)
         out["add_at"] = t_add
         out["readmit_samples"] = [s.__dict__ for s in load.samples]
         out["status_final"] = get_json(url, "/regions")
