@@ -123,7 +123,9 @@ def section(result: dict[str, Any]) -> str:
             ("gate perplexity check (bf16 vs fp32)", ("passes" if gate["passed"] else "FAILS") + f": {gate['detail']}")]
     lines = ["## precision (bf16 vs fp32)", "",
              f"{result['model']} served by the embedded engine at `engine.dtype: float32` and `bfloat16` "
-             f"(weights and compute in the dtype, logits and sampling fp32), {agree['prompts']} prompts from the "
+             f"(weights and compute in the dtype, logits and sampling fp32; "
+             f"{result.get('served_forward', {}).get('bfloat16', 'transformers')} forward, as a replica serves), "
+             f"{agree['prompts']} prompts from the "
              f"built-in stdlib corpus x {result['new_tokens']} greedy tokens; perplexity on the validation gate's "
              f"held-out blocks ({ppl['blocks'][0]} x {ppl['blocks'][1]} tokens, {ppl['eval_data']}). "
              f"CPU: {result['cpu']}, torch {result['torch']} ({result['cpu_capability']}), "
@@ -157,9 +159,14 @@ def main() -> int:
 
     started = time.perf_counter()
     prompts = prompt_texts(args.prompts)
+    # greedy tokens as a replica serves them (packed weights, the lean forward); the same-prefix teacher and the
+    # gate's perplexity read transformers' forward of the same weights
     engines = {dtype: TransformersEngine.from_source(str(args.model), dtype=dtype, cache_size=0,
-                                                     max_tokens_limit=max(512, args.new_tokens))
+                                                     max_tokens_limit=max(512, args.new_tokens),
+                                                     prepack_weights=True, lean_forward=True)
                for dtype in ("float32", "bfloat16")}
+    references = {dtype: TransformersEngine.from_source(str(args.model), dtype=dtype, cache_size=0)
+                  for dtype in ("float32", "bfloat16")}
     try:
         tokens: dict[str, list[list[int]]] = {}
         timings: dict[str, float] = {}
@@ -168,18 +175,19 @@ def main() -> int:
             prompt_ids, tokens[dtype] = greedy(engine, prompts, new_tokens=args.new_tokens, batch=args.batch)
             timings[dtype] = round(time.perf_counter() - start, 1)
             log(f"{dtype}: {len(prompts)} x {args.new_tokens} greedy tokens in {timings[dtype]} s")
-        teacher = [same_prefix_choices(engines["float32"].model, ids, out)
+        teacher = [same_prefix_choices(references["float32"].model, ids, out)
                    for ids, out in zip(prompt_ids, tokens["bfloat16"])]
         agree = agreement(tokens["float32"], tokens["bfloat16"], teacher)
         log(f"equal tokens: position-wise {agree['positionwise']:.1%}, to first divergence "
             f"{agree['to_first_divergence']:.1%}, same prefix {agree['same_prefix']:.1%}")
-        ppl = perplexities(engines["float32"], engines["bfloat16"])
+        ppl = perplexities(references["float32"], references["bfloat16"])
         log(f"perplexity fp32 {ppl['fp32_perplexity']:.4g}, bf16 {ppl['bf16_perplexity']:.4g}: "
             f"{ppl['gate_check']['detail']}")
     finally:
-        for engine in engines.values():
+        for engine in [*engines.values(), *references.values()]:
             engine.shutdown()
-    result = {"model": args.model.name, "model_dir": str(args.model), "new_tokens": args.new_tokens,
+    result = {"served_forward": {d: "lean" if e.stats["lean_forward"] else "transformers" for d, e in engines.items()},
+              "model": args.model.name, "model_dir": str(args.model), "new_tokens": args.new_tokens,
               "batch": args.batch, "cpu": cpu_name(), "cpu_capability": cpu_capability(), "torch": torch.__version__,
               "python": platform.python_version(), "threads": torch.get_num_threads(),
               "load_average": load_average(), "agreement": agree, "perplexity": ppl, "decode_s": timings,
