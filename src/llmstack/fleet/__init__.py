@@ -11,7 +11,7 @@
 
 Nothing here imports Ray until a job is submitted or followed.
 
-May import: ``_ray``, ``config``, ``errors``, ``train`` (checked by tests/unit/test_import_graph.py).
+May import: ``_ray``, ``config``, ``data``, ``errors``, ``train`` (checked by tests/unit/test_import_graph.py).
 
 Example:
     >>> from llmstack.fleet import ClusterSetup, NodeType, generate_day, simulate

@@ -10,6 +10,7 @@ directory the driver runs in. The driver writes the config to a file of its own 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -27,12 +28,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{JOB_CONFIG_ENV} (got arguments {args}, {len(text)} characters of config); submit jobs with "
               "`llmstack jobs submit`", file=sys.stderr)
         return 2
-    from llmstack.cli import main as cli_main
-
     with tempfile.TemporaryDirectory(prefix="llmstack-job-") as directory:
         path = Path(directory) / "config.yaml"
         path.write_text(text, encoding="utf-8")
-        return cli_main([args[0], "--config", str(path)])
+        # the CLI in a child process: fleet sits below the CLI (it must not import it); output and exit status pass through
+        return subprocess.run([sys.executable, "-m", "llmstack", args[0], "--config", str(path)]).returncode
 
 
 if __name__ == "__main__":

@@ -256,7 +256,7 @@ def check_job_fits(scaling: Any, nodes: list[dict[str, float]], *, autoscaling: 
     Checks one worker against each node's total resources, not what is free now: a busy cluster queues
     the job, an impossible request fails here instead of waiting forever. On an ``autoscaling`` cluster
     a node the autoscaler can still add may hold it: the job's driver then judges it by the autoscaler's
-    node types (``check_cluster``, :mod:`llmstack.fleet.capacity`) and fails at its start when none can.
+    node types (``check_cluster``, :mod:`llmstack.train.capacity`) and fails at its start when none can.
     """
     if not nodes:  # a cluster still starting: nothing to judge by yet
         return

@@ -71,12 +71,11 @@ def autoscaling_config(gcs_address: str, *, min_nodes: int, max_nodes: int, cpus
 def driver_env(**extra: str) -> dict[str, str]:
     """This process's environment for a local cluster's head and the drivers it runs: this llmstack on
     ``PYTHONPATH``, this Python's ``bin`` on ``PATH``, no address or token of another cluster, offline."""
-    import llmstack
     from llmstack.data.builtin import cache_root
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
     env.update({"PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-                "PYTHONPATH": str(Path(llmstack.__file__).resolve().parents[1]), "LLMSTACK_CACHE": str(cache_root()),
+                "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "LLMSTACK_CACHE": str(cache_root()),
                 "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
                 "HF_HUB_OFFLINE": "1", **extra})
     return env

@@ -34,7 +34,7 @@ from llmstack.train.elastic import global_batch_blocks, is_elastic, largest_step
 from llmstack.train.storage import Storage, probe, resolve_storage
 
 if TYPE_CHECKING:
-    from llmstack.fleet.capacity import AutoscalerLimits
+    from llmstack.train.capacity import AutoscalerLimits
     from llmstack.registry import ArtifactRef, Registry
     from llmstack.train.loop import LoopSpec
 
@@ -451,11 +451,11 @@ def check_cluster(scaling: WorkersConfig) -> None:
 
     A fixed cluster must hold the run's minimum workers now. On an autoscaling cluster the run's demand is what
     adds nodes, so it is refused only when no node type can hold one worker or all node types at their max
-    cannot hold the minimum (:mod:`llmstack.fleet.capacity`).
+    cannot hold the minimum (:mod:`llmstack.train.capacity`).
     """
     import ray
 
-    from llmstack.fleet.capacity import read_autoscaler_limits
+    from llmstack.train.capacity import read_autoscaler_limits
 
     limits = read_autoscaler_limits()
     resources = ray.cluster_resources()
@@ -467,7 +467,7 @@ def check_cluster(scaling: WorkersConfig) -> None:
 
 def check_autoscaling_fit(scaling: WorkersConfig, limits: AutoscalerLimits) -> None:
     """Refuse a run no node type the autoscaler can add will ever hold, naming what it asks and what they offer."""
-    from llmstack.fleet.capacity import fit_problem, worker_shape
+    from llmstack.train.capacity import fit_problem, worker_shape
 
     fewest = worker_range(scaling.num_workers)[0]
     problem = fit_problem(worker_shape(scaling.cpus_per_worker, scaling.use_gpu), fewest=fewest, limits=limits)

@@ -114,14 +114,14 @@ def test_only_a_real_autoscalers_node_types_count_not_the_readonly_mirror() -> N
 
 
 def test_the_job_entrypoint_runs_the_verb_on_the_config_from_its_environment(
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+        monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
     from llmstack.fleet.job_entry import JOB_CONFIG_ENV
     from llmstack.fleet.job_entry import main as job_entry
 
     monkeypatch.delenv(JOB_CONFIG_ENV, raising=False)
     assert job_entry(["train"]) == 2
-    assert f"config in {JOB_CONFIG_ENV} (got arguments ['train'], 0 characters" in capsys.readouterr().err
-    # The config reaches `llmstack train --config FILE`: its validation names the misspelt key.
+    assert f"config in {JOB_CONFIG_ENV} (got arguments ['train'], 0 characters" in capfd.readouterr().err
+    # The config reaches `llmstack train --config FILE` (a child process): its validation names the misspelt key.
     monkeypatch.setenv(JOB_CONFIG_ENV, yaml.safe_dump({"name": "lm", "training": {"max_step": 3}}))
     assert job_entry(["train"]) == 2
-    assert "training.max_step" in capsys.readouterr().err
+    assert "training.max_step" in capfd.readouterr().err

@@ -7,7 +7,7 @@ from ray.core.generated import autoscaler_pb2
 
 from llmstack.config import WorkersConfig
 from llmstack.errors import ResourceError
-from llmstack.fleet.capacity import (
+from llmstack.train.capacity import (
     UNLIMITED,
     AutoscalerLimits,
     NodeGroup,
