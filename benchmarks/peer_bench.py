@@ -489,7 +489,8 @@ def markdown(results: dict[str, Any]) -> str:
              "its defaults); llmstack's `deploy()` serves the same files from its registry at `engine.dtype: D`, and "
              f"their `quantize(..., \"{results['int8_method']}\")` artifact (one replica each, default threads, "
              "`max_batch_size` 16, response cache off, linear weights prepacked and LLaMA models through the lean "
-             "forward: `engine.prepack_weights`, `engine.lean_forward`, the defaults). Same asyncio HTTP client, non-streamed completions of exactly "
+             "forward: `engine.prepack_weights`, `engine.lean_forward`, the defaults). Same asyncio HTTP client, "
+             "non-streamed completions of exactly "
              f"{results['max_tokens']} greedy tokens (`ignore_eos`, `min_tokens`), closed loop; requests per client: "
              f"{results['requests_each']}. Rounds rotate the server order; a vLLM server is paused (SIGSTOP) while "
              "another server is measured, llmstack's replicas are idle while vLLM is; both at niceness 0. Medians "
@@ -534,7 +535,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["", "**Where a decode step's time goes** (in process, the engine's `generate` with "
                   "`max_batch_rows` = the batch, 24 tokens per request, torch profiler; ms per forward pass, the "
                   "prefill included; \"engine Python\" is the wall time left after the torch ops: sampling, "
-                  "scheduling, detokenizing, transformers' module code). Ray/HTTP add what separates the served figures "
+                  "scheduling, detokenizing, transformers' module code). Ray/HTTP add what separates the served "
+                  "figures "
                   "above from the in-process tokens/s here.", ""]
         lines += markdown_table(
             ["dtype", "forward", "batch", "ms/step"] + parts + ["tok/s in process"],

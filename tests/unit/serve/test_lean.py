@@ -29,14 +29,17 @@ def qwen2() -> Any:
     return Qwen2ForCausalLM(Qwen2Config(**SHAPE)).eval()  # biases on q, k and v
 
 
-def decode_both(model: Any, *, pack: bool, steps: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(transformers' logits, the lean forward's) for a left-padded prefill and ``steps`` greedy decode steps."""
+def decode_both(model: Any, *, pack: bool, steps: int = 4,
+                padded: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(transformers' logits, the lean forward's) for a prefill (left-padded unless not ``padded``: then plainly
+    causal) and ``steps`` greedy decode steps."""
     reference = model
     lean = LeanForward(copy.deepcopy(model), pack=pack)
     ids = torch.randint(3, 300, (3, 9), generator=torch.Generator().manual_seed(1))
     mask = torch.ones(3, 9, dtype=torch.long)
-    mask[0, :4] = 0  # left padding of different widths
-    mask[2, :7] = 0
+    if padded:
+        mask[0, :4] = 0  # left padding of different widths
+        mask[2, :7] = 0
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     theirs, ours = new_cache(model.config), new_cache(model.config)
     pairs = []
@@ -59,8 +62,9 @@ def decode_both(model: Any, *, pack: bool, steps: int = 4) -> list[tuple[torch.T
 
 @pytest.mark.parametrize("build", [llama, qwen2], ids=["llama-gqa", "qwen2-bias"])
 @pytest.mark.parametrize("pack", [False, True], ids=["plain", "packed"])
-def test_the_lean_forward_gives_transformers_logits(build: Any, pack: bool) -> None:
-    for expected, got in decode_both(build(), pack=pack):
+@pytest.mark.parametrize("padded", [True, False], ids=["left-padded", "causal"])
+def test_the_lean_forward_gives_transformers_logits(build: Any, pack: bool, padded: bool) -> None:
+    for expected, got in decode_both(build(), pack=pack, padded=padded):
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 

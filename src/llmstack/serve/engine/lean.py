@@ -184,7 +184,10 @@ class LeanForward:
         hidden = self.embed(input_ids)
         cos, sin = self.rotary(hidden, position_ids)  # [B, T, D]
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-        mask = _attention_mask(attention_mask, length)
+        # a prefill of whole prompts (no padding, nothing cached before them) is plainly causal: SDPA then skips
+        # the masked half instead of reading a [T, T] mask
+        causal = length > 1 and attention_mask.shape[1] == length and bool(attention_mask.all())
+        mask = None if causal else _attention_mask(attention_mask, length)
         q_width, k_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
         rotated_heads, half = self.heads + self.kv_heads, self.head_dim // 2
         for layer, kv in zip(self.layers, cache.layers):
@@ -196,8 +199,8 @@ class LeanForward:
             key = rotated[:, :, self.heads:].transpose(1, 2)
             value = qkv[..., q_width + k_width:].view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
             keys, values = kv.update(key, value)
-            attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=self.scaling,
-                                                      enable_gqa=self.kv_heads != self.heads)
+            attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, is_causal=causal,
+                                                      scale=self.scaling, enable_gqa=self.kv_heads != self.heads)
             hidden = hidden + layer.o(attended.transpose(1, 2).reshape(batch, length, q_width))
             x = F.rms_norm(hidden, (self.hidden,), layer.post_norm, layer.post_eps)
             gate, up = layer.gate_up(x).split(layer.intermediate, dim=-1)
