@@ -543,6 +543,8 @@ def markdown(results: dict[str, Any]) -> str:
             [[SHORT[row["dtype"]], _variant(row), str(row["batch"]),
               f"{row['ms_per_step']:.1f}"] + [f"{row['ms'][p]:.1f}" for p in parts] + [f"{row['tokens_per_s']:.0f}"]
              for row in prof])
+    if results.get("notes"):  # what a run shows, written after it (kept in peer.json for --render-only)
+        lines += ["", *results["notes"]]
     return "\n".join(lines)
 
 
