@@ -455,14 +455,18 @@ def live_markdown(results: dict[str, Any]) -> str:
         lines += ["", f"Ranking by utilisation: {ranking} (the simulator's day: autoscaling + elastic > "
                   "autoscaling + fixed > static)."]
     else:
+        agrees = [s["setup"] for s in ranked] == list(reversed(SETUP_NAMES[:3]))
+        short = ", ".join(f"{s['setup']} ({s['jobs_done']}/{len(s['jobs'])})" for s in results["setups"]
+                          if s["jobs_done"] < len(s["jobs"]))
         lines += ["", f"**Not conclusive.** Not every job finished within its setup's {LIVE_SETUP_TIMEOUT_S:.0f} s "
-                  "window (the rest were stopped there), so node-seconds cover the window while busy worker-seconds "
-                  f"count only the finished jobs; the order by utilisation ({ranking}) is not evidence for or "
-                  "against the simulator's ranking. Steps took seconds each instead of the ~0.1 s a lone tiny-preset "
-                  "step takes: three fake nodes, four drivers and their workers shared the machine's 2 cores with "
-                  "other work. What the run does show: every setup ran the same slice end to end on Ray's real "
-                  "autoscaler, and elastic runs started on the free node while fixed ones queued for a pair (see "
-                  "queue wait and Train worker actor-seconds)."]
+                  f"window ({short}; the rest were stopped there), so node-seconds cover the window while busy "
+                  f"worker-seconds count only the finished jobs; the order by utilisation ({ranking}) "
+                  f"{'agrees with' if agrees else 'differs from'} the simulator's ranking but is not evidence either "
+                  "way. Steps took seconds each instead of the ~0.1 s a "
+                  "lone tiny-preset step takes: three fake nodes, four drivers and their workers share the machine's "
+                  "2 cores. What the run does show: every setup ran the same slice on Ray's real autoscaler, and "
+                  "elastic runs started on the free node while fixed ones queued for a pair (see queue wait and Train "
+                  "worker actor-seconds)."]
     lines += ["", "Jobs: " + "; ".join(f"{r['name']} ({r['trace_job']}) at +{r['offset_s']:.0f} s, "
                                        f"{r['max_workers']} worker(s), {r['steps']} steps" for r in results["slice"]),
               "", f"Reproduce: `PYTHONPATH=src python benchmarks/fleet_bench.py --part live` under "
