@@ -124,20 +124,11 @@ def _compute_in(module: Any, dtype: Any, io_dtype: Any) -> None:
 
 
 def _int8pack_forward(self: Any, x: Any) -> Any:
-    """``int8-weight-only`` with bf16 compute: aten's CPU int8 weight-only kernel on the Int8Tensor's data.
+    """``int8-weight-only`` with bf16 compute: aten's CPU int8 weight-only kernel on the Int8Tensor's data
+    (:func:`llmstack.models.int8pack.int8pack_linear`: unit kernel scales, the fp32 ones applied after)."""
+    from llmstack.models.int8pack import int8pack_linear
 
-    The kernel takes bf16 scales; rounding each channel's scale to bf16 would bias whole channels by
-    up to 0.4%, so it runs with unit scales and the fp32 per-channel scale is applied to its output.
-    """
-    import torch
-
-    weight = self.weight
-    rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
-    y = torch.ops.aten._weight_int8pack_mm(rows, weight.qdata, self._llmstack_unit_scale)
-    y = y.float().mul_(weight.scale.reshape(1, -1))
-    if self.bias is not None:
-        y = y + self.bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+    return int8pack_linear(x, self.weight.qdata, self._llmstack_unit_scale, self.weight.scale, self.bias)
 
 
 def _use_int8pack(module: Any) -> None:
@@ -146,8 +137,10 @@ def _use_int8pack(module: Any) -> None:
 
     import torch
 
+    from llmstack.models.int8pack import UNIT_SCALE_ATTR
+
     ones = torch.ones(module.weight.shape[0], dtype=torch.bfloat16)
-    module.register_buffer("_llmstack_unit_scale", ones, persistent=False)
+    module.register_buffer(UNIT_SCALE_ATTR, ones, persistent=False)
     module.forward = types.MethodType(_int8pack_forward, module)
 
 

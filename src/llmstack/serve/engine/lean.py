@@ -23,7 +23,9 @@ from typing import Any
 import torch  # imported lazily by the engine that builds a lean forward
 import torch.nn.functional as F
 
+from llmstack.models.int8pack import int8pack_linear, uses_int8pack
 from llmstack.serve.engine.kernels import PLAIN_WEIGHTS, packing_supported
+from llmstack.serve.engine.kv import has_sliding_window
 
 LEAN_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -36,7 +38,7 @@ def lean_unsupported(model: Any) -> str | None:
     config = model.config
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"hidden_act={config.hidden_act} (the lean forward runs SiLU-gated MLPs)"
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+    if has_sliding_window(config):
         return "sliding-window attention"
     if getattr(config, "pretraining_tp", 1) != 1:
         return f"pretraining_tp={config.pretraining_tp}"
@@ -94,11 +96,7 @@ class FusedLinear(torch.nn.Module):
             outputs = [part(x) for part in self.parts]
             return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
         if self.kind == "int8pack":
-            rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
-            y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.unit_scale).float().mul_(self.scale)
-            if self.bias is not None:
-                y = y + self.bias.float()
-            return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+            return int8pack_linear(x, self.weight, self.unit_scale, self.scale, self.bias)
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
@@ -110,8 +108,7 @@ def _fusable_kind(linears: list[Any]) -> str:
     if all(type(m) is torch.nn.Linear and type(m.weight) in PLAIN_WEIGHTS for m in linears):
         dtypes = {m.weight.dtype for m in linears}
         return "float" if len(dtypes) == 1 and next(iter(dtypes)).is_floating_point else "parts"
-    if all(type(m) is torch.nn.Linear and getattr(m, "_llmstack_unit_scale", None) is not None
-           and getattr(m.weight, "qdata", None) is not None for m in linears):
+    if all(type(m) is torch.nn.Linear and uses_int8pack(m) for m in linears):
         return "int8pack"
     return "parts"
 
