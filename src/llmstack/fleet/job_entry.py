@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="llmstack-job-") as directory:
         path = Path(directory) / "config.yaml"
         path.write_text(text, encoding="utf-8")
-        # the CLI in a child process: fleet sits below the CLI (it must not import it); output and exit status pass through
+        # the CLI in a child process (fleet sits below the CLI: it must not import it); its output and status pass
         return subprocess.run([sys.executable, "-m", "llmstack", args[0], "--config", str(path)]).returncode
 
 
