@@ -47,6 +47,9 @@ class RegionMetrics:
                                 "client_error, cancelled)", ["region", "outcome"], registry=r)
         self.retries = Counter("llmstack_region_retries", "Requests retried on another region after a failure",
                                ["from_region", "to_region"], registry=r)
+        self.resumed = Counter("llmstack_region_resumed_streams", "Started streams continued on another region "
+                               "after the tokens they had delivered, their region having failed",
+                               ["from_region", "to_region"], registry=r)
         self.slo_missed = Counter("llmstack_region_slo_missed", "Requests routed although no region met the SLO",
                                   ["region"], registry=r)
         self.latency = Histogram("llmstack_region_latency_seconds", "Router-measured latency per region",

@@ -232,8 +232,11 @@ class RegionEngineClient:
         delivered: list[int] = []  # ids sent to the caller, and the characters of their text
         chars = 0
         current = request
+        resumed_from: str | None = None  # the region whose started stream this attempt continues
         while True:
             name = self._next_region(tried)
+            if resumed_from is not None:
+                self.metrics.resumed.labels(resumed_from, name).inc()
             started = False
             try:
                 async with contextlib.aclosing(self._stream_on(name, current)) as chunks:
@@ -249,6 +252,7 @@ class RegionEngineClient:
                 resumable = not started or request.sampling.n == 1
                 if failure.retryable and resumable and len(tried) == 1 and self._another(tried):
                     if started:
+                        resumed_from = name
                         current = request.model_copy(update={
                             "resume_token_ids": request.resume_token_ids + delivered,
                             "resume_text_chars": request.resume_text_chars + chars})

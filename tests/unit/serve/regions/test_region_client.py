@@ -168,6 +168,8 @@ def test_stream_not_started_is_retried_started_stream_continues_on_another_regio
     assert got == ["a0", "b0", "b1", "b2"] and fakes["b"].calls == 1
     continuation = fakes["b"].streamed[0]
     assert continuation.resume_token_ids == [10] and continuation.resume_text_chars == len("a0")
+    assert 'llmstack_region_resumed_streams_total{from_region="a",to_region="b"} 1.0' in \
+        client.metrics.render(client.router)
 
     client, fakes = make(weights={"a": 1})  # still one other region at most: b failing too ends the stream
     for fake in fakes.values():
