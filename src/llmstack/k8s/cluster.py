@@ -1,13 +1,17 @@
 """The Ray cluster part of a manifest: head and worker groups, pod sizes, env from Secrets, probes.
 
 Group sizes come from the stage config: Ray Train's ``scaling`` for jobs (one worker per pod, or as
-many as the pod's GPUs), the Serve replicas' CPUs and autoscaling bounds for services.
+many as the pod's GPUs), the Serve replicas' CPUs and autoscaling bounds for services. The worker groups are
+also published on the head container (:func:`publish_node_groups`), where the driver's capacity check
+(:mod:`llmstack.train.capacity`) reads them: KubeRay's autoscaler keeps its node types to itself.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from decimal import ROUND_UP, Decimal
 from typing import Any
 
 from llmstack.config import WorkersConfig
@@ -18,6 +22,9 @@ HEAD_PORTS = (("gcs-server", 6379), ("dashboard", 8265), ("client", 10001))
 STORAGE_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")  # env names, also the keys in the Secret
 SERVE_POD_CPUS = 2.0  # default CPUs of a serving worker pod
 SIDE_DEPLOYMENT_CPUS = 0.1  # the ingress (and canary router) replica's CPU
+# The name llmstack.train.capacity reads, not imported (k8s stays free of train); tests/unit/k8s looks the head's
+# env up by capacity's name, so the two cannot drift apart unnoticed.
+NODE_GROUPS_ENV = "LLMSTACK_NODE_GROUPS"
 
 
 @dataclass
@@ -134,6 +141,36 @@ def worker_group(options: K8sOptions, shape: WorkerShape, env: list[dict[str, An
             "rayStartParams": {}, "template": _pod_template(options, container)}
 
 
+def published_node_groups(cluster_spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The worker groups of a rendered RayCluster spec as Ray sees them, for :data:`NODE_GROUPS_ENV`.
+
+    Read from the spec itself, as KubeRay's autoscaler reads a group: CPUs from the Ray container's ``cpu``
+    limit rounded up, GPUs from its first non-zero limit whose name ends in ``gpu``; pods between
+    ``minReplicas`` and ``maxReplicas`` with the in-tree autoscaler on, else exactly ``replicas``.
+    """
+    autoscaled = bool(cluster_spec.get("enableInTreeAutoscaling"))
+    groups = []
+    for group in cluster_spec["workerGroupSpecs"]:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        resources = {"CPU": _whole(limits["cpu"])}
+        gpus = next((_whole(amount) for name, amount in limits.items() if name.endswith("gpu") and _whole(amount)), 0)
+        if gpus:
+            resources["GPU"] = gpus
+        low, high = (group["minReplicas"], group["maxReplicas"]) if autoscaled else (group["replicas"],) * 2
+        groups.append({"group": group["groupName"], "resources": resources, "min": low, "max": high})
+    return groups
+
+
+def publish_node_groups(cluster_spec: dict[str, Any]) -> None:
+    """Put :func:`published_node_groups` on the head container as :data:`NODE_GROUPS_ENV` (JSON).
+
+    Call it on the finished spec, so the published groups are the manifest's own.
+    """
+    head = cluster_spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+    value = json.dumps(published_node_groups(cluster_spec), separators=(",", ":"))
+    head.setdefault("env", []).append({"name": NODE_GROUPS_ENV, "value": value})
+
+
 def health_probes(path: str, port: int, options: K8sOptions) -> dict[str, Any]:
     """Readiness and liveness of a serving pod on the app's health route (through the pod's Serve proxy)."""
     service = options.service
@@ -151,6 +188,13 @@ def cpu_quantity(cpus: float) -> str:
     """A CPU count as a Kubernetes quantity: ``"2"`` or ``"1500m"``."""
     millis = round(cpus * 1000)
     return str(millis // 1000) if millis % 1000 == 0 else f"{millis}m"
+
+
+def _whole(quantity: Any) -> int:
+    """A Kubernetes quantity rounded up to a whole number: ``"1500m"`` -> 2, ``"4"`` -> 4, ``1`` -> 1."""
+    text = str(quantity)
+    amount = Decimal(text[:-1]) / 1000 if text.endswith("m") else Decimal(text)
+    return int(amount.to_integral_value(rounding=ROUND_UP))
 
 
 def _container(name: str, options: K8sOptions, *, cpu: float, memory: str, gpus: int,

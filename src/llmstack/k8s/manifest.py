@@ -114,6 +114,7 @@ def _ray_job(stage: Stage, opts: K8sOptions, problems: list[str]) -> dict[str, A
         spec["rayClusterSpec"]["enableInTreeAutoscaling"] = True
         spec["rayClusterSpec"]["autoscalerOptions"] = {"idleTimeoutSeconds": opts.autoscaling.idle_timeout_s,
                                                        "upscalingMode": opts.autoscaling.upscaling_mode}
+    cluster.publish_node_groups(spec["rayClusterSpec"])  # the driver's capacity check reads them
     if opts.job.active_deadline_s is not None:
         spec["activeDeadlineSeconds"] = opts.job.active_deadline_s
     name = opts.name or _dns_name(f"{cfg.name}-{stage.kind}")
@@ -162,6 +163,7 @@ def _ray_service(stage: Stage, opts: K8sOptions, problems: list[str]) -> dict[st
     cluster_spec = _cluster_spec(cluster.head_group(opts, env, extra_ports=(serve_port,)), workers)
     if shape.max_replicas > shape.min_replicas:
         cluster_spec["enableInTreeAutoscaling"] = True  # pods follow the Serve autoscaler's replicas
+    cluster.publish_node_groups(cluster_spec)  # for training jobs submitted to this cluster
     spec: dict[str, Any] = {
         "upgradeStrategy": {"type": opts.service.upgrade_strategy},
         "excludeHeadPodFromServeSvc": True,  # traffic goes to worker pods, which have the health probes

@@ -10,9 +10,14 @@ The node types come from Ray's own records, first found wins:
 1. the cluster config held by the GCS (``ray._private.state.state.get_cluster_config()``: node groups with their
    resources and min/max counts; what Ray Train's own worker-group check reads), when an autoscaler reported one;
 2. the v1 autoscaler's config file (``ray start --head --autoscaling-config``, ``ray up``), found through the
-   autoscaler monitor process of this cluster's GCS on this machine (a Ray Job's driver runs on the head).
+   autoscaler monitor process of this cluster's GCS on this machine (a Ray Job's driver runs on the head);
+3. the worker groups ``llmstack k8s render`` published on the head pod of a KubeRay cluster, in the environment
+   variable ``LLMSTACK_NODE_GROUPS`` (:data:`NODE_GROUPS_ENV`): KubeRay's autoscaler (v1 or v2, Ray 2.60) builds
+   its config from the RayCluster resource in its own sidecar container and reports it to neither of the above.
+   Its value is a JSON list, one entry per ``workerGroupSpecs`` item, read as KubeRay's autoscaler reads the
+   group: ``[{"group": "workers", "resources": {"CPU": 2, "GPU": 1}, "min": 1, "max": 4}]``.
 
-Neither found: a fixed cluster, judged by its current resources as before.
+None found: a fixed cluster, judged by its current resources as before.
 
 Example:
     >>> limits = AutoscalerLimits((NodeGroup("cpu2", {"CPU": 2.0}, max_count=3),))
@@ -27,12 +32,16 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmstack.errors import ConfigError
+
 UNLIMITED = -1  # a node group without a max count
+NODE_GROUPS_ENV = "LLMSTACK_NODE_GROUPS"  # written on the head pod by llmstack.k8s.cluster.publish_node_groups
 
 
 @dataclass(frozen=True)
@@ -165,6 +174,65 @@ def limits_from_autoscaling_config(config: Mapping[str, Any], source: str = "") 
     return AutoscalerLimits(tuple(types), UNLIMITED if max_nodes is None else int(max_nodes), source=source)
 
 
+def limits_from_published_groups(text: str, source: str = NODE_GROUPS_ENV) -> AutoscalerLimits | None:
+    """From the JSON list of worker groups in :data:`NODE_GROUPS_ENV` (None when it lists none).
+
+    Raises:
+        ConfigError: the value is not such a list; each problem names the variable and the entry's key.
+    """
+    where = (f"environment variable {source} (written on the head pod by `llmstack k8s render`; "
+             "render the manifest again, or unset the variable)")
+    try:
+        groups = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{source}: not JSON ({exc}), got {text[:80]!r}", source=where) from None
+    if not isinstance(groups, list):
+        raise ConfigError(f"{source}: must be a JSON list of worker groups, got {type(groups).__name__}",
+                          source=where)
+    problems: list[str] = []
+    types = []
+    for i, group in enumerate(groups):
+        key = f"{source}[{i}]"
+        if not isinstance(group, dict):
+            problems.append(f"{key}: must be an object with group, resources, min and max, got {group!r}")
+            continue
+        found = _published_group_problems(group, key)
+        problems.extend(found)
+        if not found:
+            types.append(NodeGroup(group["group"], {k: float(v) for k, v in group["resources"].items()},
+                                   max_count=group["max"], min_count=group["min"]))
+    if problems:
+        raise ConfigError(problems, source=where)
+    return AutoscalerLimits(tuple(types), source=source) if types else None
+
+
+def _published_group_problems(group: Mapping[str, Any], key: str) -> list[str]:
+    def is_count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    problems = [f"{key}: missing {name!r}" for name in ("group", "resources", "min", "max") if name not in group]
+    if problems:
+        return problems
+    if not isinstance(group["group"], str) or not group["group"]:
+        problems.append(f"{key}.group: must be the worker group's name, got {group['group']!r}")
+    resources = group["resources"]
+    if not isinstance(resources, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf for v in resources.values()):
+        problems.append(f"{key}.resources: must map resource names to amounts >= 0, got {resources!r}")
+    for name in ("min", "max"):
+        if not is_count(group[name]):
+            problems.append(f"{key}.{name}: must be a whole number of pods >= 0, got {group[name]!r}")
+    if is_count(group["min"]) and is_count(group["max"]) and group["min"] > group["max"]:
+        problems.append(f"{key}.min: must be <= max ({group['max']}), got {group['min']}")
+    return problems
+
+
+def published_limits(environ: Mapping[str, str] = os.environ) -> AutoscalerLimits | None:
+    """The worker groups published in ``environ[NODE_GROUPS_ENV]`` (None when unset or empty)."""
+    text = environ.get(NODE_GROUPS_ENV, "").strip()
+    return limits_from_published_groups(text) if text else None
+
+
 def _monitor_config_path(gcs_address: str) -> str | None:
     """The ``--autoscaling-config`` of the v1 autoscaler monitor of ``gcs_address`` running on this machine."""
     import psutil
@@ -181,7 +249,11 @@ def _monitor_config_path(gcs_address: str) -> str | None:
 
 
 def read_autoscaler_limits() -> AutoscalerLimits | None:
-    """The connected cluster's autoscaler limits (``ray.init`` done), None on a fixed cluster."""
+    """The connected cluster's autoscaler limits (``ray.init`` done), None on a fixed cluster.
+
+    Raises:
+        ConfigError: :data:`NODE_GROUPS_ENV` is consulted and malformed.
+    """
     import ray
     import ray._private.state
 
@@ -197,8 +269,9 @@ def read_autoscaler_limits() -> AutoscalerLimits | None:
             text = Path(path).read_text(encoding="utf-8")
             config = json.loads(text) if text.lstrip().startswith("{") else yaml.safe_load(text)
             return limits_from_autoscaling_config(config, source=path)
-    return None
+    return published_limits()  # KubeRay: a malformed value raises, naming the variable
 
 
-__all__ = ["UNLIMITED", "AutoscalerLimits", "NodeGroup", "fit_problem", "limits_from_autoscaling_config",
-           "limits_from_cluster_config", "most_workers", "read_autoscaler_limits", "worker_shape"]
+__all__ = ["NODE_GROUPS_ENV", "UNLIMITED", "AutoscalerLimits", "NodeGroup", "fit_problem",
+           "limits_from_autoscaling_config", "limits_from_cluster_config", "limits_from_published_groups",
+           "most_workers", "published_limits", "read_autoscaler_limits", "worker_shape"]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from ray.core.generated import autoscaler_pb2
 
 from llmstack.config import WorkersConfig
-from llmstack.errors import ResourceError
+from llmstack.errors import ConfigError, ResourceError
+from llmstack.train import capacity
 from llmstack.train.capacity import (
+    NODE_GROUPS_ENV,
     UNLIMITED,
     AutoscalerLimits,
     NodeGroup,
@@ -15,6 +19,7 @@ from llmstack.train.capacity import (
     limits_from_autoscaling_config,
     limits_from_cluster_config,
     most_workers,
+    published_limits,
     worker_shape,
 )
 from llmstack.fleet.local_cluster import autoscaling_config
@@ -101,3 +106,69 @@ def test_a_head_with_cpus_holds_workers_outside_the_worker_node_cap() -> None:
     config["available_node_types"]["ray.head.default"]["resources"] = {"CPU": 2}
     limits = limits_from_autoscaling_config(config)
     assert limits is not None and most_workers({"CPU": 1.0}, limits) == 3  # two on the head, one on the node
+
+
+# A KubeRay head pod as `llmstack k8s render` leaves it: one CPU group kept at 1 pod of up to 4, one GPU group from 0.
+KUBERAY_GROUPS = [{"group": "workers", "resources": {"CPU": 2}, "min": 1, "max": 4},
+                  {"group": "gpu", "resources": {"CPU": 8, "GPU": 1}, "min": 0, "max": 2}]
+
+
+def test_published_worker_groups_judge_a_job_by_what_the_autoscaler_can_add() -> None:
+    limits = published_limits({NODE_GROUPS_ENV: json.dumps(KUBERAY_GROUPS)})
+    assert limits is not None and limits.scales and limits.source == NODE_GROUPS_ENV
+    assert [(t.name, dict(t.resources), t.min_count, t.max_count) for t in limits.node_types] == [
+        ("workers", {"CPU": 2.0}, 1, 4), ("gpu", {"CPU": 8.0, "GPU": 1.0}, 0, 2)]
+    grows = WorkersConfig(num_workers=[4, 8], cpus_per_worker=2)  # 4 x CPU 2 + 2 x (CPU 8: 4 each) = 12 at most
+    with pytest.raises(ResourceError):
+        check_fixed_fit(grows, {"CPU": 2.0})  # the one pod up at the start
+    check_autoscaling_fit(grows, limits)
+    check_autoscaling_fit(WorkersConfig(num_workers=2, use_gpu=True), limits)  # the GPU group starts from 0
+    with pytest.raises(ResourceError) as caught:
+        check_autoscaling_fit(WorkersConfig(num_workers=1, cpus_per_worker=16), limits)
+    assert "one worker asks for CPU 16 but no node type" in str(caught.value)
+    assert "workers (CPU 2; up to 4 nodes); gpu (CPU 8, GPU 1; up to 2 nodes)" in str(caught.value)
+    with pytest.raises(ResourceError, match=r"13 workers of CPU 2 each .* hold at most 12 at once"):
+        check_autoscaling_fit(WorkersConfig(num_workers=[13, 16], cpus_per_worker=2), limits)
+    assert published_limits({}) is None and published_limits({NODE_GROUPS_ENV: " "}) is None
+    assert published_limits({NODE_GROUPS_ENV: "[]"}) is None  # no worker group: a fixed head-only cluster
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("workers: 2", r"LLMSTACK_NODE_GROUPS: not JSON \(Expecting value"),
+    ('{"group": "workers"}', r"LLMSTACK_NODE_GROUPS: must be a JSON list of worker groups, got dict"),
+    ('["workers"]', r"LLMSTACK_NODE_GROUPS\[0\]: must be an object with group, resources, min and max"),
+    ('[{"group": "w", "resources": {"CPU": 2}, "min": 0}]', r"LLMSTACK_NODE_GROUPS\[0\]: missing 'max'"),
+    ('[{"group": "w", "resources": {"CPU": -2}, "min": 0, "max": 2}]',
+     r"LLMSTACK_NODE_GROUPS\[0\]\.resources: must map resource names to amounts >= 0, got \{'CPU': -2\}"),
+    ('[{"group": "w", "resources": {"CPU": 2}, "min": 0, "max": 2}, {"group": "", "resources": [], "min": true, '
+     '"max": "4"}]', r"LLMSTACK_NODE_GROUPS\[1\]\.group: .*; LLMSTACK_NODE_GROUPS\[1\]\.resources: .*; "
+                     r"LLMSTACK_NODE_GROUPS\[1\]\.min: must be a whole number of pods >= 0, got True; "
+                     r"LLMSTACK_NODE_GROUPS\[1\]\.max: .*got '4'"),
+    ('[{"group": "w", "resources": {"CPU": 2}, "min": 3, "max": 2}]',
+     r"LLMSTACK_NODE_GROUPS\[0\]\.min: must be <= max \(2\), got 3"),
+])
+def test_a_malformed_published_value_fails_naming_the_variable(value: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected) as caught:
+        published_limits({NODE_GROUPS_ENV: value})
+    assert "environment variable LLMSTACK_NODE_GROUPS (written on the head pod by `llmstack k8s render`" \
+        in str(caught.value)
+
+
+def test_a_cluster_whose_autoscaler_reports_nothing_to_ray_is_read_from_the_published_groups(monkeypatch) -> None:
+    """A KubeRay head: no cluster config in the GCS, no v1 monitor process; the rendered groups in the env."""
+    import ray
+    import ray._private.state
+
+    class HeadContext:  # the connected driver's runtime context (a GCS no monitor on this machine serves)
+        gcs_address = "127.0.0.1:1"
+
+    monkeypatch.setattr(ray._private.state.state, "get_cluster_config", lambda: None)
+    monkeypatch.setattr(ray, "get_runtime_context", HeadContext)
+    monkeypatch.delenv(NODE_GROUPS_ENV, raising=False)
+    assert capacity.read_autoscaler_limits() is None  # a fixed cluster, as before
+    monkeypatch.setenv(NODE_GROUPS_ENV, json.dumps(KUBERAY_GROUPS))
+    limits = capacity.read_autoscaler_limits()
+    assert limits is not None and limits.source == NODE_GROUPS_ENV and limits.scales
+    monkeypatch.setenv(NODE_GROUPS_ENV, "[{")
+    with pytest.raises(ConfigError, match="LLMSTACK_NODE_GROUPS: not JSON"):
+        capacity.read_autoscaler_limits()
