@@ -17,7 +17,7 @@ import pytest
 
 from llmstack._ray import PROXY_CALLBACK, PROXY_PROBE_PATH, serve_controller_options
 from llmstack.serve.http import make_api
-from llmstack.serve.http.proxy_errors import REPLICA_LOST, ProxyErrors, proxy_middlewares
+from llmstack.serve.http.proxy_errors import REPLAYED_HEADER, REPLICA_LOST, ProxyErrors, proxy_middlewares
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_ingress import SlowEngine  # noqa: E402
@@ -175,7 +175,7 @@ def test_a_request_whose_replica_was_lost_is_replayed_with_its_body() -> None:
     inner = LosesReplicas(lost=2)
     body = json.dumps({"prompt": "p" * 5000}).encode()
     sent = asyncio.run(_call(ProxyErrors(inner, retry_delay_s=0), _scope(), body, chunks=3))
-    assert _status(sent) == 200 and inner.calls == 3
+    assert _status(sent) == 200 and inner.calls == 3 and _headers(sent)[REPLAYED_HEADER] == "2"
     assert json.loads(_body(sent))["echo"] == body.decode()
 
 

@@ -7,7 +7,8 @@ stream whose ingress replica dies just stops, without an error event or ``data: 
 :class:`ProxyErrors` wraps the proxy's ASGI app so that a client sees none of that:
 
 - **replay**: a request whose ingress replica is lost before the first response byte is sent again (its
-  body was buffered) up to ``attempts`` times in all, then answered ``503 replica_lost`` + ``Retry-After``.
+  body was buffered) up to ``attempts`` times in all (an answer then carries ``x-llmstack-replayed: <replays>``),
+  else answered ``503 replica_lost`` + ``Retry-After``.
   Only requests without side effects are replayed: GET, HEAD, OPTIONS and the generation POSTs
   (:data:`REPLAYABLE_POSTS`); a canary operation is answered with the 503 at once.
 - **error bodies**: an error response (status >= 400) whose body is not JSON becomes the OpenAI error
@@ -44,6 +45,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 #: POST paths (by their ending, after any route prefix) whose requests have no side effects: replayed.
 REPLAYABLE_POSTS = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings")
 REPLAYABLE_METHODS = ("GET", "HEAD", "OPTIONS")
+REPLAYED_HEADER = "x-llmstack-replayed"  # on an answer that came after replays: how many times it was sent again
 REPLICA_LOST = "replica_lost"  # the error code of a request or stream whose ingress replica was lost
 MAX_REPLAY_BYTES = 4 * 1024 * 1024  # a larger request body streams through unbuffered (and is not replayed)
 MAX_ERROR_TEXT = 300  # characters of Ray's own error text quoted in the message
@@ -124,8 +126,9 @@ def _replayable(scope: Scope) -> bool:
 class _Attempt:
     """One pass of a request through the proxy: what reached the client, and an error response held back."""
 
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, *, replays: int = 0) -> None:
         self._send = send
+        self.replays = replays
         self.started = False  # a response start went to the client
         self.complete = False  # ... and its last body message
         self.event_stream = False
@@ -143,6 +146,9 @@ class _Attempt:
                 return
             self.event_stream = content_type.startswith("text/event-stream")
             self.started = True
+            if self.replays:
+                extra = (REPLAYED_HEADER.encode(), str(self.replays).encode())
+                message = {**message, "headers": [*message.get("headers", []), extra]}
         elif kind == "http.response.body" and self.held is not None:
             if len(self.held_body) < 64 * 1024:
                 self.held_body += message.get("body", b"")
@@ -198,7 +204,7 @@ class ProxyErrors:
 
         replayable = whole and _replayable(scope)
         for attempt in range(1, self.attempts + 1):
-            sent = _Attempt(send)
+            sent = _Attempt(send, replays=attempt - 1)
             try:
                 await self.app(dict(scope), _replay(body, live_receive), sent.send)
             except Exception:  # noqa: BLE001 - answered below like any cut response
@@ -272,5 +278,5 @@ def proxy_middlewares() -> list[Any]:
     return [Middleware(ProxyErrors)]
 
 
-__all__ = ["REPLAYABLE_POSTS", "REPLICA_LOST", "ProxyErrors", "proxy_error",
+__all__ = ["REPLAYABLE_POSTS", "REPLAYED_HEADER", "REPLICA_LOST", "ProxyErrors", "proxy_error",
            "proxy_middlewares", "replica_lost_error", "stream_cut_error"]
