@@ -278,3 +278,55 @@ def test_the_callback_ray_calls_gives_this_middleware() -> None:
     assert [type(m) for m in middlewares] == [Middleware] and middlewares[0].cls is ProxyErrors
     assert serve_controller_options(environ={"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "mine:cb"}) == {
         "runtime_env": {"env_vars": {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "mine:cb"}}}
+
+
+# ----------------------------------------------------------------------------- over real HTTP (uvicorn, as in Ray)
+
+
+@pytest.fixture
+def serve_over_http() -> Any:
+    """``serve(app)`` runs ``app`` under uvicorn (the server Ray's proxy runs in) on a free port of this helper's
+    range (30500-30599) and returns the port."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    servers: list[tuple[Any, threading.Thread]] = []
+
+    def serve(app: Any) -> int:
+        for port in range(30500, 30600):
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) != 0:
+                    break
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        while not server.started:
+            thread.join(0.01)
+        servers.append((server, thread))
+        return port
+
+    yield serve
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(5)
+
+
+def test_over_http_a_lost_replica_is_json_and_deploy_tells_a_proxy_without_the_middleware(
+        serve_over_http: Any) -> None:
+    import httpx
+
+    from llmstack._ray import check_proxy_errors
+
+    bare = serve_over_http(LosesReplicas(lost=99))
+    response = httpx.post(f"http://127.0.0.1:{bare}/app/v1/completions", json={"prompt": "x"})
+    assert response.status_code == 500 and response.headers["content-type"].startswith("text/plain")  # uvicorn's
+    with pytest.warns(UserWarning, match="without llmstack's proxy middleware"):
+        assert check_proxy_errors("127.0.0.1", bare) is False
+
+    wrapped = serve_over_http(ProxyErrors(LosesReplicas(lost=99), retry_delay_s=0))
+    response = httpx.post(f"http://127.0.0.1:{wrapped}/app/v1/completions", json={"prompt": "x"})
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert response.json()["error"]["code"] == REPLICA_LOST
+    assert check_proxy_errors("127.0.0.1", wrapped) is True

@@ -92,8 +92,8 @@ def proxy_error(status: int, text: str, *, path: str = "", retry_after: str | No
     elif status == 408:
         error = RequestError(f"The request timed out before the server answered.{detail}", status_code=504,
                              type="timeout_error", code="timeout")
-    elif status == 404:
-        error = RequestError(f"No application serves the path {path!r} on this server.{detail}", status_code=404,
+    elif status == 404:  # Ray's text only repeats the path
+        error = RequestError(f"No application serves the path {path!r} on this server.", status_code=404,
                              type="not_found_error", code="not_found")
     elif status == 429:
         error = RequestError(f"Too many requests; retry shortly.{detail}", status_code=429,
