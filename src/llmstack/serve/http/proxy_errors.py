@@ -18,7 +18,8 @@ stream whose ingress replica dies just stops, without an error event or ``data: 
   died) gets an SSE error event in llmstack's shape, then ``data: [DONE]``.
 
 JSON responses, successful responses and Ray's own ``/-/`` endpoints pass through byte for byte. The
-middleware serves one path itself, :data:`~llmstack._ray.PROXY_PROBE_PATH`, which tells llmstack that a running Serve has it.
+middleware answers one path itself, :data:`~llmstack._ray.PROXY_PROBE_PATH`: how llmstack tells that a running
+Serve has it.
 
 The proxy takes middlewares from the function named by ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` in the
 proxy actor's environment: :func:`proxy_middlewares`. llmstack sets it on every Serve it starts
