@@ -136,7 +136,6 @@ class _Attempt:
         self.tail = b""  # the last bytes of a streamed body (does it end with [DONE]?)
         self.held: Message | None = None  # a non-JSON error response start, converted when its body is in
         self.held_body = bytearray()
-        self.held_complete = False
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
@@ -153,7 +152,6 @@ class _Attempt:
         elif kind == "http.response.body" and self.held is not None:
             if len(self.held_body) < 64 * 1024:
                 self.held_body += message.get("body", b"")
-            self.held_complete = not message.get("more_body", False)
             return
         elif kind == "http.response.body" and self.started:
             if self.event_stream:
