@@ -39,6 +39,13 @@ WORKER_ENV: dict[str, str] = {"TOKENIZERS_PARALLELISM": "false"}
 #: Object store of a local cluster started by :func:`start_local` when the caller names no other size.
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024 * 1024
 ADDRESS_ENV = "RAY_ADDRESS"
+#: Environment variable naming the function whose ASGI middlewares Ray Serve's HTTP proxy runs (read by the proxy).
+PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+#: llmstack's proxy middleware (:mod:`llmstack.serve.http.proxy_errors`): every error the proxy writes itself in
+#: the OpenAI shape, and a request whose ingress replica was lost replayed.
+PROXY_CALLBACK = "llmstack.serve.http.proxy_errors:proxy_middlewares"
+#: Answered by that middleware itself: tells whether a running Serve has it.
+PROXY_PROBE_PATH = "/-/llmstack/proxy-errors"
 _announced = False
 
 T = TypeVar("T")
@@ -157,6 +164,55 @@ def serve_client() -> Any | None:
         return _get_global_client(raise_if_no_controller_running=True)
     except Exception:  # noqa: BLE001 - Serve not started (RayServeException), or Ray not connected
         return None
+
+
+def serve_controller_options(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``controller_options`` for ``serve.start``: the controller's env carries :data:`PROXY_CALLBACK_ENV`, and the
+    proxies it starts inherit it. A callback already named in this process's environment is kept.
+
+    Example:
+        >>> serve_controller_options(environ={})["runtime_env"]["env_vars"]
+        {'RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH': 'llmstack.serve.http.proxy_errors:proxy_middlewares'}
+    """
+    env = os.environ if environ is None else environ
+    return {"runtime_env": {"env_vars": {PROXY_CALLBACK_ENV: env.get(PROXY_CALLBACK_ENV) or PROXY_CALLBACK}}}
+
+
+def start_serve(http_options: dict[str, Any], **options: Any) -> None:
+    """Start Serve on the connected cluster with llmstack's proxy middleware (see :data:`PROXY_CALLBACK`);
+    ``options`` go to ``serve.start`` as they are (e.g. ``proxy_location``)."""
+    from ray import serve
+
+    serve.start(http_options=http_options, controller_options=serve_controller_options(), **options)
+
+
+_proxy_checked: set[tuple[str, int]] = set()
+
+
+def check_proxy_errors(host: str | None, port: int, *, timeout_s: float = 2.0) -> bool | None:
+    """Whether the Serve answering on ``host:port`` runs llmstack's proxy middleware (asked over HTTP at
+    :data:`PROXY_PROBE_PATH`); None when nothing answers. Without it, warns once per address: errors Ray's
+    proxy writes itself then reach clients as plain text."""
+    import urllib.error
+    import urllib.request
+    import warnings
+
+    url = f"http://{loopback_host(host)}:{port}{PROXY_PROBE_PATH}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 - our own loopback URL
+            installed = PROXY_CALLBACK in response.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError:
+        installed = False
+    except (OSError, ValueError):
+        return None
+    if not installed and (loopback_host(host), port) not in _proxy_checked:
+        _proxy_checked.add((loopback_host(host), port))
+        warnings.warn(f"Ray Serve on port {port} runs without llmstack's proxy middleware, so errors its HTTP "
+                      "proxy writes itself (a lost ingress replica, load shedding) reach clients as plain text and "
+                      "a request on a lost ingress replica is not replayed. Start the cluster with "
+                      f"`{PROXY_CALLBACK_ENV}={PROXY_CALLBACK} ray start --head`, or let llmstack start Serve "
+                      "(serve.shutdown() first)", stacklevel=2)
+    return installed
 
 
 def serve_http_address() -> tuple[str, int] | None:
@@ -377,8 +433,9 @@ def last_error_line(message: str) -> str:
     return (lines[-1] if lines else message)[:500]
 
 
-__all__ = ["CHECKED_RAY_VERSION", "LOCAL_OBJECT_STORE_BYTES", "WORKER_ENV", "ReplicaNeeds", "announce_ray_logs",
-           "app_resources", "check_placement", "check_port_free", "connect", "failure_message", "free_port",
+__all__ = ["CHECKED_RAY_VERSION", "LOCAL_OBJECT_STORE_BYTES", "PROXY_CALLBACK", "PROXY_CALLBACK_ENV",
+           "PROXY_PROBE_PATH", "WORKER_ENV", "ReplicaNeeds", "announce_ray_logs", "app_resources", "check_placement",
+           "check_port_free", "check_proxy_errors", "connect", "failure_message", "free_port",
            "held_resources", "is_connected", "last_error_line", "loopback_host", "placement_problems", "poll",
-           "port_in_use", "resolve_address", "serve_applications", "serve_client", "serve_http_address",
-           "start_local", "wait_running", "worker_runtime_env"]
+           "port_in_use", "resolve_address", "serve_applications", "serve_client", "serve_controller_options",
+           "serve_http_address", "start_local", "start_serve", "wait_running", "worker_runtime_env"]

@@ -52,13 +52,11 @@ class RegionCluster:
                                "health_check_failure_threshold": 3, "health_check_initial_delay_ms": 1000}})
         for name in self.regions:
             self.add(name)
-        from llmstack._ray import connect
+        from llmstack._ray import connect, start_serve
 
         connect(self.cluster.address, runtime_env={"env_vars": {
             "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}})
-        from ray import serve
-
-        serve.start(http_options={"host": "127.0.0.1", "port": self.http_port}, proxy_location="HeadOnly")
+        start_serve({"host": "127.0.0.1", "port": self.http_port}, proxy_location="HeadOnly")
         return self
 
     def add(self, region: str) -> Any:

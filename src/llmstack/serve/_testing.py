@@ -138,14 +138,12 @@ def serve_http_port(host: str = "127.0.0.1") -> int:
 
     A cluster has one Serve HTTP port and ``deploy()`` refuses any other, so tests and demos sharing a cluster
     ask for this one (call it with Ray initialised)."""
-    from ray import serve
-
-    from llmstack._ray import free_port, serve_http_address
+    from llmstack._ray import free_port, serve_http_address, start_serve
     from llmstack.errors import ResourceError
 
     running = serve_http_address()
-    if running is None:  # Serve not started on this cluster yet
-        serve.start(http_options={"host": host, "port": free_port(host)})
+    if running is None:  # Serve not started on this cluster yet (llmstack's proxy middleware comes with it)
+        start_serve({"host": host, "port": free_port(host)})
         running = serve_http_address()
     if running is None:
         raise ResourceError(f"Serve was started on {host} but its controller reports no HTTP address; "

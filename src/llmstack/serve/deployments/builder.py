@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from llmstack._console import quiet_libraries, verbose
-from llmstack._ray import (ReplicaNeeds, check_placement, check_port_free, connect, loopback_host,
-                           serve_applications, serve_http_address, wait_running, worker_runtime_env)
+from llmstack._ray import (ReplicaNeeds, check_placement, check_port_free, check_proxy_errors, connect,
+                           loopback_host, serve_applications, serve_http_address, start_serve, wait_running,
+                           worker_runtime_env)
 from llmstack._verbs import Overrides, read_settings
 from llmstack.config import SERVE_DEPLOYMENT_DEFAULTS, ServeConfig, load_config, to_dict
 from llmstack.errors import ArtifactNotFoundError, ConfigError, ResourceError
@@ -316,10 +317,11 @@ def run_app(app: Any, cfg: ServeConfig, *, replace: bool = False, timeout_s: flo
     http = serve_http_address()
     if http is None:  # Serve starts here: the port must be ours to take
         check_port_free(cfg.http.host, cfg.http.port)
-        serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+        start_serve({"host": cfg.http.host, "port": cfg.http.port})  # with llmstack's proxy middleware
         http = serve_http_address() or (cfg.http.host, cfg.http.port)
     else:
         check_serve_port(cfg.http.port, http[1], cfg.app_name)
+        check_proxy_errors(*http)  # a Serve started elsewhere: warns when its proxy lacks llmstack's middleware
     check_route_prefix(cfg.http.route_prefix, cfg.app_name)
     if before_start is not None:  # e.g. the drain board, handed to the ingress replicas
         before_start()
