@@ -30,9 +30,10 @@ def start_ray(num_cpus: int = 4, *, object_store_memory: int | None = None, incl
 
 
 def start_serve(port: int | None = None) -> int:
-    """Serve's HTTP proxy on 127.0.0.1:``port`` (default: a free port); returns the port."""
-    from ray import serve
+    """Serve's HTTP proxy on 127.0.0.1:``port`` (default: a free port) with llmstack's proxy middleware, as
+    ``deploy()`` starts it; returns the port."""
+    from llmstack._ray import start_serve as start_llmstack_serve
 
     port = port or free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_llmstack_serve({"host": "127.0.0.1", "port": port})
     return port

@@ -39,9 +39,9 @@ def vllm_registry(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def serve_started(ray_cluster: dict) -> int:
-    from ray import serve
+    from llmstack._ray import start_serve
 
-    serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
+    start_serve({"host": "127.0.0.1", "port": SERVE_PORT})
     return SERVE_PORT
 
 
