@@ -1,4 +1,6 @@
-"""`serve run serve_configs/<file>.yaml` for every shipped YAML, as a user runs it (subprocess, own Ray)."""
+"""`serve run serve_configs/<file>.yaml` for every shipped YAML, as a user runs it (subprocess): on a local Ray
+that `serve run` starts itself (tiny.yaml, HAProxy, the region file on unmarked nodes), or on the module's one
+running cluster (`serve run --address`)."""
 
 from __future__ import annotations
 
@@ -86,8 +88,15 @@ def _serve_run(config: Path, registry: str, tmp_path: Path, *, address: str = "l
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", PLAIN_CONFIGS, ids=[c.name for c in PLAIN_CONFIGS])
-def test_serve_run(config: Path, quickstart_registry: str, tmp_path: Path) -> None:
-    with _serve_run(config, quickstart_registry, tmp_path) as (base, app):
+def test_serve_run(config: Path, quickstart_registry: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """tiny.yaml as the README runs it (``serve run`` starts a local Ray of its own); the other files on the
+    module's one running cluster (``serve run --address``), which saves a Ray start and stop per file."""
+    if config.name == "tiny.yaml":
+        where: dict[str, str] = {}
+    else:
+        address, short = request.getfixturevalue("marked_cluster")
+        where = {"address": address, "RAY_TMPDIR": str(short), "RAY_AUTH_MODE": "token"}
+    with _serve_run(config, quickstart_registry, tmp_path, **where) as (base, app):
         models = requests.get(base + "/v1/models", timeout=10).json()["data"]
         ids = [m["id"] for m in models]
         assert ids[0] == app["args"].get("model", app["args"].get("stable", "")).partition("@")[0]  # tiny-lm, or tiny-lm-base under its adapter
@@ -112,8 +121,11 @@ def test_serve_run_behind_haproxy(quickstart_registry: str, tmp_path: Path) -> N
         run_dir = tmp_path / f"start-{attempt}"
         run_dir.mkdir()
         try:
+            # On Ctrl-C the ingress replica behind HAProxy first stays reachable for Ray's deregistration window
+            # (30 s by default; nothing here is asserted about it), then drains: the window is skipped.
             with _serve_run(REPO / "serve_configs" / "tiny.yaml", quickstart_registry, run_dir,
-                            RAY_SERVE_ENABLE_HA_PROXY="1") as (base, _app):
+                            RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="0") \
+                    as (base, _app):
                 _check_through_haproxy(base, run_dir / "serve.log")
             return
         except RuntimeError:  # serve run exited before it was healthy
@@ -196,16 +208,24 @@ def _marked_cluster(tmp_path: Path, resources: dict[str, float], **env_extra: st
             proc.wait()
 
 
-@pytest.mark.slow
-def test_serve_run_multi_region_on_marked_nodes(quickstart_registry: str, tmp_path: Path) -> None:
-    """The shipped multi-region file on one 2-CPU node holding both regions' markers (as its comments say)."""
+@pytest.fixture(scope="module")
+def marked_cluster(quickstart_registry: str) -> Iterator[tuple[str, Path]]:
+    """One 2-CPU node holding both regions' markers, shared by this module's ``serve run --address`` tests (each
+    ``serve run`` shuts Serve down on Ctrl-C, so no app outlives its test): ``(address, its RAY_TMPDIR)``."""
     short = Path(tempfile.mkdtemp(prefix="lsm-"))  # Ray's socket paths must stay short
     # `serve run` builds the app on the cluster: the registry is found through the cluster's environment
     with _marked_cluster(short, {"region:us-east": 1, "region:eu-west": 1},
-                         LLMSTACK_REGISTRY=quickstart_registry, TOKENIZERS_PARALLELISM="false") as address, \
-            _serve_run(REGION_FILE, quickstart_registry, tmp_path, address=address, RAY_TMPDIR=str(short),
-                       RAY_AUTH_MODE="token") \
-            as (base, _app):
+                         LLMSTACK_REGISTRY=quickstart_registry, TOKENIZERS_PARALLELISM="false") as address:
+        yield address, short
+
+
+@pytest.mark.slow
+def test_serve_run_multi_region_on_marked_nodes(quickstart_registry: str, tmp_path: Path,
+                                               marked_cluster: tuple[str, Path]) -> None:
+    """The shipped multi-region file on one 2-CPU node holding both regions' markers (as its comments say)."""
+    address, short = marked_cluster
+    with _serve_run(REGION_FILE, quickstart_registry, tmp_path, address=address, RAY_TMPDIR=str(short),
+                    RAY_AUTH_MODE="token") as (base, _app):
         seen = set()
         for _ in range(8):
             r = requests.post(base + "/v1/completions", json={"prompt": "def add(a, b):", "max_tokens": 8},
@@ -222,14 +242,13 @@ def test_serve_run_multi_region_on_marked_nodes(quickstart_registry: str, tmp_pa
 
 
 @pytest.mark.slow
-def test_serve_run_canary_in_region_on_marked_nodes(quickstart_registry: str, tmp_path: Path) -> None:
+def test_serve_run_canary_in_region_on_marked_nodes(quickstart_registry: str, tmp_path: Path,
+                                                    marked_cluster: tuple[str, Path]) -> None:
     """The shipped canary-in-region file on one 2-CPU node holding both regions' markers: eu-west answers with
     a version header (its canary), us-east without; /canary?region=eu-west shows the plan running."""
-    short = Path(tempfile.mkdtemp(prefix="lsm-"))  # Ray's socket paths must stay short
-    with _marked_cluster(short, {"region:us-east": 1, "region:eu-west": 1},
-                         LLMSTACK_REGISTRY=quickstart_registry, TOKENIZERS_PARALLELISM="false") as address, \
-            _serve_run(CANARY_IN_REGION_FILE, quickstart_registry, tmp_path, address=address,
-                       RAY_TMPDIR=str(short), RAY_AUTH_MODE="token") as (base, _app):
+    address, short = marked_cluster
+    with _serve_run(CANARY_IN_REGION_FILE, quickstart_registry, tmp_path, address=address,
+                    RAY_TMPDIR=str(short), RAY_AUTH_MODE="token") as (base, _app):
         seen: dict[str, set] = {}
         for _ in range(8):  # round robin: both regions answer
             r = requests.post(base + "/v1/completions", json={"prompt": "def add(a, b):", "max_tokens": 8},
