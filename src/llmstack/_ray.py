@@ -115,6 +115,14 @@ def connect(address: str | None = None, *, runtime_env: dict[str, Any] | None = 
     return True
 
 
+def started_here() -> bool:
+    """True when this process's ``ray.init`` started the cluster (it then ends with this process)."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    return bool(ray.is_initialized() and node is not None and getattr(node, "head", False))
+
+
 def start_local(num_cpus: int, object_store_bytes: int = LOCAL_OBJECT_STORE_BYTES, *,
                 runtime_env: dict[str, Any] | None = None, include_dashboard: bool = True) -> None:
     """Start a bounded local Ray cluster for this process (``num_cpus`` CPUs, an object store of

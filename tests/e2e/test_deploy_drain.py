@@ -79,13 +79,15 @@ def test_sigterm_drains_live_streams_and_exits_cleanly(tiny_registry: str, tmp_p
 
         proc.send_signal(signal.SIGTERM)
         refusal = None
-        while proc.poll() is None and refusal is None:  # until the drain shows: requests after it are refused
+        while proc.poll() is None:  # until the process has gone: once the drain shows, every request is refused
             try:
                 response = requests.post(base + "/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=30)
             except requests.RequestException:
                 break
             if response.status_code == 503:
-                refusal = response
+                refusal = refusal or response
+            elif refusal is not None:  # after the first refusal, nothing else (a deleted app's route: 404)
+                pytest.fail(f"{response.status_code} after the drain began: {response.text[:300]}")
             time.sleep(0.05)
         for thread in threads:
             thread.join(timeout=120)

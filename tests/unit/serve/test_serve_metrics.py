@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llmstack.config import ServeConfig, load_config
 from llmstack.serve.deployments.replica_metrics import ReplicaMetrics
+from llmstack.serve.http import cluster_metrics
 from llmstack.serve.http.cluster_metrics import aggregate
 from llmstack.serve.http.metrics import ServeMetrics
 from llmstack.serve.http.sse import chat_chunk, stream_response
@@ -149,8 +150,6 @@ def test_an_agent_that_stops_answering_counts_with_its_last_good_export(monkeypa
 
     from prometheus_client import CollectorRegistry
 
-    from llmstack.serve.http import cluster_metrics
-
     export = ("# TYPE ray_llmstack_requests_total counter\n"
               'ray_llmstack_requests_total{WorkerId="other",app="a",route="completions",status="200"} 9.0\n')
     stalled = threading.Event()
@@ -192,3 +191,43 @@ def test_an_agent_that_stops_answering_counts_with_its_last_good_export(monkeypa
     finally:
         stalled.clear()
         server.shutdown()
+
+
+
+def test_counters_never_step_back_whichever_replica_answers() -> None:
+    """Two replicas each see their own series live and the other's as last exported, so the replica answering
+    second can sum less than the first answered. Raised through one HighWater the answers never step back
+    (counters and histograms); a gauge is served as summed."""
+    def export(worker: str, requests: float, waiting: float, latency: float) -> str:
+        labels = f'WorkerId="{worker}",app="a"'
+        return "\n".join([
+            "# TYPE ray_llmstack_requests_total counter",
+            f'ray_llmstack_requests_total{{{labels},route="completions",status="200"}} {requests}',
+            "# TYPE ray_llmstack_requests_waiting gauge",
+            f'ray_llmstack_requests_waiting{{{labels},model="m"}} {waiting}',
+            "# TYPE ray_llmstack_request_latency_seconds histogram",
+            f'ray_llmstack_request_latency_seconds_bucket{{{labels},model="m",le="+Inf"}} {requests}',
+            f'ray_llmstack_request_latency_seconds_count{{{labels},model="m"}} {requests}',
+            f'ray_llmstack_request_latency_seconds_sum{{{labels},model="m"}} {latency}',
+        ]) + "\n"
+
+    high_water = cluster_metrics.HighWater()
+
+    async def raise_to(values: dict) -> dict:
+        return high_water.raise_to(values)
+
+    def scrape(texts: list[str]) -> dict:
+        kinds, sums = cluster_metrics.summed(texts, "a")
+        asyncio.run(cluster_metrics.raise_monotonic(kinds, sums, raise_to))
+        return _values(cluster_metrics.render(kinds, sums))
+
+    total = ("llmstack_requests_total", (("route", "completions"), ("status", "200")))
+    count = ("vllm:e2e_request_latency_seconds_count", (("model_name", "m"),))
+    waiting = ("llmstack_requests_waiting", (("model", "m"),))
+    first = scrape([export("w1", 14, 3, 7.0), export("w2", 12, 1, 6.0)])  # replica 1: its own 14, w2's export 12
+    second = scrape([export("w1", 10, 0, 5.0), export("w2", 15, 0, 7.5)])  # replica 2: w1's export 10, its own 15
+    assert first[total] == 26.0 and first[waiting] == 4.0
+    assert second[total] == 26.0 and second[count] == 26.0  # summed 25: raised to what was served before
+    assert second[("llmstack_request_latency_seconds_sum", (("model", "m"),))] == 13.0
+    assert second[waiting] == 0.0  # a gauge may go down
+    assert scrape([export("w1", 14, 0, 7.0), export("w2", 15, 0, 7.5)])[total] == 29.0  # caught up: the truth

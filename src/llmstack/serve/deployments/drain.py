@@ -104,9 +104,10 @@ def start_following(board: Any, drain: Any, replica: str) -> None:
 _FOLLOWERS: set[asyncio.Task] = set()  # strong references: a pending task is not garbage-collected
 
 
-def drain_apps(deployments: list[Any]) -> None:
+def drain_apps(deployments: list[Any], *, delete: bool = True) -> None:
     """Drain every deployment at once (each with its config's ``graceful_shutdown_timeout_s``), then delete
-    them. A deployment whose replicas do not all report idle is deleted at its deadline plus a margin."""
+    them (unless not ``delete``: the caller ends the cluster). A deployment whose replicas do not all report
+    idle is deleted at its deadline plus a margin."""
     import ray
 
     started = []
@@ -129,7 +130,10 @@ def drain_apps(deployments: list[Any]) -> None:
                 break
             time.sleep(0.1)
     for dep in deployments:
-        dep.shutdown()
+        if delete:
+            dep.shutdown()
+        else:
+            forget(dep)
 
 
 _LIVE: list[Any] = []  # deployments this process started and has not shut down
@@ -155,11 +159,16 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 
 def drain_and_exit(status: int = 0) -> None:
-    """Drain every live deployment of this process, shut Ray down and exit with ``status`` (SystemExit)."""
+    """Drain every live deployment of this process, shut Ray down and exit with ``status`` (SystemExit).
+
+    When this process started the cluster, the drained apps are not deleted first: the cluster ends with
+    them, and until it has, their ingress answers 503 + Retry-After (a deleted app's route would answer 404)."""
     import ray
 
+    from llmstack._ray import started_here
+
     _draining.set()
-    drain_apps(list(_LIVE))
+    drain_apps(list(_LIVE), delete=not started_here())
     if ray.is_initialized():
         ray.shutdown()
     raise SystemExit(status)

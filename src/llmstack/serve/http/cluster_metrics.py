@@ -6,8 +6,11 @@ agent exports with each worker's series apart. ``/metrics`` reads every alive no
 app's ``llmstack_*`` series, drops the per-worker labels and sums the rest: the cluster's totals, the same
 whichever replica answers. The answering replica's own series come from its registry (always current);
 the other replicas' lag by Ray's metrics report interval (a few seconds), so with several replicas the
-totals are exact, and the same from every replica, once the agents have exported. Each ``llmstack_*`` family is also served under the name a vLLM
-dashboard reads (``vllm:num_requests_running``, ``vllm:e2e_request_latency_seconds``, ...), its ``model``
+totals are exact, and the same from every replica, once the agents have exported. Counters and histograms
+never step back from one scrape to the next whichever replica answers: each answer is raised to the highest
+value any replica answered before (a :class:`HighWater` actor per app; the sums only ever under-count until
+the exports catch up, so the highest is the truest). Each ``llmstack_*`` family is also served under the name a
+vLLM dashboard reads (``vllm:num_requests_running``, ``vllm:e2e_request_latency_seconds``, ...), its ``model``
 label as vLLM's ``model_name``.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 RAY_PREFIX = "ray_"
@@ -112,13 +116,44 @@ def agent_urls() -> list[str]:
             for node in ray.nodes() if node.get("Alive") and node.get("MetricsExportPort")]
 
 
+Labels = tuple[tuple[str, str], ...]
+Series = dict[str, dict[tuple[str, Labels], float]]  # family -> (sample, labels) -> value
+Peaks = dict[tuple[str, str, Labels], float]  # (family, sample, labels) -> value
+MONOTONIC_KINDS = ("counter", "histogram")  # every sample of these only grows (latencies are >= 0)
+
+
+class HighWater:
+    """The highest value of each counter and histogram sample that any ingress replica of one app served
+    (a Ray actor, see :func:`high_water_actor`)."""
+
+    def __init__(self) -> None:
+        self.highest: Peaks = {}
+
+    def raise_to(self, values: Peaks) -> Peaks:
+        """Each of ``values`` raised to the highest served before; the result becomes the new highest."""
+        for key, value in values.items():
+            self.highest[key] = max(value, self.highest.get(key, value))
+        return {key: self.highest[key] for key in values}
+
+
+def high_water_actor(app: str) -> Any:
+    """The app's :class:`HighWater` actor, created by the first replica that asks (it lives as long as that
+    replica; a successor starts from the exports, which have caught up by then)."""
+    import ray
+
+    actor = ray.remote(num_cpus=0)(HighWater)
+    return actor.options(name=f"llmstack-metrics-high-water:{app}", get_if_exists=True).remote()
+
+
 async def cluster_text(app: str, urls: list[str], *, own: Any, worker_id: str,
-                       last_good: dict[str, str] | None = None) -> str:
+                       last_good: dict[str, str] | None = None,
+                       raise_to: Callable[[Peaks], Awaitable[Peaks]] | None = None) -> str:
     """This app's ``llmstack_*`` series summed over every worker of every node, as Prometheus text (with the
     vLLM-named copies). This replica's own series (worker ``worker_id``) come from ``own`` (its registry),
     always current; the other replicas' as their agents last exported them. An agent that does not answer in
     time (a busy node) counts with its last good export from ``last_good`` (updated here), so a slow agent
-    never makes a cluster total step back."""
+    never makes a cluster total step back. ``raise_to`` (:meth:`HighWater.raise_to`, awaited) raises counters
+    and histograms to what any replica served before."""
     import httpx
 
     last_good = {} if last_good is None else last_good
@@ -132,16 +167,34 @@ async def cluster_text(app: str, urls: list[str], *, own: Any, worker_id: str,
             texts.append(last_good[url])
     for gone in set(last_good) - set(urls):  # a node that left the cluster
         del last_good[gone]
-    return aggregate(texts, app, own=list(own.collect()), worker_id=worker_id)
+    kinds, sums = summed(texts, app, own=list(own.collect()), worker_id=worker_id)
+    if raise_to is not None:
+        await raise_monotonic(kinds, sums, raise_to)
+    return render(kinds, sums)
+
+
+async def raise_monotonic(kinds: dict[str, tuple[str, str]], sums: Series,
+                          raise_to: Callable[[Peaks], Awaitable[Peaks]]) -> None:
+    """Replace the counter and histogram samples of ``sums`` with ``await raise_to(them)``."""
+    monotonic = {(name, sample, labels): value for name, series in sums.items()
+                 if kinds[name][0] in MONOTONIC_KINDS for (sample, labels), value in series.items()}
+    for (name, sample, labels), value in (await raise_to(monotonic)).items():
+        sums[name][(sample, labels)] = value
 
 
 def aggregate(texts: list[str], app: str, *, own: list[Any] = (), worker_id: str | None = None) -> str:  # type: ignore[assignment]
     """Sum the ``ray_llmstack_*`` samples of ``app`` in ``texts`` (agent exports) over worker labels, with the
     series of worker ``worker_id`` replaced by ``own`` (prometheus_client metric families of that worker)."""
+    return render(*summed(texts, app, own=own, worker_id=worker_id))
+
+
+def summed(texts: list[str], app: str, *, own: list[Any] = (), worker_id: str | None = None  # type: ignore[assignment]
+           ) -> tuple[dict[str, tuple[str, str]], Series]:
+    """(family -> (type, help), the sums) of :func:`aggregate`."""
     from prometheus_client.parser import text_string_to_metric_families
 
     kinds: dict[str, tuple[str, str]] = {}  # family -> (type, help)
-    sums: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = defaultdict(lambda: defaultdict(float))
+    sums: Series = defaultdict(lambda: defaultdict(float))
     counts: dict[tuple[str, tuple[tuple[str, str], ...]], int] = defaultdict(int)  # samples summed (for means)
     for text in texts:
         for family in text_string_to_metric_families(text):
@@ -166,6 +219,11 @@ def aggregate(texts: list[str], app: str, *, own: list[Any] = (), worker_id: str
     for name in sums:
         if name.endswith(AVERAGED_SUFFIX):
             sums[name] = defaultdict(float, {key: value / max(1, counts[key]) for key, value in sums[name].items()})
+    return kinds, sums
+
+
+def render(kinds: dict[str, tuple[str, str]], sums: Series) -> str:
+    """Prometheus text of :func:`summed`'s families, each also under its vLLM name."""
     lines: list[str] = []
     for name in sorted(sums):
         kind, documentation = kinds[name]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from typing import Any
 
@@ -71,6 +72,7 @@ class ServeMetrics:
                                ["model"], registry=r)
         self.cluster_app = cluster_app
         self.agent_exports: dict[str, str] = {}  # metrics-agent URL -> its last good export (see cluster_text)
+        self.high_water: Any = None  # the app's HighWater actor, found on the first cluster scrape
         if cluster_app is not None:
             from llmstack.serve.http.cluster_metrics import mirror
 
@@ -128,17 +130,28 @@ class ServeMetrics:
             return self.render()
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        from llmstack.serve.http.cluster_metrics import agent_urls, cluster_text
-
-        import asyncio
-
         import ray
+
+        from llmstack.serve.http.cluster_metrics import agent_urls, cluster_text
 
         urls = await asyncio.to_thread(agent_urls)  # a GCS call: kept off the replica's event loop
         text = await cluster_text(self.cluster_app, urls, own=self.registry,
                                   worker_id=ray.get_runtime_context().get_worker_id(),
-                                  last_good=self.agent_exports)
+                                  last_good=self.agent_exports, raise_to=self._raise_to_high_water)
         return text.encode(), CONTENT_TYPE_LATEST
+
+    async def _raise_to_high_water(self, values: dict[Any, float]) -> dict[Any, float]:
+        """``values`` raised by the app's HighWater actor (found or created on first use; found again after
+        its replica died, this answer then left as it is)."""
+        from llmstack.serve.http.cluster_metrics import high_water_actor
+
+        try:
+            if self.high_water is None:
+                self.high_water = await asyncio.to_thread(high_water_actor, self.cluster_app)
+            return await self.high_water.raise_to.remote(values)
+        except Exception:  # noqa: BLE001 - the actor died with the replica that made it
+            self.high_water = None
+            return values
 
 
 def append_metrics(app: Any, extra: Any, *, summary: str = "Prometheus metrics") -> None:
