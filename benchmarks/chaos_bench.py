@@ -1,8 +1,9 @@
-"""Chaos benchmark: faults under steady HTTP load, and what each one costs (issue #12).
+"""Chaos benchmark: faults under steady HTTP load, and what each one costs (issues #12 and #26).
 
 Measured in one run, on one machine, on the real stack (a tiny registered model, ``llmstack.deploy()``
-on a real Serve app, real HTTP from local client threads), each scenario next to a baseline of the same
-load with no fault:
+on a real Serve app, real HTTP from local client threads), in parts (``--part`` runs some alone):
+
+``faults`` (#12), each scenario next to a baseline of the same load with no fault:
 
 1. baseline: closed-loop greedy completions, no fault;
 2. the model replica SIGKILLed (1 replica), then the same with ``autoscaling.min_replicas: 2``;
@@ -17,11 +18,27 @@ success rate back at the pre-fault rate, p50/p95 latency during and after, and w
 200 must be a well-formed OpenAI body whose text equals the greedy answer recorded for that prompt before
 any fault.
 
-Writes benchmarks/results/chaos.json, chaos_timeline.png and the ``## chaos`` section of benchmarks/RESULTS.md.
+The #26 parts:
 
-Reproduce: python benchmarks/chaos_bench.py            (about 7 minutes on 2 CPU cores)
-           python benchmarks/chaos_bench.py --quick    (smoke run, about 2 minutes: shorter windows,
-                                                        no 2-replica app, no Train run)
+- ``resume``: greedy streaming clients while the model replica is SIGKILLed, with 1 and 2 replicas: failed
+  streams, streams resumed (the server's ``llmstack_resumed_requests``), resumed text against the answer
+  recorded before the fault, latency of resumed against unresumed streams, longest gap without an ok answer;
+- ``overload``: 200 concurrent streams on one replica with the serving defaults: share of admitted streams that
+  finish, time to the first 503, 504s, Retry-After on every 503, every error in the OpenAI shape;
+- ``metrics``: ``/metrics`` scraped 20 times across two ingress replicas while requests are sent and 20 more
+  after: monotonic, and equal to the requests sent;
+- ``sigterm``: ``python -m llmstack deploy`` (a subprocess with its own Ray cluster) with live streams, SIGTERM:
+  how each stream ended, what new requests got during the drain, exit status, time to exit.
+
+Writes benchmarks/results/chaos.json, chaos_timeline.png (faults), chaos_resume_streams.json,
+chaos_overload200.json, chaos_metrics.json, chaos_sigterm.json (one per part) and the ``## chaos`` section of
+benchmarks/RESULTS.md (from the latest results file of every part).
+
+Reproduce: python benchmarks/chaos_bench.py                 (every part, about 10 minutes on 2 CPU cores)
+           python benchmarks/chaos_bench.py --part resume   (one part; comma-separate several)
+           python benchmarks/chaos_bench.py --quick         (smoke run: shorter windows, no 2-replica app,
+                                                             no Train run; writes results/*_quick*, not RESULTS.md)
+Run it under the shared Ray lock: flock /tmp/llmstack-ray.lock timeout 900 python benchmarks/chaos_bench.py
 """
 
 from __future__ import annotations
@@ -1203,6 +1220,7 @@ def main() -> int:
     baseline_s = 3.0 if args.quick else 10.0
     only = {name for name in args.only.split(",") if name}
     suffix = " --quick" if args.quick else ""
+    quick_suffix = "_quick" if args.quick else ""  # a smoke run's files: never read into RESULTS.md
     workdir = Path(tempfile.mkdtemp(prefix="chaos-bench-"))
 
     import ray
@@ -1227,7 +1245,7 @@ def main() -> int:
         row.update(command=f"python benchmarks/chaos_bench.py --part {part}{suffix}", machine=machine_facts(),
                    wall_s=time.time() - started)
         part_results[part] = row
-        write_json(RESULTS / f"{PART_FILES[part]}.json", row, default=str)
+        write_json(RESULTS / f"{PART_FILES[part]}{quick_suffix}.json", row, default=str)
         return row
 
     part_errors: dict[str, str] = {}
@@ -1392,11 +1410,11 @@ def main() -> int:
         guarded("sigterm", sigterm_part)
     results["wall_s"] = time.time() - t_begin
     if "faults" in parts:
-        write_json(RESULTS / f"{args.out}.json", results, default=str)
-        plotted = bool(rows) and plot_timelines(rows, RESULTS / f"{args.out}_timeline.png")
+        write_json(RESULTS / f"{args.out}{quick_suffix}.json", results, default=str)
+        plotted = bool(rows) and plot_timelines(rows, RESULTS / f"{args.out}{quick_suffix}_timeline.png")
         results["plotted"] = plotted
         results["command"] = "python benchmarks/chaos_bench.py --part faults" + suffix
-    if args.out == "chaos" and not only and (not args.quick or parts != set(PARTS)):
+    if args.out == "chaos" and not only and not args.quick:
         faults = results if "faults" in parts else _read_json(RESULTS / "chaos.json")
         others = {part: part_results.get(part) or _read_json(RESULTS / f"{file}.json")
                   for part, file in PART_FILES.items()}
