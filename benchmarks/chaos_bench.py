@@ -490,8 +490,12 @@ class Stream:
 
     def max_gap(self) -> float:
         """The longest wait between two events (from the response headers for the first)."""
+        return self.widest_gap()[1]
+
+    def widest_gap(self) -> tuple[float, float]:
+        """When the longest wait between two events began, and how long it was (0, 0 for no events)."""
         times = ([self.headers_at] if self.headers_at else []) + self.event_times
-        return max((b - a for a, b in zip(times, times[1:])), default=0.0)
+        return max(((a, b - a) for a, b in zip(times, times[1:])), key=lambda gap: gap[1], default=(0.0, 0.0))
 
 
 def is_openai_error(body: Any) -> bool:
@@ -669,6 +673,11 @@ def resume_under_kill(url: str, answers: dict[str, str], *, replicas: int, threa
         "longest_gap_without_token_s": longest_gap(event_times, first_kill, t_end),
         "max_event_gap_resumed_s": max((s.max_gap() for _, s in resumed_guess), default=None),
         "seconds": t_end - samples[0][1].sent if samples else 0.0,
+        # per stream, seconds from the first kill: sent, first event, done, widest gap (start, length), status
+        "timeline": [(round(s.sent - first_kill, 3), round(s.event_times[0] - first_kill, 3) if s.event_times else None,
+                      round(s.done - first_kill, 3), round(s.widest_gap()[0] - first_kill, 3),
+                      round(s.widest_gap()[1], 3), "ok" if s.completed else f"{s.status}:{s.exception}")
+                     for _, s in samples],
     }
 
 
