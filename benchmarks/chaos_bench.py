@@ -498,6 +498,16 @@ class Stream:
         return max(((a, b - a) for a, b in zip(times, times[1:])), key=lambda gap: gap[1], default=(0.0, 0.0))
 
 
+def refusal_source(message: str) -> str:
+    """Which part of the stack wrote a 503's message: llmstack's admission (a predicted finish past the timeout)
+    or Serve's queue bound (backpressure, translated by the ingress)."""
+    if "would finish" in message or "would start answering" in message:
+        return "admission (predicted past the timeout)"
+    if "too many requests are queued" in message:
+        return "queue full (max_ongoing + max_queued)"
+    return "other"
+
+
 def is_openai_error(body: Any) -> bool:
     """``{"error": {"message": str, "type": str, "code": ...}}``: the OpenAI error shape."""
     error = body.get("error") if isinstance(body, dict) else None
@@ -720,6 +730,8 @@ def overload_streams(url: str, *, streams: int, max_tokens: int) -> dict[str, An
         "first_503_s": min((s.headers_at - t0 for s in refused if s.headers_at), default=None),
         "last_503_s": max((s.headers_at - t0 for s in refused if s.headers_at), default=None),
         "refusal_codes": dict(Counter((s.error or {}).get("code", "-") for s in samples if s.status not in (0, 200))),
+        # who refused: Serve's count-bounded queue (backpressure) or llmstack's time-based admission
+        "refused_by": dict(Counter(refusal_source((s.error or {}).get("message", "")) for s in refused)),
         "timeouts_504": len(timeouts),
         "refused_with_retry_after": sum(bool(s.retry_after) for s in refused),
         "errors": sum(s.error is not None for s in samples),
@@ -845,11 +857,11 @@ def sigterm_drain(workdir: Path, *, port: int, grace_s: float, short_streams: in
         with requests.Session() as session:  # warm: the first forward passes of a replica are slow
             for i in range(3):
                 session.post(base + "/v1/completions", json={"prompt": "warm", "max_tokens": 8, "seed": i}, timeout=60)
-        long_body = {"prompt": [f"story {i}" for i in range(8)], "n": 2, "max_tokens": 200, "ignore_eos": True,
+        long_body = {"prompt": [f"story {i}" for i in range(16)], "n": 4, "max_tokens": 200, "ignore_eos": True,
                      "stream": True}
         short_body = {"prompt": "once upon", "max_tokens": 48, "ignore_eos": True, "stream": True}
         kinds = ["long"] * long_streams + ["short"] * short_streams
-        budget = {"long": 16 * 200, "short": 48}
+        budget = {"long": 16 * 4 * 200, "short": 48}
         samples: list[Stream | None] = [None] * len(kinds)
         first_events = [threading.Event() for _ in kinds]
         term_at: list[float] = []
@@ -907,9 +919,10 @@ def sigterm_drain(workdir: Path, *, port: int, grace_s: float, short_streams: in
             streams.append({"kind": kind, "outcome": "client thread did not return"})
             continue
         received = len(sample.event_times)
-        before, first, last_before = at_term.get(i, (received, sample.event_times[0] if sample.event_times else t_term,
-                                                     sample.event_times[-1] if sample.event_times else t_term))
-        rate = before / (t_term - first) if before and t_term > first else None
+        before = at_term.get(i, (received,))[0]
+        # the stream's own pace over its whole life (tokens per second): when the rest would have ended
+        span = sample.event_times[-1] - sample.event_times[0] if received > 1 else 0.0
+        rate = (received - 1) / span if span > 0 else None
         predicted_end = (t_term + (budget[kind] - before) / rate) if rate else None
         if sample.completed:
             outcome = "completed"
@@ -918,6 +931,7 @@ def sigterm_drain(workdir: Path, *, port: int, grace_s: float, short_streams: in
         else:
             outcome = "cut without [DONE]" + (f" ({sample.exception})" if sample.exception else "")
         streams.append({"kind": kind, "outcome": outcome, "events_before_sigterm": before, "events": received,
+                        "started_s": sample.sent - t_term,
                         "budget": budget[kind], "ended_s": sample.done - t_term,
                         "predicted_end_s": None if predicted_end is None else predicted_end - t_term,
                         "fits": predicted_end is not None and predicted_end - t_term <= grace_s,
@@ -1166,6 +1180,8 @@ def parts_report(others: dict[str, dict[str, Any] | None], total_s: float | None
             notes.append(f"admitted streams ended by an error event: {over['admitted_ended_by_error']}")
         if over["refusal_codes"]:
             notes.append("refusal codes " + ", ".join(f"`{k}` {v}" for k, v in over["refusal_codes"].items()))
+        if over.get("refused_by"):
+            notes.append("refused by " + ", ".join(f"{k}: {v}" for k, v in over["refused_by"].items()))
         lines += ["", "Reading: " + "; ".join(notes) + "."]
 
     metrics = others.get("metrics")
@@ -1190,7 +1206,8 @@ def parts_report(others: dict[str, dict[str, Any] | None], total_s: float | None
                   + _met(metrics["monotonic_during"] and metrics["after_all_equal_sent"])
                   + "; the total trails the answers by Ray's metrics export period (it is not a per-request count)."]
     if total_s is not None:
-        lines += ["", f"The whole bench (every part) ran in {total_s / 60:.1f} min."]
+        lines += ["", f"The last run of the whole bench (every part, `python benchmarks/chaos_bench.py`) took "
+                  f"{total_s / 60:.1f} min."]
     return lines
 
 
@@ -1419,10 +1436,13 @@ def main() -> int:
         guarded("sigterm", sigterm_part)
     results["wall_s"] = time.time() - t_begin
     if "faults" in parts:
-        write_json(RESULTS / f"{args.out}{quick_suffix}.json", results, default=str)
-        plotted = bool(rows) and plot_timelines(rows, RESULTS / f"{args.out}{quick_suffix}_timeline.png")
-        results["plotted"] = plotted
+        results["plotted"] = bool(rows) and plot_timelines(rows, RESULTS / f"{args.out}{quick_suffix}_timeline.png")
         results["command"] = "python benchmarks/chaos_bench.py --part faults" + suffix
+        if parts == set(PARTS):
+            results["all_parts_wall_s"] = results["wall_s"]
+        else:  # keep the whole bench's last time in the faults file
+            results["all_parts_wall_s"] = (_read_json(RESULTS / "chaos.json") or {}).get("all_parts_wall_s")
+        write_json(RESULTS / f"{args.out}{quick_suffix}.json", results, default=str)
     if args.out == "chaos" and not only and not args.quick:
         faults = results if "faults" in parts else _read_json(RESULTS / "chaos.json")
         others = {part: part_results.get(part) or _read_json(RESULTS / f"{file}.json")
@@ -1432,7 +1452,7 @@ def main() -> int:
             write_section("chaos", report(faults, "python benchmarks/chaos_bench.py" + suffix if full else
                                           faults.get("command", "python benchmarks/chaos_bench.py --part faults"),
                                           bool(faults.get("plotted", True)), others,
-                                          total_s=results["wall_s"] if full else None))
+                                          total_s=results["wall_s"] if full else faults.get("all_parts_wall_s")))
     log(f"done in {results['wall_s']:.0f} s" + (f"; parts that failed: {part_errors}" if part_errors else ""))
     return 1 if part_errors else 0
 
