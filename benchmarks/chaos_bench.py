@@ -853,7 +853,8 @@ def sigterm_drain(workdir: Path, *, port: int, grace_s: float, short_streams: in
     with log_path.open("w") as log_file:
         proc = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    row: dict[str, Any] = {"grace_s": grace_s, "command": " ".join(["python -m llmstack deploy", *command[4:]])}
+    row: dict[str, Any] = {"grace_s": grace_s,
+                           "deploy_command": " ".join(["python -m llmstack deploy", *command[4:]])}
     try:
         wait_healthy(base, 300, period=0.5, process=proc, log_path=log_path)
         row["start_s"] = time.time() - started
@@ -1143,10 +1144,10 @@ def parts_report(others: dict[str, dict[str, Any] | None], total_s: float | None
         longs = [s for s in sig["streams"] if s["kind"] == "long"]
         outcome = lambda group: ", ".join(f"{v} {k}" for k, v in Counter(s["outcome"] for s in group).items())  # noqa: E731
         probes = sig["probes_by_status"]
-        lines += ["", f"`{sig['command']}` in a subprocess (its own Ray cluster); {len(longs)} streams of 8 sequences "
+        lines += ["", f"`{sig['deploy_command']}` in a subprocess (its own Ray cluster); {len(longs)} streams of 8 sequences "
                   f"x 200 tokens (meant not to finish in the grace period) and {len(shorts)} of 48 tokens, SIGTERM once "
                   f"every stream had begun; new requests sent every 0.1 s until the process exited. A stream *fits* "
-                  "when its rate before SIGTERM predicts its end within the grace period.", "",
+                  "when its own pace (tokens per second over its life) puts its end within the grace period.", "",
                   "| grace period | streams that fit: completed | short streams | long streams | new requests during "
                   "the drain | exit status | SIGTERM to exit |", "|---|---|---|---|---|---|---|",
                   f"| {sig['grace_s']:g} s | {sig['fit_completed']} / {sig['fit']} | {outcome(shorts)} | "
