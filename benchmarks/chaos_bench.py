@@ -861,12 +861,12 @@ def sigterm_drain(workdir: Path, *, port: int, grace_s: float, short_streams: in
         with requests.Session() as session:  # warm: the first forward passes of a replica are slow
             for i in range(3):
                 session.post(base + "/v1/completions", json={"prompt": "warm", "max_tokens": 8, "seed": i}, timeout=60)
-        # one batch (max_batch_size 8) of 200-token sequences: every sequence starts at once and runs ~200 steps
-        long_body = {"prompt": [f"story {i}" for i in range(8)], "max_tokens": 200, "ignore_eos": True,
-                     "stream": True}
-        short_body = {"prompt": "once upon", "max_tokens": 48, "ignore_eos": True, "stream": True}
+        # every stream one sequence, all of them in one batch (max_batch_size 8): each starts at once; the long
+        # ones need ~200 decode steps, more than the grace period, the short ones a few
+        long_body = {"prompt": "once upon a time", "max_tokens": 200, "ignore_eos": True, "stream": True}
+        short_body = {"prompt": "once upon", "max_tokens": 16, "ignore_eos": True, "stream": True}
         kinds = ["long"] * long_streams + ["short"] * short_streams
-        budget = {"long": 8 * 200, "short": 48}
+        budget = {"long": 200, "short": 16}
         samples: list[Stream | None] = [None] * len(kinds)
         first_events = [threading.Event() for _ in kinds]
         term_at: list[float] = []
@@ -1144,8 +1144,9 @@ def parts_report(others: dict[str, dict[str, Any] | None], total_s: float | None
         longs = [s for s in sig["streams"] if s["kind"] == "long"]
         outcome = lambda group: ", ".join(f"{v} {k}" for k, v in Counter(s["outcome"] for s in group).items())  # noqa: E731
         probes = sig["probes_by_status"]
-        lines += ["", f"`{sig['deploy_command']}` in a subprocess (its own Ray cluster); {len(longs)} streams of 8 sequences "
-                  f"x 200 tokens (meant not to finish in the grace period) and {len(shorts)} of 48 tokens, SIGTERM once "
+        lines += ["", f"`{sig['deploy_command']}` in a subprocess (its own Ray cluster); {len(longs)} streams of "
+                  f"{longs[0]['budget']} tokens (meant not to finish in the grace period) and {len(shorts)} of "
+                  f"{shorts[0]['budget']} tokens, all in one batch, SIGTERM once "
                   f"every stream had begun; new requests sent every 0.1 s until the process exited. A stream *fits* "
                   "when its own pace (tokens per second over its life) puts its end within the grace period.", "",
                   "| grace period | streams that fit: completed | short streams | long streams | new requests during "
@@ -1454,7 +1455,7 @@ def main() -> int:
     def sigterm_part() -> None:
         started = time.time()
         log("sigterm: `llmstack deploy` (its own Ray cluster) drained with live streams")
-        row = sigterm_drain(workdir, port=args.drain_port, grace_s=3.0, short_streams=6, long_streams=2)
+        row = sigterm_drain(workdir, port=args.drain_port, grace_s=1.5, short_streams=5, long_streams=3)
         part_row("sigterm", started, **row)
         log("   " + json.dumps({k: v for k, v in row.items() if k not in ("log_tail", "streams")}, default=str))
 
