@@ -36,6 +36,7 @@ benchmarks/RESULTS.md (from the latest results file of every part).
 
 Reproduce: python benchmarks/chaos_bench.py                 (every part, about 10 minutes on 2 CPU cores)
            python benchmarks/chaos_bench.py --part resume   (one part; comma-separate several)
+           python benchmarks/chaos_bench.py --render-only   (RESULTS.md from the results files, no run)
            python benchmarks/chaos_bench.py --quick         (smoke run: shorter windows, no 2-replica app,
                                                              no Train run; writes results/*_quick*, not RESULTS.md)
 Run it under the shared Ray lock: flock /tmp/llmstack-ray.lock timeout 900 python benchmarks/chaos_bench.py
@@ -1131,6 +1132,11 @@ def parts_report(others: dict[str, dict[str, Any] | None], total_s: float | None
                      + _met(all(r["resumed_identical"] for r in resume["runs"].values())))
         wrong = sum(r["wrong_texts"] for r in resume["runs"].values())
         notes.append(f"{wrong} completed stream(s) in all with a text other than the recorded one")
+        if two is not None and two["latency_resumed"]["n"]:
+            notes.append(f"with 2 replicas a resumed stream took {_ms(two['latency_resumed']['p50_ms'])} / "
+                         f"{_ms(two['latency_resumed']['p95_ms'])} ms (p50 / p95) against "
+                         f"{_ms(two['latency_unresumed']['p50_ms'])} / {_ms(two['latency_unresumed']['p95_ms'])} ms "
+                         f"unresumed, its longest wait between two events {two['max_event_gap_resumed_s']:.2f} s")
         one = resume["runs"].get("1")
         if one is not None:
             notes.append(f"with 1 replica a resumed stream waits for the replacement replica (longest wait between "
@@ -1264,8 +1270,10 @@ def main() -> int:
     parser.add_argument("--no-train", action="store_true", help="skip the Train worker kill")
     parser.add_argument("--drain-port", type=int, default=31400, help="HTTP port of the sigterm part's deploy")
     parser.add_argument("--out", default="chaos", help="results name: results/<out>.json (RESULTS.md only for chaos)")
+    parser.add_argument("--render-only", action="store_true",
+                        help="run nothing: write the RESULTS.md section from the results files")
     args = parser.parse_args()
-    parts = {name for name in args.part.split(",") if name}
+    parts = set() if args.render_only else {name for name in args.part.split(",") if name}
     if parts - set(PARTS):
         parser.error(f"unknown part(s) {sorted(parts - set(PARTS))}; known: {', '.join(PARTS)}")
     t_begin = time.time()
