@@ -1463,7 +1463,7 @@ def main() -> int:
     def sigterm_part() -> None:
         started = time.time()
         log("sigterm: `llmstack deploy` (its own Ray cluster) drained with live streams")
-        row = sigterm_drain(workdir, port=args.drain_port, grace_s=1.5, short_streams=5, long_streams=3)
+        row = sigterm_drain(workdir, port=args.drain_port, grace_s=0.5, short_streams=5, long_streams=3)
         part_row("sigterm", started, **row)
         log("   " + json.dumps({k: v for k, v in row.items() if k not in ("log_tail", "streams")}, default=str))
 
