@@ -1167,6 +1167,11 @@ def parts_report(others: dict[str, dict[str, Any] | None], total_s: float | None
                  f"exit status 0 and no abort: {_met(sig['exit_status'] == 0 and not sig['aborted_in_log'])}",
                  f"streams ended {min(ends):.1f} to {max(ends):.1f} s after SIGTERM; the first 503 came "
                  + (f"{sig['first_503_s']:.2f} s after it" if sig["first_503_s"] is not None else "never")]
+        by_drain = [s["ended_s"] for s in sig["streams"] if s["outcome"].startswith("error event")]
+        if by_drain and sig["first_503_s"] is not None:
+            notes.append(f"the streams the drain ended got their error event {max(by_drain):.2f} s after SIGTERM: the "
+                         f"grace period counts from when the ingress began draining (its first 503 "
+                         f"{sig['first_503_s']:.2f} s after SIGTERM), not from the signal")
         early = [p for p in sig["probe_other"] if p["status"] == 200]
         if early:
             notes.append(f"{len(early)} request(s) sent within {max(p['t'] for p in early):.2f} s of SIGTERM were "
