@@ -38,7 +38,7 @@ Reproduce: python benchmarks/chaos_bench.py                 (every part, about 1
            python benchmarks/chaos_bench.py --part resume   (one part; comma-separate several)
            python benchmarks/chaos_bench.py --render-only   (RESULTS.md from the results files, no run)
            python benchmarks/chaos_bench.py --quick         (smoke run: shorter windows, no 2-replica app,
-                                                             no Train run; writes results/*_quick*, not RESULTS.md)
+                                                             no Train run; its files go to a temporary folder)
 Run it under the shared Ray lock: flock /tmp/llmstack-ray.lock timeout 900 python benchmarks/chaos_bench.py
 """
 
@@ -1288,6 +1288,7 @@ def main() -> int:
     suffix = " --quick" if args.quick else ""
     quick_suffix = "_quick" if args.quick else ""  # a smoke run's files: never read into RESULTS.md
     workdir = Path(tempfile.mkdtemp(prefix="chaos-bench-"))
+    out_dir = workdir if args.quick else RESULTS  # a smoke run leaves benchmarks/results alone
 
     import ray
     from ray import serve
@@ -1311,7 +1312,7 @@ def main() -> int:
         row.update(command=f"python benchmarks/chaos_bench.py --part {part}{suffix}", machine=machine_facts(),
                    wall_s=time.time() - started)
         part_results[part] = row
-        write_json(RESULTS / f"{PART_FILES[part]}{quick_suffix}.json", row, default=str)
+        write_json(out_dir / f"{PART_FILES[part]}{quick_suffix}.json", row, default=str)
         return row
 
     part_errors: dict[str, str] = {}
@@ -1476,13 +1477,13 @@ def main() -> int:
         guarded("sigterm", sigterm_part)
     results["wall_s"] = time.time() - t_begin
     if "faults" in parts:
-        results["plotted"] = bool(rows) and plot_timelines(rows, RESULTS / f"{args.out}{quick_suffix}_timeline.png")
+        results["plotted"] = bool(rows) and plot_timelines(rows, out_dir / f"{args.out}{quick_suffix}_timeline.png")
         results["command"] = "python benchmarks/chaos_bench.py --part faults" + suffix
         if parts == set(PARTS):
             results["all_parts_wall_s"] = results["wall_s"]
         else:  # keep the whole bench's last time in the faults file
             results["all_parts_wall_s"] = (_read_json(RESULTS / "chaos.json") or {}).get("all_parts_wall_s")
-        write_json(RESULTS / f"{args.out}{quick_suffix}.json", results, default=str)
+        write_json(out_dir / f"{args.out}{quick_suffix}.json", results, default=str)
     if args.out == "chaos" and not only and not args.quick:
         faults = results if "faults" in parts else _read_json(RESULTS / "chaos.json")
         others = {part: part_results.get(part) or _read_json(RESULTS / f"{file}.json")
@@ -1495,7 +1496,8 @@ def main() -> int:
                                           "python benchmarks/chaos_bench.py" if total_s else faults.get(
                                               "command", "python benchmarks/chaos_bench.py --part faults"),
                                           bool(faults.get("plotted", True)), others, total_s=total_s))
-    log(f"done in {results['wall_s']:.0f} s" + (f"; parts that failed: {part_errors}" if part_errors else ""))
+    log(f"done in {results['wall_s']:.0f} s; results in {out_dir}"
+        + (f"; parts that failed: {part_errors}" if part_errors else ""))
     return 1 if part_errors else 0
 
 
