@@ -848,7 +848,8 @@ def sigterm_drain(workdir: Path, *, port: int, grace_s: float, short_streams: in
                PYTHONPATH=os.pathsep.join([str(src), env.get("PYTHONPATH", "")]))
     log_path = workdir / "deploy.log"
     command = [sys.executable, "-m", "llmstack", "deploy", "model=tiny-lm@production", f"registry={registry}",
-               f"http.port={port}", "engine.max_tokens_limit=200", f"deployment.graceful_shutdown_timeout_s={grace_s:g}",
+               f"http.port={port}", "engine.max_tokens_limit=200",
+               f"deployment.graceful_shutdown_timeout_s={grace_s:g}",
                "deployment.ray_actor_options.num_cpus=0.5", "http.request_timeout_s=600"]
     started = time.time()
     with log_path.open("w") as log_file:
@@ -1121,7 +1122,8 @@ def parts_report(others: dict[str, dict[str, Any] | None], total_s: float | None
             lines.append(f"| {replicas} ({len(run['kills'])} kill{'s' * (len(run['kills']) > 1)}) | {run['streams']} | "
                          f"{failed} | {run['in_flight_at_kill']} | {run['resumed_by_server']:.0f} | "
                          f"{'yes' if run['resumed_identical'] else 'NO'} ({run['in_flight_identical']}/"
-                         f"{run['in_flight_at_kill']} in flight identical) | {_ms(res['p50_ms'])} / {_ms(res['p95_ms'])}"
+                         f"{run['in_flight_at_kill']} in flight identical) | "
+                         f"{_ms(res['p50_ms'])} / {_ms(res['p95_ms'])}"
                          f" | {_ms(unres['p50_ms'])} / {_ms(unres['p95_ms'])} | {run['longest_gap_without_ok_s']:.1f} s"
                          f" | {run['longest_gap_without_token_s']:.1f} s |")
         two = resume["runs"].get("2")
@@ -1148,7 +1150,9 @@ def parts_report(others: dict[str, dict[str, Any] | None], total_s: float | None
         head("SIGTERM to `llmstack deploy` with live streams", sig)
         shorts = [s for s in sig["streams"] if s["kind"] == "short"]
         longs = [s for s in sig["streams"] if s["kind"] == "long"]
-        outcome = lambda group: ", ".join(f"{v} {k}" for k, v in Counter(s["outcome"] for s in group).items())  # noqa: E731
+        def outcome(group: list[dict[str, Any]]) -> str:
+            return ", ".join(f"{v} {k}" for k, v in Counter(s["outcome"] for s in group).items())
+
         probes = sig["probes_by_status"]
         lines += ["", f"`{sig['deploy_command']}` in a subprocess (its own Ray cluster); {len(longs)} streams of "
                   f"{longs[0]['budget']} tokens (meant not to finish in the grace period) and {len(shorts)} of "
@@ -1193,7 +1197,8 @@ def parts_report(others: dict[str, dict[str, Any] | None], total_s: float | None
         lines += ["", f"{over['streams']} greedy streams of {over['max_tokens']} tokens (EOS ignored) opened at once "
                   "against one model replica with llmstack's serving defaults (max_ongoing_requests 32, "
                   "max_queued_requests 64, request_timeout_s 60, max_batch_size 8).", "",
-                  "| by status | admitted (200) that finished | time to the first 503 | 504 / timeout events | 503 with "
+                  "| by status | admitted (200) that finished | time to the first 503 | 504 / timeout events "
+                  "| 503 with "
                   "Retry-After | errors in OpenAI shape | admitted: p50 / max time to finish |",
                   "|---|---|---|---|---|---|---|",
                   f"| {', '.join(f'{k}: {v}' for k, v in sorted(over['by_status'].items()))} | "
@@ -1204,7 +1209,8 @@ def parts_report(others: dict[str, dict[str, Any] | None], total_s: float | None
                   f"{_s(over['admitted_latency_p50_s'])} / {_s(over['admitted_latency_max_s'])} |"]
         notes = [f"100% of admitted finish: {_met(admitted > 0 and over['admitted_completed'] == admitted)}",
                  f"no 504: {_met(over['timeouts_504'] == 0)}",
-                 f"every 503 with Retry-After: {_met(over['refused_with_retry_after'] == over['by_status'].get('503', 0))}",
+                 "every 503 with Retry-After: "
+                 + _met(over["refused_with_retry_after"] == over["by_status"].get("503", 0)),
                  f"every error in the OpenAI shape: {_met(over['errors_openai_shape'] == over['errors'])}"]
         if over["admitted_ended_by_error"]:
             notes.append(f"admitted streams ended by an error event: {over['admitted_ended_by_error']}")
