@@ -62,7 +62,7 @@ from typing import Any
 from harness import RESULTS_DIR as RESULTS
 from harness import cpu_name, logger, pct, write_json, write_section
 from harness.cluster import start_ray, start_serve
-from harness.loadgen import ClosedLoop, post_completion
+from harness.loadgen import DONE, ClosedLoop, post_completion, sse_events
 from harness.plots import pyplot
 
 APP = "chaos"
@@ -535,14 +535,10 @@ def read_stream(session: Any, url: str, body: dict[str, Any], *, timeout: float 
                 sample.openai_shape = is_openai_error(payload) and sample.content_type.startswith("application/json")
                 sample.error = payload.get("error") if sample.openai_shape else {"raw": r.text[:200]}
                 return sample
-            for line in r.iter_lines(decode_unicode=True):
-                if not line or not line.startswith("data: "):
-                    continue
-                payload = line[len("data: "):]
-                if payload == "[DONE]":
+            for event in sse_events(r):
+                if event is DONE:
                     sample.got_done = True
                     continue
-                event = json.loads(payload)
                 if "error" in event:
                     sample.openai_shape = sample.openai_shape and is_openai_error(event)
                     sample.error = event["error"]

@@ -189,7 +189,7 @@ class StreamSample:
 def stream_completion(session: Any, url: str, body: dict[str, Any], *, timeout: float = 60) -> StreamSample:
     import requests
 
-    from llmstack.serve.loadgen import REGION_HEADER, RETRIED_HEADER
+    from llmstack.serve.loadgen import DONE, REGION_HEADER, RETRIED_HEADER, sse_events
 
     sample = StreamSample(body["prompt"], time.time())
     parts: list[str] = []
@@ -202,14 +202,10 @@ def stream_completion(session: Any, url: str, body: dict[str, Any], *, timeout: 
                 sample.error = f"{(error.get('error') or {}).get('code')}: {r.text[:200]}"
             else:
                 finished = False
-                for line in r.iter_lines(chunk_size=None, decode_unicode=True):  # each event as it arrives
-                    if not line or not line.startswith("data: "):
-                        continue
-                    if line == "data: [DONE]":
+                for event in sse_events(r):
+                    if event is DONE:
                         finished = True
-                        continue
-                    event = json.loads(line[6:])
-                    if "error" in event:
+                    elif "error" in event:
                         sample.status = 599
                         sample.error = f"{event['error'].get('code')}: {event['error'].get('message')}"
                     elif event.get("choices") and event["choices"][0].get("text"):

@@ -10,11 +10,11 @@ import json
 import time
 from typing import Any
 
-from llmstack.serve.loadgen import (ClosedLoop, CompletionLoad, CompletionSample, line_prompt, percentile,
-                                    post_completion, summarize)
+from llmstack.serve.loadgen import (DONE, ClosedLoop, CompletionLoad, CompletionSample, line_prompt, percentile,
+                                    post_completion, sse_events, summarize)
 
-__all__ = ["PROMPTS", "ClosedLoop", "CompletionLoad", "CompletionSample", "closed_loop", "line_prompt",
-           "post_completion", "run_for", "send_completion", "summarize"]
+__all__ = ["DONE", "PROMPTS", "ClosedLoop", "CompletionLoad", "CompletionSample", "closed_loop", "line_prompt",
+           "post_completion", "run_for", "send_completion", "sse_events", "summarize"]
 
 PROMPTS = [f"line {i}: the value of x is {i * 7} and y is" for i in range(64)]
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,10 +102,21 @@ class CompletionSample:
         return self.done - self.sent
 
 
-def post_completion(session: Any, url: str, body: dict[str, Any], *, timeout: float = 60) -> CompletionSample:
-    """POST ``body`` to ``url``/v1/completions and record the answer (``body["stream"]`` streams it)."""
+DONE = None  # what :func:`sse_events` yields for ``data: [DONE]``
+
+
+def sse_events(response: Any) -> Iterator[dict[str, Any] | None]:
+    """The JSON events of a streamed (``stream=True``) ``requests`` response, each as it arrives; :data:`DONE`
+    for ``data: [DONE]``."""
     import json
 
+    for line in response.iter_lines(chunk_size=None, decode_unicode=True):  # unbuffered: each event on arrival
+        if line and line.startswith("data: "):
+            yield DONE if line == "data: [DONE]" else json.loads(line[len("data: "):])
+
+
+def post_completion(session: Any, url: str, body: dict[str, Any], *, timeout: float = 60) -> CompletionSample:
+    """POST ``body`` to ``url``/v1/completions and record the answer (``body["stream"]`` streams it)."""
     import requests
 
     stream = bool(body.get("stream"))
@@ -118,14 +129,10 @@ def post_completion(session: Any, url: str, body: dict[str, Any], *, timeout: fl
         sample.cost = float(cost) if cost else None
         if stream and r.status_code == 200:
             parts, finished = [], False
-            for line in r.iter_lines(decode_unicode=True):
-                if not line or not line.startswith("data: "):
-                    continue
-                if line == "data: [DONE]":
+            for event in sse_events(r):
+                if event is DONE:
                     finished = True
-                    continue
-                event = json.loads(line[6:])
-                if "error" in event:
+                elif "error" in event:
                     sample.status = 599  # an error after the stream started
                 elif event.get("choices") and event["choices"][0].get("text") is not None:
                     if sample.ttft is None:

@@ -54,6 +54,37 @@ def deploy_app(registry: dict[str, Any], port: int, **overrides: Any) -> Any:
     raise AssertionError("app did not become healthy")
 
 
+def deploy_paced_app(registry: dict[str, Any], port: int, app: str, *, model_replicas: int, delay_s: float,
+                     ingress_replicas: int | None = None) -> str:
+    """The tiny model behind the OpenAI ingress with each streamed chunk ``delay_s`` late
+    (``llmstack.serve._faults``: requests are surely in flight when a replica is killed), healthy; returns its
+    base URL (the caller deletes ``app``). ``ingress_replicas`` None: as the config says."""
+    from ray import serve
+
+    from llmstack.serve._faults import FaultInjectingLLMServer
+    from llmstack.serve._testing import wait_healthy
+    from llmstack.serve.deployments.builder import ingress_options, resolve_config, server_options, to_dict
+    from llmstack.serve.deployments.ingress import OpenAIIngress
+
+    cfg = resolve_config(serve_config(model="tiny-lm@production", registry=registry["url"], port=port, app_name=app,
+                                      route_prefix=f"/{app}", num_cpus=0.25, max_tokens_limit=64,
+                                      response_cache_size=0))
+    config = to_dict(cfg)
+    server = serve.deployment(FaultInjectingLLMServer, name="LLMServer").options(
+        **server_options(cfg, replicas=model_replicas)).bind(config, fault="paced", delay_s=delay_s)
+    ingress = ingress_options(cfg) if ingress_replicas is None else {**ingress_options(cfg),
+                                                                     "num_replicas": ingress_replicas}
+    serve.run(OpenAIIngress.options(**ingress).bind(server, config), name=app, route_prefix=f"/{app}",
+              blocking=False)
+    url = f"http://127.0.0.1:{port}/{app}"
+    try:
+        wait_healthy(url)
+    except TimeoutError:
+        serve.delete(app)
+        raise
+    return url
+
+
 def server_stats(app_name: str) -> dict[str, Any]:
     from ray import serve
 

@@ -18,9 +18,8 @@ from typing import Any
 
 import pytest
 import requests
-from serve_helpers import serve_config
+from serve_helpers import deploy_paced_app
 
-from llmstack.serve._testing import wait_healthy
 
 pytestmark = pytest.mark.ray
 
@@ -34,21 +33,8 @@ def two_ingress_app(serve_registry: dict[str, Any], serve_port: int) -> Iterator
     """Two ingress replicas, one paced model replica (0.1 s a token); yields the base URL."""
     from ray import serve
 
-    from llmstack.serve._faults import FaultInjectingLLMServer
-    from llmstack.serve.deployments.builder import INGRESS_OPTIONS, resolve_config, server_options, to_dict
-    from llmstack.serve.deployments.ingress import OpenAIIngress
-
-    cfg = resolve_config(serve_config(model="tiny-lm@production", registry=serve_registry["url"], port=serve_port,
-                                      app_name=APP, route_prefix=f"/{APP}", num_cpus=0.25, max_tokens_limit=64,
-                                      response_cache_size=0))
-    config = to_dict(cfg)
-    server = serve.deployment(FaultInjectingLLMServer, name="LLMServer").options(
-        **server_options(cfg, replicas=1)).bind(config, fault="paced", delay_s=0.1)
-    serve.run(OpenAIIngress.options(**{**INGRESS_OPTIONS, "num_replicas": 2}).bind(server, config), name=APP,
-              route_prefix=f"/{APP}", blocking=False)
-    url = f"http://127.0.0.1:{serve_port}/{APP}"
+    url = deploy_paced_app(serve_registry, serve_port, APP, model_replicas=1, delay_s=0.1, ingress_replicas=2)
     try:
-        wait_healthy(url)
         yield url
     finally:
         serve.delete(APP)

@@ -14,9 +14,8 @@ from typing import Any
 
 import pytest
 import requests
-from serve_helpers import serve_config
+from serve_helpers import deploy_paced_app
 
-from llmstack.serve._testing import wait_healthy
 
 pytestmark = pytest.mark.ray
 
@@ -31,25 +30,7 @@ def paced_app(serve_registry: dict[str, Any], serve_port: int) -> Iterator[str]:
     """Two paced model replicas (0.15 s per streamed chunk) behind the OpenAI ingress; yields the base URL."""
     from ray import serve
 
-    from llmstack.serve._faults import FaultInjectingLLMServer
-    from llmstack.serve.deployments.builder import ingress_options, resolve_config, server_options, to_dict
-    from llmstack.serve.deployments.ingress import OpenAIIngress
-
-    cfg = resolve_config(serve_config(model="tiny-lm@production", registry=serve_registry["url"], port=serve_port,
-                                      app_name=APP, route_prefix=f"/{APP}", num_cpus=0.25, max_tokens_limit=64,
-                                      response_cache_size=0))
-    config = to_dict(cfg)
-    server = serve.deployment(FaultInjectingLLMServer, name="LLMServer").options(
-        **server_options(cfg, replicas=2)).bind(config, fault="paced", delay_s=0.15)
-    serve.run(OpenAIIngress.options(**ingress_options(cfg)).bind(server, config), name=APP,
-              route_prefix=f"/{APP}", blocking=False)
-    url = f"http://127.0.0.1:{serve_port}/{APP}"
-    try:
-        wait_healthy(url)
-    except TimeoutError:
-        serve.delete(APP)
-        raise
-    yield url
+    yield deploy_paced_app(serve_registry, serve_port, APP, model_replicas=2, delay_s=0.15)
     serve.delete(APP)
 
 
