@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmstack.serve.loadgen import ClosedLoop
+from llmstack.serve.loadgen import DONE, ClosedLoop, sse_events
 
 
 def log(msg: str) -> None:
@@ -25,6 +25,8 @@ class Sample:
     retried: bool
     stream: bool
     cost: float | None = None
+    prompt: str = ""
+    text: str | None = None  # the answer's text (a stream's events joined)
 
 
 @dataclass
@@ -41,21 +43,26 @@ class Load(ClosedLoop):
     def one(self, session: Any, n: int, stream: bool) -> Sample:
         import requests
 
-        body = {"model": self.model, "prompt": f"line {n % 60}:", "max_tokens": self.max_tokens,
-                "temperature": 0.0, "stream": stream}
+        prompt = f"line {n % 60}:"
+        body = {"model": self.model, "prompt": prompt, "max_tokens": self.max_tokens, "temperature": 0.0,
+                "stream": stream}
         sent = time.time()
         try:
             r = session.post(self.url + "/v1/completions", json=body, timeout=60, stream=stream)
-            status = r.status_code
+            status, text = r.status_code, None
             if stream and status == 200:
-                text = r.text  # the whole event stream; an error after the start shows as an error event
-                if "data: [DONE]" not in text or '"error"' in text:
+                events = list(sse_events(r))  # an error after the start shows as an error event
+                if DONE not in events or any("error" in e for e in events if e is not DONE):
                     status = 599
+                text = "".join(e["choices"][0]["text"] for e in events if e is not DONE and e.get("choices"))
+            elif status == 200:
+                text = r.json()["choices"][0]["text"]
             cost = r.headers.get("x-llmstack-cost-usd")
             return Sample(sent, time.time(), status, r.headers.get("x-llmstack-region"),
-                          r.headers.get("x-llmstack-retried") == "1", stream, float(cost) if cost else None)
+                          r.headers.get("x-llmstack-retried") == "1", stream, float(cost) if cost else None,
+                          prompt, text)
         except requests.RequestException:
-            return Sample(sent, time.time(), 0, None, False, stream)
+            return Sample(sent, time.time(), 0, None, False, stream, prompt=prompt)
 
     def next_sample(self, session: Any, worker: int, n: int) -> Sample:
         return self.one(session, worker * 1000 + n, worker < self.stream_threads)

@@ -102,6 +102,11 @@ def test_failover_on_a_killed_region_retries_once_and_loses_nothing(result: dict
     assert not lost, Counter((s["status"], s["region"], s["stream"]) for s in lost)
     resumed = result["resumed_after_kill"]
     assert resumed <= 1  # one streaming client: at most its one stream in flight
+    answers: dict[str, set[str]] = {}  # greedy: one text per prompt, whichever region answered or resumed it
+    for s in samples:
+        answers.setdefault(s["prompt"], set()).add(s["text"])
+    assert any(s["stream"] for s in samples)
+    assert all(len(texts) == 1 for texts in answers.values()), {p: t for p, t in answers.items() if len(t) > 1}
     eu = result["status_after_kill"]["regions"]["eu-west"]
     assert eu["healthy"] is False
     assert eu["ejected_at_wall"] - kill < 12  # two 3 s probe timeouts at most (or a dead actor's error)
