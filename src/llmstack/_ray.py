@@ -205,7 +205,8 @@ def check_proxy_errors(host: str | None, port: int, *, timeout_s: float = 2.0) -
     import urllib.request
     import warnings
 
-    url = f"http://{loopback_host(host)}:{port}{PROXY_PROBE_PATH}"
+    address = (loopback_host(host), port)
+    url = f"http://{address[0]}:{port}{PROXY_PROBE_PATH}"
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 - our own loopback URL
             installed = PROXY_CALLBACK in response.read().decode("utf-8", "replace")
@@ -213,8 +214,8 @@ def check_proxy_errors(host: str | None, port: int, *, timeout_s: float = 2.0) -
         installed = False
     except (OSError, ValueError):
         return None
-    if not installed and (loopback_host(host), port) not in _proxy_checked:
-        _proxy_checked.add((loopback_host(host), port))
+    if not installed and address not in _proxy_checked:
+        _proxy_checked.add(address)
         warnings.warn(f"Ray Serve on port {port} runs without llmstack's proxy middleware, so errors its HTTP "
                       "proxy writes itself (a lost ingress replica, load shedding) reach clients as plain text and "
                       "a request on a lost ingress replica is not replayed. Start the cluster with "
