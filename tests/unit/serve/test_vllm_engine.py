@@ -312,3 +312,27 @@ def test_the_vllm_engine_implements_the_engine_abc_with_the_shared_preparation(t
     with pytest.raises(RequestError, match="group_batching is False"):
         asyncio.run(batch())
     engine.executor.shutdown()
+
+
+def test_deploy_refuses_an_unservable_version_before_any_replica_starts(tuned_adapters: dict[str, Any],
+                                                                          tmp_path: Path) -> None:
+    """resolve_config (the first thing deploy() does, no Ray) reads the version's manifest: an llmstack-quantized
+    model or an adapter as `model` is refused there instead of after a replica started vLLM."""
+    from llmstack.serve.deployments.builder import resolve_config
+
+    registry = tuned_adapters["registry"]
+    quantized = tmp_path / "tiny-lm-nf4"
+    quantized.mkdir()
+    (quantized / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (quantized / "quantization.json").write_text(json.dumps({"method": "nf4"}))
+    ref = registry.register("tiny-lm-nf4", quantized, kind="quantized", extra={"quantization": {"method": "nf4"}})
+    vllm = {"registry": registry.url, "engine": {"kind": "vllm"}}
+    with pytest.raises(ModelLoadError, match=r"tiny-lm-nf4@v1 is quantized by llmstack \(nf4\).*engine: transformers"):
+        resolve_config({**vllm, "model": "tiny-lm-nf4@latest"})
+    adapter = str(tuned_adapters["bitfit"]["ref"])
+    with pytest.raises(ModelLoadError, match="is a .*adapter; with engine.kind: vllm serve .* as `model`"):
+        resolve_config({**vllm, "model": adapter})
+    # The embedded engine serves both; vLLM still takes a float model.
+    assert resolve_config({"registry": registry.url, "model": str(ref)}).model == str(ref)
+    base = registry.manifest(tuned_adapters["bitfit"]["ref"]).parents[0]
+    assert resolve_config({**vllm, "model": base}).model == base

@@ -38,6 +38,7 @@ def resolve_config(args: ServeConfig | dict[str, Any] | str | None) -> ServeConf
     Raises:
         ConfigError: a bad field (all problems listed).
         ArtifactNotFoundError: the model or an adapter is not in the registry (with a quickstart hint).
+        ModelLoadError: ``engine.kind: vllm`` asked for a version vLLM cannot load (llmstack-quantized, an adapter).
     """
     from llmstack.registry import ArtifactRef, Registry
 
@@ -55,6 +56,10 @@ def resolve_config(args: ServeConfig | dict[str, Any] | str | None) -> ServeConf
             raise ArtifactNotFoundError(
                 f"model {source!r} is not in the registry at {registry.url}; {QUICKSTART_HINT}, "
                 "or point `model` (and `registry` / LLMSTACK_REGISTRY) at a registered model") from None
+        if cfg.engine.kind == "vllm":  # refused here, not after a replica started vLLM
+            from llmstack.serve.engine.vllm import check_servable_version
+
+            check_servable_version(registry, ref)
         if str(ref) != source:
             cfg = dataclasses.replace(cfg, model=str(ref), model_aliases=[*cfg.model_aliases, source])
     pinned = []

@@ -113,16 +113,40 @@ def check_servable(artifact: Artifact) -> None:
     """Refuse, naming the format, a served model vLLM cannot load."""
     from llmstack.models.artifact import RECIPE_FILE
 
-    if artifact.kind == "quantized" and (artifact.directory / RECIPE_FILE).is_file():
-        raise ModelLoadError(
-            f"{artifact.label} is quantized by llmstack ({artifact.method}), a format vLLM cannot load (its layers "
-            f"are rebuilt by llmstack.quantize); {TRANSFORMERS_WAY}, or serve its float source with vLLM")
-    if artifact.kind == "adapter":
-        base = artifact.base.label if artifact.base is not None else "its base model"
-        raise ModelLoadError(f"{artifact.label} is a {artifact.method} adapter; with engine.kind: vllm serve {base} as "
-                             f"`model` and the adapter under `adapters`, or {TRANSFORMERS_WAY}")
-    if artifact.kind not in ("model", "quantized"):
-        raise ModelLoadError(f"{artifact.label} is a {artifact.kind!r} artifact; serve a model")
+    base = artifact.base.label if artifact.base is not None else None
+    problem = _unservable(artifact.label, artifact.kind, artifact.method, base=base,
+                          llmstack_quantized=(artifact.directory / RECIPE_FILE).is_file())
+    if problem:
+        raise ModelLoadError(problem)
+
+
+def check_servable_version(registry: Any, ref: Any) -> None:
+    """:func:`check_servable` from a registry version's manifest alone, so ``deploy()`` refuses it before any
+    replica starts (no download)."""
+    from llmstack.models.artifact import RECIPE_FILE
+
+    manifest = registry.manifest(ref)
+    recipe = manifest.extra.get("quantization") or {}
+    method = recipe.get("method") or manifest.config.get("method")
+    base = manifest.parents[0] if manifest.kind == "adapter" and manifest.parents else None
+    problem = _unservable(str(manifest.ref), manifest.kind, method, base=base,
+                          llmstack_quantized=RECIPE_FILE in manifest.files)
+    if problem:
+        raise ModelLoadError(problem)
+
+
+def _unservable(label: str, kind: str, method: str | None, *, base: str | None,
+                llmstack_quantized: bool) -> str | None:
+    """Why vLLM cannot serve this artifact as the model (None: it can try)."""
+    if kind == "quantized" and llmstack_quantized:
+        return (f"{label} is quantized by llmstack ({method}), a format vLLM cannot load (its layers are rebuilt by "
+                f"llmstack.quantize); {TRANSFORMERS_WAY}, or serve its float source with vLLM")
+    if kind == "adapter":
+        return (f"{label} is a {method} adapter; with engine.kind: vllm serve {base or 'its base model'} as `model` "
+                f"and the adapter under `adapters`, or {TRANSFORMERS_WAY}")
+    if kind not in ("model", "quantized"):
+        return f"{label} is a {kind!r} artifact; serve a model"
+    return None
 
 
 def lora_rank(artifact: Artifact) -> int:
