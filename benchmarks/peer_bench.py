@@ -149,8 +149,9 @@ def weight_bytes_per_step(engine: Any) -> int:
     lean = engine._lean  # noqa: SLF001 - the fused projections live outside the model
     total, seen = 0, set()
     embed = model.get_input_embeddings()
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    packed_head = isinstance(model.get_output_embeddings(), PackedLinear)
+    head = model.get_output_embeddings()
+    tied = getattr(head, "weight", None) is embed.weight  # by identity: a quantized head was untied on load
+    packed_head = isinstance(head, PackedLinear)
     for module in [*model.modules(), *(lean.modules() if lean is not None else ())]:
         if module is embed and (not tied or packed_head):  # a packed head holds its own copy of the table
             continue
@@ -307,6 +308,8 @@ def prepare_model(args: argparse.Namespace, workdir: Path) -> tuple[Path, Any, s
     settings: dict[str, Any] = {"evaluation": {"enabled": False}}
     if args.int8_method == "int8-weight-only":  # bf16 activations on the fused int8 kernel: the fast one here
         settings["torchao"] = {"weight_only_compute": "bfloat16"}
+    if args.int8_method.startswith("int8") and not args.int8_float_head:  # llmstack's best int8: the head too
+        settings.setdefault("torchao", {})["quantize_lm_head"] = True
     int8 = quantize(settings, source=ref, method=args.int8_method, registry=registry, name="peer-int8").ref
     return model_dir, registry, ref, str(int8)
 
@@ -331,7 +334,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model_dir, registry, ref, int8 = prepare_model(args, workdir)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     ttft_prompts = long_prompts(tokenizer, TTFT_PROMPT_TOKENS, 3)  # the same 3 for every server (own caches)
-    log(f"model dir {model_dir}; int8 artifact {int8} ({args.int8_method})")
+    log(f"model dir {model_dir}; int8 artifact {int8} ({args.int8_method}, head "
+        f"{'float' if args.int8_float_head else 'int8'})")
 
     log("starting vLLM-CPU at " + ", ".join(dtypes) + " (its start-up compiles; minutes on 2 cores)")
     vllms: dict[str, VLLMServer] = {}
@@ -415,7 +419,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     params = sum(p.numel() for p in probe.model.parameters())
     probe.shutdown()
     return {"model_dir": str(model_dir), "model": model_label(args, model_dir), "parameters": params, "max_tokens": mt, "clients": client_counts,
-            "dtypes": dtypes, "servers": servers, "int8_method": args.int8_method, "rounds": rounds,
+            "dtypes": dtypes, "servers": servers, "int8_method": args.int8_method,
+            "int8_head": "float" if args.int8_float_head else "int8", "rounds": rounds,
             "ttft_s": ttft, "ttft_prompt_tokens": TTFT_PROMPT_TOKENS,
             "requests_each": {str(c): requests_for(c) for c in client_counts}, "vllm_version": version,
             "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_name(),
@@ -487,7 +492,8 @@ def markdown(results: dict[str, Any]) -> str:
              f"Model: {results['model']} ({results['parameters'] / 1e6:.0f}M parameters, stored fp32). vLLM serves "
              f"that directory (`--dtype D --max-model-len {VLLM_MAX_MODEL_LEN}`, `VLLM_CPU_KVCACHE_SPACE=2`, otherwise "
              "its defaults); llmstack's `deploy()` serves the same files from its registry at `engine.dtype: D`, and "
-             f"their `quantize(..., \"{results['int8_method']}\")` artifact (one replica each, default threads, "
+             f"their `quantize(..., \"{results['int8_method']}\")` artifact (output head "
+             f"{results.get('int8_head', 'float')}; one replica each, default threads, "
              "`max_batch_size` 16, response cache off, linear weights prepacked and LLaMA models through the lean "
              "forward: `engine.prepack_weights`, `engine.lean_forward`, the defaults). Same asyncio HTTP client, "
              "non-streamed completions of exactly "
