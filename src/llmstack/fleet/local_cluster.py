@@ -100,6 +100,22 @@ def train_workers(dashboard: str) -> list[dict[str, Any]]:
     return [a for a in state(dashboard, "actors") if a["class_name"] == "RayTrainWorker" and a["state"] == "ALIVE"]
 
 
+def kill_raylet(node_id: str, temp_dir: str) -> int:
+    """SIGKILL the raylet of fake node ``node_id`` of the cluster whose session files are under ``temp_dir``
+    (a node lost without notice: its workers die with it); the raylet's pid."""
+    import psutil
+
+    for process in psutil.process_iter(["name", "cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            cmdline = " ".join(process.info["cmdline"] or [])
+            if "raylet" not in (process.info["name"] or "") or temp_dir not in cmdline:
+                continue
+            if node_id in cmdline or process.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id:
+                process.kill()
+                return process.pid
+    raise LookupError(f"no raylet process of node {node_id} under {temp_dir}")
+
+
 @contextlib.contextmanager
 def local_autoscaling_cluster(*, min_nodes: int, max_nodes: int, cpus_per_node: int = 1, idle_timeout_s: float = 6.0,
                               env: Mapping[str, str] | None = None, startup_timeout_s: float = 120.0,
@@ -158,5 +174,5 @@ def local_autoscaling_cluster(*, min_nodes: int, max_nodes: int, cpus_per_node: 
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-__all__ = ["LocalCluster", "autoscaling_config", "driver_env", "local_autoscaling_cluster", "state", "train_workers",
-           "worker_nodes"]
+__all__ = ["LocalCluster", "autoscaling_config", "driver_env", "kill_raylet", "local_autoscaling_cluster", "state",
+           "train_workers", "worker_nodes"]
