@@ -18,7 +18,7 @@ Writes benchmarks/results/fleet.json, fleet_trace.csv (the seed-0 day), fleet_si
 workers over the day) and the ``## fleet (simulated)`` section of benchmarks/RESULTS.md.
 
 ``--part live`` runs the first three setups on a short slice of the seed-0 day (4 jobs from 09:00, shrunk to
-10-20 s of stepping and at most 2 workers, each micro-batch with 0.4 s of emulated accelerator time) on a local
+8-16 s of stepping and at most 2 workers, each micro-batch with 0.4 s of emulated accelerator time) on a local
 autoscaling Ray cluster (llmstack.fleet.local_cluster: 1-3 one-CPU worker nodes); each setup waits for all its jobs
 (bounded). Its ``kill`` part runs one elastic job and SIGKILLs the raylet of a node holding one of its workers
 mid-run: the steps the restart lost against the checkpoint interval. Writes fleet_live.json and the
@@ -292,14 +292,15 @@ def markdown(results: dict[str, Any]) -> str:
 LIVE_NODES = (1, 3)  # one-CPU worker nodes of the autoscaling setups (min, max); static: 3 up throughout
 LIVE_JOBS = 4
 LIVE_TIME_SCALE = 60.0  # a minute of the trace is a second live
-LIVE_RUNTIME_S = (10.0, 20.0)  # a live job's stepping time on its max workers (scaled from the trace, clipped)
+LIVE_RUNTIME_S = (8.0, 16.0)  # a live job's stepping time on its max workers (scaled from the trace, clipped)
 LIVE_MAX_WORKERS = 2
 LIVE_DEVICE_S = 0.4  # emulated accelerator seconds per micro-batch (LLMSTACK_EMULATED_DEVICE_S), inside the step
 LIVE_STEP_S = 0.5  # a step on max workers: the emulated 0.4 s plus the tiny model's CPU work (sizes step counts)
 LIVE_CHECKPOINT_EVERY = 8
 LIVE_IDLE_TIMEOUT_S = 10.0
-LIVE_SETUP_BOUND_S = 300.0  # a setup waits for all its jobs, at most this long after the first submission
-LIVE_KILL_STEPS = 80  # the node-kill part's one elastic job
+LIVE_SETUP_BOUND_S = 200.0  # a setup waits for all its jobs, at most this long after the first submission
+LIVE_KILL_STEPS = 60  # the node-kill part's one elastic job
+LIVE_KILL_BOUND_S = 150.0
 LIVE_DATA = {"max_documents": 200, "vocab_size": 512, "block_size": 64}
 LIVE_PARTS = ("static", "fixed", "elastic", "kill")  # --live-parts names: SETUP_NAMES[:3], then the node kill
 
@@ -363,7 +364,8 @@ class LiveRuns:
 
     def poll(self) -> list[str]:
         """Names of the runs that ended since the last poll."""
-        ended = [name for name, process in self.drivers.items() if name not in self.ended and process.poll() is not None]
+        ended = [name for name, process in self.drivers.items()
+                 if name not in self.ended and process.poll() is not None]
         for name in ended:
             self.ended[name] = time.time()
         return ended
@@ -487,7 +489,7 @@ def run_live_kill(*, workdir: Path) -> dict[str, Any]:
         log(f"kill +0 s: submitted {row.name} ({row.steps} steps, [1, 2] workers, checkpoint every "
             f"{LIVE_CHECKPOINT_EVERY})")
         try:
-            while time.time() - started < LIVE_SETUP_BOUND_S and not runs.poll():
+            while time.time() - started < LIVE_KILL_BOUND_S and not runs.poll():
                 now = time.time() - started
                 if killed_node is None:
                     paired = [r["step"] for r in runs.history(row.name) if r.get("workers") == 2]
@@ -541,8 +543,9 @@ def run_live(parts: tuple[str, ...] = LIVE_PARTS, jobs: int = LIVE_JOBS) -> dict
             log(f"kill-0 {kill['job']['status']}: ...{kill['job']['log_tail'][-600:]}")
     return {"part": "live", "slice": [dataclasses.asdict(r) for r in rows], "nodes": list(LIVE_NODES),
             "idle_timeout_s": LIVE_IDLE_TIMEOUT_S, "device_s_per_micro_batch": LIVE_DEVICE_S,
-            "checkpoint_every": LIVE_CHECKPOINT_EVERY, "bound_s": LIVE_SETUP_BOUND_S, "parts": list(parts),
-            "setups": setups_run, "kill": kill, "load_average": os.getloadavg(), "wall_s": time.perf_counter() - started}
+            "checkpoint_every": LIVE_CHECKPOINT_EVERY, "bound_s": LIVE_SETUP_BOUND_S, "kill_steps": LIVE_KILL_STEPS,
+            "parts": list(parts), "setups": setups_run, "kill": kill, "load_average": os.getloadavg(),
+            "wall_s": time.perf_counter() - started}
 
 
 def live_markdown(results: dict[str, Any]) -> str:
@@ -591,14 +594,15 @@ def live_markdown(results: dict[str, Any]) -> str:
     if kill:
         restarts = "; ".join(f"from step {r['resumed_from_step']} (last seen {r['last_step_seen']}, lost "
                              f"{r['steps_lost']})" for r in kill["job"].get("recoveries", []))
-        lines += ["", f"**A node lost mid-run.** One elastic `[1, 2]` job of {LIVE_KILL_STEPS} steps on a cluster "
-                  f"keeping 2 nodes, checkpoint every {kill['checkpoint_every']} steps: once it stepped on both "
-                  f"nodes past a checkpoint (step {kill['step_seen_before_kill']} in its metrics file), the raylet "
-                  f"of a node holding one of its workers was SIGKILLed ({kill['killed_after_s']:.0f} s in). The "
+        lines += ["", f"**A node lost mid-run.** One elastic `[1, 2]` job of {kill['kill_steps']} steps on a "
+                  f"cluster keeping 2 nodes, checkpoint every {kill['checkpoint_every']} steps: once it stepped on "
+                  f"both nodes past a checkpoint (step {kill['step_seen_before_kill']} in its metrics file, which "
+                  "its driver rewrites every 10 s), a node holding one of its workers was lost without notice "
+                  f"({kill['killed_after_s']:.0f} s in: its raylet and the processes it started SIGKILLed). The "
                   f"restart that followed lost **{kill['steps_lost']} step(s)** against a checkpoint interval of "
                   f"{kill['checkpoint_every']} ({'within' if kill['within_one_interval'] else '**beyond**'} one "
-                  f"interval); the job ended {kill['job']['status']}. Its restarts: {restarts or 'none'} (the "
-                  "autoscaler replaces the lost node and the run grows back, another restart at a checkpoint)."]
+                  f"interval); the job ended {kill['job']['status']}. Its restarts (a later one is the run growing "
+                  f"back onto the node the autoscaler put in place of the lost one): {restarts or 'none'}."]
     lines += ["", "Jobs: " + "; ".join(f"{r['name']} ({r['trace_job']}) at +{r['offset_s']:.0f} s, "
                                        f"{r['max_workers']} worker(s), {r['steps']} steps" for r in results["slice"]),
               "", f"Reproduce: `flock /tmp/llmstack-ray.lock timeout 900 env PYTHONPATH=src python "
@@ -612,23 +616,23 @@ def main() -> int:
     parser.add_argument("--part", choices=("sim", "live"), default="sim",
                         help="sim: the simulator on generated days; live: a slice of the trace on a local "
                              "autoscaling Ray cluster (starts Ray: run it under the shared lock)")
-    parser.add_argument("--live-parts", default=",".join(LIVE_PARTS),
-                        help=f"live: comma-separated subset of {','.join(LIVE_PARTS)} (default all)")
+    parser.add_argument("--live-parts", default=None,
+                        help=f"live: comma-separated subset of {','.join(LIVE_PARTS)} (default all; with --quick "
+                             "elastic,kill)")
     parser.add_argument("--quick", action="store_true",
-                        help="live smoke run: the elastic setup with 2 jobs and the node kill; writes "
-                             "fleet_live_quick.json and leaves RESULTS.md alone")
+                        help="live smoke run: 2 jobs instead of 4; writes fleet_live_quick.json and leaves "
+                             "RESULTS.md alone")
     parser.add_argument("--render-only", action="store_true", help="re-render RESULTS.md from the part's JSON")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.part == "sim":
         name, run, render, section = "fleet.json", run_sim, markdown, "fleet (simulated)"
     else:
-        parts = tuple(p for p in args.live_parts.split(",") if p)
+        chosen = args.live_parts or ("elastic,kill" if args.quick else ",".join(LIVE_PARTS))
+        parts = tuple(p for p in chosen.split(",") if p)
         unknown = sorted(set(parts) - set(LIVE_PARTS))
         if unknown:
             parser.error(f"--live-parts: unknown {unknown}; choose from {','.join(LIVE_PARTS)}")
-        if args.quick:
-            parts = ("elastic", "kill")
         name, render, section = ("fleet_live_quick.json" if args.quick else "fleet_live.json"), live_markdown, \
             "fleet (live)"
         run = functools.partial(run_live, parts, 2 if args.quick else LIVE_JOBS)

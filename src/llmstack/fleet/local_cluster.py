@@ -101,8 +101,13 @@ def train_workers(dashboard: str) -> list[dict[str, Any]]:
 
 
 def kill_raylet(node_id: str, temp_dir: str) -> int:
-    """SIGKILL the raylet of fake node ``node_id`` of the cluster whose session files are under ``temp_dir``
-    (a node lost without notice: its workers die with it); the raylet's pid."""
+    """Lose fake node ``node_id`` of the cluster whose session files are under ``temp_dir`` without notice: SIGKILL
+    its raylet and every process the raylet started (its Ray workers and agents), as a machine that dies takes
+    them along; the raylet's pid.
+
+    Killing the raylet alone leaves its workers running (a data-parallel group goes on stepping over its own
+    connections) until Ray's health checks mark the node dead, which a lost machine would not do.
+    """
     import psutil
 
     for process in psutil.process_iter(["name", "cmdline"]):
@@ -111,7 +116,11 @@ def kill_raylet(node_id: str, temp_dir: str) -> int:
             if "raylet" not in (process.info["name"] or "") or temp_dir not in cmdline:
                 continue
             if node_id in cmdline or process.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id:
+                children = process.children(recursive=True)
                 process.kill()
+                for child in children:
+                    with contextlib.suppress(psutil.Error):
+                        child.kill()
                 return process.pid
     raise LookupError(f"no raylet process of node {node_id} under {temp_dir}")
 
