@@ -473,11 +473,11 @@ def run_live_setup(name: str, rows: list[Any], *, workdir: Path) -> dict[str, An
 
 def run_live_kill(*, workdir: Path) -> dict[str, Any]:
     """One elastic ``[1, 2]`` run on a cluster that keeps 2 nodes up; once it has stepped on both past a
-    checkpoint, SIGKILL the raylet of a node holding one of its workers. Reports the steps the restart that
+    checkpoint, lose a node holding one of its workers (:func:`kill_raylet`). Reports the steps the restart that
     followed lost against the checkpoint interval (the autoscaler then replaces the node and the run grows back).
     """
     from llmstack.fleet.live import LiveJob, kill_outcome
-    from llmstack.fleet.local_cluster import kill_raylet, local_autoscaling_cluster, train_workers
+    from llmstack.fleet.local_cluster import kill_raylet, local_autoscaling_cluster, train_workers, worker_nodes
 
     row = LiveJob("kill-0", "-", 0.0, 2, LIVE_KILL_STEPS)
     env = live_env()
@@ -489,18 +489,25 @@ def run_live_kill(*, workdir: Path) -> dict[str, Any]:
         log(f"kill +0 s: submitted {row.name} ({row.steps} steps, [1, 2] workers, checkpoint every "
             f"{LIVE_CHECKPOINT_EVERY})")
         try:
+            last_report = -math.inf
             while time.time() - started < LIVE_KILL_BOUND_S and not runs.poll():
                 now = time.time() - started
-                if killed_node is None:
+                with contextlib.suppress(Exception):
+                    workers = train_workers(cluster.dashboard)
+                    if now - last_report >= 10.0:
+                        last_report = now
+                        log(f"kill +{now:4.0f} s: {len(worker_nodes(cluster.dashboard))} worker node(s), "
+                            f"{len(workers)} Train worker(s)")
                     paired = [r["step"] for r in runs.history(row.name) if r.get("workers") == 2]
-                    if paired and max(paired) > LIVE_CHECKPOINT_EVERY:
-                        with contextlib.suppress(Exception):
-                            node = train_workers(cluster.dashboard)[-1]["node_id"]
-                            killed_at, step_seen = time.time(), max(paired)
-                            kill_raylet(node, cluster.temp_dir)
-                            killed_node = node
-                            log(f"kill +{now:4.0f} s: killed the raylet of node {node[-8:]} (the run's metrics "
-                                f"file showed step {step_seen} on 2 workers)")
+                    if killed_node is None and paired and max(paired) > LIVE_CHECKPOINT_EVERY:
+                        node = workers[-1]["node_id"]
+                        on_node = {w.get("pid") for w in workers if w["node_id"] == node}
+                        killed_at, step_seen = time.time(), max(paired)
+                        killed = kill_raylet(node, cluster.temp_dir)
+                        killed_node = node
+                        log(f"kill +{now:4.0f} s: lost node {node[-8:]} ({len(killed)} processes SIGKILLed, its Train "
+                            f"worker among them: {on_node <= set(killed)}; the run's metrics file showed step "
+                            f"{step_seen} on 2 workers)")
                 time.sleep(1.0)
             log(f"kill +{time.time() - started:4.0f} s: {row.name} ended (rc {runs.drivers[row.name].returncode})")
         finally:
@@ -510,8 +517,8 @@ def run_live_kill(*, workdir: Path) -> dict[str, Any]:
     outcome = kill_outcome(job.get("recoveries", []), killed_at=killed_at, checkpoint_every=LIVE_CHECKPOINT_EVERY)
     log(f"kill: steps lost {outcome['steps_lost']} (checkpoint interval {LIVE_CHECKPOINT_EVERY}); "
         f"restarts {[(r['resumed_from_step'], r['steps_lost']) for r in job.get('recoveries', [])]}")
-    return {"job": job, "killed_node": killed_node, "step_seen_before_kill": step_seen,
-            "killed_after_s": killed_at - started, "wall_s": span, **outcome}
+    return {"job": job, "kill_steps": LIVE_KILL_STEPS, "killed_node": killed_node,
+            "step_seen_before_kill": step_seen, "killed_after_s": killed_at - started, "wall_s": span, **outcome}
 
 
 def run_live(parts: tuple[str, ...] = LIVE_PARTS, jobs: int = LIVE_JOBS) -> dict[str, Any]:
