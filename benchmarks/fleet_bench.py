@@ -474,7 +474,7 @@ def run_live_setup(name: str, rows: list[Any], *, workdir: Path) -> dict[str, An
 def run_live_kill(*, workdir: Path) -> dict[str, Any]:
     """One elastic ``[1, 2]`` run on a cluster that keeps 2 nodes up; once it has stepped on both past a
     checkpoint, lose a node holding one of its workers (:func:`kill_raylet`). Reports the steps the restart that
-    followed lost against the checkpoint interval (the autoscaler then replaces the node and the run grows back).
+    followed lost against the checkpoint interval.
     """
     from llmstack.fleet.live import LiveJob, kill_outcome
     from llmstack.fleet.local_cluster import kill_raylet, local_autoscaling_cluster, train_workers, worker_nodes
@@ -599,17 +599,18 @@ def live_markdown(results: dict[str, Any]) -> str:
                       f"{ranking}."]
     kill = results.get("kill")
     if kill:
+        recovery = ("" if kill.get("recovery_s") is None else f", its new worker group starting "
+                    f"{kill['recovery_s']:.0f} s after the kill")
         restarts = "; ".join(f"from step {r['resumed_from_step']} (last seen {r['last_step_seen']}, lost "
                              f"{r['steps_lost']})" for r in kill["job"].get("recoveries", []))
         lines += ["", f"**A node lost mid-run.** One elastic `[1, 2]` job of {kill['kill_steps']} steps on a "
                   f"cluster keeping 2 nodes, checkpoint every {kill['checkpoint_every']} steps: once it stepped on "
                   f"both nodes past a checkpoint (step {kill['step_seen_before_kill']} in its metrics file, which "
                   "its driver rewrites every 10 s), a node holding one of its workers was lost without notice "
-                  f"({kill['killed_after_s']:.0f} s in: its raylet and the processes it started SIGKILLed). The "
+                  f"({kill['killed_after_s']:.0f} s in: its raylet and the node's other processes SIGKILLed). The "
                   f"restart that followed lost **{kill['steps_lost']} step(s)** against a checkpoint interval of "
                   f"{kill['checkpoint_every']} ({'within' if kill['within_one_interval'] else '**beyond**'} one "
-                  f"interval); the job ended {kill['job']['status']}. Its restarts (a later one is the run growing "
-                  f"back onto the node the autoscaler put in place of the lost one): {restarts or 'none'}."]
+                  f"interval){recovery}; the job ended {kill['job']['status']}. Its restarts: {restarts or 'none'}."]
     lines += ["", "Jobs: " + "; ".join(f"{r['name']} ({r['trace_job']}) at +{r['offset_s']:.0f} s, "
                                        f"{r['max_workers']} worker(s), {r['steps']} steps" for r in results["slice"]),
               "", f"Reproduce: `flock /tmp/llmstack-ray.lock timeout 1200 env PYTHONPATH=src python "

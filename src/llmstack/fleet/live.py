@@ -90,7 +90,8 @@ def kill_outcome(recoveries: Sequence[Mapping[str, Any]], *, killed_at: float,
 
     ``recoveries`` are the run's worker-group restarts (the registry manifest's ``recoveries``, each with the
     ``time`` its new group started); the kill's is the first one after ``killed_at``. Returns the steps that
-    restart lost, the checkpoint interval and whether the loss stayed within one interval; ``restart`` is
+    restart lost, the checkpoint interval, whether the loss stayed within one interval and ``recovery_s``, the
+    seconds from the kill to the new worker group's start; ``restart`` is
     ``None`` when no restart followed the kill (the run ended first, or the node held none of its workers).
     """
     after = sorted((r for r in recoveries if float(r.get("time", 0.0)) >= killed_at), key=lambda r: r["time"])
@@ -98,7 +99,7 @@ def kill_outcome(recoveries: Sequence[Mapping[str, Any]], *, killed_at: float,
     steps_lost = int(restart["steps_lost"]) if restart else None
     return {"killed_at": killed_at, "checkpoint_every": checkpoint_every, "restart": restart,
             "steps_lost": steps_lost, "within_one_interval": steps_lost is not None and steps_lost <= checkpoint_every,
-            "restarts": len(recoveries)}
+            "recovery_s": float(restart["time"]) - killed_at if restart else None, "restarts": len(recoveries)}
 
 
 __all__ = ["LiveJob", "busy_worker_seconds", "integrate", "kill_outcome", "live_slice"]

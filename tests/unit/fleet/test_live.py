@@ -57,8 +57,9 @@ def test_kill_outcome_picks_the_first_restart_after_the_kill() -> None:
     regrow = {"resumed_from_step": 40, "last_step_seen": 49, "steps_lost": 9, "time": 130.0}
     outcome = kill_outcome([grow, regrow, kill], killed_at=90.0, checkpoint_every=10)
     assert outcome["restart"] == kill and outcome["steps_lost"] == 8 and outcome["within_one_interval"]
-    assert outcome["restarts"] == 3
+    assert outcome["restarts"] == 3 and outcome["recovery_s"] == pytest.approx(5.0)
     assert not kill_outcome([{**kill, "steps_lost": 11}], killed_at=90.0, checkpoint_every=10)["within_one_interval"]
     nothing = kill_outcome([grow], killed_at=90.0, checkpoint_every=10)
     assert nothing["restart"] is None and nothing["steps_lost"] is None and not nothing["within_one_interval"]
+    assert nothing["recovery_s"] is None
 
