@@ -27,7 +27,7 @@ fleet_live_quick.json only.
 
 Reproduce: PYTHONPATH=src python benchmarks/fleet_bench.py --part sim     (about 2 minutes on 2 busy CPU cores)
            flock /tmp/llmstack-ray.lock timeout 1200 env PYTHONPATH=src python benchmarks/fleet_bench.py --part live
-           (about 10 minutes on a quiet machine, at most about 18; ``--live-parts static,fixed`` runs some parts)
+           (about 12 minutes here, at most about 18; ``--live-parts static,fixed`` runs some parts)
 """
 
 from __future__ import annotations
