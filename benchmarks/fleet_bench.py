@@ -17,18 +17,25 @@ worker restart cost) shows what the figures depend on. The simulator runs each d
 Writes benchmarks/results/fleet.json, fleet_trace.csv (the seed-0 day), fleet_sim.png (nodes and busy
 workers over the day) and the ``## fleet (simulated)`` section of benchmarks/RESULTS.md.
 
-``--part live`` runs the first setups on a short slice of the seed-0 day (4 jobs from 09:00, shrunk to 30-90 s and
-at most 2 workers) on a local autoscaling Ray cluster (llmstack.fleet.local_cluster: 1-3 one-CPU worker nodes)
-and writes fleet_live.json and the ``## fleet (live)`` section.
+``--part live`` runs the first three setups on a short slice of the seed-0 day (4 jobs from 09:00, shrunk to
+8-16 s of stepping and at most 2 workers, each micro-batch with 0.4 s of emulated accelerator time) on a local
+autoscaling Ray cluster (llmstack.fleet.local_cluster: 1-3 one-CPU worker nodes); each setup waits for all its jobs
+(bounded). Its ``kill`` part runs one elastic job and SIGKILLs the raylet of a node holding one of its workers
+mid-run: the steps the restart lost against the checkpoint interval. Writes fleet_live.json and the
+``## fleet (live)`` section; ``--quick`` (the elastic setup on 2 jobs and the kill) is a smoke run that writes
+fleet_live_quick.json only.
 
-Reproduce: python benchmarks/fleet_bench.py --part sim     (about 2 minutes on 2 busy CPU cores)
-           flock /tmp/llmstack-ray.lock python benchmarks/fleet_bench.py --part live   (about 8 minutes)
+Reproduce: PYTHONPATH=src python benchmarks/fleet_bench.py --part sim     (about 2 minutes on 2 busy CPU cores)
+           flock /tmp/llmstack-ray.lock timeout 1200 env PYTHONPATH=src python benchmarks/fleet_bench.py --part live
+           (about 12 minutes here, at most about 18; ``--live-parts static,fixed`` runs some parts)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -282,196 +289,333 @@ def markdown(results: dict[str, Any]) -> str:
 
 # --------------------------------------------------------------------------- --part live
 
-LIVE_NODES = (1, 3)  # worker nodes of the autoscaling setups (min, max); static: 3 up
+LIVE_NODES = (1, 3)  # one-CPU worker nodes of the autoscaling setups (min, max); static: 3 up throughout
+LIVE_JOBS = 4
 LIVE_TIME_SCALE = 60.0  # a minute of the trace is a second live
-LIVE_RUNTIME_S = (8.0, 16.0)  # a live job's run time on its max workers (scaled from the trace, clipped)
-LIVE_STEP_S = 0.95  # assumed seconds per step of the live job's batch on one worker: sizes the step counts
+LIVE_RUNTIME_S = (8.0, 16.0)  # a live job's stepping time on its max workers (scaled from the trace, clipped)
+LIVE_MAX_WORKERS = 2
+LIVE_DEVICE_S = 0.4  # emulated accelerator seconds per micro-batch (LLMSTACK_EMULATED_DEVICE_S), inside the step
+LIVE_STEP_S = 0.5  # a step on max workers: the emulated 0.4 s plus the tiny model's CPU work (sizes step counts)
+LIVE_CHECKPOINT_EVERY = 8
 LIVE_IDLE_TIMEOUT_S = 10.0
-LIVE_SETUP_TIMEOUT_S = 130.0
+LIVE_SETUP_BOUND_S = 240.0  # a setup waits for all its jobs, at most this long after the first submission
+LIVE_KILL_STEPS = 48  # the node-kill part's one elastic job
+LIVE_KILL_BOUND_S = 240.0  # its restart waits out Ray Train's wait for the lost node's replacement
 LIVE_DATA = {"max_documents": 200, "vocab_size": 512, "block_size": 64}
+LIVE_PARTS = ("static", "fixed", "elastic", "kill")  # --live-parts names: SETUP_NAMES[:3], then the node kill
 
 
-def live_slice(jobs: list[Job], *, count: int = 4, from_s: float = 9 * 3600.0) -> list[dict[str, Any]]:
-    """``count`` consecutive trace jobs from ``from_s`` (working hours), shrunk to the local cluster: arrivals
-    ``LIVE_TIME_SCALE`` times closer, at most 2 workers, run times scaled and clipped to ``LIVE_RUNTIME_S``."""
-    picked = [job for job in jobs if job.arrival_s >= from_s][:count]
-    first = picked[0].arrival_s
-    rows = []
-    for index, job in enumerate(picked):
-        max_workers = min(job.max_workers, 2)
-        runtime_s = min(max(job.runtime_s(job.max_workers, SCALING_EFFICIENCY) / LIVE_TIME_SCALE, LIVE_RUNTIME_S[0]),
-                        LIVE_RUNTIME_S[1])
-        steps = max(10, round(runtime_s * (1 + SCALING_EFFICIENCY * (max_workers - 1)) / LIVE_STEP_S))
-        rows.append({"name": f"live-{index}", "trace_job": job.job_id, "offset_s": (job.arrival_s - first) / LIVE_TIME_SCALE,
-                     "max_workers": max_workers, "steps": steps})
-    return rows
+def live_rows(count: int = LIVE_JOBS) -> list[Any]:
+    from llmstack.fleet.live import live_slice
+
+    jobs = generate_day(seed=SEEDS[0], jobs_per_day=JOBS_PER_DAY, scaling_efficiency=SCALING_EFFICIENCY)
+    return live_slice(jobs, count=count, from_s=9 * 3600.0, time_scale=LIVE_TIME_SCALE, runtime_s=LIVE_RUNTIME_S,
+                      max_workers=LIVE_MAX_WORKERS, step_s=LIVE_STEP_S, scaling_efficiency=SCALING_EFFICIENCY)
 
 
-def live_config(row: dict[str, Any], *, elastic: bool, registry: Path, runs: Path) -> dict[str, Any]:
-    workers: Any = [1, row["max_workers"]] if elastic and row["max_workers"] > 1 else row["max_workers"]
-    steps = row["steps"]
-    return {"name": row["name"], "registry": str(registry), "storage_path": str(runs), "data": dict(LIVE_DATA),
-            "training": {"max_steps": steps, "micro_batch_size": 4, "grad_accum_steps": 2, "warmup_steps": 1,
-                         "eval_every": steps, "eval_batches": 1, "checkpoint_every": max(5, steps // 5)},
+def live_config(row: Any, *, elastic: bool, registry: Path, runs: Path) -> dict[str, Any]:
+    """A tiny-preset run of ``row.steps`` steps; its global batch is ``2 x max_workers`` blocks at every size."""
+    workers: Any = [1, row.max_workers] if elastic and row.max_workers > 1 else row.max_workers
+    return {"name": row.name, "registry": str(registry), "storage_path": str(runs), "data": dict(LIVE_DATA),
+            "training": {"max_steps": row.steps, "micro_batch_size": 2, "grad_accum_steps": 1, "warmup_steps": 1,
+                         "eval_every": row.steps, "eval_batches": 1, "checkpoint_every": LIVE_CHECKPOINT_EVERY},
             "scaling": {"num_workers": workers, "max_failures": 3, "elastic_resize_interval_s": 3}}
 
 
-def run_live_setup(name: str, rows: list[dict[str, Any]], *, workdir: Path) -> dict[str, Any]:
-    """Start a local autoscaling cluster for ``name``, start the slice's runs at their offsets, sample nodes and
-    Train workers every second until every run ends; the runs' own metrics come from their registry manifests.
+def live_env() -> dict[str, str]:
+    from llmstack.fleet.local_cluster import driver_env
 
-    Each run is ``python -m llmstack train`` started here with ``RAY_ADDRESS`` (what a Ray Job's entrypoint
-    runs), not through the job API: on the fake multi-node cluster every fake node's runtime-env agent shares the
-    head's session directory, and one of them deleted a job's unpacked working directory under its running driver.
+    return driver_env(OMP_NUM_THREADS="1", LLMSTACK_EMULATED_DEVICE_S=str(LIVE_DEVICE_S),
+                      PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+
+
+class LiveRuns:
+    """The training runs of one live part: ``python -m llmstack train`` drivers started with ``RAY_ADDRESS``
+    (the entrypoint a Ray Job runs), each with its log, submission and end times.
+
+    Not through the job API: on the fake multi-node cluster every fake node's runtime-env agent shares the
+    head's session directory, and one of them deleted a job's unpacked working directory under its driver.
+    """
+
+    def __init__(self, workdir: Path, env: dict[str, str], gcs_address: str, *, elastic: bool) -> None:
+        self.workdir, self.env, self.gcs_address, self.elastic = workdir, env, gcs_address, elastic
+        self.registry, self.runs = workdir / "registry", workdir / "runs"
+        self.drivers: dict[str, Any] = {}  # name -> Popen
+        self.submitted: dict[str, float] = {}
+        self.ended: dict[str, float] = {}
+
+    def start(self, row: Any) -> None:
+        import subprocess
+
+        import yaml
+
+        from llmstack.train.driver import SUBMITTED_AT_ENV
+
+        config = self.workdir / f"{row.name}.yaml"
+        config.write_text(yaml.safe_dump(live_config(row, elastic=self.elastic, registry=self.registry,
+                                                     runs=self.runs)))
+        submitted = time.time()
+        with open(self.workdir / f"{row.name}.log", "w") as output:
+            self.drivers[row.name] = subprocess.Popen(
+                [sys.executable, "-m", "llmstack", "train", "--config", str(config)],
+                env={**self.env, "RAY_ADDRESS": self.gcs_address, SUBMITTED_AT_ENV: f"{submitted:.3f}"},
+                stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        self.submitted[row.name] = submitted
+
+    def poll(self) -> list[str]:
+        """Names of the runs that ended since the last poll."""
+        ended = [name for name, process in self.drivers.items()
+                 if name not in self.ended and process.poll() is not None]
+        for name in ended:
+            self.ended[name] = time.time()
+        return ended
+
+    def running(self) -> int:
+        return len(self.drivers) - len(self.ended)
+
+    def stop_all(self) -> None:
+        for name, process in self.drivers.items():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+    def history(self, name: str) -> list[dict[str, Any]]:
+        """The run's ``metrics.jsonl`` as its driver last wrote it (every 10 s while it runs)."""
+        records = []
+        with contextlib.suppress(OSError):
+            for line in (self.runs / name / "metrics.jsonl").read_text().splitlines():
+                with contextlib.suppress(ValueError):
+                    records.append(json.loads(line))
+        return records
+
+    def outcome(self, row: Any) -> dict[str, Any]:
+        """Status, usage (from the registry manifest; from ``metrics.jsonl`` for a stopped run) and timings."""
+        from llmstack.fleet.live import busy_worker_seconds
+        from llmstack.registry import Registry
+
+        entry: dict[str, Any] = {**dataclasses.asdict(row), "status": "NOT STARTED"}
+        process = self.drivers.get(row.name)
+        if process is None:
+            return entry
+        log_text = (self.workdir / f"{row.name}.log").read_text(errors="replace")
+        if process.returncode == 0 and row.name in self.ended:
+            manifest = Registry(str(self.registry)).manifest(f"{row.name}@v1")
+            entry.update({k: manifest.metrics.get(k) for k in ("worker_seconds", "busy_worker_seconds",
+                                                               "queue_wait_s")})
+            entry.update(status="SUCCEEDED", completion_s=self.ended[row.name] - self.submitted[row.name],
+                         recoveries=manifest.extra.get("recoveries", []))
+        else:
+            entry.update(status="STOPPED at the bound" if row.name not in self.ended else
+                         f"FAILED (rc {process.returncode})", log_tail=log_text[-1500:],
+                         busy_worker_seconds=busy_worker_seconds(self.history(row.name)))
+        return entry
+
+
+def run_live_setup(name: str, rows: list[Any], *, workdir: Path) -> dict[str, Any]:
+    """Start a local autoscaling cluster for setup ``name``, submit the slice's runs at their offsets, sample
+    alive worker nodes and Train workers every second until every run ended (at most ``LIVE_SETUP_BOUND_S``).
+
     The autoscaling setups keep 1 node up: ``check_cluster`` judges a run on an autoscaling cluster by the node
     types the autoscaler can add (``llmstack.train.capacity``), so a 2-worker fixed run on a 1-node cluster waits
     for its second node instead of failing at start.
     """
-    import subprocess
-
-    import yaml
-
-    from llmstack.data.builtin import cache_root
+    from llmstack.fleet.live import integrate
     from llmstack.fleet.local_cluster import local_autoscaling_cluster, train_workers, worker_nodes
-    from llmstack.registry import Registry
-    from llmstack.train.driver import SUBMITTED_AT_ENV
 
     static, elastic = name == SETUP_NAMES[0], name == SETUP_NAMES[2]
-    registry, runs = workdir / "registry", workdir / "runs"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
-    env.update({"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "LLMSTACK_CACHE": str(cache_root()),
-                "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
-                "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     low, high = LIVE_NODES
     samples: list[tuple[float, int, int]] = []
-    drivers: dict[str, tuple[subprocess.Popen, float, Any]] = {}  # name -> (process, submitted at, log file)
-    ended_at: dict[str, float] = {}
+    env = live_env()
     with local_autoscaling_cluster(min_nodes=high if static else low, max_nodes=high, env=env,
                                    idle_timeout_s=LIVE_IDLE_TIMEOUT_S) as cluster:
+        runs = LiveRuns(workdir, env, cluster.gcs_address, elastic=elastic)
         started = time.time()
-        pending = sorted(rows, key=lambda row: row["offset_s"])
+        pending = sorted(rows, key=lambda row: row.offset_s)
+        last_report = -math.inf
         try:
-            while time.time() - started < LIVE_SETUP_TIMEOUT_S:
+            while time.time() - started < LIVE_SETUP_BOUND_S:
                 now = time.time() - started
-                while pending and pending[0]["offset_s"] <= now:
+                while pending and pending[0].offset_s <= now:
                     row = pending.pop(0)
-                    config = workdir / f"{row['name']}.yaml"
-                    config.write_text(yaml.safe_dump(live_config(row, elastic=elastic, registry=registry, runs=runs)))
-                    output = open(workdir / f"{row['name']}.log", "w+")
-                    submitted = time.time()
-                    process = subprocess.Popen(
-                        [sys.executable, "-m", "llmstack", "train", "--config", str(config)],
-                        env={**env, "RAY_ADDRESS": cluster.gcs_address, SUBMITTED_AT_ENV: f"{submitted:.3f}"},
-                        stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
-                    drivers[row["name"]] = (process, submitted, output)
-                for run_name, (process, _, _) in drivers.items():
-                    if process.poll() is not None and run_name not in ended_at:
-                        ended_at[run_name] = time.time()
+                    runs.start(row)
+                    log(f"{name} +{now:4.0f} s: submitted {row.name} ({row.steps} steps, {row.max_workers} workers)")
+                for ended in runs.poll():
+                    log(f"{name} +{now:4.0f} s: {ended} ended (rc {runs.drivers[ended].returncode})")
                 try:
-                    samples.append((now, len(worker_nodes(cluster.dashboard)), len(train_workers(cluster.dashboard))))
+                    nodes, workers = len(worker_nodes(cluster.dashboard)), len(train_workers(cluster.dashboard))
+                    samples.append((now, nodes, workers))
+                    if now - last_report >= 10.0:
+                        last_report = now
+                        log(f"{name} +{now:4.0f} s: {nodes} worker node(s), {workers} Train worker(s), "
+                            f"{runs.running()} run(s) going, {len(runs.ended)}/{len(rows)} ended")
                 except Exception as exc:  # a slow state API answer: skip this sample
                     log(f"{name}: sample skipped ({type(exc).__name__})")
-                if not pending and len(ended_at) == len(rows):
+                if not pending and len(runs.ended) == len(rows):
                     break
                 time.sleep(1.0)
         finally:
-            for process, _, _ in drivers.values():
-                if process.poll() is None:
-                    os.killpg(process.pid, signal.SIGKILL)
-        ended = time.time() - started
-    node_s = sum((b[0] - a[0]) * a[1] for a, b in zip(samples, samples[1:]))
-    busy_workers_s = sum((b[0] - a[0]) * a[2] for a, b in zip(samples, samples[1:]))
-    jobs = []
-    for row in rows:
-        entry: dict[str, Any] = {**row, "status": "NOT STARTED"}
-        if row["name"] in drivers:
-            process, submitted, output = drivers[row["name"]]
-            entry["status"] = ("SUCCEEDED" if process.returncode == 0 else "STOPPED at the window's end"
-                               if row["name"] not in ended_at else f"FAILED (rc {process.returncode})")
-            output.seek(0)
-            text = output.read()
-            output.close()
-            if process.returncode == 0:
-                metrics = Registry(str(registry)).manifest(f"{row['name']}@v1").metrics
-                entry.update({k: metrics.get(k) for k in ("worker_seconds", "busy_worker_seconds", "queue_wait_s",
-                                                          "recoveries")})
-                entry["completion_s"] = ended_at[row["name"]] - submitted
-            else:
-                entry["log_tail"] = text[-1500:]
-        jobs.append(entry)
+            span = time.time() - started
+            runs.stop_all()
+    node_s, train_worker_actor_s = integrate(samples, start=0.0, end=span)
+    jobs = [runs.outcome(row) for row in rows]
     done = [job for job in jobs if job["status"] == "SUCCEEDED"]
-    busy = sum(job["busy_worker_seconds"] or 0.0 for job in done)
+    busy = sum(job.get("busy_worker_seconds") or 0.0 for job in jobs)
     completions = sorted(job["completion_s"] for job in done)
-    return {"setup": name, "jobs": jobs, "jobs_done": len(done), "wall_s": ended, "node_s": node_s,
-            "busy_worker_s": busy, "train_worker_actor_s": busy_workers_s,
+    return {"setup": name, "jobs": jobs, "jobs_done": len(done), "wall_s": span, "node_s": node_s,
+            "busy_worker_s": busy, "train_worker_actor_s": train_worker_actor_s,
             "utilisation": busy / node_s if node_s else 0.0,
+            "idle_node_s": node_s - train_worker_actor_s,  # one-CPU nodes: a node without a Train worker is idle
             "completion_median_s": statistics.median(completions) if completions else math.nan,
+            "completion_max_s": max(completions) if completions else math.nan,
             "queue_wait_median_s": statistics.median(job["queue_wait_s"] or 0.0 for job in done) if done else math.nan,
-            "series": samples}
+            "restarts": sum(len(job.get("recoveries", [])) for job in done), "series": samples}
 
 
-def run_live() -> dict[str, Any]:
+def run_live_kill(*, workdir: Path) -> dict[str, Any]:
+    """One elastic ``[1, 2]`` run on a cluster that keeps 2 nodes up; once it has stepped on both past a
+    checkpoint, lose a node holding one of its workers (:func:`kill_raylet`). Reports the steps the restart that
+    followed lost against the checkpoint interval.
+    """
+    from llmstack.fleet.live import LiveJob, kill_outcome
+    from llmstack.fleet.local_cluster import kill_raylet, local_autoscaling_cluster, train_workers, worker_nodes
+
+    row = LiveJob("kill-0", "-", 0.0, 2, LIVE_KILL_STEPS)
+    env = live_env()
+    killed_at, killed_node, step_seen = math.nan, None, None
+    with local_autoscaling_cluster(min_nodes=2, max_nodes=2, env=env, idle_timeout_s=LIVE_IDLE_TIMEOUT_S) as cluster:
+        runs = LiveRuns(workdir, env, cluster.gcs_address, elastic=True)
+        started = time.time()
+        runs.start(row)
+        log(f"kill +0 s: submitted {row.name} ({row.steps} steps, [1, 2] workers, checkpoint every "
+            f"{LIVE_CHECKPOINT_EVERY})")
+        try:
+            last_report = -math.inf
+            while time.time() - started < LIVE_KILL_BOUND_S and not runs.poll():
+                now = time.time() - started
+                with contextlib.suppress(Exception):
+                    workers = train_workers(cluster.dashboard)
+                    if now - last_report >= 10.0:
+                        last_report = now
+                        log(f"kill +{now:4.0f} s: {len(worker_nodes(cluster.dashboard))} worker node(s), "
+                            f"{len(workers)} Train worker(s)")
+                    paired = [r["step"] for r in runs.history(row.name) if r.get("workers") == 2]
+                    if killed_node is None and paired and max(paired) > LIVE_CHECKPOINT_EVERY:
+                        node = workers[-1]["node_id"]
+                        on_node = {w.get("pid") for w in workers if w["node_id"] == node}
+                        killed_at, step_seen = time.time(), max(paired)
+                        killed = kill_raylet(node, cluster.temp_dir)
+                        killed_node = node
+                        log(f"kill +{now:4.0f} s: lost node {node[-8:]} ({len(killed)} processes SIGKILLed, its Train "
+                            f"worker among them: {on_node <= set(killed)}; the run's metrics file showed step "
+                            f"{step_seen} on 2 workers)")
+                time.sleep(1.0)
+            log(f"kill +{time.time() - started:4.0f} s: {row.name} ended (rc {runs.drivers[row.name].returncode})")
+        finally:
+            span = time.time() - started
+            runs.stop_all()
+    job = runs.outcome(row)
+    outcome = kill_outcome(job.get("recoveries", []), killed_at=killed_at, checkpoint_every=LIVE_CHECKPOINT_EVERY)
+    log(f"kill: steps lost {outcome['steps_lost']} (checkpoint interval {LIVE_CHECKPOINT_EVERY}); "
+        f"restarts {[(r['resumed_from_step'], r['steps_lost']) for r in job.get('recoveries', [])]}")
+    return {"job": job, "kill_steps": LIVE_KILL_STEPS, "killed_node": killed_node,
+            "step_seen_before_kill": step_seen, "killed_after_s": killed_at - started, "wall_s": span, **outcome}
+
+
+def run_live(parts: tuple[str, ...] = LIVE_PARTS, jobs: int = LIVE_JOBS) -> dict[str, Any]:
     import tempfile
 
     started = time.perf_counter()
-    rows = live_slice(generate_day(seed=SEEDS[0], jobs_per_day=JOBS_PER_DAY, scaling_efficiency=SCALING_EFFICIENCY))
-    log("live slice: " + ", ".join(f"{r['name']} at +{r['offset_s']:.0f} s, {r['max_workers']} workers, "
-                                   f"{r['steps']} steps" for r in rows))
+    rows = live_rows(jobs)
+    log("live slice: " + ", ".join(f"{r.name} at +{r.offset_s:.0f} s, {r.max_workers} workers, {r.steps} steps"
+                                   for r in rows))
     setups_run = []
-    for name in SETUP_NAMES[:3]:
+    for part, name in zip(LIVE_PARTS, SETUP_NAMES[:3]):
+        if part not in parts:
+            continue
         with tempfile.TemporaryDirectory(prefix="fleet-live-") as workdir:
             result = run_live_setup(name, rows, workdir=Path(workdir))
-        log(f"{name}: {result['jobs_done']}/{len(rows)} jobs, util {result['utilisation']:.0%}, "
-            f"node-s {result['node_s']:.0f}, median completion {result['completion_median_s']:.0f} s")
+        log(f"{name}: {result['jobs_done']}/{len(rows)} jobs in {result['wall_s']:.0f} s, util "
+            f"{result['utilisation']:.0%}, node-s {result['node_s']:.0f}, busy worker-s "
+            f"{result['busy_worker_s']:.0f}, median completion {result['completion_median_s']:.0f} s "
+            f"({time.perf_counter() - started:.0f} s into the part)")
         for job in result["jobs"]:
             if job.get("log_tail"):
                 log(f"{job['name']} {job['status']}: ...{job['log_tail'][-600:]}")
         setups_run.append(result)
-    return {"part": "live", "slice": rows, "nodes": list(LIVE_NODES), "idle_timeout_s": LIVE_IDLE_TIMEOUT_S,
-            "setups": setups_run, "wall_s": time.perf_counter() - started}
+    kill = None
+    if "kill" in parts:
+        with tempfile.TemporaryDirectory(prefix="fleet-kill-") as workdir:
+            kill = run_live_kill(workdir=Path(workdir))
+        if kill["job"].get("log_tail"):
+            log(f"kill-0 {kill['job']['status']}: ...{kill['job']['log_tail'][-600:]}")
+    return {"part": "live", "slice": [dataclasses.asdict(r) for r in rows], "nodes": list(LIVE_NODES),
+            "idle_timeout_s": LIVE_IDLE_TIMEOUT_S, "device_s_per_micro_batch": LIVE_DEVICE_S,
+            "checkpoint_every": LIVE_CHECKPOINT_EVERY, "bound_s": LIVE_SETUP_BOUND_S, "kill_steps": LIVE_KILL_STEPS,
+            "parts": list(parts), "setups": setups_run, "kill": kill, "load_average": os.getloadavg(),
+            "wall_s": time.perf_counter() - started}
 
 
 def live_markdown(results: dict[str, Any]) -> str:
     low, high = results["nodes"]
     lines = ["## fleet (live)", "",
-             f"The same three setups on a real local autoscaling cluster (`llmstack.fleet.local_cluster`: Ray's "
-             f"autoscaler over its fake multi-node provider; a head with no CPUs and {low}-{high} one-CPU worker "
+             f"The simulator's first three setups on a real local autoscaling cluster (`llmstack.fleet.local_cluster`: "
+             f"Ray's autoscaler over its fake multi-node provider; a head with no CPUs and {low}-{high} one-CPU worker "
              f"nodes, idle timeout {results['idle_timeout_s']:.0f} s; static keeps {high} up), each running "
              f"{len(results['slice'])} jobs of the seed-0 trace from 09:00 (arrivals {LIVE_TIME_SCALE:.0f}x closer, "
-             "at most 2 workers, tiny preset; each run is `python -m llmstack train` with `RAY_ADDRESS`, the entrypoint a Ray Job runs). Node-seconds are "
-             "sampled each second from the state API over the setup's span (first submission to last job end); "
-             "busy worker-seconds are the jobs' own (time inside optimizer steps, from their registry manifests). "
-             "Fake nodes join in seconds (a cloud node takes minutes), and the 2 shared CPU cores of this machine "
-             "run every node, driver and worker, so these figures show the ranking, not the simulator's levels.",
-             "", "| setup | jobs done | span (s) | node-s | busy worker-s | utilisation | completion median (s) "
-             "| queue wait median (s) | Train worker actor-s |", "|---|---|---|---|---|---|---|---|---|"]
+             "at most 2 workers, tiny preset, global batch fixed at every worker count; each run is "
+             "`python -m llmstack train` with `RAY_ADDRESS`, the entrypoint a Ray Job runs). Each micro-batch "
+             f"includes {results['device_s_per_micro_batch']} s of emulated accelerator time "
+             "(`LLMSTACK_EMULATED_DEVICE_S`, a sleep inside the step's timing): on this machine's 2 shared cores "
+             "the fake nodes' real CPU steps would measure contention between them, not scheduling. A setup waits "
+             f"for all its jobs (at most {results['bound_s']:.0f} s). Node-seconds are sampled each second from "
+             "the state API over the setup's span (first submission to last job end); busy worker-seconds are the "
+             "jobs' own (time inside optimizer steps x workers, replayed steps included, from their registry "
+             "manifests); idle node-s = node-s - Train-worker actor-s (one-CPU nodes). Fake nodes join in "
+             "seconds (a cloud node takes minutes) and a worker group starts in seconds-to-tens-of-seconds "
+             "on these cores, against jobs of seconds, so these figures show the ranking, not the "
+             "simulator's levels.",
+             "", "| setup | jobs done | span (s) | node-s | idle node-s | busy worker-s | utilisation "
+             "| completion median / max (s) | queue wait median (s) | restarts |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for s in results["setups"]:
         lines.append(f"| {s['setup']} | {s['jobs_done']}/{len(s['jobs'])} | {s['wall_s']:.0f} | {s['node_s']:.0f} "
-                     f"| {s['busy_worker_s']:.0f} | {s['utilisation']:.1%} | {s['completion_median_s']:.0f} "
-                     f"| {s['queue_wait_median_s']:.0f} | {s['train_worker_actor_s']:.0f} |")
-    ranked = sorted(results["setups"], key=lambda s: -s["utilisation"])
-    ranking = " > ".join(f"{s['setup']} ({s['utilisation']:.1%})" for s in ranked)
-    if all(s["jobs_done"] == len(s["jobs"]) for s in results["setups"]):
-        lines += ["", f"Ranking by utilisation: {ranking} (the simulator's day: autoscaling + elastic > "
-                  "autoscaling + fixed > static)."]
-    else:
+                     f"| {s['idle_node_s']:.0f} | {s['busy_worker_s']:.0f} | {s['utilisation']:.1%} "
+                     f"| {s['completion_median_s']:.0f} / {s['completion_max_s']:.0f} "
+                     f"| {s['queue_wait_median_s']:.0f} | {s['restarts']} |")
+    if results["setups"]:
+        ranked = sorted(results["setups"], key=lambda s: -s["utilisation"])
+        ranking = " > ".join(f"{s['setup']} ({s['utilisation']:.1%})" for s in ranked)
+        complete = all(s["jobs_done"] == len(s["jobs"]) for s in results["setups"])
         agrees = [s["setup"] for s in ranked] == list(reversed(SETUP_NAMES[:3]))
-        short = ", ".join(f"{s['setup']} ({s['jobs_done']}/{len(s['jobs'])})" for s in results["setups"]
-                          if s["jobs_done"] < len(s["jobs"]))
-        lines += ["", f"**Not conclusive.** Not every job finished within its setup's {LIVE_SETUP_TIMEOUT_S:.0f} s "
-                  f"window ({short}; the rest were stopped there), so node-seconds cover the window while busy "
-                  f"worker-seconds count only the finished jobs; the order by utilisation ({ranking}) "
-                  f"{'agrees with' if agrees else 'differs from'} the simulator's ranking but is not evidence either "
-                  "way. Steps took seconds each instead of the ~0.1 s a "
-                  "lone tiny-preset step takes: three fake nodes, four drivers and their workers share the machine's "
-                  "2 cores. What the run does show: every setup ran the same slice on Ray's real autoscaler, and "
-                  "elastic runs started on the free node while fixed ones queued for a pair (see queue wait and Train "
-                  "worker actor-seconds)."]
+        if complete and len(results["setups"]) == 3:
+            lines += ["", f"Every job of every setup finished. Ranking by utilisation: {ranking}; the simulator's "
+                      f"day ranks autoscaling + elastic > autoscaling + fixed > static: "
+                      f"{'the same order' if agrees else '**a different order**'}."]
+        elif not complete:
+            short = ", ".join(f"{s['setup']} ({s['jobs_done']}/{len(s['jobs'])})" for s in results["setups"]
+                              if s["jobs_done"] < len(s["jobs"]))
+            lines += ["", f"**Not conclusive.** Not every job finished within the {results['bound_s']:.0f} s "
+                      f"bound ({short}; the rest were stopped there and count with the steps they ran): ranking "
+                      f"{ranking}."]
+    kill = results.get("kill")
+    if kill:
+        recovery = ("" if kill.get("recovery_s") is None else f", its new worker group starting "
+                    f"{kill['recovery_s']:.0f} s after the kill")
+        restarts = "; ".join(f"from step {r['resumed_from_step']} (last seen {r['last_step_seen']}, lost "
+                             f"{r['steps_lost']})" for r in kill["job"].get("recoveries", []))
+        lines += ["", f"**A node lost mid-run.** One elastic `[1, 2]` job of {kill['kill_steps']} steps on a "
+                  f"cluster keeping 2 nodes, checkpoint every {kill['checkpoint_every']} steps: once it stepped on "
+                  f"both nodes past a checkpoint (step {kill['step_seen_before_kill']} in its metrics file, which "
+                  "its driver rewrites every 10 s), a node holding one of its workers was lost without notice "
+                  f"({kill['killed_after_s']:.0f} s in: its raylet and the node's other processes SIGKILLed). The "
+                  f"restart that followed lost **{kill['steps_lost']} step(s)** against a checkpoint interval of "
+                  f"{kill['checkpoint_every']} ({'within' if kill['within_one_interval'] else '**beyond**'} one "
+                  f"interval){recovery}; the job ended {kill['job']['status']}. Its restarts: {restarts or 'none'}."]
     lines += ["", "Jobs: " + "; ".join(f"{r['name']} ({r['trace_job']}) at +{r['offset_s']:.0f} s, "
                                        f"{r['max_workers']} worker(s), {r['steps']} steps" for r in results["slice"]),
-              "", f"Reproduce: `PYTHONPATH=src python benchmarks/fleet_bench.py --part live` under "
-              f"`flock /tmp/llmstack-ray.lock` (ran in {results['wall_s']:.0f} s here). JSON: "
-              "`benchmarks/results/fleet_live.json`."]
+              "", f"Reproduce: `flock /tmp/llmstack-ray.lock timeout 1200 env PYTHONPATH=src python "
+              f"benchmarks/fleet_bench.py --part live` (ran in {results['wall_s']:.0f} s here, load average "
+              f"{results['load_average'][0]:.1f} at the end). JSON: `benchmarks/results/fleet_live.json`."]
     return "\n".join(lines) + "\n"
 
 
@@ -480,14 +624,33 @@ def main() -> int:
     parser.add_argument("--part", choices=("sim", "live"), default="sim",
                         help="sim: the simulator on generated days; live: a slice of the trace on a local "
                              "autoscaling Ray cluster (starts Ray: run it under the shared lock)")
+    parser.add_argument("--live-parts", default=None,
+                        help=f"live: comma-separated subset of {','.join(LIVE_PARTS)} (default all; with --quick "
+                             "elastic,kill)")
+    parser.add_argument("--quick", action="store_true",
+                        help="live smoke run: 2 jobs instead of 4; writes fleet_live_quick.json and leaves "
+                             "RESULTS.md alone")
     parser.add_argument("--render-only", action="store_true", help="re-render RESULTS.md from the part's JSON")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name, run, render, section = (("fleet.json", run_sim, markdown, "fleet (simulated)") if args.part == "sim" else
-                                  ("fleet_live.json", run_live, live_markdown, "fleet (live)"))
+    if args.part == "sim":
+        name, run, render, section = "fleet.json", run_sim, markdown, "fleet (simulated)"
+    else:
+        chosen = args.live_parts or ("elastic,kill" if args.quick else ",".join(LIVE_PARTS))
+        parts = tuple(p for p in chosen.split(",") if p)
+        unknown = sorted(set(parts) - set(LIVE_PARTS))
+        if unknown:
+            parser.error(f"--live-parts: unknown {unknown}; choose from {','.join(LIVE_PARTS)}")
+        name, render, section = ("fleet_live_quick.json" if args.quick else "fleet_live.json"), live_markdown, \
+            "fleet (live)"
+        run = functools.partial(run_live, parts, 2 if args.quick else LIVE_JOBS)
     if not args.render_only:
         (RESULTS / name).write_text(json.dumps(run(), indent=1, default=_json_default))
     results = json.loads((RESULTS / name).read_text())
+    if args.quick:
+        print(render(results))
+        log(f"wrote {RESULTS / name} (quick: RESULTS.md left alone)")
+        return 0
     write_section(section, render(results))
     log(f"wrote {RESULTS / name} and the RESULTS.md section {section!r}")
     return 0

@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 NODE_OBJECT_STORE = 100 * 1024 * 1024
+NODE_ID_ENV = "RAY_OVERRIDE_NODE_ID_FOR_TESTING"  # the id the fake provider gives a node, in its raylet's environment
+CLUSTER_MARKER_ENV = "LLMSTACK_LOCAL_CLUSTER"  # this cluster's temp dir, inherited by every process it starts
 _PORT_FLAGS = ("--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
                "--metrics-export-port", "--runtime-env-agent-port", "--node-manager-port", "--object-manager-port")
 
@@ -100,6 +102,41 @@ def train_workers(dashboard: str) -> list[dict[str, Any]]:
     return [a for a in state(dashboard, "actors") if a["class_name"] == "RayTrainWorker" and a["state"] == "ALIVE"]
 
 
+def kill_raylet(node_id: str, temp_dir: str) -> list[int]:
+    """Lose fake node ``node_id`` of the cluster whose session files are under ``temp_dir`` without notice, as a
+    machine that dies: SIGKILL its raylet, every process the raylet started and every process carrying the node's
+    id and this cluster's marker in its environment (its Ray workers and agents); the pids killed, raylet first.
+
+    Killing the raylet alone leaves its workers running (a data-parallel group goes on stepping over its own
+    connections) until Ray's health checks mark the node dead, which a lost machine would not do.
+    """
+    import psutil
+
+    raylet = None
+    for process in psutil.process_iter(["name", "cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            cmdline = " ".join(process.info["cmdline"] or [])
+            if "raylet" not in (process.info["name"] or "") or temp_dir not in cmdline:
+                continue
+            if node_id in cmdline or process.environ().get(NODE_ID_ENV) == node_id:
+                raylet = process
+                break
+    if raylet is None:
+        raise LookupError(f"no raylet process of node {node_id} under {temp_dir}")
+    doomed = {raylet.pid: raylet}
+    with contextlib.suppress(psutil.Error):
+        doomed.update((child.pid, child) for child in raylet.children(recursive=True))
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            environ = process.environ()
+            if environ.get(NODE_ID_ENV) == node_id and environ.get(CLUSTER_MARKER_ENV) == temp_dir:
+                doomed.setdefault(process.pid, process)
+    for process in doomed.values():
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    return list(doomed)
+
+
 @contextlib.contextmanager
 def local_autoscaling_cluster(*, min_nodes: int, max_nodes: int, cpus_per_node: int = 1, idle_timeout_s: float = 6.0,
                               env: Mapping[str, str] | None = None, startup_timeout_s: float = 120.0,
@@ -122,7 +159,7 @@ def local_autoscaling_cluster(*, min_nodes: int, max_nodes: int, cpus_per_node: 
                                                          cpus_per_node=cpus_per_node, idle_timeout_s=idle_timeout_s)))
     ports = [str(x) for pair in zip(_PORT_FLAGS, spare) for x in pair]
     head_env = dict(env if env is not None else os.environ)
-    head_env.update({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+    head_env.update({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", CLUSTER_MARKER_ENV: temp_dir,
                      "PATH": f"{bin_dir}{os.pathsep}{head_env.get('PATH', '')}"})
     log = open(os.path.join(temp_dir, "head.log"), "wb")
     head = subprocess.Popen(
@@ -158,5 +195,5 @@ def local_autoscaling_cluster(*, min_nodes: int, max_nodes: int, cpus_per_node: 
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-__all__ = ["LocalCluster", "autoscaling_config", "driver_env", "local_autoscaling_cluster", "state", "train_workers",
-           "worker_nodes"]
+__all__ = ["LocalCluster", "autoscaling_config", "driver_env", "kill_raylet", "local_autoscaling_cluster", "state",
+           "train_workers", "worker_nodes"]

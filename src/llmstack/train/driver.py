@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 # Environment forwarded from the driver to every worker (test hooks and tokenizer settings).
 _FORWARDED_ENV = ("LLMSTACK_FAULT_AT_STEP", "LLMSTACK_FAULT_FLAG", "LLMSTACK_FAULT_RANK", "LLMSTACK_STEP_DELAY_S",
+                  "LLMSTACK_EMULATED_DEVICE_S",
                   "HF_HUB_OFFLINE",
                   "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
 SUBMITTED_AT_ENV = "LLMSTACK_SUBMITTED_AT"  # epoch seconds a Ray Job was submitted (set by llmstack.fleet.jobs)

@@ -33,6 +33,7 @@ from llmstack.train.sharding import BlockSampler, eval_indices, warmup_cosine
 from llmstack.train.elastic import grad_accum_for
 
 IGNORE_INDEX = -100
+EMULATED_DEVICE_ENV = "LLMSTACK_EMULATED_DEVICE_S"  # benchmark hook: see _maybe_emulate_device
 
 # --------------------------------------------------------------------------- what to train
 
@@ -251,6 +252,7 @@ def run_worker_loop(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[
     step, tokens_seen = int(state["step"]), int(state["tokens"])
     record: dict[str, Any] = dict(state.get("metrics", {}))
     model.train()
+    device_s = float(os.environ.get(EMULATED_DEVICE_ENV) or 0.0)
 
     # 3. Optimizer steps.
     while step < training.max_steps:
@@ -270,6 +272,7 @@ def run_worker_loop(spec: LoopSpec, train_data: dict[str, Any], eval_data: dict[
                     micro_loss = spec.loss_fn(model, batch)
                 scaler.scale(micro_loss * scale).backward()
             loss_sum += float(micro_loss.detach())
+            _maybe_emulate_device(device_s)
         scaler.unscale_(optimizer)
         grad_norm = parallel.clip_grad_norm(params, training.grad_clip)
         scaler.step(optimizer)
@@ -432,6 +435,15 @@ def _maybe_pace() -> None:
     delay = float(os.environ.get("LLMSTACK_STEP_DELAY_S") or 0.0)
     if delay > 0:
         time.sleep(delay)
+
+
+def _maybe_emulate_device(seconds: float) -> None:
+    """Benchmark hook: sleep ``LLMSTACK_EMULATED_DEVICE_S`` seconds per micro-batch inside the step's timing,
+    standing for accelerator work a CPU machine does not have. A fleet benchmark on a few shared cores then
+    measures scheduling (queueing, node and worker-group starts, resizes), not CPU contention between the
+    fake nodes; a step on fewer workers takes proportionally longer (more accumulation micro-batches)."""
+    if seconds > 0:
+        time.sleep(seconds)
 
 
 def _maybe_inject_fault(step: int, rank: int, world_size: int) -> None:

@@ -97,8 +97,11 @@ class MetricsLog:
                     else:
                         # A restart, from a checkpoint or from scratch. The lost steps' records may never have
                         # arrived (rank 0 is torn down with the group): steps lost can be undercounted, never the restart.
-                        self.recoveries.append({"resumed_from_step": step, "last_step_seen": self._max_step,
-                                                "steps_lost": max(0, self._max_step - step)})
+                        recovery = {"resumed_from_step": step, "last_step_seen": self._max_step,
+                                    "steps_lost": max(0, self._max_step - step)}
+                        if "time" in record:  # when the new group started (epoch s): which event caused it
+                            recovery["time"] = float(record["time"])
+                        self.recoveries.append(recovery)
                     self.history = [r for r in self.history if r.get("step", 0) <= step]
                     self._max_step = step
                     self.bar.n = step

@@ -23,7 +23,8 @@ import pytest
 import requests
 import yaml
 
-from llmstack.fleet.local_cluster import driver_env, local_autoscaling_cluster, state, train_workers, worker_nodes
+from llmstack.fleet.local_cluster import (driver_env, kill_raylet, local_autoscaling_cluster, state, train_workers,
+                                          worker_nodes)
 
 pytestmark = [pytest.mark.slow, pytest.mark.own_cluster]  # `make test-fleet` (kept out of `make test`: ~3 min)
 
@@ -78,21 +79,6 @@ def controller_errors(temp_dir: str) -> str:
             if at >= 0:
                 found.append(f"--- {path.name}\n{text[at:at + 6000]}")
     return "\n".join(found) or "(no controller error in the session logs)"
-
-
-def kill_raylet(node_id: str, session_root: str) -> int:
-    """SIGKILL the raylet of fake node ``node_id`` (found by the node id the provider gave it); its pid."""
-    import psutil
-
-    for process in psutil.process_iter(["name", "cmdline"]):
-        with contextlib.suppress(psutil.Error):
-            cmdline = " ".join(process.info["cmdline"] or [])
-            if "raylet" not in (process.info["name"] or "") or session_root not in cmdline:
-                continue
-            if node_id in cmdline or process.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id:
-                process.kill()
-                return process.pid
-    raise AssertionError(f"no raylet process of node {node_id}")
 
 
 def test_elastic_run_grows_on_a_new_node_and_shrinks_on_a_lost_one(tmp_path: Path) -> None:

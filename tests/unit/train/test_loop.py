@@ -178,3 +178,15 @@ def test_optimizer_is_fused_and_updates_like_the_reference_adamw():
         for (name, a), b in zip(fused_model.named_parameters(), reference_model.parameters()):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"step {step}: {name}")
     assert any(not torch.equal(a, b) for a, b in zip(fused_model.parameters(), SPEC.model_factory().parameters()))
+
+
+def test_emulated_device_time_is_inside_each_step_and_scales_with_micro_batches(monkeypatch):
+    # The fleet benchmark's hook: a sleep per micro-batch that counts as step time (busy worker-seconds). A
+    # tiny step takes well under a second here even on a busy machine; four micro-batches take four sleeps.
+    monkeypatch.setenv("LLMSTACK_EMULATED_DEVICE_S", "1.0")
+    _, one = _run(max_steps=1, micro_batch_size=8, grad_accum_steps=1, eval_every=10)
+    _, four = _run(max_steps=1, micro_batch_size=2, grad_accum_steps=4, eval_every=10)
+    assert len(one.records) == len(four.records) == 1
+    assert one.records[0]["step_time_s"] >= 1.0
+    assert four.records[0]["step_time_s"] >= 4.0
+    assert _losses(four) == pytest.approx(_losses(one), rel=1e-5, abs=1e-5)  # timing only, not the maths

@@ -65,3 +65,11 @@ def test_worker_usage_counts_held_and_busy_worker_seconds_across_a_resize(tmp_pa
     assert usage["worker_utilisation"] == round(14.0 / 30.0, 4)
     assert usage["queue_wait_s"] == 5.0
     assert worker_usage([], busy_worker_seconds=0.0, ended_at=1.0, queued_since=0.0) == {}
+
+
+def test_a_recovery_records_when_its_new_worker_group_started(tmp_path: Path) -> None:
+    # The live fleet bench tells the restart a node kill caused from earlier ones by this time.
+    log = new_log(tmp_path)
+    log.consume([{"event": "started", "step": 0, "time": 100.0, "workers": 2}, *steps(1, 2, 3, 4, 5, 6, 7),
+                 {"event": "started", "step": 5, "time": 130.0, "workers": 1}])
+    assert log.recoveries == [{"resumed_from_step": 5, "last_step_seen": 7, "steps_lost": 2, "time": 130.0}]
